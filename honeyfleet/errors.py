@@ -1,0 +1,83 @@
+"""The error hierarchy: one root, and subclasses that carry their gRPC status.
+
+Servicers let these propagate; the authorization interceptor maps them to
+``context.abort`` once, at the boundary. Library code never exits the process.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class HoneyfleetError(Exception):
+    """Root of every error honeyfleet raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(HoneyfleetError):
+    """A configuration value is missing, unknown or malformed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class InvalidArgument(HoneyfleetError):
+    """A request field is malformed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(HoneyfleetError):
+    """The named object does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PermissionDenied(HoneyfleetError):
+    """The caller's identity may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(HoneyfleetError):
+    """The caller has no valid fleet identity."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPrecondition(HoneyfleetError):
+    """The object is in a state that does not allow this."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(HoneyfleetError):
+    """No capacity is left (guests, connections, spool space)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(HoneyfleetError):
+    """A peer or store cannot be reached right now; retrying may work."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class RPCError(HoneyfleetError):
+    """A gRPC call to another fleet process failed; wraps the transport error."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.code = code
+        self.method = method
+        self.details = details
+
+    @classmethod
+    def wrap(cls, method: str, error: grpc.aio.AioRpcError) -> RPCError:
+        """Build from the error grpc.aio raised for a call."""
+        return cls(method, error.code(), error.details() or "")

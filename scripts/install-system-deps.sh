@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install the Debian packages honeyfleet's tests and `honeyfleet up` need, if missing.
+# Idempotent and quiet when everything is already there; needs root (or sudo) otherwise.
+set -euo pipefail
+
+packages=(
+    # Python and the build of libvirt-python
+    python3 python3-venv python3-dev gcc pkg-config make
+)
+if [ "$#" -gt 0 ]; then
+    packages+=("$@")
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+[ "${#missing[@]}" -eq 0 ] && exit 0
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "need root to install: ${missing[*]}" >&2; exit 1; }
+    sudo="sudo"
+fi
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q
+$sudo apt-get install -y -q --no-install-recommends "${missing[@]}"

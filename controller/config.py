@@ -1,0 +1,57 @@
+"""The controller's configuration (the ``[controller]`` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from honeyfleet.config import host_port, positive, setting
+from honeyfleet.tls import TlsFiles
+
+
+def _optional_host_port(value: str) -> str | None:
+    """Check: empty (disabled) or host:port."""
+    return None if value == "" else host_port(value)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Settings of the controller process."""
+
+    listen: str = setting("127.0.0.1:7300", "host:port of the mTLS fleet API", check=host_port)
+    enroll_listen: str = setting(
+        "127.0.0.1:7301",
+        "host:port of the enrolment endpoint (server-authenticated TLS, join tokens); "
+        "empty to disable",
+        check=_optional_host_port,
+    )
+    state_dir: Path = setting(Path("state/controller"), "where the controller keeps its store")
+    ca_dir: Path | None = setting(
+        None,
+        "fleet CA directory (from `honeyfleet pki init`): needed to enrol members with join "
+        "tokens and to read revoked serials",
+    )
+    tls_ca: Path = setting(Path("tls/ca.pem"), "fleet CA certificate")
+    tls_cert: Path = setting(Path("tls/cert.pem"), "the controller's certificate")
+    tls_key: Path = setting(Path("tls/key.pem"), "the controller's private key")
+    heartbeat_interval: float = setting(5.0, "seconds between pool-node heartbeats", check=positive)
+    missed_heartbeats: int = setting(
+        3, "heartbeat intervals without one before a pool node is dead", check=positive
+    )
+    lease_ttl: float = setting(
+        120.0, "seconds a lease lives without renewal before it expires", check=positive
+    )
+    lease_wait: float = setting(
+        30.0, "seconds a lease request waits for a guest to boot before giving up", check=positive
+    )
+    allocate_timeout: float = setting(
+        10.0, "seconds to wait for a pool node to allocate a guest", check=positive
+    )
+    max_concurrent_streams: int = setting(
+        1000, "concurrent RPCs per client connection", check=positive
+    )
+
+    @property
+    def tls(self) -> TlsFiles:
+        """The controller's TLS files."""
+        return TlsFiles(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)

@@ -1,0 +1,205 @@
+"""The controller process: fleet API over mTLS, enrolment over TLS, background upkeep."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from controller.config import ControllerConfig
+from controller.enrollment_service import EnrollmentServicer
+from controller.fleet_service import FleetServicer
+from controller.lease_service import LeaseServicer, SensorServicer
+from controller.leases import LeaseManager
+from controller.nodeclient import NodeClients
+from controller.registry import Registry
+from controller.registry_service import PoolNodeRegistryServicer
+from controller.statestore import StateStore
+from honeyfleet.authz import Authorizer
+from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
+from honeyfleet.pki import RevocationList, load_ca
+from honeyfleet.pki.identity import Role
+from honeyfleet.tls import server_credentials
+from honeyfleet.v1 import (
+    enrollment_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    lease_pb2,
+    lease_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    sensor_pb2,
+    sensor_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+# Who may call which controller service.
+POLICY = {
+    "honeyfleet.v1.PoolNodeRegistryService": frozenset({Role.POOLNODE}),
+    "honeyfleet.v1.LeaseService": frozenset({Role.SENSOR}),
+    "honeyfleet.v1.SensorService": frozenset({Role.SENSOR}),
+    "honeyfleet.v1.EventIngestService": frozenset({Role.SENSOR}),
+    "honeyfleet.v1.FleetService": frozenset({Role.ADMIN}),
+}
+SERVICES = [
+    registry_pb2.DESCRIPTOR.services_by_name["PoolNodeRegistryService"].full_name,
+    lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
+    sensor_pb2.DESCRIPTOR.services_by_name["SensorService"].full_name,
+    fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+]
+SHUTDOWN_GRACE = 5.0
+REVOCATION_POLL = 1.0
+ENROLL_MAX_MESSAGE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where a started controller listens (useful when configured with port 0)."""
+
+    api: int
+    enroll: int | None
+
+
+class Controller:
+    """A running controller; ``start`` then ``stop`` (or use :func:`serve`)."""
+
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.store = StateStore(config.state_dir / "controller.sqlite3")
+        dead_after = config.heartbeat_interval * config.missed_heartbeats
+        self.registry = Registry(self.store, dead_after=dead_after)
+        self.nodes = NodeClients(config.tls, timeout=config.allocate_timeout)
+        self.leases = LeaseManager(
+            self.registry,
+            self.store,
+            self.nodes,
+            ttl=config.lease_ttl,
+            wait=config.lease_wait,
+            missing_grace=3 * config.heartbeat_interval,
+        )
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.authorizer: Authorizer | None = None
+        self.ports: Ports | None = None
+        self._revocations: RevocationList | None = None
+
+    async def start(self) -> Ports:
+        """Open the store, bind the servers and start background upkeep."""
+        config = self.config
+        identity = config.tls.identity()
+        await self.store.open()
+        await self.registry.load()
+        await self.leases.load()
+        ca = load_ca(config.ca_dir) if config.ca_dir is not None else None
+        if ca is not None:
+            self._revocations = RevocationList(ca.revoked_path)
+        self.authorizer = Authorizer(identity.fleet, POLICY)
+        self.authorizer.update_revoked(self._revoked())
+
+        server = new_server(self.authorizer, max_concurrent_streams=config.max_concurrent_streams)
+        registry_pb2_grpc.add_PoolNodeRegistryServiceServicer_to_server(
+            PoolNodeRegistryServicer(
+                self.registry,
+                self.leases,
+                heartbeat_interval=config.heartbeat_interval,
+                revoked_serials=self._revoked,
+            ),
+            server,
+        )
+        lease_pb2_grpc.add_LeaseServiceServicer_to_server(
+            LeaseServicer(self.registry, self.leases), server
+        )
+        sensor_pb2_grpc.add_SensorServiceServicer_to_server(SensorServicer(self.registry), server)
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(
+            FleetServicer(self.registry, self.leases, self.store), server
+        )
+        health = add_health_and_reflection(server, SERVICES)
+
+        api_port = bind(server, config.listen, server_credentials(config.tls))
+        await server.start()
+        self._servers.append(server)
+        await mark_serving(health, SERVICES)
+
+        enroll_port = None
+        if ca is not None and config.enroll_listen:
+            enroll = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE),
+                ]
+            )
+            enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+                EnrollmentServicer(ca, self.store), enroll
+            )
+            ca_pem, cert, key = config.tls.read()
+            # The chain includes the CA so a joiner can pin it by the token's fingerprint.
+            credentials = grpc.ssl_server_credentials([(key, cert + ca_pem)])
+            enroll_port = bind(enroll, config.enroll_listen, credentials)
+            await enroll.start()
+            self._servers.append(enroll)
+            log.info("enrolment endpoint on port %d", enroll_port)
+
+        self._spawn(self._every(config.heartbeat_interval / 2, self._check_liveness))
+        self._spawn(self._every(min(config.lease_ttl / 4, 5.0), self.leases.expire_due))
+        self._spawn(self._every(REVOCATION_POLL, self._refresh_revocations))
+        self._spawn(self._every(30.0, self.registry.persist_heartbeat_times))
+        log.info("controller %s serving the fleet API on port %d", identity, api_port)
+        self.ports = Ports(api=api_port, enroll=enroll_port)
+        return self.ports
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop serving, finish upkeep and close the store."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        self._servers.clear()
+        await self.registry.persist_heartbeat_times()
+        await self.nodes.close()
+        await self.store.close()
+
+    def _revoked(self) -> frozenset[int]:
+        return self._revocations.serials() if self._revocations else frozenset()
+
+    async def _refresh_revocations(self) -> None:
+        if self._revocations is not None and self._revocations.refresh():
+            assert self.authorizer is not None
+            self.authorizer.update_revoked(self._revoked())
+
+    async def _check_liveness(self) -> None:
+        for node in self.registry.find_dead():
+            missed = self.config.missed_heartbeats
+            log.warning("pool node %s missed %d heartbeats: marked dead", node.name, missed)
+            await self.leases.fail_node(
+                node.name, f"pool node {node.name} stopped heartbeating (missed {missed})"
+            )
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` every ``seconds``; a failing run is logged, never fatal."""
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except Exception:
+                log.exception("controller upkeep %s failed", getattr(job, "__name__", job))
+
+
+async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
+    """Run a controller until ``stop`` is set, then shut down gracefully."""
+    controller = Controller(config)
+    await controller.start()
+    try:
+        await stop.wait()
+    finally:
+        await controller.stop()

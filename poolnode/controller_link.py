@@ -1,0 +1,86 @@
+"""A pool node's link to the controller: register, then heartbeat, reconnecting forever.
+
+Open tunnels never depend on this link: while the controller is away the node keeps
+serving them and keeps retrying with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.v1 import registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 15.0
+
+
+class ControllerLink:
+    """Keeps a pool node registered and heartbeating."""
+
+    def __init__(
+        self,
+        controller: str,
+        tls: TlsFiles,
+        registration: Callable[[], registry_pb2.RegisterPoolNodeRequest],
+        snapshot: Callable[[], registry_pb2.HeartbeatRequest],
+        on_response: Callable[[registry_pb2.HeartbeatResponse], Awaitable[None]],
+    ) -> None:
+        self._controller = controller
+        self._tls = tls
+        self._registration = registration
+        self._snapshot = snapshot
+        self._on_response = on_response
+        self.connected = asyncio.Event()
+        # Set to send a heartbeat at once (e.g. after a guest changed state).
+        self.nudge = asyncio.Event()
+
+    async def run(self) -> None:
+        """Register and heartbeat until cancelled."""
+        backoff = BACKOFF_START
+        async with secure_channel(self._controller, self._tls) as channel:
+            stub = registry_pb2_grpc.PoolNodeRegistryServiceStub(channel)
+            while True:
+                try:
+                    await self._session(stub)
+                except grpc.aio.AioRpcError as e:
+                    if self.connected.is_set():
+                        backoff = BACKOFF_START
+                    log.warning(
+                        "controller %s: %s (%s); retrying in %.1fs",
+                        self._controller,
+                        e.code().name,
+                        e.details(),
+                        backoff,
+                    )
+                self.connected.clear()
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _session(self, stub: registry_pb2_grpc.PoolNodeRegistryServiceAsyncStub) -> None:
+        """One registration and heartbeat stream, until the stream breaks."""
+        response = await stub.RegisterPoolNode(self._registration(), timeout=10)
+        interval = response.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
+        log.info(
+            "registered with controller %s (heartbeat every %.1fs)", self._controller, interval
+        )
+        self.connected.set()
+        call = stub.Heartbeat(self._heartbeats(interval))
+        async for reply in call:
+            await self._on_response(reply)
+
+    async def _heartbeats(self, interval: float) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
+        """Yield a heartbeat every interval, or sooner when nudged."""
+        while True:
+            yield self._snapshot()
+            self.nudge.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.nudge.wait(), interval)

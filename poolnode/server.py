@@ -1,0 +1,100 @@
+"""The pool node process: serves its pool to the controller and keeps the controller link."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from honeyfleet import __version__
+from honeyfleet.authz import Authorizer
+from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
+from honeyfleet.pki.identity import Role
+from honeyfleet.tls import server_credentials
+from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc, registry_pb2
+from poolnode.config import PoolNodeConfig
+from poolnode.controller_link import ControllerLink
+from poolnode.service import Pool, PoolNodeServicer
+
+log = logging.getLogger(__name__)
+
+POLICY = {
+    "honeyfleet.v1.PoolNodeService": frozenset({Role.CONTROLLER}),
+    "honeyfleet.v1.TunnelService": frozenset({Role.SENSOR}),
+}
+SERVICES = [poolnode_pb2.DESCRIPTOR.services_by_name["PoolNodeService"].full_name]
+SHUTDOWN_GRACE = 5.0
+
+
+class PoolNode:
+    """A running pool node; ``start`` then ``stop``."""
+
+    def __init__(self, config: PoolNodeConfig, pool: Pool) -> None:
+        self.config = config
+        self.pool = pool
+        self.draining = False
+        self.address = config.advertised
+        self.authorizer: Authorizer | None = None
+        self.link: ControllerLink | None = None
+        self._server = new_server(None)
+        self._link_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Serve the pool and connect to the controller; returns the bound port."""
+        config = self.config
+        identity = config.tls.identity()
+        self.authorizer = Authorizer(identity.fleet, POLICY)
+        self._server = new_server(self.authorizer)
+        poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(
+            PoolNodeServicer(self.pool), self._server
+        )
+        health = add_health_and_reflection(self._server, SERVICES)
+        port = bind(self._server, config.listen, server_credentials(config.tls))
+        await self._server.start()
+        await mark_serving(health, SERVICES)
+        if not config.advertise and config.listen.endswith(":0"):
+            self.address = f"{config.listen.rpartition(':')[0]}:{port}"
+        self.link = ControllerLink(
+            config.controller,
+            config.tls,
+            registration=self._registration,
+            snapshot=self.pool.snapshot,
+            on_response=self._on_heartbeat_reply,
+        )
+        self._link_task = asyncio.create_task(self.link.run())
+        log.info(
+            "pool node %s serving on port %d (%s backend, %d guests)",
+            identity,
+            port,
+            self.pool.backend,
+            self.pool.capacity,
+        )
+        return port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Leave the controller and stop serving."""
+        if self._link_task is not None:
+            self._link_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._link_task
+        await self._server.stop(grace)
+
+    def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
+        return registry_pb2.RegisterPoolNodeRequest(
+            address=self.address,
+            capacity=self.pool.capacity,
+            labels=dict(self.config.labels),
+            share_guests=self.config.share_guests,
+            version=__version__,
+            backend=self.pool.backend,
+        )
+
+    async def _on_heartbeat_reply(self, reply: registry_pb2.HeartbeatResponse) -> None:
+        """Apply the controller's revocations, drain state and stale-lease list."""
+        assert self.authorizer is not None
+        self.authorizer.update_revoked(int(serial, 16) for serial in reply.revoked_serials)
+        if reply.draining != self.draining:
+            self.draining = reply.draining
+            log.info("controller %s this node", "drained" if reply.draining else "resumed")
+        for lease_id in reply.stale_lease_ids:
+            await self.pool.release(lease_id, "the controller no longer knows this lease")

@@ -1,0 +1,1 @@
+"""The sensor: SSH and Telnet frontends that proxy attackers into leased guests."""

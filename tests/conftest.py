@@ -1,0 +1,158 @@
+"""Shared fixtures: a real fleet CA and certificates, controllers and pool nodes on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from controller.config import ControllerConfig
+from controller.server import Controller
+from honeyfleet.pki import CertificateAuthority, Identity, Role, init_ca
+from honeyfleet.pki.certs import build_leaf_certificate, generate_key, private_key_pem
+from honeyfleet.tls import TlsFiles
+from poolnode.config import PoolNodeConfig
+from poolnode.server import PoolNode
+from tests.memorypool import MemoryPool
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a tool; fails in CI (it must be installed) and skips, saying why, elsewhere."""
+    # Tools from the dev extra live next to the interpreter, not necessarily on PATH.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    path = shutil.which(name, path=search)
+    if path is None:
+        message = f"{name} not found: install {package} (make test installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@dataclass(frozen=True)
+class FleetPki:
+    """A fleet CA and a directory of issued identities."""
+
+    ca: CertificateAuthority
+    root: Path
+
+    def files(self, role: Role, name: str) -> TlsFiles:
+        """Issue (once) and return the TLS files of an identity, with loopback SANs."""
+        out = self.root / f"{role}-{name}"
+        if not (out / f"{name}.pem").exists():
+            self.ca.issue(role, name, dns=["localhost"], ips=["127.0.0.1"], out_dir=out)
+        return TlsFiles(ca=out / "ca.pem", cert=out / f"{name}.pem", key=out / f"{name}.key")
+
+    def expired(self, role: Role, name: str) -> TlsFiles:
+        """TLS files of a certificate that expired yesterday."""
+        out = self.root / f"expired-{role}-{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        key = generate_key()
+        cert = build_leaf_certificate(
+            ca_cert=self.ca.cert,
+            ca_key=self.ca.key,
+            identity=Identity(self.ca.fleet, role, name),
+            public_key=key.public_key(),
+            ips=["127.0.0.1"],
+            validity_days=1,
+            now=datetime.now(UTC) - timedelta(days=3),
+        )
+        (out / "key.pem").write_bytes(private_key_pem(key))
+        (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (out / "ca.pem").write_bytes(self.ca.cert_pem)
+        return TlsFiles(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
+
+
+@pytest.fixture(scope="session")
+def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> FleetPki:
+    """One fleet CA for the whole run."""
+    root = tmp_path_factory.mktemp("pki")
+    ca = init_ca(root / "ca", "testfleet")
+    return FleetPki(ca=ca, root=root / "issued")
+
+
+@pytest.fixture(scope="session")
+def other_pki(tmp_path_factory: pytest.TempPathFactory) -> FleetPki:
+    """A second, unrelated CA (same fleet name) for negative tests."""
+    root = tmp_path_factory.mktemp("otherpki")
+    return FleetPki(ca=init_ca(root / "ca", "testfleet"), root=root / "issued")
+
+
+ControllerFactory = Callable[..., Awaitable[tuple[Controller, str]]]
+
+
+@pytest.fixture
+async def start_controller(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[ControllerFactory]:
+    """Start controllers on 127.0.0.1:0 (fast heartbeats); stops them all afterwards."""
+    running: list[Controller] = []
+    tls = fleet_pki.files(Role.CONTROLLER, "ctl")
+
+    async def start(**overrides: Any) -> tuple[Controller, str]:
+        config = ControllerConfig(
+            listen="127.0.0.1:0",
+            enroll_listen="127.0.0.1:0",
+            state_dir=tmp_path / "controller",
+            ca_dir=fleet_pki.ca.directory,
+            tls_ca=tls.ca,
+            tls_cert=tls.cert,
+            tls_key=tls.key,
+            heartbeat_interval=0.2,
+            missed_heartbeats=3,
+            lease_wait=1.0,
+        )
+        controller = Controller(replace(config, **overrides))
+        ports = await controller.start()
+        running.append(controller)
+        return controller, f"127.0.0.1:{ports.api}"
+
+    yield start
+    for controller in running:
+        if controller._servers:
+            await controller.stop(grace=0)
+
+
+PoolNodeFactory = Callable[..., Awaitable[PoolNode]]
+
+
+@pytest.fixture
+async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[PoolNodeFactory]:
+    """Start pool nodes serving an in-memory guest table; stops them afterwards."""
+    running: list[PoolNode] = []
+
+    async def start(
+        name: str,
+        controller: str,
+        *,
+        guests: int = 3,
+        share_guests: bool = False,
+        labels: dict[str, str] | None = None,
+    ) -> PoolNode:
+        tls = fleet_pki.files(Role.POOLNODE, name)
+        config = PoolNodeConfig(
+            controller=controller,
+            listen="127.0.0.1:0",
+            state_dir=tmp_path / name,
+            tls_ca=tls.ca,
+            tls_cert=tls.cert,
+            tls_key=tls.key,
+            labels=labels or {"image": "busybox"},
+            share_guests=share_guests,
+        )
+        node = PoolNode(config, MemoryPool(name, guests))
+        await node.start()
+        running.append(node)
+        return node
+
+    yield start
+    for node in running:
+        await node.stop(grace=0)

@@ -1,0 +1,68 @@
+"""Config parsing: types, environment overrides, every problem named by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import ControllerConfig
+from honeyfleet.config import ConfigProblems, parse_section
+from poolnode.config import PoolNodeConfig
+
+
+def test_defaults_and_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    config = parse_section(
+        ControllerConfig, "controller", {"tls_cert": "certs/c.pem"}, base_dir=tmp_path, env={}
+    )
+    assert config.tls_cert == tmp_path / "certs/c.pem"
+    assert config.state_dir == tmp_path / "state/controller"
+    assert config.lease_wait == 30.0
+
+
+def test_environment_overrides_file_and_overrides_win(tmp_path: Path) -> None:
+    env = {"HONEYFLEET_CONTROLLER_LEASE_WAIT": "7", "HONEYFLEET_CONTROLLER_LISTEN": "[::1]:9"}
+    config = parse_section(
+        ControllerConfig,
+        "controller",
+        {"lease_wait": 3.0},
+        base_dir=tmp_path,
+        env=env,
+        overrides={"listen": "127.0.0.1:1"},
+    )
+    assert config.lease_wait == 7.0
+    assert config.listen == "127.0.0.1:1"
+
+
+def test_tables_and_booleans_from_environment(tmp_path: Path) -> None:
+    env = {
+        "HONEYFLEET_POOLNODE_LABELS": "image=openwrt, arch=mips",
+        "HONEYFLEET_POOLNODE_SHARE_GUESTS": "yes",
+    }
+    config = parse_section(PoolNodeConfig, "poolnode", {}, base_dir=tmp_path, env=env)
+    assert dict(config.labels) == {"image": "openwrt", "arch": "mips"}
+    assert config.share_guests is True
+
+
+def test_every_problem_is_reported_with_its_key(tmp_path: Path) -> None:
+    table = {"listen": "no-port", "missed_heartbeats": 0, "lease_ttl": "long", "colour": "x"}
+    env = {"HONEYFLEET_CONTROLLER_HEARTBEAT_INTERVAL": "soon"}
+    with pytest.raises(ConfigProblems) as e:
+        parse_section(ControllerConfig, "controller", table, base_dir=tmp_path, env=env)
+    keys = sorted(p.key for p in e.value.problems)
+    assert keys == [
+        "controller.colour",
+        "controller.heartbeat_interval",
+        "controller.lease_ttl",
+        "controller.listen",
+        "controller.missed_heartbeats",
+    ]
+    assert "HONEYFLEET_CONTROLLER_HEARTBEAT_INTERVAL" in str(e.value)
+    assert "must be greater than 0" in str(e.value)
+
+
+def test_booleans_are_not_numbers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigProblems, match="whole number"):
+        parse_section(
+            ControllerConfig, "controller", {"missed_heartbeats": True}, base_dir=tmp_path, env={}
+        )

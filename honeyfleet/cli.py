@@ -15,7 +15,7 @@ from honeyfleet import __version__
 from honeyfleet.adminconfig import AdminConfig
 from honeyfleet.config import ConfigProblems, parse_section, read_toml
 from honeyfleet.errors import HoneyfleetError
-from honeyfleet.pki import PkiError, Role
+from honeyfleet.pki import Role
 from honeyfleet.tls import TlsFiles
 
 log = logging.getLogger("honeyfleet")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"config: {problem}", file=sys.stderr)
         return EXIT_ERROR
-    except (HoneyfleetError, PkiError) as e:
+    except HoneyfleetError as e:
         print(f"honeyfleet: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

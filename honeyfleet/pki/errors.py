@@ -22,6 +22,10 @@ Hierarchy::
 
 from __future__ import annotations
 
+import grpc
+
+from honeyfleet.errors import HoneyfleetError
+
 __all__ = [
     "CaCorrupt",
     "CaError",
@@ -39,12 +43,16 @@ __all__ = [
 ]
 
 
-class PkiError(Exception):
+class PkiError(HoneyfleetError):
     """Root of every error raised by ``honeyfleet.pki``."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class IdentityError(PkiError):
     """A fleet, role, name or SPIFFE id is invalid, or a certificate carries no identity."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class PkiFileError(PkiError):
@@ -70,6 +78,8 @@ class CaCorrupt(CaError):
 class IssueError(PkiError):
     """A certificate could not be issued with the requested parameters."""
 
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
 
 class CsrInvalid(IssueError):
     """A certificate signing request is malformed, oversized, or its signature is wrong."""
@@ -77,6 +87,8 @@ class CsrInvalid(IssueError):
 
 class TokenError(PkiError):
     """Base class for join-token problems."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class TokenInvalid(TokenError):

@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
-EXTRAS ?= dev
+EXTRAS ?= dev,postgres
 
 .PHONY: test check lint types protos protos-check system-deps clean
 

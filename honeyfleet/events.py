@@ -1,0 +1,119 @@
+"""Session events: Cowrie-compatible JSON objects with fleet fields and a delivery uuid.
+
+An event is a plain ``dict`` so it round-trips through JSON verbatim. Every event has
+Cowrie's shared fields (``eventid``, ``timestamp``, ``src_ip``, ``session``, ``sensor``,
+``message``), our ``protocol`` and ``uuid``, and where known ``pool_node``, ``guest``
+and ``lease``. Event-specific fields follow Cowrie's Output Event Code Reference.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from honeyfleet.errors import InvalidArgument
+from honeyfleet.v1 import common_pb2, ingest_pb2
+
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+PROTOCOLS = {"ssh": common_pb2.PROTOCOL_SSH, "telnet": common_pb2.PROTOCOL_TELNET}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+# Shared fields every event must carry (Cowrie's plus ours).
+REQUIRED = ("eventid", "timestamp", "session", "src_ip", "sensor", "message", "protocol", "uuid")
+MAX_EVENT_JSON = 256 * 1024
+
+Event = dict[str, Any]
+
+
+def now_timestamp() -> str:
+    """The current UTC time in Cowrie's timestamp format."""
+    return datetime.now(UTC).strftime(TIMESTAMP_FORMAT)
+
+
+def new_session_id() -> str:
+    """A session id unique across the fleet (96 random bits, hex).
+
+    Cowrie uses 12 hex digits per host; fleet-wide uniqueness needs more.
+    """
+    return secrets.token_hex(12)
+
+
+def make_event(
+    eventid: str,
+    message: str,
+    *,
+    session: str,
+    src_ip: str,
+    sensor: str,
+    protocol: str,
+    context: Mapping[str, Any] | None = None,
+    **fields: Any,
+) -> Event:
+    """Build an event; ``context`` carries per-session fleet fields (pool_node, guest, lease)."""
+    event: Event = {
+        "eventid": eventid,
+        "message": message,
+        "timestamp": now_timestamp(),
+        "session": session,
+        "src_ip": src_ip,
+        "sensor": sensor,
+        "protocol": protocol,
+        "uuid": str(uuid.uuid4()),
+    }
+    if context:
+        event.update({k: v for k, v in context.items() if v})
+    event.update(fields)
+    return event
+
+
+def to_json(event: Event) -> str:
+    """One compact JSON line, as Cowrie writes them."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def to_proto(event: Event) -> ingest_pb2.Event:
+    """The wire form: typed index fields plus the verbatim JSON."""
+    ts = Timestamp()
+    ts.FromDatetime(parse_timestamp(event["timestamp"]))
+    return ingest_pb2.Event(
+        uuid=event["uuid"],
+        eventid=event["eventid"],
+        time=ts,
+        session=event["session"],
+        src_ip=event["src_ip"],
+        protocol=PROTOCOLS.get(event.get("protocol", ""), common_pb2.PROTOCOL_UNSPECIFIED),
+        json=to_json(event),
+    )
+
+
+def from_proto(message: ingest_pb2.Event) -> Event:
+    """Parse and check an event received from a sensor; InvalidArgument if malformed."""
+    if len(message.json) > MAX_EVENT_JSON:
+        raise InvalidArgument(f"event {message.uuid[:40]!r} is larger than {MAX_EVENT_JSON} bytes")
+    try:
+        event = json.loads(message.json)
+    except ValueError:
+        raise InvalidArgument(f"event {message.uuid[:40]!r} is not valid JSON") from None
+    if not isinstance(event, dict):
+        raise InvalidArgument(f"event {message.uuid[:40]!r} is not a JSON object")
+    missing = [key for key in REQUIRED if not isinstance(event.get(key), str)]
+    if missing:
+        raise InvalidArgument(f"event {message.uuid[:40]!r} lacks {', '.join(missing)}")
+    if event["uuid"] != message.uuid:
+        raise InvalidArgument(f"event {message.uuid[:40]!r} carries another uuid in its JSON")
+    try:
+        uuid.UUID(event["uuid"])
+        parse_timestamp(event["timestamp"])
+    except ValueError as e:
+        raise InvalidArgument(f"event {message.uuid[:40]!r}: {e}") from None
+    return event
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse Cowrie's timestamp format (UTC)."""
+    return datetime.strptime(text, TIMESTAMP_FORMAT).replace(tzinfo=UTC)

@@ -1,0 +1,80 @@
+"""The event model and the JSON lines log."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from honeyfleet.errors import InvalidArgument
+from honeyfleet.events import from_proto, make_event, new_session_id, parse_timestamp, to_proto
+from honeyfleet.jsonlines import JsonLinesLog
+from honeyfleet.v1 import common_pb2
+
+
+def login() -> dict[str, object]:
+    return make_event(
+        "cowrie.login.success",
+        "login attempt [root/123456] succeeded",
+        session=new_session_id(),
+        src_ip="198.51.100.4",
+        sensor="edge1",
+        protocol="ssh",
+        context={"pool_node": "n1", "guest": "", "lease": "L1"},
+        username="root",
+        password="123456",
+    )
+
+
+def test_event_round_trips_through_the_wire_verbatim() -> None:
+    event = login()
+    wire = to_proto(event)
+    assert wire.protocol == common_pb2.PROTOCOL_SSH
+    assert wire.time.ToDatetime().isoformat().startswith(event["timestamp"][:19])
+    assert from_proto(wire) == event
+    assert "guest" not in event  # empty context values are left out
+    assert event["timestamp"].endswith("Z")
+    parse_timestamp(event["timestamp"])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda w: setattr(w, "json", "not json"),
+        lambda w: setattr(w, "json", "[1]"),
+        lambda w: setattr(w, "json", json.dumps({"eventid": "x"})),
+        lambda w: setattr(w, "uuid", "another"),
+        lambda w: setattr(w, "json", "x" * 300_000),
+    ],
+)
+def test_malformed_events_are_refused(mutate) -> None:
+    wire = to_proto(login())
+    mutate(wire)
+    with pytest.raises(InvalidArgument):
+        from_proto(wire)
+
+
+def test_session_ids_are_unique() -> None:
+    assert len({new_session_id() for _ in range(10_000)}) == 10_000
+
+
+def test_json_lines_rotate_daily_and_prune(tmp_path: Path) -> None:
+    path = tmp_path / "cowrie.json"
+    ancient = tmp_path / "cowrie.json.2000-01-01"
+    ancient.write_text("{}\n")
+    log = JsonLinesLog(path, keep_days=2)
+    log.write([login()])
+    log.close()
+    # Pretend the file was last written yesterday: the next write rotates it.
+    yesterday = time.time() - 86400
+    os.utime(path, (yesterday, yesterday))
+    day = time.strftime("%Y-%m-%d", time.gmtime(yesterday))
+    log.write([login(), login()])
+    log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cowrie.json", f"cowrie.json.{day}"]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["eventid"] == "cowrie.login.success"
+    assert len((tmp_path / f"cowrie.json.{day}").read_text().splitlines()) == 1

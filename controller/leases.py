@@ -147,7 +147,8 @@ class LeaseManager:
                 )
             async with self._registry.changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._registry.changed.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._registry.changed.wait()
 
     async def _own(self, sensor: str, lease_id: str) -> LeaseRecord:
         """The calling sensor's lease, active or ended."""

@@ -1,13 +1,28 @@
-"""The pool node's configuration (the ``[poolnode]`` section)."""
+"""The pool node's configuration (the ``[poolnode]`` section).
+
+Pool settings keep the names of Cowrie's backend pool where the meaning is the same.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from honeyfleet.config import host_port, setting
+from honeyfleet.config import host_port, non_negative, positive, setting
+from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
+
+
+def _optional_host_port(value: str) -> str | None:
+    """Check: empty (disabled) or host:port."""
+    return None if value == "" else host_port(value)
+
+
+def _port(value: int) -> str | None:
+    """Check: a TCP port number."""
+    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
 
 
 @dataclass(frozen=True)
@@ -25,17 +40,86 @@ class PoolNodeConfig:
     tls_ca: Path = setting(Path("tls/ca.pem"), "fleet CA certificate")
     tls_cert: Path = setting(Path("tls/cert.pem"), "the node's certificate")
     tls_key: Path = setting(Path("tls/key.pem"), "the node's private key")
+    metrics_listen: str = setting(
+        "", "host:port for Prometheus metrics (empty: off)", check=_optional_host_port
+    )
     labels: Mapping[str, str] = setting(
         factory=lambda: {"image": "busybox"}, help="image labels sensors can ask for"
+    )
+    backend: Literal["libvirt", "static"] = setting(
+        "libvirt", "libvirt (VMs from a base image) or static (hosts you run yourself)"
+    )
+
+    # The pool (Cowrie's names).
+    max_vms: int = setting(2, "guests kept alive", check=positive)
+    unused_timeout: float = setting(
+        600.0, "seconds a used guest is kept for the same attacker address", check=non_negative
     )
     share_guests: bool = setting(
         False, "let attackers from different addresses share a guest when none is pristine"
     )
+    recycle_period: float = setting(
+        3600.0,
+        "seconds after which pristine and idle guests are replaced (0: never)",
+        check=non_negative,
+    )
+    save_snapshots: bool = setting(False, "keep a destroyed guest's disk overlay for analysis")
+    snapshot_path: Path | None = setting(
+        None, "where saved overlays go (default: state_dir/snapshots)"
+    )
+    boot_timeout: float = setting(
+        180.0, "seconds a guest may take to answer on its SSH port", check=positive
+    )
+    health_interval: float = setting(
+        10.0, "seconds between health checks and pool upkeep", check=positive
+    )
+    max_parallel_boots: int = setting(2, "guests booting at once", check=positive)
+    backend_user: str = setting("root", "the guests' login account (handed to sensors in leases)")
+    backend_pass: str = setting("", "its password (required)")
+
+    # libvirt backend.
+    libvirt_uri: str = setting("qemu:///system", "libvirt connection URI")
+    hypervisor: Literal["kvm", "qemu"] = setting("kvm", "kvm, or qemu for software emulation")
+    guest_memory: int = setting(256, "MiB of memory per guest", check=positive)
+    guest_vcpus: int = setting(1, "virtual CPUs per guest", check=positive)
+    guest_image: Path = setting(Path("images/guest.qcow2"), "read-only base disk image (qcow2)")
+    guest_kernel: Path | None = setting(
+        None, "kernel to boot directly (unset: boot the image's own bootloader)"
+    )
+    guest_initrd: Path | None = setting(None, "initramfs for guest_kernel")
+    guest_cmdline: str = setting(
+        "root=/dev/vda rw console=ttyS0 quiet", "kernel command line for guest_kernel"
+    )
+    guest_ssh_port: int = setting(22, "the guests' SSH port", check=_port)
+    guest_telnet_port: int = setting(23, "the guests' Telnet port", check=_port)
+    guest_tag: str = setting("hf", "name prefix of this node's libvirt objects and snapshots")
+    network_name: str = setting("honeyfleet-pool", "libvirt network the guests live on")
+    network_address: str = setting(
+        "192.168.150.1/24", "the pool network's host address (its gateway and resolver)"
+    )
+
+    # static backend.
+    static_hosts: tuple[str, ...] = setting(
+        factory=tuple, help='hosts of the static backend, "host:ssh_port[:telnet_port]"'
+    )
+
+    def __post_init__(self) -> None:
+        if not self.backend_pass:
+            raise ConfigError("backend_pass", "required: the password of backend_user on guests")
+        if self.backend == "static" and not self.static_hosts:
+            raise ConfigError("static_hosts", "the static backend needs at least one host")
+        if self.guest_initrd is not None and self.guest_kernel is None:
+            raise ConfigError("guest_initrd", "only makes sense with guest_kernel")
 
     @property
     def tls(self) -> TlsFiles:
         """The node's TLS files."""
         return TlsFiles(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+
+    @property
+    def snapshots(self) -> Path:
+        """Where saved overlays go."""
+        return self.snapshot_path or self.state_dir / "snapshots"
 
     @property
     def advertised(self) -> str:

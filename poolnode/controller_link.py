@@ -83,4 +83,5 @@ class ControllerLink:
             yield self._snapshot()
             self.nudge.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.nudge.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self.nudge.wait()

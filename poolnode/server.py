@@ -12,9 +12,12 @@ from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving,
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc, registry_pb2
+from poolnode.backend import Backend
 from poolnode.config import PoolNodeConfig
 from poolnode.controller_link import ControllerLink
-from poolnode.service import Pool, PoolNodeServicer
+from poolnode.pool import GuestPool
+from poolnode.service import PoolNodeServicer
+from poolnode.tunnel import TunnelServicer
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +25,19 @@ POLICY = {
     "honeyfleet.v1.PoolNodeService": frozenset({Role.CONTROLLER}),
     "honeyfleet.v1.TunnelService": frozenset({Role.SENSOR}),
 }
-SERVICES = [poolnode_pb2.DESCRIPTOR.services_by_name["PoolNodeService"].full_name]
+SERVICES = [
+    poolnode_pb2.DESCRIPTOR.services_by_name["PoolNodeService"].full_name,
+    poolnode_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name,
+]
 SHUTDOWN_GRACE = 5.0
 
 
 class PoolNode:
     """A running pool node; ``start`` then ``stop``."""
 
-    def __init__(self, config: PoolNodeConfig, pool: Pool) -> None:
+    def __init__(self, config: PoolNodeConfig, backend: Backend) -> None:
         self.config = config
-        self.pool = pool
+        self.pool = GuestPool(config, backend)
         self.draining = False
         self.address = config.advertised
         self.authorizer: Authorizer | None = None
@@ -48,6 +54,9 @@ class PoolNode:
         poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(
             PoolNodeServicer(self.pool), self._server
         )
+        poolnode_pb2_grpc.add_TunnelServiceServicer_to_server(
+            TunnelServicer(self.pool), self._server
+        )
         health = add_health_and_reflection(self._server, SERVICES)
         port = bind(self._server, config.listen, server_credentials(config.tls))
         await self._server.start()
@@ -61,6 +70,8 @@ class PoolNode:
             snapshot=self.pool.snapshot,
             on_response=self._on_heartbeat_reply,
         )
+        self.pool.set_on_change(self.link.nudge.set)
+        await self.pool.start()
         self._link_task = asyncio.create_task(self.link.run())
         log.info(
             "pool node %s serving on port %d (%s backend, %d guests)",
@@ -72,12 +83,13 @@ class PoolNode:
         return port
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Leave the controller and stop serving."""
+        """Stop serving, destroy every guest and leave the controller."""
+        await self._server.stop(grace)
+        await self.pool.stop()
         if self._link_task is not None:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._link_task
-        await self._server.stop(grace)
 
     def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
         return registry_pb2.RegisterPoolNodeRequest(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -19,9 +21,9 @@ from controller.server import Controller
 from honeyfleet.pki import CertificateAuthority, Identity, Role, init_ca
 from honeyfleet.pki.certs import build_leaf_certificate, generate_key, private_key_pem
 from honeyfleet.tls import TlsFiles
+from poolnode.backends.static import StaticBackend, parse_hosts
 from poolnode.config import PoolNodeConfig
 from poolnode.server import PoolNode
-from tests.memorypool import MemoryPool
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -121,13 +123,23 @@ async def start_controller(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator
             await controller.stop(grace=0)
 
 
+async def _banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer like an SSH server's first line, which is all the pool's probe reads."""
+    writer.write(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
+    with contextlib.suppress(OSError):
+        await writer.drain()
+    writer.close()
+
+
 PoolNodeFactory = Callable[..., Awaitable[PoolNode]]
+GuestHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @pytest.fixture
 async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[PoolNodeFactory]:
-    """Start pool nodes serving an in-memory guest table; stops them afterwards."""
+    """Start real pool nodes whose static-backend guests are loopback banner servers."""
     running: list[PoolNode] = []
+    servers: list[asyncio.Server] = []
 
     async def start(
         name: str,
@@ -136,8 +148,14 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
         guests: int = 3,
         share_guests: bool = False,
         labels: dict[str, str] | None = None,
+        guest: GuestHandler = _banner,
     ) -> PoolNode:
         tls = fleet_pki.files(Role.POOLNODE, name)
+        hosts = []
+        for _ in range(guests):
+            server = await asyncio.start_server(guest, "127.0.0.1", 0)
+            servers.append(server)
+            hosts.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
         config = PoolNodeConfig(
             controller=controller,
             listen="127.0.0.1:0",
@@ -147,8 +165,14 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
             tls_key=tls.key,
             labels=labels or {"image": "busybox"},
             share_guests=share_guests,
+            backend="static",
+            static_hosts=tuple(hosts),
+            max_vms=guests,
+            max_parallel_boots=guests,
+            health_interval=1.0,
+            backend_pass="guest-secret",
         )
-        node = PoolNode(config, MemoryPool(name, guests))
+        node = PoolNode(config, StaticBackend(parse_hosts(config.static_hosts)))
         await node.start()
         running.append(node)
         return node
@@ -156,3 +180,5 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
     yield start
     for node in running:
         await node.stop(grace=0)
+    for server in servers:
+        server.close()

@@ -86,8 +86,7 @@ async def test_leases_spread_by_pristine_capacity(
     # fewer active leases.
     assert placed == ["n1", "n2", "n1", "n3", "n2", "n1"]
     for name, node in nodes.items():
-        pool = node.pool
-        assert len(pool.lease_guest) == placed.count(name)  # type: ignore[attr-defined]
+        assert len(node.pool.snapshot().lease_ids) == placed.count(name)
     # Every guest is used: the seventh attacker waits lease_wait and is refused.
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await sensor.acquire("203.0.113.99")
@@ -220,7 +219,8 @@ async def test_unrenewed_lease_expires_and_node_is_told(
     sensor = Sensor(fleet_pki, "s1", address)
     lease = (await sensor.acquire("192.0.2.30")).lease
     pool = nodes["n1"].pool
-    await until(lambda: any(lid == lease.id for lid, _ in pool.released))  # type: ignore[attr-defined]
+    assert pool.lease_sensor(lease.id) == "sensor/s1"
+    await until(lambda: pool.lease_sensor(lease.id) is None)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await sensor.renew(lease.id)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,1 @@
+"""Guest backends: ``libvirt`` (VMs from a base image) and ``static`` (hosts you run)."""

@@ -1,0 +1,37 @@
+"""Prometheus metrics of a pool node (labels are bounded: states, reasons, directions)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class PoolMetrics:
+    """The node's metrics, in a registry of its own (several nodes may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.guests = Gauge("honeyfleet_poolnode_guests", "Guests by state", ["state"], registry=r)
+        self.boot_seconds = Histogram(
+            "honeyfleet_poolnode_boot_seconds",
+            "Time from create to SSH banner",
+            buckets=(2, 5, 10, 20, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.destroyed = Counter(
+            "honeyfleet_poolnode_guests_destroyed",
+            "Guests destroyed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.health_failures = Counter(
+            "honeyfleet_poolnode_health_failures", "Failed health checks", ["check"], registry=r
+        )
+        self.leases = Gauge("honeyfleet_poolnode_leases", "Active leases", registry=r)
+        self.tunnels = Gauge("honeyfleet_poolnode_tunnels", "Open tunnels", registry=r)
+        self.tunnel_bytes = Counter(
+            "honeyfleet_poolnode_tunnel_bytes",
+            "Bytes relayed by tunnels",
+            ["direction"],
+            registry=r,
+        )

@@ -1,0 +1,365 @@
+"""The generic guest pool: allocation rules and upkeep, independent of the backend.
+
+Upkeep runs every ``health_interval`` (and whenever something changes), in this order:
+time out idle guests, health-check live ones, recycle old ones, replenish to
+``max_vms``. Booting happens in tasks of its own, at most ``max_parallel_boots`` at
+once; a guest becomes pristine only when its SSH port answers with a banner.
+All guest state changes happen on the event loop, so allocation needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from honeyfleet.v1 import common_pb2, registry_pb2
+from poolnode.backend import Backend, ssh_banner
+from poolnode.config import PoolNodeConfig
+from poolnode.guest import Guest, GuestState, LeaseHold
+from poolnode.metrics import PoolMetrics
+from poolnode.service import Allocation
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT = 3.0
+BOOT_POLL = 1.0
+
+
+class GuestPool:
+    """Keeps ``max_vms`` guests and leases them by the fleet's rules."""
+
+    def __init__(
+        self,
+        config: PoolNodeConfig,
+        backend: Backend,
+        *,
+        metrics: PoolMetrics | None = None,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.config = config
+        self._backend = backend
+        self.metrics = metrics or PoolMetrics()
+        self._on_change = on_change
+        self.guests: dict[str, Guest] = {}
+        self._leases: dict[str, Guest] = {}
+        self._boots: set[asyncio.Task[None]] = set()
+        self._destroying: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._upkeep: asyncio.Task[None] | None = None
+        # Tunnels are cut when their lease ends or their guest goes.
+        self._tunnels: dict[str, set[asyncio.StreamWriter]] = {}
+
+    @property
+    def capacity(self) -> int:
+        """Guests kept alive."""
+        limit = self._backend.max_guests
+        return min(self.config.max_vms, limit) if limit is not None else self.config.max_vms
+
+    @property
+    def backend(self) -> str:
+        """The backend's name."""
+        return self._backend.name
+
+    def set_on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever guests or leases change (to send a heartbeat early)."""
+        self._on_change = callback
+
+    async def start(self) -> None:
+        """Prepare the backend and start upkeep."""
+        await self._backend.start()
+        self._upkeep = asyncio.create_task(self._upkeep_loop())
+
+    async def stop(self) -> None:
+        """Stop upkeep and destroy every guest."""
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upkeep
+        for task in list(self._boots):
+            task.cancel()
+        await asyncio.gather(*self._boots, return_exceptions=True)
+        await asyncio.gather(
+            *(self._destroy(g, "pool node stopping") for g in list(self.guests.values()))
+        )
+        await asyncio.gather(*self._destroying, return_exceptions=True)
+        await self._backend.stop()
+
+    # Leases
+
+    async def allocate(
+        self, lease_id: str, src_ip: str, sensor: str, *, allow_shared: bool
+    ) -> Allocation:
+        """Lease the attacker's own guest, else a pristine one, else (if allowed) a shared one."""
+        if lease_id in self._leases:
+            raise ResourceExhausted(f"lease {lease_id} already allocated")
+        live = [g for g in self.guests.values() if g.state in (GuestState.LEASED, GuestState.IDLE)]
+        guest = next((g for g in live if src_ip in g.src_ips), None)
+        if guest is None:
+            pristine = [g for g in self.guests.values() if g.state is GuestState.PRISTINE]
+            # The oldest first: it is the next one recycling would replace anyway.
+            guest = min(pristine, key=lambda g: g.created, default=None)
+        if guest is None and allow_shared and self.config.share_guests:
+            guest = min(live, key=lambda g: (len(g.leases), g.created), default=None)
+        if guest is None:
+            raise ResourceExhausted("no pristine guest left on this node")
+        guest.hold(LeaseHold(lease_id, sensor, src_ip, time.time()))
+        self._leases[lease_id] = guest
+        log.info("lease %s: %s from %s on guest %s", lease_id, sensor, src_ip, guest.id)
+        self._changed()
+        return Allocation(
+            guest=guest.to_proto(""),
+            credentials=common_pb2.GuestCredentials(
+                username=self.config.backend_user, password=self.config.backend_pass
+            ),
+            shared=len(guest.src_ips) > 1,
+        )
+
+    async def release(self, lease_id: str, reason: str) -> None:
+        """End a lease and cut its tunnels; unknown leases are ignored."""
+        guest = self._leases.pop(lease_id, None)
+        if guest is None:
+            return
+        guest.drop(lease_id)
+        self._cut_tunnels(lease_id)
+        log.info("lease %s released from guest %s: %s", lease_id, guest.id, reason)
+        self._changed()
+
+    def lease_sensor(self, lease_id: str) -> str | None:
+        """The sensor a live lease was issued to."""
+        guest = self._leases.get(lease_id)
+        hold = guest.leases.get(lease_id) if guest else None
+        return hold.sensor if hold else None
+
+    def tunnel_target(self, lease_id: str, sensor: str, port: int) -> tuple[str, int]:
+        """Where a tunnel for ``lease_id`` goes, if ``sensor`` holds that lease."""
+        guest = self._leases.get(lease_id)
+        hold = guest.leases.get(lease_id) if guest else None
+        if guest is None or hold is None:
+            raise NotFound(f"no lease {lease_id[:64]!r} on this node")
+        if hold.sensor != sensor:
+            log.warning("%s tried to tunnel into lease %s of %s", sensor, lease_id, hold.sensor)
+            raise PermissionDenied(f"lease {lease_id} was not issued to {sensor}")
+        if guest.address is None:
+            raise Unavailable(f"guest {guest.id} has no address")
+        ssh, telnet = self._backend.ports(guest.handle)
+        return guest.address, ssh if port == common_pb2.GUEST_PORT_SSH else telnet
+
+    def track_tunnel(self, lease_id: str, writer: asyncio.StreamWriter) -> Callable[[], None]:
+        """Register a tunnel's guest connection; returns the function that unregisters it."""
+        self._tunnels.setdefault(lease_id, set()).add(writer)
+        self.metrics.tunnels.inc()
+
+        def untrack() -> None:
+            writers = self._tunnels.get(lease_id)
+            if writers is not None and writer in writers:
+                writers.discard(writer)
+                self.metrics.tunnels.dec()
+                if not writers:
+                    del self._tunnels[lease_id]
+
+        return untrack
+
+    def snapshot(self) -> registry_pb2.HeartbeatRequest:
+        """The guest table for heartbeats."""
+        counts = common_pb2.GuestCounts()
+        for guest in self.guests.values():
+            match guest.state:
+                case GuestState.BOOTING:
+                    counts.booting += 1
+                case GuestState.PRISTINE:
+                    counts.pristine += 1
+                case GuestState.LEASED:
+                    counts.leased += 1
+                case GuestState.IDLE:
+                    counts.idle += 1
+                case GuestState.DESTROYED:
+                    pass
+        return registry_pb2.HeartbeatRequest(
+            guest_counts=counts,
+            guests=[g.to_proto("") for g in self.guests.values()],
+            lease_ids=sorted(self._leases),
+        )
+
+    # Upkeep
+
+    def _changed(self) -> None:
+        """Refresh metrics, wake upkeep and tell the node to heartbeat soon."""
+        for state in GuestState:
+            if state is not GuestState.DESTROYED:
+                count = sum(g.state is state for g in self.guests.values())
+                self.metrics.guests.labels(state.name.lower()).set(count)
+        self.metrics.leases.set(len(self._leases))
+        self._wake.set()
+        self._on_change()
+
+    async def _upkeep_loop(self) -> None:
+        while True:
+            try:
+                await self.upkeep()
+            except Exception:
+                log.exception("pool upkeep failed; retrying in %.0fs", self.config.health_interval)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancel that races with the event, and stop() would hang.
+                async with asyncio.timeout(self.config.health_interval):
+                    await self._wake.wait()
+
+    async def upkeep(self) -> None:
+        """One pass: time out, health-check, recycle, replenish."""
+        now = time.time()
+        timeout = self.config.unused_timeout
+        for guest in list(self.guests.values()):
+            if guest.state is GuestState.IDLE and now - guest.changed > timeout:
+                await self._destroy(guest, f"unused for {timeout:.0f}s (unused_timeout)")
+        await self._health_check()
+        self._recycle(now)
+        self._replenish()
+
+    async def _health_check(self) -> None:
+        """Destroy guests whose VM died or whose SSH port stopped answering."""
+        checked = [
+            g
+            for g in self.guests.values()
+            if g.state in (GuestState.PRISTINE, GuestState.LEASED, GuestState.IDLE)
+        ]
+
+        async def check(guest: Guest) -> None:
+            if not await self._backend.alive(guest.handle):
+                self.metrics.health_failures.labels("domain").inc()
+                await self._destroy(guest, "health check: its VM is no longer running")
+                return
+            ssh, _ = self._backend.ports(guest.handle)
+            assert guest.address is not None
+            if await ssh_banner(guest.address, ssh, PROBE_TIMEOUT) is None:
+                self.metrics.health_failures.labels("ssh").inc()
+                await self._destroy(guest, f"health check: SSH port {ssh} stopped answering")
+
+        await asyncio.gather(*(check(g) for g in checked))
+
+    def _recycle(self, now: float) -> None:
+        """Replace one old pristine or idle guest at a time, never a leased one.
+
+        The old guest is only marked here; it is destroyed once its replacement is
+        pristine (see _boot), so pristine capacity never drops because of a recycle.
+        """
+        period = self.config.recycle_period
+        if not period or any(g.retiring for g in self.guests.values()):
+            return
+        due = [
+            g
+            for g in self.guests.values()
+            if g.state in (GuestState.PRISTINE, GuestState.IDLE) and now - g.created > period
+        ]
+        if due:
+            oldest = min(due, key=lambda g: g.created)
+            oldest.retiring = True
+            log.info("guest %s is older than recycle_period: booting its replacement", oldest.id)
+
+    def _replenish(self) -> None:
+        """Boot guests until max_vms live ones (plus a replacement for a retiring one)."""
+        live = [g for g in self.guests.values() if g.state is not GuestState.DESTROYED]
+        target = self.capacity + sum(g.retiring for g in live)
+        if self._backend.max_guests is not None:
+            target = min(target, self._backend.max_guests)
+        missing = target - len(live)
+        room = self.config.max_parallel_boots - len(self._boots)
+        for _ in range(max(0, min(missing, room))):
+            guest_id = f"{self.config.guest_tag}-{secrets.token_hex(4)}"
+            task = asyncio.create_task(self._boot(guest_id), name=f"boot {guest_id}")
+            self._boots.add(task)
+            task.add_done_callback(self._boots.discard)
+
+    async def _boot(self, guest_id: str) -> None:
+        """Create a guest and wait for its SSH banner, within boot_timeout."""
+        started = time.monotonic()
+        try:
+            handle = await self._backend.create(guest_id)
+        except Exception as e:
+            log.warning("guest %s could not be created: %s", guest_id, e)
+            await asyncio.sleep(self.config.health_interval)  # don't spin on a broken backend
+            return
+        guest = Guest(guest_id, handle)
+        self.guests[guest_id] = guest
+        self._changed()
+        ssh, _ = self._backend.ports(handle)
+        deadline = started + self.config.boot_timeout
+        while time.monotonic() < deadline:
+            guest.address = guest.address or await self._backend.address(handle)
+            if guest.address and await ssh_banner(guest.address, ssh, PROBE_TIMEOUT):
+                guest.move(GuestState.PRISTINE)
+                self.metrics.boot_seconds.observe(time.monotonic() - started)
+                log.info(
+                    "guest %s pristine at %s after %.1fs",
+                    guest_id,
+                    guest.address,
+                    time.monotonic() - started,
+                )
+                self._retire_one()
+                self._changed()
+                return
+            if not await self._backend.alive(handle):
+                break
+            await asyncio.sleep(BOOT_POLL)
+        await self._destroy(guest, f"no SSH banner within {self.config.boot_timeout:.0f}s")
+
+    def _retire_one(self) -> None:
+        """A replacement is ready: destroy the guest being recycled, if still unused."""
+        for guest in self.guests.values():
+            if guest.retiring and guest.state in (GuestState.PRISTINE, GuestState.IDLE):
+                task = asyncio.create_task(self._destroy(guest, "recycled (recycle_period)"))
+                self._destroying.add(task)
+                task.add_done_callback(self._destroying.discard)
+                return
+
+    async def _destroy(self, guest: Guest, reason: str) -> None:
+        """Take a guest out of the pool, fail its leases, cut its tunnels, free its VM."""
+        if guest.state is GuestState.DESTROYED:
+            return
+        guest.move(GuestState.DESTROYED)
+        self.guests.pop(guest.id, None)
+        for lease_id in list(guest.leases):
+            self._leases.pop(lease_id, None)
+            self._cut_tunnels(lease_id)
+        log.info("guest %s destroyed: %s", guest.id, reason)
+        self.metrics.destroyed.labels(reason.split(":")[0].split(" (")[0][:40]).inc()
+        self._changed()
+        keep = self._snapshot_dir(guest, reason) if self.config.save_snapshots else None
+        try:
+            await self._backend.destroy(guest.handle, keep)
+        except Exception:
+            log.exception("guest %s: backend failed to destroy it", guest.id)
+
+    def _snapshot_dir(self, guest: Guest, reason: str) -> Path | None:
+        """Write the snapshot's metadata; returns where the backend should keep the disk."""
+        if not guest.history:
+            return None  # never used by an attacker: nothing worth keeping
+        directory = self.config.snapshots
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        base = directory / f"{guest.id}-{stamp}"
+        meta = {
+            "guest": guest.id,
+            "created": guest.created,
+            "destroyed": time.time(),
+            "reason": reason,
+            "src_ips": guest.src_ips,
+            "leases": [
+                {"lease": h.lease_id, "sensor": h.sensor, "src_ip": h.src_ip, "since": h.since}
+                for h in guest.history
+            ],
+        }
+        base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        return base.with_suffix(".qcow2")
+
+    def _cut_tunnels(self, lease_id: str) -> None:
+        for writer in self._tunnels.pop(lease_id, set()):
+            writer.close()
+            self.metrics.tunnels.dec()

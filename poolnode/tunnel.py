@@ -1,0 +1,103 @@
+"""TunnelService: relays a sensor's byte stream to a leased guest's SSH or Telnet port.
+
+Guest ports are never exposed: only this node reaches the pool network. Flow control
+comes from awaiting each write (gRPC's window on one side, TCP's drain on the other);
+each direction half-closes with an ``eof`` frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from honeyfleet.authz import current_caller
+from honeyfleet.errors import InvalidArgument, Unavailable
+from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
+from poolnode.pool import GuestPool
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+OPEN_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
+PORTS = (common_pb2.GUEST_PORT_SSH, common_pb2.GUEST_PORT_TELNET)
+
+
+class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
+    """Tunnels for sensors, each into a guest leased to that very sensor."""
+
+    def __init__(self, pool: GuestPool) -> None:
+        self._pool = pool
+
+    async def Tunnel(
+        self, request_iterator: AsyncIterator[poolnode_pb2.TunnelRequest], context: Any
+    ) -> AsyncIterator[poolnode_pb2.TunnelResponse]:
+        """Open the guest connection named by the first frame, then relay both ways."""
+        sensor = str(current_caller().identity)
+        requests = aiter(request_iterator)
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                first = await anext(requests)
+        except (StopAsyncIteration, TimeoutError):
+            raise InvalidArgument("a tunnel must start with an open frame") from None
+        if first.WhichOneof("frame") != "open" or first.open.port not in PORTS:
+            raise InvalidArgument("a tunnel must start with an open frame naming SSH or Telnet")
+        lease_id = first.open.lease_id
+        host, port = self._pool.tunnel_target(lease_id, sensor, first.open.port)
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(host, port, limit=CHUNK)
+        except (OSError, TimeoutError) as e:
+            raise Unavailable(f"guest at {host}:{port} does not answer: {e}") from None
+        untrack = self._pool.track_tunnel(lease_id, writer)
+        upstream = asyncio.create_task(self._upstream(requests, writer))
+        log.info("tunnel for lease %s (%s) to %s:%d opened", lease_id, sensor, host, port)
+        metrics = self._pool.metrics.tunnel_bytes.labels("to_sensor")
+        try:
+            yield poolnode_pb2.TunnelResponse(opened=poolnode_pb2.TunnelOpened(guest=host))
+            while True:
+                try:
+                    data = await reader.read(CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                metrics.inc(len(data))
+                yield poolnode_pb2.TunnelResponse(data=data)
+            yield poolnode_pb2.TunnelResponse(eof=poolnode_pb2.TunnelEof())
+            if not writer.is_closing():
+                # Half-close: the guest is done, the sensor may still be sending.
+                await upstream
+        finally:
+            upstream.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await upstream
+            untrack()
+            writer.close()
+            log.info("tunnel for lease %s closed", lease_id)
+
+    async def _upstream(
+        self, requests: AsyncIterator[poolnode_pb2.TunnelRequest], writer: asyncio.StreamWriter
+    ) -> None:
+        """Sensor -> guest, until the sensor's eof (half-close) or the stream ends."""
+        metrics = self._pool.metrics.tunnel_bytes.labels("to_guest")
+        try:
+            async for request in requests:
+                frame = request.WhichOneof("frame")
+                if frame == "data":
+                    writer.write(request.data)
+                    metrics.inc(len(request.data))
+                    await writer.drain()
+                elif frame == "eof":
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                else:
+                    log.warning("tunnel protocol error: unexpected %s frame", frame)
+                    break
+        except OSError:
+            pass
+        writer.close()

@@ -77,6 +77,21 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     return _run(_until_signalled(lambda stop: serve(config, stop)))
 
 
+def _cmd_poolnode(args: argparse.Namespace) -> int:
+    from poolnode.config import PoolNodeConfig
+    from poolnode.server import serve
+
+    config = load_role(PoolNodeConfig, "poolnode", args.config)
+    return _run(_until_signalled(lambda stop: serve(config, stop)))
+
+
+def _cmd_image(args: argparse.Namespace) -> int:
+    from poolnode.image import main as image_main
+
+    code: int = image_main(args.rest)
+    return code
+
+
 def _join(role: Role, section: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from honeyfleet.enroll import enroll
@@ -129,7 +144,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(state))
     else:
-        render(state, Console())
+        # Wide enough for the tables when piped, where rich would assume 80 columns.
+        render(state, Console(width=None if sys.stdout.isatty() else 160))
     return 0
 
 
@@ -242,10 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="override [controller] listen")
     p.set_defaults(func=_cmd_controller)
 
-    for role, section in ((Role.POOLNODE, "poolnode"), (Role.SENSOR, "sensor")):
-        p = commands.add_parser(section, help=f"{section} commands")
-        sub = p.add_subparsers(dest=f"{section}_command", metavar="COMMAND", required=True)
-        _add_join(sub, role, section)
+    p = commands.add_parser("poolnode", help="run a pool node (or join the fleet as one)")
+    p.add_argument("--config", type=Path, help="honeyfleet.toml with a [poolnode] section")
+    p.set_defaults(func=_cmd_poolnode)
+    _add_join(
+        p.add_subparsers(dest="poolnode_command", metavar="COMMAND"), Role.POOLNODE, "poolnode"
+    )
+
+    p = commands.add_parser("sensor", help="sensor commands")
+    sub = p.add_subparsers(dest="sensor_command", metavar="COMMAND", required=True)
+    _add_join(sub, Role.SENSOR, "sensor")
+
+    p = commands.add_parser(
+        "image", help="build the guest image (image build --help)", add_help=False
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_image)
 
     p = commands.add_parser("status", help="show fleet state")
     _add_admin_flags(p)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
 
 from honeyfleet import __version__
 from honeyfleet.authz import Authorizer
@@ -44,6 +47,7 @@ class PoolNode:
         self.link: ControllerLink | None = None
         self._server = new_server(None)
         self._link_task: asyncio.Task[None] | None = None
+        self._metrics: WSGIServer | None = None
 
     async def start(self) -> int:
         """Serve the pool and connect to the controller; returns the bound port."""
@@ -71,6 +75,11 @@ class PoolNode:
             on_response=self._on_heartbeat_reply,
         )
         self.pool.set_on_change(self.link.nudge.set)
+        if config.metrics_listen:
+            host, _, metrics_port = config.metrics_listen.rpartition(":")
+            self._metrics, _ = start_http_server(
+                int(metrics_port), host.strip("[]"), registry=self.pool.metrics.registry
+            )
         await self.pool.start()
         self._link_task = asyncio.create_task(self.link.run())
         log.info(
@@ -86,6 +95,8 @@ class PoolNode:
         """Stop serving, destroy every guest and leave the controller."""
         await self._server.stop(grace)
         await self.pool.stop()
+        if self._metrics is not None:
+            self._metrics.shutdown()
         if self._link_task is not None:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,3 +121,15 @@ class PoolNode:
             log.info("controller %s this node", "drained" if reply.draining else "resumed")
         for lease_id in reply.stale_lease_ids:
             await self.pool.release(lease_id, "the controller no longer knows this lease")
+
+
+async def serve(config: PoolNodeConfig, stop: asyncio.Event) -> None:
+    """Run a pool node until ``stop`` is set; stopping destroys its guests."""
+    from poolnode.backends import build_backend
+
+    node = PoolNode(config, build_backend(config))
+    await node.start()
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()

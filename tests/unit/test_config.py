@@ -38,6 +38,7 @@ def test_tables_and_booleans_from_environment(tmp_path: Path) -> None:
     env = {
         "HONEYFLEET_POOLNODE_LABELS": "image=openwrt, arch=mips",
         "HONEYFLEET_POOLNODE_SHARE_GUESTS": "yes",
+        "HONEYFLEET_POOLNODE_BACKEND_PASS": "pw",
     }
     config = parse_section(PoolNodeConfig, "poolnode", {}, base_dir=tmp_path, env=env)
     assert dict(config.labels) == {"image": "openwrt", "arch": "mips"}
@@ -65,4 +66,17 @@ def test_booleans_are_not_numbers(tmp_path: Path) -> None:
     with pytest.raises(ConfigProblems, match="whole number"):
         parse_section(
             ControllerConfig, "controller", {"missed_heartbeats": True}, base_dir=tmp_path, env={}
+        )
+
+
+def test_cross_field_problems_name_their_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigProblems, match="poolnode.backend_pass"):
+        parse_section(PoolNodeConfig, "poolnode", {}, base_dir=tmp_path, env={})
+    with pytest.raises(ConfigProblems, match="poolnode.static_hosts"):
+        parse_section(
+            PoolNodeConfig,
+            "poolnode",
+            {"backend": "static", "backend_pass": "x"},
+            base_dir=tmp_path,
+            env={},
         )

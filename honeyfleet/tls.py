@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from honeyfleet.errors import ConfigError
 from honeyfleet.pki.identity import Identity, identity_from_certificate
+
+log = logging.getLogger(__name__)
 
 # Server-side limits that apply to every fleet endpoint. Messages are small except
 # tunnel frames and event batches, which senders chunk well below this.
@@ -54,11 +58,62 @@ class TlsFiles:
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that demand a client certificate issued by the fleet CA."""
-    ca, cert, key = files.read()
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=True
+    """Server credentials that demand a client certificate issued by the fleet CA.
+
+    The files are watched: a renewed certificate (or CA) is used for new connections
+    without a restart, which is what SIGHUP-driven reloads from systemd rely on.
+    """
+    watch = CertificateWatch(files)
+    return grpc.dynamic_ssl_server_credentials(
+        # grpc-stubs omits the None ("no change") the fetcher may return.
+        watch.load(),
+        watch,  # type: ignore[arg-type]
+        require_client_authentication=True,
     )
+
+
+class CertificateWatch:
+    """gRPC's certificate fetcher: returns new server credentials when the files change.
+
+    gRPC calls it from its own threads before every handshake, so it only stats the
+    files unless they changed, and never raises.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in (self._files.ca, self._files.cert, self._files.key):
+            try:
+                st = path.stat()
+                stamps.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append((0, 0))
+        return tuple(stamps)
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        """The current files as a certificate configuration (raises if unusable)."""
+        ca, cert, key = self._files.read()
+        certificate = x509.load_pem_x509_certificate(cert)
+        private_key = serialization.load_pem_private_key(key, password=None)
+        if certificate.public_key() != private_key.public_key():
+            raise ConfigError("tls", f"{self._files.key} does not belong to {self._files.cert}")
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return None
+        try:
+            config = self.load()
+        except Exception as e:  # a half-written renewal must not take the server down
+            log.warning("not reloading TLS files (%s); keeping the current certificate", e)
+            return None
+        self._stamp = stamp
+        log.info("reloaded TLS certificate %s", self._files.cert)
+        return config
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:

@@ -186,3 +186,42 @@ async def test_revoked_serial_is_refused_and_its_stream_cut(server, fleet_pki: F
         await stats(target, admin)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert fleet.calls == []
+
+
+async def test_renewed_server_certificate_is_used_without_restart(
+    fleet_pki: FleetPki, tmp_path
+) -> None:
+    import shutil
+
+    from honeyfleet.enroll import presented_chain
+
+    live = TlsFiles(ca=tmp_path / "ca.pem", cert=tmp_path / "cert.pem", key=tmp_path / "key.pem")
+    first, second = (
+        fleet_pki.files(Role.CONTROLLER, "ctl"),
+        fleet_pki.files(Role.CONTROLLER, "ctl-new"),
+    )
+    for src, dst in ((first.ca, live.ca), (first.cert, live.cert), (first.key, live.key)):
+        shutil.copy(src, dst)
+    srv = new_server(
+        Authorizer("testfleet", {"honeyfleet.v1.FleetService": frozenset({Role.ADMIN})})
+    )
+    fleet_pb2_grpc.add_FleetServiceServicer_to_server(RecordingFleet(), srv)
+    target = f"127.0.0.1:{bind(srv, '127.0.0.1:0', server_credentials(live))}"
+    await srv.start()
+    try:
+
+        async def served_name() -> str:
+            (leaf, *_) = await asyncio.to_thread(presented_chain, target)
+            return leaf.subject.rfc4514_string()
+
+        assert await served_name() == "CN=ctl"
+        # A half-done renewal (new certificate, old key) is not taken up...
+        shutil.copy(second.cert, live.cert)
+        assert await served_name() == "CN=ctl"
+        assert await stats(target, fleet_pki.files(Role.ADMIN, "alice")) == 7
+        # ...the finished one is, for new connections.
+        shutil.copy(second.key, live.key)
+        assert await served_name() == "CN=ctl-new"
+        assert await stats(target, fleet_pki.files(Role.ADMIN, "alice")) == 7
+    finally:
+        await srv.stop(0)

@@ -13,6 +13,7 @@ from honeyfleet import __version__
 from honeyfleet.authz import Authorizer
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
 from honeyfleet.pki.identity import Role
+from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc, registry_pb2
 from poolnode.backend import Backend
@@ -129,7 +130,9 @@ async def serve(config: PoolNodeConfig, stop: asyncio.Event) -> None:
 
     node = PoolNode(config, build_backend(config))
     await node.start()
+    notify("READY=1")
     try:
         await stop.wait()
+        notify("STOPPING=1")
     finally:
         await node.stop()

@@ -1,0 +1,51 @@
+"""``python -m poolnode.image build``: the builder as a command (and for the main CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ._build import build_image
+from ._errors import ImageBuildError
+from ._spec import GuestImageSpec
+
+DEFAULT_OUT = Path("/var/lib/honeyfleet/image")
+
+
+def print_progress(step: str, index: int, total: int) -> None:
+    """Progress callback that prints ``[i/n] step`` lines to stderr."""
+    sys.stderr.write(f"[{index}/{total}] {step}\n")
+    sys.stderr.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``build [--out DIR] ...``, build the image and print its paths."""
+    parser = argparse.ArgumentParser(prog="honeyfleet image", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build (or reuse) the guest image")
+    build.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    build.add_argument("--hostname", default="srv04")
+    build.add_argument("--backend-user", default="root")
+    build.add_argument("--backend-pass", default="root")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        spec = GuestImageSpec(
+            out_dir=args.out,
+            hostname=args.hostname,
+            backend_user=args.backend_user,
+            backend_pass=args.backend_pass,
+        )
+        image = build_image(spec, print_progress)
+    except ImageBuildError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    sys.stdout.write(
+        f"disk    {image.disk}\nkernel  {image.kernel}\ninitrd  {image.initrd}\n"
+        f"cmdline {image.cmdline}\nrelease {image.kernel_version}\n"
+        f"({time.monotonic() - started:.1f}s)\n"
+    )
+    return 0

@@ -10,6 +10,7 @@ its key, so an operator fixes a file in one pass.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 import types
@@ -236,3 +237,30 @@ def _split_pair(text: str) -> tuple[str, str]:
     if not sep:
         raise ValueError(f"must be key=value pairs separated by commas, got {text!r}")
     return key.strip(), value.strip()
+
+
+def write_toml(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write a config file of tables of scalars and lists (what our configs hold)."""
+    lines: list[str] = []
+    for section, table in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal; JSON's string escapes are valid TOML basic strings."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
+    raise TypeError(f"cannot write {value!r} as TOML")

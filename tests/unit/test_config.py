@@ -80,3 +80,20 @@ def test_cross_field_problems_name_their_key(tmp_path: Path) -> None:
             base_dir=tmp_path,
             env={},
         )
+
+
+def test_written_toml_reads_back(tmp_path: Path) -> None:
+    from honeyfleet.config import read_toml, write_toml
+
+    sections = {
+        "controller": {"listen": "127.0.0.1:7300", "lease_wait": 2.5, "missed_heartbeats": 4},
+        "poolnode": {
+            "share_guests": True,
+            "static_hosts": ['we"ird\\\\host:22'],
+            "labels": {"image": "busybox"},
+            "backend_pass": "p\\nw",
+        },
+    }
+    path = tmp_path / "out.toml"
+    write_toml(path, sections)
+    assert read_toml(path) == sections

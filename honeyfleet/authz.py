@@ -128,7 +128,10 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> AsyncIterator[None]:
         """Run a handler as the authenticated caller, mapping errors and revocation cuts."""
         caller = await self._authenticate(method, roles, context)
-        token = _caller.set(caller)
+        # Each RPC runs in a task of its own (a copied context), so the value never
+        # leaks into other RPCs and needs no reset; resetting from a stream handler's
+        # finalizer would even fail, as it may run in another context.
+        _caller.set(caller)
         task = asyncio.current_task()
         assert task is not None
         self._active.setdefault(caller.serial, set()).add(task)
@@ -146,7 +149,6 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 tasks.discard(task)
                 if not tasks:
                     del self._active[caller.serial]
-            _caller.reset(token)
 
 
 def _parse_certificate(pem: bytes) -> tuple[Identity, int]:

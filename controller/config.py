@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from honeyfleet.config import host_port, positive, setting
+from honeyfleet.config import host_port, non_negative, positive, setting
+from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
 
 
@@ -50,6 +52,50 @@ class ControllerConfig:
     max_concurrent_streams: int = setting(
         1000, "concurrent RPCs per client connection", check=positive
     )
+    store: Literal["sqlite", "postgres"] = setting(
+        "sqlite",
+        'where events are stored: "sqlite" (state_dir/events.sqlite3) or "postgres" '
+        "(postgres_dsn; needs honeyfleet[postgres])",
+    )
+    postgres_dsn: str = setting(
+        "",
+        "libpq connection string or URI of the PostgreSQL event store, e.g. "
+        '"postgresql://honeyfleet@db.example.net/honeyfleet"; the controller creates and '
+        "migrates its schema",
+    )
+    retention_days: int = setting(
+        0,
+        "delete events older than this many days (PostgreSQL drops whole daily "
+        "partitions); 0 keeps everything",
+        check=non_negative,
+    )
+    jsonlines_path: str = setting(
+        "cowrie.json",
+        "Cowrie-format JSON lines log of every stored event, rotated daily, for ELK, "
+        "Splunk and friends; relative to state_dir; empty to disable",
+    )
+    jsonlines_keep_days: int = setting(
+        30, "days of rotated JSON lines files to keep", check=positive
+    )
+    metrics_listen: str = setting(
+        "127.0.0.1:9464",
+        "host:port of the Prometheus metrics endpoint (plain HTTP); empty to disable",
+        check=_optional_host_port,
+    )
+    ingest_queue_batches: int = setting(
+        64,
+        "event batches waiting for the store across all sensor streams; when full, "
+        "streams stop reading until the store catches up (backpressure)",
+        check=positive,
+    )
+    store_commit_events: int = setting(
+        5000, "most events written to the store in one transaction", check=positive
+    )
+
+    def __post_init__(self) -> None:
+        """Cross-field checks."""
+        if self.store == "postgres" and not self.postgres_dsn:
+            raise ConfigError("postgres_dsn", 'required when store = "postgres"')
 
     @property
     def tls(self) -> TlsFiles:

@@ -12,6 +12,9 @@ import grpc
 
 from controller.config import ControllerConfig
 from controller.enrollment_service import EnrollmentServicer
+from controller.events import EventPipeline
+from controller.events.ingest_service import EventIngestServicer
+from controller.events.query_service import EventQueryServicer
 from controller.fleet_service import FleetServicer
 from controller.lease_service import LeaseServicer, SensorServicer
 from controller.leases import LeaseManager
@@ -23,11 +26,16 @@ from honeyfleet.authz import Authorizer
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
 from honeyfleet.pki import RevocationList, load_ca
 from honeyfleet.pki.identity import Role
+from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import (
     enrollment_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     fleet_pb2,
     fleet_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
     lease_pb2,
     lease_pb2_grpc,
     registry_pb2,
@@ -45,16 +53,20 @@ POLICY = {
     "honeyfleet.v1.SensorService": frozenset({Role.SENSOR}),
     "honeyfleet.v1.EventIngestService": frozenset({Role.SENSOR}),
     "honeyfleet.v1.FleetService": frozenset({Role.ADMIN}),
+    "honeyfleet.v1.EventQueryService": frozenset({Role.ADMIN}),
 }
 SERVICES = [
     registry_pb2.DESCRIPTOR.services_by_name["PoolNodeRegistryService"].full_name,
     lease_pb2.DESCRIPTOR.services_by_name["LeaseService"].full_name,
     sensor_pb2.DESCRIPTOR.services_by_name["SensorService"].full_name,
     fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
+    ingest_pb2.DESCRIPTOR.services_by_name["EventIngestService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventQueryService"].full_name,
 ]
 SHUTDOWN_GRACE = 5.0
 REVOCATION_POLL = 1.0
 ENROLL_MAX_MESSAGE = 64 * 1024
+ENROLL_MAX_RPCS = 16
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class Controller:
             wait=config.lease_wait,
             missing_grace=3 * config.heartbeat_interval,
         )
+        self.events = EventPipeline(config, self.registry, self.leases)
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.authorizer: Authorizer | None = None
@@ -95,6 +108,7 @@ class Controller:
         await self.store.open()
         await self.registry.load()
         await self.leases.load()
+        await self.events.start()
         ca = load_ca(config.ca_dir) if config.ca_dir is not None else None
         if ca is not None:
             self._revocations = RevocationList(ca.revoked_path)
@@ -118,16 +132,26 @@ class Controller:
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(
             FleetServicer(self.registry, self.leases, self.store), server
         )
+        ingest_pb2_grpc.add_EventIngestServiceServicer_to_server(
+            EventIngestServicer(self.events), server
+        )
+        events_pb2_grpc.add_EventQueryServiceServicer_to_server(
+            EventQueryServicer(self.events.store, self.events.broadcaster), server
+        )
         health = add_health_and_reflection(server, SERVICES)
 
         api_port = bind(server, config.listen, server_credentials(config.tls))
         await server.start()
         self._servers.append(server)
         await mark_serving(health, SERVICES)
+        # The ingest service is only as healthy as the event store behind it.
+        await self.events.attach_health(health)
 
         enroll_port = None
         if ca is not None and config.enroll_listen:
             enroll = grpc.aio.server(
+                # Unauthenticated callers: few at once, small messages.
+                maximum_concurrent_rpcs=ENROLL_MAX_RPCS,
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE),
@@ -162,6 +186,7 @@ class Controller:
         self._tasks.clear()
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers.clear()
+        await self.events.stop()
         await self.registry.persist_heartbeat_times()
         await self.nodes.close()
         await self.store.close()
@@ -199,7 +224,9 @@ async def serve(config: ControllerConfig, stop: asyncio.Event) -> None:
     """Run a controller until ``stop`` is set, then shut down gracefully."""
     controller = Controller(config)
     await controller.start()
+    notify("READY=1")
     try:
         await stop.wait()
+        notify("STOPPING=1")
     finally:
         await controller.stop()

@@ -16,6 +16,7 @@ from honeyfleet.adminconfig import AdminConfig
 from honeyfleet.config import ConfigProblems, parse_section, read_toml
 from honeyfleet.errors import HoneyfleetError
 from honeyfleet.pki import Role
+from honeyfleet.systemd import notify
 from honeyfleet.tls import TlsFiles
 
 log = logging.getLogger("honeyfleet")
@@ -60,11 +61,22 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 
 async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Run a server body until SIGINT or SIGTERM."""
+    """Run a server body until SIGINT or SIGTERM; SIGHUP is a reload, never a kill.
+
+    Servers re-read changed TLS files and revocations by themselves, so a reload
+    (systemd's ExecReload) only needs acknowledging.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        log.info("SIGHUP: changed certificates and revocations are picked up automatically")
+        notify("RELOADING=1")
+        notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await body(stop)
     return 0
 
@@ -244,6 +256,7 @@ def _add_join(commands: Any, role: Role, section: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
+    from honeyfleet import eventscli, up
     from honeyfleet.pki import cli as pki_cli
 
     parser = argparse.ArgumentParser(prog="honeyfleet", description=__doc__)
@@ -252,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     pki_cli.add_parser(commands)
+    eventscli.add_parser(commands)
 
     p = commands.add_parser("controller", help="run the controller")
     p.add_argument("--config", type=Path, help="honeyfleet.toml")
@@ -268,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("sensor", help="sensor commands")
     sub = p.add_subparsers(dest="sensor_command", metavar="COMMAND", required=True)
     _add_join(sub, Role.SENSOR, "sensor")
+
+    up.add_parser(commands)
 
     p = commands.add_parser(
         "image", help="build the guest image (image build --help)", add_help=False

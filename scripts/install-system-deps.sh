@@ -6,6 +6,16 @@ set -euo pipefail
 packages=(
     # Python and the build of libvirt-python
     python3 python3-venv python3-dev gcc pkg-config make
+    # The PostgreSQL event store's tests run a throwaway server of their own
+    postgresql
+    # libvirt + QEMU (TCG) for the pool node's guests, started by hand in the VM tests
+    # (tests/e2e/netns_notes.md); libvirt-dev builds libvirt-python
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-config-nwfilter libvirt-clients
+    qemu-system-x86 dnsmasq-base iptables ebtables libvirt-dev
+    # The guest image builder (poolnode.image.HOST_PACKAGES)
+    apt binutils dpkg e2fsprogs kmod openssl qemu-utils
+    # VM test clients and the network namespace
+    openssh-client sshpass iproute2 telnet
 )
 if [ "$#" -gt 0 ]; then
     packages+=("$@")

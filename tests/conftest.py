@@ -111,6 +111,8 @@ async def start_controller(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator
             heartbeat_interval=0.2,
             missed_heartbeats=3,
             lease_wait=1.0,
+            # Tests run controllers side by side: no fixed metrics port.
+            metrics_listen="",
         )
         controller = Controller(replace(config, **overrides))
         ports = await controller.start()

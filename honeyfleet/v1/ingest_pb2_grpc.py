@@ -53,7 +53,16 @@ class EventIngestServiceServicer:
     def StreamEvents(self, request_iterator, context):
         """StreamEvents carries batches from the sensor and acknowledges each batch once
         it is durably stored. An event may leave the sensor's spool only after its
-        batch was acknowledged.
+        batch was acknowledged. The controller reads the next batch only after it
+        acknowledged the previous one, and stops acknowledging while its store is
+        unavailable (the sensor keeps spooling and resends after reconnecting).
+
+        A malformed event (bad JSON, missing fields, bad timestamp or src_ip) never
+        holds up its batch: the batch is acknowledged, the good events are stored,
+        the bad ones are dropped, counted and logged with the sensor's name; resending
+        them would be refused again. So stored + duplicates may be less than the
+        batch's size. The sensor field of every event is set to the name in the
+        caller's certificate, whatever the event said.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,16 @@ class EventIngestServiceStub:
     StreamEvents: _grpc.StreamStreamMultiCallable[_ingest_pb2.StreamEventsRequest, _ingest_pb2.StreamEventsResponse]
     """StreamEvents carries batches from the sensor and acknowledges each batch once
     it is durably stored. An event may leave the sensor's spool only after its
-    batch was acknowledged.
+    batch was acknowledged. The controller reads the next batch only after it
+    acknowledged the previous one, and stops acknowledging while its store is
+    unavailable (the sensor keeps spooling and resends after reconnecting).
+
+    A malformed event (bad JSON, missing fields, bad timestamp or src_ip) never
+    holds up its batch: the batch is acknowledged, the good events are stored,
+    the bad ones are dropped, counted and logged with the sensor's name; resending
+    them would be refused again. So stored + duplicates may be less than the
+    batch's size. The sensor field of every event is set to the name in the
+    caller's certificate, whatever the event said.
     """
 
 @_typing.type_check_only
@@ -53,7 +62,16 @@ class EventIngestServiceAsyncStub(EventIngestServiceStub):
     StreamEvents: _aio.StreamStreamMultiCallable[_ingest_pb2.StreamEventsRequest, _ingest_pb2.StreamEventsResponse]  # type: ignore[assignment]
     """StreamEvents carries batches from the sensor and acknowledges each batch once
     it is durably stored. An event may leave the sensor's spool only after its
-    batch was acknowledged.
+    batch was acknowledged. The controller reads the next batch only after it
+    acknowledged the previous one, and stops acknowledging while its store is
+    unavailable (the sensor keeps spooling and resends after reconnecting).
+
+    A malformed event (bad JSON, missing fields, bad timestamp or src_ip) never
+    holds up its batch: the batch is acknowledged, the good events are stored,
+    the bad ones are dropped, counted and logged with the sensor's name; resending
+    them would be refused again. So stored + duplicates may be less than the
+    batch's size. The sensor field of every event is set to the name in the
+    caller's certificate, whatever the event said.
     """
 
 class EventIngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -70,7 +88,16 @@ class EventIngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.StreamEventsResponse], _abc.AsyncIterator[_ingest_pb2.StreamEventsResponse]]:
         """StreamEvents carries batches from the sensor and acknowledges each batch once
         it is durably stored. An event may leave the sensor's spool only after its
-        batch was acknowledged.
+        batch was acknowledged. The controller reads the next batch only after it
+        acknowledged the previous one, and stops acknowledging while its store is
+        unavailable (the sensor keeps spooling and resends after reconnecting).
+
+        A malformed event (bad JSON, missing fields, bad timestamp or src_ip) never
+        holds up its batch: the batch is acknowledged, the good events are stored,
+        the bad ones are dropped, counted and logged with the sensor's name; resending
+        them would be refused again. So stored + duplicates may be less than the
+        batch's size. The sensor field of every event is set to the name in the
+        caller's certificate, whatever the event said.
         """
 
 def add_EventIngestServiceServicer_to_server(servicer: EventIngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -70,9 +70,9 @@ def test_booleans_are_not_numbers(tmp_path: Path) -> None:
 
 
 def test_cross_field_problems_name_their_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigProblems, match="poolnode.backend_pass"):
+    with pytest.raises(ConfigProblems, match=r"poolnode\.backend_pass"):
         parse_section(PoolNodeConfig, "poolnode", {}, base_dir=tmp_path, env={})
-    with pytest.raises(ConfigProblems, match="poolnode.static_hosts"):
+    with pytest.raises(ConfigProblems, match=r"poolnode\.static_hosts"):
         parse_section(
             PoolNodeConfig,
             "poolnode",

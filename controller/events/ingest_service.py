@@ -1,0 +1,83 @@
+"""EventIngestService: sensors stream batches; each is acknowledged once durably stored.
+
+One batch per stream is in flight: the next request is read only after the previous
+batch was acknowledged, so a slow store slows the sensor instead of filling memory.
+Malformed events are dropped, counted and logged, and their batch is still
+acknowledged (a sensor resending them would be refused again and never drain its
+spool). Every stored event's ``sensor`` is the caller's certificate name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from controller.events.pipeline import EventPipeline
+from controller.events.rows import EventRow
+from controller.events.validate import to_row
+from honeyfleet.authz import current_caller
+from honeyfleet.errors import InvalidArgument
+from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
+    """Receives sensors' event batches."""
+
+    def __init__(self, pipeline: EventPipeline) -> None:
+        self._pipeline = pipeline
+
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[ingest_pb2.StreamEventsRequest], context: Any
+    ) -> AsyncIterator[ingest_pb2.StreamEventsResponse]:
+        """Store each batch, then acknowledge it."""
+        sensor = current_caller().identity.name
+        warned_name = False
+        with self._pipeline.stream(sensor):
+            log.info("sensor %s opened an event stream", sensor)
+            async for request in request_iterator:
+                rows, rewritten = self._accept(sensor, request)
+                if rewritten and not warned_name:
+                    warned_name = True
+                    log.warning(
+                        "sensor %s sends events naming another sensor; stored as %s, the "
+                        "name in its certificate (set the sensor's name to match)",
+                        sensor,
+                        sensor,
+                    )
+                ack = await self._pipeline.write(rows)
+                self._pipeline.metrics.batches.inc()
+                yield ingest_pb2.StreamEventsResponse(
+                    batch_id=request.batch_id, stored=ack.stored, duplicates=ack.duplicates
+                )
+
+    def _accept(
+        self, sensor: str, request: ingest_pb2.StreamEventsRequest
+    ) -> tuple[list[EventRow], int]:
+        """The batch's valid rows, and how many had their sensor field replaced."""
+        rows: list[EventRow] = []
+        rewritten = 0
+        problems: list[str] = []
+        for message in request.events:
+            try:
+                row, wrong_name = to_row(message, sensor)
+            except InvalidArgument as e:
+                problems.append(str(e))
+                continue
+            rows.append(row)
+            rewritten += wrong_name
+        if problems:
+            self._pipeline.metrics.rejected.labels("validation").inc(len(problems))
+            log.warning(
+                "sensor %s batch %d: dropped %d malformed events of %d, first: %s",
+                sensor,
+                request.batch_id,
+                len(problems),
+                len(request.events),
+                problems[0],
+            )
+        if rewritten:
+            self._pipeline.metrics.sensor_rewritten.inc(rewritten)
+        return rows, rewritten

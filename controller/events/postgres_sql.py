@@ -1,0 +1,162 @@
+"""SQL of the PostgreSQL event store: versioned migrations and statements.
+
+``events`` is partitioned by day on ``time``; partitions are created ahead and for any
+day a batch needs, and dropped whole for retention. PostgreSQL needs the partition key
+in every unique constraint, so the key is ``(uuid, time)``: a resent event carries the
+same timestamp (it is part of the verbatim event), so this stores each uuid once.
+
+The views reproduce Cowrie's SQL output tables (its ``docs/sql/postgres.sql``):
+``sessions``, ``auth``, ``input``, ``downloads``, ``ttylog``, ``keyfingerprints``,
+``params``, with ``sensors`` and ``clients`` as real tables; timestamps are UTC
+``timestamp`` values as Cowrie writes them.
+"""
+
+from __future__ import annotations
+
+# Serialises schema changes and partition creation among controllers sharing a store.
+SCHEMA_LOCK = 0x686F6E6579  # "honey"
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+# Version n is MIGRATIONS[n - 1]. Never edit one that has shipped; append a new one.
+MIGRATIONS = [
+    """
+    CREATE TABLE events (
+        seq bigserial NOT NULL,
+        uuid uuid NOT NULL,
+        time timestamptz NOT NULL,
+        sensor text NOT NULL,
+        session text NOT NULL,
+        eventid text NOT NULL,
+        src_ip inet NOT NULL,
+        protocol text NOT NULL,
+        event jsonb NOT NULL,
+        -- The JSON as received, only when jsonb cannot hold it as is (NUL characters).
+        raw text,
+        PRIMARY KEY (uuid, time)
+    ) PARTITION BY RANGE (time);
+    CREATE INDEX events_time ON events (time, seq);
+    CREATE INDEX events_session ON events (session, time);
+    CREATE INDEX events_src_ip ON events (src_ip, time);
+    CREATE INDEX events_eventid ON events (eventid, time);
+    CREATE INDEX events_sensor ON events (sensor, time);
+    -- Hash: attackers choose usernames, and a B-tree entry has a size limit.
+    CREATE INDEX events_username ON events USING hash ((event ->> 'username'))
+        WHERE eventid IN ('cowrie.login.success', 'cowrie.login.failed');
+
+    CREATE TABLE event_sessions (
+        session text PRIMARY KEY,
+        sensor text NOT NULL,
+        src_ip inet NOT NULL,
+        protocol text NOT NULL,
+        start_time timestamptz NOT NULL,
+        last_time timestamptz NOT NULL,
+        end_time timestamptz,
+        pool_node text NOT NULL,
+        guest text NOT NULL,
+        lease text NOT NULL,
+        username text NOT NULL,
+        login_attempts integer NOT NULL,
+        client_version text,
+        terminal_size text,
+        event_count bigint NOT NULL
+    );
+    CREATE INDEX event_sessions_start ON event_sessions (start_time);
+    CREATE INDEX event_sessions_sensor ON event_sessions (sensor, start_time);
+    CREATE INDEX event_sessions_src_ip ON event_sessions (src_ip, start_time);
+    CREATE INDEX event_sessions_last ON event_sessions (last_time);
+
+    CREATE TABLE sensors (id serial PRIMARY KEY, ip text NOT NULL UNIQUE);
+    CREATE TABLE clients (id serial PRIMARY KEY, version text NOT NULL);
+    CREATE UNIQUE INDEX clients_version ON clients (md5(version));
+
+    CREATE VIEW sessions AS
+        SELECT s.session AS id,
+               s.start_time AT TIME ZONE 'UTC' AS starttime,
+               s.end_time AT TIME ZONE 'UTC' AS endtime,
+               se.id AS sensor, host(s.src_ip) AS ip, s.terminal_size AS termsize,
+               c.id AS client
+        FROM event_sessions s
+        JOIN sensors se ON se.ip = s.sensor
+        LEFT JOIN clients c ON md5(c.version) = md5(s.client_version);
+    CREATE VIEW auth AS
+        SELECT seq AS id, session, eventid = 'cowrie.login.success' AS success,
+               event ->> 'username' AS username, event ->> 'password' AS password,
+               time AT TIME ZONE 'UTC' AS timestamp
+        FROM events WHERE eventid IN ('cowrie.login.success', 'cowrie.login.failed');
+    CREATE VIEW input AS
+        SELECT seq AS id, session, time AT TIME ZONE 'UTC' AS timestamp,
+               NULL::varchar(50) AS realm, eventid = 'cowrie.command.input' AS success,
+               event ->> 'input' AS input
+        FROM events WHERE eventid IN ('cowrie.command.input', 'cowrie.command.failed');
+    CREATE VIEW downloads AS
+        SELECT seq AS id, session, time AT TIME ZONE 'UTC' AS timestamp,
+               coalesce(event ->> 'url', event ->> 'filename') AS url,
+               event ->> 'outfile' AS outfile, event ->> 'shasum' AS shasum
+        FROM events
+        WHERE eventid IN ('cowrie.session.file_download', 'cowrie.session.file_upload');
+    CREATE VIEW ttylog AS
+        SELECT seq AS id, session, event ->> 'ttylog' AS ttylog,
+               CASE WHEN jsonb_typeof(event -> 'size') = 'number'
+                    THEN (event -> 'size')::numeric END AS size
+        FROM events WHERE eventid = 'cowrie.log.closed';
+    CREATE VIEW keyfingerprints AS
+        SELECT seq AS id, session, event ->> 'username' AS username,
+               event ->> 'fingerprint' AS fingerprint
+        FROM events WHERE eventid = 'cowrie.client.fingerprint';
+    CREATE VIEW params AS
+        SELECT seq AS id, session, event ->> 'arch' AS arch
+        FROM events WHERE eventid = 'cowrie.session.params';
+    """,
+]
+
+INSERT_EVENTS = """
+INSERT INTO events (uuid, time, sensor, session, eventid, src_ip, protocol, event, raw)
+SELECT * FROM unnest(
+    %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::inet[],
+    %s::text[], %s::jsonb[], %s::text[])
+ON CONFLICT (uuid, time) DO NOTHING
+RETURNING uuid
+"""
+
+UPSERT_SESSION = """
+INSERT INTO event_sessions AS s (session, sensor, src_ip, protocol, start_time, last_time,
+    end_time, pool_node, guest, lease, username, login_attempts, client_version,
+    terminal_size, event_count)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (session) DO UPDATE SET
+    start_time = least(s.start_time, excluded.start_time),
+    last_time = greatest(s.last_time, excluded.last_time),
+    end_time = coalesce(excluded.end_time, s.end_time),
+    pool_node = CASE WHEN excluded.pool_node <> '' THEN excluded.pool_node ELSE s.pool_node END,
+    guest = CASE WHEN excluded.guest <> '' THEN excluded.guest ELSE s.guest END,
+    lease = CASE WHEN excluded.lease <> '' THEN excluded.lease ELSE s.lease END,
+    username = CASE WHEN excluded.username <> '' THEN excluded.username ELSE s.username END,
+    login_attempts = s.login_attempts + excluded.login_attempts,
+    client_version = coalesce(excluded.client_version, s.client_version),
+    terminal_size = coalesce(excluded.terminal_size, s.terminal_size),
+    event_count = s.event_count + excluded.event_count
+"""
+
+INSERT_SENSOR = "INSERT INTO sensors (ip) VALUES (%s) ON CONFLICT (ip) DO NOTHING"
+INSERT_CLIENT = "INSERT INTO clients (version) VALUES (%s) ON CONFLICT (md5(version)) DO NOTHING"
+
+LIST_PARTITIONS = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'events'::regclass
+"""
+
+EVENT_COLUMNS = "seq, time, uuid, eventid, session, host(src_ip), protocol, event, raw"
+SESSION_COLUMNS = (
+    "session, sensor, host(src_ip), protocol, start_time, last_time, end_time, pool_node, "
+    "guest, lease, username, login_attempts, coalesce(client_version, ''), "
+    "coalesce(terminal_size, ''), event_count"
+)
+USERNAME = "event ->> 'username'"
+LOGINS = "eventid IN ('cowrie.login.success', 'cowrie.login.failed')"
+FILES = "eventid IN ('cowrie.session.file_upload', 'cowrie.session.file_download')"

@@ -1,0 +1,419 @@
+"""The shared event store: PostgreSQL through psycopg 3 (``pip install honeyfleet[postgres]``).
+
+The controller creates and migrates the schema itself (``schema_migrations`` records
+applied versions), keeps events verbatim as ``jsonb`` with typed, indexed columns,
+partitions them by day and drops whole partitions for retention. A small connection
+pool reconnects by itself, so the store comes back on its own after an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from controller.events import postgres_sql as sql
+from controller.events.rows import (
+    EventRow,
+    client_versions,
+    first_new,
+    from_micros,
+    summarise_sessions,
+    to_micros,
+)
+from controller.events.store import (
+    EventQuery,
+    FileStat,
+    SessionQuery,
+    SessionSummary,
+    Stats,
+    StatsQuery,
+    StoreDataError,
+    StoredEvent,
+)
+from honeyfleet.errors import ConfigError, Unavailable
+from honeyfleet.events import to_json
+
+log = logging.getLogger(__name__)
+
+POOL_MAX = 4
+# Seconds to wait for a connection before reporting the store unavailable.
+CONNECT_TIMEOUT = 5
+PARTITIONS_AHEAD = 2
+PARTITION_NAME = re.compile(r"events_p(\d{8})")
+# jsonb cannot hold U+0000; such events keep their received text in ``raw``.
+NUL = "\x00"
+REPLACEMENT = "\ufffd"
+
+
+class PostgresEventStore:
+    """Events in PostgreSQL, possibly shared by several controllers."""
+
+    kind = "postgres"
+
+    def __init__(self, dsn: str, *, retention_days: int = 0) -> None:
+        try:
+            params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as e:
+            raise ConfigError("postgres_dsn", f"not a valid libpq DSN or URI: {e}") from None
+        # Where the store is, for messages; never the password.
+        self.where = (
+            f"postgresql://{params.get('host', 'localhost')}:{params.get('port', 5432)}"
+            f"/{params.get('dbname', '')}"
+        )
+        self._retention_days = retention_days
+        self._pool = AsyncConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=POOL_MAX,
+            open=False,
+            timeout=CONNECT_TIMEOUT,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            check=AsyncConnectionPool.check_connection,
+            name="honeyfleet-events",
+        )
+        self._schema_ready = False
+        self._schema_lock = asyncio.Lock()
+        self._partitions: set[date] = set()
+
+    async def open(self) -> None:
+        """Start the pool and migrate; an unreachable server only logs (ingest waits)."""
+        await self._pool.open(wait=False)
+        try:
+            await self.ping()
+        except Unavailable as e:
+            log.warning("event store not reachable yet, will keep trying: %s", e)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._pool.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection with the schema in place; psycopg errors become ours."""
+        try:
+            async with self._pool.connection() as conn:
+                if not self._schema_ready:
+                    await self._migrate(conn)
+                yield conn
+        except psycopg.errors.CheckViolation as e:
+            # No partition for a row: one was dropped (retention elsewhere) since cached.
+            self._partitions.clear()
+            raise Unavailable(f"event store {self.where}: {e}; retrying") from e
+        except psycopg.errors.UndefinedTable as e:
+            self._schema_ready = False
+            self._partitions.clear()
+            raise Unavailable(f"event store {self.where}: {e}; re-creating the schema") from e
+        except (psycopg.DataError, psycopg.IntegrityError) as e:
+            raise StoreDataError(f"event store {self.where} refused the data: {e}") from e
+        except psycopg.Error as e:
+            raise Unavailable(f"event store {self.where}: {e}") from e
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Apply migrations not yet recorded in schema_migrations (once per process)."""
+        async with self._schema_lock:
+            if self._schema_ready:
+                return
+            cursor = await conn.execute("SHOW server_encoding")
+            encoding = await cursor.fetchone()
+            if encoding is None or encoding[0] != "UTF8":
+                # Attackers send any Unicode; other encodings would refuse some events.
+                raise Unavailable(
+                    f"event store {self.where}: database encoding is {encoding and encoding[0]}, "
+                    "honeyfleet needs UTF8 (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+                )
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (sql.SCHEMA_LOCK,))
+                await conn.execute(sql.MIGRATIONS_TABLE)
+                cursor = await conn.execute(
+                    "SELECT coalesce(max(version), 0) FROM schema_migrations"
+                )
+                row = await cursor.fetchone()
+                current = row[0] if row else 0
+                for version, script in enumerate(sql.MIGRATIONS[current:], start=current + 1):
+                    log.info("event store %s: applying schema version %d", self.where, version)
+                    await conn.execute(script)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES (%s)", (version,)
+                    )
+            self._schema_ready = True
+
+    async def ping(self) -> None:
+        """Check the server answers and the schema is in place."""
+        async with self._connection() as conn:
+            await conn.execute("SELECT 1")
+
+    # Writing
+
+    async def write_batch(self, rows: Sequence[EventRow]) -> set[str]:
+        """Store rows and their session summaries in one transaction."""
+        days = {row.time.date() for row in rows} - self._partitions
+        async with self._connection() as conn:
+            if days:
+                await self._create_partitions(conn, days)
+            async with conn.transaction():
+                cursor = await conn.execute(sql.INSERT_EVENTS, _columns(rows))
+                stored = {str(uuid) for (uuid,) in await cursor.fetchall()}
+                new = first_new(rows, stored)
+                async with conn.cursor() as cur:
+                    await cur.executemany(
+                        sql.UPSERT_SESSION,
+                        [
+                            (
+                                d.session,
+                                d.sensor,
+                                d.src_ip,
+                                d.protocol,
+                                d.start,
+                                d.last,
+                                d.end,
+                                _text(d.pool_node),
+                                _text(d.guest),
+                                _text(d.lease),
+                                _text(d.username),
+                                d.login_attempts,
+                                _text(d.client_version),
+                                _text(d.terminal_size),
+                                d.events,
+                            )
+                            for d in summarise_sessions(new)
+                        ],
+                    )
+                    await cur.executemany(
+                        sql.INSERT_SENSOR, [(s,) for s in {r.sensor for r in new}]
+                    )
+                    await cur.executemany(
+                        sql.INSERT_CLIENT, [(_text(v),) for v in client_versions(new)]
+                    )
+        return stored
+
+    async def _create_partitions(self, conn: psycopg.AsyncConnection[Any], days: set[date]) -> None:
+        """Create the daily partitions for ``days`` unless they exist."""
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (sql.SCHEMA_LOCK,))
+            for day in sorted(days):
+                start = datetime.combine(day, time(), UTC)
+                await conn.execute(
+                    pgsql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF events "
+                        "FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        pgsql.Identifier(f"events_p{day:%Y%m%d}"),
+                        pgsql.Literal(start),
+                        pgsql.Literal(start + timedelta(days=1)),
+                    )
+                )
+        self._partitions |= days
+
+    async def maintain(self, now: datetime) -> None:
+        """Create partitions ahead; drop partitions and sessions older than retention."""
+        today = now.astimezone(UTC).date()
+        ahead = {today + timedelta(days=n) for n in range(-1, PARTITIONS_AHEAD + 1)}
+        async with self._connection() as conn:
+            await self._create_partitions(conn, ahead)
+            if self._retention_days <= 0:
+                return
+            cutoff = today - timedelta(days=self._retention_days)
+            cursor = await conn.execute(sql.LIST_PARTITIONS)
+            for (name,) in await cursor.fetchall():
+                match = PARTITION_NAME.fullmatch(name)
+                if match is None:
+                    continue
+                day = datetime.strptime(match[1], "%Y%m%d").date()
+                if day < cutoff:
+                    log.info("event store %s: dropping partition %s (retention)", self.where, name)
+                    await conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(name)))
+                    self._partitions.discard(day)
+            await conn.execute(
+                "DELETE FROM event_sessions WHERE last_time < %s",
+                (datetime.combine(cutoff, time(), UTC),),
+            )
+
+    # Reading
+
+    async def list_events(self, query: EventQuery) -> list[StoredEvent]:
+        """A page of events in (time, seq) order."""
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        for column in ("eventid", "sensor", "session"):
+            if value := getattr(query, column):
+                where.append(f"{column} = %s")
+                args.append(value)
+        if query.src_ip:
+            where.append("src_ip = %s::inet")
+            args.append(query.src_ip)
+        _time_range(where, args, "time", query.start, query.end)
+        if query.after is not None:
+            where.append("(time, seq) > (%s, %s)")
+            args.extend([from_micros(query.after[0]), query.after[1]])
+        text = (
+            f"SELECT {sql.EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
+            "ORDER BY time, seq LIMIT %s"
+        )
+        rows = await self._fetch(text, (*args, query.limit))
+        return [
+            StoredEvent(
+                seq=seq,
+                time_us=to_micros(when),
+                uuid=str(uuid),
+                eventid=eventid,
+                session=session,
+                src_ip=src_ip,
+                protocol=protocol,
+                json=raw if raw is not None else to_json(event),
+            )
+            for seq, when, uuid, eventid, session, src_ip, protocol, event, raw in rows
+        ]
+
+    async def list_sessions(self, query: SessionQuery) -> list[SessionSummary]:
+        """A page of sessions, newest first."""
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        if query.sensor:
+            where.append("sensor = %s")
+            args.append(query.sensor)
+        if query.src_ip:
+            where.append("src_ip = %s::inet")
+            args.append(query.src_ip)
+        if query.username:
+            where.append(
+                f"session IN (SELECT session FROM events WHERE {sql.LOGINS} "  # noqa: S608
+                f"AND {sql.USERNAME} = %s)"
+            )
+            args.append(query.username)
+        _time_range(where, args, "start_time", query.start, query.end)
+        if query.before is not None:
+            where.append("(start_time, session) < (%s, %s)")
+            args.extend([from_micros(query.before[0]), query.before[1]])
+        text = (
+            f"SELECT {sql.SESSION_COLUMNS} FROM event_sessions "  # noqa: S608
+            f"WHERE {' AND '.join(where)} ORDER BY start_time DESC, session DESC LIMIT %s"
+        )
+        return [_session(row) for row in await self._fetch(text, (*args, query.limit))]
+
+    async def get_session(self, session: str) -> SessionSummary | None:
+        """One session's summary."""
+        rows = await self._fetch(
+            f"SELECT {sql.SESSION_COLUMNS} FROM event_sessions WHERE session = %s",  # noqa: S608
+            (session,),
+        )
+        return _session(rows[0]) if rows else None
+
+    async def stats(self, query: StatsQuery) -> Stats:
+        """Top lists over the query's time range and sensor."""
+        events: list[str] = []
+        event_args: list[Any] = []
+        _time_range(events, event_args, "time", query.start, query.end)
+        sessions: list[str] = []
+        session_args: list[Any] = []
+        _time_range(sessions, session_args, "start_time", query.start, query.end)
+        if query.sensor:
+            for where, args in ((events, event_args), (sessions, session_args)):
+                where.append("sensor = %s")
+                args.append(query.sensor)
+
+        async def top(
+            key: str, table: str, where: list[str], args: list[Any]
+        ) -> list[tuple[str, int]]:
+            """The most frequent non-empty values of ``key``."""
+            terms = " AND ".join([*where, f"{key} IS NOT NULL", f"{key}::text <> ''"])
+            text = (
+                f"SELECT {key} AS k, count(*) AS n FROM {table} WHERE {terms} "  # noqa: S608
+                "GROUP BY k ORDER BY n DESC, k LIMIT %s"
+            )
+            return [(str(k), n) for k, n in await self._fetch(text, (*args, query.top))]
+
+        logins = [sql.LOGINS, *events]
+        shasum = "event ->> 'shasum'"
+        files_where = " AND ".join([sql.FILES, *events, f"{shasum} IS NOT NULL"])
+        files = await self._fetch(
+            f"SELECT {shasum} AS h, count(*) AS n, "  # noqa: S608
+            "min(coalesce(event ->> 'url', event ->> 'filename', '')), min(time) "
+            f"FROM events WHERE {files_where} GROUP BY h ORDER BY n DESC, h LIMIT %s",
+            (*event_args, query.top),
+        )
+        return Stats(
+            usernames=await top(sql.USERNAME, "events", logins, event_args),
+            passwords=await top("event ->> 'password'", "events", logins, event_args),
+            src_ips=await top("host(src_ip)", "event_sessions", sessions, session_args),
+            sessions_per_sensor=await top("sensor", "event_sessions", sessions, session_args),
+            sessions_per_pool_node=await top("pool_node", "event_sessions", sessions, session_args),
+            files=[FileStat(h, n, name, to_micros(first)) for h, n, name, first in files],
+        )
+
+    async def _fetch(self, text: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a SELECT and return all rows."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(text, args)
+            return await cursor.fetchall()
+
+
+def _columns(rows: Sequence[EventRow]) -> tuple[list[Any], ...]:
+    """The batch as one array per column, for a single INSERT ... SELECT FROM unnest."""
+    events: list[Jsonb] = []
+    raws: list[str | None] = []
+    for row in rows:
+        if "\\u0000" in row.json:
+            events.append(Jsonb(_without_nul(row.event)))
+            raws.append(row.json)
+        else:
+            events.append(Jsonb(row.event))
+            raws.append(None)
+    return (
+        [r.uuid for r in rows],
+        [r.time for r in rows],
+        [r.sensor for r in rows],
+        [r.session for r in rows],
+        [r.eventid for r in rows],
+        [r.src_ip for r in rows],
+        [r.protocol for r in rows],
+        events,
+        raws,
+    )
+
+
+def _without_nul(value: Any) -> Any:
+    """A copy of a JSON value with U+0000 replaced in every string (keys too)."""
+    if isinstance(value, str):
+        return value.replace(NUL, REPLACEMENT)
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _text(value: str | None) -> str | None:
+    """Attacker-chosen text for a text column, which cannot hold U+0000."""
+    return None if value is None else value.replace(NUL, REPLACEMENT)
+
+
+def _session(row: tuple[Any, ...]) -> SessionSummary:
+    """A session summary from a SESSION_COLUMNS row."""
+    values = list(row)
+    for index in (4, 5):
+        values[index] = to_micros(values[index])
+    values[6] = None if values[6] is None else to_micros(values[6])
+    return SessionSummary(*values)
+
+
+def _time_range(
+    where: list[str], args: list[Any], column: str, start: datetime | None, end: datetime | None
+) -> None:
+    """Add a half-open [start, end) range on a timestamptz column."""
+    if start is not None:
+        where.append(f"{column} >= %s")
+        args.append(start)
+    if end is not None:
+        where.append(f"{column} < %s")
+        args.append(end)

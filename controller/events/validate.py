@@ -1,0 +1,101 @@
+"""Turning a received wire event into a row the stores can always write.
+
+:func:`honeyfleet.events.from_proto` checks the event model; this adds what the stores
+need so that one event can never fail a whole transaction: short printable ids for the
+indexed columns, a real IP address, strict JSON (no NaN or Infinity, no unpaired
+surrogates, which SQLite's and PostgreSQL's JSON functions reject). It also enforces the
+sender's identity: the ``sensor`` field becomes the name in the caller's certificate.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import uuid
+from datetime import datetime
+
+from controller.events.rows import EventRow
+from honeyfleet.errors import InvalidArgument
+from honeyfleet.events import from_proto, to_json
+from honeyfleet.v1 import ingest_pb2
+
+# Indexed id columns: 1-128 printable ASCII characters, no spaces (Cowrie's are hex
+# session ids and dotted event ids). Long keys would overflow index entries.
+TOKEN = re.compile(r"[\x21-\x7e]{1,128}")
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# A cheap pre-check on the raw text (only escapes can make surrogates); a hit pays
+# for the exact check.
+SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def to_row(message: ingest_pb2.Event, sensor: str) -> tuple[EventRow, bool]:
+    """A storable row from a wire event sent by ``sensor``, and whether its sensor was wrong.
+
+    Raises InvalidArgument, naming the event and the problem, if it cannot be stored.
+    """
+    event = from_proto(message)
+    ref = f"event {event['uuid']}"
+    for key in ("eventid", "session", "protocol"):
+        if not TOKEN.fullmatch(event[key]):
+            raise InvalidArgument(
+                f"{ref}: {key} must be 1-128 printable ASCII characters without spaces"
+            )
+    try:
+        address = ipaddress.ip_address(event["src_ip"])
+    except ValueError:
+        raise InvalidArgument(
+            f"{ref}: src_ip {event['src_ip'][:64]!r} is not an IP address"
+        ) from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        raise InvalidArgument(f"{ref}: src_ip must not carry an IPv6 scope ({address})")
+    if not _finite(event):
+        raise InvalidArgument(f"{ref}: contains NaN or Infinity, which JSON forbids")
+    text = message.json
+    if SURROGATE_HINT.search(text) and _has_surrogate(event):
+        raise InvalidArgument(f"{ref}: contains an unpaired UTF-16 surrogate escape")
+    rewritten = event["sensor"] != sensor
+    if rewritten:
+        event["sensor"] = sensor
+        text = to_json(event)
+    row = EventRow(
+        uuid=_canonical_uuid(event["uuid"]),
+        # from_proto checked Cowrie's exact format; fromisoformat is the fast parser.
+        time=datetime.fromisoformat(event["timestamp"]),
+        sensor=sensor,
+        session=event["session"],
+        eventid=event["eventid"],
+        src_ip=str(address),
+        protocol=event["protocol"],
+        json=text,
+        event=event,
+    )
+    return row, rewritten
+
+
+def _canonical_uuid(text: str) -> str:
+    """The lower-case hyphenated form of a uuid (already checked by from_proto)."""
+    return text if CANONICAL_UUID.fullmatch(text) else str(uuid.UUID(text))
+
+
+def _finite(value: object) -> bool:
+    """Whether a JSON value holds no NaN or infinite number (json.loads allows them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
+def _has_surrogate(value: object) -> bool:
+    """Whether any string (key or value) in a JSON value holds a lone surrogate."""
+    if isinstance(value, str):
+        return SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False

@@ -1,0 +1,209 @@
+"""The single writer between sensor streams and the store.
+
+Streams hand their batches to :meth:`BatchWriter.write` and wait for the result; the
+writer takes whatever batches are queued (up to ``max_commit_events``) and writes them
+in one transaction (group commit), so many streams cost few transactions.
+
+Backpressure: the queue of batches is bounded, so when the store is slow, streams wait
+to enqueue, stop reading requests, and gRPC flow control slows the sensors down.
+
+Store outages: a transaction that fails with Unavailable is retried with capped
+exponential backoff until it succeeds; meanwhile nothing is acknowledged, and the
+state callback reports the store down (health, metrics). Batches whose stream went away
+are left out of the next attempt (the sensor will resend them).
+
+Poison: if the store refuses a transaction's data (StoreDataError), the rows are split
+in halves until the offending rows are alone; those are rejected, the rest stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from controller.events.metrics import EventMetrics
+from controller.events.rows import EventRow, first_new
+from controller.events.store import EventStore, StoreDataError
+from honeyfleet.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.1
+BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class Ack:
+    """How a batch was stored."""
+
+    stored: int
+    duplicates: int
+
+
+@dataclass
+class _Pending:
+    """A batch waiting for the store, and the future its stream waits on."""
+
+    rows: Sequence[EventRow]
+    done: asyncio.Future[Ack]
+
+
+@dataclass
+class _Outcome:
+    """What happened to a group's rows so far, kept across retries."""
+
+    stored: set[str] = field(default_factory=set)
+    settled: set[str] = field(default_factory=set)
+    rejected: set[str] = field(default_factory=set)
+
+
+class BatchWriter:
+    """Group-commits batches from all sensor streams; one transaction at a time."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        metrics: EventMetrics,
+        *,
+        max_pending: int,
+        max_commit_events: int,
+        on_stored: Callable[[list[EventRow]], Awaitable[None]],
+        on_state: Callable[[bool], Awaitable[None]],
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_pending)
+        self._max_commit_events = max_commit_events
+        self._on_stored = on_stored
+        self._on_state = on_state
+        self.up = True
+        self.retrying = False
+        self._down_since = 0.0
+
+    async def write(self, rows: Sequence[EventRow]) -> Ack:
+        """Store a batch durably (waiting as long as that takes) and say how."""
+        if not rows:
+            return Ack(0, 0)
+        pending = _Pending(rows, asyncio.get_running_loop().create_future())
+        await self._queue.put(pending)
+        self._metrics.queue.set(self._queue.qsize())
+        return await pending.done
+
+    async def run(self) -> None:
+        """Write queued batches until cancelled."""
+        while True:
+            group = [await self._queue.get()]
+            events = len(group[0].rows)
+            while events < self._max_commit_events and not self._queue.empty():
+                pending = self._queue.get_nowait()
+                group.append(pending)
+                events += len(pending.rows)
+            self._metrics.queue.set(self._queue.qsize())
+            try:
+                await self._commit(group)
+            except Exception as e:
+                # A bug, not an outage: fail these batches (their sensors resend) and
+                # keep the writer alive for everyone else.
+                log.exception("event writer failed on %d batches", len(group))
+                for pending in group:
+                    if not pending.done.done():
+                        pending.done.set_exception(Unavailable(f"event write failed: {e}"))
+
+    async def _commit(self, group: list[_Pending]) -> None:
+        """Write a group, retrying while the store is unavailable, then resolve it."""
+        outcome = _Outcome()
+        backoff = BACKOFF_START
+        while True:
+            group = [p for p in group if not p.done.cancelled()]
+            if not group:
+                return
+            rows = [row for pending in group for row in pending.rows]
+            started = time.perf_counter()
+            try:
+                await self._write(rows, outcome)
+                break
+            except Unavailable as e:
+                self._metrics.store_errors.labels("write").inc()
+                self.retrying = True
+                await self.set_up(False, str(e))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        self.retrying = False
+        self._metrics.write_seconds.observe(time.perf_counter() - started)
+        await self.set_up(True)
+        new = first_new(rows, outcome.stored)
+        await self._on_stored(new)
+        self._account(new, len(rows) - len(new) - len(outcome.rejected))
+        claimed: set[str] = set()
+        for pending in group:
+            stored = 0
+            for row in pending.rows:
+                if row.uuid in outcome.stored and row.uuid not in claimed:
+                    claimed.add(row.uuid)
+                    stored += 1
+            rejected = sum(row.uuid in outcome.rejected for row in pending.rows)
+            if not pending.done.done():
+                pending.done.set_result(Ack(stored, len(pending.rows) - stored - rejected))
+
+    async def _write(self, rows: Sequence[EventRow], outcome: _Outcome) -> None:
+        """Write rows not settled yet; isolate and reject rows the store refuses."""
+        todo = [row for row in rows if row.uuid not in outcome.settled]
+        if not todo:
+            return
+        try:
+            outcome.stored |= await self._store.write_batch(todo)
+        except StoreDataError as e:
+            if len(todo) > 1:
+                middle = len(todo) // 2
+                await self._write(todo[:middle], outcome)
+                await self._write(todo[middle:], outcome)
+                return
+            row = todo[0]
+            log.error(
+                "sensor %s: event %s (%s, session %s) refused by the store and dropped: %s",
+                row.sensor,
+                row.uuid,
+                row.eventid,
+                row.session,
+                e,
+            )
+            self._metrics.rejected.labels("store").inc()
+            outcome.rejected.add(row.uuid)
+        outcome.settled.update(row.uuid for row in todo)
+
+    def _account(self, new: list[EventRow], duplicates: int) -> None:
+        """Metrics of one committed group."""
+        self._metrics.ingested.inc(len(new))
+        self._metrics.duplicates.inc(duplicates)
+        now = datetime.now(UTC)
+        for row in new:
+            self._metrics.lag.observe(max((now - row.time).total_seconds(), 0.0))
+        self._metrics.sessions_started.inc(
+            sum(row.eventid == "cowrie.session.connect" for row in new)
+        )
+
+    async def set_up(self, up: bool, reason: str = "") -> None:
+        """Record whether the store works; report changes."""
+        if up == self.up:
+            if not up:
+                log.debug("event store still unavailable: %s", reason)
+            return
+        self.up = up
+        self._metrics.store_up.set(int(up))
+        if up:
+            log.info(
+                "event store available again after %.1fs; ingest resumes",
+                time.monotonic() - self._down_since,
+            )
+        else:
+            self._down_since = time.monotonic()
+            log.warning(
+                "event store unavailable, holding acknowledgements (%d batches waiting): %s",
+                self._queue.qsize(),
+                reason,
+            )
+        await self._on_state(up)

@@ -155,7 +155,7 @@ class Controller:
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE),
-                ]
+                ],
             )
             enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
                 EnrollmentServicer(ca, self.store), enroll

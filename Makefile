@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
-EXTRAS ?= dev,postgres
+EXTRAS ?= dev,postgres,poolnode
 
 .PHONY: test check lint types protos protos-check system-deps clean
 
@@ -20,7 +20,7 @@ check: $(VENV)/.installed
 system-deps:
 	bash scripts/install-system-deps.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'

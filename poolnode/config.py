@@ -5,6 +5,8 @@ Pool settings keep the names of Cowrie's backend pool where the meaning is the s
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,36 @@ def _optional_host_port(value: str) -> str | None:
 def _port(value: int) -> str | None:
     """Check: a TCP port number."""
     return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+
+
+def _name_prefix(value: str) -> str | None:
+    """Check: a short prefix that is safe in libvirt names, file names and bridge names."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9-]{0,15}", value):
+        return None
+    return "must be 1-16 lower-case letters, digits or '-' (it prefixes libvirt objects)"
+
+
+def _bridge(value: str) -> str | None:
+    """Check: a Linux network interface name."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,14}", value):
+        return None
+    return "must be an interface name: 1-15 letters, digits, '_', '.' or '-'"
+
+
+def _gateway(value: str) -> str | None:
+    """Check: an IPv4 host address with its prefix, leaving room for guests."""
+    try:
+        address = ipaddress.ip_interface(value)
+    except ValueError:
+        address = None
+    if (
+        not isinstance(address, ipaddress.IPv4Interface)
+        or "/" not in value
+        or address.network.prefixlen > 29
+        or address.ip in (address.network.network_address, address.network.broadcast_address)
+    ):
+        return "must be the host's IPv4 address and prefix on the pool network, e.g. 10.77.0.1/24"
+    return None
 
 
 @dataclass(frozen=True)
@@ -92,10 +124,19 @@ class PoolNodeConfig:
     )
     guest_ssh_port: int = setting(22, "the guests' SSH port", check=_port)
     guest_telnet_port: int = setting(23, "the guests' Telnet port", check=_port)
-    guest_tag: str = setting("hf", "name prefix of this node's libvirt objects and snapshots")
+    guest_tag: str = setting(
+        "hf",
+        "name prefix of this node's libvirt objects and snapshots (unique per libvirt host)",
+        check=_name_prefix,
+    )
     network_name: str = setting("honeyfleet-pool", "libvirt network the guests live on")
+    network_bridge: str = setting(
+        "hfpool0", "bridge device of the pool network (unique per libvirt host)", check=_bridge
+    )
     network_address: str = setting(
-        "192.168.150.1/24", "the pool network's host address (its gateway and resolver)"
+        "192.168.150.1/24",
+        "the pool network's host address and prefix (the guests' gateway and resolver)",
+        check=_gateway,
     )
 
     # static backend.

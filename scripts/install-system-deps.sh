@@ -27,14 +27,18 @@ for pkg in "${packages[@]}"; do
         missing+=("$pkg")
     fi
 done
-[ "${#missing[@]}" -eq 0 ] && exit 0
+# The guest image builder fetches .debs with `apt-get download`, which needs package lists.
+lists_missing=0
+compgen -G "/var/lib/apt/lists/*Packages*" >/dev/null || lists_missing=1
+[ "${#missing[@]}" -eq 0 ] && [ "$lists_missing" -eq 0 ] && exit 0
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null || { echo "need root to install: ${missing[*]}" >&2; exit 1; }
     sudo="sudo"
 fi
-echo "installing system packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -q
+[ "${#missing[@]}" -eq 0 ] && exit 0
+echo "installing system packages: ${missing[*]}"
 $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import grpc
 
-class ImageBuildError(Exception):
-    """The guest image could not be built; the message says which step failed and why.
+from honeyfleet.errors import HoneyfleetError
 
-    Kept free of the ``honeyfleet`` package so the builder can be used (and tested) on
-    its own; the pool node maps it onto its own error hierarchy at its boundary.
-    """
+
+class ImageBuildError(HoneyfleetError):
+    """The guest image could not be built; the message says which step failed and why."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class MissingHostToolError(ImageBuildError):

@@ -1,0 +1,195 @@
+"""Render the libvirt templates in ``xml/`` (guest domain, pool network, guest filter).
+
+Each template is parsed with ElementTree, the elements its header comment lists are
+filled in, and the tree is serialised again: every value is escaped by the
+serialiser, never pasted into XML text with string formatting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from honeyfleet.errors import FailedPrecondition
+
+# Installed wheels carry the templates inside the package; a checkout has them in xml/.
+_TEMPLATE_DIRS = (
+    Path(__file__).resolve().parents[1] / "_xml",
+    Path(__file__).resolve().parents[2] / "xml",
+)
+DNSMASQ_NS = "http://libvirt.org/schemas/network/dnsmasq/1.0"
+#: Namespace of the <metadata> element that marks a domain as a honeyfleet guest.
+GUEST_NS = "https://honeyfleet.dev/xmlns/libvirt/guest/1"
+ET.register_namespace("dnsmasq", DNSMASQ_NS)
+ET.register_namespace("honeyfleet", GUEST_NS)
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """What varies between guests (and between pool nodes) in the domain XML."""
+
+    name: str
+    hypervisor: str
+    memory_mib: int
+    vcpus: int
+    disk: Path
+    mac: str
+    network: str
+    nwfilter: str
+    dns_server: str
+    console_log: Path
+    kernel: Path | None
+    initrd: Path | None
+    cmdline: str
+    tag: str
+
+
+def _template(name: str) -> ET.Element:
+    """Parse a template (comments are dropped; they document the template only)."""
+    for directory in _TEMPLATE_DIRS:
+        path = directory / name
+        if path.is_file():
+            return ET.parse(path).getroot()  # noqa: S314 - our own templates
+    where = " or ".join(str(d) for d in _TEMPLATE_DIRS)
+    raise FailedPrecondition(f"libvirt template {name} not found in {where}: reinstall honeyfleet")
+
+
+def _find(root: ET.Element, path: str) -> ET.Element:
+    """The element at ``path``; a template missing it is broken, which is said plainly."""
+    element = root.find(path)
+    if element is None:
+        raise FailedPrecondition(f"libvirt template <{root.tag}> has no {path} element")
+    return element
+
+
+def _text(element: ET.Element) -> str:
+    """Serialise without an XML declaration."""
+    return ET.tostring(element, encoding="unicode")
+
+
+def render_domain(spec: DomainSpec) -> str:
+    """The guest domain: TCG or KVM, direct kernel boot or the disk's own bootloader."""
+    root = _template("domain.xml")
+    root.set("type", spec.hypervisor)
+    _find(root, "name").text = spec.name
+    for tag in ("memory", "currentMemory"):
+        memory = _find(root, tag)
+        memory.set("unit", "MiB")
+        memory.text = str(spec.memory_mib)
+    _find(root, "vcpu").text = str(spec.vcpus)
+    if spec.hypervisor != "qemu":
+        # The translation-cache setting exists only for TCG; KVM refuses it.
+        features = _find(root, "features")
+        features.remove(_find(features, "tcg"))
+    os_element = _find(root, "os")
+    boot = {"kernel": spec.kernel, "initrd": spec.initrd, "cmdline": spec.cmdline}
+    for tag, value in boot.items():
+        element = _find(os_element, tag)
+        if spec.kernel is None or value is None:
+            os_element.remove(element)
+        else:
+            element.text = str(value)
+    if spec.kernel is None:
+        # An operator's own image (Ubuntu, OpenWRT...) boots through its bootloader.
+        ET.SubElement(os_element, "boot", dev="hd")
+    devices = _find(root, "devices")
+    _find(devices, "disk/source").set("file", str(spec.disk))
+    interface = _find(devices, "interface")
+    _find(interface, "mac").set("address", spec.mac)
+    _find(interface, "source").set("network", spec.network)
+    filterref = _find(interface, "filterref")
+    filterref.set("filter", spec.nwfilter)
+    _find(filterref, "parameter[@name='DNS_SERVER']").set("value", spec.dns_server)
+    _find(devices, "serial/log").set("file", str(spec.console_log))
+    # Marks the domain as ours, so start-up only ever removes honeyfleet's leftovers.
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.Element("metadata")
+        root.insert(list(root).index(_find(root, "name")) + 1, metadata)
+    ET.SubElement(metadata, f"{{{GUEST_NS}}}guest", {"tag": spec.tag, "overlay": str(spec.disk)})
+    return _text(root)
+
+
+def guest_tag(metadata: str) -> str | None:
+    """The ``tag`` in a domain's honeyfleet metadata element, as libvirt returns it.
+
+    libvirt looks the element up by its namespace and returns it without one, so
+    only the local name is checked here.
+    """
+    try:
+        element = ET.fromstring(metadata)  # noqa: S314 - libvirt's copy of our own element
+    except ET.ParseError:
+        return None
+    return element.get("tag") if element.tag.rpartition("}")[2] == "guest" else None
+
+
+def dhcp_range(address: ipaddress.IPv4Interface) -> tuple[str, str]:
+    """The largest run of host addresses on one side of the gateway, for DHCP."""
+    gateway = address.ip
+    hosts = list(address.network.hosts())
+    above = [h for h in hosts if h > gateway]
+    below = [h for h in hosts if h < gateway]
+    side = above if len(above) >= len(below) else below
+    if not side:
+        raise FailedPrecondition(f"network_address {address} leaves no addresses for guests")
+    return str(side[0]), str(side[-1])
+
+
+def render_network(
+    name: str, bridge: str, address: ipaddress.IPv4Interface, uuid: str | None
+) -> str:
+    """The isolated pool network: a bridge with the gateway address and DHCP.
+
+    ``uuid`` keeps an existing network's identity: libvirt redefines an object only
+    under its own UUID.
+    """
+    root = _template("network.xml")
+    _find(root, "name").text = name
+    _set_uuid(root, uuid)
+    _find(root, "bridge").set("name", bridge)
+    ip = _find(root, "ip")
+    ip.set("address", str(address.ip))
+    ip.set("prefix", str(address.network.prefixlen))
+    start, end = dhcp_range(address)
+    dhcp_range_element = _find(ip, "dhcp/range")
+    dhcp_range_element.set("start", start)
+    dhcp_range_element.set("end", end)
+    return _text(root)
+
+
+def render_nwfilter(name: str, uuid: str | None) -> str:
+    """The guest filter under ``name`` (``uuid`` keeps an existing filter's identity)."""
+    root = _template("nwfilter.xml")
+    root.set("name", name)
+    _set_uuid(root, uuid)
+    return _text(root)
+
+
+def _set_uuid(root: ET.Element, uuid: str | None) -> None:
+    """Put ``uuid`` in the <uuid> child right after <name> (or the first child)."""
+    if uuid is None:
+        return
+    element = root.find("uuid")
+    if element is None:
+        element = ET.Element("uuid")
+        name = root.find("name")
+        root.insert(list(root).index(name) + 1 if name is not None else 0, element)
+    element.text = uuid
+
+
+def network_fingerprint(xml: str) -> tuple[str | None, ...]:
+    """What must match for a running network to be reused: bridge, address, DHCP range."""
+    root = ET.fromstring(xml)  # noqa: S314 - libvirt's own description of the network
+    bridge = root.find("bridge")
+    ip = root.find("ip")
+    dhcp = root.find("ip/dhcp/range")
+    return (
+        bridge.get("name") if bridge is not None else None,
+        ip.get("address") if ip is not None else None,
+        ip.get("prefix") if ip is not None else None,
+        dhcp.get("start") if dhcp is not None else None,
+        dhcp.get("end") if dhcp is not None else None,
+        "forward" if root.find("forward") is not None else None,
+    )

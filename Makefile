@@ -4,10 +4,19 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 EXTRAS ?= dev,postgres,poolnode
 
-.PHONY: test check lint types protos protos-check system-deps clean
+# Arguments for `make up`, e.g. UP_ARGS="--hypervisor qemu --guests 3".
+UP_ARGS ?=
+
+.PHONY: test up check lint types protos protos-check system-deps clean
 
 test: system-deps check
 	$(BIN)/pytest
+
+# The whole fleet on this machine (Ctrl-C stops it and cleans up).
+up: system-deps $(VENV)/.installed
+	bash scripts/setup-libvirt.sh
+	bash scripts/start-libvirtd.sh
+	$(BIN)/honeyfleet up $(UP_ARGS)
 
 check: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 FLEET = "local"
 TAG = "hfup"
 NETWORK = "honeyfleet-up"
+BRIDGE = "hfup0"
+SUBNET = "10.78.0.1/24"
 STOP_GRACE = 60.0
 ROLES = ("controller", "poolnode", "sensor")
 
@@ -171,6 +173,8 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "guest_cmdline": image.cmdline,
             "guest_tag": TAG,
             "network_name": NETWORK,
+            "network_bridge": BRIDGE,
+            "network_address": SUBNET,
             "backend_user": "root",
             "backend_pass": backend_pass,
         },
@@ -242,13 +246,18 @@ class Children:
 
 
 async def wait_ready(children: Children, plan: Plan, progress: Progress) -> None:
-    """Wait for the controller, the guests and the sensor, failing if a child dies."""
+    """Wait for the guests and the sensor, failing if a child dies.
+
+    The sensor counts as ready once it registered with the controller (it does so
+    after it listens); probing its port would log a pretend attacker.
+    """
     from honeyfleet.adminconfig import AdminConfig
     from honeyfleet.status import fetch
 
     admin = AdminConfig(
         controller=f"127.0.0.1:{PORTS['controller']}", **_tls_kw(plan.tls("admin", NAMES["admin"]))
     )
+    started = time.time()
     guests = progress.add_task("guests booting", total=plan.guests)
     while True:
         if (dead := children.died()) is not None:
@@ -258,7 +267,11 @@ async def wait_ready(children: Children, plan: Plan, progress: Progress) -> None
             nodes = state["pool_nodes"]
             pristine = nodes[0].guest_counts.pristine if nodes else 0
             progress.update(guests, completed=pristine)
-            if pristine >= plan.guests and await _answers(plan.ssh_port):
+            sensor_up = any(
+                s.name == NAMES["sensor"] and s.last_seen_time.ToSeconds() >= int(started)
+                for s in state["sensors"]
+            )
+            if pristine >= plan.guests and sensor_up:
                 return
         await asyncio.sleep(1)
 

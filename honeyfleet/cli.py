@@ -89,6 +89,14 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     return _run(_until_signalled(lambda stop: serve(config, stop)))
 
 
+def _cmd_sensor(args: argparse.Namespace) -> int:
+    from sensor.config import SensorConfig
+    from sensor.service import serve
+
+    config = load_role(SensorConfig, "sensor", args.config)
+    return _run(_until_signalled(lambda stop: serve(config, stop)))
+
+
 def _cmd_poolnode(args: argparse.Namespace) -> int:
     from poolnode.config import PoolNodeConfig
     from poolnode.server import serve
@@ -258,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
     from honeyfleet import eventscli, up
     from honeyfleet.pki import cli as pki_cli
+    from sensor import cli as sensor_cli
 
     parser = argparse.ArgumentParser(prog="honeyfleet", description=__doc__)
     parser.add_argument("--version", action="version", version=f"honeyfleet {__version__}")
@@ -279,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_subparsers(dest="poolnode_command", metavar="COMMAND"), Role.POOLNODE, "poolnode"
     )
 
-    p = commands.add_parser("sensor", help="sensor commands")
-    sub = p.add_subparsers(dest="sensor_command", metavar="COMMAND", required=True)
-    _add_join(sub, Role.SENSOR, "sensor")
+    p = commands.add_parser("sensor", help="run a sensor (or join the fleet as one)")
+    p.add_argument("--config", type=Path, help="honeyfleet.toml with a [sensor] section")
+    p.set_defaults(func=_cmd_sensor)
+    _add_join(p.add_subparsers(dest="sensor_command", metavar="COMMAND"), Role.SENSOR, "sensor")
+    sensor_cli.add_parsers(commands)
 
     up.add_parser(commands)
 

@@ -1,12 +1,114 @@
-"""The sensor's configuration (the ``[sensor]`` section)."""
+"""The sensor's configuration (the ``[sensor]`` section).
+
+Every bound on what an attacker can make the sensor hold (connections, bytes, time,
+channels) is a key here with a safe default, so an internet-facing sensor is bounded
+out of the box.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from honeyfleet.config import host_port, setting
+from honeyfleet.config import host_port, non_negative, positive, setting
+from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
+
+# What Debian 12's OpenSSH 9.2 offers, so the sensor looks like the most common server.
+# Algorithms asyncssh lacks (e.g. sntrup761) are dropped at start-up.
+OPENSSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3"
+OPENSSH_KEX = (
+    "sntrup761x25519-sha512@openssh.com",
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384",
+    "ecdh-sha2-nistp521",
+    "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
+)
+OPENSSH_CIPHERS = (
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+)
+OPENSSH_MACS = (
+    "umac-64-etm@openssh.com",
+    "umac-128-etm@openssh.com",
+    "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com",
+    "hmac-sha1-etm@openssh.com",
+    "umac-64@openssh.com",
+    "umac-128@openssh.com",
+    "hmac-sha2-256",
+    "hmac-sha2-512",
+    "hmac-sha1",
+)
+OPENSSH_COMPRESSION = ("none", "zlib@openssh.com")
+# asyncssh refuses packets longer than this whatever we configure (connection.py).
+ASYNCSSH_MAX_PACKET = 256 * 1024
+
+# What the shipped guest image (busybox telnetd, /etc/issue.net, host srv04) prints before
+# its login prompt; the sensor shows it itself until a guest is leased.
+TELNET_GREETING = "\r\nDebian GNU/Linux 12\r\nsrv04 login: "
+# Prompts of busybox, Debian/Ubuntu and OpenWRT logins ("srv04 login: ", "Password: "),
+# searched at the end of what the guest printed since the last answer.
+TELNET_USERNAME_PROMPT = r"(?:^|\n)[^\n]*(?:[Ll]ogin|[Uu]sername): ?$"
+TELNET_PASSWORD_PROMPT = r"(?:^|\n)[^\n]*[Pp]assword: ?$"  # noqa: S105 (a prompt)
+# Shells' prompts end in "# ", "$ ", "% " or "> " (busybox "~ # ", Debian "user@host:~$ ").
+TELNET_SHELL_PROMPT = r"[#$%>] ?$"
+# Cowrie's expression, searched in each raw subnegotiation; group 2 is the username. The
+# value stops at the next NEW-ENVIRON type byte, where Cowrie's ran on to the next IAC.
+TELNET_USERNAME_IN_NEGOTIATION = r"(.*\xff\xfa.*USER\x01)([^\x00-\x03\xff]*)(.*)"
+
+
+def _optional_host_port(value: str) -> str | None:
+    """Check: empty (disabled) or host:port."""
+    return None if value == "" else host_port(value)
+
+
+def _listen_list(value: tuple[str, ...]) -> str | None:
+    """Check: one or more host:port entries."""
+    if not value:
+        return "needs at least one host:port"
+    problems = [p for p in map(host_port, value) if p]
+    return problems[0] if problems else None
+
+
+def _optional_listen_list(value: tuple[str, ...]) -> str | None:
+    """Check: host:port entries (none: that frontend is off)."""
+    problems = [p for p in map(host_port, value) if p]
+    return problems[0] if problems else None
+
+
+def _regex(value: str) -> str | None:
+    """Check: a regular expression."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        return f"not a valid regular expression ({e})"
+    return None
+
+
+def _negotiation_regex(value: str) -> str | None:
+    """Check: a regular expression over raw bytes with the username in group 2."""
+    try:
+        groups = re.compile(value.encode("latin-1")).groups
+    except (re.error, UnicodeEncodeError) as e:
+        return f"not a valid regular expression over bytes ({e})"
+    return None if groups >= 2 else "needs the username in group 2"
+
+
+def _fraction(value: float) -> str | None:
+    """Check: a number in (0, 1]."""
+    return None if 0 < value <= 1 else "must be more than 0 and at most 1"
 
 
 @dataclass(frozen=True)
@@ -20,8 +122,152 @@ class SensorConfig:
     tls_ca: Path = setting(Path("tls/ca.pem"), "fleet CA certificate")
     tls_cert: Path = setting(Path("tls/cert.pem"), "the sensor's certificate")
     tls_key: Path = setting(Path("tls/key.pem"), "the sensor's private key")
+    metrics_listen: str = setting(
+        "", "host:port for Prometheus metrics (empty: off)", check=_optional_host_port
+    )
+
+    # The SSH frontend.
+    ssh_listen: tuple[str, ...] = setting(
+        factory=lambda: ("0.0.0.0:2222",), help="host:port list for SSH", check=_listen_list
+    )
+    ssh_version: str = setting(OPENSSH_VERSION, "the identification string sent to clients")
+    ssh_kex_algs: tuple[str, ...] = setting(factory=lambda: OPENSSH_KEX, help="offered kex")
+    ssh_encryption_algs: tuple[str, ...] = setting(
+        factory=lambda: OPENSSH_CIPHERS, help="offered ciphers"
+    )
+    ssh_mac_algs: tuple[str, ...] = setting(factory=lambda: OPENSSH_MACS, help="offered MACs")
+    ssh_compression_algs: tuple[str, ...] = setting(
+        factory=lambda: OPENSSH_COMPRESSION, help="offered compression"
+    )
+    userdb: Path | None = setting(
+        None, "Cowrie-format userdb (user:x:password); unset: root with any password but root"
+    )
+
+    # The Telnet frontend (Cowrie's proxy option names where the meaning is the same).
+    telnet_listen: tuple[str, ...] = setting(
+        # Off unless asked for, as in Cowrie: Telnet exposure is a deliberate choice.
+        factory=tuple,
+        help='host:port list for Telnet, e.g. ["0.0.0.0:23"] (empty: no Telnet)',
+        check=_optional_listen_list,
+    )
+    telnet_greeting: str = setting(
+        TELNET_GREETING, "banner and login prompt shown before a guest is leased (as guests print)"
+    )
+    telnet_username_prompt_regex: str = setting(
+        TELNET_USERNAME_PROMPT, "what marks the guest's username prompt", check=_regex
+    )
+    telnet_password_prompt_regex: str = setting(
+        TELNET_PASSWORD_PROMPT, "what marks the guest's password prompt", check=_regex
+    )
+    telnet_shell_prompt_regex: str = setting(
+        TELNET_SHELL_PROMPT,
+        "with telnet_spoof_authentication off, what shows the guest let the attacker in",
+        check=_regex,
+    )
+    telnet_username_in_negotiation_regex: str = setting(
+        TELNET_USERNAME_IN_NEGOTIATION,
+        "finds a username (group 2) in a client's raw subnegotiation (NEW-ENVIRON USER)",
+        check=_negotiation_regex,
+    )
+    telnet_spoof_authentication: bool = setting(
+        True, "the userdb decides and the guest gets the lease's credentials (false: guest decides)"
+    )
+    telnet_login_fail_delay: float = setting(
+        3.0, "seconds before Login incorrect when no guest could be had", check=non_negative
+    )
+    telnet_max_subnegotiation: int = setting(
+        4096, "longest subnegotiation (IAC SB ... IAC SE) in bytes", check=positive
+    )
+    telnet_max_negotiations: int = setting(
+        200, "option commands and subnegotiations a peer may send per connection", check=positive
+    )
+    telnet_max_line: int = setting(
+        4096, "longest input line kept (login or command)", check=positive
+    )
+    log_raw: bool = setting(False, "log raw Telnet bytes from attackers and guests (for tuning)")
+    log_raw_max_bytes: int = setting(
+        65536, "raw bytes logged per direction and session when log_raw is on", check=positive
+    )
+
+    # Leases and guests.
+    guest_labels: Mapping[str, str] = setting(
+        factory=dict, help="labels a pool node must offer for this sensor's leases"
+    )
+    lease_timeout: float = setting(
+        30.0, "seconds to wait for a lease after a login before failing it", check=positive
+    )
+    guest_login_timeout: float = setting(
+        15.0, "seconds to open the tunnel and log into the guest", check=positive
+    )
+
+    # Events.
+    spool_max_bytes: int = setting(
+        256 * 1024 * 1024, "bound on undelivered events in the spool", check=positive
+    )
+    spool_near_full: float = setting(
+        0.9, "spool fill fraction at which new sessions are refused", check=_fraction
+    )
+    upload_batch: int = setting(500, "events per batch sent to the controller", check=positive)
+    json_log: Path | None = setting(None, "also write events to this Cowrie JSON lines file")
+
+    # Recordings and captured files.
+    recording_max_bytes: int = setting(
+        32 * 1024 * 1024, "bound on one session's asciicast file", check=positive
+    )
+    capture_max_bytes: int = setting(
+        64 * 1024 * 1024, "largest uploaded file captured", check=positive
+    )
+
+    # Bounds on what attackers can make the sensor hold.
+    max_connections: int = setting(1024, "connections at once", check=positive)
+    max_connections_per_ip: int = setting(16, "connections at once per address", check=positive)
+    max_unauthenticated: int = setting(
+        64, "connections not yet logged in (like OpenSSH MaxStartups)", check=positive
+    )
+    login_grace_time: float = setting(60.0, "seconds a connection has to log in", check=positive)
+    max_auth_attempts: int = setting(6, "authentication attempts per connection", check=positive)
+    max_preauth_bytes: int = setting(
+        256 * 1024, "bytes accepted from a client before it logs in", check=positive
+    )
+    max_packet_size: int = setting(
+        35000, "largest SSH packet length a client may declare in the clear", check=positive
+    )
+    write_buffer_high: int = setting(
+        1024 * 1024, "bytes buffered for a client that does not read", check=positive
+    )
+    idle_timeout: float = setting(
+        300.0, "seconds without client input before a session is closed", check=positive
+    )
+    session_timeout: float = setting(3600.0, "longest session, in seconds", check=positive)
+    max_channels: int = setting(8, "channels open at once per connection", check=positive)
+    refusal_event_interval: float = setting(
+        10.0, "at most one refusal event per this many seconds", check=non_negative
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_packet_size > ASYNCSSH_MAX_PACKET:
+            raise ConfigError("max_packet_size", f"at most {ASYNCSSH_MAX_PACKET} (asyncssh's)")
+        if self.max_connections_per_ip > self.max_connections:
+            raise ConfigError("max_connections_per_ip", "cannot exceed max_connections")
+        if self.login_grace_time <= self.lease_timeout + self.guest_login_timeout:
+            raise ConfigError(
+                "login_grace_time",
+                "must exceed lease_timeout + guest_login_timeout (a login includes both)",
+            )
+        if not self.ssh_version.startswith("SSH-2.0-"):
+            raise ConfigError("ssh_version", 'must start with "SSH-2.0-"')
 
     @property
     def tls(self) -> TlsFiles:
         """The sensor's TLS files."""
         return TlsFiles(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+
+    @property
+    def recordings_dir(self) -> Path:
+        """Where asciicast recordings go."""
+        return self.state_dir / "tty"
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Where captured files go, named by sha256."""
+        return self.state_dir / "downloads"

@@ -1,0 +1,161 @@
+"""The sensor's side of LeaseService and SensorService.
+
+A lease is asked for only after an attacker logged in (scanners never use up guests),
+renewed at a third of its TTL while the session lasts, and released when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from honeyfleet import __version__
+from honeyfleet.errors import HoneyfleetError, RPCError
+from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc, sensor_pb2, sensor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RENEW_FRACTION = 3
+RELEASE_TIMEOUT = 10.0
+RENEW_TIMEOUT = 10.0
+REGISTER_BACKOFF_MAX = 30.0
+# Renewal errors that mean the lease is gone for good (not a passing outage).
+FINAL = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class LeaseFailed(HoneyfleetError):
+    """No guest could be had for a session; the message says why."""
+
+
+@dataclass(frozen=True)
+class GuestLease:
+    """A granted lease and how to reach and log into its guest."""
+
+    id: str
+    pool_node: str
+    pool_node_address: str
+    guest: str
+    ttl: float
+    username: str
+    # Never logged, never recorded: repr leaves it out.
+    password: str = field(repr=False)
+
+    @property
+    def context(self) -> dict[str, str]:
+        """The fleet fields every later event of the session carries."""
+        return {"lease": self.id, "pool_node": self.pool_node, "guest": self.guest}
+
+
+class LeaseClient:
+    """Acquires, renews and releases leases over the controller channel."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, *, timeout: float, labels: Mapping[str, str]
+    ) -> None:
+        self._leases = lease_pb2_grpc.LeaseServiceStub(channel)
+        self._sensors = sensor_pb2_grpc.SensorServiceStub(channel)
+        self._timeout = timeout
+        self._labels = dict(labels)
+        self._abandoned: set[asyncio.Task[None]] = set()
+
+    async def register(self, listen: list[str]) -> None:
+        """Announce this sensor, retrying with backoff until the controller answers."""
+        backoff = 0.5
+        request = sensor_pb2.RegisterSensorRequest(
+            version=__version__, listen_addresses=listen, hostname=socket.gethostname()
+        )
+        while True:
+            try:
+                reply = await self._sensors.RegisterSensor(request, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                log.warning("cannot register with the controller (%s); retrying", e.code().name)
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
+                backoff = min(backoff * 2, REGISTER_BACKOFF_MAX)
+                continue
+            log.info("registered with the controller as %s", reply.sensor)
+            return
+
+    async def acquire(
+        self, src_ip: str, session: str, protocol: common_pb2.Protocol.ValueType
+    ) -> GuestLease:
+        """A lease for this session within ``lease_timeout``, else LeaseFailed.
+
+        A caller cancelled while waiting (the attacker left) does not cancel the request:
+        the controller may be granting the lease at that moment, so the answer is awaited
+        in the background and a granted lease released at once.
+        """
+        request = lease_pb2.AcquireLeaseRequest(
+            src_ip=src_ip, protocol=protocol, session=session, labels=self._labels
+        )
+        answer = asyncio.ensure_future(self._acquire(request))
+        try:
+            return await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            task = asyncio.create_task(self._release_when_granted(answer))
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+            raise
+
+    async def drain(self) -> None:
+        """Wait for abandoned requests to be answered and their leases released."""
+        while self._abandoned:
+            await asyncio.gather(*self._abandoned, return_exceptions=True)
+
+    async def _release_when_granted(self, answer: asyncio.Future[GuestLease]) -> None:
+        """Release the lease an abandoned request brings (bounded by its deadline)."""
+        try:
+            lease = await answer
+        except LeaseFailed:
+            return
+        log.info("lease %s arrived after its session ended; releasing it", lease.id)
+        await self.release(lease, "the session ended while its lease was being granted")
+
+    async def _acquire(self, request: lease_pb2.AcquireLeaseRequest) -> GuestLease:
+        """One AcquireLease call; LeaseFailed says why there is no lease."""
+        try:
+            reply = await self._leases.AcquireLease(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise LeaseFailed(f"no lease within {self._timeout:.0f}s") from None
+            raise LeaseFailed(str(RPCError.wrap("AcquireLease", e))) from None
+        lease = reply.lease
+        return GuestLease(
+            id=lease.id,
+            pool_node=lease.pool_node,
+            pool_node_address=lease.pool_node_address,
+            guest=lease.guest,
+            ttl=reply.ttl.ToTimedelta().total_seconds() or 60.0,
+            username=reply.credentials.username,
+            password=reply.credentials.password,
+        )
+
+    async def keep(self, lease: GuestLease, on_lost: Callable[[str], None]) -> None:
+        """Renew until cancelled; call ``on_lost(reason)`` if the lease ends under us."""
+        while True:
+            await asyncio.sleep(lease.ttl / RENEW_FRACTION)
+            try:
+                await self._leases.RenewLease(
+                    lease_pb2.RenewLeaseRequest(lease_id=lease.id), timeout=RENEW_TIMEOUT
+                )
+            except grpc.aio.AioRpcError as e:
+                if e.code() in FINAL:
+                    on_lost(e.details() or e.code().name)
+                    return
+                # A controller outage: keep the session, try again next period.
+                log.warning("renewing lease %s: %s", lease.id, e.code().name)
+
+    async def release(self, lease: GuestLease, reason: str) -> None:
+        """End the lease; failures are logged (an unrenewed lease expires anyway)."""
+        try:
+            await self._leases.ReleaseLease(
+                lease_pb2.ReleaseLeaseRequest(lease_id=lease.id, reason=reason),
+                timeout=RELEASE_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as e:
+            log.warning("releasing lease %s: %s (it will expire)", lease.id, e.code().name)

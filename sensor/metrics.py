@@ -1,0 +1,42 @@
+"""Prometheus metrics of a sensor (labels are bounded: outcomes and refusal reasons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class SensorMetrics:
+    """The sensor's metrics, in a registry of its own (tests run several sensors)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "honeyfleet_sensor_open_connections", "Open connections", registry=r
+        )
+        self.sessions = Gauge(
+            "honeyfleet_sensor_active_sessions", "Sessions proxied into a guest now", registry=r
+        )
+        self.sessions_total = Counter(
+            "honeyfleet_sensor_sessions", "Sessions that reached a guest", registry=r
+        )
+        self.logins = Counter(
+            "honeyfleet_sensor_logins", "Login attempts by result", ["result"], registry=r
+        )
+        self.refusals = Counter(
+            "honeyfleet_sensor_refusals", "Connections refused, by reason", ["reason"], registry=r
+        )
+        self.lease_failures = Counter(
+            "honeyfleet_sensor_lease_failures", "Logins that got no guest", registry=r
+        )
+        self.spool_bytes = Gauge(
+            "honeyfleet_sensor_spool_bytes", "Undelivered event bytes in the spool", registry=r
+        )
+        self.spool_events = Gauge(
+            "honeyfleet_sensor_spool_events", "Undelivered events in the spool", registry=r
+        )
+        self.events_dropped = Counter(
+            "honeyfleet_sensor_events_dropped",
+            "Events dropped because the spool was full",
+            registry=r,
+        )

@@ -1,0 +1,186 @@
+"""The sensor process: frontends, the event spool and its uploader, leases, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+from prometheus_client import start_http_server
+
+from honeyfleet.jsonlines import JsonLinesLog
+from honeyfleet.systemd import notify
+from honeyfleet.tls import secure_channel
+from sensor.capture import FileStore
+from sensor.config import SensorConfig
+from sensor.events import EventLog
+from sensor.leases import LeaseClient
+from sensor.metrics import SensorMetrics
+from sensor.spool import Spool
+from sensor.ssh import SshFrontend, load_or_create, server_options
+from sensor.ssh.admission import Admission
+from sensor.ssh.connection import Shared
+from sensor.telnet import TelnetFrontend, TelnetShared
+from sensor.tunnel import TunnelConnector
+from sensor.uploader import Uploader
+from sensor.userdb import UserDB
+
+log = logging.getLogger(__name__)
+
+# How long stop() waits for the uploader and registration tasks after cancelling them.
+STOP_TIMEOUT = 10.0
+
+
+class Sensor:
+    """A running sensor; ``start`` then ``stop`` (or use :func:`serve`)."""
+
+    def __init__(self, config: SensorConfig) -> None:
+        self.config = config
+        self.metrics = SensorMetrics()
+        self.ports: list[int] = []
+        self.telnet_ports: list[int] = []
+        self.spool: Spool | None = None
+        self.uploader: Uploader | None = None
+        self.admission: Admission | None = None
+        self._events: EventLog | None = None
+        self._frontend: SshFrontend | None = None
+        self._telnet: TelnetFrontend | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._tunnels: TunnelConnector | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._metrics_server: Any = None
+        self._jsonlines: JsonLinesLog | None = None
+        self._leases: LeaseClient | None = None
+        self._stopped = False
+
+    async def start(self) -> list[int]:
+        """Open the spool, listen for attackers, start delivering events (SSH ports).
+
+        A start that fails half-way (a port in use, say) undoes what it had done.
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> list[int]:
+        """The work of :meth:`start`."""
+        config = self.config
+        identity = config.tls.identity()
+        host_keys = await asyncio.to_thread(load_or_create, config.state_dir / "keys")
+        userdb = UserDB.load(config.userdb)
+        self._jsonlines = JsonLinesLog(config.json_log) if config.json_log is not None else None
+        # Opening the spool reads its database: off the event loop.
+        self.spool = await asyncio.to_thread(
+            Spool,
+            config.state_dir / "spool.sqlite3",
+            max_bytes=config.spool_max_bytes,
+            near_full=config.spool_near_full,
+            mirror=self._jsonlines.write if self._jsonlines is not None else None,
+        )
+        self._events = EventLog(self.spool, self.metrics)
+        self._channel = secure_channel(config.controller, config.tls)
+        leases = self._leases = LeaseClient(
+            self._channel, timeout=config.lease_timeout, labels=config.guest_labels
+        )
+        self._tunnels = TunnelConnector(config.tls)
+        self.admission = Admission(config, self.metrics)
+        shared = Shared(
+            config=config,
+            sensor=identity.name,
+            events=self._events,
+            metrics=self.metrics,
+            userdb=userdb,
+            leases=leases,
+            tunnels=self._tunnels,
+            store=FileStore(config.downloads_dir, max_bytes=config.capture_max_bytes),
+            admission=self.admission,
+            options=server_options(config, host_keys),
+        )
+        self._frontend = SshFrontend(shared)
+        self.ports = await self._frontend.start()
+        if config.telnet_listen:
+            self._telnet = TelnetFrontend(
+                TelnetShared(
+                    config=config,
+                    sensor=identity.name,
+                    events=self._events,
+                    metrics=self.metrics,
+                    userdb=userdb,
+                    leases=leases,
+                    tunnels=self._tunnels,
+                    admission=self.admission,
+                )
+            )
+            self.telnet_ports = await self._telnet.start()
+        listen = [f"{a}/ssh" for a in config.ssh_listen]
+        listen += [f"{a}/telnet" for a in config.telnet_listen]
+        self.uploader = Uploader(
+            self.spool, config.controller, config.tls, batch=config.upload_batch
+        )
+        self._tasks = [
+            asyncio.create_task(self.uploader.run()),
+            asyncio.create_task(leases.register(listen)),
+        ]
+        if config.metrics_listen:
+            host, _, port = config.metrics_listen.rpartition(":")
+            self._metrics_server, _ = start_http_server(
+                int(port), host.strip("[]"), registry=self.metrics.registry
+            )
+        log.info("sensor %s: SSH on %s, Telnet on %s", identity, self.ports, self.telnet_ports)
+        return self.ports
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port metrics are served on (useful with port 0); None when they are off."""
+        if self._metrics_server is None:
+            return None
+        return int(self._metrics_server.server_port)
+
+    async def stop(self) -> None:
+        """Close every session (their last events are spooled), then stop (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._frontend is not None:
+            await self._frontend.stop()
+        if self._telnet is not None:
+            await self._telnet.stop()
+        for task in self._tasks:
+            task.cancel()
+        # Bounded: a task that ignores its cancellation must not hang the shutdown.
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+            for task in stuck:
+                log.error("sensor task %s did not stop within %.0fs", task, STOP_TIMEOUT)
+        if self._leases is not None:
+            # Leases granted to sessions that ended while waiting are released first
+            # (bounded: every call has a deadline).
+            await self._leases.drain()
+        if self._tunnels is not None:
+            await self._tunnels.close()
+        if self._channel is not None:
+            await self._channel.close(None)
+        if self._metrics_server is not None:
+            # shutdown() waits for the server thread's next poll: not on the loop.
+            await asyncio.to_thread(self._metrics_server.shutdown)
+            self._metrics_server.server_close()
+        if self._events is not None:
+            await self._events.flush()
+            await asyncio.to_thread(self._events.close)
+        if self._jsonlines is not None:
+            self._jsonlines.close()
+
+
+async def serve(config: SensorConfig, stop: asyncio.Event) -> None:
+    """Run a sensor until ``stop`` is set."""
+    sensor = Sensor(config)
+    await sensor.start()
+    notify("READY=1")
+    try:
+        await stop.wait()
+        notify("STOPPING=1")
+    finally:
+        await sensor.stop()

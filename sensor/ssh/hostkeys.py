@@ -1,0 +1,42 @@
+"""The sensor's SSH host keys: made on first start in state_dir, then kept."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import asyncssh
+
+log = logging.getLogger(__name__)
+
+# (file name, asyncssh algorithm, RSA key size) in OpenSSH's order of preference.
+KEYS: tuple[tuple[str, str, int | None], ...] = (
+    ("ssh_host_ed25519_key", "ssh-ed25519", None),
+    ("ssh_host_ecdsa_key", "ecdsa-sha2-nistp256", None),
+    ("ssh_host_rsa_key", "ssh-rsa", 3072),
+)
+
+
+def load_or_create(directory: Path) -> list[asyncssh.SSHKey]:
+    """The host keys in ``directory``, generating any that are missing (blocking)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for name, algorithm, key_size in KEYS:
+        path = directory / name
+        if path.exists():
+            keys.append(asyncssh.read_private_key(path))
+            continue
+        key = (
+            asyncssh.generate_private_key(algorithm, key_size=key_size)
+            if key_size
+            else asyncssh.generate_private_key(algorithm)
+        )
+        # Written with 0600 from the start: a host key is never world-readable.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.export_private_key())
+        (directory / f"{name}.pub").write_bytes(key.export_public_key())
+        log.info("made SSH host key %s", path)
+        keys.append(key)
+    return keys

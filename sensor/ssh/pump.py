@@ -1,0 +1,163 @@
+"""The byte pump between an attacker's TCP connection and asyncssh.
+
+asyncssh runs on one end of a socketpair (``asyncssh.run_server(sock=...)``); the pump
+moves bytes between the attacker's socket and the other end. That gives the sensor what
+asyncssh's public API does not: a count of bytes before login, the client's cleartext
+version line and KEXINIT (for hassh) with a bound on declared packet lengths, and the
+attacker's backlog (a client that stops reading pauses the guest instead of growing
+buffers). Each direction's backpressure pauses the other side's reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+from sensor.ssh.cleartext import CleartextParser, CleartextViolation
+
+# Seconds a closing connection may spend flushing its last bytes to the attacker.
+CLOSE_LINGER = 5.0
+
+
+class PumpOwner(Protocol):
+    """The connection a pump works for."""
+
+    parser: CleartextParser
+    write_buffer_high: int
+
+    def attacker_bytes(self, count: int) -> str | None:
+        """Account for received bytes; a reason string if the connection must end."""
+
+    def attacker_backlog(self, high: bool) -> None:
+        """The attacker stopped (True) or resumed (False) reading what we send."""
+
+    def pump_closed(self, reason: str) -> None:
+        """One side closed; the whole connection ends."""
+
+
+class AttackerSide(asyncio.Protocol):
+    """Protocol on the attacker's TCP connection."""
+
+    def __init__(
+        self, accept: Callable[[AttackerSide, asyncio.Transport], PumpOwner | None]
+    ) -> None:
+        self._accept = accept
+        self._owner: PumpOwner | None = None
+        self.transport: asyncio.Transport | None = None
+        self.inner: InnerSide | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit or refuse; an admitted connection reads once asyncssh's end is ready."""
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self._owner = self._accept(self, transport)
+        if self._owner is None:
+            transport.abort()
+            return
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self._owner.write_buffer_high)
+
+    def data_received(self, data: bytes) -> None:
+        """Check bounds, then pass to asyncssh."""
+        if self._owner is None:
+            return
+        reason = self._owner.attacker_bytes(len(data))
+        if reason is None:
+            try:
+                self._owner.parser.feed(data)
+            except CleartextViolation as e:
+                reason = str(e)
+        if reason is not None:
+            self._owner.pump_closed(reason)
+            return
+        if self.inner is not None and self.inner.transport is not None:
+            self.inner.transport.write(data)
+
+    def eof_received(self) -> bool:
+        """Half-close towards asyncssh."""
+        if self.inner is not None and self.inner.transport is not None:
+            self.inner.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The attacker is gone."""
+        if self._owner is not None:
+            self._owner.pump_closed("client disconnected")
+
+    def pause_writing(self) -> None:
+        """The attacker is not reading: stop taking asyncssh's output."""
+        if self.inner is not None and self.inner.transport is not None:
+            self.inner.transport.pause_reading()
+        if self._owner is not None:
+            self._owner.attacker_backlog(True)
+
+    def resume_writing(self) -> None:
+        """The attacker reads again."""
+        if self.inner is not None and self.inner.transport is not None:
+            self.inner.transport.resume_reading()
+        if self._owner is not None:
+            self._owner.attacker_backlog(False)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes queued for the attacker."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def close(self) -> None:
+        """Close the attacker's connection: flush what is queued, but not for ever."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.close()
+        # close() waits for the buffer to drain, which a client that never reads never
+        # lets happen: abort (dropping the buffer) after a short grace.
+        asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.abort)
+
+
+class InnerSide(asyncio.Protocol):
+    """Protocol on our end of the socketpair (asyncssh holds the other end)."""
+
+    def __init__(self, attacker: AttackerSide, high_water: int) -> None:
+        self._attacker = attacker
+        self._high_water = high_water
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start reading the attacker now that asyncssh can take bytes."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self._high_water)
+        if self._attacker.transport is not None:
+            self._attacker.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        """asyncssh's output goes to the attacker."""
+        if self._attacker.transport is not None:
+            self._attacker.transport.write(data)
+
+    def eof_received(self) -> bool:
+        """asyncssh is done sending."""
+        if self._attacker.transport is not None and self._attacker.transport.can_write_eof():
+            self._attacker.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """asyncssh closed the connection (logout, timeout, protocol error)."""
+        if self._attacker.transport is not None:
+            self._attacker.transport.close()
+
+    def pause_writing(self) -> None:
+        """asyncssh is not keeping up: stop reading the attacker."""
+        if self._attacker.transport is not None:
+            self._attacker.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """asyncssh caught up."""
+        if self._attacker.transport is not None:
+            self._attacker.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close asyncssh's connection."""
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,82 @@
+"""asyncssh's view of an attacker connection: the public ``SSHServer`` callbacks.
+
+Every decision is delegated to :class:`sensor.ssh.connection.AttackerConnection`; this
+class only translates asyncssh's callbacks into its calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from sensor.ssh.channels import RefusedForward, RelaySession
+
+if TYPE_CHECKING:
+    from sensor.ssh.connection import AttackerConnection
+
+KBDINT_PROMPT = ("", "", "", [("Password: ", False)])
+
+
+class AttackerServer(asyncssh.SSHServer):
+    """asyncssh's callbacks for one connection, delegating to :class:`AttackerConnection`."""
+
+    def __init__(self, connection: AttackerConnection) -> None:
+        self._c = connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """asyncssh's side ended."""
+        self._c.close(f"ssh: {exc}" if exc else "client logged out")
+
+    def begin_auth(self, username: str) -> bool:
+        """Every user must authenticate."""
+        return True
+
+    def password_auth_supported(self) -> bool:
+        """Passwords are what we collect."""
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        """Check against the userdb (and join a guest)."""
+        return await self._c.login(username, password)
+
+    def kbdint_auth_supported(self) -> bool:
+        """Keyboard-interactive, asking for a password."""
+        return True
+
+    def get_kbdint_challenge(
+        self, username: str, lang: str, submethods: str
+    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
+        """One password prompt, as OpenSSH with PAM asks."""
+        return KBDINT_PROMPT
+
+    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
+        """The password typed at the prompt."""
+        if len(responses) != 1:
+            return False
+        return await self._c.login(username, responses[0])
+
+    def public_key_auth_supported(self) -> bool:
+        """Offered so keys are logged; every key is refused."""
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """Log and refuse."""
+        self._c.public_key(username, key)
+        return False
+
+    def session_requested(self) -> RelaySession | bool:
+        """A session channel, relayed to the guest."""
+        return self._c.session_channel()
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> RefusedForward | bool:
+        """direct-tcpip: logged, never forwarded."""
+        return self._c.direct_tcpip(dest_host, dest_port, orig_host, orig_port)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        """tcpip-forward: refused."""
+        self._c.events.log.info("refused tcpip-forward %s:%d", listen_host[:64], listen_port)
+        return False

@@ -1,0 +1,141 @@
+"""The client side of TunnelService: a leased guest's port as a local socket.
+
+The pool node relays bytes over a gRPC stream. asyncssh's client wants a socket, so each
+tunnel is a socketpair: asyncssh runs on one end, two pumps move bytes between the other
+end and the stream. Flow control is end to end: a pump awaits each gRPC write and each
+socket drain, so neither side queues more than one chunk. Each direction half-closes
+on its own (``eof`` frame one way, ``shutdown(SHUT_WR)`` the other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import grpc
+
+from honeyfleet.errors import Unavailable
+from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
+from sensor.leases import GuestLease
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+TunnelCall = grpc.aio.StreamStreamCall[poolnode_pb2.TunnelRequest, poolnode_pb2.TunnelResponse]
+
+
+class TunnelFailed(Unavailable):
+    """The pool node could not open (or lost) the tunnel to a guest."""
+
+
+class Tunnel:
+    """An open tunnel: :attr:`sock` is the guest's port, :attr:`error` why it broke."""
+
+    def __init__(
+        self, sock: socket.socket, call: TunnelCall, pumps: list[asyncio.Task[None]]
+    ) -> None:
+        self.sock = sock
+        self.error: str | None = None
+        self._call = call
+        self._pumps = pumps
+
+    async def close(self) -> None:
+        """Tear the tunnel down (both pumps, the stream)."""
+        self._call.cancel()
+        for pump in self._pumps:
+            pump.cancel()
+        for pump in self._pumps:
+            with contextlib.suppress(asyncio.CancelledError, OSError, grpc.aio.AioRpcError):
+                await pump
+
+
+class TunnelConnector:
+    """Opens tunnels through pool nodes, one mTLS channel per node."""
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self._tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def open(
+        self,
+        lease: GuestLease,
+        wait: float,
+        port: common_pb2.GuestPort.ValueType = common_pb2.GUEST_PORT_SSH,
+    ) -> Tunnel:
+        """A tunnel to a guest port of the lease (SSH unless told), opened within ``wait``."""
+        address = lease.pool_node_address
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = secure_channel(address, self._tls)
+        call: TunnelCall = poolnode_pb2_grpc.TunnelServiceStub(channel).Tunnel(None)
+        try:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+            # cancellation of a session that closes just as the tunnel opens.
+            async with asyncio.timeout(wait):
+                opened = await _open(call, lease, port)
+        except TimeoutError:
+            call.cancel()
+            raise TunnelFailed(
+                f"pool node {address} did not open a tunnel in {wait:.0f}s"
+            ) from None
+        except grpc.aio.AioRpcError as e:
+            raise TunnelFailed(
+                f"pool node {address}: {e.code().name}: {e.details() or ''}"
+            ) from None
+        except asyncio.CancelledError:
+            call.cancel()  # the session ended while the tunnel was opening
+            raise
+        if not opened:
+            call.cancel()
+            raise TunnelFailed(f"pool node {address} answered without opening the tunnel")
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=ours, limit=CHUNK)
+        pumps: list[asyncio.Task[None]] = []
+        tunnel = Tunnel(theirs, call, pumps)
+        pumps.append(asyncio.create_task(_upstream(reader, call)))
+        pumps.append(asyncio.create_task(_downstream(call, writer, tunnel)))
+        return tunnel
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+
+async def _open(call: TunnelCall, lease: GuestLease, port: common_pb2.GuestPort.ValueType) -> bool:
+    """Send the open frame; whether the first answer is ``opened``."""
+    await call.write(
+        poolnode_pb2.TunnelRequest(open=poolnode_pb2.TunnelOpen(lease_id=lease.id, port=port))
+    )
+    first = await call.read()
+    return isinstance(first, poolnode_pb2.TunnelResponse) and first.WhichOneof("frame") == "opened"
+
+
+async def _upstream(reader: asyncio.StreamReader, call: TunnelCall) -> None:
+    """Socket -> stream, then an eof frame (half-close)."""
+    while data := await reader.read(CHUNK):
+        await call.write(poolnode_pb2.TunnelRequest(data=data))
+    await call.write(poolnode_pb2.TunnelRequest(eof=poolnode_pb2.TunnelEof()))
+    await call.done_writing()
+
+
+async def _downstream(call: TunnelCall, writer: asyncio.StreamWriter, tunnel: Tunnel) -> None:
+    """Stream -> socket; an eof frame half-closes, a broken stream closes and says why."""
+    try:
+        while isinstance(frame := await call.read(), poolnode_pb2.TunnelResponse):
+            if frame.WhichOneof("frame") == "data":
+                writer.write(frame.data)
+                await writer.drain()
+            elif frame.WhichOneof("frame") == "eof" and writer.can_write_eof():
+                writer.write_eof()
+    except grpc.aio.AioRpcError as e:
+        tunnel.error = f"tunnel broke: {e.code().name}: {e.details() or ''}"
+        log.warning("%s", tunnel.error)
+    except OSError as e:
+        tunnel.error = f"tunnel socket: {e}"
+    finally:
+        writer.close()

@@ -1,0 +1,113 @@
+"""Streams spooled events to the controller's EventIngestService, deleting on ack.
+
+One batch is in flight at a time: send it, wait for its acknowledgement, delete it from
+the spool, send the next. A broken stream or an unreachable controller only delays
+delivery: the uploader reconnects with capped exponential backoff and resends the
+unacknowledged batch, which the controller deduplicates by event uuid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sqlite3
+
+import grpc
+
+from honeyfleet.errors import Unavailable
+from honeyfleet.events import to_proto
+from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
+from sensor.spool import Spool
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START = 0.2
+BACKOFF_MAX = 10.0
+ACK_TIMEOUT = 30.0
+# Well under the 4 MiB gRPC message limit; events are at most 256 KiB each.
+BATCH_BYTES = 1024 * 1024
+IDLE_POLL = 1.0
+
+
+class Uploader:
+    """Delivers a spool's events to the controller; run :meth:`run` as a task."""
+
+    def __init__(self, spool: Spool, controller: str, tls: TlsFiles, *, batch: int) -> None:
+        self._spool = spool
+        self._controller = controller
+        self._tls = tls
+        self._batch = batch
+        self._batch_id = 0
+        self.connected = asyncio.Event()
+        self.delivered = 0
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        backoff = BACKOFF_START
+        async with secure_channel(self._controller, self._tls) as channel:
+            stub = ingest_pb2_grpc.EventIngestServiceStub(channel)
+            while True:
+                try:
+                    await self._stream(stub)
+                except grpc.aio.AioRpcError as e:
+                    log.warning(
+                        "event ingest at %s: %s (%s); %d events waiting, retrying in %.1fs",
+                        self._controller,
+                        e.code().name,
+                        e.details(),
+                        self._spool.count,
+                        backoff,
+                    )
+                except Unavailable as e:
+                    log.warning("event ingest at %s: %s", self._controller, e)
+                except sqlite3.Error as e:  # a disk problem: keep trying, the events wait
+                    log.error("reading the spool %s: %s", self._spool.path, e)
+                if self.connected.is_set():
+                    backoff = BACKOFF_START
+                self.connected.clear()
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _stream(self, stub: ingest_pb2_grpc.EventIngestServiceAsyncStub) -> None:
+        """One StreamEvents call: batches out, acks in, until the stream breaks."""
+        call = stub.StreamEvents(None)
+        try:
+            await call.wait_for_connection()
+            self.connected.set()
+            while True:
+                # Cleared before reading, so a commit landing meanwhile is not missed.
+                self._spool.changed.clear()
+                batch = await self._spool.oldest(self._batch, BATCH_BYTES)
+                if not batch:
+                    # asyncio.timeout, never wait_for: on Python 3.11 wait_for loses a
+                    # cancellation that arrives as the awaited thing completes, and the
+                    # uploader would then outlive Sensor.stop().
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(IDLE_POLL):
+                            await self._spool.changed.wait()
+                    continue
+                self._batch_id += 1
+                request = ingest_pb2.StreamEventsRequest(
+                    batch_id=self._batch_id, events=[to_proto(item.event) for item in batch]
+                )
+                try:
+                    await call.write(request)
+                except asyncio.InvalidStateError:
+                    # grpc.aio's answer to a write on a call the controller already ended.
+                    raise Unavailable("the controller ended the event stream") from None
+                try:
+                    async with asyncio.timeout(ACK_TIMEOUT):
+                        ack = await call.read()
+                except TimeoutError:
+                    raise Unavailable(f"no acknowledgement within {ACK_TIMEOUT:.0f}s") from None
+                if not isinstance(ack, ingest_pb2.StreamEventsResponse):
+                    raise Unavailable("the controller ended the event stream")
+                if ack.batch_id != self._batch_id:
+                    raise Unavailable(f"acknowledged batch {ack.batch_id}, sent {self._batch_id}")
+                await self._spool.delete(batch)
+                self.delivered += len(batch)
+        finally:
+            call.cancel()

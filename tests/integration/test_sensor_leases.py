@@ -1,0 +1,75 @@
+"""The sensor's lease client against a real gRPC LeaseService (a recording fake) over mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from honeyfleet.pki.identity import Role
+from honeyfleet.tls import secure_channel, server_credentials
+from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
+from sensor.leases import LeaseClient
+from tests.conftest import FleetPki
+from tests.integration.test_sensor_ssh import until
+
+
+class SlowLeases(lease_pb2_grpc.LeaseServiceServicer):
+    """Grants a lease only when told to, and records releases."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.grant = asyncio.Event()
+        self.released: list[tuple[str, str]] = []
+
+    async def AcquireLease(
+        self, request: lease_pb2.AcquireLeaseRequest, context: Any
+    ) -> lease_pb2.AcquireLeaseResponse:
+        """Wait for the test's word, then grant (whether or not the caller still waits)."""
+        self.asked.set()
+        await self.grant.wait()
+        return lease_pb2.AcquireLeaseResponse(
+            lease=lease_pb2.Lease(id="lease-1", pool_node="pool-1", guest="g1"),
+            credentials=common_pb2.GuestCredentials(username="root", password="guest-secret"),
+            ttl=Duration(seconds=60),
+        )
+
+    async def ReleaseLease(
+        self, request: lease_pb2.ReleaseLeaseRequest, context: Any
+    ) -> lease_pb2.ReleaseLeaseResponse:
+        """Record the release."""
+        self.released.append((request.lease_id, request.reason))
+        return lease_pb2.ReleaseLeaseResponse()
+
+
+async def test_a_lease_granted_after_its_session_ended_is_released(fleet_pki: FleetPki) -> None:
+    leases = SlowLeases()
+    server = grpc.aio.server()
+    lease_pb2_grpc.add_LeaseServiceServicer_to_server(leases, server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", server_credentials(fleet_pki.files(Role.CONTROLLER, "ctl"))
+    )
+    await server.start()
+    channel = secure_channel(f"127.0.0.1:{port}", fleet_pki.files(Role.SENSOR, "sensor-1"))
+    client = LeaseClient(channel, timeout=20.0, labels={})
+    try:
+        acquiring = asyncio.create_task(
+            client.acquire("192.0.2.7", "session-1", common_pb2.PROTOCOL_SSH)
+        )
+        async with asyncio.timeout(20):
+            await leases.asked.wait()
+        # The attacker leaves while the controller is granting the lease.
+        acquiring.cancel()
+        done, _ = await asyncio.wait([acquiring], timeout=10)
+        assert done and acquiring.cancelled()
+        leases.grant.set()
+        await until(lambda: bool(leases.released))
+        assert leases.released[0][0] == "lease-1"
+        assert "ended" in leases.released[0][1]
+        async with asyncio.timeout(20):
+            await client.drain()
+    finally:
+        await channel.close(None)
+        await server.stop(grace=0)

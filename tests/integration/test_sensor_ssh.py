@@ -1,0 +1,510 @@
+"""The SSH sensor end to end: OpenSSH clients -> sensor -> real controller, real pool node
+(static backend, real TunnelService) -> a real SSH server on loopback (tests/sshd.py).
+
+The fleet helpers here are shared by the other ``test_sensor_*`` modules. Every client is
+started with ``asyncio.create_subprocess_exec`` (no ``preexec_fn``: a Python-level fork
+would run in a child of a process that has gRPC threads), and every teardown step is
+bounded in time so a stuck step fails the test instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from controller.server import Controller
+from honeyfleet.pki.identity import Role
+from poolnode.backends.static import StaticBackend, parse_hosts
+from poolnode.config import PoolNodeConfig
+from poolnode.server import PoolNode
+from sensor.config import SensorConfig
+from sensor.service import Sensor
+from tests.conftest import ControllerFactory, FleetPki, require_tool
+from tests.sshd import PASSWORD, Sshd
+
+USERDB = "root:x:!root\nroot:x:*\nadmin:x:!*\nadmin:x:admin\n"
+# Seconds any one teardown step may take before it fails the test.
+TEARDOWN = 60.0
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait until ``predicate()`` holds, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Fleet:
+    """A controller, a pool node whose one guest is an Sshd, and a sensor."""
+
+    controller: Controller
+    address: str
+    node: PoolNode
+    guest: Sshd
+    sensor: Sensor
+    port: int
+    json_log: Path
+    state_dir: Path
+
+    def events(self, eventid: str | None = None) -> list[dict[str, Any]]:
+        """Events the sensor wrote to its JSON lines file."""
+        if not self.json_log.exists():
+            return []
+        lines = [json.loads(line) for line in self.json_log.read_text().splitlines()]
+        return [e for e in lines if eventid is None or e["eventid"] == eventid]
+
+    def closed_reasons(self) -> list[str]:
+        """The reason of every ``cowrie.session.closed`` so far."""
+        return [e["reason"] for e in self.events("cowrie.session.closed")]
+
+    def guest_pristine(self) -> bool:
+        """Whether the pool's only guest was never leased."""
+        return self.node.pool.snapshot().guest_counts.pristine == 1
+
+    async def stop(self) -> None:
+        """Stop sensor, pool node and guest, each step bounded; the first failure is raised."""
+        steps: list[Callable[[], Awaitable[None]]] = [
+            self.sensor.stop,
+            lambda: self.node.stop(grace=0),
+            self.guest.stop,
+        ]
+        failures: list[BaseException] = []
+        for step in steps:
+            try:
+                async with asyncio.timeout(TEARDOWN):
+                    await step()
+            except Exception as e:  # every step runs; the first error is raised
+                failures.append(e)
+        if failures:
+            raise failures[0]
+
+
+async def start_fleet(
+    fleet_pki: FleetPki,
+    start_controller: ControllerFactory,
+    tmp: Path,
+    *,
+    share_guests: bool = True,
+    controller: dict[str, Any] | None = None,
+    **sensor: Any,
+) -> Fleet:
+    """Everything on loopback; the caller stops it (the controller stops with its fixture)."""
+    guest = Sshd(tmp / "guest-home")
+    guest_port = await guest.start()
+    ctl, address = await start_controller(**(controller or {}))
+    node_tls = fleet_pki.files(Role.POOLNODE, "pool-1")
+    node_config = PoolNodeConfig(
+        controller=address,
+        listen="127.0.0.1:0",
+        state_dir=tmp / "pool",
+        tls_ca=node_tls.ca,
+        tls_cert=node_tls.cert,
+        tls_key=node_tls.key,
+        backend="static",
+        static_hosts=(f"127.0.0.1:{guest_port}",),
+        max_vms=1,
+        max_parallel_boots=1,
+        health_interval=1.0,
+        share_guests=share_guests,
+        backend_pass=PASSWORD,
+    )
+    node = PoolNode(node_config, StaticBackend(parse_hosts(node_config.static_hosts)))
+    await node.start()
+    await until(
+        lambda: "pool-1" in ctl.registry.nodes and ctl.registry.nodes["pool-1"].counts.pristine == 1
+    )
+    tls = fleet_pki.files(Role.SENSOR, "sensor-1")
+    (tmp / "userdb.txt").write_text(USERDB)
+    config = SensorConfig(
+        controller=address,
+        state_dir=tmp / "sensor",
+        tls_ca=tls.ca,
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        ssh_listen=("127.0.0.1:0",),
+        telnet_listen=(),
+        userdb=tmp / "userdb.txt",
+        json_log=tmp / "cowrie.json",
+        lease_timeout=5.0,
+        guest_login_timeout=10.0,
+        login_grace_time=20.0,
+    )
+    sensor_ = Sensor(replace(config, **sensor))
+    ports = await sensor_.start()
+    return Fleet(ctl, address, node, guest, sensor_, ports[0], tmp / "cowrie.json", tmp / "sensor")
+
+
+FleetFactory = Callable[..., Awaitable[Fleet]]
+
+
+class Fleets:
+    """Fleets started for one test (``start``), all stopped at its end (``stop``)."""
+
+    def __init__(self, fleet_pki: FleetPki, start_controller: ControllerFactory, tmp: Path) -> None:
+        self._pki = fleet_pki
+        self._start_controller = start_controller
+        self._tmp = tmp
+        self._fleets: list[Fleet] = []
+
+    async def start(self, **sensor: Any) -> Fleet:
+        """A fleet whose sensor has these settings."""
+        tmp = self._tmp / f"fleet{len(self._fleets)}"
+        fleet = await start_fleet(self._pki, self._start_controller, tmp, **sensor)
+        self._fleets.append(fleet)
+        return fleet
+
+    async def stop(self) -> None:
+        """Stop every fleet started."""
+        for fleet in self._fleets:
+            await fleet.stop()
+
+
+@pytest.fixture
+async def make_fleet(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> AsyncIterator[FleetFactory]:
+    """Start fleets with sensor settings of the test's choosing; all stopped afterwards.
+
+    Other test_sensor_* modules define the same three-line fixture (importing a fixture
+    from another module trips the linters).
+    """
+    fleets = Fleets(fleet_pki, start_controller, tmp_path)
+    yield fleets.start
+    await fleets.stop()
+
+
+@pytest.fixture
+async def fleet(make_fleet: FleetFactory) -> Fleet:
+    """The default fleet."""
+    return await make_fleet()
+
+
+SSH_OPTIONS = [
+    "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null",
+    "-o", "LogLevel=ERROR",
+    "-o", "PubkeyAuthentication=no",
+    "-o", "PreferredAuthentications=password",
+    "-o", "NumberOfPasswordPrompts=1",
+    "-o", "ConnectTimeout=10",
+]  # fmt: skip
+
+
+async def run(
+    *argv: str, password: str, stdin: bytes = b"", timeout: float = 60.0
+) -> tuple[int, bytes, bytes]:
+    """Run an OpenSSH tool under sshpass; (exit code, stdout, stderr). Killed at ``timeout``."""
+    sshpass = require_tool("sshpass", "sshpass")
+    proc = await asyncio.create_subprocess_exec(
+        sshpass,
+        "-e",
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SSHPASS": password},
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def ssh(
+    fleet: Fleet,
+    *command: str,
+    user: str = "root",
+    password: str = "toor",  # noqa: S107
+    source: str = "127.0.0.1",
+    **kw: Any,
+) -> tuple[int, bytes, bytes]:
+    """``ssh`` into the sensor (from ``source``, a loopback address)."""
+    tool = require_tool("ssh", "openssh-client")
+    return await run(
+        tool, *SSH_OPTIONS, "-b", source, "-p", str(fleet.port), f"{user}@127.0.0.1", *command,
+        password=password, **kw,
+    )  # fmt: skip
+
+
+async def connect(
+    fleet: Fleet,
+    *,
+    source: str = "127.0.0.1",
+    password: str = "toor",  # noqa: S107
+    **options: Any,
+) -> asyncssh.SSHClientConnection:
+    """An asyncssh client logged into the sensor as root (for tests that hold sessions)."""
+    return await asyncssh.connect(
+        "127.0.0.1",
+        fleet.port,
+        local_addr=(source, 0),
+        username="root",
+        password=password,
+        known_hosts=None,
+        client_keys=None,
+        agent_path=None,
+        preferred_auth="password",
+        **options,
+    )
+
+
+async def test_exec_output_reaches_client_and_events_have_cowrie_fields(fleet: Fleet) -> None:
+    code, out, err = await ssh(fleet, "echo hello from the guest; exit 3")
+    assert out == b"hello from the guest\n", err
+    assert code == 3
+    await until(lambda: bool(fleet.events("cowrie.session.closed")))
+    login = fleet.events("cowrie.login.success")[0]
+    assert login["username"] == "root" and login["password"] == "toor"
+    assert login["message"] == "login attempt [root/toor] succeeded"
+    command = fleet.events("cowrie.command.input")[0]
+    assert command["input"] == "echo hello from the guest; exit 3"
+    assert command["message"] == "CMD: echo hello from the guest; exit 3"
+    for key in ("lease", "guest", "pool_node"):
+        assert command[key], key
+    assert command["pool_node"] == "pool-1"
+    connect_ = fleet.events("cowrie.session.connect")[0]
+    assert connect_["message"].startswith(f"New connection: 127.0.0.1:{connect_['src_port']} (")
+    version = fleet.events("cowrie.client.version")[0]
+    assert version["version"].startswith("SSH-2.0-OpenSSH")
+    kex = fleet.events("cowrie.client.kex")[0]
+    assert (
+        kex["hassh"]
+        == hashlib.md5(kex["hasshAlgorithms"].encode(), usedforsecurity=False).hexdigest()
+    )
+    assert "curve25519-sha256" in kex["kexAlgs"]
+    closed = fleet.events("cowrie.session.closed")[0]
+    assert closed["message"].startswith("Connection lost after ")
+    assert closed["duration_ms"] >= 0 and "duration" in closed
+    sessions = {e["session"] for e in fleet.events()}
+    assert len(sessions) == 1
+    assert all(e["sensor"] == "sensor-1" and e["protocol"] == "ssh" for e in fleet.events())
+    # The guest's credentials appear in no event.
+    assert PASSWORD not in fleet.json_log.read_text()
+    await until(lambda: not fleet.controller.leases.active)
+
+
+async def test_wrong_password_and_negated_user_fail_without_a_lease(fleet: Fleet) -> None:
+    code, _, _ = await ssh(fleet, "true", password="root")  # root:x:!root
+    assert code == 255
+    code, _, _ = await ssh(fleet, "true", user="admin", password="admin")  # admin:x:!* first
+    assert code == 255
+    code, _, _ = await ssh(fleet, "true", user="nobody", password="x")  # no rule matches
+    assert code == 255
+    await until(lambda: len(fleet.events("cowrie.session.closed")) == 3)
+    failed = fleet.events("cowrie.login.failed")
+    assert [(e["username"], e["password"]) for e in failed] == [
+        ("root", "root"),
+        ("admin", "admin"),
+        ("nobody", "x"),
+    ]
+    assert failed[0]["message"] == "login attempt [root/root] failed"
+    assert fleet.guest_pristine() and not fleet.controller.leases.active
+    assert not fleet.events("cowrie.login.success")
+
+
+async def test_shell_lines_become_commands_and_the_recording_replays_them(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    typed = b"echo helo\x7flo world\necho x\x1b[Dy\x15echo second\nexit\n"
+    code, out, err = await ssh(fleet, "-tt", stdin=typed)
+    assert code == 0, (out, err)
+    assert b"hello world" in out and b"second" in out
+    await until(lambda: bool(fleet.events("cowrie.log.closed")))
+    commands = [e["input"] for e in fleet.events("cowrie.command.input")]
+    assert commands == ["echo hello world", "echo second", "exit"]
+    closed = fleet.events("cowrie.log.closed")[0]
+    cast = Path(closed["ttylog"])
+    assert closed["message"] == f"Closing TTY Log: {cast} after {closed['duration']} seconds"
+    assert closed["size"] == cast.stat().st_size and closed["duration_ms"] >= 0
+    lines = [json.loads(line) for line in cast.read_text().splitlines()]
+    header, events = lines[0], lines[1:]
+    assert header["version"] == 2 and header["width"] > 0 and header["height"] > 0
+    typed_back = "".join(text for _, kind, text in events if kind == "i").encode()
+    assert typed_back == typed
+    assert closed["shasum"] == hashlib.sha256(typed).hexdigest()
+    shown = "".join(text for _, kind, text in events if kind == "o")
+    assert "hello world" in shown
+    # `honeyfleet replay` shows what the attacker saw.
+    out_file = tmp_path / "replayed.txt"
+    with out_file.open("w") as replayed:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "honeyfleet"),
+            "replay",
+            str(cast),
+            "--speed",
+            "1000",
+            stdout=replayed,
+        )
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0
+    assert out_file.read_bytes().decode() == shown
+
+
+async def test_scp_and_sftp_uploads_are_captured_once_by_sha256(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    payload = os.urandom(300_000)
+    local = tmp_path / "malware.bin"
+    local.write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    scp = require_tool("scp", "openssh-client")
+    sftp = require_tool("sftp", "openssh-client")
+    target = "root@127.0.0.1"
+    port = str(fleet.port)
+    # Legacy SCP (-O), then scp's default SFTP mode, then sftp itself.
+    for mode, name in (("-O", "legacy.bin"), ("-s", "scp-sftp.bin")):
+        code, _, err = await run(
+            scp, mode, *SSH_OPTIONS, "-P", port, str(local), f"{target}:{name}", password="toor"
+        )
+        assert code == 0, err
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {local} put.bin\n")
+    code, _, err = await run(
+        # -b turns BatchMode on (no passwords) unless an earlier -o says otherwise.
+        sftp, "-o", "BatchMode=no", *SSH_OPTIONS, "-P", port, "-b", str(batch), target,
+        password="toor",
+    )  # fmt: skip
+    assert code == 0, err
+    await until(lambda: len(fleet.events("cowrie.session.file_upload")) == 3)
+    uploads = fleet.events("cowrie.session.file_upload")
+    # SCP names the file as the client's header does; SFTP as the path it opens.
+    assert sorted(e["filename"] for e in uploads) == ["malware.bin", "put.bin", "scp-sftp.bin"]
+    assert all(e["shasum"] == digest and e["size"] == len(payload) for e in uploads)
+    assert sorted(e["message"].split(" ")[0] for e in uploads) == ["SCP", "SFTP", "SFTP"]
+    stored = fleet.state_dir / "downloads" / digest
+    assert all(e["outfile"] == str(stored) for e in uploads)
+    assert stored.read_bytes() == payload
+    assert [p.name for p in (fleet.state_dir / "downloads").iterdir() if p.is_file()] == [digest]
+    for name in ("legacy.bin", "scp-sftp.bin", "put.bin"):
+        assert (fleet.guest.home / name).read_bytes() == payload
+    # Each upload event precedes its session's end.
+    await until(lambda: len(fleet.closed_reasons()) == 3)
+    for upload in uploads:
+        order = [e["eventid"] for e in fleet.events() if e["session"] == upload["session"]]
+        assert order.index("cowrie.session.file_upload") < order.index("cowrie.session.closed")
+
+
+async def test_direct_tcpip_is_logged_and_refused(fleet: Fleet) -> None:
+    request = b"GET / HTTP/1.0\r\n\r\n"
+    await ssh(fleet, "-W", "203.0.113.7:80", stdin=request)
+    await until(lambda: bool(fleet.events("cowrie.direct-tcpip.data")))
+    asked = fleet.events("cowrie.direct-tcpip.request")[0]
+    assert (asked["dst_ip"], asked["dst_port"]) == ("203.0.113.7", 80)
+    assert asked["message"].startswith("direct-tcp connection request to 203.0.113.7:80 from ")
+    data = fleet.events("cowrie.direct-tcpip.data")[0]
+    assert repr(request) in data["data"]
+    assert data["message"].startswith("discarded direct-tcp forward request 1 to 203.0.113.7:80")
+
+
+async def test_public_keys_are_logged_and_refused(fleet: Fleet, tmp_path: Path) -> None:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    key_file = tmp_path / "id_ed25519"
+    key.write_private_key(str(key_file))
+    key_file.chmod(0o600)
+    options = [
+        o.replace("PubkeyAuthentication=no", "PubkeyAuthentication=yes") for o in SSH_OPTIONS
+    ]
+    options = [
+        o.replace(
+            "PreferredAuthentications=password", "PreferredAuthentications=publickey,password"
+        )
+        for o in options
+    ]
+    tool = require_tool("ssh", "openssh-client")
+    code, out, _ = await run(
+        tool, *options, "-i", str(key_file), "-p", str(fleet.port), "root@127.0.0.1", "echo in",
+        password="toor",
+    )  # fmt: skip
+    assert code == 0 and out == b"in\n"
+    seen = fleet.events("cowrie.client.fingerprint")[0]
+    assert seen["fingerprint"] == key.get_fingerprint("md5").removeprefix("MD5:")
+    assert seen["type"] == "ssh-ed25519" and seen["username"] == "root"
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus samples from a metrics endpoint, keyed by name and labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+async def test_metrics_count_logins_sessions_refusals_and_the_spool(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet(
+        metrics_listen="127.0.0.1:0", max_connections_per_ip=1, refusal_event_interval=0.0
+    )
+    port = fleet.sensor.metrics_port
+    assert port
+    code, out, _ = await ssh(fleet, "echo ok")
+    assert (code, out) == (0, b"ok\n")
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    code, _, _ = await ssh(fleet, "true", password="root")
+    assert code == 255
+    await until(lambda: len(fleet.closed_reasons()) == 2)
+    # One connection from an address is all it may have: the second is refused.
+    held = await connect(fleet)
+    code, _, _ = await ssh(fleet, "true")
+    assert code == 255
+    await until(lambda: bool(fleet.events("honeyfleet.session.refused")))
+    samples = await asyncio.to_thread(scrape, port)
+    assert samples['honeyfleet_sensor_logins_total{result="success"}'] == 2
+    assert samples['honeyfleet_sensor_logins_total{result="failed"}'] == 1
+    assert samples["honeyfleet_sensor_sessions_total"] == 2
+    assert samples["honeyfleet_sensor_active_sessions"] == 1
+    assert samples["honeyfleet_sensor_open_connections"] == 1
+    assert samples['honeyfleet_sensor_refusals_total{reason="max_connections_per_ip"}'] == 1
+    held.close()
+    await held.wait_closed()
+    await until(lambda: len(fleet.closed_reasons()) == 3)
+    samples = await asyncio.to_thread(scrape, port)
+    assert samples["honeyfleet_sensor_open_connections"] == 0
+    assert samples["honeyfleet_sensor_active_sessions"] == 0
+    # Delivered events leave the spool, and the gauges follow.
+    await until(lambda: fleet.sensor.spool is not None and fleet.sensor.spool.count == 0)
+    samples = await asyncio.to_thread(scrape, port)
+    assert samples["honeyfleet_sensor_spool_events"] == 0
+    assert samples["honeyfleet_sensor_spool_bytes"] == 0
+
+
+async def test_stop_ends_running_sessions_and_spools_their_last_events(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet()
+    conn = await connect(fleet)
+    process = await conn.create_process("sleep 60")
+    await until(lambda: bool(fleet.events("cowrie.command.input")))
+    await fleet.sensor.stop()
+    async with asyncio.timeout(30):
+        await process.wait_closed()
+        await conn.wait_closed()
+    # Stopped means written: the file already has the session's end.
+    assert fleet.closed_reasons() == ["sensor shutting down"]
+    with contextlib.suppress(OSError):
+        conn.close()

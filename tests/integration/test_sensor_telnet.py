@@ -1,0 +1,666 @@
+"""The Telnet sensor end to end: Debian's telnet (on a pty), telnetlib3's client and raw
+sockets -> sensor -> real controller, real pool node (static backend, real TunnelService)
+-> a loopback telnetd with a real login and shell (tests/telnetd.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import struct
+import termios
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import telnetlib3
+
+from controller.server import Controller
+from honeyfleet.pki.identity import Role
+from poolnode.backends.static import StaticBackend, parse_hosts
+from poolnode.config import PoolNodeConfig
+from poolnode.server import PoolNode
+from sensor.config import SensorConfig
+from sensor.service import Sensor
+from tests.conftest import ControllerFactory, FleetPki, require_tool
+from tests.telnetd import PASSWORD, Telnetd
+
+USERDB = "root:x:!root\nroot:x:*\nadmin:x:!*\nadmin:x:admin\nubnt:x:ubnt\n"
+IAC, SB, SE, WILL, WONT, DO, DONT = 255, 250, 240, 251, 252, 253, 254
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait until ``predicate()`` holds, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Fleet:
+    """A controller, a pool node whose one guest is a Telnetd, and a sensor."""
+
+    controller: Controller
+    node: PoolNode
+    guest: Telnetd
+    sensor: Sensor
+    port: int
+    json_log: Path
+
+    def events(self, eventid: str | None = None) -> list[dict[str, Any]]:
+        """Events the sensor wrote to its JSON lines file."""
+        if not self.json_log.exists():
+            return []
+        lines = [json.loads(line) for line in self.json_log.read_text().splitlines()]
+        return [e for e in lines if eventid is None or e["eventid"] == eventid]
+
+    def closed(self, count: int = 1) -> Callable[[], bool]:
+        """A predicate: ``count`` sessions have ended."""
+        return lambda: len(self.events("cowrie.session.closed")) >= count
+
+    def released(self) -> Callable[[], bool]:
+        """A predicate: no lease is active."""
+        return lambda: not self.controller.leases.active
+
+
+async def _ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The guest's SSH port, for the pool's readiness probe (it reads the first line)."""
+    writer.write(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
+    with contextlib.suppress(OSError):
+        await writer.drain()
+    writer.close()
+
+
+async def start_fleet(
+    fleet_pki: FleetPki,
+    start_controller: ControllerFactory,
+    tmp: Path,
+    guest: Telnetd,
+    **sensor: Any,
+) -> AsyncIterator[Fleet]:
+    """Everything on loopback; torn down afterwards."""
+    telnet_port = await guest.start()
+    ssh = await asyncio.start_server(_ssh_banner, "127.0.0.1", 0)
+    ssh_port = ssh.sockets[0].getsockname()[1]
+    controller, address = await start_controller()
+    node_tls = fleet_pki.files(Role.POOLNODE, "pool-1")
+    node_config = PoolNodeConfig(
+        controller=address,
+        listen="127.0.0.1:0",
+        state_dir=tmp / "pool",
+        tls_ca=node_tls.ca,
+        tls_cert=node_tls.cert,
+        tls_key=node_tls.key,
+        backend="static",
+        static_hosts=(f"127.0.0.1:{ssh_port}:{telnet_port}",),
+        max_vms=1,
+        max_parallel_boots=1,
+        health_interval=1.0,
+        share_guests=True,
+        backend_pass=PASSWORD,
+    )
+    node = PoolNode(node_config, StaticBackend(parse_hosts(node_config.static_hosts)))
+    await node.start()
+    await until(
+        lambda: (
+            "pool-1" in controller.registry.nodes
+            and controller.registry.nodes["pool-1"].counts.pristine == 1
+        )
+    )
+    tls = fleet_pki.files(Role.SENSOR, "sensor-1")
+    (tmp / "userdb.txt").write_text(USERDB)
+    config = SensorConfig(
+        controller=address,
+        state_dir=tmp / "sensor",
+        tls_ca=tls.ca,
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        ssh_listen=("127.0.0.1:0",),
+        telnet_listen=("127.0.0.1:0",),
+        telnet_greeting=guest.greeting,
+        telnet_login_fail_delay=0.0,
+        userdb=tmp / "userdb.txt",
+        json_log=tmp / "cowrie.json",
+        lease_timeout=5.0,
+        guest_login_timeout=10.0,
+        login_grace_time=30.0,
+    )
+    sensor_ = Sensor(replace(config, **sensor))
+    await sensor_.start()
+    try:
+        yield Fleet(controller, node, guest, sensor_, sensor_.telnet_ports[0], tmp / "cowrie.json")
+    finally:
+        await sensor_.stop()
+        await node.stop(grace=0)
+        await guest.stop()
+        ssh.close()
+
+
+@pytest.fixture
+async def fleet(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    """The default fleet: spoofing on, a busybox-like guest."""
+    async for f in start_fleet(fleet_pki, start_controller, tmp_path, Telnetd()):
+        yield f
+
+
+class Terminal:
+    """A terminal program on a pty, driven like expect(1)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, master: int) -> None:
+        self.proc = proc
+        self.master = master
+        self.output = bytearray()
+        self._seen = 0
+        self._more = asyncio.Event()
+        self.eof = False
+        asyncio.get_running_loop().add_reader(master, self._readable)
+
+    @classmethod
+    async def spawn(cls, *argv: str) -> Terminal:
+        """Start ``argv`` on a fresh 80x24 pty."""
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            env={**os.environ, "TERM": "xterm"},
+        )
+        os.close(slave)
+        return cls(proc, master)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            asyncio.get_running_loop().remove_reader(self.master)
+        self.output += chunk
+        self._more.set()
+
+    async def expect(self, pattern: bytes, timeout: float = 20.0) -> re.Match[bytes]:
+        """Wait for ``pattern`` in the output after the last match."""
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                found = regex.search(self.output, self._seen)
+                if found is not None:
+                    self._seen = found.end()
+                    return found
+                if self.eof:
+                    raise AssertionError(f"no {pattern!r} before EOF in {bytes(self.output)!r}")
+                self._more.clear()
+                await self._more.wait()
+
+    def send(self, data: bytes) -> None:
+        """Type."""
+        os.write(self.master, data)
+
+    async def close(self) -> None:
+        """End the program."""
+        with contextlib.suppress(OSError):
+            asyncio.get_running_loop().remove_reader(self.master)
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+        os.close(self.master)
+
+
+@contextlib.asynccontextmanager
+async def telnet(fleet: Fleet, *args: str) -> AsyncIterator[Terminal]:
+    """Debian's telnet client on a pty, connected to the sensor."""
+    tool = require_tool("telnet", "telnet")
+    term = await Terminal.spawn(tool, *args, "127.0.0.1", str(fleet.port))
+    try:
+        yield term
+    finally:
+        await term.close()
+
+
+async def test_debian_telnet_logs_in_runs_commands_and_is_recorded(fleet: Fleet) -> None:
+    async with telnet(fleet) as term:
+        await term.expect(rb"srv04 login: ")
+        term.send(b"root\r")
+        await term.expect(rb"Password: ")
+        term.send(b"toor\r")
+        await term.expect(rb"srv04:~# ")
+        term.send(b"echo hello from the $((6*7))th guest\r")
+        await term.expect(rb"hello from the 42th guest")
+        await term.expect(rb"srv04:~# ")
+        term.send(b"exit\r")
+        await term.expect(rb"Connection closed by foreign host")
+    await until(fleet.closed())
+    login = fleet.events("cowrie.login.success")[0]
+    assert (login["username"], login["password"]) == ("root", "toor")
+    assert login["message"] == "login attempt [root/toor] succeeded"
+    # The guest was given the lease's credentials, not the attacker's.
+    assert fleet.guest.attempts == [("root", PASSWORD)]
+    commands = [e["input"] for e in fleet.events("cowrie.command.input")]
+    assert commands == ["echo hello from the $((6*7))th guest", "exit"]
+    for key in ("lease", "guest", "pool_node"):
+        assert fleet.events("cowrie.command.input")[0][key], key
+    events = fleet.events()
+    assert {e["protocol"] for e in events} == {"telnet"}
+    assert len({e["session"] for e in events}) == 1
+    connect = fleet.events("cowrie.session.connect")[0]
+    assert connect["message"].startswith(f"New connection: 127.0.0.1:{connect['src_port']} (")
+    options = fleet.events("honeyfleet.telnet.options")[0]
+    assert "WILL TTYPE" in options["options"] and "DO ECHO" in options["options"]
+    assert options["ttype"].lower() == "xterm"
+    size = fleet.events("cowrie.client.size")[0]
+    assert (size["width"], size["height"]) == (80, 24)
+    # The recording replays the session without the password.
+    closed = fleet.events("cowrie.log.closed")[0]
+    lines = [json.loads(line) for line in Path(closed["ttylog"]).read_text().splitlines()]
+    typed = "".join(text for _, kind, text in lines[1:] if kind == "i")
+    shown = "".join(text for _, kind, text in lines[1:] if kind == "o")
+    assert "root" in typed and "echo hello" in typed and "toor" not in typed
+    assert "srv04 login: " in shown and "hello from the 42th guest" in shown
+    assert PASSWORD not in fleet.json_log.read_text()
+    await until(fleet.released())
+
+
+class Bot:
+    """A raw-socket Telnet client, as scanning bots are: refuses every option, sends bytes
+    exactly as given, and keeps what the server shows (telnet commands stripped)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.output = bytearray()
+        self._seen = 0
+        self._more = asyncio.Event()
+        self.eof = False
+        self._task = asyncio.create_task(self._read())
+
+    @classmethod
+    async def connect(cls, port: int) -> Bot:
+        """Connect to the sensor."""
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def _read(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while chunk := await self.reader.read(65536):
+                self.output += self._strip(chunk)
+                self._more.set()
+        self.eof = True
+        self._more.set()
+
+    def _strip(self, chunk: bytes) -> bytes:
+        """Answer DO with WONT and WILL with DONT; drop subnegotiations."""
+        out, i = bytearray(), 0
+        while i < len(chunk):
+            byte = chunk[i]
+            if byte != IAC or i + 1 >= len(chunk):
+                out.append(byte)
+                i += 1
+            elif chunk[i + 1] in (DO, DONT, WILL, WONT) and i + 2 < len(chunk):
+                answer = {DO: WONT, WILL: DONT}.get(chunk[i + 1])
+                if answer is not None:
+                    self.writer.write(bytes([IAC, answer, chunk[i + 2]]))
+                i += 3
+            elif chunk[i + 1] == SB:
+                end = chunk.find(bytes([IAC, SE]), i)
+                i = len(chunk) if end < 0 else end + 2
+            else:
+                i += 2
+        return bytes(out)
+
+    async def expect(self, pattern: bytes, timeout: float = 20.0) -> re.Match[bytes]:
+        """Wait for ``pattern`` in what was shown after the last match."""
+        regex = re.compile(pattern)
+        async with asyncio.timeout(timeout):
+            while True:
+                found = regex.search(self.output, self._seen)
+                if found is not None:
+                    self._seen = found.end()
+                    return found
+                if self.eof:
+                    raise AssertionError(f"no {pattern!r} before EOF in {bytes(self.output)!r}")
+                self._more.clear()
+                await self._more.wait()
+
+    async def closed(self, timeout: float = 20.0) -> None:
+        """Wait until the sensor hangs up."""
+        async with asyncio.timeout(timeout):
+            await self._task
+
+    def send(self, data: bytes) -> None:
+        """Send bytes as they are."""
+        self.writer.write(data)
+
+    def close(self) -> None:
+        """Hang up."""
+        self.writer.close()
+        self._task.cancel()
+
+
+async def test_wrong_password_is_refused_by_the_guest_then_a_retry_logs_in(fleet: Fleet) -> None:
+    async with telnet(fleet) as term:
+        await term.expect(rb"srv04 login: ")
+        term.send(b"root\r")
+        await term.expect(rb"Password: ")
+        term.send(b"root\r")  # root:x:!root
+        # The guest's own refusal and prompt, then the attacker answers the guest.
+        await term.expect(rb"Login incorrect\r\nsrv04 login: ")
+        term.send(b"ubnt\r")
+        await term.expect(rb"ubnt\r\nPassword: ")
+        term.send(b"ubnt\r")
+        await term.expect(rb"srv04:~# ")
+        term.send(b"id -un\r")
+        await term.expect(rb"\r\nroot\r\n")
+    await until(fleet.closed())
+    failed = fleet.events("cowrie.login.failed")
+    assert [(e["username"], e["password"]) for e in failed] == [("root", "root")]
+    assert failed[0]["message"] == "login attempt [root/root] failed"
+    success = fleet.events("cowrie.login.success")
+    assert [(e["username"], e["password"]) for e in success] == [("ubnt", "ubnt")]
+    # Refused: the lease's password spoiled, so the guest itself said no.
+    assert fleet.guest.attempts == [("root", PASSWORD + "fake"), ("root", PASSWORD)]
+    assert [e["input"] for e in fleet.events("cowrie.command.input")] == ["id -un"]
+    # The guest's echo of the lease's username never reached the attacker.
+    assert bytes(term.output).count(b"root\r\n") == 2  # typed once, `id -un` once
+
+
+@pytest.fixture
+async def unspoofed(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    """Spoofing off: the guest decides."""
+    async for f in start_fleet(
+        fleet_pki, start_controller, tmp_path, Telnetd(), telnet_spoof_authentication=False
+    ):
+        yield f
+
+
+async def test_without_spoofing_only_the_guests_own_credentials_work(unspoofed: Fleet) -> None:
+    bot = await Bot.connect(unspoofed.port)
+    await bot.expect(rb"srv04 login: ")
+    bot.send(b"root\r\ntoor\r\n")  # the userdb would accept; the guest does not
+    await bot.expect(rb"Login incorrect\r\nsrv04 login: ")
+    bot.send(f"root\r\n{PASSWORD}\r\n".encode())
+    await bot.expect(rb"srv04:~# ")
+    bot.send(b"echo in\r\n")
+    await bot.expect(rb"\r\nin\r\n")
+    # Telnet's Interrupt Process reaches the shell as the Ctrl-C a pty understands.
+    received = len(unspoofed.guest.received)
+    bot.send(bytes([IAC, 244]))
+    await until(lambda: b"\x03" in unspoofed.guest.received[received:])
+    bot.close()
+    await until(unspoofed.closed())
+    assert unspoofed.guest.attempts == [("root", "toor"), ("root", PASSWORD)]
+    failed = unspoofed.events("cowrie.login.failed")
+    assert [(e["username"], e["password"]) for e in failed] == [("root", "toor")]
+    success = unspoofed.events("cowrie.login.success")
+    assert [(e["username"], e["password"]) for e in success] == [("root", PASSWORD)]
+    assert [e["input"] for e in unspoofed.events("cowrie.command.input")] == ["echo in"]
+
+
+@pytest.fixture
+async def ubuntu(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    """A guest that takes USER from NEW-ENVIRON and skips the username, as Ubuntu's does."""
+    guest = Telnetd(environ=True, hostname="ubuntu", banner="Ubuntu 22.04.4 LTS")
+    async for f in start_fleet(fleet_pki, start_controller, tmp_path, guest):
+        yield f
+
+
+async def test_new_environ_user_is_captured_and_the_guest_skips_to_the_password(
+    ubuntu: Fleet,
+) -> None:
+    async with telnet(ubuntu, "-l", "ubnt") as term:
+        # telnetd's login asks only for the password when the client sent USER.
+        await term.expect(rb"Ubuntu 22.04.4 LTS\r\nPassword: ")
+        assert b"login: " not in term.output
+        term.send(b"ubnt\r")
+        await term.expect(rb"ubuntu:~# ")
+        term.send(b"exit\r")
+        await term.expect(rb"Connection closed by foreign host")
+    await until(ubuntu.closed())
+    var = next(e for e in ubuntu.events("cowrie.client.var") if e["name"] == "USER")
+    assert var["value"] == "ubnt" and var["message"] == "Telnet NEW-ENVIRON: USER=ubnt"
+    success = ubuntu.events("cowrie.login.success")[0]
+    assert (success["username"], success["password"]) == ("ubnt", "ubnt")
+    # The guest was told the lease's username and skipped straight to the password.
+    assert ubuntu.guest.users == ["root"]
+    assert ubuntu.guest.attempts == [("root", PASSWORD)]
+
+
+async def test_user_minus_f_is_an_exploit_attempt_and_never_reaches_the_guest(
+    ubuntu: Fleet,
+) -> None:
+    bot = await Bot.connect(ubuntu.port)
+    bot.send(bytes([IAC, WILL, 39, IAC, SB, 39, 0, 0]) + b"USER\x01-f root" + bytes([IAC, SE]))
+    # No username was taken from it: the ordinary login prompt.
+    await bot.expect(rb"ubuntu login: ")
+    bot.send(b"root\r\ntoor\r\n")
+    await bot.expect(rb"ubuntu:~# ")
+    bot.close()
+    await until(ubuntu.closed())
+    exploit = ubuntu.events("cowrie.telnet.exploit_attempt")
+    assert len(exploit) == 1 and exploit[0]["value"] == "-f root"
+    assert exploit[0]["cve"] == "CVE-2026-24061"
+    assert ubuntu.guest.users == []
+    assert b"-f" not in ubuntu.guest.received
+
+
+@pytest.mark.parametrize("guest_newline", [b"\r\n", b"\r\0", b"\n"], ids=["crlf", "crnul", "lf"])
+@pytest.mark.parametrize("enter", [b"\r\n", b"\r\0", b"\n"], ids=["crlf", "crnul", "lf"])
+async def test_line_endings_work_in_both_directions(
+    fleet_pki: FleetPki,
+    start_controller: ControllerFactory,
+    tmp_path: Path,
+    guest_newline: bytes,
+    enter: bytes,
+) -> None:
+    guest = Telnetd(newline=guest_newline)
+    async for fleet in start_fleet(fleet_pki, start_controller, tmp_path, guest):
+        bot = await Bot.connect(fleet.port)
+        await bot.expect(rb"srv04 login: ")
+        bot.send(b"root" + enter)
+        await bot.expect(rb"Password: ")
+        bot.send(b"root" + enter)  # refused (root:x:!root): the guest's prompt comes next
+        await bot.expect(rb"Login incorrect" + re.escape(guest_newline) + rb"srv04 login: ")
+        # Typed ahead of the guest's prompts; outputs differ from their commands' echo.
+        bot.send(b"root" + enter + b"toor" + enter + b"expr 20 + 22" + enter)
+        await bot.expect(rb"42\r\n")
+        bot.send(b"expr 30 + 33" + enter)
+        await bot.expect(rb"63\r\n")
+        bot.close()
+        await until(fleet.closed())
+        commands = [e["input"] for e in fleet.events("cowrie.command.input")]
+        assert commands == ["expr 20 + 22", "expr 30 + 33"]
+        assert fleet.guest.attempts == [("root", PASSWORD + "fake"), ("root", PASSWORD)]
+
+
+async def test_a_connection_that_never_logs_in_takes_no_lease(fleet: Fleet) -> None:
+    bot = await Bot.connect(fleet.port)
+    await bot.expect(rb"srv04 login: ")
+    bot.close()
+    await until(fleet.closed())
+    assert not fleet.events("cowrie.login.failed") and not fleet.events("honeyfleet.lease.failed")
+    assert fleet.node.pool.snapshot().guest_counts.pristine == 1
+    assert not fleet.events("cowrie.log.closed")  # nothing typed, nothing recorded
+
+
+@pytest.fixture
+async def leaseless(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    """A sensor whose leases must carry a label no pool node has."""
+    async for f in start_fleet(
+        fleet_pki,
+        start_controller,
+        tmp_path,
+        Telnetd(),
+        guest_labels={"image": "no-such-image"},
+        lease_timeout=1.0,
+    ):
+        yield f
+
+
+async def test_without_a_guest_the_attacker_sees_an_ordinary_failed_login(
+    leaseless: Fleet,
+) -> None:
+    async with telnet(leaseless) as term:
+        for _ in range(2):
+            await term.expect(rb"srv04 login: ")
+            term.send(b"root\r")
+            await term.expect(rb"Password: ")
+            term.send(b"toor\r")
+            await term.expect(rb"\r\nLogin incorrect\r\n")
+        await term.expect(rb"srv04 login: ")
+    await until(leaseless.closed())
+    assert len(leaseless.events("honeyfleet.lease.failed")) == 2
+    success = leaseless.events("cowrie.login.success")
+    assert [(e["username"], e["password"]) for e in success] == [("root", "toor")] * 2
+    assert leaseless.guest.attempts == []
+
+
+@pytest.fixture
+async def tight(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> AsyncIterator[Fleet]:
+    """A fleet whose sensor has small Telnet bounds."""
+    async for f in start_fleet(
+        fleet_pki,
+        start_controller,
+        tmp_path,
+        Telnetd(),
+        max_connections_per_ip=2,
+        telnet_max_subnegotiation=512,
+        telnet_max_negotiations=40,
+        refusal_event_interval=0.0,
+    ):
+        yield f
+
+
+async def test_negotiation_abuse_is_cut_off_while_other_sessions_keep_working(
+    tight: Fleet,
+) -> None:
+    # A logged-in session, through telnetlib3's client, with CR LF line endings.
+    reader, writer = await telnetlib3.open_connection(
+        "127.0.0.1", tight.port, encoding=False, connect_minwait=0.0
+    )
+
+    async def shown(pattern: bytes) -> None:
+        seen = b""
+        async with asyncio.timeout(20):
+            while not re.search(pattern, seen):
+                chunk = await reader.read(4096)
+                assert chunk, seen
+                seen += chunk
+
+    await shown(rb"srv04 login: ")
+    writer.write(b"root\r\n")
+    await shown(rb"Password: ")
+    writer.write(b"toor\r\n")
+    await shown(rb"srv04:~# ")
+    abuses = {
+        "subnegotiation longer than 512 bytes": bytes([IAC, SB, 24, 0]) + b"x" * 4000,
+        "more than 40 option negotiations": bytes([IAC, WILL, 1, IAC, WONT, 1] * 30),
+        "MCCP2_COMPRESS started without agreement": bytes([IAC, SB, 86, IAC, SE]) + b"\x78",
+    }
+    for reason, abuse in abuses.items():
+        bot = await Bot.connect(tight.port)
+        bot.send(abuse)
+        await bot.closed()
+        await until(
+            lambda reason=reason: any(  # type: ignore[misc]
+                e["reason"] == reason for e in tight.events("cowrie.session.closed")
+            )
+        )
+    # Per source: the logged-in session and one more; a third is refused at once.
+    held = await Bot.connect(tight.port)
+    await held.expect(rb"srv04 login: ")
+    refused = await Bot.connect(tight.port)
+    await refused.closed()
+    assert refused.output == b""
+    await until(lambda: bool(tight.events("honeyfleet.session.refused")))
+    event = tight.events("honeyfleet.session.refused")[0]
+    assert event["reason"] == "max_connections_per_ip" and event["protocol"] == "telnet"
+    held.close()
+    # Through all of it, the first session still works.
+    writer.write(b"echo still here\r\n")
+    await shown(rb"\r\nstill here\r\n")
+    writer.close()
+    await until(tight.closed(5))
+    assert [e["input"] for e in tight.events("cowrie.command.input")] == ["echo still here"]
+
+
+async def test_an_idle_session_is_closed(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> None:
+    async for fleet in start_fleet(
+        fleet_pki, start_controller, tmp_path, Telnetd(), idle_timeout=0.5
+    ):
+        bot = await Bot.connect(fleet.port)
+        await bot.expect(rb"srv04 login: ")
+        await bot.closed()
+        await until(fleet.closed())
+        assert fleet.events("cowrie.session.closed")[0]["reason"] == "idle for 0s"
+
+
+async def test_log_raw_logs_both_directions_within_its_budget(
+    fleet_pki: FleetPki,
+    start_controller: ControllerFactory,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sensor.events")
+    async for fleet in start_fleet(
+        fleet_pki, start_controller, tmp_path, Telnetd(), log_raw=True, log_raw_max_bytes=32
+    ):
+        bot = await Bot.connect(fleet.port)
+        await bot.expect(rb"srv04 login: ")
+        bot.send(b"root\r\ntoor\r\n")
+        await bot.expect(rb"srv04:~# ")
+        bot.close()
+        await until(fleet.closed())
+    raw = [r.getMessage() for r in caplog.records if "] raw from " in r.getMessage()]
+    # The bot's refusals (IAC WONT ...) as sent, and busybox-style negotiation from the guest.
+    assert any("raw from attacker: b" in line and "\\xff\\xfc\\x18" in line for line in raw)
+    assert any("raw from guest: b" in line and "\\xff\\xfd\\x01" in line for line in raw)
+    for direction in ("attacker", "guest"):
+        assert any(f"raw from {direction}: log_raw_max_bytes reached" in line for line in raw)
+
+
+class MuteTelnetd(Telnetd):
+    """A guest whose telnetd prints its banner but never a login prompt."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\r\nDebian GNU/Linux 12\r\n")
+        await reader.read()
+        writer.close()
+
+
+async def test_a_guest_without_a_login_prompt_is_given_up(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> None:
+    async for fleet in start_fleet(
+        fleet_pki, start_controller, tmp_path, MuteTelnetd(), guest_login_timeout=1.0
+    ):
+        bot = await Bot.connect(fleet.port)
+        await bot.expect(rb"srv04 login: ")
+        bot.send(b"root\r\ntoor\r\n")
+        await bot.expect(rb"\r\nLogin incorrect\r\nsrv04 login: ")
+        failed = fleet.events("honeyfleet.guest.failed")
+        assert [e["reason"] for e in failed] == ["no login prompt from the guest in time"]
+        await until(fleet.released())
+        bot.close()

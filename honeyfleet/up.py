@@ -183,6 +183,7 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "state_dir": str(state / "sensor"),
             **tls("sensor"),
             "ssh_listen": [f"0.0.0.0:{plan.ssh_port}"],
+            "telnet_listen": [f"0.0.0.0:{plan.telnet_port}"],
             "json_log": str(plan.logs / "sensor-cowrie.json"),
         },
         "admin": {"controller": controller, **tls("admin")},
@@ -359,6 +360,7 @@ async def run(plan: Plan, console: Console) -> int:
     console.print(
         f"""[bold green]honeyfleet is up.[/]
   attack it:  ssh -p {plan.ssh_port} root@127.0.0.1   (any password but "root")
+              telnet 127.0.0.1 {plan.telnet_port}
   fleet:      honeyfleet status --config {plan.config}
   grpcurl:    grpcurl -cacert {admin.ca} -cert {admin.cert} -key {admin.key} \\
                 127.0.0.1:{PORTS["controller"]} honeyfleet.v1.FleetService/ListPoolNodes

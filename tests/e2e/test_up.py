@@ -1,0 +1,143 @@
+"""`honeyfleet up` as an operator runs it: start, attack with OpenSSH, see the event, stop.
+
+It runs inside the run's network namespace (where the tests' libvirtd lives), so its
+sensor, guests and every packet stay there. The image is built beforehand in the root
+namespace, which is the one that reaches the Debian mirrors; `up` then finds it built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from honeyfleet.up import NETWORK, TAG
+from poolnode.image import GuestImageSpec, build_image
+from tests.conftest import require_tool
+from tests.e2e.conftest import IMAGE_DIR
+from tests.e2e.vmhost import VmHost, namespace_pids
+from tests.integration.test_leases import until
+
+pytestmark = pytest.mark.vm
+
+BIN = Path(sys.executable).parent
+PASSWORD = "up-test-guest-pw"
+COMMAND = "echo hello-from-up; uname -n"
+
+
+async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: Path) -> None:
+    require_tool("sshpass", "sshpass")
+    directory = tmp_path / "fleet"
+    directory.mkdir()
+    (directory / "backend_pass").write_text(PASSWORD)
+    await asyncio.to_thread(build_image, GuestImageSpec(out_dir=IMAGE_DIR, backend_pass=PASSWORD))
+    proc = await asyncio.create_subprocess_exec(
+        *vm_host.ns_argv(
+            str(BIN / "honeyfleet"),
+            "up",
+            "--dir",
+            str(directory),
+            "--image-dir",
+            str(IMAGE_DIR),
+            "--guests",
+            "1",
+            "--hypervisor",
+            "qemu",
+        ),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.stdout is not None
+    output = b""
+    try:
+        async with asyncio.timeout(300):
+            while b"Ctrl-C stops everything" not in output:
+                chunk = await proc.stdout.read(4096)
+                assert chunk, f"honeyfleet up ended early:\n{output.decode(errors='replace')}"
+                output += chunk
+        assert b"ssh -p 2222 root@127.0.0.1" in output
+        assert b"telnet 127.0.0.1 2223" in output
+
+        ssh = await asyncio.create_subprocess_exec(
+            *vm_host.ns_argv(
+                "sshpass",
+                "-p",
+                "anything-but-root",
+                "ssh",
+                "-p",
+                "2222",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "root@127.0.0.1",
+                COMMAND,
+            ),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(120):
+            out, err = await ssh.communicate()
+        assert ssh.returncode == 0, err.decode()
+        assert out.decode().split() == ["hello-from-up", "srv04"]  # ran in the real guest
+
+        # The command reaches the controller's store (and its Cowrie JSON lines file).
+        log = directory / "state" / "controller" / "cowrie.json"
+
+        def stored_commands() -> list[str]:
+            if not log.exists():
+                return []
+            events = [json.loads(line) for line in log.read_text().splitlines()]
+            return [e["input"] for e in events if e["eventid"] == "cowrie.command.input"]
+
+        await until(lambda: stored_commands() == [COMMAND], timeout=60)
+
+        # Telnet on 2223 offers a login prompt.
+        probe = (
+            "import socket; s = socket.create_connection(('127.0.0.1', 2223), 10); "
+            "s.settimeout(10); data = b''\n"
+            "while b'login:' not in data:\n"
+            "    chunk = s.recv(4096)\n"
+            "    data += chunk\n"
+            "    assert chunk and len(data) < 65536, data\n"
+            "print('prompt-seen')"
+        )
+        telnet = await asyncio.create_subprocess_exec(
+            *vm_host.ns_argv(sys.executable, "-c", probe),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await telnet.communicate()
+        assert out.strip() == b"prompt-seen", err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(120):
+            rest, _ = await proc.communicate()
+        output += rest
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "nothing left behind" in text
+    conn = vm_host.libvirt()
+    try:
+        assert [d.name() for d in conn.listAllDomains() if d.name().startswith(TAG)] == []
+        assert NETWORK not in [n.name() for n in conn.listAllNetworks()]
+    finally:
+        conn.close()
+    leftover = [
+        pid
+        for pid in namespace_pids(vm_host.netns)
+        if b"honeyfleet" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert leftover == []
+    assert not list((directory / "state" / "poolnode" / "guests").glob("*.qcow2"))

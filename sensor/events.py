@@ -13,6 +13,7 @@ from typing import Any
 
 from honeyfleet.events import Event, make_event
 from sensor.metrics import SensorMetrics
+from sensor.recording import RecordingSummary
 from sensor.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,30 @@ class SessionEvents:
     async def flush(self) -> None:
         """Wait until the events emitted so far are durable."""
         await self._events.flush()
+
+    def emit_closed(self, recording: RecordingSummary | None, duration: float, reason: str) -> None:
+        """A session's last events: its recording's ``log.closed``, then ``session.closed``.
+
+        Both carry ``duration_ms`` and the older ``duration`` (seconds) for Cowrie 2.x tools.
+        """
+        if recording is not None:
+            self.emit(
+                "cowrie.log.closed",
+                "Closing TTY Log: {ttylog} after {duration} seconds",
+                ttylog=str(recording.path),
+                size=recording.size,
+                shasum=recording.shasum,
+                duration=round(recording.duration, 1),
+                duration_ms=round(recording.duration * 1000),
+                truncated=recording.truncated,
+            )
+        self.emit(
+            "cowrie.session.closed",
+            "Connection lost after {duration} seconds",
+            duration=round(duration, 1),
+            duration_ms=round(duration * 1000),
+            reason=reason,
+        )
 
 
 class SessionLogger(logging.LoggerAdapter[logging.Logger]):

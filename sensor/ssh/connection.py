@@ -388,25 +388,8 @@ class AttackerConnection:
         if self._storing:
             await asyncio.wait(self._storing)  # their events come before the last ones
         duration = time.monotonic() - self._started
-        if self._recorder is not None:
-            summary = self._recorder.close()
-            self.events.emit(
-                "cowrie.log.closed",
-                "Closing TTY Log: {ttylog} after {duration} seconds",
-                ttylog=str(summary.path),
-                size=summary.size,
-                shasum=summary.shasum,
-                duration=round(summary.duration, 1),
-                duration_ms=round(summary.duration * 1000),
-                truncated=summary.truncated,
-            )
-        self.events.emit(
-            "cowrie.session.closed",
-            "Connection lost after {duration} seconds",
-            duration=round(duration, 1),
-            duration_ms=round(duration * 1000),
-            reason=reason,
-        )
+        summary = self._recorder.close() if self._recorder is not None else None
+        self.events.emit_closed(summary, duration, reason)
         await self.events.flush()
         self.shared.admission.release(self.src_ip, logged_in=was_proxying)
         if was_proxying:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-from honeyfleet.events import make_event, new_session_id
+from sensor.refusals import RefusalReporter
 from sensor.ssh.connection import AttackerConnection, Shared
 from sensor.ssh.pump import AttackerSide
 
@@ -16,8 +15,12 @@ class SshFrontend:
     def __init__(self, shared: Shared) -> None:
         self._shared = shared
         self._servers: list[asyncio.Server] = []
-        self._refused = 0
-        self._last_refusal_event = 0.0
+        self._refusals = RefusalReporter(
+            shared.events,
+            sensor=shared.sensor,
+            protocol="ssh",
+            interval=shared.config.refusal_event_interval,
+        )
 
     async def start(self) -> list[int]:
         """Listen; returns the bound ports (useful with port 0)."""
@@ -53,23 +56,5 @@ class SshFrontend:
         reason = shared.admission.admit(peer[0], spool_near_full=shared.events.spool.near_full)
         if reason is None:
             return AttackerConnection(shared, side, peer[:2], local[:2])
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._last_refusal_event >= shared.config.refusal_event_interval:
-            # One event per interval however many are refused: a flood must not fill
-            # the spool headroom kept for running sessions.
-            shared.events.emit(
-                make_event(
-                    "honeyfleet.session.refused",
-                    f"Refused {self._refused} connection(s): {reason}",
-                    session=new_session_id(),
-                    src_ip=peer[0],
-                    sensor=shared.sensor,
-                    protocol="ssh",
-                    reason=reason,
-                    count=self._refused,
-                )
-            )
-            self._refused = 0
-            self._last_refusal_event = now
+        self._refusals.refused(peer[0], reason)
         return None

@@ -14,10 +14,11 @@ uploader does; events/second from the first send to the last acknowledgement.
 Latency: 10 sensors, each with the real sensor spool and uploader, append events at
 ``--rate`` events/second in total for ``--seconds``; an admin's WatchEvents sees each
 event right after its transaction commits. Latency is that moment minus the event's
-timestamp (taken just before the spool append): spool fsync, upload, validation, queue,
-store commit. The ten sensors share this process and its event loop, and a spool
-fsyncs every event, so past roughly 500 events/s on a 2-core machine this process
-saturates before the controller does (latency then measures its backlog).
+timestamp (taken just before the spool append): spool commit, upload, validation, queue,
+store commit. The ten sensors share this process (each spool group-commits on a thread
+of its own), so at high rates on a 2-core machine this process may saturate before the
+controller does; latency then measures its backlog. The figures in the README were
+measured before spools group-committed.
 
 Without ``--postgres-dsn`` a throwaway PostgreSQL is started from Debian's binaries
 (``apt-get install postgresql``).

@@ -133,6 +133,36 @@ async def _banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     writer.close()
 
 
+async def start_static_pool_node(
+    fleet_pki: FleetPki,
+    name: str,
+    controller: str,
+    hosts: tuple[str, ...],
+    state_dir: Path,
+    **overrides: Any,
+) -> PoolNode:
+    """Start a real pool node whose static-backend guests are ``hosts`` (the caller stops it)."""
+    tls = fleet_pki.files(Role.POOLNODE, name)
+    config = PoolNodeConfig(
+        controller=controller,
+        listen="127.0.0.1:0",
+        state_dir=state_dir,
+        tls_ca=tls.ca,
+        tls_cert=tls.cert,
+        tls_key=tls.key,
+        backend="static",
+        static_hosts=hosts,
+        max_vms=len(hosts),
+        max_parallel_boots=len(hosts),
+        health_interval=1.0,
+        backend_pass="guest-secret",
+    )
+    config = replace(config, **overrides)
+    node = PoolNode(config, StaticBackend(parse_hosts(hosts)))
+    await node.start()
+    return node
+
+
 PoolNodeFactory = Callable[..., Awaitable[PoolNode]]
 GuestHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -152,30 +182,22 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
         labels: dict[str, str] | None = None,
         guest: GuestHandler = _banner,
     ) -> PoolNode:
-        tls = fleet_pki.files(Role.POOLNODE, name)
         hosts = []
         for _ in range(guests):
             server = await asyncio.start_server(guest, "127.0.0.1", 0)
             servers.append(server)
             hosts.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        config = PoolNodeConfig(
-            controller=controller,
-            listen="127.0.0.1:0",
-            state_dir=tmp_path / name,
-            tls_ca=tls.ca,
-            tls_cert=tls.cert,
-            tls_key=tls.key,
+        node = await start_static_pool_node(
+            fleet_pki,
+            name,
+            controller,
+            tuple(hosts),
+            tmp_path / name,
             labels=labels or {"image": "busybox"},
             share_guests=share_guests,
-            backend="static",
-            static_hosts=tuple(hosts),
             max_vms=guests,
             max_parallel_boots=guests,
-            health_interval=1.0,
-            backend_pass="guest-secret",
         )
-        node = PoolNode(config, StaticBackend(parse_hosts(config.static_hosts)))
-        await node.start()
         running.append(node)
         return node
 

@@ -27,12 +27,10 @@ import pytest
 
 from controller.server import Controller
 from honeyfleet.pki.identity import Role
-from poolnode.backends.static import StaticBackend, parse_hosts
-from poolnode.config import PoolNodeConfig
 from poolnode.server import PoolNode
 from sensor.config import SensorConfig
 from sensor.service import Sensor
-from tests.conftest import ControllerFactory, FleetPki, require_tool
+from tests.conftest import ControllerFactory, FleetPki, require_tool, start_static_pool_node
 from tests.sshd import PASSWORD, Sshd
 
 USERDB = "root:x:!root\nroot:x:*\nadmin:x:!*\nadmin:x:admin\n"
@@ -108,24 +106,15 @@ async def start_fleet(
     guest = Sshd(tmp / "guest-home")
     guest_port = await guest.start()
     ctl, address = await start_controller(**(controller or {}))
-    node_tls = fleet_pki.files(Role.POOLNODE, "pool-1")
-    node_config = PoolNodeConfig(
-        controller=address,
-        listen="127.0.0.1:0",
-        state_dir=tmp / "pool",
-        tls_ca=node_tls.ca,
-        tls_cert=node_tls.cert,
-        tls_key=node_tls.key,
-        backend="static",
-        static_hosts=(f"127.0.0.1:{guest_port}",),
-        max_vms=1,
-        max_parallel_boots=1,
-        health_interval=1.0,
+    node = await start_static_pool_node(
+        fleet_pki,
+        "pool-1",
+        address,
+        (f"127.0.0.1:{guest_port}",),
+        tmp / "pool",
         share_guests=share_guests,
         backend_pass=PASSWORD,
     )
-    node = PoolNode(node_config, StaticBackend(parse_hosts(node_config.static_hosts)))
-    await node.start()
     await until(
         lambda: "pool-1" in ctl.registry.nodes and ctl.registry.nodes["pool-1"].counts.pristine == 1
     )

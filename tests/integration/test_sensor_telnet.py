@@ -24,12 +24,10 @@ import telnetlib3
 
 from controller.server import Controller
 from honeyfleet.pki.identity import Role
-from poolnode.backends.static import StaticBackend, parse_hosts
-from poolnode.config import PoolNodeConfig
 from poolnode.server import PoolNode
 from sensor.config import SensorConfig
 from sensor.service import Sensor
-from tests.conftest import ControllerFactory, FleetPki, require_tool
+from tests.conftest import ControllerFactory, FleetPki, require_tool, start_static_pool_node
 from tests.telnetd import PASSWORD, Telnetd
 
 USERDB = "root:x:!root\nroot:x:*\nadmin:x:!*\nadmin:x:admin\nubnt:x:ubnt\n"
@@ -92,24 +90,15 @@ async def start_fleet(
     ssh = await asyncio.start_server(_ssh_banner, "127.0.0.1", 0)
     ssh_port = ssh.sockets[0].getsockname()[1]
     controller, address = await start_controller()
-    node_tls = fleet_pki.files(Role.POOLNODE, "pool-1")
-    node_config = PoolNodeConfig(
-        controller=address,
-        listen="127.0.0.1:0",
-        state_dir=tmp / "pool",
-        tls_ca=node_tls.ca,
-        tls_cert=node_tls.cert,
-        tls_key=node_tls.key,
-        backend="static",
-        static_hosts=(f"127.0.0.1:{ssh_port}:{telnet_port}",),
-        max_vms=1,
-        max_parallel_boots=1,
-        health_interval=1.0,
+    node = await start_static_pool_node(
+        fleet_pki,
+        "pool-1",
+        address,
+        (f"127.0.0.1:{ssh_port}:{telnet_port}",),
+        tmp / "pool",
         share_guests=True,
         backend_pass=PASSWORD,
     )
-    node = PoolNode(node_config, StaticBackend(parse_hosts(node_config.static_hosts)))
-    await node.start()
     await until(
         lambda: (
             "pool-1" in controller.registry.nodes

@@ -48,7 +48,7 @@ class Tunnel:
         for pump in self._pumps:
             pump.cancel()
         for pump in self._pumps:
-            with contextlib.suppress(asyncio.CancelledError, OSError, grpc.aio.AioRpcError):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
                 await pump
 
 
@@ -116,11 +116,18 @@ async def _open(call: TunnelCall, lease: GuestLease, port: common_pb2.GuestPort.
 
 
 async def _upstream(reader: asyncio.StreamReader, call: TunnelCall) -> None:
-    """Socket -> stream, then an eof frame (half-close)."""
-    while data := await reader.read(CHUNK):
-        await call.write(poolnode_pb2.TunnelRequest(data=data))
-    await call.write(poolnode_pb2.TunnelRequest(eof=poolnode_pb2.TunnelEof()))
-    await call.done_writing()
+    """Socket -> stream, then an eof frame (half-close).
+
+    A stream that has already ended (the pool node went away) just ends this pump:
+    the downstream pump is the one that reads the status and says why.
+    """
+    try:
+        while data := await reader.read(CHUNK):
+            await call.write(poolnode_pb2.TunnelRequest(data=data))
+        await call.write(poolnode_pb2.TunnelRequest(eof=poolnode_pb2.TunnelEof()))
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return
 
 
 async def _downstream(call: TunnelCall, writer: asyncio.StreamWriter, tunnel: Tunnel) -> None:

@@ -90,10 +90,12 @@ class GuestLink:
         self._tasks.clear()
         if conn is not None:
             conn.close()
-        if tunnel is not None:
-            await tunnel.close()
-        if lease is not None:
-            await self._leases.release(lease, reason)
+        try:
+            if tunnel is not None:
+                await tunnel.close()
+        finally:
+            if lease is not None:
+                await self._leases.release(lease, reason)
 
     async def _watch(self, conn: asyncssh.SSHClientConnection) -> None:
         """A guest (or tunnel) that goes away ends the session, saying so."""

@@ -387,12 +387,14 @@ class TelnetSession:
         self._guest_task = self._keeper = None
         if guest is not None and guest.writer is not None:
             guest.writer.close()
-        if tunnel is not None:
-            await tunnel.close()
-        if lease is not None:
-            # Shielded: a session cancelled while releasing still gives the guest back
-            # (the release is bounded by its own timeout).
-            await asyncio.shield(self.shared.leases.release(lease, reason))
+        try:
+            if tunnel is not None:
+                await tunnel.close()
+        finally:
+            if lease is not None:
+                # Shielded: a session cancelled while releasing still gives the guest
+                # back (the release is bounded by its own timeout).
+                await asyncio.shield(self.shared.leases.release(lease, reason))
 
     # The end.
 

@@ -497,3 +497,26 @@ async def test_stop_ends_running_sessions_and_spools_their_last_events(
     assert fleet.closed_reasons() == ["sensor shutting down"]
     with contextlib.suppress(OSError):
         conn.close()
+
+
+async def test_a_vanished_pool_node_ends_the_session_and_gives_back_its_slot(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet(max_connections_per_ip=1)
+    conn = await connect(fleet)
+    process = await conn.create_process("sleep 60")
+    await until(lambda: bool(fleet.events("cowrie.command.input")))
+    await fleet.node.stop(grace=0)  # its tunnels break under the running session
+    async with asyncio.timeout(30):
+        await process.wait_closed()
+        await conn.wait_closed()
+    await until(lambda: bool(fleet.closed_reasons()))
+    (reason,) = fleet.closed_reasons()
+    assert reason.startswith("tunnel broke"), reason
+    assert [e["reason"] for e in fleet.events("honeyfleet.guest.lost")] == [reason]
+    # The address's only connection slot is free again: the next login gets as far as
+    # asking for a lease (which fails: the pool is gone), not a refusal at the door.
+    code, _, err = await ssh(fleet, "true", timeout=30)
+    assert code != 0
+    assert len(fleet.events("cowrie.session.connect")) == 2, err
+    assert not fleet.events("honeyfleet.session.refused")

@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import re
-import struct
-import termios
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -29,6 +25,7 @@ from sensor.config import SensorConfig
 from sensor.service import Sensor
 from tests.conftest import ControllerFactory, FleetPki, require_tool, start_static_pool_node
 from tests.telnetd import PASSWORD, Telnetd
+from tests.terminal import Terminal, Transcript
 
 USERDB = "root:x:!root\nroot:x:*\nadmin:x:!*\nadmin:x:admin\nubnt:x:ubnt\n"
 IAC, SB, SE, WILL, WONT, DO, DONT = 255, 250, 240, 251, 252, 253, 254
@@ -143,73 +140,6 @@ async def fleet(
         yield f
 
 
-class Terminal:
-    """A terminal program on a pty, driven like expect(1)."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, master: int) -> None:
-        self.proc = proc
-        self.master = master
-        self.output = bytearray()
-        self._seen = 0
-        self._more = asyncio.Event()
-        self.eof = False
-        asyncio.get_running_loop().add_reader(master, self._readable)
-
-    @classmethod
-    async def spawn(cls, *argv: str) -> Terminal:
-        """Start ``argv`` on a fresh 80x24 pty."""
-        master, slave = os.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=slave,
-            stdout=slave,
-            stderr=slave,
-            start_new_session=True,
-            env={**os.environ, "TERM": "xterm"},
-        )
-        os.close(slave)
-        return cls(proc, master)
-
-    def _readable(self) -> None:
-        try:
-            chunk = os.read(self.master, 65536)
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.eof = True
-            asyncio.get_running_loop().remove_reader(self.master)
-        self.output += chunk
-        self._more.set()
-
-    async def expect(self, pattern: bytes, timeout: float = 20.0) -> re.Match[bytes]:
-        """Wait for ``pattern`` in the output after the last match."""
-        regex = re.compile(pattern)
-        async with asyncio.timeout(timeout):
-            while True:
-                found = regex.search(self.output, self._seen)
-                if found is not None:
-                    self._seen = found.end()
-                    return found
-                if self.eof:
-                    raise AssertionError(f"no {pattern!r} before EOF in {bytes(self.output)!r}")
-                self._more.clear()
-                await self._more.wait()
-
-    def send(self, data: bytes) -> None:
-        """Type."""
-        os.write(self.master, data)
-
-    async def close(self) -> None:
-        """End the program."""
-        with contextlib.suppress(OSError):
-            asyncio.get_running_loop().remove_reader(self.master)
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await self.proc.wait()
-        os.close(self.master)
-
-
 @contextlib.asynccontextmanager
 async def telnet(fleet: Fleet, *args: str) -> AsyncIterator[Terminal]:
     """Debian's telnet client on a pty, connected to the sensor."""
@@ -264,17 +194,14 @@ async def test_debian_telnet_logs_in_runs_commands_and_is_recorded(fleet: Fleet)
     await until(fleet.released())
 
 
-class Bot:
+class Bot(Transcript):
     """A raw-socket Telnet client, as scanning bots are: refuses every option, sends bytes
     exactly as given, and keeps what the server shows (telnet commands stripped)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__()
         self.reader = reader
         self.writer = writer
-        self.output = bytearray()
-        self._seen = 0
-        self._more = asyncio.Event()
-        self.eof = False
         self._task = asyncio.create_task(self._read())
 
     @classmethod
@@ -285,10 +212,8 @@ class Bot:
     async def _read(self) -> None:
         with contextlib.suppress(ConnectionError):
             while chunk := await self.reader.read(65536):
-                self.output += self._strip(chunk)
-                self._more.set()
-        self.eof = True
-        self._more.set()
+                self.shown(self._strip(chunk))
+        self.hung_up()
 
     def _strip(self, chunk: bytes) -> bytes:
         """Answer DO with WONT and WILL with DONT; drop subnegotiations."""
@@ -309,20 +234,6 @@ class Bot:
             else:
                 i += 2
         return bytes(out)
-
-    async def expect(self, pattern: bytes, timeout: float = 20.0) -> re.Match[bytes]:
-        """Wait for ``pattern`` in what was shown after the last match."""
-        regex = re.compile(pattern)
-        async with asyncio.timeout(timeout):
-            while True:
-                found = regex.search(self.output, self._seen)
-                if found is not None:
-                    self._seen = found.end()
-                    return found
-                if self.eof:
-                    raise AssertionError(f"no {pattern!r} before EOF in {bytes(self.output)!r}")
-                self._more.clear()
-                await self._more.wait()
 
     async def closed(self, timeout: float = 20.0) -> None:
         """Wait until the sensor hangs up."""

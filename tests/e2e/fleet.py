@@ -56,6 +56,23 @@ POLL = 0.5
 BOOTED = re.compile(r"guest (\S+) pristine at (\S+) after ([0-9.]+)s")
 
 
+def tcg_guests(image: GuestImage) -> dict[str, Any]:
+    """A [poolnode]'s guest settings: libvirt, TCG, 128 MiB guests of the test image."""
+    return {
+        "backend": "libvirt",
+        "backend_user": GUEST_USER,
+        "backend_pass": GUEST_PASSWORD,
+        "libvirt_uri": LIBVIRT_URI,
+        "hypervisor": "qemu",
+        "guest_memory": 128,
+        "guest_vcpus": 1,
+        "guest_image": str(image.disk),
+        "guest_kernel": str(image.kernel),
+        "guest_initrd": str(image.initrd),
+        "guest_cmdline": image.cmdline,
+    }
+
+
 class VmFleet:
     """The controller, the pool node process and the relays between them."""
 
@@ -116,7 +133,7 @@ class VmFleet:
             "tls_ca": str(tls.ca),
             "tls_cert": str(tls.cert),
             "tls_key": str(tls.key),
-            "backend": "libvirt",
+            **tcg_guests(self.image),
             "max_vms": GUESTS,
             "max_parallel_boots": GUESTS,
             "unused_timeout": 5.0,
@@ -124,16 +141,6 @@ class VmFleet:
             "save_snapshots": True,
             "boot_timeout": 150.0,
             "health_interval": 2.0,
-            "backend_user": GUEST_USER,
-            "backend_pass": GUEST_PASSWORD,
-            "libvirt_uri": LIBVIRT_URI,
-            "hypervisor": "qemu",
-            "guest_memory": 128,
-            "guest_vcpus": 1,
-            "guest_image": str(self.image.disk),
-            "guest_kernel": str(self.image.kernel),
-            "guest_initrd": str(self.image.initrd),
-            "guest_cmdline": self.image.cmdline,
             "guest_tag": TAG,
             "network_name": NETWORK,
             "network_bridge": BRIDGE,

@@ -19,6 +19,7 @@ import pytest
 from honeyfleet.up import NETWORK, TAG
 from poolnode.image import GuestImageSpec, build_image
 from tests.conftest import require_tool
+from tests.e2e.clients import openssh_argv
 from tests.e2e.conftest import IMAGE_DIR
 from tests.e2e.vmhost import VmHost, namespace_pids
 from tests.integration.test_leases import until
@@ -97,22 +98,7 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
         assert b"telnet 127.0.0.1 2223" in output
 
         ssh = await asyncio.create_subprocess_exec(
-            *vm_host.ns_argv(
-                "sshpass",
-                "-p",
-                "anything-but-root",
-                "ssh",
-                "-p",
-                "2222",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "root@127.0.0.1",
-                COMMAND,
-            ),
+            *vm_host.ns_argv(*openssh_argv("anything-but-root", "127.0.0.1", 2222, COMMAND)),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

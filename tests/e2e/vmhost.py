@@ -374,8 +374,8 @@ class VmHost:
                     raise HostProblem(f"libvirtd does not answer: {e.get_error_message()}") from e
                 time.sleep(0.1)
 
-    def remove_libvirt_objects(self) -> None:
-        """Destroy the tests' domains, network and filter (all named with TAG/NETWORK)."""
+    def remove_libvirt_objects(self, tag: str = TAG, network_name: str = NETWORK) -> None:
+        """Destroy one pool's domains, network and filter (named after its tag and network)."""
         import libvirt
 
         try:
@@ -384,18 +384,18 @@ class VmHost:
             return
         try:
             for domain in conn.listAllDomains(0):
-                if domain.name().startswith(f"{TAG}-"):
+                if domain.name().startswith(f"{tag}-"):
                     with contextlib.suppress(libvirt.libvirtError):
                         domain.destroy()
                     with contextlib.suppress(libvirt.libvirtError):
                         domain.undefine()
             with contextlib.suppress(libvirt.libvirtError):
-                network = conn.networkLookupByName(NETWORK)
+                network = conn.networkLookupByName(network_name)
                 with contextlib.suppress(libvirt.libvirtError):
                     network.destroy()
                 network.undefine()
             with contextlib.suppress(libvirt.libvirtError):
-                conn.nwfilterLookupByName(f"{TAG}-guest").undefine()
+                conn.nwfilterLookupByName(f"{tag}-guest").undefine()
         finally:
             conn.close()
 

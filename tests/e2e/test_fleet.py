@@ -1,0 +1,251 @@
+"""The whole fleet end to end, as operators deploy it and attackers meet it.
+
+A controller, two pool nodes (libvirt guests under TCG) and two sensors, each started
+through the CLI and enrolled with a join token (cli_fleet.py). Attackers at distinct
+loopback addresses use OpenSSH and Debian's telnet against both sensors; the operator
+checks the fleet and the stored sessions with ``buf curl`` and the admin certificate.
+
+Whether two sessions reached the same machine is shown twice: by the guest the store
+recorded for each session, and by a file one session leaves in its guest's /tmp that
+only a session on the same guest can read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import pytest
+
+from poolnode.image import GuestImage
+from tests.conftest import require_tool
+from tests.e2e.cli_fleet import (
+    COMMAND_WAIT,
+    NODES,
+    SENSORS,
+    SSH_PORT,
+    TELNET_PORT,
+    CliFleet,
+    SensorPlan,
+)
+from tests.e2e.clients import openssh_argv
+from tests.e2e.vmhost import VmHost
+from tests.terminal import Terminal
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+
+T = TypeVar("T")
+SENSOR_1, SENSOR_2 = SENSORS
+ATTACKER_PASSWORD = "letmein-7"  # the default userdb lets root in with anything but "root"
+
+
+@pytest.fixture(scope="module")
+async def cli_fleet(
+    vm_host: VmHost, vm_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[CliFleet]:
+    """The fleet, up once for this module's tests (booting four guests is the slow part)."""
+    require_tool("sshpass", "sshpass")
+    require_tool("telnet", "telnet")
+    fleet = CliFleet(vm_host, vm_image, tmp_path_factory.mktemp("clifleet"))
+    try:
+        await fleet.start()
+        yield fleet
+    finally:
+        await fleet.close()
+
+
+def ssh_argv(fleet: CliFleet, src_ip: str, sensor: SensorPlan, command: str) -> list[str]:
+    """OpenSSH from ``src_ip`` to a sensor, inside the namespace."""
+    return fleet.host.ns_argv(
+        *openssh_argv(ATTACKER_PASSWORD, sensor.address, SSH_PORT, command, source=src_ip)
+    )
+
+
+async def ssh(fleet: CliFleet, src_ip: str, sensor: SensorPlan, command: str) -> str:
+    """Run one command over SSH through a sensor; what it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        *ssh_argv(fleet, src_ip, sensor, command),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(COMMAND_WAIT * 2):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, f"ssh from {src_ip} via {sensor.name}: {err.decode()}"
+    return out.decode()
+
+
+@contextlib.asynccontextmanager
+async def telnet_login(fleet: CliFleet, src_ip: str, sensor: SensorPlan) -> AsyncIterator[Terminal]:
+    """Debian's telnet from ``src_ip`` to a sensor, on a pty, logged in at a shell prompt."""
+    term = await Terminal.spawn(
+        *fleet.host.ns_argv("telnet", "-b", src_ip, sensor.address, str(TELNET_PORT))
+    )
+    try:
+        await term.expect(rb"login: ", timeout=COMMAND_WAIT)
+        term.send(b"root\r")
+        await term.expect(rb"Password: ", timeout=COMMAND_WAIT)
+        term.send(ATTACKER_PASSWORD.encode() + b"\r")
+        await term.expect(rb"# ", timeout=COMMAND_WAIT * 2)  # the guest's own shell
+        yield term
+    finally:
+        await term.close()
+
+
+async def eventually(
+    fetch: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str, timeout: float = 60
+) -> T:
+    """Poll ``fetch`` until ``done`` holds for its result (bounded in time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; last: {value!r}")
+        await asyncio.sleep(0.5)
+
+
+async def closed_sessions(fleet: CliFleet, src_ip: str, count: int) -> list[dict[str, Any]]:
+    """Wait until ``count`` sessions of ``src_ip`` are stored, ended and placed on a guest."""
+    return await eventually(
+        lambda: fleet.sessions(src_ip),
+        lambda found: (
+            len(found) == count and all(s.get("endTime") and s.get("guest") for s in found)
+        ),
+        f"{count} closed sessions from {src_ip}",
+    )
+
+
+async def commands_typed(fleet: CliFleet, text: str) -> list[dict[str, Any]]:
+    """Stored ``cowrie.command.input`` events whose input is ``text``."""
+    typed = await fleet.events(eventid="cowrie.command.input")
+    return [e for e in typed if e["input"] == text]
+
+
+def guests_by_attacker(sessions: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(pool node, guest) -> the attacker addresses whose sessions ran on it."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for s in sessions:
+        if s.get("guest"):
+            seen.setdefault((s["poolNode"], s["guest"]), set()).add(s["srcIp"])
+    return seen
+
+
+async def test_attackers_spread_follow_their_guest_and_never_share(cli_fleet: CliFleet) -> None:
+    a, b = "127.0.0.2", "127.0.0.3"
+    ssh_command = "echo owner-a > /tmp/hf-owner; echo ssh-ran-$((6*7))"
+    telnet_command = "echo telnet-ran-$((6*7))"
+
+    # Attacker A over SSH through sensor 1 leaves a mark in its guest.
+    assert (await ssh(cli_fleet, a, SENSOR_1, ssh_command)).split() == ["ssh-ran-42"]
+    # Attacker B through sensor 2 lands on a guest with no mark: not A's.
+    probe = "cat /tmp/hf-owner 2>/dev/null || echo no-owner-here"
+    assert (await ssh(cli_fleet, b, SENSOR_2, probe)).split() == ["no-owner-here"]
+    # A again, now over Telnet through sensor 2: the same guest, mark and all.
+    async with telnet_login(cli_fleet, a, SENSOR_2) as term:
+        term.send(b"cat /tmp/hf-owner\r")
+        await term.expect(rb"\r\nowner-a\r\n", timeout=COMMAND_WAIT)
+        term.send(telnet_command.encode() + b"\r")
+        await term.expect(rb"telnet-ran-42", timeout=COMMAND_WAIT)  # the guest did the sum
+        term.send(b"exit\r")
+        await term.ended(timeout=COMMAND_WAIT)
+
+    sessions_a = await closed_sessions(cli_fleet, a, 2)
+    (session_b,) = await closed_sessions(cli_fleet, b, 1)
+    via_ssh, via_telnet = sessions_a
+    assert (via_ssh["sensor"], via_telnet["sensor"]) == (SENSOR_1.name, SENSOR_2.name)
+    assert (via_ssh["poolNode"], via_ssh["guest"]) == (via_telnet["poolNode"], via_telnet["guest"])
+    # Both nodes were pristine-equal, so the second attacker went to the other node.
+    assert {via_ssh["poolNode"], session_b["poolNode"]} == {n.name for n in NODES}
+    assert all(len(ips) == 1 for ips in guests_by_attacker([*sessions_a, session_b]).values())
+
+    # Each command ran once and is stored once, in the session it was typed in.
+    (typed_ssh,) = await eventually(
+        lambda: commands_typed(cli_fleet, ssh_command), lambda e: len(e) > 0, "the SSH command"
+    )
+    (typed_telnet,) = await eventually(
+        lambda: commands_typed(cli_fleet, telnet_command), lambda e: len(e) > 0, "Telnet command"
+    )
+    assert typed_ssh["session"] == via_ssh["id"]
+    assert (typed_telnet["session"], typed_telnet["protocol"]) == (via_telnet["id"], "telnet")
+
+    # What an operator sees with buf curl: both nodes, both sensors, every session.
+    nodes = await cli_fleet.pool_nodes()
+    assert {n: nodes[n]["state"] for n in nodes} == {n.name: "POOL_NODE_STATE_ALIVE" for n in NODES}
+    assert {n: nodes[n]["address"] for n in nodes} == {n.name: n.address for n in NODES}
+    sensors = (await cli_fleet.query("FleetService/ListSensors"))["sensors"]
+    assert sorted(s["name"] for s in sensors) == [s.name for s in SENSORS]
+    listed = (await cli_fleet.query("EventQueryService/ListSessions", {"page_size": 100}))[
+        "sessions"
+    ]
+    assert {via_ssh["id"], via_telnet["id"], session_b["id"]} <= {s["id"] for s in listed}
+
+
+async def test_killing_a_pool_node_ends_its_session_and_new_ones_go_elsewhere(
+    cli_fleet: CliFleet,
+) -> None:
+    victim, newcomer = "127.0.0.4", "127.0.0.5"
+    proc = await asyncio.create_subprocess_exec(
+        *ssh_argv(cli_fleet, victim, SENSOR_1, "echo started; sleep 600"),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(COMMAND_WAIT * 2):
+            assert await proc.stdout.readline() == b"started\n"
+        (session,) = await eventually(
+            lambda: cli_fleet.sessions(victim),
+            lambda found: len(found) == 1 and bool(found[0].get("poolNode")),
+            "the victim's session on a node",
+        )
+        doomed = session["poolNode"]
+        (survivor,) = {n.name for n in NODES} - {doomed}
+
+        await cli_fleet.kill(doomed)
+        # The attacker's connection ends (it does not hang until its own timeout) ...
+        async with asyncio.timeout(COMMAND_WAIT):
+            rest, _ = await proc.communicate()
+        assert rest == b""
+        assert proc.returncode != 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    # ... and the sensor says why and closes the session, once.
+    events = await eventually(
+        lambda: cli_fleet.events(session=session["id"]),
+        lambda found: any(e["eventid"] == "cowrie.session.closed" for e in found),
+        "the victim's session to close",
+    )
+    ids = [e["eventid"] for e in events]
+    assert ids.count("honeyfleet.guest.lost") == 1
+    assert ids.count("cowrie.session.closed") == 1
+    for sensor in SENSORS:
+        cli_fleet.check_alive(sensor.name)
+
+    # The controller notices the node is gone; the lease on it is over.
+    await eventually(
+        cli_fleet.pool_nodes,
+        lambda nodes: nodes[doomed]["state"] != "POOL_NODE_STATE_ALIVE",
+        f"{doomed} to be marked down",
+        timeout=30,
+    )
+    listed = await cli_fleet.query("FleetService/ListLeases", {"src_ip": victim})
+    (victim_lease,) = listed["leases"]
+    assert victim_lease["state"] in ("LEASE_STATE_RELEASED", "LEASE_STATE_FAILED")
+
+    # A new attacker is served by the node that is left.
+    assert (await ssh(cli_fleet, newcomer, SENSOR_1, "echo after-$((6*7))")).split() == ["after-42"]
+    (placed,) = await closed_sessions(cli_fleet, newcomer, 1)
+    assert placed["poolNode"] == survivor
+    everyone = (await cli_fleet.query("EventQueryService/ListSessions", {"page_size": 100}))[
+        "sessions"
+    ]
+    assert all(len(ips) == 1 for ips in guests_by_attacker(everyone).values())

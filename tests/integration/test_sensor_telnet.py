@@ -564,3 +564,19 @@ async def test_a_guest_without_a_login_prompt_is_given_up(
         assert [e["reason"] for e in failed] == ["no login prompt from the guest in time"]
         await until(fleet.released())
         bot.close()
+
+
+async def test_a_vanished_pool_node_ends_the_session_cleanly(fleet: Fleet) -> None:
+    bot = await Bot.connect(fleet.port)
+    await bot.expect(rb"srv04 login: ")
+    bot.send(b"root\r\n")
+    await bot.expect(rb"Password: ")
+    bot.send(b"toor\r\n")
+    bot.send(b"expr 20 + 22\r\n")
+    await bot.expect(rb"42\r\n")
+    await fleet.node.stop(grace=0)  # its tunnels break under the running session
+    await bot.closed()
+    await until(fleet.closed())
+    (closed,) = fleet.events("cowrie.session.closed")
+    assert closed["reason"].startswith("tunnel broke"), closed
+    assert [e["reason"] for e in fleet.events("honeyfleet.guest.lost")] == [closed["reason"]]

@@ -77,6 +77,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         await self._registry.set_draining(request.name, False)
         return fleet_pb2.ResumePoolNodeResponse(pool_node=self._node_proto(request.name))
 
+    async def RemovePoolNode(
+        self, request: fleet_pb2.RemovePoolNodeRequest, context: Any
+    ) -> fleet_pb2.RemovePoolNodeResponse:
+        """Forget a dead node; leases it still had fail."""
+        removed = self._node_proto(request.name)
+        await self._registry.remove_node(request.name)
+        await self._leases.fail_node(request.name, "pool node removed by an operator")
+        return fleet_pb2.RemovePoolNodeResponse(pool_node=removed)
+
     async def ListSensors(
         self, request: fleet_pb2.ListSensorsRequest, context: Any
     ) -> fleet_pb2.ListSensorsResponse:

@@ -111,6 +111,21 @@ class Registry:
         await self._notify()
         return node
 
+    async def remove_node(self, name: str) -> PoolNodeRecord:
+        """Forget a node that stopped heartbeating (refused while it is alive)."""
+        node = self.get_node(name)
+        if node.state is not NodeState.DEAD:
+            raise FailedPrecondition(
+                f"pool node {name} is alive: stop it first (drain it and wait for its leases "
+                f"to end if it serves sessions); it can be removed once it has missed "
+                f"{self._dead_after:.0f}s of heartbeats"
+            )
+        del self.nodes[name]
+        await self._store.delete_node(name)
+        log.info("pool node %s removed", name)
+        await self._notify()
+        return node
+
     async def persist_heartbeat_times(self) -> None:
         """Write nodes' last heartbeat times, so `status` after a restart shows them."""
         for node in self.nodes.values():

@@ -132,6 +132,10 @@ class StateStore:
             ),
         )
 
+    async def delete_node(self, name: str) -> None:
+        """Forget a pool node's registration."""
+        await self._run(self._execute, "DELETE FROM pool_nodes WHERE name = ?", (name,))
+
     async def load_nodes(self) -> list[PoolNodeRecord]:
         """Every registered pool node."""
         rows = await self._run(self._query, "SELECT * FROM pool_nodes ORDER BY name", ())

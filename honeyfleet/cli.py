@@ -169,7 +169,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_drain(args: argparse.Namespace) -> int:
+def _cmd_node(args: argparse.Namespace) -> int:
     import grpc
 
     from honeyfleet.errors import RPCError
@@ -184,8 +184,10 @@ def _cmd_drain(args: argparse.Namespace) -> int:
             try:
                 if args.node_command == "drain":
                     await stub.DrainPoolNode(fleet_pb2.DrainPoolNodeRequest(name=args.name))
-                else:
+                elif args.node_command == "resume":
                     await stub.ResumePoolNode(fleet_pb2.ResumePoolNodeRequest(name=args.name))
+                else:
+                    await stub.RemovePoolNode(fleet_pb2.RemovePoolNodeRequest(name=args.name))
             except grpc.aio.AioRpcError as e:
                 raise RPCError.wrap(args.node_command, e) from None
 
@@ -307,13 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_cmd_status)
 
-    p = commands.add_parser("node", help="drain or resume a pool node")
+    p = commands.add_parser("node", help="drain, resume or remove a pool node")
     sub = p.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    for name, text in (("drain", "stop new leases on a node"), ("resume", "undo a drain")):
+    for name, text in (
+        ("drain", "stop new leases on a node"),
+        ("resume", "undo a drain"),
+        ("remove", "forget a decommissioned node (it must be stopped)"),
+    ):
         q = sub.add_parser(name, help=text)
         q.add_argument("name", help="pool node name")
         _add_admin_flags(q)
-        q.set_defaults(func=_cmd_drain)
+        q.set_defaults(func=_cmd_node)
 
     p = commands.add_parser("config", help="configuration tools")
     sub = p.add_subparsers(dest="config_command", metavar="COMMAND", required=True)

@@ -351,6 +351,49 @@ class ResumePoolNodeResponse(_message.Message):
 Global___ResumePoolNodeResponse: _TypeAlias = ResumePoolNodeResponse  # noqa: Y015
 
 @_typing.final
+class RemovePoolNodeRequest(_message.Message):
+    """RemovePoolNodeRequest names the node to forget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePoolNodeRequest: _TypeAlias = RemovePoolNodeRequest  # noqa: Y015
+
+@_typing.final
+class RemovePoolNodeResponse(_message.Message):
+    """RemovePoolNodeResponse is the node as it was when removed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POOL_NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pool_node(self) -> Global___PoolNode: ...
+    def __init__(
+        self,
+        *,
+        pool_node: Global___PoolNode | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pool_node", b"pool_node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool_node", b"pool_node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePoolNodeResponse: _TypeAlias = RemovePoolNodeResponse  # noqa: Y015
+
+@_typing.final
 class ListSensorsRequest(_message.Message):
     """ListSensorsRequest pages through sensors."""
 

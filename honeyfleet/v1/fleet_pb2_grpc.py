@@ -57,6 +57,11 @@ class FleetServiceStub:
                 request_serializer=honeyfleet_dot_v1_dot_fleet__pb2.ResumePoolNodeRequest.SerializeToString,
                 response_deserializer=honeyfleet_dot_v1_dot_fleet__pb2.ResumePoolNodeResponse.FromString,
                 _registered_method=True)
+        self.RemovePoolNode = channel.unary_unary(
+                '/honeyfleet.v1.FleetService/RemovePoolNode',
+                request_serializer=honeyfleet_dot_v1_dot_fleet__pb2.RemovePoolNodeRequest.SerializeToString,
+                response_deserializer=honeyfleet_dot_v1_dot_fleet__pb2.RemovePoolNodeResponse.FromString,
+                _registered_method=True)
         self.ListSensors = channel.unary_unary(
                 '/honeyfleet.v1.FleetService/ListSensors',
                 request_serializer=honeyfleet_dot_v1_dot_fleet__pb2.ListSensorsRequest.SerializeToString,
@@ -113,6 +118,16 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemovePoolNode(self, request, context):
+        """RemovePoolNode forgets a decommissioned pool node. Only a dead node (one that
+        stopped heartbeating) can be removed; a live one is refused with
+        FAILED_PRECONDITION. A removed node that starts again registers again: revoke
+        its certificate to keep it out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSensors(self, request, context):
         """ListSensors lists sensors that have contacted the controller.
         """
@@ -163,6 +178,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.ResumePoolNode,
                     request_deserializer=honeyfleet_dot_v1_dot_fleet__pb2.ResumePoolNodeRequest.FromString,
                     response_serializer=honeyfleet_dot_v1_dot_fleet__pb2.ResumePoolNodeResponse.SerializeToString,
+            ),
+            'RemovePoolNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePoolNode,
+                    request_deserializer=honeyfleet_dot_v1_dot_fleet__pb2.RemovePoolNodeRequest.FromString,
+                    response_serializer=honeyfleet_dot_v1_dot_fleet__pb2.RemovePoolNodeResponse.SerializeToString,
             ),
             'ListSensors': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSensors,
@@ -296,6 +316,33 @@ class FleetService:
             '/honeyfleet.v1.FleetService/ResumePoolNode',
             honeyfleet_dot_v1_dot_fleet__pb2.ResumePoolNodeRequest.SerializeToString,
             honeyfleet_dot_v1_dot_fleet__pb2.ResumePoolNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePoolNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/honeyfleet.v1.FleetService/RemovePoolNode',
+            honeyfleet_dot_v1_dot_fleet__pb2.RemovePoolNodeRequest.SerializeToString,
+            honeyfleet_dot_v1_dot_fleet__pb2.RemovePoolNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class FleetServiceStub:
     """DrainPoolNode stops new leases on a node; running sessions finish."""
     ResumePoolNode: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ResumePoolNodeRequest, _fleet_pb2.ResumePoolNodeResponse]
     """ResumePoolNode lets a drained node take leases again."""
+    RemovePoolNode: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.RemovePoolNodeRequest, _fleet_pb2.RemovePoolNodeResponse]
+    """RemovePoolNode forgets a decommissioned pool node. Only a dead node (one that
+    stopped heartbeating) can be removed; a live one is refused with
+    FAILED_PRECONDITION. A removed node that starts again registers again: revoke
+    its certificate to keep it out.
+    """
     ListSensors: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListSensorsRequest, _fleet_pb2.ListSensorsResponse]
     """ListSensors lists sensors that have contacted the controller."""
     ListLeases: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.ListLeasesRequest, _fleet_pb2.ListLeasesResponse]
@@ -69,6 +75,12 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """DrainPoolNode stops new leases on a node; running sessions finish."""
     ResumePoolNode: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ResumePoolNodeRequest, _fleet_pb2.ResumePoolNodeResponse]  # type: ignore[assignment]
     """ResumePoolNode lets a drained node take leases again."""
+    RemovePoolNode: _aio.UnaryUnaryMultiCallable[_fleet_pb2.RemovePoolNodeRequest, _fleet_pb2.RemovePoolNodeResponse]  # type: ignore[assignment]
+    """RemovePoolNode forgets a decommissioned pool node. Only a dead node (one that
+    stopped heartbeating) can be removed; a live one is refused with
+    FAILED_PRECONDITION. A removed node that starts again registers again: revoke
+    its certificate to keep it out.
+    """
     ListSensors: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListSensorsRequest, _fleet_pb2.ListSensorsResponse]  # type: ignore[assignment]
     """ListSensors lists sensors that have contacted the controller."""
     ListLeases: _aio.UnaryUnaryMultiCallable[_fleet_pb2.ListLeasesRequest, _fleet_pb2.ListLeasesResponse]  # type: ignore[assignment]
@@ -115,6 +127,18 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_fleet_pb2.ResumePoolNodeResponse, _abc.Awaitable[_fleet_pb2.ResumePoolNodeResponse]]:
         """ResumePoolNode lets a drained node take leases again."""
+
+    @_abc_1.abstractmethod
+    def RemovePoolNode(
+        self,
+        request: _fleet_pb2.RemovePoolNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.RemovePoolNodeResponse, _abc.Awaitable[_fleet_pb2.RemovePoolNodeResponse]]:
+        """RemovePoolNode forgets a decommissioned pool node. Only a dead node (one that
+        stopped heartbeating) can be removed; a live one is refused with
+        FAILED_PRECONDITION. A removed node that starts again registers again: revoke
+        its certificate to keep it out.
+        """
 
     @_abc_1.abstractmethod
     def ListSensors(

@@ -233,6 +233,9 @@ async def test_status_cli_prints_the_fleet(
     assert code == 0, err
     code, out, err = await run(str(BIN / "honeyfleet"), "status", *flags)
     assert "draining" in out
+    # A live node cannot be removed; the message says what to do.
+    code, out, err = await run(str(BIN / "honeyfleet"), "node", "remove", "n1", *flags)
+    assert code == 2 and "Traceback" not in err and "n1 is alive: stop it first" in err
     # A wrong controller address is a clear error, not a traceback.
     code, out, err = await run(
         str(BIN / "honeyfleet"), "status", *flags[2:], "--controller", "127.0.0.1:1"

@@ -287,3 +287,37 @@ async def test_controller_restart_keeps_registry_and_leases(
     assert len(leases.leases) == 2
     # A sensor's new request keeps affinity with the lease made before the restart.
     assert (await sensor.acquire("192.0.2.60")).lease.guest == lease.guest
+
+
+async def test_only_a_dead_node_can_be_removed_and_it_stays_removed(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, nodes = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 1, "n2": 1}
+    )
+    admin = fleet_pb2_grpc.FleetServiceStub(
+        secure_channel(address, fleet_pki.files(Role.ADMIN, "alice"))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await admin.RemovePoolNode(fleet_pb2.RemovePoolNodeRequest(name="n1"))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "n1 is alive: stop it first" in (e.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await admin.RemovePoolNode(fleet_pb2.RemovePoolNodeRequest(name="n9"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    await nodes["n1"].stop(grace=0)
+    await until(lambda: controller.registry.nodes["n1"].state.name == "DEAD")
+    removed = await admin.RemovePoolNode(fleet_pb2.RemovePoolNodeRequest(name="n1"))
+    assert (removed.pool_node.name, removed.pool_node.state) == (
+        "n1",
+        fleet_pb2.POOL_NODE_STATE_DEAD,
+    )
+    listed = await admin.ListPoolNodes(fleet_pb2.ListPoolNodesRequest())
+    assert [n.name for n in listed.pool_nodes] == ["n2"]
+
+    # Forgotten for good: a restarted controller does not load it again.
+    port = int(address.rpartition(":")[2])
+    await controller.stop(grace=0)
+    restarted, _ = await start_controller(listen=f"127.0.0.1:{port}")
+    assert set(restarted.registry.nodes) == {"n2"}

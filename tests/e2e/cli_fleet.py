@@ -29,6 +29,7 @@ from tests.e2e.vmhost import VmHost
 BIN = Path(sys.executable).parent
 CONTROLLER = "127.0.0.1:7400"
 ENROLL = "127.0.0.1:7401"
+OPERATOR = "operator"  # the admin certificate's name
 SSH_PORT = 2222
 TELNET_PORT = 2223
 GUESTS_PER_NODE = 2
@@ -80,7 +81,6 @@ class CliFleet:
         self.image = image
         self.work = work
         self.pki_dir = work / "pki"
-        self.admin_tls = work / "tls" / "admin"
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.buf = str(BIN / "buf") if (BIN / "buf").exists() else require_tool("buf", "buf-bin")
 
@@ -112,19 +112,25 @@ class CliFleet:
         """The operator's CLI."""
         return await self.run(str(BIN / "honeyfleet"), *args, in_netns=in_netns)
 
+    async def admin(self, *args: str) -> str:
+        """An operator's command (``status``, ``node ...``) with the [admin] config."""
+        config = str(self.config_path(OPERATOR))
+        return await self.honeyfleet(*args, "--config", config, in_netns=True)
+
     async def query(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """One RPC to the controller with buf curl and the admin certificate, as JSON."""
+        tls = self._tls(OPERATOR)
         out = await self.run(
             self.buf,
             "curl",
             "--protocol",
             "grpc",
             "--cacert",
-            str(self.admin_tls / "ca.pem"),
+            tls["tls_ca"],
             "--cert",
-            str(self.admin_tls / "operator.pem"),
+            tls["tls_cert"],
             "--key",
-            str(self.admin_tls / "operator.key"),
+            tls["tls_key"],
             "-d",
             json.dumps(body or {}),
             f"https://{CONTROLLER}/honeyfleet.v1.{method}",
@@ -140,7 +146,8 @@ class CliFleet:
         """CA, controller, then every pool node and sensor enrolled with a token."""
         await self.honeyfleet("pki", "init", "--dir", str(self.pki_dir), "--fleet", "e2e")
         await self._issue("controller", "controller", self.work / "tls" / "controller")
-        await self._issue("admin", "operator", self.admin_tls)
+        await self._issue("admin", OPERATOR, self.work / "tls" / OPERATOR)
+        self._write_config("admin", OPERATOR, {"controller": CONTROLLER, **self._tls(OPERATOR)})
         self._write_config("controller", "controller", self._controller_section())
         await self._spawn("controller", "controller")
         await self._until_listening("controller", CONTROLLER)

@@ -249,3 +249,7 @@ async def test_killing_a_pool_node_ends_its_session_and_new_ones_go_elsewhere(
         "sessions"
     ]
     assert all(len(ips) == 1 for ips in guests_by_attacker(everyone).values())
+
+    # The operator retires the dead node; the fleet lists only the one left.
+    await cli_fleet.admin("node", "remove", doomed)
+    assert set(await cli_fleet.pool_nodes()) == {survivor}

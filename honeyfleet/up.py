@@ -82,27 +82,14 @@ PORTS = {"controller": 7300, "enroll": 7301, "poolnode": 7310}
 
 
 def check_prerequisites(plan: Plan) -> None:
-    """Refuse to start, saying what to do, when something is missing."""
+    """Refuse to start, saying what to do, when something is missing.
+
+    Local checks come first, so the message names the first thing to fix here.
+    """
     if os.geteuid() != 0:
         raise PrerequisiteMissing(
             "`honeyfleet up` builds a guest image and runs VMs: run it as root (sudo)"
         )
-    try:
-        import libvirt
-    except ImportError:
-        raise PrerequisiteMissing(
-            "libvirt-python is not installed: pip install 'honeyfleet[poolnode]'"
-        ) from None
-    try:
-        conn = libvirt.open(plan.libvirt_uri)
-    except libvirt.libvirtError as e:
-        raise PrerequisiteMissing(
-            f"cannot reach libvirt at {plan.libvirt_uri} ({e.get_error_message()}): start it "
-            "(`systemctl start libvirtd`, or `virtlogd -d && libvirtd -d`) and try again"
-        ) from None
-    conn.close()
-    if plan.hypervisor == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        raise PrerequisiteMissing("/dev/kvm is not usable here: pass --hypervisor qemu")
     for what, port in (
         ("SSH", plan.ssh_port),
         ("Telnet", plan.telnet_port),
@@ -121,6 +108,23 @@ def check_prerequisites(plan: Plan) -> None:
                         else ""
                     )
                 ) from None
+    if plan.hypervisor == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise PrerequisiteMissing("/dev/kvm is not usable here: pass --hypervisor qemu")
+    try:
+        import libvirt
+    except ImportError:
+        raise PrerequisiteMissing(
+            "libvirt-python is not installed: pip install 'honeyfleet[poolnode]'"
+        ) from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # raised, not printed
+    try:
+        conn = libvirt.open(plan.libvirt_uri)
+    except libvirt.libvirtError as e:
+        raise PrerequisiteMissing(
+            f"cannot reach libvirt at {plan.libvirt_uri} ({e.get_error_message()}): start it "
+            "(`systemctl start libvirtd`, or `virtlogd -d && libvirtd -d`) and try again"
+        ) from None
+    conn.close()
 
 
 def prepare_identities(plan: Plan) -> None:

@@ -369,7 +369,8 @@ async def run(plan: Plan, console: Console) -> int:
   grpcurl:    grpcurl -cacert {admin.ca} -cert {admin.cert} -key {admin.key} \\
                 127.0.0.1:{PORTS["controller"]} honeyfleet.v1.FleetService/ListPoolNodes
   logs:       {plan.logs}/  (processes; sensor-cowrie.json has the sensor's events)
-Ctrl-C stops everything."""
+Ctrl-C stops everything.""",
+        soft_wrap=True,  # no hard line breaks inside commands meant to be copied
     )
     waiter = asyncio.create_task(stop.wait())
     while not waiter.done():

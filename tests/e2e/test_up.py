@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -62,6 +63,34 @@ sys.stdout.write(buf.decode(errors="replace"))
 """
 
 
+GRPCURL = re.compile(r"grpcurl -cacert (\S+) -cert (\S+) -key (\S+) \\\s+(\S+) (\S+)")
+
+
+async def check_grpcurl_hint(vm_host: VmHost, output: str) -> None:
+    """The grpcurl command `up` prints works: run the same call with buf curl.
+
+    grpcurl is not installable here; buf curl takes the same certificate files,
+    address and method, so it checks everything the printed line names.
+    """
+    hint = GRPCURL.search(output)
+    assert hint is not None, output
+    ca, cert, key, address, method = hint.groups()
+    buf = await asyncio.create_subprocess_exec(
+        *vm_host.ns_argv(
+            str(BIN / "buf"), "curl", "--protocol", "grpc",
+            "--cacert", ca, "--cert", cert, "--key", key, "-d", "{}",
+            f"https://{address}/{method}",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await buf.communicate()
+    assert buf.returncode == 0, err.decode()
+    nodes = json.loads(out)["poolNodes"]
+    assert [(n["name"], n["state"]) for n in nodes] == [("local-pool", "POOL_NODE_STATE_ALIVE")]
+
+
 async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: Path) -> None:
     require_tool("sshpass", "sshpass")
     directory = tmp_path / "fleet"
@@ -96,6 +125,7 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
                 output += chunk
         assert b"ssh -p 2222 root@127.0.0.1" in output
         assert b"telnet 127.0.0.1 2223" in output
+        await check_grpcurl_hint(vm_host, output.decode(errors="replace"))
 
         ssh = await asyncio.create_subprocess_exec(
             *vm_host.ns_argv(*openssh_argv("anything-but-root", "127.0.0.1", 2222, COMMAND)),

@@ -223,6 +223,9 @@ class Children:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=log,
+            # Out of the terminal's process group: Ctrl-C reaches `up` alone, which
+            # stops the children in order (sensor, pool node, controller).
+            start_new_session=True,
         )
         log.close()
 

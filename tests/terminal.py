@@ -67,15 +67,18 @@ class Terminal(Transcript):
 
     @classmethod
     async def spawn(cls, *argv: str) -> Terminal:
-        """Start ``argv`` on a fresh 80x24 pty."""
+        """Start ``argv`` on a fresh 80x24 pty, its controlling terminal (so ^C is SIGINT)."""
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        # setsid(1) makes a new session whose controlling terminal is the pty (-c);
+        # the child is no group leader, so setsid execs in place: proc is the program.
         proc = await asyncio.create_subprocess_exec(
+            "setsid",
+            "-c",
             *argv,
             stdin=slave,
             stdout=slave,
             stderr=slave,
-            start_new_session=True,
             env={**os.environ, "TERM": "xterm"},
         )
         os.close(slave)

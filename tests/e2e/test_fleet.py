@@ -13,7 +13,6 @@ only a session on the same guest can read back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -31,9 +30,8 @@ from tests.e2e.cli_fleet import (
     CliFleet,
     SensorPlan,
 )
-from tests.e2e.clients import openssh_argv
+from tests.e2e.clients import openssh_argv, telnet_login
 from tests.e2e.vmhost import VmHost
-from tests.terminal import Terminal
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -76,23 +74,6 @@ async def ssh(fleet: CliFleet, src_ip: str, sensor: SensorPlan, command: str) ->
         out, err = await proc.communicate()
     assert proc.returncode == 0, f"ssh from {src_ip} via {sensor.name}: {err.decode()}"
     return out.decode()
-
-
-@contextlib.asynccontextmanager
-async def telnet_login(fleet: CliFleet, src_ip: str, sensor: SensorPlan) -> AsyncIterator[Terminal]:
-    """Debian's telnet from ``src_ip`` to a sensor, on a pty, logged in at a shell prompt."""
-    term = await Terminal.spawn(
-        *fleet.host.ns_argv("telnet", "-b", src_ip, sensor.address, str(TELNET_PORT))
-    )
-    try:
-        await term.expect(rb"login: ", timeout=COMMAND_WAIT)
-        term.send(b"root\r")
-        await term.expect(rb"Password: ", timeout=COMMAND_WAIT)
-        term.send(ATTACKER_PASSWORD.encode() + b"\r")
-        await term.expect(rb"# ", timeout=COMMAND_WAIT * 2)  # the guest's own shell
-        yield term
-    finally:
-        await term.close()
 
 
 async def eventually(
@@ -146,7 +127,9 @@ async def test_attackers_spread_follow_their_guest_and_never_share(cli_fleet: Cl
     probe = "cat /tmp/hf-owner 2>/dev/null || echo no-owner-here"
     assert (await ssh(cli_fleet, b, SENSOR_2, probe)).split() == ["no-owner-here"]
     # A again, now over Telnet through sensor 2: the same guest, mark and all.
-    async with telnet_login(cli_fleet, a, SENSOR_2) as term:
+    async with telnet_login(
+        cli_fleet.host, SENSOR_2.address, TELNET_PORT, ATTACKER_PASSWORD, source=a
+    ) as term:
         term.send(b"cat /tmp/hf-owner\r")
         await term.expect(rb"\r\nowner-a\r\n", timeout=COMMAND_WAIT)
         term.send(telnet_command.encode() + b"\r")

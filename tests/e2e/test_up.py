@@ -1,4 +1,5 @@
-"""`honeyfleet up` as an operator runs it: start, attack with OpenSSH, see the event, stop.
+"""`honeyfleet up` as an operator runs it, on a terminal: start, attack with OpenSSH and
+telnet, see the events, stop with Ctrl-C, and find nothing left behind.
 
 It runs inside the run's network namespace (where the tests' libvirtd lives), so its
 sensor, guests and every packet stay there. The image is built beforehand in the root
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import signal
 import sys
 from pathlib import Path
 
@@ -20,10 +19,11 @@ import pytest
 from honeyfleet.up import NETWORK, TAG
 from poolnode.image import GuestImageSpec, build_image
 from tests.conftest import require_tool
-from tests.e2e.clients import openssh_argv
+from tests.e2e.clients import openssh_argv, telnet_login
 from tests.e2e.conftest import IMAGE_DIR
 from tests.e2e.vmhost import VmHost, namespace_pids
 from tests.integration.test_leases import until
+from tests.terminal import Terminal
 
 pytestmark = pytest.mark.vm
 
@@ -31,38 +31,7 @@ BIN = Path(sys.executable).parent
 PASSWORD = "up-test-guest-pw"
 COMMAND = "echo hello-from-up; uname -n"
 TELNET_COMMAND = "echo hello-from-$((6*7))-telnet"
-# Runs inside the namespace: answer telnet options with refusals, then log in and run
-# TELNET_COMMAND. Every wait is bounded (socket timeout, buffer size).
-TELNET_CLIENT = f"""
-import socket, sys
-s = socket.create_connection(("127.0.0.1", 2223), 20)
-s.settimeout(30)
-buf = b""
-def until(marker):
-    global buf
-    while marker not in buf:
-        chunk = s.recv(4096)
-        assert chunk and len(buf) < 1 << 20, buf
-        i = 0
-        while i < len(chunk):
-            if chunk[i] == 255 and i + 2 < len(chunk) and chunk[i + 1] in (251, 252, 253, 254):
-                reply = {{251: 254, 252: 254, 253: 252, 254: 252}}[chunk[i + 1]]
-                s.sendall(bytes([255, reply, chunk[i + 2]]))
-                i += 3
-            else:
-                buf += chunk[i:i + 1]
-                i += 1
-until(b"login:")
-s.sendall(b"root\\r\\n")
-until(b"assword:")
-s.sendall(b"not-root\\r\\n")
-until(b"#")
-s.sendall(b"{TELNET_COMMAND}\\r\\n")
-until(b"hello-from-42-telnet")
-sys.stdout.write(buf.decode(errors="replace"))
-"""
-
-
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 GRPCURL = re.compile(r"grpcurl -cacert (\S+) -cert (\S+) -key (\S+) \\\s+(\S+) (\S+)")
 
 
@@ -93,11 +62,13 @@ async def check_grpcurl_hint(vm_host: VmHost, output: str) -> None:
 
 async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: Path) -> None:
     require_tool("sshpass", "sshpass")
+    require_tool("telnet", "telnet")
     directory = tmp_path / "fleet"
     directory.mkdir()
     (directory / "backend_pass").write_text(PASSWORD)
     await asyncio.to_thread(build_image, GuestImageSpec(out_dir=IMAGE_DIR, backend_pass=PASSWORD))
-    proc = await asyncio.create_subprocess_exec(
+    # On a terminal, as an operator runs it: progress bars, then Ctrl-C to stop.
+    up = await Terminal.spawn(
         *vm_host.ns_argv(
             str(BIN / "honeyfleet"),
             "up",
@@ -109,23 +80,15 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
             "1",
             "--hypervisor",
             "qemu",
-        ),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "200"},
+        )
     )
-    assert proc.stdout is not None
-    output = b""
     try:
-        async with asyncio.timeout(300):
-            while b"Ctrl-C stops everything" not in output:
-                chunk = await proc.stdout.read(4096)
-                assert chunk, f"honeyfleet up ended early:\n{output.decode(errors='replace')}"
-                output += chunk
-        assert b"ssh -p 2222 root@127.0.0.1" in output
-        assert b"telnet 127.0.0.1 2223" in output
-        await check_grpcurl_hint(vm_host, output.decode(errors="replace"))
+        await up.expect(rb"Ctrl-C stops everything", timeout=300)
+        shown = ANSI.sub("", up.output.decode(errors="replace"))
+        assert "guests booting" in shown  # the progress bar
+        assert "ssh -p 2222 root@127.0.0.1" in shown
+        assert "telnet 127.0.0.1 2223" in shown
+        await check_grpcurl_hint(vm_host, shown)
 
         ssh = await asyncio.create_subprocess_exec(
             *vm_host.ns_argv(*openssh_argv("anything-but-root", "127.0.0.1", 2222, COMMAND)),
@@ -148,27 +111,23 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
 
         await until(lambda: COMMAND in stored_commands(), timeout=60)
 
-        # Telnet on 2223: log in (the sensor spoofs the guest's own login) and run a
-        # command in the real guest, with a plain socket client in the namespace.
-        telnet = await asyncio.create_subprocess_exec(
-            *vm_host.ns_argv(sys.executable, "-c", TELNET_CLIENT),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(120):
-            out, err = await telnet.communicate()
-        assert telnet.returncode == 0, (out + err).decode(errors="replace")
-        assert b"hello-from-42-telnet" in out  # computed by the guest's shell
+        # Debian's telnet on 2223: the sensor spoofs the guest's own login, then the
+        # guest's shell does the sum.
+        async with telnet_login(vm_host, "127.0.0.1", 2223, "not-root") as telnet:
+            telnet.send(TELNET_COMMAND.encode() + b"\r")
+            await telnet.expect(rb"hello-from-42-telnet", timeout=60)
+            telnet.send(b"exit\r")
+            await telnet.ended(timeout=60)
         await until(lambda: TELNET_COMMAND in stored_commands(), timeout=60)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(120):
-            rest, _ = await proc.communicate()
-        output += rest
-    text = output.decode(errors="replace")
-    assert proc.returncode == 0, text
-    assert "nothing left behind" in text
+        if up.proc.returncode is None:
+            up.send(b"\x03")  # Ctrl-C
+            async with asyncio.timeout(120):
+                await up.proc.wait()
+        await up.close()
+    shown = ANSI.sub("", up.output.decode(errors="replace"))
+    assert up.proc.returncode == 0, shown
+    assert "nothing left behind" in shown
     conn = vm_host.libvirt()
     try:
         assert [d.name() for d in conn.listAllDomains() if d.name().startswith(TAG)] == []

@@ -118,33 +118,46 @@ def guests_by_attacker(sessions: list[dict[str, Any]]) -> dict[tuple[str, str], 
 
 async def test_attackers_spread_follow_their_guest_and_never_share(cli_fleet: CliFleet) -> None:
     a, b = "127.0.0.2", "127.0.0.3"
-    ssh_command = "echo owner-a > /tmp/hf-owner; echo ssh-ran-$((6*7))"
+    claim = "cat /tmp/hf-owner 2>/dev/null || echo no-owner-here; echo {} > /tmp/hf-owner"
+    ssh_command = claim.format("owner-a") + "; echo ssh-ran-$((6*7))"
     telnet_command = "echo telnet-ran-$((6*7))"
 
-    # Attacker A over SSH through sensor 1 leaves a mark in its guest.
-    assert (await ssh(cli_fleet, a, SENSOR_1, ssh_command)).split() == ["ssh-ran-42"]
-    # Attacker B through sensor 2 lands on a guest with no mark: not A's.
-    probe = "cat /tmp/hf-owner 2>/dev/null || echo no-owner-here"
-    assert (await ssh(cli_fleet, b, SENSOR_2, probe)).split() == ["no-owner-here"]
-    # A again, now over Telnet through sensor 2: the same guest, mark and all.
-    async with telnet_login(
-        cli_fleet.host, SENSOR_2.address, TELNET_PORT, ATTACKER_PASSWORD, source=a
-    ) as term:
-        term.send(b"cat /tmp/hf-owner\r")
-        await term.expect(rb"\r\nowner-a\r\n", timeout=COMMAND_WAIT)
-        term.send(telnet_command.encode() + b"\r")
-        await term.expect(rb"telnet-ran-42", timeout=COMMAND_WAIT)  # the guest did the sum
-        term.send(b"exit\r")
-        await term.ended(timeout=COMMAND_WAIT)
+    # Over SSH, A through sensor 1 and B through sensor 2 each find a guest nobody
+    # marked, and mark it.
+    assert (await ssh(cli_fleet, a, SENSOR_1, ssh_command)).split() == [
+        "no-owner-here",
+        "ssh-ran-42",
+    ]
+    assert (await ssh(cli_fleet, b, SENSOR_2, claim.format("owner-b"))).split() == ["no-owner-here"]
+    # Each comes back over Telnet through the other sensor: the same guest, mark and all.
+    for src, sensor, owner in ((a, SENSOR_2, b"owner-a"), (b, SENSOR_1, b"owner-b")):
+        async with telnet_login(
+            cli_fleet.host, sensor.address, TELNET_PORT, ATTACKER_PASSWORD, source=src
+        ) as term:
+            term.send(b"cat /tmp/hf-owner\r")
+            await term.expect(rb"\r\n" + owner + rb"\r\n", timeout=COMMAND_WAIT)
+            if src == a:
+                term.send(telnet_command.encode() + b"\r")
+                await term.expect(rb"telnet-ran-42", timeout=COMMAND_WAIT)  # the guest's sum
+            term.send(b"exit\r")
+            await term.ended(timeout=COMMAND_WAIT)
 
-    sessions_a = await closed_sessions(cli_fleet, a, 2)
-    (session_b,) = await closed_sessions(cli_fleet, b, 1)
-    via_ssh, via_telnet = sessions_a
-    assert (via_ssh["sensor"], via_telnet["sensor"]) == (SENSOR_1.name, SENSOR_2.name)
-    assert (via_ssh["poolNode"], via_ssh["guest"]) == (via_telnet["poolNode"], via_telnet["guest"])
+    a_ssh, a_telnet = await closed_sessions(cli_fleet, a, 2)
+    b_ssh, b_telnet = await closed_sessions(cli_fleet, b, 2)
+    assert [s["sensor"] for s in (a_ssh, a_telnet, b_ssh, b_telnet)] == [
+        SENSOR_1.name,
+        SENSOR_2.name,
+        SENSOR_2.name,
+        SENSOR_1.name,
+    ]
+    where = {s["id"]: (s["poolNode"], s["guest"]) for s in (a_ssh, a_telnet, b_ssh, b_telnet)}
+    assert where[a_ssh["id"]] == where[a_telnet["id"]]
+    assert where[b_ssh["id"]] == where[b_telnet["id"]]
     # Both nodes were pristine-equal, so the second attacker went to the other node.
-    assert {via_ssh["poolNode"], session_b["poolNode"]} == {n.name for n in NODES}
-    assert all(len(ips) == 1 for ips in guests_by_attacker([*sessions_a, session_b]).values())
+    assert {where[a_ssh["id"]][0], where[b_ssh["id"]][0]} == {n.name for n in NODES}
+    assert all(
+        len(ips) == 1 for ips in guests_by_attacker([a_ssh, a_telnet, b_ssh, b_telnet]).values()
+    )
 
     # Each command ran once and is stored once, in the session it was typed in.
     (typed_ssh,) = await eventually(
@@ -153,8 +166,8 @@ async def test_attackers_spread_follow_their_guest_and_never_share(cli_fleet: Cl
     (typed_telnet,) = await eventually(
         lambda: commands_typed(cli_fleet, telnet_command), lambda e: len(e) > 0, "Telnet command"
     )
-    assert typed_ssh["session"] == via_ssh["id"]
-    assert (typed_telnet["session"], typed_telnet["protocol"]) == (via_telnet["id"], "telnet")
+    assert (typed_ssh["session"], typed_ssh["protocol"]) == (a_ssh["id"], "ssh")
+    assert (typed_telnet["session"], typed_telnet["protocol"]) == (a_telnet["id"], "telnet")
 
     # What an operator sees with buf curl: both nodes, both sensors, every session.
     nodes = await cli_fleet.pool_nodes()
@@ -165,7 +178,7 @@ async def test_attackers_spread_follow_their_guest_and_never_share(cli_fleet: Cl
     listed = (await cli_fleet.query("EventQueryService/ListSessions", {"page_size": 100}))[
         "sessions"
     ]
-    assert {via_ssh["id"], via_telnet["id"], session_b["id"]} <= {s["id"] for s in listed}
+    assert set(where) <= {s["id"] for s in listed}
 
 
 async def test_killing_a_pool_node_ends_its_session_and_new_ones_go_elsewhere(

@@ -82,6 +82,7 @@ class CliFleet:
         self.work = work
         self.pki_dir = work / "pki"
         self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.roles: dict[str, str] = {}
         self.buf = str(BIN / "buf") if (BIN / "buf").exists() else require_tool("buf", "buf-bin")
 
     # Running commands
@@ -255,6 +256,7 @@ class CliFleet:
     async def _spawn(self, role: str, name: str) -> None:
         """Start one process as ``honeyfleet <role> --config FILE`` in the namespace."""
         config = str(self.config_path(name))
+        self.roles[name] = role
         with self.log_path(name).open("ab") as log:
             self.processes[name] = await asyncio.create_subprocess_exec(
                 *self.host.ns_argv(str(BIN / "honeyfleet"), role, "--config", config),
@@ -329,6 +331,13 @@ class CliFleet:
         proc.kill()
         await proc.wait()
 
+    async def restart(self, name: str) -> None:
+        """Start a killed process again, with the same config."""
+        assert name not in self.processes, f"{name} is running"
+        await self._spawn(self.roles[name], name)
+        if name == "controller":
+            await self._until_listening(name, CONTROLLER)
+
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_path(name)
         text = path.read_text(errors="replace") if path.exists() else ""
@@ -337,8 +346,9 @@ class CliFleet:
     async def close(self) -> None:
         """SIGTERM sensors, nodes, controller; then remove what a killed node left."""
         stuck = []
+        order = ("sensor", "poolnode", "controller")
         try:
-            for name in reversed(list(self.processes)):
+            for name in sorted(self.processes, key=lambda n: order.index(self.roles[n])):
                 proc = self.processes.pop(name)
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGTERM)

@@ -181,6 +181,54 @@ async def test_attackers_spread_follow_their_guest_and_never_share(cli_fleet: Cl
     assert set(where) <= {s["id"] for s in listed}
 
 
+async def test_a_controller_crash_loses_no_session_and_no_event(cli_fleet: CliFleet) -> None:
+    a = "127.0.0.2"  # after the first test, back on their guest: no new one is used
+    command = "sleep 6; echo after-$((6*7))"
+    proc = await asyncio.create_subprocess_exec(
+        *ssh_argv(cli_fleet, a, SENSOR_1, command),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        (typed,) = await eventually(
+            lambda: commands_typed(cli_fleet, command), lambda e: len(e) > 0, "the command"
+        )
+        await cli_fleet.kill("controller")
+        # The session runs on without it: tunnels go from sensor to pool node.
+        async with asyncio.timeout(COMMAND_WAIT):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert out.decode().split() == ["after-42"]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    # The session ended while the controller was down; its last events waited in the
+    # sensor's spool and arrive, once each, when the controller is back.
+    await cli_fleet.restart("controller")
+    events = await eventually(
+        lambda: cli_fleet.events(session=typed["session"]),
+        lambda found: any(e["eventid"] == "cowrie.session.closed" for e in found),
+        "the session's last events",
+    )
+    ids = [e["eventid"] for e in events]
+    assert ids.count("cowrie.command.input") == 1
+    assert ids.count("cowrie.session.closed") == 1
+    assert len({e["uuid"] for e in events}) == len(events)
+    # Pool nodes and sensors find the controller again by themselves.
+    await eventually(
+        cli_fleet.pool_nodes,
+        lambda nodes: all(
+            nodes[n.name]["state"] == "POOL_NODE_STATE_ALIVE"
+            and nodes[n.name].get("guestCounts", {}).get("pristine", 0) > 0
+            for n in NODES
+        ),
+        "both pool nodes back",
+    )
+
+
 async def test_killing_a_pool_node_ends_its_session_and_new_ones_go_elsewhere(
     cli_fleet: CliFleet,
 ) -> None:

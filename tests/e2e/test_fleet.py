@@ -101,6 +101,15 @@ async def closed_sessions(fleet: CliFleet, src_ip: str, count: int) -> list[dict
     )
 
 
+async def session_events(fleet: CliFleet, session: str) -> list[dict[str, Any]]:
+    """A session's stored events, once its ``cowrie.session.closed`` is among them."""
+    return await eventually(
+        lambda: fleet.events(session=session),
+        lambda found: any(e["eventid"] == "cowrie.session.closed" for e in found),
+        f"session {session} to be closed in the store",
+    )
+
+
 async def commands_typed(fleet: CliFleet, text: str) -> list[dict[str, Any]]:
     """Stored ``cowrie.command.input`` events whose input is ``text``."""
     typed = await fleet.events(eventid="cowrie.command.input")
@@ -208,11 +217,7 @@ async def test_a_controller_crash_loses_no_session_and_no_event(cli_fleet: CliFl
     # The session ended while the controller was down; its last events waited in the
     # sensor's spool and arrive, once each, when the controller is back.
     await cli_fleet.restart("controller")
-    events = await eventually(
-        lambda: cli_fleet.events(session=typed["session"]),
-        lambda found: any(e["eventid"] == "cowrie.session.closed" for e in found),
-        "the session's last events",
-    )
+    events = await session_events(cli_fleet, typed["session"])
     ids = [e["eventid"] for e in events]
     assert ids.count("cowrie.command.input") == 1
     assert ids.count("cowrie.session.closed") == 1
@@ -263,11 +268,7 @@ async def test_killing_a_pool_node_ends_its_session_and_new_ones_go_elsewhere(
             await proc.wait()
 
     # ... and the sensor says why and closes the session, once.
-    events = await eventually(
-        lambda: cli_fleet.events(session=session["id"]),
-        lambda found: any(e["eventid"] == "cowrie.session.closed" for e in found),
-        "the victim's session to close",
-    )
+    events = await session_events(cli_fleet, session["id"])
     ids = [e["eventid"] for e in events]
     assert ids.count("honeyfleet.guest.lost") == 1
     assert ids.count("cowrie.session.closed") == 1

@@ -285,7 +285,8 @@ class CliFleet:
             for name in self.processes:
                 self.check_alive(name)
             nodes = await self.pool_nodes()
-            sensors = {s["name"] for s in (await self.query("FleetService/ListSensors"))["sensors"]}
+            listed = await self.query("FleetService/ListSensors")
+            sensors = {s["name"] for s in listed.get("sensors", [])}  # none yet: no key
             pristine = {n: nodes[n].get("guestCounts", {}).get("pristine", 0) for n in nodes}
             if sensors == {s.name for s in SENSORS} and all(
                 pristine.get(n.name, 0) >= GUESTS_PER_NODE for n in NODES

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 RENEW_FRACTION = 3
 RELEASE_TIMEOUT = 10.0
+RELEASE_BACKOFF_MAX = 30.0
 RENEW_TIMEOUT = 10.0
 REGISTER_BACKOFF_MAX = 30.0
 # Renewal errors that mean the lease is gone for good (not a passing outage).
@@ -63,6 +65,7 @@ class LeaseClient:
         self._timeout = timeout
         self._labels = dict(labels)
         self._abandoned: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.Task[None]] = set()
 
     async def register(self, listen: list[str]) -> None:
         """Announce this sensor, retrying with backoff until the controller answers."""
@@ -151,11 +154,48 @@ class LeaseClient:
                 log.warning("renewing lease %s: %s", lease.id, e.code().name)
 
     async def release(self, lease: GuestLease, reason: str) -> None:
-        """End the lease; failures are logged (an unrenewed lease expires anyway)."""
+        """End the lease.
+
+        If the controller cannot be reached, keep trying in the background (the session
+        does not wait) until the lease would have expired anyway: the controller's
+        record then ends as released with the session's reason, and the guest is back
+        in the pool sooner, instead of both waiting for the lease's TTL.
+        """
         try:
-            await self._leases.ReleaseLease(
-                lease_pb2.ReleaseLeaseRequest(lease_id=lease.id, reason=reason),
-                timeout=RELEASE_TIMEOUT,
-            )
+            await self._release(lease, reason)
         except grpc.aio.AioRpcError as e:
-            log.warning("releasing lease %s: %s (it will expire)", lease.id, e.code().name)
+            if e.code() in FINAL:
+                return  # already over (expired, or its pool node failed)
+            log.warning("releasing lease %s: %s; retrying", lease.id, e.code().name)
+            task = asyncio.create_task(self._retry_release(lease, reason))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _release(self, lease: GuestLease, reason: str) -> None:
+        await self._leases.ReleaseLease(
+            lease_pb2.ReleaseLeaseRequest(lease_id=lease.id, reason=reason),
+            timeout=RELEASE_TIMEOUT,
+        )
+
+    async def _retry_release(self, lease: GuestLease, reason: str) -> None:
+        """Retry a release with backoff, for as long as the lease could still be alive."""
+        deadline = time.monotonic() + lease.ttl
+        backoff = 1.0
+        while time.monotonic() + backoff < deadline:
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
+            try:
+                await self._release(lease, reason)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in FINAL:
+                    return
+                backoff = min(backoff * 2, RELEASE_BACKOFF_MAX)
+                continue
+            log.info("released lease %s once the controller answered", lease.id)
+            return
+        log.warning("lease %s not released: the controller expires it", lease.id)
+
+    async def abandon_retries(self) -> None:
+        """Stop retrying releases (on shutdown: the controller expires those leases)."""
+        for task in self._retries:
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)

@@ -159,6 +159,7 @@ class Sensor:
             # Leases granted to sessions that ended while waiting are released first
             # (bounded: every call has a deadline).
             await self._leases.drain()
+            await self._leases.abandon_retries()
         if self._tunnels is not None:
             await self._tunnels.close()
         if self._channel is not None:

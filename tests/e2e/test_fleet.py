@@ -222,6 +222,15 @@ async def test_a_controller_crash_loses_no_session_and_no_event(cli_fleet: CliFl
     assert ids.count("cowrie.command.input") == 1
     assert ids.count("cowrie.session.closed") == 1
     assert len({e["uuid"] for e in events}) == len(events)
+    # The release the sensor could not make during the outage lands now.
+    await eventually(
+        lambda: cli_fleet.query("FleetService/ListLeases", {"src_ip": a}),
+        lambda listed: any(
+            lease["id"] == typed["lease"] and lease["state"] == "LEASE_STATE_RELEASED"
+            for lease in listed.get("leases", [])
+        ),
+        "the session's lease to be released",
+    )
     # Pool nodes and sensors find the controller again by themselves.
     await eventually(
         cli_fleet.pool_nodes,

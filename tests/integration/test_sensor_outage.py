@@ -75,3 +75,25 @@ async def test_controller_outage_loses_no_event_and_stores_each_once(
         "echo during 0",
         "echo after",
     }
+
+
+async def test_a_lease_whose_session_ended_in_an_outage_is_released_afterwards(
+    make_fleet: FleetFactory, start_controller: ControllerFactory
+) -> None:
+    fleet = await make_fleet()
+    session = await connect(fleet)
+    await session.run("echo hello", check=True)
+    (typed,) = fleet.events("cowrie.command.input")
+    port = fleet.address.rsplit(":", 1)[1]
+    await fleet.controller.stop(grace=0)
+    session.close()
+    await session.wait_closed()
+    await until(lambda: bool(fleet.closed_reasons()))
+
+    # Back within the lease's TTL: the sensor's retried release lands, so the lease
+    # ends as released with the session's reason, not as expired.
+    restarted, _ = await start_controller(listen=f"127.0.0.1:{port}")
+    await until(lambda: typed["lease"] not in restarted.leases.active, timeout=30)
+    lease = await restarted.store.get_lease(typed["lease"])
+    assert lease is not None
+    assert (lease.state.name, lease.end_reason) == ("RELEASED", fleet.closed_reasons()[0])

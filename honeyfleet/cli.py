@@ -56,10 +56,6 @@ def load_role(
     return parse_section(cls, section, table, base_dir=base, overrides=overrides)
 
 
-def _run(main: Coroutine[Any, Any, int]) -> int:
-    return asyncio.run(main)
-
-
 async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
     """Run a server body until SIGINT or SIGTERM; SIGHUP is a reload, never a kill.
 
@@ -86,7 +82,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     from controller.server import serve
 
     config = load_role(ControllerConfig, "controller", args.config, {"listen": args.listen})
-    return _run(_until_signalled(lambda stop: serve(config, stop)))
+    return asyncio.run(_until_signalled(lambda stop: serve(config, stop)))
 
 
 def _cmd_sensor(args: argparse.Namespace) -> int:
@@ -94,7 +90,7 @@ def _cmd_sensor(args: argparse.Namespace) -> int:
     from sensor.service import serve
 
     config = load_role(SensorConfig, "sensor", args.config)
-    return _run(_until_signalled(lambda stop: serve(config, stop)))
+    return asyncio.run(_until_signalled(lambda stop: serve(config, stop)))
 
 
 def _cmd_poolnode(args: argparse.Namespace) -> int:
@@ -102,7 +98,7 @@ def _cmd_poolnode(args: argparse.Namespace) -> int:
     from poolnode.server import serve
 
     config = load_role(PoolNodeConfig, "poolnode", args.config)
-    return _run(_until_signalled(lambda stop: serve(config, stop)))
+    return asyncio.run(_until_signalled(lambda stop: serve(config, stop)))
 
 
 def _cmd_image(args: argparse.Namespace) -> int:
@@ -122,7 +118,7 @@ def _join(role: Role, section: str) -> Callable[[argparse.Namespace], int]:
         else:
             out = args.out
             files = TlsFiles(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
-        identity = _run_value(
+        identity = asyncio.run(
             enroll(
                 args.controller,
                 args.token,
@@ -138,10 +134,6 @@ def _join(role: Role, section: str) -> Callable[[argparse.Namespace], int]:
         return 0
 
     return run
-
-
-def _run_value(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def _admin(args: argparse.Namespace) -> AdminConfig:
@@ -160,7 +152,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from honeyfleet.status import fetch, render, to_json
 
     config = _admin(args)
-    state = _run_value(fetch(config.controller, config.tls))
+    state = asyncio.run(fetch(config.controller, config.tls))
     if args.json:
         print(to_json(state))
     else:
@@ -191,7 +183,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
             except grpc.aio.AioRpcError as e:
                 raise RPCError.wrap(args.node_command, e) from None
 
-    _run_value(call())
+    asyncio.run(call())
     print(f"pool node {args.name}: {args.node_command} done")
     return 0
 

@@ -138,20 +138,6 @@ def parse_section(
         raise ConfigProblems([ConfigError(f"{section}.{e.key}", e.problem)]) from None
 
 
-def describe(cls: type[Any]) -> list[tuple[str, str, str]]:
-    """(key, default, help) for each setting of a config dataclass, for docs and CLI help."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
-        rows.append((f.name, default, str(f.metadata.get("help", ""))))
-    return rows
-
-
 def _has_no_default(field: dataclasses.Field[Any]) -> bool:
     """Whether a dataclass field must be given."""
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING

@@ -7,7 +7,6 @@ SHA-256 fingerprint the token pins; nothing is sent before that check passes.
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import ssl
 from collections.abc import Sequence
@@ -17,16 +16,19 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from honeyfleet.errors import HoneyfleetError, PermissionDenied, Unavailable
+from honeyfleet.errors import HoneyfleetError, PermissionDenied, RPCError, Unavailable
 from honeyfleet.pki import (
     Identity,
+    PkiFileError,
     Role,
     csr_for,
+    fingerprint,
     generate_key,
     private_key_pem,
     read_token_unverified,
     write_private,
 )
+from honeyfleet.pki.files import ensure_private_dir
 from honeyfleet.pki.identity import identity_from_certificate
 from honeyfleet.tls import TlsFiles
 from honeyfleet.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -79,14 +81,13 @@ def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:
     return [cert.public_bytes(der_format) for cert in sslobj.get_unverified_chain() or []]
 
 
-def pinned_ca(target: str, fingerprint: str) -> bytes:
+def pinned_ca(target: str, pin: str) -> bytes:
     """The fleet CA certificate (PEM) presented by ``target``, if it matches the pin."""
     for cert in presented_chain(target):
-        der = cert.public_bytes(serialization.Encoding.DER)
-        if hashlib.sha256(der).hexdigest() == fingerprint:
+        if fingerprint(cert) == pin:
             return cert.public_bytes(serialization.Encoding.PEM)
     raise PermissionDenied(
-        f"{target} does not present the fleet CA pinned by the token (sha256 {fingerprint}); "
+        f"{target} does not present the fleet CA pinned by the token (sha256 {pin}); "
         "check the address, or suspect an interception"
     )
 
@@ -109,6 +110,11 @@ async def enroll(
             f"this join token is for role {claims.role}, not {role}: "
             f"run `honeyfleet {claims.role} join` or create a {role} token"
         )
+    if files.key.exists() and not overwrite:
+        # Checked before the token is spent: the controller burns it when it signs.
+        raise PkiFileError(
+            f"{files.key} already exists: remove it, or pass --force to replace the key"
+        )
     chosen = claims.name or name or socket.gethostname().split(".")[0].lower()
     ca_pem = pinned_ca(target, claims.ca_fingerprint)
     key = generate_key()
@@ -126,11 +132,11 @@ async def enroll(
         try:
             response = await stub.Enroll(request, timeout=TIMEOUT)
         except grpc.aio.AioRpcError as e:
-            raise HoneyfleetError(f"enrolment refused: {e.details()}") from None
+            raise RPCError.wrap("Enroll", e) from None
     cert_pem = response.certificate_pem.encode()
     identity = identity_from_certificate(x509.load_pem_x509_certificate(cert_pem))
     for path in (files.ca, files.cert, files.key):
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_private_dir(path.parent)
     write_private(files.key, private_key_pem(key), overwrite=overwrite)
     write_private(files.cert, cert_pem, overwrite=True)
     write_private(files.ca, ca_pem, overwrite=True)

@@ -22,10 +22,11 @@ from honeyfleet.v1 import common_pb2, ingest_pb2
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 PROTOCOLS = {"ssh": common_pb2.PROTOCOL_SSH, "telnet": common_pb2.PROTOCOL_TELNET}
-PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
 # Shared fields every event must carry (Cowrie's plus ours).
 REQUIRED = ("eventid", "timestamp", "session", "src_ip", "sensor", "message", "protocol", "uuid")
 MAX_EVENT_JSON = 256 * 1024
+# Longer than any timestamp in TIMESTAMP_FORMAT.
+MAX_TIMESTAMP = 40
 
 Event = dict[str, Any]
 
@@ -93,11 +94,11 @@ def to_proto(event: Event) -> ingest_pb2.Event:
 
 def from_proto(message: ingest_pb2.Event) -> Event:
     """Parse and check an event received from a sensor; InvalidArgument if malformed."""
-    if len(message.json) > MAX_EVENT_JSON:
+    if len(message.json.encode()) > MAX_EVENT_JSON:
         raise InvalidArgument(f"event {message.uuid[:40]!r} is larger than {MAX_EVENT_JSON} bytes")
     try:
         event = json.loads(message.json)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting overflows the parser's stack
         raise InvalidArgument(f"event {message.uuid[:40]!r} is not valid JSON") from None
     if not isinstance(event, dict):
         raise InvalidArgument(f"event {message.uuid[:40]!r} is not a JSON object")
@@ -106,6 +107,8 @@ def from_proto(message: ingest_pb2.Event) -> Event:
         raise InvalidArgument(f"event {message.uuid[:40]!r} lacks {', '.join(missing)}")
     if event["uuid"] != message.uuid:
         raise InvalidArgument(f"event {message.uuid[:40]!r} carries another uuid in its JSON")
+    if len(event["timestamp"]) > MAX_TIMESTAMP:  # parse errors quote it: keep them short
+        raise InvalidArgument(f"event {message.uuid[:40]!r}: timestamp is too long")
     try:
         uuid.UUID(event["uuid"])
         parse_timestamp(event["timestamp"])

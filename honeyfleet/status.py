@@ -17,13 +17,15 @@ from honeyfleet.errors import RPCError
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, lease_pb2
 
+CALL_TIMEOUT = 10.0
+
 
 async def _all_pages(
-    call: Callable[[Any], Awaitable[Any]], request: Any, field: str
+    call: Callable[..., Awaitable[Any]], request: Any, field: str
 ) -> AsyncIterator[Any]:
-    """Every item of a paged List RPC."""
+    """Every item of a paged List RPC (each page bounded in time, like the stats call)."""
     while True:
-        response = await call(request)
+        response = await call(request, timeout=CALL_TIMEOUT)
         for item in getattr(response, field):
             yield item
         if not response.next_page_token:
@@ -57,7 +59,9 @@ async def fetch(controller: str, tls: TlsFiles) -> dict[str, Any]:
                         "leases",
                     )
                 ],
-                "stats": await stub.GetFleetStats(fleet_pb2.GetFleetStatsRequest(), timeout=10),
+                "stats": await stub.GetFleetStats(
+                    fleet_pb2.GetFleetStatsRequest(), timeout=CALL_TIMEOUT
+                ),
             }
         except grpc.aio.AioRpcError as e:
             raise RPCError.wrap("FleetService", e) from None

@@ -106,12 +106,14 @@ class CertificateWatch:
         stamp = self._stat()
         if stamp == self._stamp:
             return None
+        # Remembered even when loading fails: this runs before every handshake, so a
+        # broken renewal is reported once per change to the files, not per connection.
+        self._stamp = stamp
         try:
             config = self.load()
         except Exception as e:  # a half-written renewal must not take the server down
             log.warning("not reloading TLS files (%s); keeping the current certificate", e)
             return None
-        self._stamp = stamp
         log.info("reloaded TLS certificate %s", self._files.cert)
         return config
 

@@ -135,7 +135,7 @@ def prepare_identities(plan: Plan) -> None:
         files = plan.tls(role, name)
         if not files.cert.exists():
             ca.issue(
-                Role(role) if role != "admin" else Role.ADMIN,
+                Role(role),
                 name,
                 dns=["localhost"],
                 ips=["127.0.0.1"],
@@ -259,19 +259,17 @@ async def wait_ready(children: Children, plan: Plan, progress: Progress) -> None
     The sensor counts as ready once it registered with the controller (it does so
     after it listens); probing its port would log a pretend attacker.
     """
-    from honeyfleet.adminconfig import AdminConfig
     from honeyfleet.status import fetch
 
-    admin = AdminConfig(
-        controller=f"127.0.0.1:{PORTS['controller']}", **_tls_kw(plan.tls("admin", NAMES["admin"]))
-    )
+    controller = f"127.0.0.1:{PORTS['controller']}"
+    admin = plan.tls("admin", NAMES["admin"])
     started = time.time()
     guests = progress.add_task("guests booting", total=plan.guests)
     while True:
         if (dead := children.died()) is not None:
             raise HoneyfleetError(f"the {dead} stopped:\n{children.tail(dead)}")
         with contextlib.suppress(HoneyfleetError):
-            state = await fetch(admin.controller, admin.tls)
+            state = await fetch(controller, admin)
             nodes = state["pool_nodes"]
             pristine = nodes[0].guest_counts.pristine if nodes else 0
             progress.update(guests, completed=pristine)
@@ -282,10 +280,6 @@ async def wait_ready(children: Children, plan: Plan, progress: Progress) -> None
             if pristine >= plan.guests and sensor_up:
                 return
         await asyncio.sleep(1)
-
-
-def _tls_kw(files: TlsFiles) -> dict[str, Path]:
-    return {"tls_ca": files.ca, "tls_cert": files.cert, "tls_key": files.key}
 
 
 async def _answers(port: int) -> bool:
@@ -356,8 +350,9 @@ async def run(plan: Plan, console: Console) -> int:
             ready = asyncio.create_task(wait_ready(children, plan, progress))
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if ready not in done:
+            if ready not in done:  # Ctrl-C while booting: stop what has started
                 ready.cancel()
+                await children.stop()
                 return 130
             ready.result()
         except BaseException:

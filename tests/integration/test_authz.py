@@ -189,7 +189,7 @@ async def test_revoked_serial_is_refused_and_its_stream_cut(server, fleet_pki: F
 
 
 async def test_renewed_server_certificate_is_used_without_restart(
-    fleet_pki: FleetPki, tmp_path
+    fleet_pki: FleetPki, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import shutil
 
@@ -219,6 +219,9 @@ async def test_renewed_server_certificate_is_used_without_restart(
         shutil.copy(second.cert, live.cert)
         assert await served_name() == "CN=ctl"
         assert await stats(target, fleet_pki.files(Role.ADMIN, "alice")) == 7
+        assert await served_name() == "CN=ctl"
+        # Said once for the broken files, not once per handshake.
+        assert caplog.text.count("not reloading TLS files") == 1
         # ...the finished one is, for new connections.
         shutil.copy(second.key, live.key)
         assert await served_name() == "CN=ctl-new"

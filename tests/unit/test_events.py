@@ -48,6 +48,10 @@ def test_event_round_trips_through_the_wire_verbatim() -> None:
         lambda w: setattr(w, "json", json.dumps({"eventid": "x"})),
         lambda w: setattr(w, "uuid", "another"),
         lambda w: setattr(w, "json", "x" * 300_000),
+        # Under the limit in characters, over it in bytes.
+        lambda w: setattr(w, "json", "\U0001f600" * 70_000),
+        # Nesting deep enough to overflow the JSON parser's stack.
+        lambda w: setattr(w, "json", "[" * 100_000 + "]" * 100_000),
     ],
 )
 def test_malformed_events_are_refused(mutate) -> None:
@@ -55,6 +59,16 @@ def test_malformed_events_are_refused(mutate) -> None:
     mutate(wire)
     with pytest.raises(InvalidArgument):
         from_proto(wire)
+
+
+def test_a_long_bad_timestamp_is_refused_without_being_quoted() -> None:
+    event = login()
+    event["timestamp"] = "9" * 100_000
+    wire = to_proto(login())
+    wire.json = json.dumps(event)
+    with pytest.raises(InvalidArgument) as refused:
+        from_proto(wire)
+    assert len(str(refused.value)) < 200
 
 
 def test_session_ids_are_unique() -> None:

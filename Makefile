@@ -7,10 +7,15 @@ EXTRAS ?= dev,postgres,poolnode
 # Arguments for `make up`, e.g. UP_ARGS="--hypervisor qemu --guests 3".
 UP_ARGS ?=
 
-.PHONY: test up check lint types protos protos-check system-deps clean
+.PHONY: test test-image up check lint types protos protos-check system-deps clean
 
-test: system-deps check
+test: system-deps check test-image
 	$(BIN)/pytest
+
+# The VM tests' guest image, built from Debian packages before pytest starts, so that
+# the tests themselves reach nothing beyond the machine.
+test-image: $(VENV)/.installed
+	$(BIN)/python -m tests.e2e.image
 
 # The whole fleet on this machine (Ctrl-C stops it and cleans up).
 up: system-deps $(VENV)/.installed

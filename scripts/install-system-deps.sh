@@ -14,8 +14,8 @@ packages=(
     qemu-system-x86 dnsmasq-base iptables ebtables libvirt-dev
     # The guest image builder (poolnode.image.HOST_PACKAGES)
     apt binutils dpkg e2fsprogs kmod openssl qemu-utils
-    # VM test clients and the network namespace
-    openssh-client sshpass iproute2 telnet
+    # VM test clients and the network namespace; procps has sysctl and pgrep
+    openssh-client sshpass iproute2 telnet procps
 )
 if [ "$#" -gt 0 ]; then
     packages+=("$@")

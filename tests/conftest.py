@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -28,17 +29,29 @@ from poolnode.server import PoolNode
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def unmet(message: str) -> NoReturn:
+    """A prerequisite is missing: fail in CI (make test installs everything), skip elsewhere."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str, package: str) -> str:
     """The path of a tool; fails in CI (it must be installed) and skips, saying why, elsewhere."""
     # Tools from the dev extra live next to the interpreter, not necessarily on PATH.
     search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     path = shutil.which(name, path=search)
     if path is None:
-        message = f"{name} not found: install {package} (make test installs it)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unmet(f"{name} not found: install {package} (make test installs it)")
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import free_port, unmet
 
 INITDB_GLOB = "/usr/lib/postgresql/*/bin/initdb"
 
@@ -40,19 +40,8 @@ def find_bindir() -> Path:
         key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
     )
     if not candidates:
-        message = f"no PostgreSQL server binaries ({INITDB_GLOB}): apt-get install postgresql"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unmet(f"no PostgreSQL server binaries ({INITDB_GLOB}): apt-get install postgresql")
     return candidates[-1].parent
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -168,7 +157,8 @@ async def _run(argv: list[str], kw: dict[str, Any]) -> None:
 def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server for the whole run, stopped and deleted afterwards."""
     bindir = find_bindir()
-    pytest.importorskip("psycopg", reason="psycopg missing: pip install -e '.[postgres]'")
+    if importlib.util.find_spec("psycopg") is None:
+        unmet("psycopg missing: pip install -e '.[postgres]' (make test does)")
     root = Path(tempfile.mkdtemp(prefix="honeyfleet-pg-"))
     user = None
     if os.geteuid() == 0:

@@ -83,7 +83,7 @@ class CliFleet:
         self.pki_dir = work / "pki"
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.roles: dict[str, str] = {}
-        self.buf = str(BIN / "buf") if (BIN / "buf").exists() else require_tool("buf", "buf-bin")
+        self.buf = require_tool("buf", "buf-bin (pip, dev extra)")
 
     # Running commands
 

@@ -16,17 +16,17 @@ from typing import NoReturn
 
 import pytest
 
-from poolnode.image import GuestImage, GuestImageSpec, build_image
-from tests.conftest import IN_CI, FleetPki, require_tool
-from tests.e2e.fleet import GUEST_PASSWORD, GUEST_USER, VmFleet
+from poolnode.image import GuestImage, build_image
+from tests.conftest import FleetPki, require_tool, unmet
+from tests.e2e.fleet import VmFleet
+from tests.e2e.image import image_spec
 from tests.e2e.vmhost import HostProblem, VmHost
 
 log = logging.getLogger(__name__)
 
-# Built once per machine and reused: the builder skips work when its stamp matches.
-IMAGE_DIR = Path(os.environ.get("HONEYFLEET_TEST_IMAGE_DIR", "/var/tmp/honeyfleet-test-image"))
 TOOLS = {
     "ip": "iproute2",
+    "sysctl": "procps",
     "libvirtd": "libvirt-daemon",
     "virtlogd": "libvirt-daemon",
     "qemu-system-x86_64": "qemu-system-x86",
@@ -39,34 +39,33 @@ TOOLS = {
 }
 
 
-def unmet(reason: str) -> NoReturn:
-    """A prerequisite is missing: fail in CI (it must be there), skip elsewhere."""
-    message = f"VM tests: {reason}"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+def unmet_vm(reason: str) -> NoReturn:
+    """A VM-test prerequisite is missing: fail in CI (it must be there), skip elsewhere."""
+    unmet(f"VM tests: {reason}")
 
 
 def check_prerequisites() -> None:
     """Everything the VM tests need before they touch the machine."""
     if os.geteuid() != 0:
-        unmet("need root (network namespaces, libvirtd)")
+        unmet_vm("need root (network namespaces, libvirtd)")
     for tool, package in TOOLS.items():
         require_tool(tool, package)
     if importlib.util.find_spec("libvirt") is None:
-        unmet("libvirt-python is missing: pip install -e '.[poolnode]' (make test does)")
+        unmet_vm("libvirt-python is missing: pip install -e '.[poolnode]' (make test does)")
     if not Path("/etc/libvirt/nwfilter/clean-traffic.xml").exists():
-        unmet("libvirt's stock filters are missing: apt-get install libvirt-daemon-config-nwfilter")
+        unmet_vm(
+            "libvirt's stock filters are missing: apt-get install libvirt-daemon-config-nwfilter"
+        )
     if not Path("/dev/net/tun").exists():
-        unmet("/dev/net/tun is missing (QEMU needs it for the guests' network)")
+        unmet_vm("/dev/net/tun is missing (QEMU needs it for the guests' network)")
 
 
 @pytest.fixture(scope="session")
 def vm_image() -> GuestImage:
     """The tiny guest image (busybox + dropbear), with the tests' backend account."""
     check_prerequisites()
-    spec = GuestImageSpec(out_dir=IMAGE_DIR, backend_user=GUEST_USER, backend_pass=GUEST_PASSWORD)
-    return build_image(spec, lambda step, i, n: log.info("image [%d/%d] %s", i, n, step))
+    # Normally already built by `make test` (tests/e2e/image.py); then this only checks.
+    return build_image(image_spec(), lambda step, i, n: log.info("image [%d/%d] %s", i, n, step))
 
 
 @pytest.fixture(scope="package")
@@ -78,7 +77,7 @@ def vm_host(vm_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> I
     try:
         host = VmHost.start(tmp_path_factory.mktemp("vmhost"))
     except HostProblem as e:
-        unmet(str(e))
+        unmet_vm(str(e))
     try:
         yield host
     finally:

@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 
 from honeyfleet.up import NETWORK, TAG
-from poolnode.image import GuestImageSpec, build_image
+from poolnode.image import build_image
 from tests.conftest import require_tool
 from tests.e2e.clients import openssh_argv, telnet_login
-from tests.e2e.conftest import IMAGE_DIR
+from tests.e2e.image import IMAGE_DIR, image_spec
 from tests.e2e.vmhost import VmHost, namespace_pids
 from tests.integration.test_leases import until
 from tests.terminal import Terminal
 
-pytestmark = pytest.mark.vm
+# Bounded within: the image build, `up` starting and stopping (each with its own timeout).
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
 PASSWORD = "up-test-guest-pw"
@@ -46,7 +47,7 @@ async def check_grpcurl_hint(vm_host: VmHost, output: str) -> None:
     ca, cert, key, address, method = hint.groups()
     buf = await asyncio.create_subprocess_exec(
         *vm_host.ns_argv(
-            str(BIN / "buf"), "curl", "--protocol", "grpc",
+            require_tool("buf", "buf-bin (pip, dev extra)"), "curl", "--protocol", "grpc",
             "--cacert", ca, "--cert", cert, "--key", key, "-d", "{}",
             f"https://{address}/{method}",
         ),
@@ -66,7 +67,7 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
     directory = tmp_path / "fleet"
     directory.mkdir()
     (directory / "backend_pass").write_text(PASSWORD)
-    await asyncio.to_thread(build_image, GuestImageSpec(out_dir=IMAGE_DIR, backend_pass=PASSWORD))
+    await asyncio.to_thread(build_image, image_spec(backend_pass=PASSWORD))
     # On a terminal, as an operator runs it: progress bars, then Ctrl-C to stop.
     up = await Terminal.spawn(
         *vm_host.ns_argv(

@@ -28,7 +28,8 @@ from tests.e2e.fleet import GUESTS, VmFleet, run
 from tests.e2e.vmhost import BRIDGE, GATEWAY, NETWORK, TAG, VmHost, namespace_pids
 from tests.integration.test_leases import until
 
-pytestmark = pytest.mark.vm
+# The node boots guests on first use (bounded by NODE_START_WAIT) before a test proper.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 # IPv6 addresses for the egress test (unique local, only ever inside the namespace).
 GATEWAY6 = "fd77::1"

@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import ingest_pb2
-from tests.conftest import FleetPki
+from tests.conftest import FleetPki, free_port
 from tests.integration.test_events_ingest import (
     SensorStream,
     batches,
@@ -90,7 +90,6 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
     settings: dict[str, str] = {"store": store}
     if store == "postgres":
         settings["postgres_dsn"] = request.getfixturevalue("postgres_dsn")
-    from tests.postgres import free_port  # loaded as a plugin: import it late
 
     port = free_port()
     address = f"127.0.0.1:{port}"

@@ -8,14 +8,24 @@ directory made.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from pathlib import Path
 
-from tests.conftest import require_tool
+import pytest
+
+from tests.conftest import free_port, require_tool, unmet
 
 BIN = Path(sys.executable).parent
 EXIT_ERROR = 2
+
+
+@pytest.fixture(autouse=True)
+def as_root() -> None:
+    """`up` checks for root before anything else, and setpriv needs root to drop it."""
+    if os.geteuid() != 0:
+        unmet("the `honeyfleet up` refusal tests run as root")
 
 
 async def up(directory: Path, *args: str, prefix: tuple[str, ...] = ()) -> tuple[int, str]:
@@ -37,13 +47,6 @@ async def up(directory: Path, *args: str, prefix: tuple[str, ...] = ()) -> tuple
         _, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, err.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_up_needs_root(tmp_path: Path) -> None:

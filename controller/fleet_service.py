@@ -120,7 +120,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         if request.src_ip:
             filters["src_ip"] = request.src_ip
         if request.state != lease_pb2.LEASE_STATE_UNSPECIFIED:
-            filters["state"] = LeaseState(request.state).value
+            try:
+                filters["state"] = LeaseState(request.state).value
+            except ValueError:
+                raise InvalidArgument(
+                    f"state {request.state} is not a LeaseState (LEASE_STATE_ACTIVE, ...)"
+                ) from None
         rows = await self._store.list_leases(before_seq=before, limit=size + 1, filters=filters)
         token = encode_token("leases", str(rows[size - 1][0])) if len(rows) > size else ""
         return fleet_pb2.ListLeasesResponse(

@@ -116,8 +116,7 @@ class LeaseManager:
                     expire_time=now + self.ttl,
                 )
                 try:
-                    await self._store.save_lease(lease)
-                    await self._store.add_counter("leases_issued")
+                    await self._store.save_lease(lease, counter="leases_issued")
                     self.active[lease.id] = lease
                 finally:
                     self._allocating.discard(lease_id)
@@ -194,6 +193,10 @@ class LeaseManager:
         """Expire leases whose sensor stopped renewing them."""
         now = time.time()
         for lease in [lease for lease in self.active.values() if lease.expire_time < now]:
+            # Ending one lease awaits the disk and its node: meanwhile its sensor may have
+            # renewed or released a later one in this list.
+            if lease.state is not LeaseState.ACTIVE or lease.expire_time >= now:
+                continue
             await self._end(
                 lease, LeaseState.EXPIRED, "not renewed within lease_ttl (sensor vanished)"
             )
@@ -222,6 +225,9 @@ class LeaseManager:
             if lease.pool_node == node and lease.id not in reported and lease.create_time < cutoff
         ]
         for lease in lost:
+            # Released (or failed) while an earlier one was being ended: already over.
+            if lease.state is not LeaseState.ACTIVE:
+                continue
             await self._end(lease, LeaseState.FAILED, f"pool node {node} no longer holds the guest")
         return stale
 

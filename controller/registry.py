@@ -128,8 +128,8 @@ class Registry:
 
     async def persist_heartbeat_times(self) -> None:
         """Write nodes' last heartbeat times, so `status` after a restart shows them."""
-        for node in self.nodes.values():
-            await self._store.save_node(node)
+        if self.nodes:
+            await self._store.save_nodes(list(self.nodes.values()))
 
     async def touch_sensor(self, name: str, **details: object) -> SensorRecord:
         """Record contact from a sensor, creating it on first contact."""

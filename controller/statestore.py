@@ -75,6 +75,18 @@ LEASE_COLUMNS = (
 
 LEASE_FILTERS = frozenset({"pool_node", "sensor", "src_ip", "state"})
 
+SAVE_NODE = "INSERT OR REPLACE INTO pool_nodes VALUES (?,?,?,?,?,?,?,?,?,?)"
+SAVE_LEASE = (
+    f"INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (id) DO UPDATE SET state=excluded.state, "
+    "expire_time=excluded.expire_time, end_time=excluded.end_time, "
+    "end_reason=excluded.end_reason"
+)
+ADD_COUNTER = (
+    "INSERT INTO counters VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value"
+)
+
 
 class StateStore:
     """Durable controller state. Open with :meth:`open`, close with :meth:`close`."""
@@ -115,22 +127,11 @@ class StateStore:
 
     async def save_node(self, node: PoolNodeRecord) -> None:
         """Insert or replace a pool node's registration."""
-        await self._run(
-            self._execute,
-            "INSERT OR REPLACE INTO pool_nodes VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                node.name,
-                node.address,
-                node.capacity,
-                json.dumps(node.labels, sort_keys=True),
-                int(node.share_guests),
-                node.version,
-                node.backend,
-                int(node.draining),
-                node.register_time,
-                node.last_heartbeat_time,
-            ),
-        )
+        await self._run(self._execute, SAVE_NODE, _node_row(node))
+
+    async def save_nodes(self, nodes: list[PoolNodeRecord]) -> None:
+        """Insert or replace several nodes' registrations in one transaction."""
+        await self._run(self._transaction, [(SAVE_NODE, _node_row(node)) for node in nodes])
 
     async def delete_node(self, name: str) -> None:
         """Forget a pool node's registration."""
@@ -189,16 +190,15 @@ class StateStore:
 
     # Leases
 
-    async def save_lease(self, lease: LeaseRecord) -> None:
-        """Insert a new lease or update an existing one's state."""
-        await self._run(
-            self._execute,
-            f"INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-            "ON CONFLICT (id) DO UPDATE SET state=excluded.state, "
-            "expire_time=excluded.expire_time, end_time=excluded.end_time, "
-            "end_reason=excluded.end_reason",
-            _lease_row(lease),
-        )
+    async def save_lease(self, lease: LeaseRecord, *, counter: str | None = None) -> None:
+        """Insert a new lease or update an existing one's state.
+
+        With ``counter``, that persistent counter goes up by one in the same transaction.
+        """
+        statements: list[tuple[str, tuple[Any, ...]]] = [(SAVE_LEASE, _lease_row(lease))]
+        if counter is not None:
+            statements.append((ADD_COUNTER, (counter, 1)))
+        await self._run(self._transaction, statements)
 
     async def save_leases(self, leases: list[LeaseRecord]) -> None:
         """Save several leases in one transaction (used when a node dies)."""
@@ -272,12 +272,7 @@ class StateStore:
 
     async def add_counter(self, name: str, delta: int = 1) -> None:
         """Add to a persistent counter."""
-        await self._run(
-            self._execute,
-            "INSERT INTO counters VALUES (?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            (name, delta),
-        )
+        await self._run(self._execute, ADD_COUNTER, (name, delta))
 
     async def counters(self) -> dict[str, int]:
         """Every persistent counter."""
@@ -287,8 +282,31 @@ class StateStore:
     def _execute(self, sql: str, args: tuple[Any, ...]) -> None:
         self._conn().execute(sql, args)
 
+    def _transaction(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """Run statements in one transaction (all or none)."""
+        db = self._conn()
+        with db:
+            db.execute("BEGIN")
+            for sql, args in statements:
+                db.execute(sql, args)
+
     def _query(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return self._conn().execute(sql, args).fetchall()
+
+
+def _node_row(node: PoolNodeRecord) -> tuple[Any, ...]:
+    return (
+        node.name,
+        node.address,
+        node.capacity,
+        json.dumps(node.labels, sort_keys=True),
+        int(node.share_guests),
+        node.version,
+        node.backend,
+        int(node.draining),
+        node.register_time,
+        node.last_heartbeat_time,
+    )
 
 
 def _lease_row(lease: LeaseRecord) -> tuple[Any, ...]:

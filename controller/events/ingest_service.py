@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 from controller.events.pipeline import EventPipeline
@@ -60,9 +61,10 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
         rows: list[EventRow] = []
         rewritten = 0
         problems: list[str] = []
+        now = datetime.now(UTC)
         for message in request.events:
             try:
-                row, wrong_name = to_row(message, sensor)
+                row, wrong_name = to_row(message, sensor, now=now)
             except InvalidArgument as e:
                 problems.append(str(e))
                 continue

@@ -13,6 +13,8 @@ The views reproduce Cowrie's SQL output tables (its ``docs/sql/postgres.sql``):
 
 from __future__ import annotations
 
+from controller.events.rows import FILE_EVENTS, LOGIN_EVENTS, eventid_in
+
 # Serialises schema changes and partition creation among controllers sharing a store.
 SCHEMA_LOCK = 0x686F6E6579  # "honey"
 
@@ -158,5 +160,6 @@ SESSION_COLUMNS = (
     "coalesce(terminal_size, ''), event_count"
 )
 USERNAME = "event ->> 'username'"
-LOGINS = "eventid IN ('cowrie.login.success', 'cowrie.login.failed')"
-FILES = "eventid IN ('cowrie.session.file_upload', 'cowrie.session.file_download')"
+# Spelled exactly as in the partial username index, so the planner can use it.
+LOGINS = eventid_in(LOGIN_EVENTS)
+FILES = eventid_in(FILE_EVENTS)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,8 +25,12 @@ from honeyfleet.events import PROTOCOLS
 from honeyfleet.v1 import common_pb2, events_pb2, events_pb2_grpc, ingest_pb2
 
 SESSION_EVENTS = 1000
-# Events can be up to 256 KiB each: pages stop short of the 4 MiB message limit.
+# Events can be up to 256 KiB each: pages stop short of the 4 MiB message limit,
+# counted in encoded bytes (attackers' non-ASCII text is up to 4 bytes a character).
 MAX_PAGE_BYTES = 3 * 1024 * 1024
+# Top-list keys (usernames, passwords, file names, ...) are attacker-chosen and unbounded:
+# longer ones are cut, so a reply of MAX_TOP entries per list always fits.
+MAX_STATS_KEY = 256
 DEFAULT_TOP = 10
 MAX_TOP = 100
 
@@ -55,13 +59,13 @@ class EventQueryServicer(events_pb2_grpc.EventQueryServiceServicer):
                 before=before,
             )
         )
+        # Sessions carry attacker-chosen texts (username, client version): also by bytes.
+        sessions = _fit(_session(s) for s in rows[:size])
         token = ""
-        if len(rows) > size:
-            last = rows[size - 1]
+        if len(rows) > len(sessions):
+            last = rows[len(sessions) - 1]
             token = encode_token("sessions", f"{last.start_us}:{last.session}")
-        return events_pb2.ListSessionsResponse(
-            sessions=[_session(s) for s in rows[:size]], next_page_token=token
-        )
+        return events_pb2.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     async def GetSession(
         self, request: events_pb2.GetSessionRequest, context: Any
@@ -142,7 +146,7 @@ class EventQueryServicer(events_pb2_grpc.EventQueryServiceServicer):
 
         def counts(pairs: list[tuple[str, int]]) -> list[events_pb2.KeyCount]:
             """KeyCount messages from (value, count) pairs."""
-            return [events_pb2.KeyCount(key=k, count=n) for k, n in pairs]
+            return [events_pb2.KeyCount(key=_cut(k), count=n) for k, n in pairs]
 
         return events_pb2.GetEventStatsResponse(
             top_usernames=counts(stats.usernames),
@@ -152,9 +156,9 @@ class EventQueryServicer(events_pb2_grpc.EventQueryServiceServicer):
             sessions_per_pool_node=counts(stats.sessions_per_pool_node),
             top_uploads=[
                 events_pb2.FileCount(
-                    sha256=f.sha256,
+                    sha256=_cut(f.sha256),
                     count=f.count,
-                    example_name=f.example_name,
+                    example_name=_cut(f.example_name),
                     first_time=_micros_timestamp(f.first_us),
                 )
                 for f in stats.files
@@ -198,19 +202,34 @@ def _position(token: str | None, kind: type[int] | type[str]) -> Any:
         raise InvalidArgument("page_token is malformed") from None
 
 
-def _event_page(rows: list[StoredEvent], size: int) -> tuple[list[ingest_pb2.Event], str]:
-    """Up to ``size`` events within MAX_PAGE_BYTES, and the token for the rest (if any)."""
-    page: list[StoredEvent] = []
+M = TypeVar("M", bound=Message)
+
+
+def _fit(messages: Iterable[M]) -> list[M]:
+    """The leading messages whose encoded size stays within MAX_PAGE_BYTES (at least one)."""
+    page: list[M] = []
     total = 0
-    for row in rows[:size]:
-        total += len(row.json)
+    for message in messages:
+        total += message.ByteSize()
         if page and total > MAX_PAGE_BYTES:
             break
-        page.append(row)
+        page.append(message)
+    return page
+
+
+def _event_page(rows: list[StoredEvent], size: int) -> tuple[list[ingest_pb2.Event], str]:
+    """Up to ``size`` events within MAX_PAGE_BYTES, and the token for the rest (if any)."""
+    page = _fit(_event(e) for e in rows[:size])
     token = ""
     if len(rows) > len(page):
-        token = encode_token("events", f"{page[-1].time_us}:{page[-1].seq}")
-    return [_event(e) for e in page], token
+        last = rows[len(page) - 1]
+        token = encode_token("events", f"{last.time_us}:{last.seq}")
+    return page, token
+
+
+def _cut(key: str) -> str:
+    """A top-list key of at most MAX_STATS_KEY characters."""
+    return key if len(key) <= MAX_STATS_KEY else key[: MAX_STATS_KEY - 1] + "\u2026"
 
 
 def _micros_timestamp(micros: int) -> Timestamp:

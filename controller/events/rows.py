@@ -21,6 +21,11 @@ LOGIN_EVENTS = ("cowrie.login.success", "cowrie.login.failed")
 FILE_EVENTS = ("cowrie.session.file_upload", "cowrie.session.file_download")
 
 
+def eventid_in(eventids: Iterable[str]) -> str:
+    """An SQL ``eventid IN (...)`` condition (event ids are our constants, never input)."""
+    return "eventid IN (" + ", ".join(f"'{e}'" for e in eventids) + ")"
+
+
 def to_micros(moment: datetime) -> int:
     """Microseconds since the Unix epoch of an aware datetime."""
     return (moment - EPOCH) // ONE_MICROSECOND

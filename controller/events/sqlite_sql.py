@@ -8,6 +8,8 @@ and ``sessions.client`` as ids into the ``sensors`` and ``clients`` tables.
 
 from __future__ import annotations
 
+from controller.events.rows import FILE_EVENTS, LOGIN_EVENTS, eventid_in
+
 # Each entry upgrades the schema by one version (PRAGMA user_version); never edit one
 # that has shipped, append a new one.
 MIGRATIONS = [
@@ -132,6 +134,13 @@ SESSION_COLUMNS = (
     "event_count"
 )
 USERNAME = "json_extract(json, '$.username')"
-LOGINS = "eventid IN ('cowrie.login.success', 'cowrie.login.failed')"
-FILES = "eventid IN ('cowrie.session.file_upload', 'cowrie.session.file_download')"
+# Spelled exactly as in the partial username index, so the planner can use it.
+LOGINS = eventid_in(LOGIN_EVENTS)
+FILES = eventid_in(FILE_EVENTS)
 RETENTION_CHUNK = 10_000
+# Retention, one chunk of at most RETENTION_CHUNK rows per statement: (cutoff, chunk).
+EXPIRE_EVENTS = "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE time_us < ? LIMIT ?)"
+EXPIRE_SESSIONS = (
+    "DELETE FROM event_sessions WHERE rowid IN "
+    "(SELECT rowid FROM event_sessions WHERE last_us < ? LIMIT ?)"
+)

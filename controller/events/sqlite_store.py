@@ -193,22 +193,17 @@ class SqliteEventStore:
         """Delete events and sessions older than retention_days (if set), in chunks."""
         if self._retention_days > 0:
             cutoff = to_micros(now - timedelta(days=self._retention_days))
-            await self._write(self._expire, cutoff)
+            # One writer job per chunk: batches of new events queue on the same thread
+            # and go in between chunks, never behind the whole purge.
+            while await self._write(self._delete_chunk, sql.EXPIRE_EVENTS, cutoff):
+                pass
+            while await self._write(self._delete_chunk, sql.EXPIRE_SESSIONS, cutoff):
+                pass
 
-    def _expire(self, cutoff: int) -> None:
-        """Delete events and sessions older than ``cutoff`` microseconds."""
-        db = self._w()
-        # Small transactions, so batches of new events are never held up for long.
-        while (
-            db.execute(
-                "DELETE FROM events WHERE seq IN "
-                "(SELECT seq FROM events WHERE time_us < ? LIMIT ?)",
-                (cutoff, sql.RETENTION_CHUNK),
-            ).rowcount
-            > 0
-        ):
-            pass
-        db.execute("DELETE FROM event_sessions WHERE last_us < ?", (cutoff,))
+    def _delete_chunk(self, statement: str, cutoff: int) -> bool:
+        """Delete up to RETENTION_CHUNK rows older than ``cutoff``; whether more may remain."""
+        deleted = self._w().execute(statement, (cutoff, sql.RETENTION_CHUNK)).rowcount
+        return bool(deleted >= sql.RETENTION_CHUNK)
 
     # Reading
 

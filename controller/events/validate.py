@@ -13,7 +13,7 @@ import ipaddress
 import math
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from controller.events.rows import EventRow
 from honeyfleet.errors import InvalidArgument
@@ -28,15 +28,29 @@ CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0
 # for the exact check.
 SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
 SURROGATE = re.compile("[\ud800-\udfff]")
+# How far ahead of the controller's clock an event may be (sensor clock skew). Further
+# ahead is a broken or lying sensor: PostgreSQL would create a partition for that day,
+# which retention never drops.
+MAX_FUTURE = timedelta(days=1)
 
 
-def to_row(message: ingest_pb2.Event, sensor: str) -> tuple[EventRow, bool]:
+def to_row(
+    message: ingest_pb2.Event, sensor: str, *, now: datetime | None = None
+) -> tuple[EventRow, bool]:
     """A storable row from a wire event sent by ``sensor``, and whether its sensor was wrong.
 
     Raises InvalidArgument, naming the event and the problem, if it cannot be stored.
+    ``now`` is the controller's time (default: the clock), for the future-time check.
     """
     event = from_proto(message)
     ref = f"event {event['uuid']}"
+    # from_proto checked Cowrie's exact format; fromisoformat is the fast parser.
+    moment = datetime.fromisoformat(event["timestamp"])
+    if moment > (now or datetime.now(UTC)) + MAX_FUTURE:
+        raise InvalidArgument(
+            f"{ref}: timestamp {event['timestamp']} is more than {MAX_FUTURE.days} day "
+            "ahead of the controller's clock (check the sensor's clock)"
+        )
     for key in ("eventid", "session", "protocol"):
         if not TOKEN.fullmatch(event[key]):
             raise InvalidArgument(
@@ -61,8 +75,7 @@ def to_row(message: ingest_pb2.Event, sensor: str) -> tuple[EventRow, bool]:
         text = to_json(event)
     row = EventRow(
         uuid=_canonical_uuid(event["uuid"]),
-        # from_proto checked Cowrie's exact format; fromisoformat is the fast parser.
-        time=datetime.fromisoformat(event["timestamp"]),
+        time=moment,
         sensor=sensor,
         session=event["session"],
         eventid=event["eventid"],

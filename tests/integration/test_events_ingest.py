@@ -11,14 +11,16 @@ import json
 import sqlite3
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from controller.events.store import EventQuery
 from controller.server import Controller
-from honeyfleet.events import Event, make_event, new_session_id, to_proto
+from honeyfleet.events import TIMESTAMP_FORMAT, Event, make_event, new_session_id, to_proto
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
@@ -315,3 +317,33 @@ async def test_an_event_the_store_refuses_is_isolated_and_dropped(
     assert controller.events.metrics.rejected.labels("store")._value.get() == 1
     summary = await controller.events.store.get_session(events[0]["session"])
     assert summary is not None and summary.event_count == 8
+
+
+async def test_events_from_the_far_future_are_dropped_and_their_batch_acknowledged(
+    store_overrides: dict[str, Any], start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    controller, address = await start_controller(**store_overrides)
+    events = session_events("edge1")
+    now = datetime.now(UTC)
+    skewed, ahead = events[2], events[5]
+    skewed["timestamp"] = (now + timedelta(hours=12)).strftime(TIMESTAMP_FORMAT)  # clock skew
+    far = now + timedelta(days=30)  # a broken or lying sensor clock
+    ahead["timestamp"] = far.strftime(TIMESTAMP_FORMAT)
+    ack = (await stream_all(fleet_pki, address, "edge1", batches(events)))[0]
+    # Acknowledged, so the sensor drops it from its spool instead of resending forever.
+    assert (ack.stored, ack.duplicates) == (len(events) - 1, 0)
+    assert await counts(controller, store_overrides) == (len(events) - 1, len(events) - 1)
+    assert controller.events.metrics.rejected.labels("validation")._value.get() == 1
+    listed = await controller.events.store.list_events(EventQuery(limit=100))
+    assert ahead["uuid"] not in {e.uuid for e in listed}
+    assert skewed["uuid"] in {e.uuid for e in listed}
+    if store_overrides["store"] == "postgres":
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn:
+            cursor = await conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'events'::regclass"
+            )
+            partitions = {name for (name,) in await cursor.fetchall()}
+        assert f"events_p{far:%Y%m%d}" not in partitions

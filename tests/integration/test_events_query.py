@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from controller.events.broadcast import Broadcaster, WatchFilter
 from controller.events.metrics import EventMetrics
+from controller.events.query_service import MAX_STATS_KEY
 from controller.events.store import SessionQuery
 from controller.events.validate import to_row
 from controller.server import Controller
@@ -406,3 +407,93 @@ async def test_pages_of_large_events_stay_under_the_message_limit(
         seen.extend(e.uuid for e in page.events)
         token = page.next_page_token
     assert seen == [e["uuid"] for e in big]
+
+
+async def test_pages_of_non_ascii_events_stay_under_the_message_limit(
+    store_overrides: dict[str, Any], start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    _, address = await start_controller(**store_overrides)
+    template = session_events("edge1")[5]
+    # 240,000 bytes in UTF-8 (under the event size limit) but 60,000 characters: 40 of
+    # them are 2.4 million characters, 9.6 MB.
+    heavy = [
+        dict(template, uuid=str(uuid.uuid4()), input=f"{n}:" + "\U0001f608" * 60_000)
+        for n in range(40)
+    ]
+    await stream_all(fleet_pki, address, "edge1", batches(heavy, size=8))
+    stub = admin_stub(fleet_pki, address)
+    first = await stub.GetSession(events_pb2.GetSessionRequest(id=template["session"]))
+    assert 0 < len(first.events) < 40 and first.next_events_page_token
+    assert first.ByteSize() < 4 * 1024 * 1024
+    seen = [e.uuid for e in first.events]
+    token = first.next_events_page_token
+    while token:
+        page = await stub.ListEvents(
+            events_pb2.ListEventsRequest(session=template["session"], page_token=token)
+        )
+        assert page.events and page.ByteSize() < 4 * 1024 * 1024
+        seen.extend(e.uuid for e in page.events)
+        token = page.next_page_token
+    assert seen == [e["uuid"] for e in heavy]
+    assert json.loads(page.events[-1].json)["input"] == heavy[-1]["input"]
+
+
+async def test_stats_of_huge_attacker_texts_fit_in_a_reply(
+    store_overrides: dict[str, Any], start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    _, address = await start_controller(**store_overrides)
+    logins = []
+    for n in range(20):
+        # 120,000 bytes each: 20 usernames and 20 passwords are more than a 4 MiB reply.
+        event = session_events("edge1", f"198.51.100.{n + 1}")[3]
+        event["username"] = f"{n:02}" + "\U0001f464" * 30_000
+        event["password"] = f"{n:02}" + "\U0001f511" * 30_000
+        event["message"] = "login attempt succeeded"
+        logins.append(event)
+    upload = session_events("edge1")[6]
+    upload["shasum"] = "f" * 100_000
+    upload["filename"] = "\U0001f4c4" * 30_000
+    await stream_all(fleet_pki, address, "edge1", batches([*logins, upload], size=4))
+    stub = admin_stub(fleet_pki, address)
+    stats = await stub.GetEventStats(events_pb2.GetEventStatsRequest(top=20))
+    assert stats.ByteSize() < 4 * 1024 * 1024
+    cut = MAX_STATS_KEY - 1
+    for top, field in ((stats.top_usernames, "username"), (stats.top_passwords, "password")):
+        assert sorted((k.key, k.count) for k in top) == sorted(
+            (e[field][:cut] + "\u2026", 1) for e in logins
+        )
+    [file] = stats.top_uploads
+    assert (file.sha256, file.example_name, file.count) == (
+        "f" * cut + "\u2026",
+        upload["filename"][:cut] + "\u2026",
+        1,
+    )
+    # Short keys stay whole.
+    assert [(k.key, k.count) for k in stats.sessions_per_sensor] == [("edge1", 21)]
+
+
+async def test_pages_of_sessions_with_huge_client_versions_stay_under_the_message_limit(
+    store_overrides: dict[str, Any], start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    _, address = await start_controller(**store_overrides)
+    versions = []
+    for n in range(20):
+        # 240,000 bytes of client version per session: 20 sessions are 4.8 MB.
+        event = session_events("edge1", f"198.51.100.{n + 1}")[1]
+        event["version"] = f"{n:02}" + "\U0001f916" * 60_000
+        event["message"] = "Remote SSH version"
+        versions.append(event)
+    await stream_all(fleet_pki, address, "edge1", batches(versions, size=8))
+    stub = admin_stub(fleet_pki, address)
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await stub.ListSessions(
+            events_pb2.ListSessionsRequest(page_size=100, page_token=token)
+        )
+        assert page.sessions and page.ByteSize() < 4 * 1024 * 1024
+        seen.extend(s.client_version for s in page.sessions)
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(e["version"] for e in versions)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 
+from controller.models import LeaseState
 from controller.server import Controller
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
@@ -24,6 +28,28 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def store_held(controller: Controller) -> AsyncIterator[None]:
+    """Hold the state store's only thread: every write waits until the block ends.
+
+    Lease changes happen in memory first and are then saved, so this freezes whoever
+    writes at the point where it awaits the disk, while everything else runs on.
+    """
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(60)  # bounded: a failing test must not wedge the store forever
+
+    holder = asyncio.ensure_future(controller.store._run(hold))
+    try:
+        await until(entered.is_set)
+        yield
+    finally:
+        release.set()
+        await holder
 
 
 class Sensor:
@@ -321,3 +347,86 @@ async def test_only_a_dead_node_can_be_removed_and_it_stays_removed(
     await controller.stop(grace=0)
     restarted, _ = await start_controller(listen=f"127.0.0.1:{port}")
     assert set(restarted.registry.nodes) == {"n2"}
+
+
+async def test_expiry_spares_leases_renewed_or_released_while_it_runs(
+    start_controller, start_pool_node, fleet_pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A long TTL: only leases this test makes overdue expire; upkeep checks every 5 s.
+    controller, address, nodes = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 4}, lease_ttl=3600.0
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    ids = [(await sensor.acquire(f"192.0.2.{70 + i}", f"s{i}")).lease.id for i in range(4)]
+    manager = controller.leases
+    first, renewed, released, last = (manager.active[i] for i in ids)
+    caplog.set_level(logging.ERROR, logger="controller.server")
+    async with store_held(controller):
+        for lease in (first, renewed, released, last):
+            lease.expire_time = time.time() - 1
+        # The next upkeep pass takes all four as overdue and now waits to save the first.
+        await until(lambda: first.state is LeaseState.EXPIRED, timeout=30)
+        # Meanwhile the sensor renews one and releases another.
+        renewing = asyncio.ensure_future(manager.renew("sensor/s1", renewed.id))
+        releasing = asyncio.ensure_future(
+            manager.release("sensor/s1", released.id, "session closed")
+        )
+        await until(
+            lambda: renewed.expire_time > time.time() and released.state is LeaseState.RELEASED
+        )
+    async with asyncio.timeout(30):
+        assert (await renewing).state is LeaseState.ACTIVE
+        await releasing
+    await until(lambda: last.state is LeaseState.EXPIRED, timeout=30)
+
+    assert renewed.state is LeaseState.ACTIVE and renewed.id in manager.active
+    assert (released.state, released.end_reason) == (LeaseState.RELEASED, "session closed")
+    for lease in (first, renewed, released, last):
+        stored = await controller.store.get_lease(lease.id)
+        assert stored is not None and stored.state is lease.state
+    pool = nodes["n1"].pool
+    await until(lambda: pool.lease_sensor(last.id) is None)
+    assert pool.lease_sensor(renewed.id) == "sensor/s1"
+    assert not [r for r in caplog.records if "upkeep" in r.getMessage()]
+
+
+async def test_reconcile_spares_leases_released_while_it_runs(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(start_controller, start_pool_node, {"n1": 3})
+    sensor = Sensor(fleet_pki, "s1", address)
+    ids = [(await sensor.acquire(f"192.0.2.{80 + i}", f"s{i}")).lease.id for i in range(3)]
+    manager = controller.leases
+    lost, released, also_lost = (manager.active[i] for i in ids)
+    for lease in (lost, released, also_lost):
+        lease.create_time -= 3600  # well past the grace for leases a heartbeat may miss
+    async with store_held(controller):
+        # A heartbeat from n1 without these leases (it lost their guests): failing the
+        # first waits on the disk...
+        reconciling = asyncio.ensure_future(manager.reconcile("n1", {}))
+        await until(lambda: lost.state is LeaseState.FAILED)
+        # ...while the sensor releases the second.
+        releasing = asyncio.ensure_future(
+            manager.release("sensor/s1", released.id, "session closed")
+        )
+        await until(lambda: released.state is LeaseState.RELEASED)
+    async with asyncio.timeout(30):
+        # Raising here would abort the node's heartbeat stream.
+        assert await reconciling == []
+        await releasing
+    assert (released.state, released.end_reason) == (LeaseState.RELEASED, "session closed")
+    assert also_lost.state is LeaseState.FAILED
+    assert not manager.active
+
+
+async def test_list_leases_refuses_an_unknown_state_naming_the_field(
+    start_controller, fleet_pki
+) -> None:
+    _, address = await start_controller()
+    admin = fleet_pb2_grpc.FleetServiceStub(
+        secure_channel(address, fleet_pki.files(Role.ADMIN, "alice"))
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await admin.ListLeases(fleet_pb2.ListLeasesRequest(state=99))  # type: ignore[arg-type]
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "state 99" in (e.value.details() or "")

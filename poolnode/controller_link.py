@@ -61,6 +61,15 @@ class ControllerLink:
                         e.details(),
                         backoff,
                     )
+                except Exception:
+                    # A bug or a reply this node cannot apply must not end the link:
+                    # the node would stop heartbeating while it still runs. The backoff
+                    # is not reset: a reply failing every time must not flood the log.
+                    log.exception(
+                        "link to controller %s failed; retrying in %.1fs",
+                        self._controller,
+                        backoff,
+                    )
                 self.connected.clear()
                 await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
                 backoff = min(backoff * 2, BACKOFF_MAX)

@@ -65,7 +65,6 @@ class Guest:
     state: GuestState = GuestState.BOOTING
     created: float = field(default_factory=time.time)
     changed: float = field(default_factory=time.time)
-    booted: float | None = None
     address: str | None = None
     src_ips: list[str] = field(default_factory=list)
     leases: dict[str, LeaseHold] = field(default_factory=dict)
@@ -80,8 +79,6 @@ class Guest:
             raise IllegalTransition(f"guest {self.id}: {self.state.name} -> {to.name}")
         self.state = to
         self.changed = time.time()
-        if to is GuestState.PRISTINE:
-            self.booted = self.changed
 
     def hold(self, lease: LeaseHold) -> None:
         """Put a lease on the guest (it becomes leased)."""
@@ -100,11 +97,10 @@ class Guest:
             self.move(GuestState.IDLE)
         return lease
 
-    def to_proto(self, node: str) -> common_pb2.Guest:
-        """The guest as heartbeats and the fleet API show it."""
+    def to_proto(self) -> common_pb2.Guest:
+        """The guest as heartbeats show it (the controller knows which node sent it)."""
         return common_pb2.Guest(
             id=self.id,
-            pool_node=node,
             state=self.state.value,
             src_ips=self.src_ips,
             lease_count=len(self.leases),

@@ -35,18 +35,11 @@ BOOT_POLL = 1.0
 class GuestPool:
     """Keeps ``max_vms`` guests and leases them by the fleet's rules."""
 
-    def __init__(
-        self,
-        config: PoolNodeConfig,
-        backend: Backend,
-        *,
-        metrics: PoolMetrics | None = None,
-        on_change: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, config: PoolNodeConfig, backend: Backend) -> None:
         self.config = config
         self._backend = backend
-        self.metrics = metrics or PoolMetrics()
-        self._on_change = on_change
+        self.metrics = PoolMetrics()
+        self._on_change: Callable[[], None] = lambda: None
         self.guests: dict[str, Guest] = {}
         self._leases: dict[str, Guest] = {}
         self._boots: set[asyncio.Task[None]] = set()
@@ -114,7 +107,7 @@ class GuestPool:
         log.info("lease %s: %s from %s on guest %s", lease_id, sensor, src_ip, guest.id)
         self._changed()
         return Allocation(
-            guest=guest.to_proto(""),
+            guest=guest.to_proto(),
             credentials=common_pb2.GuestCredentials(
                 username=self.config.backend_user, password=self.config.backend_pass
             ),
@@ -152,7 +145,14 @@ class GuestPool:
         return guest.address, ssh if port == common_pb2.GUEST_PORT_SSH else telnet
 
     def track_tunnel(self, lease_id: str, writer: asyncio.StreamWriter) -> Callable[[], None]:
-        """Register a tunnel's guest connection; returns the function that unregisters it."""
+        """Register a tunnel's guest connection; returns the function that unregisters it.
+
+        The lease may have ended while the connection was being opened: then nothing
+        would ever cut it, so it is closed here and the tunnel refused.
+        """
+        if lease_id not in self._leases:
+            writer.close()
+            raise NotFound(f"lease {lease_id[:64]!r} ended while its tunnel was opening")
         self._tunnels.setdefault(lease_id, set()).add(writer)
         self.metrics.tunnels.inc()
 
@@ -183,7 +183,7 @@ class GuestPool:
                     pass
         return registry_pb2.HeartbeatRequest(
             guest_counts=counts,
-            guests=[g.to_proto("") for g in self.guests.values()],
+            guests=[g.to_proto() for g in self.guests.values()],
             lease_ids=sorted(self._leases),
         )
 
@@ -221,6 +221,7 @@ class GuestPool:
                 await self._destroy(guest, f"unused for {timeout:.0f}s (unused_timeout)")
         await self._health_check()
         self._recycle(now)
+        await self._retire_one()
         self._replenish()
 
     async def _health_check(self) -> None:
@@ -248,7 +249,7 @@ class GuestPool:
         """Replace one old pristine or idle guest at a time, never a leased one.
 
         The old guest is only marked here; it is destroyed once its replacement is
-        pristine (see _boot), so pristine capacity never drops because of a recycle.
+        ready (see _retire_one), so pristine capacity never drops because of a recycle.
         """
         period = self.config.recycle_period
         if not period or any(g.retiring for g in self.guests.values()):
@@ -289,34 +290,55 @@ class GuestPool:
         guest = Guest(guest_id, handle)
         self.guests[guest_id] = guest
         self._changed()
-        ssh, _ = self._backend.ports(handle)
+        try:
+            ready = await self._wait_ready(guest, started)
+        except Exception as e:
+            # The backend failed (libvirt went away...): a guest left booting would
+            # count as live forever, so it goes and upkeep boots another.
+            log.warning("guest %s: the backend failed while it booted: %r", guest_id, e)
+            if guest.state is GuestState.BOOTING:
+                await self._destroy(guest, f"boot failed: {e}")
+            await asyncio.sleep(self.config.health_interval)  # don't spin on a broken backend
+            return
+        if not ready:
+            await self._destroy(guest, f"no SSH banner within {self.config.boot_timeout:.0f}s")
+            return
+        guest.move(GuestState.PRISTINE)
+        self.metrics.boot_seconds.observe(time.monotonic() - started)
+        log.info(
+            "guest %s pristine at %s after %.1fs",
+            guest_id,
+            guest.address,
+            time.monotonic() - started,
+        )
+        self._changed()
+        await self._retire_one()
+
+    async def _wait_ready(self, guest: Guest, started: float) -> bool:
+        """Whether the guest answers with an SSH banner within boot_timeout."""
+        ssh, _ = self._backend.ports(guest.handle)
         deadline = started + self.config.boot_timeout
         while time.monotonic() < deadline:
-            guest.address = guest.address or await self._backend.address(handle)
+            guest.address = guest.address or await self._backend.address(guest.handle)
             if guest.address and await ssh_banner(guest.address, ssh, PROBE_TIMEOUT):
-                guest.move(GuestState.PRISTINE)
-                self.metrics.boot_seconds.observe(time.monotonic() - started)
-                log.info(
-                    "guest %s pristine at %s after %.1fs",
-                    guest_id,
-                    guest.address,
-                    time.monotonic() - started,
-                )
-                self._retire_one()
-                self._changed()
-                return
-            if not await self._backend.alive(handle):
-                break
+                return True
+            if not await self._backend.alive(guest.handle):
+                return False
             await asyncio.sleep(BOOT_POLL)
-        await self._destroy(guest, f"no SSH banner within {self.config.boot_timeout:.0f}s")
+        return False
 
-    def _retire_one(self) -> None:
-        """A replacement is ready: destroy the guest being recycled, if still unused."""
-        for guest in self.guests.values():
+    async def _retire_one(self) -> None:
+        """Once more guests are ready than kept, destroy one being recycled, if unused.
+
+        Nothing is awaited between the check and _destroy marking the guest destroyed,
+        so no allocation can lease it in between.
+        """
+        ready = [g for g in self.guests.values() if g.state is not GuestState.BOOTING]
+        if len(ready) <= self.capacity:
+            return
+        for guest in ready:
             if guest.retiring and guest.state in (GuestState.PRISTINE, GuestState.IDLE):
-                task = asyncio.create_task(self._destroy(guest, "recycled (recycle_period)"))
-                self._destroying.add(task)
-                task.add_done_callback(self._destroying.discard)
+                await self._destroy(guest, "recycled (recycle_period)")
                 return
 
     async def _destroy(self, guest: Guest, reason: str) -> None:
@@ -332,6 +354,14 @@ class GuestPool:
         self.metrics.destroyed.labels(reason.split(":")[0].split(" (")[0][:40]).inc()
         self._changed()
         keep = self._snapshot_dir(guest, reason) if self.config.save_snapshots else None
+        # The guest is out of the table already: a cancelled caller (upkeep or a boot,
+        # when the node stops) must not stop its VM being freed; stop() awaits the task.
+        task = asyncio.create_task(self._free(guest, keep), name=f"destroy {guest.id}")
+        self._destroying.add(task)
+        task.add_done_callback(self._destroying.discard)
+        await asyncio.shield(task)
+
+    async def _free(self, guest: Guest, keep: Path | None) -> None:
         try:
             await self._backend.destroy(guest.handle, keep)
         except Exception:

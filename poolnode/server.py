@@ -7,6 +7,7 @@ import contextlib
 import logging
 from wsgiref.simple_server import WSGIServer
 
+import grpc
 from prometheus_client import start_http_server
 
 from honeyfleet import __version__
@@ -46,7 +47,7 @@ class PoolNode:
         self.address = config.advertised
         self.authorizer: Authorizer | None = None
         self.link: ControllerLink | None = None
-        self._server = new_server(None)
+        self._server: grpc.aio.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._metrics: WSGIServer | None = None
 
@@ -55,16 +56,12 @@ class PoolNode:
         config = self.config
         identity = config.tls.identity()
         self.authorizer = Authorizer(identity.fleet, POLICY)
-        self._server = new_server(self.authorizer)
-        poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(
-            PoolNodeServicer(self.pool), self._server
-        )
-        poolnode_pb2_grpc.add_TunnelServiceServicer_to_server(
-            TunnelServicer(self.pool), self._server
-        )
-        health = add_health_and_reflection(self._server, SERVICES)
-        port = bind(self._server, config.listen, server_credentials(config.tls))
-        await self._server.start()
+        self._server = server = new_server(self.authorizer)
+        poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(PoolNodeServicer(self.pool), server)
+        poolnode_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.pool), server)
+        health = add_health_and_reflection(server, SERVICES)
+        port = bind(server, config.listen, server_credentials(config.tls))
+        await server.start()
         await mark_serving(health, SERVICES)
         if not config.advertise and config.listen.endswith(":0"):
             self.address = f"{config.listen.rpartition(':')[0]}:{port}"
@@ -94,10 +91,13 @@ class PoolNode:
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop serving, destroy every guest and leave the controller."""
-        await self._server.stop(grace)
+        if self._server is not None:
+            await self._server.stop(grace)
         await self.pool.stop()
         if self._metrics is not None:
             self._metrics.shutdown()
+            self._metrics.server_close()  # shutdown() only ends the serving thread
+            self._metrics = None
         if self._link_task is not None:
             self._link_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -7,6 +7,8 @@ serialiser, never pasted into XML text with string formatting.
 
 from __future__ import annotations
 
+import copy
+import functools
 import ipaddress
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -47,7 +49,13 @@ class DomainSpec:
 
 
 def _template(name: str) -> ET.Element:
-    """Parse a template (comments are dropped; they document the template only)."""
+    """A fresh copy of a template's tree, to fill in (each guest renders the domain)."""
+    return copy.deepcopy(_parsed(name))
+
+
+@functools.cache
+def _parsed(name: str) -> ET.Element:
+    """Parse a template once (comments are dropped; they document the template only)."""
     for directory in _TEMPLATE_DIRS:
         path = directory / name
         if path.is_file():
@@ -127,14 +135,18 @@ def guest_tag(metadata: str) -> str | None:
 
 def dhcp_range(address: ipaddress.IPv4Interface) -> tuple[str, str]:
     """The largest run of host addresses on one side of the gateway, for DHCP."""
-    gateway = address.ip
-    hosts = list(address.network.hosts())
-    above = [h for h in hosts if h > gateway]
-    below = [h for h in hosts if h < gateway]
-    side = above if len(above) >= len(below) else below
-    if not side:
+    network = address.network
+    first, last = int(network.network_address), int(network.broadcast_address)
+    if network.prefixlen < 31:  # as network.hosts(): no network or broadcast address
+        first, last = first + 1, last - 1
+    # Counted, not listed: a /8 has 16M host addresses.
+    gateway = int(address.ip)
+    above = (max(first, gateway + 1), last)
+    below = (first, min(last, gateway - 1))
+    start, end = above if above[1] - above[0] >= below[1] - below[0] else below
+    if start > end:
         raise FailedPrecondition(f"network_address {address} leaves no addresses for guests")
-    return str(side[0]), str(side[-1])
+    return str(ipaddress.IPv4Address(start)), str(ipaddress.IPv4Address(end))
 
 
 def render_network(

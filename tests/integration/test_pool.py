@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted
-from honeyfleet.v1 import common_pb2
+from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from honeyfleet.pki.identity import Role
+from honeyfleet.v1 import common_pb2, registry_pb2
 from poolnode.backends.static import StaticBackend, parse_hosts
 from poolnode.config import PoolNodeConfig
+from poolnode.controller_link import ControllerLink
 from poolnode.guest import GuestState
 from poolnode.pool import GuestPool
+from poolnode.service import Allocation
+from tests.conftest import ControllerFactory, FleetPki, free_port, start_static_pool_node
 from tests.integration.test_leases import until
 
 
@@ -198,3 +202,168 @@ async def test_snapshots_keep_metadata_of_used_guests(tmp_path: Path, hosts: Hos
     data = json.loads(meta.read_text())
     assert data["src_ips"] == ["10.0.0.9"]
     assert data["leases"][0]["lease"] == "L1" and data["reason"] == "pool node stopping"
+
+
+def allocate_now(pool: GuestPool, lease_id: str, src_ip: str) -> Allocation:
+    """Run an allocation to its end right now, as one already queued on the loop would.
+
+    ``allocate`` never awaits, so a request handled in the same loop turn runs before
+    anything the pool schedules at this point.
+    """
+    coro = pool.allocate(lease_id, src_ip, "sensor/a", allow_shared=False)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        allocation: Allocation = done.value
+        return allocation
+    coro.close()
+    raise AssertionError("allocate awaited")
+
+
+async def test_recycled_guest_is_never_destroyed_once_leased(tmp_path: Path, hosts: Hosts) -> None:
+    # The replacement turns pristine and, before anything else runs, the recycled
+    # guest (the oldest pristine one, so the one allocation picks) is leased.
+    pool = await running_pool(config(tmp_path, await hosts.add(2), max_vms=1, recycle_period=0.5))
+    (old,) = pool.guests
+    leases: list[Allocation] = []
+
+    def on_change() -> None:
+        pristine = [g for g in pool.guests.values() if g.state is GuestState.PRISTINE]
+        if not leases and len(pristine) > 1 and any(g.retiring for g in pristine):
+            leases.append(allocate_now(pool, "L1", "10.0.0.1"))
+
+    pool.set_on_change(on_change)
+    try:
+        await until(lambda: bool(leases), timeout=15)
+        assert leases[0].guest.id == old
+        # The surplus replacement is recycled in its turn, never the leased guest.
+        await until(lambda: len(pool.guests) == 1, timeout=15)
+        assert pool.guests[old].state is GuestState.LEASED
+        assert pool.lease_sensor("L1") == "sensor/a"
+    finally:
+        await pool.stop()
+
+
+async def test_recycling_goes_on_when_the_retiring_guest_gets_leased(
+    tmp_path: Path, hosts: Hosts
+) -> None:
+    # The guest being recycled is leased while its replacement boots: the node then
+    # has one guest too many, which must not stop the next guest being recycled.
+    pool = await running_pool(config(tmp_path, await hosts.add(3), max_vms=2, recycle_period=0.5))
+    leases: list[Allocation] = []
+
+    def on_change() -> None:
+        guests = pool.guests.values()
+        booting = any(g.state is GuestState.BOOTING for g in guests)
+        if not leases and booting and any(g.retiring for g in guests):
+            leases.append(allocate_now(pool, "L1", "10.0.0.1"))
+
+    first, second = sorted(pool.guests.values(), key=lambda g: g.created)
+    pool.set_on_change(on_change)
+    try:
+        await until(lambda: bool(leases), timeout=15)
+        assert leases[0].guest.id == first.id
+        await until(lambda: second.id not in pool.guests, timeout=15)
+        assert pool.guests[first.id].state is GuestState.LEASED
+        await until(lambda: len(pool.guests) == pool.capacity, timeout=15)
+    finally:
+        await pool.stop()
+
+
+class FlakyBackend(StaticBackend):
+    """A static backend whose first address lookup fails, as libvirt does when it goes away."""
+
+    failed = False
+
+    async def address(self, handle: object) -> str | None:
+        if not self.failed:
+            self.failed = True
+            raise Unavailable("cannot connect to libvirt at qemu:///system")
+        return await super().address(handle)
+
+
+async def test_backend_failure_while_booting_frees_the_guests_place(
+    tmp_path: Path, hosts: Hosts
+) -> None:
+    cfg = config(tmp_path, await hosts.add(1))
+    backend = FlakyBackend(parse_hosts(cfg.static_hosts))
+    pool = GuestPool(cfg, backend)
+    await pool.start()
+    try:
+        await until(lambda: pool.snapshot().guest_counts.pristine == 1)
+        assert backend.failed
+        assert pool.metrics.destroyed.labels("boot failed")._value.get() == 1
+    finally:
+        await pool.stop()
+
+
+async def test_tunnel_for_a_lease_that_ended_while_it_connected_is_cut(
+    tmp_path: Path, hosts: Hosts
+) -> None:
+    pool = await running_pool(config(tmp_path, await hosts.add(1)))
+    try:
+        await pool.allocate("L1", "10.0.0.1", "sensor/a", allow_shared=False)
+        host, port = pool.tunnel_target("L1", "sensor/a", common_pb2.GUEST_PORT_SSH)
+        # TunnelService connects to the guest now; the lease ends meanwhile.
+        _, writer = await asyncio.open_connection(host, port)
+        await pool.release("L1", "released while the tunnel connected")
+        with pytest.raises(NotFound):
+            pool.track_tunnel("L1", writer)
+        assert writer.is_closing()
+        assert pool.metrics.tunnels._value.get() == 0
+        assert "L1" not in pool._tunnels
+    finally:
+        await pool.stop()
+
+
+async def test_controller_link_survives_a_reply_it_cannot_apply(
+    start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    controller, address = await start_controller()
+    registrations: list[float] = []
+    replies: list[registry_pb2.HeartbeatResponse] = []
+
+    def registration() -> registry_pb2.RegisterPoolNodeRequest:
+        registrations.append(asyncio.get_running_loop().time())
+        return registry_pb2.RegisterPoolNodeRequest(address="127.0.0.1:1", capacity=1)
+
+    async def on_response(reply: registry_pb2.HeartbeatResponse) -> None:
+        replies.append(reply)
+        if len(replies) == 1:
+            int("not-a-serial", 16)  # a reply this node cannot apply: ValueError
+
+    link = ControllerLink(
+        address,
+        fleet_pki.files(Role.POOLNODE, "n1"),
+        registration=registration,
+        snapshot=registry_pb2.HeartbeatRequest,
+        on_response=on_response,
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        await until(lambda: (len(registrations) >= 2 and len(replies) >= 2) or task.done())
+        assert not task.done()
+        assert "n1" in controller.registry.nodes
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_stopped_node_closes_its_metrics_port(fleet_pki: FleetPki, tmp_path: Path) -> None:
+    port = free_port()
+    node = await start_static_pool_node(
+        fleet_pki,
+        "n1",
+        f"127.0.0.1:{free_port()}",  # no controller: the node keeps retrying
+        (f"127.0.0.1:{free_port()}",),
+        tmp_path,
+        metrics_listen=f"127.0.0.1:{port}",
+    )
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+    finally:
+        await node.stop(grace=0)
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)

@@ -1,12 +1,15 @@
 """Files attackers upload, stored once each under their sha256 in the downloads directory.
 
 Bytes are written as they pass (page-cache writes of at most one SSH packet each);
-hashing a finished file, up to ``capture_max_bytes``, runs on a worker thread.
+hashing a finished file, up to ``capture_max_bytes``, runs on a worker thread. Writing
+happens inside the relay's data callbacks, so a file that cannot be made or written
+(a full disk) is given up, said once, and the relay goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 HASH_CHUNK = 1024 * 1024
 
@@ -36,9 +41,9 @@ class FileStore:
         self.max_bytes = max_bytes
         (root / "incoming").mkdir(parents=True, exist_ok=True)
 
-    def begin(self) -> Capture:
-        """Start capturing one file."""
-        return Capture(self, self.root / "incoming" / secrets.token_hex(8))
+    def begin(self, logger: Logger = log) -> Capture:
+        """Start capturing one file; problems are logged to ``logger`` (a session's)."""
+        return Capture(self, self.root / "incoming" / secrets.token_hex(8), logger)
 
     def keep(self, temp: Path) -> StoredFile:
         """Move a finished capture to its sha256 name, dropping duplicates (blocking)."""
@@ -60,24 +65,39 @@ class FileStore:
 class Capture:
     """One file being captured; bytes may arrive at any offset (SFTP) or in order (SCP)."""
 
-    def __init__(self, store: FileStore, temp: Path) -> None:
+    def __init__(self, store: FileStore, temp: Path, logger: Logger = log) -> None:
         self._store = store
         self._temp = temp
-        self._fd: int | None = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._log = logger
         self._end = 0
         self.oversized = False
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            self._log.error("upload not captured: cannot create %s: %s", temp, e)
 
     def write_at(self, offset: int, data: bytes) -> None:
-        """Write bytes at an offset; past the size bound the capture is abandoned."""
+        """Write bytes at an offset; past the size bound, or failing, the capture is dropped."""
         if self._fd is None:
             return
         if offset + len(data) > self._store.max_bytes:
-            log.warning("upload larger than %d bytes: not captured", self._store.max_bytes)
+            self._log.warning("upload larger than %d bytes: not captured", self._store.max_bytes)
             self.oversized = True
             self.abort()
             return
-        os.pwrite(self._fd, data, offset)
-        self._end = max(self._end, offset + len(data))
+        view = memoryview(data)
+        try:
+            while view:  # a short write is followed by the error that caused it
+                written = os.pwrite(self._fd, view, offset)
+                if not written:
+                    raise OSError(errno.EIO, "nothing written")
+                view, offset = view[written:], offset + written
+        except OSError as e:
+            self._log.error("upload not captured: cannot write %s: %s", self._temp, e)
+            self.abort()
+            return
+        self._end = max(self._end, offset)
 
     def append(self, data: bytes) -> None:
         """Write bytes after the furthest written so far."""
@@ -94,6 +114,9 @@ class Capture:
     def abort(self) -> None:
         """Drop the partial file."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._temp.unlink(missing_ok=True)
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+                self._temp.unlink(missing_ok=True)
+            except OSError as e:
+                self._log.error("cannot remove the partial upload %s: %s", self._temp, e)

@@ -3,20 +3,73 @@
 :class:`SessionEvents` binds one session's shared fields (session id, addresses, lease,
 guest) so call sites name only the event id, Cowrie's message template and the
 event's own fields. Messages are Cowrie's, verbatim, with ``{field}`` placeholders.
+
+Attacker-sent strings (passwords, commands, host and variable names) can be any length,
+and the controller refuses an event whose JSON is over ``MAX_EVENT_JSON`` bytes, losing
+it. So every string field (a list of strings counting as one) and the message is cut
+to at most ``MAX_EVENT_STRING`` bytes of UTF-8 JSON (escapes included: what the
+controller counts); an event with more such fields than fit at that size cuts each to
+an equal share of the limit instead. A cut value is its prefix, with no marker added.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-from honeyfleet.events import Event, make_event
+from honeyfleet.events import MAX_EVENT_JSON, Event, make_event
 from sensor.metrics import SensorMetrics
 from sensor.recording import RecordingSummary
 from sensor.spool import Spool
 
 log = logging.getLogger(__name__)
+
+# Longest string field or message in an event, in bytes of UTF-8 JSON: long enough for
+# the commands attackers send (base64 droppers), short enough that a message and two
+# fields as long fit in one event.
+MAX_EVENT_STRING = 64 * 1024
+# What an event's keys, numbers and shared fields may take besides its strings.
+EVENT_RESERVE = 16 * 1024
+
+
+def json_size(text: str) -> int:
+    """Bytes ``text`` takes as a JSON string in an event (escapes included, quotes not)."""
+    return len(json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass"))
+
+
+def cut(text: str, limit: int) -> str:
+    """``text``, or its longest prefix found that takes at most ``limit`` bytes of JSON."""
+    if len(text) * 6 <= limit:  # no character takes more than six bytes as JSON
+        return text
+    # A character takes at least one byte, so no prefix longer than ``limit`` fits.
+    text = text[:limit]
+    while (over := json_size(text) - limit) > 0:
+        # Dropping one character per byte over surely fits; the share of the limit in the
+        # size may keep more. Either is shorter, so this ends.
+        text = text[: max(len(text) - over, len(text) * limit // (limit + over))]
+    return text
+
+
+def cut_list(items: list[str], limit: int) -> list[str]:
+    """The first of ``items`` that take at most ``limit`` bytes of JSON together."""
+    if sum(len(item) * 6 + 3 for item in items) <= limit:
+        return items
+    kept: list[str] = []
+    for item in items:
+        limit -= json_size(item) + 3  # quotes and a comma
+        if limit < 0:
+            break
+        kept.append(item)
+    return kept
+
+
+def is_strings(value: Any) -> bool:
+    """Whether ``value`` is a string or a list of strings (the values :func:`cut` bounds)."""
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value)
+    )
 
 
 class EventLog:
@@ -70,11 +123,31 @@ class SessionEvents:
 
         ``template`` is formatted with the event's fields plus ``message_args`` (values
         for the message only). Attacker data in values is safe: only the template's own
-        braces are interpreted.
+        braces are interpreted. Strings are cut to the bound (see the module's doc).
         """
-        message = template.format(
-            session=self.session, src_ip=self.src_ip, **fields, **(message_args or {})
-        )
+        args = message_args or {}
+        # Each string (or list of strings) and the message get an equal share of the limit.
+        strings = sum(is_strings(v) for v in fields.values())
+        limit = min(MAX_EVENT_STRING, (MAX_EVENT_JSON - EVENT_RESERVE) // (strings + 1))
+        long: list[str] = []
+
+        def bounded(name: str, value: Any) -> Any:
+            if isinstance(value, str):
+                short: Any = cut(value, limit)
+            elif is_strings(value):
+                short = cut_list(value, limit)
+            else:
+                return value
+            if len(short) < len(value):
+                long.append(f"{name} ({len(value)} long)")
+            return short
+
+        fields = {k: bounded(k, v) for k, v in fields.items()}
+        args = {k: bounded(k, v) for k, v in args.items()}
+        message = template.format(session=self.session, src_ip=self.src_ip, **fields, **args)
+        message = cut(message, limit)
+        if long:
+            self.log.info("%s: cut %s to %d bytes", eventid, ", ".join(long), limit)
         event = make_event(
             eventid,
             message,

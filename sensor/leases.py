@@ -65,6 +65,7 @@ class LeaseClient:
         self._timeout = timeout
         self._labels = dict(labels)
         self._abandoned: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Task[None]] = set()
         self._retries: set[asyncio.Task[None]] = set()
 
     async def register(self, listen: list[str]) -> None:
@@ -106,9 +107,12 @@ class LeaseClient:
             raise
 
     async def drain(self) -> None:
-        """Wait for abandoned requests to be answered and their leases released."""
-        while self._abandoned:
-            await asyncio.gather(*self._abandoned, return_exceptions=True)
+        """Wait for abandoned requests to be answered and their leases released.
+
+        Releases whose callers were cancelled are waited for too (each is bounded).
+        """
+        while self._abandoned or self._releasing:
+            await asyncio.gather(*self._abandoned, *self._releasing, return_exceptions=True)
 
     async def _release_when_granted(self, answer: asyncio.Future[GuestLease]) -> None:
         """Release the lease an abandoned request brings (bounded by its deadline)."""
@@ -160,7 +164,17 @@ class LeaseClient:
         does not wait) until the lease would have expired anyway: the controller's
         record then ends as released with the session's reason, and the guest is back
         in the pool sooner, instead of both waiting for the lease's TTL.
+
+        A caller cancelled meanwhile (its session is being torn down) does not cancel the
+        release: it runs on, within RELEASE_TIMEOUT, and is retried as above if it fails.
         """
+        task = asyncio.create_task(self._release_or_retry(lease, reason))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        await asyncio.shield(task)
+
+    async def _release_or_retry(self, lease: GuestLease, reason: str) -> None:
+        """One release; retried in the background if the controller could not take it."""
         try:
             await self._release(lease, reason)
         except grpc.aio.AioRpcError as e:

@@ -57,16 +57,19 @@ class Recorder:
 
     def output(self, data: bytes) -> None:
         """Record bytes shown to the attacker."""
-        self._event("o", self._decoders["o"].decode(data))
+        if not self.truncated:
+            self._event("o", self._decoders["o"].decode(data))
 
     def input(self, data: bytes) -> None:
-        """Record bytes the attacker sent."""
+        """Record bytes the attacker sent (hashed even once the file is full)."""
         self._input_hash.update(data)
-        self._event("i", self._decoders["i"].decode(data))
+        if not self.truncated:
+            self._event("i", self._decoders["i"].decode(data))
 
     def resize(self, width: int, height: int) -> None:
         """Record a terminal resize."""
-        self._event("r", f"{width}x{height}")
+        if not self.truncated:
+            self._event("r", f"{width}x{height}")
 
     def close(self) -> RecordingSummary:
         """Finish the file and summarise it."""
@@ -87,8 +90,10 @@ class Recorder:
 
     def _write(self, line: str) -> None:
         """Append a line if it fits the bound; past it, stop and remember why."""
+        if self.truncated:
+            return
         size = len(line.encode("utf-8")) + 1
-        if self.truncated or self.size + size > self._max_bytes:
+        if self.size + size > self._max_bytes:
             self.truncated = True
             return
         self._file.write(line + "\n")

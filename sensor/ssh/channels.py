@@ -316,13 +316,17 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """Attach the observers this kind of channel gets."""
         host = self._host
         if self._kind is Kind.SFTP:
-            sftp = SftpObserver(host.store, functools.partial(host.file_captured, "SFTP"))
+            sftp = SftpObserver(
+                host.store, functools.partial(host.file_captured, "SFTP"), host.events.log
+            )
             self._from_client.append(sftp.from_client)
             self._from_guest.append(sftp.from_guest)
             self._closers.append(sftp.close)
             return
         if self._kind is Kind.EXEC and is_scp_upload(self._command):
-            scp = ScpObserver(host.store, functools.partial(host.file_captured, "SCP"))
+            scp = ScpObserver(
+                host.store, functools.partial(host.file_captured, "SCP"), host.events.log
+            )
             self._from_client.append(scp.feed)
             self._closers.append(scp.close)
             return

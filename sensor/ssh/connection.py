@@ -13,6 +13,7 @@ connection counts are :mod:`sensor.ssh.admission`'s; buffers are the pump's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from dataclasses import dataclass
@@ -54,6 +55,29 @@ class Shared:
     options: asyncssh.SSHServerConnectionOptions
 
 
+# Seconds a connection asyncssh disconnected may take to pass asyncssh's last message on.
+DISCONNECT_LINGER = 5.0
+
+
+class DrainedInner(InnerSide):
+    """The pump's asyncssh end, saying when asyncssh's last bytes have been passed on."""
+
+    def __init__(self, attacker: AttackerSide, high_water: int) -> None:
+        super().__init__(attacker, high_water)
+        self.drained = asyncio.Event()
+
+    def eof_received(self) -> bool:
+        """asyncssh closed its end: everything it sent is on its way to the attacker."""
+        keep_open = super().eof_received()
+        self.drained.set()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Our end is closed."""
+        super().connection_lost(exc)
+        self.drained.set()
+
+
 class AttackerConnection:
     """Everything about one attacker connection, from accept to the last event."""
 
@@ -77,7 +101,7 @@ class AttackerConnection:
         self.state = SessionState.CONNECTED
         self.closed = asyncio.Event()
         self._side = side
-        self._inner = InnerSide(side, config.write_buffer_high)
+        self._inner = DrainedInner(side, config.write_buffer_high)
         side.inner = self._inner
         self._link = GuestLink(
             config=config,
@@ -128,11 +152,15 @@ class AttackerConnection:
         loop = asyncio.get_running_loop()
         await loop.create_connection(lambda: self._inner, sock=ours)
         try:
-            self._ssh = await asyncssh.run_server(
+            await asyncssh.run_server(
                 theirs, options=self.shared.options, server_factory=lambda: AttackerServer(self)
             )
         except (asyncssh.Error, OSError) as e:
             self.close(f"ssh: {e}")
+
+    def ssh_started(self, conn: asyncssh.SSHServerConnection) -> None:
+        """asyncssh made its connection (run_server only returns it after auth)."""
+        self._ssh = conn
 
     # Pump callbacks.
 
@@ -197,12 +225,18 @@ class AttackerConnection:
             self._ssh.disconnect(
                 asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures"
             )
-        self.close("too many authentication failures")
+        # The pump passes asyncssh's disconnect message on before it closes, as OpenSSH
+        # says why it hangs up.
+        self.close("too many authentication failures", drain=self._ssh is not None)
         return False
 
     async def login(self, username: str, password: str) -> bool:
-        """Check a password against the userdb; on success lease and join a guest."""
-        if not self.counted_attempt():
+        """Check a password against the userdb; on success lease and join a guest.
+
+        A connection already closing refuses: a join started now would hold a lease
+        that nothing gives back.
+        """
+        if self._closing is not None or not self.counted_attempt():
             return False
         ok = self.shared.userdb.check(username, password)
         self.shared.metrics.logins.labels("success" if ok else "failed").inc()
@@ -285,7 +319,13 @@ class AttackerConnection:
     def direct_tcpip(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> RefusedForward | bool:
-        """Log a port-forward request; accept it only to log its first bytes."""
+        """Log a port-forward request; accept it only to log its first bytes.
+
+        One refused for want of room is not an event (like a refused session channel):
+        a client may ask again and again.
+        """
+        if not self._channel_room():
+            return False
         self.events.emit(
             "cowrie.direct-tcpip.request",
             "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{src_port}",
@@ -294,8 +334,6 @@ class AttackerConnection:
             src_port=orig_port,
             message_args={"orig_ip": orig_host},
         )
-        if not self._channel_room():
-            return False
         self._forwards += 1
         return RefusedForward(
             self.events, self._forwards, (dest_host, dest_port), self._forward_done
@@ -360,21 +398,35 @@ class AttackerConnection:
 
     # The end.
 
-    def close(self, reason: str) -> None:
-        """End the connection (idempotent); the clean-up runs as a task."""
+    def close(self, reason: str, *, drain: bool = False) -> None:
+        """End the connection (idempotent); the clean-up runs as a task.
+
+        ``drain``: asyncssh has closed its end after a last message for the attacker,
+        which the pump passes on (for at most DISCONNECT_LINGER) before it closes.
+        """
         if self._closing is not None:
             return
         self._closing = reason
         self._session_timer.cancel()
         if self._idle is not None:
             self._idle.cancel()
+        if not drain:
+            self._close_pump()
+        self._spawn(self._finish(reason, drain), keep=False)
+
+    def _close_pump(self) -> None:
+        """Close both ends of the pump (the attacker's after flushing, within a bound)."""
         self._side.close()
         self._inner.close()
-        self._spawn(self._finish(reason), keep=False)
 
-    async def _finish(self, reason: str) -> None:
+    async def _finish(self, reason: str, drain: bool) -> None:
         """Release everything, then write the last events."""
         self.events.log.info("closing: %s", reason)
+        if drain:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DISCONNECT_LINGER):
+                    await self._inner.drained.wait()
+            self._close_pump()
         if self._ssh is not None:
             self._ssh.close()
         if self._joining is not None and not self._joining.done():

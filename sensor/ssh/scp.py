@@ -14,7 +14,7 @@ import shlex
 from collections.abc import Callable
 from enum import Enum
 
-from sensor.capture import Capture, FileStore
+from sensor.capture import Capture, FileStore, Logger
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,15 @@ class Stage(Enum):
 class ScpObserver:
     """Parses the client's SCP stream; hands each complete file to ``on_file(name, capture)``."""
 
-    def __init__(self, store: FileStore, on_file: Callable[[str, Capture], None]) -> None:
+    def __init__(
+        self,
+        store: FileStore,
+        on_file: Callable[[str, Capture], None],
+        logger: Logger = log,
+    ) -> None:
         self._store = store
         self._on_file = on_file
+        self._log = logger
         self._stage = Stage.HEADER
         self._header = bytearray()
         self._remaining = 0
@@ -96,7 +102,7 @@ class ScpObserver:
             return
         self._remaining = int(parts[1])
         self._name = parts[2].rsplit("/", 1)[-1]
-        self._capture = self._store.begin()
+        self._capture = self._store.begin(self._log)
         self._stage = Stage.DATA if self._remaining else Stage.TRAILER
 
     def _feed_data(self, view: memoryview) -> memoryview:
@@ -119,6 +125,6 @@ class ScpObserver:
 
     def _stop(self, reason: str) -> None:
         """Give up parsing (the relay goes on)."""
-        log.warning("scp capture stopped: %s", reason)
+        self._log.warning("scp capture stopped: %s", reason)
         self.close()
         self._stage = Stage.STOPPED

@@ -25,6 +25,10 @@ class AttackerServer(asyncssh.SSHServer):
     def __init__(self, connection: AttackerConnection) -> None:
         self._c = connection
 
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """asyncssh's side started: the connection can be told to disconnect from now on."""
+        self._c.ssh_started(conn)
+
     def connection_lost(self, exc: Exception | None) -> None:
         """asyncssh's side ended."""
         self._c.close(f"ssh: {exc}" if exc else "client logged out")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from sensor.capture import Capture, FileStore
+from sensor.capture import Capture, FileStore, Logger
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,15 @@ class Packets:
 class SftpObserver:
     """Watches one SFTP channel; hands each uploaded file to ``on_file(name, capture)``."""
 
-    def __init__(self, store: FileStore, on_file: Callable[[str, Capture], None]) -> None:
+    def __init__(
+        self,
+        store: FileStore,
+        on_file: Callable[[str, Capture], None],
+        logger: Logger = log,
+    ) -> None:
         self._store = store
         self._on_file = on_file
+        self._log = logger
         self._requests = Packets()
         self._responses = Packets()
         self._opening: dict[int, str] = {}
@@ -121,7 +127,7 @@ class SftpObserver:
                 if handler is not None:
                     handler(Fields(packet[1:]))
         except Malformed:
-            log.warning("sftp inspection stopped: malformed or oversized packet")
+            self._log.warning("sftp inspection stopped: malformed or oversized packet")
             self._stopped = True
             self.close()
 
@@ -136,7 +142,7 @@ class SftpObserver:
         """HANDLE: the guest opened a file we are waiting for."""
         name = self._opening.pop(fields.uint(4), None)
         if name is not None:
-            self._open[fields.string()] = (name, self._store.begin())
+            self._open[fields.string()] = (name, self._store.begin(self._log))
 
     def _on_status(self, fields: Fields) -> None:
         """STATUS: an OPEN that failed needs no capture."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -11,7 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel, server_credentials
 from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
-from sensor.leases import LeaseClient
+from sensor.leases import GuestLease, LeaseClient
 from tests.conftest import FleetPki
 from tests.integration.test_sensor_ssh import until
 
@@ -22,6 +24,9 @@ class SlowLeases(lease_pb2_grpc.LeaseServiceServicer):
     def __init__(self) -> None:
         self.asked = asyncio.Event()
         self.grant = asyncio.Event()
+        self.release_asked = asyncio.Event()
+        self.answer_release = asyncio.Event()
+        self.answer_release.set()
         self.released: list[tuple[str, str]] = []
 
     async def AcquireLease(
@@ -39,13 +44,16 @@ class SlowLeases(lease_pb2_grpc.LeaseServiceServicer):
     async def ReleaseLease(
         self, request: lease_pb2.ReleaseLeaseRequest, context: Any
     ) -> lease_pb2.ReleaseLeaseResponse:
-        """Record the release."""
+        """Record the release once the test says so (if its caller is still there)."""
+        self.release_asked.set()
+        await self.answer_release.wait()
         self.released.append((request.lease_id, request.reason))
         return lease_pb2.ReleaseLeaseResponse()
 
 
-async def test_a_lease_granted_after_its_session_ended_is_released(fleet_pki: FleetPki) -> None:
-    leases = SlowLeases()
+@contextlib.asynccontextmanager
+async def lease_client(fleet_pki: FleetPki, leases: SlowLeases) -> AsyncIterator[LeaseClient]:
+    """A LeaseClient over mTLS to a server running ``leases``; both closed afterwards."""
     server = grpc.aio.server()
     lease_pb2_grpc.add_LeaseServiceServicer_to_server(leases, server)
     port = server.add_secure_port(
@@ -53,8 +61,16 @@ async def test_a_lease_granted_after_its_session_ended_is_released(fleet_pki: Fl
     )
     await server.start()
     channel = secure_channel(f"127.0.0.1:{port}", fleet_pki.files(Role.SENSOR, "sensor-1"))
-    client = LeaseClient(channel, timeout=20.0, labels={})
     try:
+        yield LeaseClient(channel, timeout=20.0, labels={})
+    finally:
+        await channel.close(None)
+        await server.stop(grace=0)
+
+
+async def test_a_lease_granted_after_its_session_ended_is_released(fleet_pki: FleetPki) -> None:
+    leases = SlowLeases()
+    async with lease_client(fleet_pki, leases) as client:
         acquiring = asyncio.create_task(
             client.acquire("192.0.2.7", "session-1", common_pb2.PROTOCOL_SSH)
         )
@@ -70,6 +86,21 @@ async def test_a_lease_granted_after_its_session_ended_is_released(fleet_pki: Fl
         assert "ended" in leases.released[0][1]
         async with asyncio.timeout(20):
             await client.drain()
-    finally:
-        await channel.close(None)
-        await server.stop(grace=0)
+
+
+async def test_a_release_whose_caller_is_cancelled_still_happens(fleet_pki: FleetPki) -> None:
+    leases = SlowLeases()
+    leases.answer_release.clear()
+    lease = GuestLease("lease-2", "pool-1", "", "g1", 60.0, "root", "guest-secret")
+    async with lease_client(fleet_pki, leases) as client:
+        releasing = asyncio.create_task(client.release(lease, "client logged out"))
+        async with asyncio.timeout(20):
+            await leases.release_asked.wait()
+        # The session is torn down (cancelled) while the controller takes the release.
+        releasing.cancel()
+        done, _ = await asyncio.wait([releasing], timeout=10)
+        assert done and releasing.cancelled()
+        leases.answer_release.set()
+        async with asyncio.timeout(20):
+            await client.drain()  # waits for the release still under way
+        assert leases.released == [("lease-2", "client logged out")]

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import sys
 import time
 import urllib.request
@@ -26,9 +27,11 @@ import asyncssh
 import pytest
 
 from controller.server import Controller
+from honeyfleet.events import MAX_EVENT_JSON
 from honeyfleet.pki.identity import Role
 from poolnode.server import PoolNode
 from sensor.config import SensorConfig
+from sensor.events import MAX_EVENT_STRING
 from sensor.service import Sensor
 from tests.conftest import ControllerFactory, FleetPki, require_tool, start_static_pool_node
 from tests.sshd import PASSWORD, Sshd
@@ -520,3 +523,116 @@ async def test_a_vanished_pool_node_ends_the_session_and_gives_back_its_slot(
     assert code != 0
     assert len(fleet.events("cowrie.session.connect")) == 2, err
     assert not fleet.events("honeyfleet.session.refused")
+
+
+def stored_json(fleet: Fleet, uuid: str) -> dict[str, Any] | None:
+    """One event as the controller's SQLite event store holds it, if it does."""
+    with sqlite3.connect(fleet.controller.config.state_dir / "events.sqlite3") as db:
+        row = db.execute("SELECT json FROM events WHERE uuid = ?", (uuid,)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+async def test_a_huge_password_is_logged_cut_and_the_session_works(fleet: Fleet) -> None:
+    # asyncssh takes passwords of any length; the controller refuses events over
+    # MAX_EVENT_JSON, so uncut this event would never reach it.
+    password = "p" * 200_000
+    conn = await connect(fleet, password=password)
+    result = await conn.run("echo in", check=True)
+    assert result.stdout == "in\n"
+    conn.close()
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    (login,) = fleet.events("cowrie.login.success")
+    assert login["password"] == password[:MAX_EVENT_STRING]
+    assert login["message"].startswith("login attempt [root/ppp")
+    assert len(login["message"]) == MAX_EVENT_STRING
+    assert len(json.dumps(login, ensure_ascii=False).encode()) < MAX_EVENT_JSON
+    await until(lambda: stored_json(fleet, login["uuid"]) is not None)
+    assert stored_json(fleet, login["uuid"]) == login
+
+
+async def test_too_many_auth_attempts_are_told_why_they_end(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet(max_auth_attempts=2)
+
+    class Persistent(asyncssh.SSHClient):
+        def password_auth_requested(self) -> str:
+            return "root"  # root:x:!root, again and again
+
+    # Like OpenSSH, the sensor says why it hangs up (a disconnect message, not just EOF).
+    with pytest.raises(asyncssh.PermissionDenied) as refused:
+        async with asyncio.timeout(30):
+            await asyncssh.connect(
+                "127.0.0.1", fleet.port, username="root", known_hosts=None, client_keys=None,
+                agent_path=None, client_factory=Persistent, preferred_auth="password",
+            )  # fmt: skip
+    assert refused.value.code == asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
+    assert refused.value.reason == "Too many authentication failures"
+    await until(lambda: fleet.closed_reasons() == ["too many authentication failures"])
+    assert len(fleet.events("cowrie.login.failed")) == 2
+
+
+async def test_a_login_after_the_connection_closed_is_refused_without_a_lease(
+    fleet: Fleet,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", fleet.port)
+    try:
+        async with asyncio.timeout(20):
+            assert (await reader.readline()).startswith(b"SSH-2.0-")
+        assert fleet.sensor.admission is not None
+        (connection,) = fleet.sensor.admission.connections
+        connection.close("test")
+        async with asyncio.timeout(20):
+            await connection.closed.wait()
+        # An auth request asyncssh still hands over after the close: no join, no lease.
+        async with asyncio.timeout(20):
+            assert not await connection.login("root", "toor")
+        assert not fleet.controller.leases.active and fleet.guest_pristine()
+        assert not fleet.events("cowrie.login.success")
+    finally:
+        writer.close()
+
+
+async def test_forwards_refused_for_want_of_room_are_not_events(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet(max_channels=1)
+    conn = await connect(fleet)
+    process = await conn.create_process("cat")
+    for _ in range(20):
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.create_connection(asyncssh.SSHTCPSession, "203.0.113.7", 80)
+    process.stdin.write("still here\n")
+    async with asyncio.timeout(20):
+        assert await process.stdout.readline() == "still here\n"
+    conn.close()
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    assert not fleet.events("cowrie.direct-tcpip.request")
+
+
+async def test_an_upload_that_cannot_be_stored_is_relayed_all_the_same(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    # Where captures are made is not a directory: every capture fails, as on a full disk.
+    incoming = fleet.state_dir / "downloads" / "incoming"
+    incoming.rmdir()
+    incoming.write_bytes(b"")
+    payload = os.urandom(100_000)
+    local = tmp_path / "dropper.bin"
+    local.write_bytes(payload)
+    scp = require_tool("scp", "openssh-client")
+    sftp = require_tool("sftp", "openssh-client")
+    port = str(fleet.port)
+    code, _, err = await run(
+        scp, "-O", *SSH_OPTIONS, "-P", port, str(local), "root@127.0.0.1:scp.bin",
+        password="toor",
+    )  # fmt: skip
+    assert code == 0, err
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {local} sftp.bin\n")
+    code, _, err = await run(
+        sftp, "-o", "BatchMode=no", *SSH_OPTIONS, "-P", port, "-b", str(batch),
+        "root@127.0.0.1", password="toor",
+    )  # fmt: skip
+    assert code == 0, err
+    for name in ("scp.bin", "sftp.bin"):
+        assert (fleet.guest.home / name).read_bytes() == payload
+    await until(lambda: len(fleet.closed_reasons()) == 2)
+    assert fleet.closed_reasons() == ["client logged out"] * 2
+    assert not fleet.events("cowrie.session.file_upload")

@@ -64,9 +64,11 @@ TELNET_USERNAME_PROMPT = r"(?:^|\n)[^\n]*(?:[Ll]ogin|[Uu]sername): ?$"
 TELNET_PASSWORD_PROMPT = r"(?:^|\n)[^\n]*[Pp]assword: ?$"  # noqa: S105 (a prompt)
 # Shells' prompts end in "# ", "$ ", "% " or "> " (busybox "~ # ", Debian "user@host:~$ ").
 TELNET_SHELL_PROMPT = r"[#$%>] ?$"
-# Cowrie's expression, searched in each raw subnegotiation; group 2 is the username. The
-# value stops at the next NEW-ENVIRON type byte, where Cowrie's ran on to the next IAC.
-TELNET_USERNAME_IN_NEGOTIATION = r"(.*\xff\xfa.*USER\x01)([^\x00-\x03\xff]*)(.*)"
+# Searched in each raw ENVIRON/NEW-ENVIRON subnegotiation; group 2 is the username. Like
+# Cowrie's, but without its leading and trailing ".*" (which made the search cubic in an
+# attacker's subnegotiation), and the value stops at the next NEW-ENVIRON type byte,
+# where Cowrie's ran on to the next IAC.
+TELNET_USERNAME_IN_NEGOTIATION = r"(USER\x01)([^\x00-\x03\xff]*)"
 
 
 def _optional_host_port(value: str) -> str | None:

@@ -50,7 +50,7 @@ class Admission:
         self._metrics.refusals.labels(reason).inc()
         return reason
 
-    def logged_in(self, src_ip: str) -> None:
+    def logged_in(self) -> None:
         """A connection is past login: it no longer counts as unauthenticated."""
         self._unauthenticated -= 1
 

@@ -296,7 +296,7 @@ class AttackerConnection:
             self._move(SessionState.CONNECTED)
             return False
         self._move(SessionState.PROXYING)
-        self.shared.admission.logged_in(self.src_ip)
+        self.shared.admission.logged_in()
         self.shared.metrics.sessions.inc()
         self.shared.metrics.sessions_total.inc()
         self._last_input = time.monotonic()

@@ -14,10 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
+from sensor.linger import close_with_linger
 from sensor.ssh.cleartext import CleartextParser, CleartextViolation
-
-# Seconds a closing connection may spend flushing its last bytes to the attacker.
-CLOSE_LINGER = 5.0
 
 
 class PumpOwner(Protocol):
@@ -109,10 +107,7 @@ class AttackerSide(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        transport.close()
-        # close() waits for the buffer to drain, which a client that never reads never
-        # lets happen: abort (dropping the buffer) after a short grace.
-        asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.abort)
+        close_with_linger(transport)
 
 
 class InnerSide(asyncio.Protocol):
@@ -144,8 +139,9 @@ class InnerSide(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """asyncssh closed the connection (logout, timeout, protocol error)."""
-        if self._attacker.transport is not None:
-            self._attacker.transport.close()
+        # Through the attacker side's close, so a client that never reads is still
+        # aborted (a plain close here would make its later close() a no-op).
+        self._attacker.close()
 
     def pause_writing(self) -> None:
         """asyncssh is not keeping up: stop reading the attacker."""

@@ -2,10 +2,10 @@
 
 Every option command is logged once (``honeyfleet.telnet.options``, with the terminal
 type, speed and X display), every NEW-ENVIRON variable once (``cowrie.client.var``), the
-first window size (``cowrie.client.size``). A username found in a raw subnegotiation by
-``telnet_username_in_negotiation_regex`` is kept for the login, unless it starts with
-``-``: ``USER=-f root`` is the telnetd authentication bypass, logged as
-``cowrie.telnet.exploit_attempt`` and never used or forwarded.
+first window size (``cowrie.client.size``). A username found in a raw ENVIRON or
+NEW-ENVIRON subnegotiation by ``telnet_username_in_negotiation_regex`` is kept for the
+login, unless it starts with ``-``: ``USER=-f root`` is the telnetd authentication
+bypass, logged as ``cowrie.telnet.exploit_attempt`` and never used or forwarded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ MAX_ENV = 32
 MAX_VALUE = 1024
 DEFAULT_TERM = "xterm"
 DEFAULT_SIZE = (80, 24)
+# ENVIRON and NEW-ENVIRON: the only subnegotiations that carry USER. The expression is
+# the operator's; it is not run over every other subnegotiation an attacker makes up.
+ENVIRON_OPTIONS = frozenset({36, 39})
 
 
 class ClientInfo:
@@ -99,7 +102,10 @@ class ClientInfo:
         )
 
     def _subnegotiation(self, raw: bytes) -> None:
-        """A complete subnegotiation: look for a username in it."""
+        """A complete subnegotiation: look for a username in an environment one."""
+        # raw is IAC SB option ... IAC SE.
+        if len(raw) < 3 or raw[2] not in ENVIRON_OPTIONS:
+            return
         found = self._username_regex.search(raw)
         if found is None:
             return

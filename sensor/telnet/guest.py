@@ -20,11 +20,7 @@ from telnetlib3.stream_reader import TelnetReader
 from telnetlib3.stream_writer import TelnetWriter
 from telnetlib3.telopt import IAC, LINEMODE, NAWS, SB, SE
 
-from sensor.telnet.server import REFUSED
-
-# The guest's telnetd has already answered by the time its login prompt shows; nothing
-# waits on this, it only ends telnetlib3's own bookkeeping.
-NEGOTIATION_WAIT = 2.0
+from sensor.telnet.server import NEGOTIATION_WAIT, REFUSED
 
 
 class GuestTelnet(TelnetClient):
@@ -44,6 +40,8 @@ class GuestTelnet(TelnetClient):
             rows=size[1],
             encoding=False,
             compression=False,
+            # The server's wait serves here too: the guest's telnetd has answered by the
+            # time its login prompt shows; only telnetlib3's bookkeeping waits on this.
             connect_maxwait=NEGOTIATION_WAIT,
         )
         self._term = term

@@ -30,6 +30,9 @@ from honeyfleet.errors import FailedPrecondition
 
 # How much of the guest's latest output prompt detection looks at.
 TAIL_CHARS = 2048
+# Bytes of one chunk of output normalised for it: room for the line ends, NULs and colour
+# codes that normalising drops (a chunk is up to 64 KiB, and only its end matters).
+MAX_FEED = 4 * TAIL_CHARS
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -91,6 +94,9 @@ class PromptDetector:
 
     def feed(self, data: bytes) -> None:
         """Add guest output."""
+        if len(data) > MAX_FEED:
+            data = data[-MAX_FEED:]
+            self._tail = ""  # no longer next to what follows
         text = (
             data.replace(b"\r\0", b"\n")
             .replace(b"\r\n", b"\n")

@@ -5,7 +5,8 @@ guest never sees what the attacker typed, only the credentials the sensor sends 
 At a username prompt the typing is echoed (as the guest would), at a password prompt it
 is not, and password keystrokes are never passed to the recording. Enter is ``\\r\\n``,
 ``\\r\\0``, a bare ``\\r`` or a bare ``\\n``; the line remembers which, so the guest gets
-the same. Bytes typed while no prompt is up wait (bounded) for the next one.
+the same. Cursor and function keys are dropped. Bytes typed while no prompt is up wait
+(bounded) for the next one.
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ class LoginInput:
         self._pending = bytearray()
         self._line = bytearray()
         self._after_cr = False
-        self._escape = False
+        # Escape-sequence state: "" (none), "esc" (saw ESC), "csi" (in ESC [ ... final),
+        # "ss3" (ESC O, one byte to go).
+        self._escape = ""
+        # Echo of one next_line call, written at once (not a write per keystroke).
+        self._shown = bytearray()
 
     def feed(self, data: bytes) -> None:
         """Take keystrokes (consumed by :meth:`next_line`); beyond the bound they are dropped."""
@@ -81,27 +86,33 @@ class LoginInput:
                 consumed += 1
                 enter += bytes((companion,))
             self._after_cr = False
+        line = self._finish(prompt, b"\r\0" if enter == b"\r" else enter) if enter else None
+        if self._shown:
+            # All of this call's echo at once: one write (and recording entry), not one
+            # per keystroke.
+            self._echo(bytes(self._shown))
+            self._shown.clear()
         if prompt is Prompt.USERNAME:
             self._record(bytes(self._pending[:consumed]))
         del self._pending[:consumed]
-        if not enter:
-            return None
-        return self._finish(prompt, b"\r\0" if enter == b"\r" else enter)
+        return line
 
     def _key(self, prompt: Prompt, byte: int) -> bytes:
         """Apply one keystroke; the Enter byte (CR or LF) when it ends the line."""
         after_cr, self._after_cr = self._after_cr, False
         if after_cr and byte in (LF, NUL):
             return b""  # the second half of an Enter that ended the previous line
-        if self._escape:
-            # Cursor and function keys (ESC [ ... final, ESC O x): nothing a login takes.
-            self._escape = byte in b"[O" or not 0x40 <= byte <= 0x7E
+        if self._escape and byte >= 0x20:
+            self._in_escape(byte)
             return b""
+        # A control key ends an escape sequence and does what it does (as a terminal
+        # executes C0 controls inside one): Enter after a stray ESC still ends the line.
+        self._escape = ""
         if byte in (CR, LF):
             self._after_cr = byte == CR
             return bytes((byte,))
         if byte == ESC:
-            self._escape = True
+            self._escape = "esc"
         elif byte in ERASE_CHAR:
             self._erase(prompt, 1)
         elif byte == ERASE_LINE:
@@ -110,6 +121,15 @@ class LoginInput:
             self._line.append(byte)
             self._show(prompt, bytes((byte,)))
         return b""
+
+    def _in_escape(self, byte: int) -> None:
+        """Skip cursor and function keys (ESC x, ESC O x, ESC [ params final)."""
+        if self._escape == "esc" and byte in b"[O":
+            self._escape = "csi" if byte == ord("[") else "ss3"
+        elif self._escape == "csi" and not 0x40 <= byte <= 0x7E:
+            return  # a parameter or intermediate byte
+        else:
+            self._escape = ""
 
     def _erase(self, prompt: Prompt, count: int) -> None:
         """Rub out up to ``count`` characters (a UTF-8 character's bytes go together)."""
@@ -126,11 +146,11 @@ class LoginInput:
         self._show(prompt, b"\r\n")
         text = self._line.decode("utf-8", "replace")
         self._line.clear()
-        self._escape = False
+        self._escape = ""
         self.prompt = None
         return Line(prompt, text, ending)
 
     def _show(self, prompt: Prompt, data: bytes) -> None:
         """Echo at a username prompt; a password prompt shows nothing."""
         if prompt is Prompt.USERNAME:
-            self._echo(data)
+            self._shown += data

@@ -6,8 +6,8 @@ protocol's ``data_received``) and enforces what telnetlib3 leaves open:
 * a subnegotiation (``IAC SB ... IAC SE``) longer than ``max_subnegotiation`` bytes ends
   the connection (telnetlib3 buffers up to 1 MiB, then discards and carries on);
 * more than ``max_negotiations`` option commands and subnegotiations end it too, which
-  is what stops an option ping-pong (window-size updates are not counted: terminals
-  send one per resize);
+  is what stops an option ping-pong (well-formed window-size updates are not counted:
+  terminals send one per resize; empty or oversized ones are);
 * compression (MCCP2/MCCP3) started by the peer ends it: we never agree to compression,
   and telnetlib3 would otherwise start inflating whatever follows.
 
@@ -28,6 +28,8 @@ SE = 240
 # The three-byte option commands, by code.
 COMMANDS = {251: "WILL", 252: "WONT", 253: "DO", 254: "DONT"}
 NAWS = 31
+# IAC SB NAWS, two 16-bit sizes (each byte possibly doubled as IAC IAC), IAC SE.
+MAX_NAWS = 3 + 2 * 4 + 2
 MCCP = frozenset({86, 87})
 
 
@@ -134,7 +136,9 @@ class NegotiationGuard:
             self._state = _Scan.IAC
             return position
         self._sb += bytes((IAC, SE))
-        if len(self._sb) > 4 and self._sb[2] != NAWS:
+        # A window size is free (terminals send one per resize); anything longer tagged
+        # NAWS, and an empty IAC SB IAC SE, count like every other subnegotiation.
+        if not (self._sb[2] == NAWS and len(self._sb) <= MAX_NAWS):
             self._count()
         self._state = _Scan.DATA
         if self._on_subnegotiation is not None:

@@ -25,6 +25,7 @@ from honeyfleet.v1 import common_pb2
 from sensor.config import SensorConfig
 from sensor.events import EventLog, SessionEvents
 from sensor.leases import GuestLease, LeaseClient, LeaseFailed
+from sensor.linger import close_with_linger
 from sensor.metrics import SensorMetrics
 from sensor.recording import Recorder
 from sensor.ssh.admission import Admission
@@ -253,7 +254,7 @@ class TelnetSession:
         if self._closing is not None:
             return
         self._move(SessionState.PROXYING)
-        self.shared.admission.logged_in(self.src_ip)
+        self.shared.admission.logged_in()
         self.shared.metrics.sessions.inc()
         self.shared.metrics.sessions_total.inc()
         self._editor = LineEditor(self._command, max_line=self.config.telnet_max_line)
@@ -267,11 +268,18 @@ class TelnetSession:
 
     def awaiting_verdict(self, attempt: int) -> None:
         """Give the guest guest_login_timeout to say how the attempt went."""
+        if self._closing is not None:
+            return  # close() has cancelled the timers already: arm none after it
         self._timers.append(
             asyncio.get_running_loop().call_later(
-                self.config.guest_login_timeout, self._dialogue.no_verdict, attempt
+                self.config.guest_login_timeout, self._no_verdict, attempt
             )
         )
+
+    def _no_verdict(self, attempt: int) -> None:
+        """guest_login_timeout after a password; a closing session logs no verdict."""
+        if self._closing is None:
+            self._dialogue.no_verdict(attempt)
 
     # The guest.
 
@@ -360,14 +368,25 @@ class TelnetSession:
 
     def _guest_late(self) -> None:
         """A guest that has not asked for a password in time is as good as none."""
+        if self._closing is not None:
+            return  # armed by a _join that ran on after close(): _finish drops the guest
         dialogue = self._dialogue
         if dialogue.state is LoginState.WAITING and not dialogue.passwords_sent:
             self._spawn(self._abandon_guest("no login prompt from the guest in time"))
 
     async def _abandon_guest(self, reason: str) -> None:
-        """Give the guest up; the attacker sees a failed login."""
+        """Give the guest up; the attacker sees a failed login.
+
+        Only while joining: by the time a late timer's task runs, the attacker may have
+        logged in (the guest stays) or the session closed (_finish drops the guest and
+        writes the last events; none may follow them).
+        """
+        if self._closing is not None or self.state is not SessionState.JOINING:
+            return
         self.events.emit("honeyfleet.guest.failed", "Guest login failed: {reason}", reason=reason)
         await self._drop_guest(reason)
+        if self._closing is not None:
+            return  # closed while the guest was released: _finish ends the session
         self._move(SessionState.CONNECTED)
         self._dialogue.guest_unavailable()
 
@@ -405,7 +424,9 @@ class TelnetSession:
         self._closing = reason
         for timer in self._timers:
             timer.cancel()
-        self._transport.close()
+        # A client that never reads would hold the transport (and its write buffer) for
+        # ever after _finish has released the admission slot.
+        close_with_linger(self._transport)
         task = asyncio.create_task(self._finish(reason))
         self.shared.admission.track(task)
 

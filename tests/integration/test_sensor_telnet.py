@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -21,8 +22,12 @@ import telnetlib3
 from controller.server import Controller
 from honeyfleet.pki.identity import Role
 from poolnode.server import PoolNode
+from sensor import linger
 from sensor.config import SensorConfig
 from sensor.service import Sensor
+from sensor.ssh.state import SessionState
+from sensor.telnet.login import LoginState
+from sensor.telnet.session import TelnetSession
 from tests.conftest import ControllerFactory, FleetPki, require_tool, start_static_pool_node
 from tests.telnetd import PASSWORD, Telnetd
 from tests.terminal import Terminal, Transcript
@@ -205,9 +210,14 @@ class Bot(Transcript):
         self._task = asyncio.create_task(self._read())
 
     @classmethod
-    async def connect(cls, port: int) -> Bot:
-        """Connect to the sensor."""
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
+    async def connect(cls, port: int, *, rcvbuf: int | None = None) -> Bot:
+        """Connect to the sensor (with a receive buffer of ``rcvbuf`` bytes, if given)."""
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return cls(*await asyncio.open_connection(sock=sock))
 
     async def _read(self) -> None:
         with contextlib.suppress(ConnectionError):
@@ -472,18 +482,23 @@ async def test_negotiation_abuse_is_cut_off_while_other_sessions_keep_working(
     await shown(rb"Password: ")
     writer.write(b"toor\r\n")
     await shown(rb"srv04:~# ")
-    abuses = {
-        "subnegotiation longer than 512 bytes": bytes([IAC, SB, 24, 0]) + b"x" * 4000,
-        "more than 40 option negotiations": bytes([IAC, WILL, 1, IAC, WONT, 1] * 30),
-        "MCCP2_COMPRESS started without agreement": bytes([IAC, SB, 86, IAC, SE]) + b"\x78",
-    }
-    for reason, abuse in abuses.items():
+    # Tagged as a window size (which is not counted), but no window size is that long.
+    fake_naws = bytes([IAC, SB, 31]) + b"\xff\xff\xfa" * 100 + bytes([IAC, SE])
+    abuses = [
+        ("subnegotiation longer than 512 bytes", bytes([IAC, SB, 24, 0]) + b"x" * 4000),
+        ("more than 40 option negotiations", bytes([IAC, WILL, 1, IAC, WONT, 1] * 30)),
+        ("more than 40 option negotiations", fake_naws * 41),
+        ("MCCP2_COMPRESS started without agreement", bytes([IAC, SB, 86, IAC, SE]) + b"\x78"),
+    ]
+    for done, (_, abuse) in enumerate(abuses, 1):
         bot = await Bot.connect(tight.port)
         bot.send(abuse)
         await bot.closed()
+        expected = [r for r, _ in abuses[:done]]
         await until(
-            lambda reason=reason: any(  # type: ignore[misc]
-                e["reason"] == reason for e in tight.events("cowrie.session.closed")
+            lambda expected=expected: (  # type: ignore[misc]
+                sorted(e["reason"] for e in tight.events("cowrie.session.closed"))
+                == sorted(expected)
             )
         )
     # Per source: the logged-in session and one more; a third is refused at once.
@@ -500,7 +515,7 @@ async def test_negotiation_abuse_is_cut_off_while_other_sessions_keep_working(
     writer.write(b"echo still here\r\n")
     await shown(rb"\r\nstill here\r\n")
     writer.close()
-    await until(tight.closed(5))
+    await until(tight.closed(6))
     assert [e["input"] for e in tight.events("cowrie.command.input")] == ["echo still here"]
 
 
@@ -566,6 +581,41 @@ async def test_a_guest_without_a_login_prompt_is_given_up(
         bot.close()
 
 
+def the_session(fleet: Fleet) -> TelnetSession:
+    """The sensor's one Telnet session."""
+    assert fleet.sensor._telnet is not None
+    (session,) = fleet.sensor._telnet.sessions
+    return session
+
+
+async def test_timers_that_fire_after_the_session_closed_do_nothing(
+    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
+) -> None:
+    async for fleet in start_fleet(
+        fleet_pki, start_controller, tmp_path, MuteTelnetd(), guest_login_timeout=20.0
+    ):
+        bot = await Bot.connect(fleet.port)
+        await bot.expect(rb"srv04 login: ")
+        session = the_session(fleet)
+        bot.send(b"root\r\n")
+        # Joined to a guest that never shows its login prompt.
+        await until(lambda s=session: s._dialogue.state is LoginState.WAITING)  # type: ignore[misc]
+        bot.close()
+        async with asyncio.timeout(20):
+            await session.closed.wait()
+        # What timers armed in the moment before close() (by a _join or a dialogue still
+        # running) would do when they fire: nothing, and no event after the last one.
+        session._guest_late()
+        session.awaiting_verdict(1)
+        await session._abandon_guest("no login prompt from the guest in time")
+        assert all(timer.cancelled() for timer in session._timers)
+        tasks = list(session._tasks)
+        assert await asyncio.gather(*tasks, return_exceptions=True) == [None] * len(tasks)
+        assert session.state is SessionState.CLOSED
+        assert not fleet.events("honeyfleet.guest.failed")
+        assert fleet.events()[-1]["eventid"] == "cowrie.session.closed"
+
+
 async def test_a_vanished_pool_node_ends_the_session_cleanly(fleet: Fleet) -> None:
     bot = await Bot.connect(fleet.port)
     await bot.expect(rb"srv04 login: ")
@@ -580,3 +630,31 @@ async def test_a_vanished_pool_node_ends_the_session_cleanly(fleet: Fleet) -> No
     (closed,) = fleet.events("cowrie.session.closed")
     assert closed["reason"].startswith("tunnel broke"), closed
     assert [e["reason"] for e in fleet.events("honeyfleet.guest.lost")] == [closed["reason"]]
+
+
+async def test_a_client_that_never_reads_is_let_go_soon_after_its_session_closes(
+    fleet_pki: FleetPki,
+    start_controller: ControllerFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(linger, "CLOSE_LINGER", 0.2)
+    high = 64 * 1024
+    async for fleet in start_fleet(
+        fleet_pki, start_controller, tmp_path, Telnetd(), write_buffer_high=high
+    ):
+        bot = await Bot.connect(fleet.port, rcvbuf=4096)
+        await bot.expect(rb"srv04 login: ")
+        bot.send(b"root\r\ntoor\r\n")
+        await bot.expect(rb"srv04:~# ")
+        transport = the_session(fleet)._transport
+        # The client stops reading; the guest's output fills every buffer on the way.
+        bot.writer.transport.pause_reading()  # type: ignore[attr-defined]
+        bot.send(b"head -c 20000000 /dev/zero\r\n")
+        await until(lambda t=transport: t.get_write_buffer_size() >= high, 60)  # type: ignore[misc]
+        # A broken bound ends the session with bytes still queued for the client.
+        bot.send(bytes([IAC, SB, 24, 0]) + b"x" * 5000)
+        await until(fleet.closed())
+        # The transport does not wait for a client that never reads: dropped, not held.
+        await until(lambda t=transport: t.is_closing() and not t.get_write_buffer_size())  # type: ignore[misc]
+        bot.close()

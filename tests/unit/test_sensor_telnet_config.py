@@ -13,7 +13,7 @@ TOML_STYLE = {
     # As an operator writes them in TOML: literal strings keep the regex escapes.
     "telnet_listen": ["0.0.0.0:23", "[::]:23"],
     "telnet_username_prompt_regex": r"(?:^|\n)[^\n]*(?:[Ll]ogin|[Uu]sername): ?$",
-    "telnet_username_in_negotiation_regex": r"(.*\xff\xfa.*USER\x01)([^\x00-\x03\xff]*)(.*)",
+    "telnet_username_in_negotiation_regex": r"(USER\x01)([^\x00-\x03\xff]*)",
 }
 
 

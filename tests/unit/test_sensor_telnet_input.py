@@ -83,3 +83,26 @@ def test_keystrokes_wait_for_a_prompt_and_type_ahead_is_bounded() -> None:
     assert keys.input.next_line() == Line(Prompt.PASSWORD, "toor", b"\r\n")
     keys.input.feed(b"x" * 5000)
     assert len(keys.input.take_pending()) == 1024
+
+
+def test_enter_after_a_stray_escape_still_ends_the_line() -> None:
+    keys = Keys()
+    lines = keys.type(b"root\x1b\r123 admin\r", Prompt.USERNAME)
+    assert lines == [
+        Line(Prompt.USERNAME, "root", b"\r\0"),
+        Line(Prompt.USERNAME, "123 admin", b"\r\0"),
+    ]
+    assert bytes(keys.echo) == b"root\r\n123 admin\r\n"
+    # ESC x ends after one byte, ESC [ only at its final byte, ESC O after one more.
+    assert keys.type(b"a\x1bbc\x1b[1;5Dd\x1bOPe\r\n", Prompt.USERNAME)[0].text == "acde"
+
+
+def test_the_echo_of_a_line_is_written_at_once() -> None:
+    writes: list[bytes] = []
+    keys = LoginInput(max_line=64, max_pending=1024, echo=writes.append, record=lambda _: None)
+    keys.prompt = Prompt.USERNAME
+    keys.feed(b"roox\x7ft")
+    assert keys.next_line() is None
+    keys.feed(b"\r\n")
+    assert keys.next_line() == Line(Prompt.USERNAME, "root", b"\r\n")
+    assert writes == [b"roox\b \bt", b"\r\n"]

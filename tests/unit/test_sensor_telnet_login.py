@@ -104,3 +104,13 @@ def test_only_the_recent_output_is_kept() -> None:
     found = detector()
     found.feed(b"x" * 100_000 + b"\r\nsrv04 login: ")
     assert found.prompt(*ALL) is Prompt.USERNAME
+
+
+def test_a_long_read_is_cut_to_its_end_before_it_is_normalised() -> None:
+    found = detector()
+    found.feed(b"srv04 login: ")
+    # 80 KB of colour codes ending in a prompt: only the end is normalised and searched.
+    found.feed(b"\x1b[0m" * 20_000 + b"\r\nPassword: \x1b[0m")
+    assert found.prompt(*ALL) is Prompt.PASSWORD
+    found.feed(b"x" * 100_000)
+    assert found.prompt(*ALL) is None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
 from sensor.config import SensorConfig
+from sensor.telnet.client import ClientInfo
 from sensor.telnet.negotiation import NegotiationGuard, NegotiationViolation
 
 IAC, SB, SE, WILL, WONT, DO, DONT = 255, 250, 240, 251, 252, 253, 254
@@ -91,3 +93,67 @@ def test_the_default_username_expression_takes_user_from_new_environ() -> None:
     # Cowrie's own expression works too (it runs on to the next IAC).
     cowrie = r"(.*\xff\xfa.*USER\x01)(.*?)(\xff.*)"
     assert username(cowrie, only_user) == b"-f root"
+
+
+def test_window_sizes_with_escaped_bytes_are_free_but_empty_and_oversized_ones_count() -> None:
+    scanner, seen = guard(max_negotiations=2)
+    # 65535 x 65535: every size byte doubled, the longest well-formed NAWS.
+    scanner.feed(bytes([IAC, SB, NAWS] + [IAC, IAC] * 4 + [IAC, SE]))
+    assert len(seen) == 1 and scanner.negotiations == 0
+    scanner.feed(bytes([IAC, SB, IAC, SE]))  # empty
+    # One byte longer than the longest well-formed one.
+    scanner.feed(bytes([IAC, SB, NAWS] + [IAC, IAC] * 4 + [0, IAC, SE]))
+    assert scanner.negotiations == 2
+    with pytest.raises(NegotiationViolation, match="more than 2 option negotiations"):
+        scanner.feed(bytes([IAC, SB, IAC, SE]))
+
+
+# Cubic for Cowrie's expression (seconds of blocked event loop at 4000 bytes).
+HOSTILE = b"\xff\xff\xfa" * 1333
+
+
+def test_oversized_window_sizes_hit_the_negotiation_bound() -> None:
+    scanner, _ = guard(max_subnegotiation=4096, max_negotiations=3)
+    flood = bytes([IAC, SB, NAWS]) + HOSTILE + bytes([IAC, SE])
+    scanner.feed(flood * 3)
+    with pytest.raises(NegotiationViolation, match="more than 3 option negotiations"):
+        scanner.feed(flood)
+
+
+class Emitted:
+    """Records the events ClientInfo emits."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def emit(self, eventid: str, template: str, **fields: object) -> None:
+        self.ids.append(eventid)
+
+
+def client(regex: str | None = None) -> ClientInfo:
+    config = SensorConfig()
+    if regex is not None:
+        config = replace(config, telnet_username_in_negotiation_regex=regex)
+    return ClientInfo(config, Emitted())  # type: ignore[arg-type]
+
+
+def test_the_username_is_looked_for_only_in_environment_subnegotiations() -> None:
+    # An expression that would match anything: only ENVIRON (36) and NEW-ENVIRON (39)
+    # subnegotiations are searched, not whatever else an attacker sends.
+    info = client(r"(.)(.+)")
+    info.guard.feed(bytes([IAC, SB, TTYPE, 0]) + b"xterm" + bytes([IAC, SE]))
+    info.guard.feed(bytes([IAC, SB, NAWS]) + HOSTILE[:8] + bytes([IAC, SE]))
+    info.guard.feed(bytes([IAC, SB, IAC, SE]))
+    assert info.username is None
+    for option in (36, NEW_ENVIRON):
+        info = client()
+        info.guard.feed(bytes([IAC, SB, option, 0, 0]) + b"USER\x01root" + bytes([IAC, SE]))
+        assert info.username == "root"
+
+
+def test_a_hostile_environment_subnegotiation_yields_no_username() -> None:
+    hostile = ENVIRON_IS + HOSTILE + bytes([IAC, SE])
+    assert username(SensorConfig().telnet_username_in_negotiation_regex, hostile) is None
+    info = client()
+    info.guard.feed(hostile)
+    assert info.username is None and info.guard.negotiations == 1

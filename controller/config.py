@@ -6,14 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from honeyfleet.config import host_port, non_negative, positive, setting
+from honeyfleet.config import host_port, non_negative, optional_host_port, positive, setting
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
-
-
-def _optional_host_port(value: str) -> str | None:
-    """Check: empty (disabled) or host:port."""
-    return None if value == "" else host_port(value)
 
 
 @dataclass(frozen=True)
@@ -25,7 +20,7 @@ class ControllerConfig:
         "127.0.0.1:7301",
         "host:port of the enrolment endpoint (server-authenticated TLS, join tokens); "
         "empty to disable",
-        check=_optional_host_port,
+        check=optional_host_port,
     )
     state_dir: Path = setting(Path("state/controller"), "where the controller keeps its store")
     ca_dir: Path | None = setting(
@@ -80,7 +75,7 @@ class ControllerConfig:
     metrics_listen: str = setting(
         "127.0.0.1:9464",
         "host:port of the Prometheus metrics endpoint (plain HTTP); empty to disable",
-        check=_optional_host_port,
+        check=optional_host_port,
     )
     ingest_queue_batches: int = setting(
         64,

@@ -65,6 +65,11 @@ def host_port(value: Any) -> str | None:
     return None
 
 
+def optional_host_port(value: str) -> str | None:
+    """Check: empty (the feature is off) or ``host:port``."""
+    return None if value == "" else host_port(value)
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file, turning syntax errors into a ConfigError naming the file."""
     try:

@@ -12,14 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from honeyfleet.config import host_port, non_negative, positive, setting
+from honeyfleet.config import host_port, non_negative, optional_host_port, positive, setting
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
-
-
-def _optional_host_port(value: str) -> str | None:
-    """Check: empty (disabled) or host:port."""
-    return None if value == "" else host_port(value)
 
 
 def _port(value: int) -> str | None:
@@ -73,7 +68,7 @@ class PoolNodeConfig:
     tls_cert: Path = setting(Path("tls/cert.pem"), "the node's certificate")
     tls_key: Path = setting(Path("tls/key.pem"), "the node's private key")
     metrics_listen: str = setting(
-        "", "host:port for Prometheus metrics (empty: off)", check=_optional_host_port
+        "", "host:port for Prometheus metrics (empty: off)", check=optional_host_port
     )
     labels: Mapping[str, str] = setting(
         factory=lambda: {"image": "busybox"}, help="image labels sensors can ask for"

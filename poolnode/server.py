@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import start_http_server
 
 from honeyfleet import __version__
 from honeyfleet.authz import Authorizer
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
+from honeyfleet.metrics_http import MetricsServer, serve_metrics
 from honeyfleet.pki.identity import Role
 from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
@@ -49,7 +48,7 @@ class PoolNode:
         self.link: ControllerLink | None = None
         self._server: grpc.aio.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
-        self._metrics: WSGIServer | None = None
+        self._metrics: MetricsServer | None = None
 
     async def start(self) -> int:
         """Serve the pool and connect to the controller; returns the bound port."""
@@ -73,11 +72,7 @@ class PoolNode:
             on_response=self._on_heartbeat_reply,
         )
         self.pool.set_on_change(self.link.nudge.set)
-        if config.metrics_listen:
-            host, _, metrics_port = config.metrics_listen.rpartition(":")
-            self._metrics, _ = start_http_server(
-                int(metrics_port), host.strip("[]"), registry=self.pool.metrics.registry
-            )
+        self._metrics = serve_metrics(config.metrics_listen, self.pool.metrics.registry)
         await self.pool.start()
         self._link_task = asyncio.create_task(self.link.run())
         log.info(
@@ -95,8 +90,7 @@ class PoolNode:
             await self._server.stop(grace)
         await self.pool.stop()
         if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()  # shutdown() only ends the serving thread
+            await self._metrics.stop()
             self._metrics = None
         if self._link_task is not None:
             self._link_task.cancel()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from honeyfleet.config import host_port, non_negative, positive, setting
+from honeyfleet.config import host_port, non_negative, optional_host_port, positive, setting
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
 
@@ -71,11 +71,6 @@ TELNET_SHELL_PROMPT = r"[#$%>] ?$"
 TELNET_USERNAME_IN_NEGOTIATION = r"(USER\x01)([^\x00-\x03\xff]*)"
 
 
-def _optional_host_port(value: str) -> str | None:
-    """Check: empty (disabled) or host:port."""
-    return None if value == "" else host_port(value)
-
-
 def _listen_list(value: tuple[str, ...]) -> str | None:
     """Check: one or more host:port entries."""
     if not value:
@@ -125,7 +120,7 @@ class SensorConfig:
     tls_cert: Path = setting(Path("tls/cert.pem"), "the sensor's certificate")
     tls_key: Path = setting(Path("tls/key.pem"), "the sensor's private key")
     metrics_listen: str = setting(
-        "", "host:port for Prometheus metrics (empty: off)", check=_optional_host_port
+        "", "host:port for Prometheus metrics (empty: off)", check=optional_host_port
     )
 
     # The SSH frontend.

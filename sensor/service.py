@@ -7,9 +7,9 @@ import logging
 from typing import Any
 
 import grpc
-from prometheus_client import start_http_server
 
 from honeyfleet.jsonlines import JsonLinesLog
+from honeyfleet.metrics_http import MetricsServer, serve_metrics
 from honeyfleet.systemd import notify
 from honeyfleet.tls import secure_channel
 from sensor.capture import FileStore
@@ -49,7 +49,7 @@ class Sensor:
         self._channel: grpc.aio.Channel | None = None
         self._tunnels: TunnelConnector | None = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self._metrics_server: Any = None
+        self._metrics_server: MetricsServer | None = None
         self._jsonlines: JsonLinesLog | None = None
         self._leases: LeaseClient | None = None
         self._stopped = False
@@ -124,20 +124,14 @@ class Sensor:
             asyncio.create_task(self.uploader.run()),
             asyncio.create_task(leases.register(listen)),
         ]
-        if config.metrics_listen:
-            host, _, port = config.metrics_listen.rpartition(":")
-            self._metrics_server, _ = start_http_server(
-                int(port), host.strip("[]"), registry=self.metrics.registry
-            )
+        self._metrics_server = serve_metrics(config.metrics_listen, self.metrics.registry)
         log.info("sensor %s: SSH on %s, Telnet on %s", identity, self.ports, self.telnet_ports)
         return self.ports
 
     @property
     def metrics_port(self) -> int | None:
         """The port metrics are served on (useful with port 0); None when they are off."""
-        if self._metrics_server is None:
-            return None
-        return int(self._metrics_server.server_port)
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     async def stop(self) -> None:
         """Close every session (their last events are spooled), then stop (idempotent)."""
@@ -165,9 +159,7 @@ class Sensor:
         if self._channel is not None:
             await self._channel.close(None)
         if self._metrics_server is not None:
-            # shutdown() waits for the server thread's next poll: not on the loop.
-            await asyncio.to_thread(self._metrics_server.shutdown)
-            self._metrics_server.server_close()
+            await self._metrics_server.stop()
         if self._events is not None:
             await self._events.flush()
             await asyncio.to_thread(self._events.close)

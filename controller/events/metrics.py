@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -134,36 +132,3 @@ class FleetCollector(Collector):
         )
         for name, text, value in values:
             yield GaugeMetricFamily(name, text, value=value)
-
-
-@dataclass
-class MetricsServer:
-    """A running metrics HTTP endpoint."""
-
-    server: WSGIServer
-    port: int
-
-    def stop(self) -> None:
-        """Stop serving (blocks for up to the server's poll interval)."""
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def serve_metrics(listen: str, registry: CollectorRegistry) -> MetricsServer | None:
-    """Serve ``registry`` on ``host:port``; None when disabled ("") or the port is taken.
-
-    A taken port is logged, not fatal: a controller without metrics still serves the
-    fleet, which matters more.
-    """
-    if not listen:
-        return None
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    try:
-        server, _thread = start_http_server(int(port), addr=host, registry=registry)
-    except OSError as e:
-        log.error("metrics_listen %s: cannot listen (%s); metrics are not served", listen, e)
-        return None
-    actual = server.server_port
-    log.info("Prometheus metrics on http://%s:%d/metrics", host, actual)
-    return MetricsServer(server, actual)

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from controller.config import ControllerConfig
 from controller.events.broadcast import Broadcaster
-from controller.events.metrics import EventMetrics, FleetCollector, MetricsServer, serve_metrics
+from controller.events.metrics import EventMetrics, FleetCollector
 from controller.events.rows import EventRow
 from controller.events.sinks import JsonLinesSink, Sink
 from controller.events.sqlite_store import SqliteEventStore
@@ -33,6 +33,7 @@ from controller.events.writer import Ack, BatchWriter
 from controller.leases import LeaseManager
 from controller.registry import Registry
 from honeyfleet.errors import ConfigError, HoneyfleetError
+from honeyfleet.metrics_http import MetricsServer, serve_metrics
 from honeyfleet.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class EventPipeline:
                 await task
         self._tasks.clear()
         if self._metrics_server is not None:
-            await asyncio.to_thread(self._metrics_server.stop)
+            await self._metrics_server.stop()
             self._metrics_server = None
         for sink in self.sinks:
             await sink.close()

@@ -249,40 +249,40 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
     """`sessions show`: a session's summary and all its events."""
 
     async def body(stub: events_pb2_grpc.EventQueryServiceAsyncStub) -> None:
-        """The command's calls and output."""
+        """The command's calls and output, printed a page at a time (a session may have
+        any number of events)."""
         response = await stub.GetSession(events_pb2.GetSessionRequest(id=args.id))
-        events = list(response.events)
-        token = response.next_events_page_token
-        while token:
-            page = await stub.ListEvents(
+        s = response.session
+        if not args.json:
+            for label, value in (
+                ("session", s.id),
+                ("sensor", s.sensor),
+                ("source", s.src_ip),
+                ("started", _when(s.start_time)),
+                ("ended", _when(s.end_time) if s.HasField("end_time") else "still open"),
+                ("guest", f"{s.pool_node}/{s.guest} (lease {s.lease})" if s.pool_node else "-"),
+                ("user", f"{s.username or '-'} after {s.login_attempts} login attempts"),
+                ("client", s.client_version or "-"),
+                ("events", str(s.event_count)),
+            ):
+                _out(f"{label + ':':9} {value}")
+            _out("")
+        ttylogs = []
+        page, token = response.events, response.next_events_page_token
+        while True:
+            for event in page:
+                _out(_event_line(event, args.json))
+                if event.eventid == "cowrie.log.closed":
+                    ttylogs.append(json.loads(event.json).get("ttylog"))
+            if not token:
+                break
+            more = await stub.ListEvents(
                 events_pb2.ListEventsRequest(session=args.id, page_token=token, page_size=1000)
             )
-            events.extend(page.events)
-            token = page.next_page_token
+            page, token = more.events, more.next_page_token
         if args.json:
-            for event in events:
-                _out(event.json)
             return
-        s = response.session
-        for label, value in (
-            ("session", s.id),
-            ("sensor", s.sensor),
-            ("source", s.src_ip),
-            ("started", _when(s.start_time)),
-            ("ended", _when(s.end_time) if s.HasField("end_time") else "still open"),
-            ("guest", f"{s.pool_node}/{s.guest} (lease {s.lease})" if s.pool_node else "-"),
-            ("user", f"{s.username or '-'} after {s.login_attempts} login attempts"),
-            ("client", s.client_version or "-"),
-            ("events", str(s.event_count)),
-        ):
-            _out(f"{label + ':':9} {value}")
         _out("")
-        for event in events:
-            _out(_event_line(event, False))
-        _out("")
-        ttylogs = [
-            json.loads(e.json).get("ttylog") for e in events if e.eventid == "cowrie.log.closed"
-        ]
         where = f" (sensor {s.sensor} keeps {', '.join(map(str, ttylogs))})" if ttylogs else ""
         _out(f"recording: none stored on the controller{where}")
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,25 @@ def require_tool(name: str, package: str) -> str:
     if path is None:
         unmet(f"{name} not found: install {package} (make test installs it)")
     return path
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait until ``predicate()`` holds (polling), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+# Seconds any one teardown step may take before it fails the test instead of hanging the run.
+TEARDOWN = 60.0
+
+
+async def bounded(step: Callable[..., Awaitable[object]], *args: Any, **kwargs: Any) -> None:
+    """Await one teardown step, failing (not hanging) if it takes over ``TEARDOWN`` seconds."""
+    async with asyncio.timeout(TEARDOWN):
+        await step(*args, **kwargs)
 
 
 def free_port() -> int:
@@ -138,8 +158,9 @@ async def start_controller(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator
             await controller.stop(grace=0)
 
 
-async def _banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Answer like an SSH server's first line, which is all the pool's probe reads."""
+async def ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A guest's SSH port: answers like an SSH server's first line, which is all the pool's
+    readiness probe reads."""
     writer.write(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
     with contextlib.suppress(OSError):
         await writer.drain()
@@ -176,6 +197,18 @@ async def start_static_pool_node(
     return node
 
 
+async def start_one_guest_node(
+    fleet_pki: FleetPki, controller: Controller, address: str, host: str, state_dir: Path, **kw: Any
+) -> PoolNode:
+    """A static pool node "pool-1" serving one guest at ``host``, registered and pristine."""
+    node = await start_static_pool_node(
+        fleet_pki, "pool-1", address, (host,), state_dir, share_guests=True, **kw
+    )
+    nodes = controller.registry.nodes
+    await until(lambda: "pool-1" in nodes and nodes["pool-1"].counts.pristine == 1)
+    return node
+
+
 PoolNodeFactory = Callable[..., Awaitable[PoolNode]]
 GuestHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -193,7 +226,7 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
         guests: int = 3,
         share_guests: bool = False,
         labels: dict[str, str] | None = None,
-        guest: GuestHandler = _banner,
+        guest: GuestHandler = ssh_banner,
     ) -> PoolNode:
         hosts = []
         for _ in range(guests):

@@ -18,11 +18,10 @@ import pytest
 
 from honeyfleet.up import NETWORK, TAG
 from poolnode.image import build_image
-from tests.conftest import require_tool
+from tests.conftest import require_tool, until
 from tests.e2e.clients import openssh_argv, telnet_login
 from tests.e2e.image import IMAGE_DIR, image_spec
 from tests.e2e.vmhost import VmHost, namespace_pids
-from tests.integration.test_leases import until
 from tests.terminal import Terminal
 
 # Bounded within: the image build, `up` starting and stopping (each with its own timeout).

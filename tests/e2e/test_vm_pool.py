@@ -24,9 +24,9 @@ import pytest
 
 from honeyfleet.v1 import common_pb2, poolnode_pb2
 from poolnode.backends.libvirt_xml import DomainSpec, render_domain
+from tests.conftest import until
 from tests.e2e.fleet import GUESTS, VmFleet, run
 from tests.e2e.vmhost import BRIDGE, GATEWAY, NETWORK, TAG, VmHost, namespace_pids
-from tests.integration.test_leases import until
 
 # The node boots guests on first use (bounded by NODE_START_WAIT) before a test proper.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]

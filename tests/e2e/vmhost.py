@@ -285,11 +285,6 @@ class VmHost:
     sockets: NetnsSockets
     started: list[int] = field(default_factory=list)
 
-    @property
-    def netns_path(self) -> Path:
-        """The namespace's bind mount (what setns and ip netns use)."""
-        return NETNS_DIR / self.netns
-
     def ns(self, *argv: str, timeout: float = 60.0) -> str:
         """Run a command inside the namespace; its stdout."""
         return _run("ip", "netns", "exec", self.netns, *argv, timeout=timeout)

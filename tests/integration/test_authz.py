@@ -17,6 +17,8 @@ from honeyfleet.tls import TlsFiles, secure_channel, server_credentials
 from honeyfleet.v1 import fleet_pb2, fleet_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.conftest import FleetPki
 
+RPC_TIMEOUT = 5  # for a local server to answer a call, or a stream message
+
 
 class RecordingFleet(fleet_pb2_grpc.FleetServiceServicer):
     """Records every call that reached the handler."""
@@ -78,7 +80,7 @@ async def stats(target: str, files: TlsFiles | None, ca: bytes | None = None) ->
         channel = secure_channel(target, files)
     async with channel:
         response = await fleet_pb2_grpc.FleetServiceStub(channel).GetFleetStats(
-            fleet_pb2.GetFleetStatsRequest(), timeout=5
+            fleet_pb2.GetFleetStatsRequest(), timeout=RPC_TIMEOUT
         )
         return response.sensors
 
@@ -134,7 +136,7 @@ async def test_sensor_may_not_call_pool_node_methods(server, fleet_pki: FleetPki
     target, _, registry, _ = server
     async with secure_channel(target, fleet_pki.files(Role.SENSOR, "s1")) as channel:
         call = registry_pb2_grpc.PoolNodeRegistryServiceStub(channel).Heartbeat(
-            iter([registry_pb2.HeartbeatRequest()])
+            iter([registry_pb2.HeartbeatRequest()]), timeout=RPC_TIMEOUT
         )
         with pytest.raises(grpc.aio.AioRpcError) as e:
             async for _ in call:
@@ -148,7 +150,7 @@ async def test_unknown_method_is_unimplemented(server, fleet_pki: FleetPki) -> N
     async with secure_channel(target, fleet_pki.files(Role.ADMIN, "alice")) as channel:
         method = channel.unary_unary("/honeyfleet.v1.FleetService/NoSuchMethod")
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await method(b"", timeout=5)
+            await method(b"", timeout=RPC_TIMEOUT)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -169,16 +171,18 @@ async def test_revoked_serial_is_refused_and_its_stream_cut(server, fleet_pki: F
 
         call = registry_pb2_grpc.PoolNodeRegistryServiceStub(channel).Heartbeat(requests())
         await outbox.put(registry_pb2.HeartbeatRequest())
-        await call.read()  # the stream is open and served
+        async with asyncio.timeout(RPC_TIMEOUT):
+            await call.read()  # the stream is open and served
         assert registry.opened == ["poolnode/revokee"]
 
         revocations.revoke(serial, "test")
         revocations.revoke(admin_serial, "test")
         authorizer.update_revoked(revocations.serials())
-        await asyncio.wait_for(registry.cut.wait(), 5)
+        await asyncio.wait_for(registry.cut.wait(), RPC_TIMEOUT)
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await call.read()
-            await call.read()
+            async with asyncio.timeout(RPC_TIMEOUT):
+                await call.read()
+                await call.read()
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "revoked" in (e.value.details() or "")
 

@@ -26,6 +26,7 @@ from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import ingest_pb2
 from tests.conftest import FleetPki, free_port
 from tests.integration.test_events_ingest import (
+    ACK_TIMEOUT,
     SensorStream,
     batches,
     bulk_events,
@@ -39,6 +40,7 @@ SENSORS = [f"edge{i}" for i in range(4)]
 EVENTS_PER_SENSOR = 10_000
 KILL_AT_BATCH = 8
 INGEST = "honeyfleet.v1.EventIngestService"
+PROCESS_TIMEOUT = 30  # for the controller process to exit once signalled
 
 
 def write_config(
@@ -58,6 +60,19 @@ def write_config(
         *(f'{key} = "{value}"' for key, value in store.items()),
     ]
     path.write_text("\n".join(lines) + "\n")
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """End the controller process if it still runs: SIGTERM, then SIGKILL if it lingers."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        async with asyncio.timeout(PROCESS_TIMEOUT):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
 
 
 async def start_process(config: Path, log: Path) -> asyncio.subprocess.Process:
@@ -126,12 +141,14 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
                 for index in range(next_batch[name], len(work[name])):
                     batch = work[name][index]
                     if killer and index == KILL_AT_BATCH:
-                        await stream.call.write(batch)
-                        while not await stored(batch.events[-1].uuid):
-                            await asyncio.sleep(0.01)
+                        async with asyncio.timeout(ACK_TIMEOUT):
+                            await stream.call.write(batch)
+                            while not await stored(batch.events[-1].uuid):
+                                await asyncio.sleep(0.01)
                         killed.set()
                         proc.send_signal(signal.SIGKILL)  # before the ack is read
-                        await stream.call.read()
+                        async with asyncio.timeout(ACK_TIMEOUT):
+                            await stream.call.read()
                     acks.append(await stream.send(batch))
                     next_batch[name] = index + 1
             except grpc.aio.AioRpcError as e:
@@ -140,7 +157,8 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
                 await stream.channel.close()
 
         await asyncio.gather(*(deliver(name, name == SENSORS[0]) for name in SENSORS))
-        assert await proc.wait() == -signal.SIGKILL
+        async with asyncio.timeout(PROCESS_TIMEOUT):
+            assert await proc.wait() == -signal.SIGKILL
         first_run = list(acks)
         assert next_batch[SENSORS[0]] == KILL_AT_BATCH
         assert len(first_run) < sum(len(b) for b in work.values())
@@ -149,9 +167,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
         await wait_ingest_serving(address, fleet_pki, log)
         await asyncio.gather(*(deliver(name, False) for name in SENSORS))
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            await proc.wait()
+        await stop_process(proc)
 
     total = len(SENSORS) * EVENTS_PER_SENSOR
     assert all(next_batch[name] == len(work[name]) for name in SENSORS)

@@ -29,6 +29,8 @@ from tests.conftest import ControllerFactory, FleetPki
 pytest_plugins = ["tests.postgres"]
 BATCH = 500
 ACK_TIMEOUT = 120
+RPC_TIMEOUT = 30  # a unary query RPC, or closing a stream
+DB_TIMEOUT = 60  # a direct query of the PostgreSQL store
 
 
 def session_events(
@@ -137,9 +139,10 @@ class SensorStream:
         self, request: ingest_pb2.StreamEventsRequest
     ) -> ingest_pb2.StreamEventsResponse:
         """Send one batch and wait for its acknowledgement."""
-        await self.call.write(request)
         # Bounded, so a wedged store fails the test with a clear error, not the global timeout.
-        ack = await asyncio.wait_for(self.call.read(), ACK_TIMEOUT)
+        async with asyncio.timeout(ACK_TIMEOUT):
+            await self.call.write(request)
+            ack = await self.call.read()
         assert ack is not grpc.aio.EOF
         assert ack.batch_id == request.batch_id
         return ack
@@ -152,8 +155,11 @@ class SensorStream:
 
     async def close(self) -> None:
         """End the stream and the channel."""
-        await self.call.done_writing()
-        await self.channel.close()
+        try:
+            async with asyncio.timeout(RPC_TIMEOUT):
+                await self.call.done_writing()
+        finally:
+            await self.channel.close()
 
 
 async def stream_all(
@@ -181,7 +187,10 @@ async def postgres_counts(dsn: str) -> tuple[int, int]:
     """(rows, distinct uuids) in a PostgreSQL event store."""
     import psycopg
 
-    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+    async with (
+        asyncio.timeout(DB_TIMEOUT),
+        await psycopg.AsyncConnection.connect(dsn) as conn,
+    ):
         cursor = await conn.execute("SELECT count(*), count(DISTINCT uuid) FROM events")
         row = await cursor.fetchone()
     assert row is not None
@@ -263,7 +272,7 @@ async def test_bad_events_are_dropped_and_their_batch_acknowledged(
 
     async with secure_channel(address, admin) as channel:
         stub = events_pb2_grpc.EventQueryServiceStub(channel)
-        listed = await stub.ListEvents(events_pb2.ListEventsRequest())
+        listed = await stub.ListEvents(events_pb2.ListEventsRequest(), timeout=RPC_TIMEOUT)
     stored = {e.uuid: json.loads(e.json) for e in listed.events}
     for event in [*good, with_nul]:
         assert stored[str(uuid.UUID(event["uuid"]))] == {**event, "sensor": "edge1"}
@@ -279,7 +288,7 @@ async def test_a_sensor_cannot_call_the_query_api_nor_an_admin_ingest(
     async with secure_channel(address, fleet_pki.files(Role.SENSOR, "edge1")) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await events_pb2_grpc.EventQueryServiceStub(channel).ListSessions(
-                events_pb2.ListSessionsRequest()
+                events_pb2.ListSessionsRequest(), timeout=RPC_TIMEOUT
             )
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     stream = SensorStream(fleet_pki, "alice", address)
@@ -298,7 +307,10 @@ async def test_an_event_the_store_refuses_is_isolated_and_dropped(
     import psycopg
 
     controller, address = await start_controller(store="postgres", postgres_dsn=postgres_dsn)
-    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+    async with (
+        asyncio.timeout(DB_TIMEOUT),
+        await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn,
+    ):
         # A real refusal from the real server, for one row only.
         await conn.execute(
             "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -340,7 +352,10 @@ async def test_events_from_the_far_future_are_dropped_and_their_batch_acknowledg
     if store_overrides["store"] == "postgres":
         import psycopg
 
-        async with await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn:
+        async with (
+            asyncio.timeout(DB_TIMEOUT),
+            await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn,
+        ):
             cursor = await conn.execute(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                 "WHERE i.inhparent = 'events'::regclass"

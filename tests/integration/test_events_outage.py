@@ -16,14 +16,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
-from tests.conftest import ControllerFactory, FleetPki
+from tests.conftest import ControllerFactory, FleetPki, until
 from tests.integration.test_events_ingest import (
     SensorStream,
     batches,
     bulk_events,
     postgres_counts,
 )
-from tests.integration.test_leases import until
 
 if TYPE_CHECKING:  # imported by pytest_plugins, before assertion rewriting would see it
     from tests.postgres import PostgresServer
@@ -32,6 +31,8 @@ pytest_plugins = ["tests.postgres"]
 pytestmark = pytest.mark.postgres
 SENSORS = ["edge1", "edge2", "edge3", "edge4"]
 INGEST = "honeyfleet.v1.EventIngestService"
+RPC_TIMEOUT = 5  # one health check
+STATUS_TIMEOUT = 60  # for the ingest service to report a new status
 
 
 async def test_postgres_outage_pauses_ingest_then_it_completes(
@@ -54,15 +55,22 @@ async def test_postgres_outage_pauses_ingest_then_it_completes(
     statuses: list[int] = []
 
     async def ingest_status() -> None:
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=INGEST))
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service=INGEST), timeout=RPC_TIMEOUT
+        )
         statuses.append(reply.status)
+
+    async def until_status(wanted: int) -> None:
+        """Poll health until the ingest service reports ``wanted`` (bounded)."""
+        async with asyncio.timeout(STATUS_TIMEOUT):
+            while not statuses or statuses[-1] != wanted:
+                await ingest_status()
+                await asyncio.sleep(0.1)
 
     await postgres_server.stop()
     try:
         held = {name: asyncio.create_task(streams[name].send(work[name][2])) for name in SENSORS}
-        while not statuses or statuses[-1] != health_pb2.HealthCheckResponse.NOT_SERVING:
-            await ingest_status()
-            await asyncio.sleep(0.1)
+        await until_status(health_pb2.HealthCheckResponse.NOT_SERVING)
         assert controller.events.metrics.store_up._value.get() == 0
         assert controller.events.metrics.store_errors.labels("write")._value.get() >= 1
         # Nothing is acknowledged while the store is down, and the queue stays bounded.
@@ -75,9 +83,7 @@ async def test_postgres_outage_pauses_ingest_then_it_completes(
     assert all(a.stored == len(work["edge1"][2].events) for a in acks)
     await until(lambda: controller.events.metrics.store_up._value.get() == 1)
     statuses.clear()
-    while not statuses or statuses[-1] != health_pb2.HealthCheckResponse.SERVING:
-        await ingest_status()
-        await asyncio.sleep(0.1)
+    await until_status(health_pb2.HealthCheckResponse.SERVING)
     for name in SENSORS:
         await streams[name].send_all(work[name][3:])
         await streams[name].close()

@@ -29,6 +29,8 @@ from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import events_pb2, events_pb2_grpc
 from tests.conftest import ControllerFactory, FleetPki
 from tests.integration.test_events_ingest import (
+    DB_TIMEOUT,
+    RPC_TIMEOUT,
     batches,
     session_events,
     stream_all,
@@ -37,6 +39,8 @@ from tests.integration.test_fleet_tools import BIN, run
 
 pytest_plugins = ["tests.postgres"]
 COWRIE_SHARED = ("eventid", "timestamp", "src_ip", "session", "sensor", "message")
+MAX_PAGES = 100  # more pages than any test needs: a token that never ends fails the test
+WATCH_TIMEOUT = 30  # for a watch to deliver the events it should
 
 
 def ts(moment: datetime) -> Timestamp:
@@ -77,7 +81,7 @@ async def test_queries_return_what_was_written(
     stub = admin_stub(fleet_pki, address)
     ids = {name: events[0]["session"] for name, events in sessions.items()}
 
-    listed = await stub.ListSessions(events_pb2.ListSessionsRequest())
+    listed = await stub.ListSessions(events_pb2.ListSessionsRequest(), timeout=RPC_TIMEOUT)
     assert [s.id for s in listed.sessions] == [ids["c"], ids["b"], ids["a"]]  # newest first
     one = {s.id: s for s in listed.sessions}[ids["a"]]
     a = sessions["a"]
@@ -93,7 +97,9 @@ async def test_queries_return_what_was_written(
     assert one.end_time.ToDatetime(tzinfo=UTC) == parse_timestamp(a[-1]["timestamp"])
 
     async def session_ids(**filters: Any) -> list[str]:
-        reply = await stub.ListSessions(events_pb2.ListSessionsRequest(**filters))
+        reply = await stub.ListSessions(
+            events_pb2.ListSessionsRequest(**filters), timeout=RPC_TIMEOUT
+        )
         return [s.id for s in reply.sessions]
 
     assert await session_ids(sensor="edge1") == [ids["b"], ids["a"]]
@@ -106,46 +112,59 @@ async def test_queries_return_what_was_written(
     assert await session_ids(end_time=ts(b_start)) == [ids["a"]]
 
     pages, token = [], ""
-    while True:
+    for _ in range(MAX_PAGES):
         page = await stub.ListSessions(
-            events_pb2.ListSessionsRequest(page_size=1, page_token=token)
+            events_pb2.ListSessionsRequest(page_size=1, page_token=token), timeout=RPC_TIMEOUT
         )
         pages.extend(s.id for s in page.sessions)
         token = page.next_page_token
         if not token:
             break
+    else:
+        raise AssertionError(f"ListSessions still paging after {MAX_PAGES} pages")
     assert pages == [ids["c"], ids["b"], ids["a"]]
 
-    got = await stub.GetSession(events_pb2.GetSessionRequest(id=ids["b"]))
+    got = await stub.GetSession(events_pb2.GetSessionRequest(id=ids["b"]), timeout=RPC_TIMEOUT)
     assert [json.loads(e.json) for e in got.events] == sessions["b"]
     assert not got.next_events_page_token and not got.HasField("recording")
     with pytest.raises(grpc.aio.AioRpcError) as missing:
-        await stub.GetSession(events_pb2.GetSessionRequest(id="nope"))
+        await stub.GetSession(events_pb2.GetSessionRequest(id="nope"), timeout=RPC_TIMEOUT)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
-    failed = await stub.ListEvents(events_pb2.ListEventsRequest(eventid="cowrie.login.failed"))
+    failed = await stub.ListEvents(
+        events_pb2.ListEventsRequest(eventid="cowrie.login.failed"), timeout=RPC_TIMEOUT
+    )
     assert [e.session for e in failed.events] == [ids["a"], ids["b"], ids["c"]]
-    on_c = await stub.ListEvents(events_pb2.ListEventsRequest(src_ip="2001:db8::5"))
+    on_c = await stub.ListEvents(
+        events_pb2.ListEventsRequest(src_ip="2001:db8::5"), timeout=RPC_TIMEOUT
+    )
     assert [json.loads(e.json) for e in on_c.events] == sessions["c"]
     everything: list[str] = []
     token = ""
-    while True:
-        page = await stub.ListEvents(events_pb2.ListEventsRequest(page_size=4, page_token=token))
+    for _ in range(MAX_PAGES):
+        page = await stub.ListEvents(
+            events_pb2.ListEventsRequest(page_size=4, page_token=token), timeout=RPC_TIMEOUT
+        )
         everything.extend(e.uuid for e in page.events)
         token = page.next_page_token
         if not token:
             break
+    else:
+        raise AssertionError(f"ListEvents still paging after {MAX_PAGES} pages")
     assert everything == [e["uuid"] for name in "abc" for e in sessions[name]]
     c_start = parse_timestamp(sessions["c"][0]["timestamp"])
     before_c = await stub.ListEvents(
-        events_pb2.ListEventsRequest(sensor="edge2", end_time=ts(c_start), page_size=100)
+        events_pb2.ListEventsRequest(sensor="edge2", end_time=ts(c_start), page_size=100),
+        timeout=RPC_TIMEOUT,
     )
     assert list(before_c.events) == []
     with pytest.raises(grpc.aio.AioRpcError) as bad:
-        await stub.ListEvents(events_pb2.ListEventsRequest(page_token="garbage"))
+        await stub.ListEvents(
+            events_pb2.ListEventsRequest(page_token="garbage"), timeout=RPC_TIMEOUT
+        )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    stats = await stub.GetEventStats(events_pb2.GetEventStatsRequest())
+    stats = await stub.GetEventStats(events_pb2.GetEventStatsRequest(), timeout=RPC_TIMEOUT)
     assert [(k.key, k.count) for k in stats.top_usernames] == [("admin", 3), ("root", 2), ("pi", 1)]
     assert (stats.top_passwords[0].key, stats.top_passwords[0].count) == ("toor", 2)
     assert {(k.key, k.count) for k in stats.top_src_ips} == {
@@ -158,7 +177,9 @@ async def test_queries_return_what_was_written(
     assert [(f.sha256, f.count, f.example_name) for f in stats.top_uploads] == [
         ("ab" * 32, 3, "x.sh")
     ]
-    only_edge2 = await stub.GetEventStats(events_pb2.GetEventStatsRequest(sensor="edge2", top=1))
+    only_edge2 = await stub.GetEventStats(
+        events_pb2.GetEventStatsRequest(sensor="edge2", top=1), timeout=RPC_TIMEOUT
+    )
     assert [(k.key, k.count) for k in only_edge2.top_usernames] == [("admin", 1)]
 
 
@@ -190,7 +211,10 @@ async def test_cowrie_sql_tables_answer_cowrie_queries(
     else:
         import psycopg
 
-        async with await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn:
+        async with (
+            asyncio.timeout(DB_TIMEOUT),
+            await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn,
+        ):
             got = {}
             for name, q in queries.items():
                 cursor = await conn.execute(q.format(p="%s"), (a[0]["session"],))
@@ -213,18 +237,19 @@ async def test_watch_sees_events_as_they_arrive(
     everything = stub.WatchEvents(events_pb2.WatchEventsRequest())
     logins = stub.WatchEvents(events_pb2.WatchEventsRequest(eventid="cowrie.login.success"))
     on_edge2 = stub.WatchEvents(events_pb2.WatchEventsRequest(sensor="edge2"))
-    for call in (everything, logins, on_edge2):
-        await call.initial_metadata()  # subscribed from here on
+    async with asyncio.timeout(WATCH_TIMEOUT):
+        for call in (everything, logins, on_edge2):
+            await call.initial_metadata()  # subscribed from here on
     first, second = session_events("edge1"), session_events("edge2")
     await stream_all(fleet_pki, address, "edge1", batches(first))
     await stream_all(fleet_pki, address, "edge2", batches(second))
-    seen = [json.loads((await everything.read()).event.json) for _ in range(18)]
+    async with asyncio.timeout(WATCH_TIMEOUT):
+        seen = [json.loads((await everything.read()).event.json) for _ in range(18)]
+        login_uuids = [(await logins.read()).event.uuid for _ in range(2)]
+        edge2_uuids = [(await on_edge2.read()).event.uuid for _ in range(9)]
     assert seen == first + second
-    assert [(await logins.read()).event.uuid for _ in range(2)] == [
-        first[3]["uuid"],
-        second[3]["uuid"],
-    ]
-    assert [(await on_edge2.read()).event.uuid for _ in range(9)] == [e["uuid"] for e in second]
+    assert login_uuids == [first[3]["uuid"], second[3]["uuid"]]
+    assert edge2_uuids == [e["uuid"] for e in second]
     for call in (everything, logins, on_edge2):
         call.cancel()
 
@@ -240,7 +265,7 @@ def test_a_watcher_that_falls_behind_is_dropped() -> None:
         broadcaster.publish(rows)
         assert picky.queue.qsize() == 2
         with pytest.raises(ResourceExhausted, match="fell more than 5 events behind"):
-            asyncio.run(slow.next())
+            asyncio.run(asyncio.wait_for(slow.next(), WATCH_TIMEOUT))
         assert metrics.watchers_dropped._value.get() == 1
         broadcaster.publish(rows[:1])  # the dropped watcher gets nothing more
         assert slow.queue.qsize() == 0
@@ -347,7 +372,12 @@ async def test_cli_tails_lists_and_shows(
         assert json.loads(line) == fresh[3]
     finally:
         tail.terminate()
-        await tail.wait()
+        try:
+            async with asyncio.timeout(RPC_TIMEOUT):
+                await tail.wait()
+        except TimeoutError:
+            tail.kill()
+            await tail.wait()
 
 
 async def test_retention_drops_old_events(
@@ -366,12 +396,15 @@ async def test_retention_drops_old_events(
     remaining = await store.list_sessions(SessionQuery(limit=100))
     assert [s.session for s in remaining] == [new[0]["session"]]
     stub = admin_stub(fleet_pki, address)
-    listed = await stub.ListEvents(events_pb2.ListEventsRequest(page_size=100))
+    listed = await stub.ListEvents(events_pb2.ListEventsRequest(page_size=100), timeout=RPC_TIMEOUT)
     assert [e.uuid for e in listed.events] == [e["uuid"] for e in new]
     if store_overrides["store"] == "postgres":
         import psycopg
 
-        async with await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn:
+        async with (
+            asyncio.timeout(DB_TIMEOUT),
+            await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn,
+        ):
             cursor = await conn.execute(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
                 "WHERE i.inhparent = 'events'::regclass"
@@ -395,17 +428,24 @@ async def test_pages_of_large_events_stay_under_the_message_limit(
         big.append(event)
     await stream_all(fleet_pki, address, "edge1", batches(big, size=5))
     stub = admin_stub(fleet_pki, address)
-    first = await stub.GetSession(events_pb2.GetSessionRequest(id=template["session"]))
+    first = await stub.GetSession(
+        events_pb2.GetSessionRequest(id=template["session"]), timeout=RPC_TIMEOUT
+    )
     assert 0 < len(first.events) < 20 and first.next_events_page_token
     seen = [e.uuid for e in first.events]
     token = first.next_events_page_token
-    while token:
+    for _ in range(MAX_PAGES):
+        if not token:
+            break
         page = await stub.ListEvents(
-            events_pb2.ListEventsRequest(session=template["session"], page_token=token)
+            events_pb2.ListEventsRequest(session=template["session"], page_token=token),
+            timeout=RPC_TIMEOUT,
         )
         assert page.ByteSize() < 4 * 1024 * 1024
         seen.extend(e.uuid for e in page.events)
         token = page.next_page_token
+    else:
+        raise AssertionError(f"ListEvents still paging after {MAX_PAGES} pages")
     assert seen == [e["uuid"] for e in big]
 
 
@@ -422,18 +462,25 @@ async def test_pages_of_non_ascii_events_stay_under_the_message_limit(
     ]
     await stream_all(fleet_pki, address, "edge1", batches(heavy, size=8))
     stub = admin_stub(fleet_pki, address)
-    first = await stub.GetSession(events_pb2.GetSessionRequest(id=template["session"]))
+    first = await stub.GetSession(
+        events_pb2.GetSessionRequest(id=template["session"]), timeout=RPC_TIMEOUT
+    )
     assert 0 < len(first.events) < 40 and first.next_events_page_token
     assert first.ByteSize() < 4 * 1024 * 1024
     seen = [e.uuid for e in first.events]
     token = first.next_events_page_token
-    while token:
+    for _ in range(MAX_PAGES):
+        if not token:
+            break
         page = await stub.ListEvents(
-            events_pb2.ListEventsRequest(session=template["session"], page_token=token)
+            events_pb2.ListEventsRequest(session=template["session"], page_token=token),
+            timeout=RPC_TIMEOUT,
         )
         assert page.events and page.ByteSize() < 4 * 1024 * 1024
         seen.extend(e.uuid for e in page.events)
         token = page.next_page_token
+    else:
+        raise AssertionError(f"ListEvents still paging after {MAX_PAGES} pages")
     assert seen == [e["uuid"] for e in heavy]
     assert json.loads(page.events[-1].json)["input"] == heavy[-1]["input"]
 
@@ -455,7 +502,7 @@ async def test_stats_of_huge_attacker_texts_fit_in_a_reply(
     upload["filename"] = "\U0001f4c4" * 30_000
     await stream_all(fleet_pki, address, "edge1", batches([*logins, upload], size=4))
     stub = admin_stub(fleet_pki, address)
-    stats = await stub.GetEventStats(events_pb2.GetEventStatsRequest(top=20))
+    stats = await stub.GetEventStats(events_pb2.GetEventStatsRequest(top=20), timeout=RPC_TIMEOUT)
     assert stats.ByteSize() < 4 * 1024 * 1024
     cut = MAX_STATS_KEY - 1
     for top, field in ((stats.top_usernames, "username"), (stats.top_passwords, "password")):
@@ -487,13 +534,15 @@ async def test_pages_of_sessions_with_huge_client_versions_stay_under_the_messag
     stub = admin_stub(fleet_pki, address)
     seen: list[str] = []
     token = ""
-    while True:
+    for _ in range(MAX_PAGES):
         page = await stub.ListSessions(
-            events_pb2.ListSessionsRequest(page_size=100, page_token=token)
+            events_pb2.ListSessionsRequest(page_size=100, page_token=token), timeout=RPC_TIMEOUT
         )
         assert page.sessions and page.ByteSize() < 4 * 1024 * 1024
         seen.extend(s.client_version for s in page.sessions)
         token = page.next_page_token
         if not token:
             break
+    else:
+        raise AssertionError(f"ListSessions still paging after {MAX_PAGES} pages")
     assert sorted(seen) == sorted(e["version"] for e in versions)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import stat
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import pytest
 
 from honeyfleet.enroll import enroll
 from honeyfleet.errors import HoneyfleetError, PermissionDenied
-from honeyfleet.pki import Role, create_token
+from honeyfleet.pki import CertificateAuthority, Role, create_token
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import sensor_pb2, sensor_pb2_grpc
 from tests.conftest import FleetPki, require_tool
@@ -30,6 +34,22 @@ async def run(*argv: str, cwd: Path | None = None) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def expired_token(ca: CertificateAuthority, role: Role) -> str:
+    """A join token of ``role`` from ``ca`` that expired an hour ago: a live one re-signed
+    with its ``exp`` moved back (``create_token`` mints only live tokens)."""
+    prefix, payload, _ = create_token(ca, role, ttl=timedelta(minutes=5)).split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    claims["exp"] = int(time.time()) - 3600
+    payload = _b64(json.dumps(claims).encode())
+    mac = hmac.new(ca.token_key, f"{prefix}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{prefix}.{payload}.{_b64(mac)}"
+
+
+def _b64(data: bytes) -> str:
+    """Unpadded base64url, as tokens use."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def tls_in(directory: Path) -> TlsFiles:
@@ -62,8 +82,7 @@ async def test_expired_token_is_refused(
     start_controller, fleet_pki: FleetPki, tmp_path: Path
 ) -> None:
     controller, _ = await start_controller()
-    token = create_token(fleet_pki.ca, Role.POOLNODE, ttl=timedelta(seconds=1))
-    await asyncio.sleep(2.1)
+    token = expired_token(fleet_pki.ca, Role.POOLNODE)
     with pytest.raises(HoneyfleetError, match="expired"):
         await enroll(
             f"127.0.0.1:{controller.ports.enroll}",
@@ -145,11 +164,7 @@ async def test_join_and_token_through_the_cli(
 async def test_buf_curl_lists_services_and_pool_nodes(
     start_controller, start_pool_node, fleet_pki: FleetPki
 ) -> None:
-    buf = (
-        require_tool("buf", "buf-bin (pip, dev extra)")
-        if not (BIN / "buf").exists()
-        else str(BIN / "buf")
-    )
+    buf = require_tool("buf", "buf-bin (pip, dev extra)")
     _, address, _ = await fleet_with_nodes(start_controller, start_pool_node, {"n1": 2, "n2": 1})
     admin = fleet_pki.files(Role.ADMIN, "alice")
     tls = [

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -18,16 +18,7 @@ from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
 from poolnode.server import PoolNode
-from tests.conftest import ControllerFactory, FleetPki, PoolNodeFactory
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until ``predicate()`` holds (polling), failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
+from tests.conftest import ControllerFactory, FleetPki, PoolNodeFactory, until
 
 
 @contextlib.asynccontextmanager
@@ -239,13 +230,17 @@ async def test_dead_node_gets_no_leases_and_its_leases_fail(
 async def test_unrenewed_lease_expires_and_node_is_told(
     start_controller, start_pool_node, fleet_pki
 ) -> None:
-    _, address, nodes = await fleet_with_nodes(
-        start_controller, start_pool_node, {"n1": 1}, lease_ttl=0.5
+    # A TTL no test outlives: the lease is still held when checked, and expires only
+    # once the test makes it overdue (as a sensor that stopped renewing would); upkeep
+    # checks every 5 s.
+    controller, address, nodes = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 1}, lease_ttl=3600.0
     )
     sensor = Sensor(fleet_pki, "s1", address)
     lease = (await sensor.acquire("192.0.2.30")).lease
     pool = nodes["n1"].pool
     assert pool.lease_sensor(lease.id) == "sensor/s1"
+    controller.leases.active[lease.id].expire_time = time.time() - 1
     await until(lambda: pool.lease_sensor(lease.id) is None)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await sensor.renew(lease.id)

@@ -20,8 +20,14 @@ from poolnode.controller_link import ControllerLink
 from poolnode.guest import GuestState
 from poolnode.pool import GuestPool
 from poolnode.service import Allocation
-from tests.conftest import ControllerFactory, FleetPki, free_port, start_static_pool_node
-from tests.integration.test_leases import until
+from tests.conftest import (
+    ControllerFactory,
+    FleetPki,
+    free_port,
+    ssh_banner,
+    start_static_pool_node,
+    until,
+)
 
 
 class Hosts:
@@ -32,15 +38,9 @@ class Hosts:
 
     async def add(self, n: int) -> tuple[str, ...]:
         for _ in range(n):
-            server = await asyncio.start_server(self._banner, "127.0.0.1", 0)
+            server = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
             self.servers[f"127.0.0.1:{server.sockets[0].getsockname()[1]}"] = server
         return tuple(self.servers)
-
-    async def _banner(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"SSH-2.0-OpenSSH_9.2p1\r\n")
-        with contextlib.suppress(OSError):
-            await writer.drain()
-        writer.close()
 
     async def kill(self, address: str) -> None:
         server = self.servers.pop(address)
@@ -196,8 +196,10 @@ async def test_pristine_capacity_never_drops_during_recycle(tmp_path: Path, host
 
 async def test_snapshots_keep_metadata_of_used_guests(tmp_path: Path, hosts: Hosts) -> None:
     pool = await running_pool(config(tmp_path, await hosts.add(1), save_snapshots=True))
-    await pool.allocate("L1", "10.0.0.9", "sensor/a", allow_shared=False)
-    await pool.stop()
+    try:
+        await pool.allocate("L1", "10.0.0.9", "sensor/a", allow_shared=False)
+    finally:
+        await pool.stop()
     (meta,) = (tmp_path / "snapshots").glob("*.json")
     data = json.loads(meta.read_text())
     assert data["src_ips"] == ["10.0.0.9"]

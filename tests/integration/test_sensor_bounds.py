@@ -1,6 +1,6 @@
 """Every bound of an internet-facing sensor holds, and the sensor keeps serving others.
 
-Each test starts a fleet (tests/integration/test_sensor_ssh.py) with one bound set small,
+Each test starts a fleet (tests/integration/ssh_fleet.py) with one bound set small,
 pushes a client past it, checks the refusal or disconnection and its event, and shows
 another client being served meanwhile. Waits are bounded in count and time; nothing
 asserts on wall-clock durations.
@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import asyncssh
 import pytest
 
 from sensor.ssh.channels import ENV_KEPT_MAX, MAX_ENV
-from tests.conftest import ControllerFactory, FleetPki
-from tests.integration.test_sensor_ssh import (
-    Fleet,
-    FleetFactory,
-    Fleets,
-    connect,
-    ssh,
-    until,
-)
+from tests.conftest import until
+from tests.integration.ssh_fleet import Fleet, FleetFactory, connect, ssh
 
 BANNER = b"SSH-2.0-OpenSSH_9.2p1"
 CLIENT_VERSION = b"SSH-2.0-scanner\r\n"
@@ -33,16 +24,6 @@ CLIENT_VERSION = b"SSH-2.0-scanner\r\n"
 READ_CHUNK = 256 * 1024
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-@pytest.fixture
-async def make_fleet(
-    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
-) -> AsyncIterator[FleetFactory]:
-    """Fleets with sensor settings of the test's choosing; all stopped afterwards."""
-    fleets = Fleets(fleet_pki, start_controller, tmp_path)
-    yield fleets.start
-    await fleets.stop()
 
 
 async def silent(fleet: Fleet, source: str = "127.0.0.1") -> Stream:
@@ -96,7 +77,7 @@ async def test_connections_per_address_are_bounded(make_fleet: FleetFactory) -> 
     await until(lambda: refusal_reasons(fleet) == ["max_connections_per_ip"])
     assert await served(fleet, source="127.0.0.2")
     close_all(*held)
-    await until(lambda: len(fleet.closed_reasons()) == 3)
+    await until(lambda: len(fleet.closed_reasons()) == 3 and fleet.connections() == 0)
     assert await served(fleet)  # the address may connect again
 
 
@@ -112,7 +93,7 @@ async def test_connections_in_total_are_bounded(make_fleet: FleetFactory) -> Non
     result = await session.run("echo still here", check=True)
     assert result.stdout == "still here\n"
     close_all(held[0])
-    await until(lambda: len(fleet.closed_reasons()) == 1)
+    await until(lambda: len(fleet.closed_reasons()) == 1 and fleet.connections() == 2)
     assert await served(fleet, source="127.0.0.5")
     close_all(held[1])
     session.close()
@@ -130,7 +111,7 @@ async def test_unauthenticated_connections_are_bounded_like_maxstartups(
     result = await session.run("echo logged in", check=True)
     assert result.stdout == "logged in\n"
     close_all(held[0])
-    await until(lambda: len(fleet.closed_reasons()) == 1)
+    await until(lambda: len(fleet.closed_reasons()) == 1 and fleet.connections() == 2)
     assert await served(fleet, source="127.0.0.5")
     close_all(held[1])
     session.close()
@@ -272,18 +253,20 @@ async def test_a_client_that_never_reads_holds_at_most_the_write_buffer(
         proxy.flowing.clear()
         (attacker,) = fleet.sensor.admission.connections  # type: ignore[union-attr]
         backlog: list[int] = []
-        out: list[int] = []
-        for _ in range(600):  # until the guest's output stands still for a second
-            await asyncio.sleep(0.1)
+
+        def backed_up() -> bool:
             backlog.append(attacker.client_backlog)
-            out.append(fleet.guest.bytes_out)
-            if len(out) > 10 and out[-1] == out[-11]:
-                break
-        else:
-            pytest.fail("the guest's output never stopped: nothing held it back")
-        assert out[-1] < total, "the guest finished: the client's stall did not reach it"
-        assert high <= max(backlog) <= high + READ_CHUNK
+            return backlog[-1] >= high
+
+        # The backlog crossing its high-water mark is what pauses the guest's output.
+        await until(backed_up, 60)
+        # Held from then on: while another client is served, the backlog stays within one
+        # read of the mark and the guest does not finish.
         assert await served(fleet, source="127.0.0.2")
+        backlog.append(attacker.client_backlog)
+        out = fleet.guest.bytes_out
+        assert out < total, "the guest finished: the client's stall did not reach it"
+        assert high <= max(backlog) <= high + READ_CHUNK
         # The client reads again: every byte arrives, none was dropped.
         proxy.flowing.set()
         received = 0

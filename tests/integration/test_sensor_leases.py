@@ -14,8 +14,7 @@ from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel, server_credentials
 from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 from sensor.leases import GuestLease, LeaseClient
-from tests.conftest import FleetPki
-from tests.integration.test_sensor_ssh import until
+from tests.conftest import FleetPki, until
 
 
 class SlowLeases(lease_pb2_grpc.LeaseServiceServicer):

@@ -4,29 +4,10 @@ wrote reaches the controller's event store, each exactly once."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import ControllerFactory, FleetPki
-from tests.integration.test_sensor_ssh import (
-    FleetFactory,
-    Fleets,
-    connect,
-    ssh,
-    until,
-)
-
-
-@pytest.fixture
-async def make_fleet(
-    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
-) -> AsyncIterator[FleetFactory]:
-    """Fleets with sensor settings of the test's choosing; all stopped afterwards."""
-    fleets = Fleets(fleet_pki, start_controller, tmp_path)
-    yield fleets.start
-    await fleets.stop()
+from tests.conftest import ControllerFactory, until
+from tests.integration.ssh_fleet import FleetFactory, connect, ssh
 
 
 def stored_uuids(state_dir: Path, sensor: str) -> list[str]:

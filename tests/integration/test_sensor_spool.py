@@ -22,8 +22,7 @@ from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
 from sensor.spool import Spool
 from sensor.uploader import Uploader
-from tests.conftest import FleetPki
-from tests.integration.test_sensor_ssh import until
+from tests.conftest import FleetPki, until
 
 
 class RecordingIngest(ingest_pb2_grpc.EventIngestServiceServicer):

@@ -1,10 +1,8 @@
 """The SSH sensor end to end: OpenSSH clients -> sensor -> real controller, real pool node
 (static backend, real TunnelService) -> a real SSH server on loopback (tests/sshd.py).
 
-The fleet helpers here are shared by the other ``test_sensor_*`` modules. Every client is
-started with ``asyncio.create_subprocess_exec`` (no ``preexec_fn``: a Python-level fork
-would run in a child of a process that has gRPC threads), and every teardown step is
-bounded in time so a stuck step fails the test instead of hanging the run.
+The fleet and its clients are in tests/integration/ssh_fleet.py; ``make_fleet`` is in the
+integration conftest.
 """
 
 from __future__ import annotations
@@ -16,249 +14,24 @@ import json
 import os
 import sqlite3
 import sys
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 import pytest
 
-from controller.server import Controller
 from honeyfleet.events import MAX_EVENT_JSON
-from honeyfleet.pki.identity import Role
-from poolnode.server import PoolNode
-from sensor.config import SensorConfig
 from sensor.events import MAX_EVENT_STRING
-from sensor.service import Sensor
-from tests.conftest import ControllerFactory, FleetPki, require_tool, start_static_pool_node
-from tests.sshd import PASSWORD, Sshd
-
-USERDB = "root:x:!root\nroot:x:*\nadmin:x:!*\nadmin:x:admin\n"
-# Seconds any one teardown step may take before it fails the test.
-TEARDOWN = 60.0
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Wait until ``predicate()`` holds, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class Fleet:
-    """A controller, a pool node whose one guest is an Sshd, and a sensor."""
-
-    controller: Controller
-    address: str
-    node: PoolNode
-    guest: Sshd
-    sensor: Sensor
-    port: int
-    json_log: Path
-    state_dir: Path
-
-    def events(self, eventid: str | None = None) -> list[dict[str, Any]]:
-        """Events the sensor wrote to its JSON lines file."""
-        if not self.json_log.exists():
-            return []
-        lines = [json.loads(line) for line in self.json_log.read_text().splitlines()]
-        return [e for e in lines if eventid is None or e["eventid"] == eventid]
-
-    def closed_reasons(self) -> list[str]:
-        """The reason of every ``cowrie.session.closed`` so far."""
-        return [e["reason"] for e in self.events("cowrie.session.closed")]
-
-    def guest_pristine(self) -> bool:
-        """Whether the pool's only guest was never leased."""
-        return self.node.pool.snapshot().guest_counts.pristine == 1
-
-    async def stop(self) -> None:
-        """Stop sensor, pool node and guest, each step bounded; the first failure is raised."""
-        steps: list[Callable[[], Awaitable[None]]] = [
-            self.sensor.stop,
-            lambda: self.node.stop(grace=0),
-            self.guest.stop,
-        ]
-        failures: list[BaseException] = []
-        for step in steps:
-            try:
-                async with asyncio.timeout(TEARDOWN):
-                    await step()
-            except Exception as e:  # every step runs; the first error is raised
-                failures.append(e)
-        if failures:
-            raise failures[0]
-
-
-async def start_fleet(
-    fleet_pki: FleetPki,
-    start_controller: ControllerFactory,
-    tmp: Path,
-    *,
-    share_guests: bool = True,
-    controller: dict[str, Any] | None = None,
-    **sensor: Any,
-) -> Fleet:
-    """Everything on loopback; the caller stops it (the controller stops with its fixture)."""
-    guest = Sshd(tmp / "guest-home")
-    guest_port = await guest.start()
-    ctl, address = await start_controller(**(controller or {}))
-    node = await start_static_pool_node(
-        fleet_pki,
-        "pool-1",
-        address,
-        (f"127.0.0.1:{guest_port}",),
-        tmp / "pool",
-        share_guests=share_guests,
-        backend_pass=PASSWORD,
-    )
-    await until(
-        lambda: "pool-1" in ctl.registry.nodes and ctl.registry.nodes["pool-1"].counts.pristine == 1
-    )
-    tls = fleet_pki.files(Role.SENSOR, "sensor-1")
-    (tmp / "userdb.txt").write_text(USERDB)
-    config = SensorConfig(
-        controller=address,
-        state_dir=tmp / "sensor",
-        tls_ca=tls.ca,
-        tls_cert=tls.cert,
-        tls_key=tls.key,
-        ssh_listen=("127.0.0.1:0",),
-        telnet_listen=(),
-        userdb=tmp / "userdb.txt",
-        json_log=tmp / "cowrie.json",
-        lease_timeout=5.0,
-        guest_login_timeout=10.0,
-        login_grace_time=20.0,
-    )
-    sensor_ = Sensor(replace(config, **sensor))
-    ports = await sensor_.start()
-    return Fleet(ctl, address, node, guest, sensor_, ports[0], tmp / "cowrie.json", tmp / "sensor")
-
-
-FleetFactory = Callable[..., Awaitable[Fleet]]
-
-
-class Fleets:
-    """Fleets started for one test (``start``), all stopped at its end (``stop``)."""
-
-    def __init__(self, fleet_pki: FleetPki, start_controller: ControllerFactory, tmp: Path) -> None:
-        self._pki = fleet_pki
-        self._start_controller = start_controller
-        self._tmp = tmp
-        self._fleets: list[Fleet] = []
-
-    async def start(self, **sensor: Any) -> Fleet:
-        """A fleet whose sensor has these settings."""
-        tmp = self._tmp / f"fleet{len(self._fleets)}"
-        fleet = await start_fleet(self._pki, self._start_controller, tmp, **sensor)
-        self._fleets.append(fleet)
-        return fleet
-
-    async def stop(self) -> None:
-        """Stop every fleet started."""
-        for fleet in self._fleets:
-            await fleet.stop()
-
-
-@pytest.fixture
-async def make_fleet(
-    fleet_pki: FleetPki, start_controller: ControllerFactory, tmp_path: Path
-) -> AsyncIterator[FleetFactory]:
-    """Start fleets with sensor settings of the test's choosing; all stopped afterwards.
-
-    Other test_sensor_* modules define the same three-line fixture (importing a fixture
-    from another module trips the linters).
-    """
-    fleets = Fleets(fleet_pki, start_controller, tmp_path)
-    yield fleets.start
-    await fleets.stop()
+from tests.conftest import require_tool, until
+from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, connect, run, ssh
+from tests.sshd import PASSWORD
 
 
 @pytest.fixture
 async def fleet(make_fleet: FleetFactory) -> Fleet:
     """The default fleet."""
     return await make_fleet()
-
-
-SSH_OPTIONS = [
-    "-o", "StrictHostKeyChecking=no",
-    "-o", "UserKnownHostsFile=/dev/null",
-    "-o", "LogLevel=ERROR",
-    "-o", "PubkeyAuthentication=no",
-    "-o", "PreferredAuthentications=password",
-    "-o", "NumberOfPasswordPrompts=1",
-    "-o", "ConnectTimeout=10",
-]  # fmt: skip
-
-
-async def run(
-    *argv: str, password: str, stdin: bytes = b"", timeout: float = 60.0
-) -> tuple[int, bytes, bytes]:
-    """Run an OpenSSH tool under sshpass; (exit code, stdout, stderr). Killed at ``timeout``."""
-    sshpass = require_tool("sshpass", "sshpass")
-    proc = await asyncio.create_subprocess_exec(
-        sshpass,
-        "-e",
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SSHPASS": password},
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out, err
-
-
-async def ssh(
-    fleet: Fleet,
-    *command: str,
-    user: str = "root",
-    password: str = "toor",  # noqa: S107
-    source: str = "127.0.0.1",
-    **kw: Any,
-) -> tuple[int, bytes, bytes]:
-    """``ssh`` into the sensor (from ``source``, a loopback address)."""
-    tool = require_tool("ssh", "openssh-client")
-    return await run(
-        tool, *SSH_OPTIONS, "-b", source, "-p", str(fleet.port), f"{user}@127.0.0.1", *command,
-        password=password, **kw,
-    )  # fmt: skip
-
-
-async def connect(
-    fleet: Fleet,
-    *,
-    source: str = "127.0.0.1",
-    password: str = "toor",  # noqa: S107
-    **options: Any,
-) -> asyncssh.SSHClientConnection:
-    """An asyncssh client logged into the sensor as root (for tests that hold sessions)."""
-    return await asyncssh.connect(
-        "127.0.0.1",
-        fleet.port,
-        local_addr=(source, 0),
-        username="root",
-        password=password,
-        known_hosts=None,
-        client_keys=None,
-        agent_path=None,
-        preferred_auth="password",
-        **options,
-    )
 
 
 async def test_exec_output_reaches_client_and_events_have_cowrie_fields(fleet: Fleet) -> None:
@@ -456,10 +229,10 @@ async def test_metrics_count_logins_sessions_refusals_and_the_spool(
     assert port
     code, out, _ = await ssh(fleet, "echo ok")
     assert (code, out) == (0, b"ok\n")
-    await until(lambda: len(fleet.closed_reasons()) == 1)
+    await until(lambda: len(fleet.closed_reasons()) == 1 and fleet.connections() == 0)
     code, _, _ = await ssh(fleet, "true", password="root")
     assert code == 255
-    await until(lambda: len(fleet.closed_reasons()) == 2)
+    await until(lambda: len(fleet.closed_reasons()) == 2 and fleet.connections() == 0)
     # One connection from an address is all it may have: the second is refused.
     held = await connect(fleet)
     code, _, _ = await ssh(fleet, "true")
@@ -474,7 +247,7 @@ async def test_metrics_count_logins_sessions_refusals_and_the_spool(
     assert samples['honeyfleet_sensor_refusals_total{reason="max_connections_per_ip"}'] == 1
     held.close()
     await held.wait_closed()
-    await until(lambda: len(fleet.closed_reasons()) == 3)
+    await until(lambda: len(fleet.closed_reasons()) == 3 and fleet.connections() == 0)
     samples = await asyncio.to_thread(scrape, port)
     assert samples["honeyfleet_sensor_open_connections"] == 0
     assert samples["honeyfleet_sensor_active_sessions"] == 0
@@ -513,7 +286,7 @@ async def test_a_vanished_pool_node_ends_the_session_and_gives_back_its_slot(
     async with asyncio.timeout(30):
         await process.wait_closed()
         await conn.wait_closed()
-    await until(lambda: bool(fleet.closed_reasons()))
+    await until(lambda: bool(fleet.closed_reasons()) and fleet.connections() == 0)
     (reason,) = fleet.closed_reasons()
     assert reason.startswith("tunnel broke"), reason
     assert [e["reason"] for e in fleet.events("honeyfleet.guest.lost")] == [reason]

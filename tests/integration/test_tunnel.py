@@ -12,10 +12,11 @@ import pytest
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
-from tests.conftest import FleetPki
-from tests.integration.test_leases import Sensor, until
+from tests.conftest import FleetPki, until
+from tests.integration.test_leases import Sensor
 
 BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
+READ_TIMEOUT = 30.0  # for the pool node to answer a tunnel frame, or relay to EOF
 
 
 async def echo_guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -43,12 +44,17 @@ class Tunnel:
             yield item
 
     async def open(
-        self, lease_id: str, port: int = common_pb2.GUEST_PORT_SSH
+        self,
+        lease_id: str,
+        port: int = common_pb2.GUEST_PORT_SSH,
+        timeout: float = READ_TIMEOUT,
     ) -> poolnode_pb2.TunnelResponse:
+        """Ask for ``port`` of the lease's guest; the first answer, within ``timeout`` s."""
         await self.outbox.put(
             poolnode_pb2.TunnelRequest(open=poolnode_pb2.TunnelOpen(lease_id=lease_id, port=port))
         )
-        return await self.call.read()
+        async with asyncio.timeout(timeout):
+            return await self.call.read()
 
     async def send(self, data: bytes) -> None:
         await self.outbox.put(poolnode_pb2.TunnelRequest(data=data))
@@ -56,13 +62,15 @@ class Tunnel:
     async def eof(self) -> None:
         await self.outbox.put(poolnode_pb2.TunnelRequest(eof=poolnode_pb2.TunnelEof()))
 
-    async def receive_until_eof(self) -> bytes:
+    async def receive_until_eof(self, timeout: float = READ_TIMEOUT) -> bytes:
+        """Everything the guest sends until its EOF, all within ``timeout`` s."""
         data = b""
-        while True:
-            frame = await self.call.read()
-            if frame is grpc.aio.EOF or frame.WhichOneof("frame") == "eof":
-                return data
-            data += frame.data
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.call.read()
+                if frame is grpc.aio.EOF or frame.WhichOneof("frame") == "eof":
+                    return data
+                data += frame.data
 
 
 async def leased(
@@ -115,7 +123,8 @@ async def test_unknown_lease_and_bad_first_frame_are_refused(
     tunnel = Tunnel(fleet_pki.files(Role.SENSOR, "s1"), node)
     await tunnel.send(b"hello")
     with pytest.raises(grpc.aio.AioRpcError) as e:
-        await tunnel.call.read()
+        async with asyncio.timeout(READ_TIMEOUT):
+            await tunnel.call.read()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -146,7 +155,8 @@ async def test_releasing_the_lease_cuts_its_tunnel(
     tunnel = Tunnel(fleet_pki.files(Role.SENSOR, "s1"), node.address)
     await tunnel.open(lease.id)
     await tunnel.send(b"ping")
-    await sensor.release(lease.id)
-    data = await asyncio.wait_for(tunnel.receive_until_eof(), 10)
+    async with asyncio.timeout(READ_TIMEOUT):
+        await sensor.release(lease.id)
+    data = await tunnel.receive_until_eof(timeout=10)
     assert data.startswith(BANNER)
     assert node.pool.metrics.tunnels._value.get() == 0

@@ -7,53 +7,20 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from honeyfleet import __version__
-from honeyfleet.adminconfig import AdminConfig
+from honeyfleet.admincli import add_admin_flags, admin_config
 from honeyfleet.config import ConfigProblems, parse_section, read_toml
-from honeyfleet.errors import HoneyfleetError
-from honeyfleet.pki import Role
+from honeyfleet.errors import ConfigError, HoneyfleetError
+from honeyfleet.roles import RolePlugin, extra_commands, load_role, roles, sections
 from honeyfleet.systemd import notify
 from honeyfleet.tls import TlsFiles
 
 log = logging.getLogger("honeyfleet")
-T = TypeVar("T")
 EXIT_ERROR = 2
-
-
-def _roles() -> dict[str, type[Any]]:
-    """Config section name -> dataclass (imported lazily: a sensor needs no libvirt)."""
-    from controller.config import ControllerConfig
-    from poolnode.config import PoolNodeConfig
-    from sensor.config import SensorConfig
-
-    return {
-        "controller": ControllerConfig,
-        "poolnode": PoolNodeConfig,
-        "sensor": SensorConfig,
-        "admin": AdminConfig,
-    }
-
-
-def load_role(
-    cls: type[T], section: str, path: Path | None, overrides: Mapping[str, Any] | None = None
-) -> T:
-    """Parse one role's section of a config file (defaults, env and overrides apply)."""
-    table: dict[str, Any] = {}
-    base = Path.cwd()
-    if path is not None:
-        data = read_toml(path)
-        unknown = sorted(set(data) - set(_roles()))
-        if unknown:
-            from honeyfleet.errors import ConfigError
-
-            raise ConfigProblems([ConfigError(k, "unknown section") for k in unknown])
-        table = data.get(section, {})
-        base = path.resolve().parent
-    return parse_section(cls, section, table, base_dir=base, overrides=overrides)
 
 
 async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
@@ -77,44 +44,25 @@ async def _until_signalled(body: Callable[[asyncio.Event], Coroutine[Any, Any, N
     return 0
 
 
-def _cmd_controller(args: argparse.Namespace) -> int:
-    from controller.config import ControllerConfig
-    from controller.server import serve
+def _serve(plugin: RolePlugin) -> Callable[[argparse.Namespace], int]:
+    """The command that runs a role with its config section."""
 
-    config = load_role(ControllerConfig, "controller", args.config, {"listen": args.listen})
-    return asyncio.run(_until_signalled(lambda stop: serve(config, stop)))
+    def run(args: argparse.Namespace) -> int:
+        overrides = {key: getattr(args, key) for key in plugin.overrides}
+        config = load_role(plugin.config, plugin.section, args.config, overrides)
+        return asyncio.run(_until_signalled(lambda stop: plugin.serve(config, stop)))
 
-
-def _cmd_sensor(args: argparse.Namespace) -> int:
-    from sensor.config import SensorConfig
-    from sensor.service import serve
-
-    config = load_role(SensorConfig, "sensor", args.config)
-    return asyncio.run(_until_signalled(lambda stop: serve(config, stop)))
+    return run
 
 
-def _cmd_poolnode(args: argparse.Namespace) -> int:
-    from poolnode.config import PoolNodeConfig
-    from poolnode.server import serve
+def _join(plugin: RolePlugin) -> Callable[[argparse.Namespace], int]:
+    """The ``<role> join`` command: enrol this host with a join token."""
 
-    config = load_role(PoolNodeConfig, "poolnode", args.config)
-    return asyncio.run(_until_signalled(lambda stop: serve(config, stop)))
-
-
-def _cmd_image(args: argparse.Namespace) -> int:
-    from poolnode.image import main as image_main
-
-    code: int = image_main(args.rest)
-    return code
-
-
-def _join(role: Role, section: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from honeyfleet.enroll import enroll
 
         if args.config is not None:
-            cls = _roles()[section]
-            files: TlsFiles = load_role(cls, section, args.config).tls
+            files: TlsFiles = load_role(plugin.config, plugin.section, args.config).tls
         else:
             out = args.out
             files = TlsFiles(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
@@ -122,7 +70,7 @@ def _join(role: Role, section: str) -> Callable[[argparse.Namespace], int]:
             enroll(
                 args.controller,
                 args.token,
-                role,
+                plugin.role,
                 files,
                 name=args.name,
                 dns_names=args.dns,
@@ -136,22 +84,12 @@ def _join(role: Role, section: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def _admin(args: argparse.Namespace) -> AdminConfig:
-    overrides = {
-        "controller": args.controller,
-        "tls_ca": args.ca,
-        "tls_cert": args.cert,
-        "tls_key": args.key,
-    }
-    return load_role(AdminConfig, "admin", args.config, overrides)
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from honeyfleet.status import fetch, render, to_json
 
-    config = _admin(args)
+    config = admin_config(args)
     state = asyncio.run(fetch(config.controller, config.tls))
     if args.json:
         print(to_json(state))
@@ -168,7 +106,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
     from honeyfleet.tls import secure_channel
     from honeyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
-    config = _admin(args)
+    config = admin_config(args)
 
     async def call() -> None:
         async with secure_channel(config.controller, config.tls) as channel:
@@ -190,10 +128,8 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     data = read_toml(args.file)
-    roles = _roles()
+    roles = sections()
     problems = []
-    from honeyfleet.errors import ConfigError
-
     for section in data:
         if section not in roles:
             problems.append(ConfigError(section, f"unknown section (known: {', '.join(roles)})"))
@@ -212,15 +148,8 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_admin_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="config file with an [admin] section")
-    p.add_argument("--controller", help="controller host:port")
-    p.add_argument("--ca", type=Path, help="fleet CA certificate")
-    p.add_argument("--cert", type=Path, help="admin certificate")
-    p.add_argument("--key", type=Path, help="admin key")
-
-
-def _add_join(commands: Any, role: Role, section: str) -> None:
+def _add_join(commands: Any, plugin: RolePlugin) -> None:
+    role, section = plugin.role, plugin.section
     p = commands.add_parser("join", help=f"enrol this host as a {role} with a join token")
     p.add_argument(
         "--controller",
@@ -253,14 +182,13 @@ def _add_join(commands: Any, role: Role, section: str) -> None:
         help="directory for ca.pem, cert.pem, key.pem (without --config)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing key")
-    p.set_defaults(func=_join(role, section))
+    p.set_defaults(func=_join(plugin))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
-    from honeyfleet import eventscli, up
+    from honeyfleet import eventscli
     from honeyfleet.pki import cli as pki_cli
-    from sensor import cli as sensor_cli
 
     parser = argparse.ArgumentParser(prog="honeyfleet", description=__doc__)
     parser.add_argument("--version", action="version", version=f"honeyfleet {__version__}")
@@ -270,34 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     pki_cli.add_parser(commands)
     eventscli.add_parser(commands)
 
-    p = commands.add_parser("controller", help="run the controller")
-    p.add_argument("--config", type=Path, help="honeyfleet.toml")
-    p.add_argument("--listen", help="override [controller] listen")
-    p.set_defaults(func=_cmd_controller)
-
-    p = commands.add_parser("poolnode", help="run a pool node (or join the fleet as one)")
-    p.add_argument("--config", type=Path, help="honeyfleet.toml with a [poolnode] section")
-    p.set_defaults(func=_cmd_poolnode)
-    _add_join(
-        p.add_subparsers(dest="poolnode_command", metavar="COMMAND"), Role.POOLNODE, "poolnode"
-    )
-
-    p = commands.add_parser("sensor", help="run a sensor (or join the fleet as one)")
-    p.add_argument("--config", type=Path, help="honeyfleet.toml with a [sensor] section")
-    p.set_defaults(func=_cmd_sensor)
-    _add_join(p.add_subparsers(dest="sensor_command", metavar="COMMAND"), Role.SENSOR, "sensor")
-    sensor_cli.add_parsers(commands)
-
-    up.add_parser(commands)
-
-    p = commands.add_parser(
-        "image", help="build the guest image (image build --help)", add_help=False
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_image)
+    for section, plugin in roles().items():
+        p = commands.add_parser(section, help=plugin.help)
+        p.add_argument("--config", type=Path, help=f"honeyfleet.toml with a [{section}] section")
+        for key in plugin.overrides:
+            p.add_argument(f"--{key}", help=f"override [{section}] {key}")
+        p.set_defaults(func=_serve(plugin))
+        if plugin.joinable:
+            _add_join(p.add_subparsers(dest=f"{section}_command", metavar="COMMAND"), plugin)
+        if plugin.add_commands is not None:
+            plugin.add_commands(commands)
+    for add_commands in extra_commands():
+        add_commands(commands)
 
     p = commands.add_parser("status", help="show fleet state")
-    _add_admin_flags(p)
+    add_admin_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_cmd_status)
 
@@ -310,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         q = sub.add_parser(name, help=text)
         q.add_argument("name", help="pool node name")
-        _add_admin_flags(q)
+        add_admin_flags(q)
         q.set_defaults(func=_cmd_node)
 
     p = commands.add_parser("config", help="configuration tools")

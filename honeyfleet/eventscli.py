@@ -27,7 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 from rich.table import Table
 
-from honeyfleet.cli import _add_admin_flags, _admin
+from honeyfleet.admincli import add_admin_flags, admin_config
 from honeyfleet.errors import RPCError
 from honeyfleet.pki.cli import parse_duration
 from honeyfleet.tls import secure_channel
@@ -46,14 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--src-ip", default="", help="only events of this attacker address")
     p.add_argument("--session", default="", help="only events of this session")
     p.add_argument("--json", action="store_true", help="print Cowrie JSON lines")
-    _add_admin_flags(p)
+    add_admin_flags(p)
     p.set_defaults(func=_cmd_tail)
     p = sub.add_parser("stats", help="top usernames, passwords, addresses, sessions, files")
     _add_time_flags(p)
     p.add_argument("--sensor", default="", help="only this sensor")
     p.add_argument("--top", type=int, default=10, help="length of each list (at most 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    _add_admin_flags(p)
+    add_admin_flags(p)
     p.set_defaults(func=_cmd_stats)
 
     sessions = subparsers.add_parser("sessions", help="list and show attacker sessions")
@@ -65,12 +65,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     _add_time_flags(p)
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="print one JSON object a line")
-    _add_admin_flags(p)
+    add_admin_flags(p)
     p.set_defaults(func=_cmd_sessions_list)
     p = sub.add_parser("show", help="a session's summary and all its events")
     p.add_argument("id", help="session id")
     p.add_argument("--json", action="store_true", help="print the events as Cowrie JSON lines")
-    _add_admin_flags(p)
+    add_admin_flags(p)
     p.set_defaults(func=_cmd_sessions_show)
 
 
@@ -117,7 +117,7 @@ def _event_line(event: ingest_pb2.Event, as_json: bool) -> str:
 
 def _stub_call(args: argparse.Namespace, what: str, body: Any) -> int:
     """Run ``body(stub)`` against the controller, wrapping RPC failures."""
-    config = _admin(args)
+    config = admin_config(args)
 
     async def call() -> None:
         """Open a channel and run the body."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from honeyfleet.up import NETWORK, TAG
+from fleetup.up import NETWORK, TAG
 from poolnode.image import build_image
 from tests.conftest import require_tool, until
 from tests.e2e.clients import openssh_argv, telnet_login

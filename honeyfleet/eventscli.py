@@ -30,6 +30,7 @@ from rich.table import Table
 from honeyfleet.admincli import add_admin_flags, admin_config
 from honeyfleet.errors import RPCError
 from honeyfleet.pki.cli import parse_duration
+from honeyfleet.termtext import cell, shown
 from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import events_pb2, events_pb2_grpc, ingest_pb2
 
@@ -105,14 +106,19 @@ def _out(text: str) -> None:
 
 
 def _event_line(event: ingest_pb2.Event, as_json: bool) -> str:
-    """An event as its Cowrie JSON line, or a compact human line."""
+    """An event as its exact Cowrie JSON line, or a compact human line (escaped)."""
     if as_json:
         return event.json
     data = json.loads(event.json)
-    return (
-        f"{data.get('timestamp', '')} {data.get('sensor', '')} {event.src_ip} "
-        f"{event.session} {event.eventid} {data.get('message', '')}"
+    fields = (
+        data.get("timestamp", ""),
+        data.get("sensor", ""),
+        event.src_ip,
+        event.session,
+        event.eventid,
+        data.get("message", ""),
     )
+    return " ".join(shown(str(f)) for f in fields)
 
 
 def _stub_call(args: argparse.Namespace, what: str, body: Any) -> int:
@@ -177,13 +183,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             table.add_column("value")
             table.add_column("count", justify="right")
             for item in counts:
-                table.add_row(item.key, str(item.count))
+                table.add_row(cell(item.key), str(item.count))
             console.print(table)
         files = Table(title="Captured files", title_justify="left")
         for column in ("sha256", "count", "name", "first seen"):
             files.add_column(column)
         for f in stats.top_uploads:
-            files.add_row(f.sha256, str(f.count), f.example_name, _when(f.first_time))
+            files.add_row(cell(f.sha256), str(f.count), cell(f.example_name), _when(f.first_time))
         console.print(files)
 
     return _stub_call(args, "GetEventStats", body)
@@ -231,13 +237,13 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
         for s in found:
             table.add_row(
                 _when(s.start_time),
-                s.id,
-                s.sensor,
-                s.src_ip,
-                s.username or "-",
+                cell(s.id),
+                cell(s.sensor),
+                cell(s.src_ip),
+                cell(s.username or "-"),
                 str(s.login_attempts),
                 str(s.event_count),
-                s.pool_node or "-",
+                cell(s.pool_node or "-"),
                 _when(s.end_time) if s.HasField("end_time") else "open",
             )
         Console(width=200).print(table)
@@ -265,7 +271,7 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
                 ("client", s.client_version or "-"),
                 ("events", str(s.event_count)),
             ):
-                _out(f"{label + ':':9} {value}")
+                _out(f"{label + ':':9} {shown(value)}")
             _out("")
         ttylogs = []
         page, token = response.events, response.next_events_page_token
@@ -283,7 +289,8 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
         if args.json:
             return
         _out("")
-        where = f" (sensor {s.sensor} keeps {', '.join(map(str, ttylogs))})" if ttylogs else ""
+        kept = ", ".join(shown(str(t)) for t in ttylogs)
+        where = f" (sensor {shown(s.sensor)} keeps {kept})" if ttylogs else ""
         _out(f"recording: none stored on the controller{where}")
 
     return _stub_call(args, "GetSession", body)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from honeyfleet.errors import RPCError
+from honeyfleet.termtext import cell
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, lease_pb2
 
@@ -96,13 +97,13 @@ def render(state: dict[str, Any], console: Console) -> None:
     for n in state["pool_nodes"]:
         status = fleet_pb2.PoolNodeState.Name(n.state).removeprefix("POOL_NODE_STATE_").lower()
         nodes.add_row(
-            n.name,
-            n.address,
+            cell(n.name),
+            cell(n.address),
             status + (" (draining)" if n.draining else ""),
             str(n.capacity),
             _counts(n.guest_counts),
             str(n.active_leases),
-            ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
+            cell(",".join(f"{k}={v}" for k, v in sorted(n.labels.items()))),
             _ago(n.last_heartbeat_time),
         )
     console.print(nodes)
@@ -111,9 +112,9 @@ def render(state: dict[str, Any], console: Console) -> None:
         sensors.add_column(col)
     for s in state["sensors"]:
         sensors.add_row(
-            s.name,
-            s.version,
-            " ".join(s.listen_addresses),
+            cell(s.name),
+            cell(s.version),
+            cell(" ".join(s.listen_addresses)),
             str(s.active_leases),
             _ago(s.last_seen_time),
         )
@@ -124,12 +125,12 @@ def render(state: dict[str, Any], console: Console) -> None:
     for le in state["leases"]:
         proto = common_pb2.Protocol.Name(le.protocol).removeprefix("PROTOCOL_").lower()
         leases.add_row(
-            le.id[:12],
-            le.sensor,
-            le.src_ip,
+            cell(le.id[:12]),
+            cell(le.sensor),
+            cell(le.src_ip),
             proto,
-            f"{le.pool_node}/{le.guest}",
-            le.session,
+            cell(f"{le.pool_node}/{le.guest}"),
+            cell(le.session),
             le.expire_time.ToDatetime(tzinfo=UTC).strftime("%H:%M:%S"),
         )
     console.print(leases)

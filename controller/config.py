@@ -28,6 +28,18 @@ class ControllerConfig:
         "fleet CA directory (from `honeyfleet pki init`): needed to enrol members with join "
         "tokens and to read revoked serials",
     )
+    cert_validity_days: int = setting(
+        7,
+        "days the certificates the controller signs (enrolment, renewal) are valid; members "
+        "renew theirs when a third of the lifetime is left",
+        check=positive,
+    )
+    enroll_per_minute: float = setting(
+        6.0, "enrolment attempts one address may make per minute", check=positive
+    )
+    enroll_burst: int = setting(
+        5, "enrolment attempts one address may make back to back", check=positive
+    )
     tls_ca: Path = setting(Path("tls/ca.pem"), "fleet CA certificate")
     tls_cert: Path = setting(Path("tls/cert.pem"), "the controller's certificate")
     tls_key: Path = setting(Path("tls/key.pem"), "the controller's private key")

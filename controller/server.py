@@ -19,6 +19,7 @@ from controller.fleet_service import FleetServicer
 from controller.lease_service import LeaseServicer, SensorServicer
 from controller.leases import LeaseManager
 from controller.nodeclient import NodeClients
+from controller.ratelimit import RateLimiter
 from controller.registry import Registry
 from controller.registry_service import PoolNodeRegistryServicer
 from controller.statestore import StateStore
@@ -67,6 +68,9 @@ SHUTDOWN_GRACE = 5.0
 REVOCATION_POLL = 1.0
 ENROLL_MAX_MESSAGE = 64 * 1024
 ENROLL_MAX_RPCS = 16
+# A joiner needs one RPC: connections that idle or linger are closed.
+ENROLL_IDLE_MS = 15_000
+ENROLL_AGE_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -150,15 +154,24 @@ class Controller:
         enroll_port = None
         if ca is not None and config.enroll_listen:
             enroll = grpc.aio.server(
-                # Unauthenticated callers: few at once, small messages.
+                # Unauthenticated callers: few at once, small messages, short connections.
                 maximum_concurrent_rpcs=ENROLL_MAX_RPCS,
                 options=[
                     ("grpc.so_reuseport", 0),
                     ("grpc.max_receive_message_length", ENROLL_MAX_MESSAGE),
+                    ("grpc.max_connection_idle_ms", ENROLL_IDLE_MS),
+                    ("grpc.max_connection_age_ms", ENROLL_AGE_MS),
+                    ("grpc.max_connection_age_grace_ms", ENROLL_AGE_MS),
                 ],
             )
             enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
-                EnrollmentServicer(ca, self.store), enroll
+                EnrollmentServicer(
+                    ca,
+                    self.store,
+                    RateLimiter(config.enroll_per_minute, config.enroll_burst),
+                    validity_days=config.cert_validity_days,
+                ),
+                enroll,
             )
             ca_pem, cert, key = config.tls.read()
             # The chain includes the CA so a joiner can pin it by the token's fingerprint.

@@ -15,6 +15,7 @@ from honeyfleet import __version__
 from honeyfleet.admincli import add_admin_flags, admin_config
 from honeyfleet.config import ConfigProblems, parse_section, read_toml
 from honeyfleet.errors import ConfigError, HoneyfleetError
+from honeyfleet.pki.cli import add_address_flags
 from honeyfleet.roles import RolePlugin, extra_commands, load_role, roles, sections
 from honeyfleet.systemd import notify
 from honeyfleet.tls import TlsFiles
@@ -59,7 +60,17 @@ def _join(plugin: RolePlugin) -> Callable[[argparse.Namespace], int]:
     """The ``<role> join`` command: enrol this host with a join token."""
 
     def run(args: argparse.Namespace) -> int:
-        from honeyfleet.enroll import enroll
+        from honeyfleet.enroll import enroll, read_token_file
+
+        if args.token is not None:
+            print(
+                "warning: --token puts the join token in shell history and `ps`; "
+                "use --token-file FILE or --token-file - (stdin)",
+                file=sys.stderr,
+            )
+            token = args.token
+        else:
+            token = read_token_file(args.token_file)
 
         if args.config is not None:
             files: TlsFiles = load_role(plugin.config, plugin.section, args.config).tls
@@ -69,7 +80,7 @@ def _join(plugin: RolePlugin) -> Callable[[argparse.Namespace], int]:
         identity = asyncio.run(
             enroll(
                 args.controller,
-                args.token,
+                token,
                 plugin.role,
                 files,
                 name=args.name,
@@ -156,23 +167,20 @@ def _add_join(commands: Any, plugin: RolePlugin) -> None:
         required=True,
         help="the controller's enrolment endpoint host:port (enroll_listen)",
     )
-    p.add_argument("--token", required=True, help="join token from `honeyfleet pki token create`")
-    p.add_argument("--name", help="name in the fleet (default: the token's, else the host name)")
-    p.add_argument(
-        "--dns",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="NAME",
-        help="DNS names to put in the certificate",
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the join token from `honeyfleet pki token create` (- for stdin)",
     )
-    p.add_argument(
-        "--ip",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="ADDR",
-        help="IP addresses to put in the certificate",
+    source.add_argument(
+        "--token", help="the join token itself (deprecated: visible in `ps` and shell history)"
+    )
+    p.add_argument("--name", help="only to double-check: the token names the member")
+    add_address_flags(
+        p,
+        "only to double-check: the token names the certificate's DNS names",
+        "only to double-check: the token names the certificate's IP addresses",
     )
     p.add_argument("--config", type=Path, help=f"write to the tls_* paths of its [{section}]")
     p.add_argument(

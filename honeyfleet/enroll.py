@@ -7,9 +7,12 @@ SHA-256 fingerprint the token pins; nothing is sent before that check passes.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,6 +33,7 @@ from honeyfleet.pki import (
 )
 from honeyfleet.pki.files import ensure_private_dir
 from honeyfleet.pki.identity import identity_from_certificate
+from honeyfleet.pki.tokens import MAX_TOKEN_LENGTH
 from honeyfleet.tls import TlsFiles
 from honeyfleet.v1 import enrollment_pb2, enrollment_pb2_grpc
 
@@ -92,6 +96,28 @@ def pinned_ca(target: str, pin: str) -> bytes:
     )
 
 
+def read_token_file(path: str) -> str:
+    """The join token in file ``path`` (``-``: standard input), surrounding blanks removed.
+
+    Tokens come from a file or a pipe, never the command line, where shell history and
+    ``ps`` would show them to every local user.
+    """
+    try:
+        text = sys.stdin.read(MAX_TOKEN_LENGTH + 1) if path == "-" else _read_small(Path(path))
+    except OSError as e:
+        raise HoneyfleetError(f"cannot read the join token from {path}: {e.strerror}") from None
+    token = text.strip()
+    if not token:
+        raise HoneyfleetError(f"no join token in {'standard input' if path == '-' else path}")
+    return token
+
+
+def _read_small(path: Path) -> str:
+    """At most a token's worth of ``path``; a longer file is refused by the token parser."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        return f.read(MAX_TOKEN_LENGTH + 1)
+
+
 async def enroll(
     target: str,
     token: str,
@@ -103,26 +129,34 @@ async def enroll(
     ip_addresses: Sequence[str] = (),
     overwrite: bool = False,
 ) -> Identity:
-    """Enrol with the controller at ``target`` and write key, certificate and CA to ``files``."""
+    """Enrol with the controller at ``target`` and write key, certificate and CA to ``files``.
+
+    The token names the identity and its addresses; ``name``, ``dns_names`` and
+    ``ip_addresses`` may only repeat them (a mismatch is refused before anything is sent).
+    """
     claims = read_token_unverified(token)
     if claims.role != role:
         raise PermissionDenied(
             f"this join token is for role {claims.role}, not {role}: "
             f"run `honeyfleet {claims.role} join` or create a {role} token"
         )
+    if name is not None and name != claims.name:
+        raise PermissionDenied(
+            f"this join token enrols {claims.role}/{claims.name}, not {name!r}: drop --name "
+            "or ask the operator for a token with that name"
+        )
     if files.key.exists() and not overwrite:
         # Checked before the token is spent: the controller burns it when it signs.
         raise PkiFileError(
             f"{files.key} already exists: remove it, or pass --force to replace the key"
         )
-    chosen = claims.name or name or socket.gethostname().split(".")[0].lower()
-    ca_pem = pinned_ca(target, claims.ca_fingerprint)
+    ca_pem = await asyncio.to_thread(pinned_ca, target, claims.ca_fingerprint)
     key = generate_key()
-    csr = csr_for(key, Identity(claims.fleet, role, chosen))
+    csr = csr_for(key, Identity(claims.fleet, role, claims.name))
     request = enrollment_pb2.EnrollRequest(
         token=token,
         csr_pem=csr.decode(),
-        name=chosen,
+        name=claims.name,
         dns_names=list(dns_names),
         ip_addresses=list(ip_addresses),
     )

@@ -226,6 +226,32 @@ class CertificateAuthority:
         self._record(cert, identity, now)
         return cert
 
+    def live_serials(self, identity: Identity, revoked: frozenset[int]) -> list[int]:
+        """Serials of ``identity``'s certificates that are unexpired and not in ``revoked``.
+
+        Read from the issuance ledger, so it knows every certificate this CA signed, including
+        ones never delivered. Blocking file I/O: call it off the event loop.
+        """
+        now = datetime.now(UTC)
+        serials: list[int] = []
+        try:
+            lines = (self.directory / LEDGER_FILE).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return serials
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                serial = int(entry["serial"], 16)
+                live = datetime.fromisoformat(entry["not_after"]) > now
+                mine = entry["identity"] == identity.uri
+            except (ValueError, KeyError, TypeError):
+                # A torn last line after a crash must not block enrolment; the rest is intact.
+                logger.warning("skipping an unreadable line of %s", LEDGER_FILE)
+                continue
+            if mine and live and serial not in revoked:
+                serials.append(serial)
+        return serials
+
     def _record(self, cert: x509.Certificate, identity: Identity, now: datetime) -> None:
         """Append the issued certificate to ``issued.jsonl`` so operators can audit issuance."""
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from honeyfleet.pki.errors import CsrInvalid, IssueError, PkiFileError
-from honeyfleet.pki.identity import Identity
+from honeyfleet.pki.identity import IDENTITY_DNS_SUFFIX, Identity
 
 __all__ = [
     "CLOCK_SKEW",
@@ -46,7 +46,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 MAX_CSR_BYTES = 16 * 1024
 
 _DNS_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_DNS_RE = re.compile(rf"(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_DNS_RE = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
@@ -121,13 +121,23 @@ def _require_p256(public_key: object, what: str) -> ec.EllipticCurvePublicKey:
 
 
 def parse_dns_names(names: Sequence[str]) -> list[str]:
-    """Validate and lowercase DNS SANs (``*.`` wildcards allowed); IssueError on a bad one."""
+    """Validate and lowercase DNS SANs; IssueError on a bad one.
+
+    Wildcards are refused (a certificate names the hosts its holder serves, no more), and so
+    are names under the reserved identity domain, which only the CA itself writes.
+    """
     result: list[str] = []
     for raw in names:
         name = raw.strip().lower().rstrip(".")
         if len(name) > 253 or _DNS_RE.fullmatch(name) is None:
             raise IssueError(
-                f"invalid DNS name {raw!r}: use a host name such as 'node1.example.net'"
+                f"invalid DNS name {raw!r}: use a host name such as 'node1.example.net' "
+                "(no wildcards)"
+            )
+        if name == IDENTITY_DNS_SUFFIX or name.endswith("." + IDENTITY_DNS_SUFFIX):
+            raise IssueError(
+                f"DNS name {raw!r} is in the reserved domain {IDENTITY_DNS_SUFFIX}; the CA "
+                "writes the identity names there itself"
             )
         if name not in result:
             result.append(name)
@@ -205,7 +215,7 @@ def build_leaf_certificate(
             "CA with `honeyfleet pki init` and re-enrol the fleet"
         )
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
-    sans += [x509.DNSName(n) for n in dns_names]
+    sans += [x509.DNSName(n) for n in (*identity.dns_names, *dns_names)]
     sans += [x509.IPAddress(a) for a in ip_addresses]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     return (

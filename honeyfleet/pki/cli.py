@@ -29,7 +29,14 @@ from honeyfleet.pki.identity import Role, identity_from_certificate
 from honeyfleet.pki.revocation import RevocationList
 from honeyfleet.pki.tokens import create_token, read_token_unverified
 
-__all__ = ["DEFAULT_DIR", "ENV_DIR", "EXIT_ERROR", "add_parser", "parse_duration"]
+__all__ = [
+    "DEFAULT_DIR",
+    "ENV_DIR",
+    "EXIT_ERROR",
+    "add_address_flags",
+    "add_parser",
+    "parse_duration",
+]
 
 ENV_DIR = "HONEYFLEET_PKI_DIR"
 DEFAULT_DIR = Path("pki")
@@ -62,12 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = commands.add_parser("issue", parents=[common], help="issue a key and certificate")
     p.add_argument("--role", required=True, choices=_ROLES)
     p.add_argument("--name", required=True, help="unique name, e.g. the host name")
-    p.add_argument(
-        "--dns", nargs="+", action="extend", default=[], metavar="NAME", help="DNS name SANs"
-    )
-    p.add_argument(
-        "--ip", nargs="+", action="extend", default=[], metavar="ADDR", help="IP address SANs"
-    )
+    add_address_flags(p, "DNS name SANs (no wildcards)", "IP address SANs")
     p.add_argument(
         "--out",
         type=Path,
@@ -84,7 +86,17 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--role", required=True, choices=_ROLES)
     p.add_argument("--ttl", type=_duration_arg, default=timedelta(hours=1), help="e.g. 30m, 1h")
-    p.add_argument("--name", default=None, help="require the joining host to use this name")
+    p.add_argument("--name", required=True, help="the name the joining host gets")
+    add_address_flags(
+        p,
+        "DNS names its certificate carries (pool nodes; no wildcards)",
+        "IP addresses its certificate carries (pool nodes)",
+    )
+    p.add_argument(
+        "--reenrol",
+        action="store_true",
+        help="the name is already enrolled: replace it and revoke its current certificate",
+    )
     p.set_defaults(func=_cmd_token_create)
 
     p = commands.add_parser("revoke", parents=[common], help="revoke a certificate")
@@ -100,6 +112,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = commands.add_parser("show", parents=[common], help="describe a certificate file")
     p.add_argument("file", type=Path)
     p.set_defaults(func=_cmd_show)
+
+
+def add_address_flags(p: argparse.ArgumentParser, dns_help: str, ip_help: str) -> None:
+    """Add the repeatable ``--dns NAME...`` and ``--ip ADDR...`` options to ``p``."""
+    p.add_argument("--dns", nargs="+", action="extend", default=[], metavar="NAME", help=dns_help)
+    p.add_argument("--ip", nargs="+", action="extend", default=[], metavar="ADDR", help=ip_help)
 
 
 def parse_duration(text: str) -> timedelta:
@@ -210,11 +228,23 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 def _cmd_token_create(args: argparse.Namespace) -> int:
     """``pki token create``: print only the token on stdout, so it can be captured."""
     ca = load_ca(_ca_dir(args))
-    token = create_token(ca, Role(args.role), ttl=args.ttl, name=args.name)
+    token = create_token(
+        ca,
+        Role(args.role),
+        ttl=args.ttl,
+        name=args.name,
+        dns=args.dns,
+        ips=args.ip,
+        reenrol=args.reenrol,
+    )
     _out(token)
-    who = f"{args.role}/{args.name}" if args.name else f"any {args.role}"
-    expires = read_token_unverified(token).expires_at.isoformat()
-    _err(f"single-use join token for {who}, fleet {ca.fleet!r}, expires {expires}")
+    claims = read_token_unverified(token)
+    addresses = ", ".join((*claims.dns, *claims.ips)) or "none"
+    replaces = "; replaces the current certificate" if claims.reenrol else ""
+    _err(
+        f"single-use join token for {args.role}/{args.name} (addresses: {addresses}), "
+        f"fleet {ca.fleet!r}, expires {claims.expires_at.isoformat()}{replaces}"
+    )
     return 0
 
 

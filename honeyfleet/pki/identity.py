@@ -3,6 +3,16 @@
 An identity is ``(fleet, role, name)`` and travels in a certificate as a single SPIFFE-style
 URI SAN, ``spiffe://<fleet>/<role>/<name>``. Servers authorize by role and name taken from
 that URI, never from the subject CN (which is informational only).
+
+Clients check the server the same way, but gRPC Python can only check a DNS name during the
+handshake (``grpc.ssl_target_name_override``), never a URI SAN or a callback. So every leaf
+also carries the identity as two DNS names under the reserved ``.invalid`` top-level domain
+(RFC 2606, never resolvable), which only the CA writes:
+
+* ``<role>.<fleet>.hf.invalid`` - "some member of this role" (a client that wants any
+  controller asks for this name);
+* ``<name>.<role>.<fleet>.hf.invalid`` - this exact member (a sensor reaching the pool node
+  a lease names).
 """
 
 from __future__ import annotations
@@ -16,15 +26,19 @@ from cryptography import x509
 from honeyfleet.pki.errors import IdentityError
 
 __all__ = [
+    "IDENTITY_DNS_SUFFIX",
     "LABEL_PATTERN",
     "SPIFFE_SCHEME",
     "Identity",
     "Role",
+    "identity_dns_name",
     "identity_from_certificate",
     "validate_label",
 ]
 
 SPIFFE_SCHEME = "spiffe://"
+#: Parent domain of the identity DNS names; operators' SANs may not use it.
+IDENTITY_DNS_SUFFIX = "hf.invalid"
 
 #: Fleet and node names: lowercase DNS-label-ish, so they are safe in URIs, file names and
 #: log lines without escaping.
@@ -100,9 +114,24 @@ class Identity:
         fleet, role, name = parts
         return cls(fleet=fleet, role=Role.parse(role), name=name)
 
+    @property
+    def dns_names(self) -> tuple[str, str]:
+        """The identity DNS names the CA writes into this member's certificate."""
+        return (
+            identity_dns_name(self.fleet, self.role),
+            identity_dns_name(self.fleet, self.role, self.name),
+        )
+
     def __str__(self) -> str:
         """Short form for logs: ``role/name`` (the fleet is the same everywhere)."""
         return f"{self.role.value}/{self.name}"
+
+
+def identity_dns_name(fleet: str, role: Role, name: str | None = None) -> str:
+    """The DNS name a client checks to accept a server of ``role`` (and exactly ``name``)."""
+    # Unambiguous: fleet and suffix are fixed per CA and a role never contains a dot.
+    base = f"{Role.parse(role).value}.{fleet}.{IDENTITY_DNS_SUFFIX}"
+    return base if name is None else f"{name}.{base}"
 
 
 def identity_from_certificate(cert: x509.Certificate) -> Identity:

@@ -2,11 +2,14 @@
 
 Format (ASCII, at most ``MAX_TOKEN_LENGTH`` characters)::
 
-    hf1.<base64url(json claims)>.<base64url(HMAC-SHA256(token_key, "hf1." + payload))>
+    hf2.<base64url(json claims)>.<base64url(HMAC-SHA256(token_key, "hf2." + payload))>
 
-base64url is unpadded. The claims are ``role``, optional ``name`` (if present the joiner must
-enrol under exactly that name), ``exp`` (unix seconds), ``jti`` (16 random bytes, hex: the
-single-use id), ``ca`` (SHA-256 hex fingerprint of the CA certificate) and ``fleet``.
+base64url is unpadded. The claims are ``role``, ``name`` (the only name the joiner gets: the
+operator chooses it, never the joiner), ``exp`` (unix seconds), ``jti`` (16 random bytes, hex:
+the single-use id), ``ca`` (SHA-256 hex fingerprint of the CA certificate), ``fleet``, and
+optionally ``dns`` / ``ips`` (the exact addresses the certificate carries, for a pool node that
+serves; no wildcards) and ``reenrol`` (true: the name may already exist, and enrolling revokes
+its current certificates). ``hf1`` tokens, which let the joiner pick its name, are refused.
 
 Two readers:
 
@@ -28,15 +31,19 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from honeyfleet.pki.ca import CertificateAuthority
-from honeyfleet.pki.errors import IdentityError, TokenError, TokenExpired, TokenInvalid
+from honeyfleet.pki.certs import parse_dns_names, parse_ip_addresses
+from honeyfleet.pki.errors import PkiError, TokenError, TokenExpired, TokenInvalid
 from honeyfleet.pki.identity import Role, validate_label
 
 __all__ = [
+    "ADDRESSED_ROLES",
+    "MAX_TOKEN_ADDRESSES",
     "MAX_TOKEN_LENGTH",
     "TOKEN_PREFIX",
     "TokenClaims",
@@ -45,15 +52,19 @@ __all__ = [
     "verify_token",
 ]
 
-TOKEN_PREFIX = "hf1"  # noqa: S105 - a format version tag, not a secret
+TOKEN_PREFIX = "hf2"  # noqa: S105 - a format version tag, not a secret
 #: Tokens arrive from the network; a real one is ~300 characters.
 MAX_TOKEN_LENGTH = 2048
 
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
 _JTI_RE = re.compile(r"[0-9a-f]{32}")
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
-_CLAIM_KEYS = frozenset({"role", "name", "exp", "jti", "ca", "fleet"})
-_REQUIRED_KEYS = _CLAIM_KEYS - {"name"}
+_CLAIM_KEYS = frozenset({"role", "name", "exp", "jti", "ca", "fleet", "dns", "ips", "reenrol"})
+_REQUIRED_KEYS = _CLAIM_KEYS - {"dns", "ips", "reenrol"}
+#: Roles whose certificates may carry addresses: the ones other members connect to.
+ADDRESSED_ROLES = frozenset({Role.POOLNODE, Role.CONTROLLER})
+#: Addresses one token may name; a pool node needs one or two.
+MAX_TOKEN_ADDRESSES = 8
 _HOW_TO_FIX = "ask the fleet administrator for a new one (`honeyfleet pki token create`)"
 
 
@@ -63,8 +74,8 @@ class TokenClaims:
 
     role: Role
     """Role the joiner will be issued."""
-    name: str | None
-    """If set, the only name the joiner may enrol under."""
+    name: str
+    """The only name the joiner may enrol under, chosen by the operator."""
     expires_at: datetime
     """UTC expiry (the ``exp`` claim)."""
     jti: str
@@ -73,26 +84,48 @@ class TokenClaims:
     """SHA-256 hex of the CA certificate DER; the joiner pins the controller's CA to it."""
     fleet: str
     """Fleet the token is for."""
+    dns: tuple[str, ...] = ()
+    """DNS names the certificate carries (exactly these; never a wildcard)."""
+    ips: tuple[str, ...] = ()
+    """IP addresses the certificate carries (exactly these)."""
+    reenrol: bool = False
+    """True: ``name`` may already be enrolled; its current certificates are revoked."""
 
 
 def create_token(
-    ca: CertificateAuthority, role: Role, *, ttl: timedelta, name: str | None = None
+    ca: CertificateAuthority,
+    role: Role,
+    *,
+    ttl: timedelta,
+    name: str,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    reenrol: bool = False,
 ) -> str:
-    """Create a join token for ``role`` (and optionally exactly ``name``) valid for ``ttl``."""
+    """Create a join token for exactly ``role``/``name`` (and its addresses) valid for ``ttl``.
+
+    Raises TokenError for a bad lifetime or addresses the role may not carry, IdentityError for
+    a bad name and IssueError for a bad or wildcard address.
+    """
     role = Role.parse(role)
     if ttl <= timedelta(0):
         raise TokenError(f"token lifetime {ttl} is invalid: use a positive duration")
-    if name is not None:
-        validate_label(name, "name")
+    validate_label(name, "name")
+    dns_names, addresses = _addresses(role, dns, ips)
     claims: dict[str, Any] = {
         "role": role.value,
+        "name": name,
         "exp": int((datetime.now(UTC) + ttl).timestamp()),
         "jti": secrets.token_hex(16),
         "ca": ca.fingerprint,
         "fleet": ca.fleet,
     }
-    if name is not None:
-        claims["name"] = name
+    if dns_names:
+        claims["dns"] = dns_names
+    if addresses:
+        claims["ips"] = addresses
+    if reenrol:
+        claims["reenrol"] = True
     payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     return f"{TOKEN_PREFIX}.{payload}.{_b64encode(_mac(ca.token_key, payload))}"
 
@@ -130,6 +163,18 @@ def verify_token(token: str, token_key: bytes, *, now: datetime | None = None) -
             f"join token {claims.jti} expired at {claims.expires_at.isoformat()}; {_HOW_TO_FIX}"
         )
     return claims
+
+
+def _addresses(role: Role, dns: Sequence[str], ips: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Validated, canonical addresses for a token of ``role``; TokenError if not allowed."""
+    if (dns or ips) and role not in ADDRESSED_ROLES:
+        raise TokenError(
+            f"a {role} certificate carries no addresses (nothing connects to a {role}); "
+            "drop --dns/--ip"
+        )
+    if len(dns) + len(ips) > MAX_TOKEN_ADDRESSES:
+        raise TokenError(f"a token names at most {MAX_TOKEN_ADDRESSES} addresses")
+    return parse_dns_names(dns), [str(a) for a in parse_ip_addresses(ips)]
 
 
 def _mac(token_key: bytes, payload: str) -> bytes:
@@ -189,7 +234,8 @@ def _parse_claims(payload: str) -> TokenClaims:
     keys = set(raw)
     if not keys >= _REQUIRED_KEYS or not keys <= _CLAIM_KEYS:
         raise TokenInvalid(
-            f"join token claims {sorted(keys)} do not match the hf1 format; {_HOW_TO_FIX}"
+            f"join token claims {sorted(keys)} do not match the {TOKEN_PREFIX} format; "
+            f"{_HOW_TO_FIX}"
         )
     exp = raw["exp"]
     # bool is an int subclass; true/false is not a timestamp.
@@ -200,13 +246,19 @@ def _parse_claims(payload: str) -> TokenClaims:
         raise TokenInvalid(f"join token has an invalid 'jti' claim; {_HOW_TO_FIX}")
     if not isinstance(ca_fp, str) or _FINGERPRINT_RE.fullmatch(ca_fp) is None:
         raise TokenInvalid(f"join token has an invalid 'ca' claim; {_HOW_TO_FIX}")
-    name = raw.get("name")
+    name, dns, ips = raw["name"], raw.get("dns", []), raw.get("ips", [])
+    reenrol = raw.get("reenrol", False)
+    if not isinstance(reenrol, bool):
+        raise TokenInvalid(f"join token has an invalid 'reenrol' claim; {_HOW_TO_FIX}")
+    if not _string_list(dns) or not _string_list(ips):
+        raise TokenInvalid(f"join token has an invalid address claim; {_HOW_TO_FIX}")
     try:
         role = Role.parse(raw["role"]) if isinstance(raw["role"], str) else None
         fleet = validate_label(raw["fleet"], "fleet")
-        if name is not None:
-            validate_label(name, "name")
-    except IdentityError as exc:
+        validate_label(name, "name")
+        if role is not None:
+            dns, ips = _addresses(role, dns, ips)
+    except PkiError as exc:
         raise TokenInvalid(f"join token has an invalid claim: {exc}") from None
     if role is None:
         raise TokenInvalid(f"join token has an invalid 'role' claim; {_HOW_TO_FIX}")
@@ -217,4 +269,12 @@ def _parse_claims(payload: str) -> TokenClaims:
         jti=jti,
         ca_fingerprint=ca_fp,
         fleet=fleet,
+        dns=tuple(dns),
+        ips=tuple(ips),
+        reenrol=reenrol,
     )
+
+
+def _string_list(value: object) -> bool:
+    """True if ``value`` is a JSON list of strings."""
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from honeyfleet.config import write_toml
+from honeyfleet.pki import write_private
 from poolnode.image import GuestImage
 from tests.conftest import require_tool
 from tests.e2e.fleet import tcg_guests
@@ -230,10 +231,22 @@ class CliFleet:
         }
 
     async def _enrol(self, role: str, name: str, section: dict[str, Any], *extra: str) -> None:
-        """Token on the controller host, ``join`` on the new host, then start it."""
+        """Token on the controller host (naming the member and its addresses), handed over
+        as a 0600 file, ``join`` on the new host, then start it."""
         token = await self.honeyfleet(
-            "pki", "token", "create", "--dir", str(self.pki_dir), "--role", role, "--name", name
+            "pki",
+            "token",
+            "create",
+            "--dir",
+            str(self.pki_dir),
+            "--role",
+            role,
+            "--name",
+            name,
+            *extra,
         )
+        token_file = self.work / f"{name}.token"
+        write_private(token_file, token.encode(), overwrite=True)
         self._write_config(role, name, section)
         await self.honeyfleet("config", "check", str(self.config_path(name)))
         await self.honeyfleet(
@@ -241,11 +254,10 @@ class CliFleet:
             "join",
             "--controller",
             ENROLL,
-            "--token",
-            token.strip(),
+            "--token-file",
+            str(token_file),
             "--config",
             str(self.config_path(name)),
-            *extra,
             in_netns=True,
         )
         await self._spawn(role, name)

@@ -39,7 +39,7 @@ async def run(*argv: str, cwd: Path | None = None) -> tuple[int, str, str]:
 def expired_token(ca: CertificateAuthority, role: Role) -> str:
     """A join token of ``role`` from ``ca`` that expired an hour ago: a live one re-signed
     with its ``exp`` moved back (``create_token`` mints only live tokens)."""
-    prefix, payload, _ = create_token(ca, role, ttl=timedelta(minutes=5)).split(".")
+    prefix, payload, _ = create_token(ca, role, ttl=timedelta(minutes=5), name="late").split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     claims["exp"] = int(time.time()) - 3600
     payload = _b64(json.dumps(claims).encode())
@@ -61,9 +61,9 @@ async def test_join_with_token_then_use_certificate(
 ) -> None:
     controller, address = await start_controller()
     target = f"127.0.0.1:{controller.ports.enroll}"
-    token = create_token(fleet_pki.ca, Role.SENSOR, ttl=timedelta(minutes=5))
+    token = create_token(fleet_pki.ca, Role.SENSOR, ttl=timedelta(minutes=5), name="edge-7")
     files = tls_in(tmp_path / "edge")
-    identity = await enroll(target, token, Role.SENSOR, files, name="edge-7")
+    identity = await enroll(target, token, Role.SENSOR, files)
     assert identity.uri == "spiffe://testfleet/sensor/edge-7"
     for path in (files.ca, files.cert, files.key):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -75,7 +75,7 @@ async def test_join_with_token_then_use_certificate(
     assert controller.registry.sensors["edge-7"].listen_addresses == ["0.0.0.0:22/ssh"]
 
     with pytest.raises(HoneyfleetError, match="already used"):
-        await enroll(target, token, Role.SENSOR, tls_in(tmp_path / "again"), name="edge-8")
+        await enroll(target, token, Role.SENSOR, tls_in(tmp_path / "again"))
 
 
 async def test_expired_token_is_refused(
@@ -89,7 +89,6 @@ async def test_expired_token_is_refused(
             token,
             Role.POOLNODE,
             tls_in(tmp_path / "n"),
-            name="late",
         )
     assert not (tmp_path / "n" / "key.pem").exists()
 
@@ -98,14 +97,13 @@ async def test_token_of_another_ca_never_reaches_the_controller(
     start_controller, other_pki: FleetPki, tmp_path: Path
 ) -> None:
     controller, _ = await start_controller()
-    token = create_token(other_pki.ca, Role.SENSOR, ttl=timedelta(minutes=5))
+    token = create_token(other_pki.ca, Role.SENSOR, ttl=timedelta(minutes=5), name="spy")
     with pytest.raises(PermissionDenied, match="does not present the fleet CA"):
         await enroll(
             f"127.0.0.1:{controller.ports.enroll}",
             token,
             Role.SENSOR,
             tls_in(tmp_path / "s"),
-            name="spy",
         )
 
 
@@ -113,14 +111,13 @@ async def test_token_for_another_role_is_refused_locally(
     start_controller, fleet_pki: FleetPki, tmp_path: Path
 ) -> None:
     controller, _ = await start_controller()
-    token = create_token(fleet_pki.ca, Role.POOLNODE, ttl=timedelta(minutes=5))
+    token = create_token(fleet_pki.ca, Role.POOLNODE, ttl=timedelta(minutes=5), name="s")
     with pytest.raises(PermissionDenied, match="poolnode join"):
         await enroll(
             f"127.0.0.1:{controller.ports.enroll}",
             token,
             Role.SENSOR,
             tls_in(tmp_path / "s"),
-            name="s",
         )
 
 
@@ -141,22 +138,25 @@ async def test_join_and_token_through_the_cli(
         "10m",
         "--name",
         "rack2",
+        "--ip",
+        "127.0.0.1",
     )
     assert code == 0, err
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
     code, out, err = await run(
         str(BIN / "honeyfleet"),
         "poolnode",
         "join",
         "--controller",
         f"127.0.0.1:{controller.ports.enroll}",
-        "--token",
-        token.strip(),
-        "--ip",
-        "127.0.0.1",
+        "--token-file",
+        str(token_file),
         "--out",
         str(tmp_path / "tls"),
     )
     assert code == 0, err
+    assert "warning" not in err
     assert "spiffe://testfleet/poolnode/rack2" in out
     assert tls_in(tmp_path / "tls").identity().name == "rack2"
 

@@ -195,7 +195,7 @@ def test_issued_certificate_profile(ca: CertificateAuthority, tmp_path: Path) ->
     issued = ca.issue(
         Role.POOLNODE,
         "pn1",
-        dns=["PN1.Example.NET", "pn1.example.net", "*.pool.example.net"],
+        dns=["PN1.Example.NET", "pn1.example.net", "pool.example.net"],
         ips=["192.0.2.10", "2001:db8::10"],
         validity_days=30,
         out_dir=tmp_path / "o",
@@ -206,8 +206,13 @@ def test_issued_certificate_profile(ca: CertificateAuthority, tmp_path: Path) ->
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pn1"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://lab/poolnode/pn1"]
-    # Lowercased and de-duplicated.
-    assert san.get_values_for_type(x509.DNSName) == ["pn1.example.net", "*.pool.example.net"]
+    # The identity names first, then the operator's, lowercased and de-duplicated.
+    assert san.get_values_for_type(x509.DNSName) == [
+        "poolnode.lab.hf.invalid",
+        "pn1.poolnode.lab.hf.invalid",
+        "pn1.example.net",
+        "pool.example.net",
+    ]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("192.0.2.10"),
         ipaddress.ip_address("2001:db8::10"),
@@ -226,6 +231,17 @@ def test_issued_certificate_profile(ca: CertificateAuthority, tmp_path: Path) ->
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime.days == 30 and lifetime.seconds == 300  # 30 days + 5 minutes backdating
     assert 0 < cert.serial_number < 2**159
+
+
+@pytest.mark.parametrize(
+    "name", ["*.pool.example.net", "*", "pool.*.example.net", "x.poolnode.lab.hf.invalid"]
+)
+def test_wildcard_and_reserved_dns_names_are_refused(
+    ca: CertificateAuthority, tmp_path: Path, name: str
+) -> None:
+    """A certificate never carries a wildcard, nor an identity name the CA did not write."""
+    with pytest.raises(IssueError):
+        ca.issue(Role.POOLNODE, "pn1", dns=[name], out_dir=tmp_path / "o")
 
 
 def test_issue_serials_are_unique_and_logged(ca: CertificateAuthority, tmp_path: Path) -> None:
@@ -315,6 +331,8 @@ def test_sign_csr_uses_only_the_public_key(ca: CertificateAuthority) -> None:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert list(san) == [
         x509.UniformResourceIdentifier("spiffe://lab/sensor/s7"),
+        x509.DNSName("sensor.lab.hf.invalid"),
+        x509.DNSName("s7.sensor.lab.hf.invalid"),
         x509.DNSName("s7.example"),
     ]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

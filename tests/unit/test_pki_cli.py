@@ -81,7 +81,7 @@ def test_default_dir(
 
 def test_missing_ca_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Commands needing a CA say how to create one."""
-    assert run("pki token create --role sensor --dir", tmp_path / "x") == 2
+    assert run("pki token create --role sensor --name s1 --dir", tmp_path / "x") == 2
     assert "pki init" in capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from honeyfleet.pki import (
     CertificateAuthority,
+    IssueError,
     Role,
     TokenError,
     TokenExpired,
@@ -39,8 +40,8 @@ def _b64(data: bytes) -> str:
 def _forge(claims: dict[str, object], key: bytes) -> str:
     """Build a correctly MACed token around arbitrary claims (to test claim validation)."""
     payload = _b64(json.dumps(claims).encode())
-    mac = hmac.new(key, f"hf1.{payload}".encode(), hashlib.sha256).digest()
-    return f"hf1.{payload}.{_b64(mac)}"
+    mac = hmac.new(key, f"hf2.{payload}".encode(), hashlib.sha256).digest()
+    return f"hf2.{payload}.{_b64(mac)}"
 
 
 def test_round_trip(ca: CertificateAuthority) -> None:
@@ -61,22 +62,62 @@ def test_round_trip(ca: CertificateAuthority) -> None:
 
 
 def test_format(ca: CertificateAuthority) -> None:
-    """hf1.<payload>.<mac>, unpadded base64url, with exactly the documented claims."""
-    token = create_token(ca, Role.POOLNODE, ttl=timedelta(hours=1))
+    """hf2.<payload>.<mac>, unpadded base64url, with exactly the documented claims."""
+    token = create_token(ca, Role.POOLNODE, ttl=timedelta(hours=1), name="n1")
     prefix, payload, mac = token.split(".")
-    assert prefix == "hf1"
+    assert prefix == "hf2"
     assert "=" not in token and "+" not in token and "/" not in token
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    assert set(claims) == {"role", "exp", "jti", "ca", "fleet"}
-    expected = hmac.new(ca.token_key, f"hf1.{payload}".encode(), hashlib.sha256).digest()
+    assert set(claims) == {"role", "name", "exp", "jti", "ca", "fleet"}
+    expected = hmac.new(ca.token_key, f"hf2.{payload}".encode(), hashlib.sha256).digest()
     assert mac == _b64(expected)
-    assert read_token_unverified(token).name is None
+    assert read_token_unverified(token).name == "n1"
+
+
+def test_addresses_and_reenrol_round_trip(ca: CertificateAuthority) -> None:
+    """A pool node's token names its addresses, canonical; re-enrolment is explicit."""
+    token = create_token(
+        ca,
+        Role.POOLNODE,
+        ttl=timedelta(hours=1),
+        name="rack2",
+        dns=["Rack2.Example.NET."],
+        ips=["127.0.0.1"],
+        reenrol=True,
+    )
+    claims = verify_token(token, ca.token_key)
+    assert (claims.dns, claims.ips, claims.reenrol) == (
+        ("rack2.example.net",),
+        ("127.0.0.1",),
+        True,
+    )
+    assert not verify_token(
+        create_token(ca, Role.SENSOR, ttl=timedelta(1), name="s"), ca.token_key
+    ).reenrol
+
+
+@pytest.mark.parametrize(
+    ("role", "dns", "ips", "error"),
+    [
+        (Role.POOLNODE, ["*.example.net"], [], IssueError),
+        (Role.POOLNODE, ["pn.poolnode.lab.hf.invalid"], [], IssueError),
+        (Role.POOLNODE, [], ["10.0.0.300"], IssueError),
+        (Role.SENSOR, [], ["127.0.0.1"], TokenError),
+        (Role.POOLNODE, [f"h{i}.example.net" for i in range(9)], [], TokenError),
+    ],
+)
+def test_token_addresses_are_checked_at_creation(
+    ca: CertificateAuthority, role: Role, dns: list[str], ips: list[str], error: type[Exception]
+) -> None:
+    """No wildcard, no reserved name, no addresses for a sensor, and only a few."""
+    with pytest.raises(error):
+        create_token(ca, role, ttl=timedelta(hours=1), name="x", dns=dns, ips=ips)
 
 
 def test_tokens_are_unique(ca: CertificateAuthority) -> None:
     """Every token has its own single-use id."""
     jtis = {
-        read_token_unverified(create_token(ca, Role.SENSOR, ttl=timedelta(1))).jti
+        read_token_unverified(create_token(ca, Role.SENSOR, ttl=timedelta(1), name="n1")).jti
         for _ in range(20)
     }
     assert len(jtis) == 20
@@ -84,13 +125,13 @@ def test_tokens_are_unique(ca: CertificateAuthority) -> None:
 
 def test_surrounding_whitespace_tolerated(ca: CertificateAuthority) -> None:
     """Copy-pasted tokens often carry a newline."""
-    token = create_token(ca, Role.SENSOR, ttl=timedelta(hours=1))
+    token = create_token(ca, Role.SENSOR, ttl=timedelta(hours=1), name="n1")
     assert verify_token(f"  {token}\n", ca.token_key).role is Role.SENSOR
 
 
 def test_tampered_payload_rejected(ca: CertificateAuthority) -> None:
     """Changing the claims (e.g. sensor -> admin) breaks the MAC."""
-    token = create_token(ca, Role.SENSOR, ttl=timedelta(hours=1))
+    token = create_token(ca, Role.SENSOR, ttl=timedelta(hours=1), name="n1")
     prefix, payload, mac = token.split(".")
     claims = read_token_unverified(token)
     forged = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -104,7 +145,7 @@ def test_tampered_payload_rejected(ca: CertificateAuthority) -> None:
 
 def test_tampered_mac_rejected(ca: CertificateAuthority) -> None:
     """A MAC of the right length but wrong value is refused."""
-    token = create_token(ca, Role.SENSOR, ttl=timedelta(hours=1))
+    token = create_token(ca, Role.SENSOR, ttl=timedelta(hours=1), name="n1")
     prefix, payload, mac = token.split(".")
     raw = bytearray(base64.urlsafe_b64decode(mac + "="))
     raw[0] ^= 0xFF
@@ -115,14 +156,14 @@ def test_tampered_mac_rejected(ca: CertificateAuthority) -> None:
 def test_other_ca_rejected(ca: CertificateAuthority, tmp_path: Path) -> None:
     """A token from another CA (even for the same fleet name) does not verify."""
     other = init_ca(tmp_path / "other", "lab")
-    token = create_token(other, Role.SENSOR, ttl=timedelta(hours=1))
+    token = create_token(other, Role.SENSOR, ttl=timedelta(hours=1), name="n1")
     with pytest.raises(TokenInvalid, match="another fleet CA"):
         verify_token(token, ca.token_key)
 
 
 def test_expired_rejected(ca: CertificateAuthority) -> None:
     """After exp, an authentic token raises TokenExpired (not TokenInvalid)."""
-    token = create_token(ca, Role.SENSOR, ttl=timedelta(minutes=5))
+    token = create_token(ca, Role.SENSOR, ttl=timedelta(minutes=5), name="n1")
     exp = read_token_unverified(token).expires_at
     assert verify_token(token, ca.token_key, now=exp - timedelta(seconds=1))
     with pytest.raises(TokenExpired, match="expired"):
@@ -133,7 +174,7 @@ def test_expired_rejected(ca: CertificateAuthority) -> None:
 
 def test_naive_now_refused(ca: CertificateAuthority) -> None:
     """A naive datetime is a programming error, not silently local time."""
-    token = create_token(ca, Role.SENSOR, ttl=timedelta(minutes=5))
+    token = create_token(ca, Role.SENSOR, ttl=timedelta(minutes=5), name="n1")
     with pytest.raises(ValueError, match="timezone-aware"):
         verify_token(token, ca.token_key, now=datetime(2030, 1, 1))
 
@@ -142,17 +183,17 @@ def test_naive_now_refused(ca: CertificateAuthority) -> None:
     "token",
     [
         "",
-        "hf1",
-        "hf1..",
-        "hf1.a.b.c",
+        "hf2",
+        "hf2..",
+        "hf2.a.b.c",
         "hf2.e30.AAAA",
-        "hf1.e30",
-        "hf1.!!!!.AAAA",
-        "hf1.e30.AAAA",  # MAC too short
-        "hf1.e3 0.AAAA",
-        "hf1.e30=." + "A" * 43,  # padding is not allowed
+        "hf2.e30",
+        "hf2.!!!!.AAAA",
+        "hf2.e30.AAAA",  # MAC too short
+        "hf2.e3 0.AAAA",
+        "hf2.e30=." + "A" * 43,  # padding is not allowed
         "x" * (MAX_TOKEN_LENGTH + 1),
-        "hf1." + "A" * 5000 + ".AAAA",
+        "hf2." + "A" * 5000 + ".AAAA",
     ],
 )
 def test_malformed_rejected(ca: CertificateAuthority, token: str) -> None:
@@ -166,7 +207,7 @@ def test_malformed_rejected(ca: CertificateAuthority, token: str) -> None:
 def test_non_string_rejected(ca: CertificateAuthority) -> None:
     """Bytes or None from a sloppy caller are TokenInvalid too."""
     with pytest.raises(TokenInvalid):
-        verify_token(b"hf1.x.y", ca.token_key)  # type: ignore[arg-type]
+        verify_token(b"hf2.x.y", ca.token_key)  # type: ignore[arg-type]
 
 
 def _good_claims(ca: CertificateAuthority) -> dict[str, object]:
@@ -177,6 +218,7 @@ def _good_claims(ca: CertificateAuthority) -> dict[str, object]:
         "jti": "ab" * 16,
         "ca": ca.fingerprint,
         "fleet": "lab",
+        "name": "s1",
     }
 
 
@@ -192,8 +234,12 @@ def _good_claims(ca: CertificateAuthority) -> dict[str, object]:
         ({"ca": "AB" * 32}, "'ca'"),
         ({"fleet": "Bad Fleet"}, "invalid fleet"),
         ({"name": "../x"}, "invalid name"),
-        ({"extra": 1}, "do not match the hf1 format"),
+        ({"extra": 1}, "do not match the hf2 format"),
         ({"jti": None}, "jti"),
+        ({"reenrol": 1}, "reenrol"),
+        ({"ips": "127.0.0.1"}, "address"),
+        ({"dns": ["*.example.net"]}, "invalid claim"),
+        ({"role": "sensor", "ips": ["127.0.0.1"]}, "invalid claim"),
     ],
 )
 def test_bad_claims_rejected_even_with_valid_mac(
@@ -206,19 +252,20 @@ def test_bad_claims_rejected_even_with_valid_mac(
 
 
 def test_missing_claim_rejected(ca: CertificateAuthority) -> None:
-    """Every claim but name is required."""
-    claims = _good_claims(ca)
-    del claims["ca"]
-    with pytest.raises(TokenInvalid, match="do not match the hf1 format"):
-        verify_token(_forge(claims, ca.token_key), ca.token_key)
+    """Every claim but the addresses and reenrol is required; a name-less token is refused."""
+    for claim in ("ca", "name"):
+        claims = _good_claims(ca)
+        del claims[claim]
+        with pytest.raises(TokenInvalid, match="do not match the hf2 format"):
+            verify_token(_forge(claims, ca.token_key), ca.token_key)
 
 
 def test_payload_must_be_object(ca: CertificateAuthority) -> None:
     """A JSON array payload is malformed."""
     payload = _b64(b"[1,2]")
-    mac = hmac.new(ca.token_key, f"hf1.{payload}".encode(), hashlib.sha256).digest()
+    mac = hmac.new(ca.token_key, f"hf2.{payload}".encode(), hashlib.sha256).digest()
     with pytest.raises(TokenInvalid, match="JSON object"):
-        verify_token(f"hf1.{payload}.{_b64(mac)}", ca.token_key)
+        verify_token(f"hf2.{payload}.{_b64(mac)}", ca.token_key)
 
 
 def test_forged_good_claims_accepted(ca: CertificateAuthority) -> None:
@@ -230,4 +277,4 @@ def test_forged_good_claims_accepted(ca: CertificateAuthority) -> None:
 def test_create_rejects_non_positive_ttl(ca: CertificateAuthority, ttl: timedelta) -> None:
     """A token that is born expired is a mistake."""
     with pytest.raises(TokenError, match="positive"):
-        create_token(ca, Role.SENSOR, ttl=ttl)
+        create_token(ca, Role.SENSOR, ttl=ttl, name="n1")

@@ -9,7 +9,9 @@ this process plays the sensors over real mTLS. Each run gets a fresh store.
 
 Throughput: ``--events`` events split over 1, 10 and 100 concurrent streams (one sensor
 certificate each), batches of ``--batch``, one batch in flight per stream as a sensor's
-uploader does; events/second from the first send to the last acknowledgement.
+uploader does; events/second from the first send to the last acknowledgement, and the
+controller process's CPU time (user + system, all threads) per event over the same span.
+``--batch 1`` plays a fleet of quiet sensors, where per-batch costs dominate.
 
 Latency: 10 sensors, each with the real sensor spool and uploader, append events at
 ``--rate`` events/second in total for ``--seconds``; an admin's WatchEvents sees each
@@ -30,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -159,16 +162,27 @@ async def stream(
         await call.done_writing()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def throughput(
     workdir: Path,
     ctl: TlsFiles,
     sensors: list[TlsFiles],
     store: dict[str, str],
     work: list[list[ingest_pb2.StreamEventsRequest]],
-) -> float:
-    """Events per second from len(work) concurrent streams into a fresh store."""
+) -> tuple[float, float]:
+    """Events per second from len(work) concurrent streams into a fresh store, and the
+    controller's CPU milliseconds per event."""
+    events = sum(len(r.events) for reqs in work for r in reqs)
     async with ControllerProcess(workdir, ctl, store) as controller:
         await controller.wait_serving(sensors[0])
+        assert controller.proc is not None
+        cpu = cpu_seconds(controller.proc.pid)
         started = time.perf_counter()
         await asyncio.gather(
             *(
@@ -177,7 +191,8 @@ async def throughput(
             )
         )
         elapsed = time.perf_counter() - started
-    return sum(len(r.events) for reqs in work for r in reqs) / elapsed
+        cpu = cpu_seconds(controller.proc.pid) - cpu
+    return events / elapsed, cpu * 1000 / events
 
 
 async def latency(
@@ -254,7 +269,6 @@ def postgres(dsn: str | None) -> Iterator[PostgresServer | None]:
     bindirs = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not bindirs:
         raise SystemExit("no PostgreSQL binaries: apt-get install postgresql, or --postgres-dsn")
-    import os
     import pwd
     import shutil
 
@@ -283,7 +297,7 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200_000, help="per throughput run")
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--rate", type=float, default=200.0, help="latency: events/second")
-    parser.add_argument("--seconds", type=float, default=15.0, help="latency: duration")
+    parser.add_argument("--seconds", type=float, default=15.0, help="latency: duration (0: skip)")
     parser.add_argument("--postgres-dsn", help="use this server instead of a throwaway one")
     args = parser.parse_args()
     stores = args.stores.split(",")
@@ -315,9 +329,19 @@ async def main() -> None:
                     workdir.mkdir()
                     # Fresh events (new uuids) each run, made before the clock starts.
                     work = [wire_batches(f"s{i}", args.events // n, args.batch) for i in range(n)]
-                    rate = await throughput(workdir, ctl, sensors[:n], store_settings(kind), work)
-                    results.append((kind, f"{n} streams", f"{rate:,.0f} events/s"))
+                    rate, cpu_ms = await throughput(
+                        workdir, ctl, sensors[:n], store_settings(kind), work
+                    )
+                    results.append(
+                        (
+                            kind,
+                            f"{n} streams, batch {args.batch}",
+                            f"{rate:,.0f} events/s, {cpu_ms:.3f} ms controller CPU/event",
+                        )
+                    )
                     print(*results[-1], sep="\t", flush=True)
+                if args.seconds <= 0:
+                    continue
                 runs += 1
                 workdir = root / f"run{runs}"
                 workdir.mkdir()

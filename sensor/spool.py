@@ -51,7 +51,13 @@ class Spooled:
 
     seq: int
     event: Event
-    size: int
+    text: str
+    """The event's JSON as spooled, sent as is (never serialised again)."""
+
+    @property
+    def size(self) -> int:
+        """Characters of JSON, as the spool's size bound counts them."""
+        return len(self.text)
 
 
 class Spool:
@@ -192,7 +198,7 @@ class Spool:
             size += len(text)
             if out and size > max_bytes:
                 break
-            out.append(Spooled(seq, json.loads(text), len(text)))
+            out.append(Spooled(seq, json.loads(text), text))
         return out
 
     def _delete(self, seqs: list[int]) -> None:

@@ -91,7 +91,8 @@ class Uploader:
                     continue
                 self._batch_id += 1
                 request = ingest_pb2.StreamEventsRequest(
-                    batch_id=self._batch_id, events=[to_proto(item.event) for item in batch]
+                    batch_id=self._batch_id,
+                    events=[to_proto(item.event, item.text) for item in batch],
                 )
                 try:
                     await call.write(request)

@@ -13,7 +13,50 @@ The views reproduce Cowrie's SQL output tables (its ``docs/sql/postgres.sql``):
 
 from __future__ import annotations
 
-from controller.events.rows import FILE_EVENTS, LOGIN_EVENTS, eventid_in
+from datetime import datetime
+
+from controller.events.query import Dialect
+from controller.events.rows import to_micros
+
+# jsonb cannot hold U+0000; such events keep their received text in ``raw``.
+NUL = "\x00"
+REPLACEMENT = "\ufffd"
+
+
+def _json_field(key: str) -> str:
+    """A top-level field of the event's jsonb, as text."""
+    return f"event ->> '{key}'"
+
+
+def _as_text(expression: str) -> str:
+    """An expression cast to text."""
+    return f"{expression}::text"
+
+
+def _time(moment: datetime) -> datetime:
+    """timestamptz takes aware datetimes as they are."""
+    return moment
+
+
+def text_in(value: str | None) -> str | None:
+    """Attacker-chosen text for a text column, which cannot hold U+0000."""
+    return None if value is None else value.replace(NUL, REPLACEMENT)
+
+
+DIALECT = Dialect(
+    param="%s",
+    event_time="time",
+    session_times=("start_time", "last_time", "end_time"),
+    json_field=_json_field,
+    address="%s::inet",
+    address_text="host(src_ip)",
+    as_text=_as_text,
+    # jsonb's own text form: the server prints it, the controller never decodes it.
+    stored_json="coalesce(raw, event::text)",
+    time_in=_time,
+    time_out=to_micros,
+    text_in=text_in,
+)
 
 # Serialises schema changes and partition creation among controllers sharing a store.
 SCHEMA_LOCK = 0x686F6E6579  # "honey"
@@ -121,7 +164,7 @@ INSERT_EVENTS = """
 INSERT INTO events (uuid, time, sensor, session, eventid, src_ip, protocol, event, raw)
 SELECT * FROM unnest(
     %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::inet[],
-    %s::text[], %s::jsonb[], %s::text[])
+    %s::text[], %s::text[]::jsonb[], %s::text[])
 ON CONFLICT (uuid, time) DO NOTHING
 RETURNING uuid
 """
@@ -152,14 +195,3 @@ LIST_PARTITIONS = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = 'events'::regclass
 """
-
-EVENT_COLUMNS = "seq, time, uuid, eventid, session, host(src_ip), protocol, event, raw"
-SESSION_COLUMNS = (
-    "session, sensor, host(src_ip), protocol, start_time, last_time, end_time, pool_node, "
-    "guest, lease, username, login_attempts, coalesce(client_version, ''), "
-    "coalesce(terminal_size, ''), event_count"
-)
-USERNAME = "event ->> 'username'"
-# Spelled exactly as in the partial username index, so the planner can use it.
-LOGINS = eventid_in(LOGIN_EVENTS)
-FILES = eventid_in(FILE_EVENTS)

@@ -19,28 +19,12 @@ from typing import Any
 import psycopg
 from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from controller.events import postgres_sql as sql
-from controller.events.rows import (
-    EventRow,
-    client_versions,
-    first_new,
-    from_micros,
-    summarise_sessions,
-    to_micros,
-)
-from controller.events.store import (
-    EventQuery,
-    FileStat,
-    SessionQuery,
-    SessionSummary,
-    Stats,
-    StatsQuery,
-    StoreDataError,
-    StoredEvent,
-)
+from controller.events.query import QueryBuilder, SqlQueries, Statement
+from controller.events.rows import EventRow, client_versions, first_new, summarise_sessions
+from controller.events.store import StoreDataError
 from honeyfleet.errors import ConfigError, Unavailable
 from honeyfleet.events import to_json
 
@@ -51,15 +35,13 @@ POOL_MAX = 4
 CONNECT_TIMEOUT = 5
 PARTITIONS_AHEAD = 2
 PARTITION_NAME = re.compile(r"events_p(\d{8})")
-# jsonb cannot hold U+0000; such events keep their received text in ``raw``.
-NUL = "\x00"
-REPLACEMENT = "\ufffd"
 
 
-class PostgresEventStore:
+class PostgresEventStore(SqlQueries):
     """Events in PostgreSQL, possibly shared by several controllers."""
 
     kind = "postgres"
+    queries = QueryBuilder(sql.DIALECT)
 
     def __init__(self, dsn: str, *, retention_days: int = 0) -> None:
         try:
@@ -168,32 +150,13 @@ class PostgresEventStore:
                 async with conn.cursor() as cur:
                     await cur.executemany(
                         sql.UPSERT_SESSION,
-                        [
-                            (
-                                d.session,
-                                d.sensor,
-                                d.src_ip,
-                                d.protocol,
-                                d.start,
-                                d.last,
-                                d.end,
-                                _text(d.pool_node),
-                                _text(d.guest),
-                                _text(d.lease),
-                                _text(d.username),
-                                d.login_attempts,
-                                _text(d.client_version),
-                                _text(d.terminal_size),
-                                d.events,
-                            )
-                            for d in summarise_sessions(new)
-                        ],
+                        [self.queries.session_params(d) for d in summarise_sessions(new)],
                     )
                     await cur.executemany(
                         sql.INSERT_SENSOR, [(s,) for s in {r.sensor for r in new}]
                     )
                     await cur.executemany(
-                        sql.INSERT_CLIENT, [(_text(v),) for v in client_versions(new)]
+                        sql.INSERT_CLIENT, [(sql.text_in(v),) for v in client_versions(new)]
                     )
         return stored
 
@@ -241,133 +204,31 @@ class PostgresEventStore:
 
     # Reading
 
-    async def list_events(self, query: EventQuery) -> list[StoredEvent]:
-        """A page of events in (time, seq) order."""
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        for column in ("eventid", "sensor", "session"):
-            if value := getattr(query, column):
-                where.append(f"{column} = %s")
-                args.append(value)
-        if query.src_ip:
-            where.append("src_ip = %s::inet")
-            args.append(query.src_ip)
-        _time_range(where, args, "time", query.start, query.end)
-        if query.after is not None:
-            where.append("(time, seq) > (%s, %s)")
-            args.extend([from_micros(query.after[0]), query.after[1]])
-        text = (
-            f"SELECT {sql.EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
-            "ORDER BY time, seq LIMIT %s"
-        )
-        rows = await self._fetch(text, (*args, query.limit))
-        return [
-            StoredEvent(
-                seq=seq,
-                time_us=to_micros(when),
-                uuid=str(uuid),
-                eventid=eventid,
-                session=session,
-                src_ip=src_ip,
-                protocol=protocol,
-                json=raw if raw is not None else to_json(event),
-            )
-            for seq, when, uuid, eventid, session, src_ip, protocol, event, raw in rows
-        ]
-
-    async def list_sessions(self, query: SessionQuery) -> list[SessionSummary]:
-        """A page of sessions, newest first."""
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        if query.sensor:
-            where.append("sensor = %s")
-            args.append(query.sensor)
-        if query.src_ip:
-            where.append("src_ip = %s::inet")
-            args.append(query.src_ip)
-        if query.username:
-            where.append(
-                f"session IN (SELECT session FROM events WHERE {sql.LOGINS} "  # noqa: S608
-                f"AND {sql.USERNAME} = %s)"
-            )
-            args.append(query.username)
-        _time_range(where, args, "start_time", query.start, query.end)
-        if query.before is not None:
-            where.append("(start_time, session) < (%s, %s)")
-            args.extend([from_micros(query.before[0]), query.before[1]])
-        text = (
-            f"SELECT {sql.SESSION_COLUMNS} FROM event_sessions "  # noqa: S608
-            f"WHERE {' AND '.join(where)} ORDER BY start_time DESC, session DESC LIMIT %s"
-        )
-        return [_session(row) for row in await self._fetch(text, (*args, query.limit))]
-
-    async def get_session(self, session: str) -> SessionSummary | None:
-        """One session's summary."""
-        rows = await self._fetch(
-            f"SELECT {sql.SESSION_COLUMNS} FROM event_sessions WHERE session = %s",  # noqa: S608
-            (session,),
-        )
-        return _session(rows[0]) if rows else None
-
-    async def stats(self, query: StatsQuery) -> Stats:
-        """Top lists over the query's time range and sensor."""
-        events: list[str] = []
-        event_args: list[Any] = []
-        _time_range(events, event_args, "time", query.start, query.end)
-        sessions: list[str] = []
-        session_args: list[Any] = []
-        _time_range(sessions, session_args, "start_time", query.start, query.end)
-        if query.sensor:
-            for where, args in ((events, event_args), (sessions, session_args)):
-                where.append("sensor = %s")
-                args.append(query.sensor)
-
-        async def top(
-            key: str, table: str, where: list[str], args: list[Any]
-        ) -> list[tuple[str, int]]:
-            """The most frequent non-empty values of ``key``."""
-            terms = " AND ".join([*where, f"{key} IS NOT NULL", f"{key}::text <> ''"])
-            text = (
-                f"SELECT {key} AS k, count(*) AS n FROM {table} WHERE {terms} "  # noqa: S608
-                "GROUP BY k ORDER BY n DESC, k LIMIT %s"
-            )
-            return [(str(k), n) for k, n in await self._fetch(text, (*args, query.top))]
-
-        logins = [sql.LOGINS, *events]
-        shasum = "event ->> 'shasum'"
-        files_where = " AND ".join([sql.FILES, *events, f"{shasum} IS NOT NULL"])
-        files = await self._fetch(
-            f"SELECT {shasum} AS h, count(*) AS n, "  # noqa: S608
-            "min(coalesce(event ->> 'url', event ->> 'filename', '')), min(time) "
-            f"FROM events WHERE {files_where} GROUP BY h ORDER BY n DESC, h LIMIT %s",
-            (*event_args, query.top),
-        )
-        return Stats(
-            usernames=await top(sql.USERNAME, "events", logins, event_args),
-            passwords=await top("event ->> 'password'", "events", logins, event_args),
-            src_ips=await top("host(src_ip)", "event_sessions", sessions, session_args),
-            sessions_per_sensor=await top("sensor", "event_sessions", sessions, session_args),
-            sessions_per_pool_node=await top("pool_node", "event_sessions", sessions, session_args),
-            files=[FileStat(h, n, name, to_micros(first)) for h, n, name, first in files],
-        )
-
-    async def _fetch(self, text: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Run a SELECT and return all rows."""
+    async def _fetch_all(self, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """Run SELECTs on one pooled connection and return each one's rows."""
         async with self._connection() as conn:
-            cursor = await conn.execute(text, args)
-            return await cursor.fetchall()
+            out = []
+            for statement in statements:
+                cursor = await conn.execute(statement.text, statement.args)
+                out.append(await cursor.fetchall())
+            return out
 
 
 def _columns(rows: Sequence[EventRow]) -> tuple[list[Any], ...]:
-    """The batch as one array per column, for a single INSERT ... SELECT FROM unnest."""
-    events: list[Jsonb] = []
+    """The batch as one array per column, for a single INSERT ... SELECT FROM unnest.
+
+    Events go as the JSON text received (the server parses it into jsonb), so the
+    controller does not encode them again; only text with NUL escapes, which jsonb
+    cannot hold, is re-encoded with the NULs replaced (the original kept in ``raw``).
+    """
+    events: list[str] = []
     raws: list[str | None] = []
     for row in rows:
         if "\\u0000" in row.json:
-            events.append(Jsonb(_without_nul(row.event)))
+            events.append(to_json(_without_nul(row.event)))
             raws.append(row.json)
         else:
-            events.append(Jsonb(row.event))
+            events.append(row.json)
             raws.append(None)
     return (
         [r.uuid for r in rows],
@@ -385,35 +246,9 @@ def _columns(rows: Sequence[EventRow]) -> tuple[list[Any], ...]:
 def _without_nul(value: Any) -> Any:
     """A copy of a JSON value with U+0000 replaced in every string (keys too)."""
     if isinstance(value, str):
-        return value.replace(NUL, REPLACEMENT)
+        return value.replace(sql.NUL, sql.REPLACEMENT)
     if isinstance(value, dict):
         return {_without_nul(k): _without_nul(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_without_nul(v) for v in value]
     return value
-
-
-def _text(value: str | None) -> str | None:
-    """Attacker-chosen text for a text column, which cannot hold U+0000."""
-    return None if value is None else value.replace(NUL, REPLACEMENT)
-
-
-def _session(row: tuple[Any, ...]) -> SessionSummary:
-    """A session summary from a SESSION_COLUMNS row."""
-    values = list(row)
-    for index in (4, 5):
-        values[index] = to_micros(values[index])
-    values[6] = None if values[6] is None else to_micros(values[6])
-    return SessionSummary(*values)
-
-
-def _time_range(
-    where: list[str], args: list[Any], column: str, start: datetime | None, end: datetime | None
-) -> None:
-    """Add a half-open [start, end) range on a timestamptz column."""
-    if start is not None:
-        where.append(f"{column} >= %s")
-        args.append(start)
-    if end is not None:
-        where.append(f"{column} < %s")
-        args.append(end)

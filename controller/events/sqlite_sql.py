@@ -8,7 +8,38 @@ and ``sessions.client`` as ids into the ``sensors`` and ``clients`` tables.
 
 from __future__ import annotations
 
-from controller.events.rows import FILE_EVENTS, LOGIN_EVENTS, eventid_in
+from controller.events.query import Dialect
+from controller.events.rows import to_micros
+
+
+def _json_field(key: str) -> str:
+    """A top-level field of the event's JSON text."""
+    return f"json_extract(json, '$.{key}')"
+
+
+def _same(value: str) -> str:
+    """SQLite compares any value with text as is."""
+    return value
+
+
+def _keep(value: str | None) -> str | None:
+    """SQLite text columns hold any text, U+0000 included."""
+    return value
+
+
+DIALECT = Dialect(
+    param="?",
+    event_time="time_us",
+    session_times=("start_us", "last_us", "end_us"),
+    json_field=_json_field,
+    address="?",
+    address_text="src_ip",
+    as_text=_same,
+    stored_json="json",
+    time_in=to_micros,
+    time_out=int,
+    text_in=_keep,
+)
 
 # Each entry upgrades the schema by one version (PRAGMA user_version); never edit one
 # that has shipped, append a new one.
@@ -127,16 +158,8 @@ ON CONFLICT (session) DO UPDATE SET
 INSERT_SENSOR = "INSERT INTO sensors (ip) VALUES (?) ON CONFLICT (ip) DO NOTHING"
 INSERT_CLIENT = "INSERT INTO clients (version) VALUES (?) ON CONFLICT (version) DO NOTHING"
 
-EVENT_COLUMNS = "seq, time_us, uuid, eventid, session, src_ip, protocol, json"
-SESSION_COLUMNS = (
-    "session, sensor, src_ip, protocol, start_us, last_us, end_us, pool_node, guest, lease, "
-    "username, login_attempts, coalesce(client_version, ''), coalesce(terminal_size, ''), "
-    "event_count"
-)
-USERNAME = "json_extract(json, '$.username')"
-# Spelled exactly as in the partial username index, so the planner can use it.
-LOGINS = eventid_in(LOGIN_EVENTS)
-FILES = eventid_in(FILE_EVENTS)
+# uuids looked up per statement (SQLite allows 32766 parameters).
+LOOKUP_CHUNK = 5000
 RETENTION_CHUNK = 10_000
 # Retention, one chunk of at most RETENTION_CHUNK rows per statement: (cutoff, chunk).
 EXPIRE_EVENTS = "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE time_us < ? LIMIT ?)"

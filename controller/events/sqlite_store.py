@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controller.events import sqlite_sql as sql
+from controller.events.query import QueryBuilder, SqlQueries, Statement
 from controller.events.rows import (
     EventRow,
     client_versions,
@@ -24,26 +25,18 @@ from controller.events.rows import (
     summarise_sessions,
     to_micros,
 )
-from controller.events.store import (
-    EventQuery,
-    FileStat,
-    SessionQuery,
-    SessionSummary,
-    Stats,
-    StatsQuery,
-    StoreDataError,
-    StoredEvent,
-)
+from controller.events.store import StoreDataError
 from honeyfleet.errors import Unavailable
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
 
 
-class SqliteEventStore:
+class SqliteEventStore(SqlQueries):
     """Events in one SQLite file (a different file from the controller's state)."""
 
     kind = "sqlite"
+    queries = QueryBuilder(sql.DIALECT)
 
     def __init__(self, path: Path, *, retention_days: int = 0) -> None:
         self.path = path
@@ -137,12 +130,15 @@ class SqliteEventStore:
     def _write_batch(self, rows: Sequence[EventRow]) -> set[str]:
         """Insert rows, then merge session summaries, in one transaction."""
         db = self._w()
-        stored: set[str] = set()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for r in rows:
-                cursor = db.execute(
-                    sql.INSERT_EVENT,
+            # One lookup of the batch's known uuids and one executemany, not a statement
+            # per row; BEGIN IMMEDIATE holds the write lock, so no uuid can be stored
+            # between the two.
+            stored = {r.uuid for r in rows} - self._existing(db, rows)
+            db.executemany(
+                sql.INSERT_EVENT,
+                [
                     (
                         r.uuid,
                         r.time_us,
@@ -152,33 +148,15 @@ class SqliteEventStore:
                         r.src_ip,
                         r.protocol,
                         r.json,
-                    ),
-                )
-                if cursor.rowcount == 1:
-                    stored.add(r.uuid)
+                    )
+                    for r in rows
+                    if r.uuid in stored
+                ],
+            )
             new = first_new(rows, stored)
             db.executemany(
                 sql.UPSERT_SESSION,
-                [
-                    (
-                        d.session,
-                        d.sensor,
-                        d.src_ip,
-                        d.protocol,
-                        to_micros(d.start),
-                        to_micros(d.last),
-                        None if d.end is None else to_micros(d.end),
-                        d.pool_node,
-                        d.guest,
-                        d.lease,
-                        d.username,
-                        d.login_attempts,
-                        d.client_version,
-                        d.terminal_size,
-                        d.events,
-                    )
-                    for d in summarise_sessions(new)
-                ],
+                [self.queries.session_params(d) for d in summarise_sessions(new)],
             )
             db.executemany(sql.INSERT_SENSOR, [(s,) for s in {r.sensor for r in new}])
             db.executemany(sql.INSERT_CLIENT, [(v,) for v in client_versions(new)])
@@ -188,6 +166,18 @@ class SqliteEventStore:
                 db.execute("ROLLBACK")
             raise
         return stored
+
+    @staticmethod
+    def _existing(db: sqlite3.Connection, rows: Sequence[EventRow]) -> set[str]:
+        """The uuids among ``rows`` already stored."""
+        uuids = list({r.uuid for r in rows})
+        found: set[str] = set()
+        for start in range(0, len(uuids), sql.LOOKUP_CHUNK):
+            chunk = uuids[start : start + sql.LOOKUP_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            cursor = db.execute(f"SELECT uuid FROM events WHERE uuid IN ({marks})", chunk)  # noqa: S608
+            found.update(uuid for (uuid,) in cursor)
+        return found
 
     async def maintain(self, now: datetime) -> None:
         """Delete events and sessions older than retention_days (if set), in chunks."""
@@ -207,120 +197,11 @@ class SqliteEventStore:
 
     # Reading
 
-    async def list_events(self, query: EventQuery) -> list[StoredEvent]:
-        """A page of events in (time, seq) order."""
-        where, args = _event_filters(query)
-        if query.after is not None:
-            where.append("(time_us, seq) > (?, ?)")
-            args.extend(query.after)
-        text = (
-            f"SELECT {sql.EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} "  # noqa: S608
-            "ORDER BY time_us, seq LIMIT ?"
-        )
-        rows = await self._read(self._query, text, (*args, query.limit))
-        return [StoredEvent(*row) for row in rows]
+    async def _fetch_all(self, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """Run SELECTs on the reader thread, in one job."""
+        return await self._read(self._query_all, statements)
 
-    async def list_sessions(self, query: SessionQuery) -> list[SessionSummary]:
-        """A page of sessions, newest first."""
-        where: list[str] = ["1=1"]
-        args: list[Any] = []
-        for column in ("sensor", "src_ip"):
-            if value := getattr(query, column):
-                where.append(f"{column} = ?")
-                args.append(value)
-        if query.username:
-            where.append(
-                f"session IN (SELECT session FROM events WHERE {sql.LOGINS} "  # noqa: S608
-                f"AND {sql.USERNAME} = ?)"
-            )
-            args.append(query.username)
-        _time_range(where, args, "start_us", query.start, query.end)
-        if query.before is not None:
-            where.append("(start_us, session) < (?, ?)")
-            args.extend(query.before)
-        text = (
-            f"SELECT {sql.SESSION_COLUMNS} FROM event_sessions "  # noqa: S608
-            f"WHERE {' AND '.join(where)} ORDER BY start_us DESC, session DESC LIMIT ?"
-        )
-        rows = await self._read(self._query, text, (*args, query.limit))
-        return [SessionSummary(*row) for row in rows]
-
-    async def get_session(self, session: str) -> SessionSummary | None:
-        """One session's summary."""
-        rows = await self._read(
-            self._query,
-            f"SELECT {sql.SESSION_COLUMNS} FROM event_sessions WHERE session = ?",  # noqa: S608
-            (session,),
-        )
-        return SessionSummary(*rows[0]) if rows else None
-
-    async def stats(self, query: StatsQuery) -> Stats:
-        """Top lists over the query's time range and sensor."""
-        return await self._read(self._stats, query)
-
-    def _stats(self, query: StatsQuery) -> Stats:
-        """Compute every top list (on the reader thread)."""
-        events: list[str] = []
-        event_args: list[Any] = []
-        _time_range(events, event_args, "time_us", query.start, query.end)
-        sessions: list[str] = []
-        session_args: list[Any] = []
-        _time_range(sessions, session_args, "start_us", query.start, query.end)
-        if query.sensor:
-            for where, args in ((events, event_args), (sessions, session_args)):
-                where.append("sensor = ?")
-                args.append(query.sensor)
-
-        def top(key: str, table: str, where: list[str], args: list[Any]) -> list[tuple[str, int]]:
-            """The most frequent non-empty values of ``key``."""
-            terms = " AND ".join([*where, "k IS NOT NULL", "k <> ''"])
-            text = (
-                f"SELECT {key} AS k, count(*) AS n FROM {table} WHERE {terms} "  # noqa: S608
-                "GROUP BY k ORDER BY n DESC, k LIMIT ?"
-            )
-            return [(str(k), n) for k, n in self._query(text, (*args, query.top))]
-
-        logins = [sql.LOGINS, *events]
-        files_where = " AND ".join([sql.FILES, *events, "h IS NOT NULL"])
-        files = self._query(
-            "SELECT json_extract(json, '$.shasum') AS h, count(*) AS n, "  # noqa: S608
-            "min(coalesce(json_extract(json, '$.url'), json_extract(json, '$.filename'), '')), "
-            f"min(time_us) FROM events WHERE {files_where} GROUP BY h ORDER BY n DESC, h LIMIT ?",
-            (*event_args, query.top),
-        )
-        return Stats(
-            usernames=top(sql.USERNAME, "events", logins, event_args),
-            passwords=top("json_extract(json, '$.password')", "events", logins, event_args),
-            src_ips=top("src_ip", "event_sessions", sessions, session_args),
-            sessions_per_sensor=top("sensor", "event_sessions", sessions, session_args),
-            sessions_per_pool_node=top("pool_node", "event_sessions", sessions, session_args),
-            files=[FileStat(str(h), n, str(name), first) for h, n, name, first in files],
-        )
-
-    def _query(self, text: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Run a SELECT on the reader connection."""
-        return self._r().execute(text, args).fetchall()
-
-
-def _event_filters(query: EventQuery) -> tuple[list[str], list[Any]]:
-    """WHERE terms and arguments for an event query's filters."""
-    where: list[str] = ["1=1"]
-    args: list[Any] = []
-    for column in ("eventid", "sensor", "src_ip", "session"):
-        if value := getattr(query, column):
-            where.append(f"{column} = ?")
-            args.append(value)
-    _time_range(where, args, "time_us", query.start, query.end)
-    return where, args
-
-
-def _time_range(
-    where: list[str], args: list[Any], column: str, start: datetime | None, end: datetime | None
-) -> None:
-    """Add a half-open [start, end) range on a microsecond column."""
-    if start is not None:
-        where.append(f"{column} >= ?")
-        args.append(to_micros(start))
-    if end is not None:
-        where.append(f"{column} < ?")
-        args.append(to_micros(end))
+    def _query_all(self, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """Run SELECTs on the reader connection (on the reader thread)."""
+        db = self._r()
+        return [db.execute(s.text, s.args).fetchall() for s in statements]

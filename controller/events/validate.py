@@ -5,25 +5,26 @@ need so that one event can never fail a whole transaction: short printable ids f
 indexed columns, a real IP address, strict JSON (no NaN or Infinity, no unpaired
 surrogates, which SQLite's and PostgreSQL's JSON functions reject). It also enforces the
 sender's identity: the ``sensor`` field becomes the name in the caller's certificate.
+
+Each event's JSON and timestamp are parsed once (:func:`honeyfleet.events.decode`, which
+also refuses NaN and Infinity while parsing); this module only checks the parsed values.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
 from controller.events.rows import EventRow
 from honeyfleet.errors import InvalidArgument
-from honeyfleet.events import from_proto, to_json
+from honeyfleet.events import CANONICAL_UUID, decode, to_json
 from honeyfleet.v1 import ingest_pb2
 
 # Indexed id columns: 1-128 printable ASCII characters, no spaces (Cowrie's are hex
 # session ids and dotted event ids). Long keys would overflow index entries.
 TOKEN = re.compile(r"[\x21-\x7e]{1,128}")
-CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # A cheap pre-check on the raw text (only escapes can make surrogates); a hit pays
 # for the exact check.
 SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
@@ -42,10 +43,8 @@ def to_row(
     Raises InvalidArgument, naming the event and the problem, if it cannot be stored.
     ``now`` is the controller's time (default: the clock), for the future-time check.
     """
-    event = from_proto(message)
+    event, moment = decode(message)
     ref = f"event {event['uuid']}"
-    # from_proto checked Cowrie's exact format; fromisoformat is the fast parser.
-    moment = datetime.fromisoformat(event["timestamp"])
     if moment > (now or datetime.now(UTC)) + MAX_FUTURE:
         raise InvalidArgument(
             f"{ref}: timestamp {event['timestamp']} is more than {MAX_FUTURE.days} day "
@@ -64,8 +63,6 @@ def to_row(
         ) from None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
         raise InvalidArgument(f"{ref}: src_ip must not carry an IPv6 scope ({address})")
-    if not _finite(event):
-        raise InvalidArgument(f"{ref}: contains NaN or Infinity, which JSON forbids")
     text = message.json
     if SURROGATE_HINT.search(text) and _has_surrogate(event):
         raise InvalidArgument(f"{ref}: contains an unpaired UTF-16 surrogate escape")
@@ -90,17 +87,6 @@ def to_row(
 def _canonical_uuid(text: str) -> str:
     """The lower-case hyphenated form of a uuid (already checked by from_proto)."""
     return text if CANONICAL_UUID.fullmatch(text) else str(uuid.UUID(text))
-
-
-def _finite(value: object) -> bool:
-    """Whether a JSON value holds no NaN or infinite number (json.loads allows them)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return True
 
 
 def _has_surrogate(value: object) -> bool:

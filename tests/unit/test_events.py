@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from honeyfleet.errors import InvalidArgument
-from honeyfleet.events import from_proto, make_event, new_session_id, parse_timestamp, to_proto
+from honeyfleet.events import (
+    decode,
+    from_proto,
+    make_event,
+    new_session_id,
+    parse_timestamp,
+    to_proto,
+)
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.v1 import common_pb2
 
@@ -92,3 +100,28 @@ def test_json_lines_rotate_daily_and_prune(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["eventid"] == "cowrie.login.success"
     assert len((tmp_path / f"cowrie.json.{day}").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_decode_refuses_json_constants_anywhere_while_parsing(constant: str) -> None:
+    event = login()
+    wire = to_proto(event)
+    wire.json = wire.json[:-1] + f',"deep":{{"x":[1,{constant}]}}}}'
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        decode(wire)
+
+
+def test_decode_parses_the_time_once_in_every_spelling_strptime_takes() -> None:
+    event = login()
+    event["timestamp"] = "2026-03-01T10:00:00.5Z"  # fewer digits: the slow path
+    wire = to_proto(event)
+    assert decode(wire)[1] == datetime(2026, 3, 1, 10, 0, 0, 500_000, tzinfo=UTC)
+    event["timestamp"] = "2026-03-01T10:00:00.000007Z"
+    wire = to_proto(event)
+    assert decode(wire) == (event, datetime(2026, 3, 1, 10, 0, 0, 7, tzinfo=UTC))
+
+
+def test_a_spooled_text_goes_on_the_wire_as_is() -> None:
+    event = login()
+    text = json.dumps(event, indent=1)  # not how to_json spells it
+    assert to_proto(event, text).json == text

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.events import postgres_sql, sqlite_sql
+from controller.events import postgres_sql, query, sqlite_sql
+from controller.events.query import Statement
 from controller.events.rows import EventRow
 from controller.events.sqlite_store import SqliteEventStore
 from controller.events.store import EventQuery, SessionQuery
@@ -97,12 +98,16 @@ async def test_retention_lets_new_batches_in_between_its_chunks(
 async def test_login_and_file_filters_match_the_partial_index(store: SqliteEventStore) -> None:
     # A partial index serves a query only if the query spells its condition the same.
     for sql in (sqlite_sql, postgres_sql):
-        assert f"WHERE {sql.LOGINS}" in " ".join(sql.MIGRATIONS[0].split())
-        assert sql.FILES.startswith("eventid IN ('cowrie.session.file_upload'")
-    plan = await store._read(
-        store._query,
-        f"EXPLAIN QUERY PLAN SELECT session FROM events "  # noqa: S608
-        f"WHERE {sqlite_sql.LOGINS} AND {sqlite_sql.USERNAME} = ?",
-        ("root",),
+        assert f"WHERE {query.LOGINS}" in " ".join(sql.MIGRATIONS[0].split())
+    assert query.FILES.startswith("eventid IN ('cowrie.session.file_upload'")
+    username = sqlite_sql.DIALECT.json_field("username")
+    (plan,) = await store._fetch_all(
+        [
+            Statement(
+                f"EXPLAIN QUERY PLAN SELECT session FROM events "  # noqa: S608
+                f"WHERE {query.LOGINS} AND {username} = ?",
+                ("root",),
+            )
+        ]
     )
     assert "events_username" in " ".join(str(row[-1]) for row in plan)

@@ -136,6 +136,11 @@ class SensorConfig:
     ssh_compression_algs: tuple[str, ...] = setting(
         factory=lambda: OPENSSH_COMPRESSION, help="offered compression"
     )
+    ssh_max_inflated_bytes: int = setting(
+        512 * 1024 * 1024,
+        "bytes a connection may inflate with zlib@openssh.com in all (each packet: 256 KiB)",
+        check=positive,
+    )
     userdb: Path | None = setting(
         None, "Cowrie-format userdb (user:x:password); unset: root with any password but root"
     )
@@ -213,6 +218,14 @@ class SensorConfig:
     )
     capture_max_bytes: int = setting(
         64 * 1024 * 1024, "largest uploaded file captured", check=positive
+    )
+    capture_max_open: int = setting(
+        32, "uploads a session may have open (being captured) at once", check=positive
+    )
+    artefact_max_bytes: int = setting(
+        4 * 1024 * 1024 * 1024,
+        "bound on captures (downloads/) and recordings (tty/) together; past it none are kept",
+        check=positive,
     )
 
     # Bounds on what attackers can make the sensor hold.

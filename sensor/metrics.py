@@ -40,3 +40,25 @@ class SensorMetrics:
             "Events dropped because the spool was full",
             registry=r,
         )
+        self.artefact_bytes = Gauge(
+            "honeyfleet_sensor_artefact_bytes",
+            "Bytes of captures and recordings counted against the artefact budget",
+            registry=r,
+        )
+        self.artefact_budget_reached = Gauge(
+            "honeyfleet_sensor_artefact_budget_reached",
+            "1 while the artefact budget is spent (new captures and recordings are not kept)",
+            registry=r,
+        )
+        self.artefacts_refused = Counter(
+            "honeyfleet_sensor_artefacts_refused",
+            "Captures and recordings not kept (or cut short) for want of artefact budget",
+            ["kind"],
+            registry=r,
+        )
+        self.artefacts_failed = Counter(
+            "honeyfleet_sensor_artefacts_failed",
+            "Captures and recordings given up after an I/O error",
+            ["kind"],
+            registry=r,
+        )

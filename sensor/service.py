@@ -12,6 +12,7 @@ from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
 from honeyfleet.systemd import notify
 from honeyfleet.tls import secure_channel
+from sensor.artefacts import DiskBudget, disk_usage
 from sensor.capture import FileStore
 from sensor.config import SensorConfig
 from sensor.events import EventLog
@@ -87,6 +88,8 @@ class Sensor:
         )
         self._tunnels = TunnelConnector(config.tls)
         self.admission = Admission(config, self.metrics)
+        used = await asyncio.to_thread(disk_usage, config.downloads_dir, config.recordings_dir)
+        budget = DiskBudget(config.artefact_max_bytes, used, self.metrics)
         shared = Shared(
             config=config,
             sensor=identity.name,
@@ -95,7 +98,12 @@ class Sensor:
             userdb=userdb,
             leases=leases,
             tunnels=self._tunnels,
-            store=FileStore(config.downloads_dir, max_bytes=config.capture_max_bytes),
+            store=FileStore(
+                config.downloads_dir,
+                max_bytes=config.capture_max_bytes,
+                max_open=config.capture_max_open,
+                budget=budget,
+            ),
             admission=self.admission,
             options=server_options(config, host_keys),
         )

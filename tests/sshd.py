@@ -2,7 +2,8 @@
 
 asyncssh on 127.0.0.1:0 with password login for one account. Shells and commands are
 real: ``/bin/sh`` under a real pty (or pipes without one), commands through ``sh -c``,
-run in a temporary home directory. SFTP and SCP are asyncssh's servers rooted there;
+run in a temporary home directory. SFTP (unless OpenSSH's ``sftp-server`` is asked for)
+and SCP are asyncssh's servers rooted there;
 SFTP ends with an exit status, as OpenSSH's does, so ``scp`` in its default SFTP mode
 works.
 """
@@ -28,8 +29,18 @@ READ = 64 * 1024
 class Sshd:
     """The server; ``start`` then ``stop``. ``home`` is where commands run and files land."""
 
-    def __init__(self, home: Path, *, user: str = USER, password: str = PASSWORD) -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        user: str = USER,
+        password: str = PASSWORD,
+        sftp_server: str | None = None,
+    ) -> None:
         self.home = home
+        # A program to run for the sftp subsystem (OpenSSH's sftp-server) instead of
+        # asyncssh's SFTP server; sessions then offer sftp and nothing else.
+        self.sftp_server = sftp_server
         self.user = user
         self.password = password
         self.port = 0
@@ -58,16 +69,24 @@ class Sshd:
             def validate_password(self, username: str, password: str) -> bool:
                 return username == sshd.user and password == sshd.password
 
+            def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
+                if sshd.sftp_server:
+                    return ProgramSftp(sshd.sftp_server, sshd.home, sshd._procs)
+                return True
+
         self._server = await asyncssh.create_server(
             Server,
             "127.0.0.1",
             0,
             server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
             server_version="OpenSSH_9.2p1 Debian-2+deb12u3",
-            process_factory=self._run,
+            # With a program for sftp, sessions are ProgramSftp's (session_requested).
+            process_factory=None if self.sftp_server else self._run,
             encoding=None,
             line_editor=False,
-            sftp_factory=lambda chan: SftpServer(chan, chroot=str(self.home).encode()),
+            sftp_factory=None
+            if self.sftp_server
+            else lambda chan: SftpServer(chan, chroot=str(self.home).encode()),
             allow_scp=True,
         )
         self.port = self._server.sockets[0].getsockname()[1]
@@ -222,6 +241,62 @@ class SftpServer(asyncssh.SFTPServer):
     def exit(self) -> None:
         """The client is done: exit status 0."""
         self.channel.exit(0)
+
+
+class ProgramSftp(asyncssh.SSHServerSession[bytes]):
+    """The sftp subsystem served by a program (OpenSSH's ``sftp-server``) on pipes."""
+
+    def __init__(self, program: str, home: Path, procs: set[asyncio.subprocess.Process]) -> None:
+        self._program = program
+        self._home = home
+        self._procs = procs
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._early: list[bytes] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == "sftp"
+
+    def session_started(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._chan is not None
+        proc = await asyncio.create_subprocess_exec(
+            self._program,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=self._home,
+            start_new_session=True,
+        )
+        self._procs.add(proc)
+        self._proc = proc
+        assert proc.stdin and proc.stdout
+        for data in self._early:
+            proc.stdin.write(data)
+        while data := await proc.stdout.read(READ):
+            self._chan.write(data)
+        self._chan.exit(await proc.wait())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.write(data)
+        else:
+            self._early.append(data)
+
+    def eof_received(self) -> bool:
+        if self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.close()
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
 
 
 def _set_size(fd: int, size: tuple[int, int, int, int]) -> None:

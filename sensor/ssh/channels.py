@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from sensor.capture import Capture, FileStore
+from sensor.capture import Capture, SessionFiles
 from sensor.events import SessionEvents
 from sensor.recording import Recorder
 from sensor.ssh.lineinput import LineEditor
@@ -55,7 +55,7 @@ class ChannelHost(Protocol):
     """What a relayed channel needs from its connection."""
 
     events: SessionEvents
-    store: FileStore
+    files: SessionFiles
     write_buffer_high: int
 
     @property
@@ -316,17 +316,13 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """Attach the observers this kind of channel gets."""
         host = self._host
         if self._kind is Kind.SFTP:
-            sftp = SftpObserver(
-                host.store, functools.partial(host.file_captured, "SFTP"), host.events.log
-            )
+            sftp = SftpObserver(host.files, functools.partial(host.file_captured, "SFTP"))
             self._from_client.append(sftp.from_client)
             self._from_guest.append(sftp.from_guest)
             self._closers.append(sftp.close)
             return
         if self._kind is Kind.EXEC and is_scp_upload(self._command):
-            scp = ScpObserver(
-                host.store, functools.partial(host.file_captured, "SCP"), host.events.log
-            )
+            scp = ScpObserver(host.files, functools.partial(host.file_captured, "SCP"))
             self._from_client.append(scp.feed)
             self._closers.append(scp.close)
             return

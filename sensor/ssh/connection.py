@@ -22,6 +22,7 @@ from typing import Any
 import asyncssh
 
 from honeyfleet.events import new_session_id
+from sensor.artefacts import ArtefactReport
 from sensor.capture import Capture, FileStore
 from sensor.config import SensorConfig
 from sensor.events import EventLog, SessionEvents
@@ -31,6 +32,7 @@ from sensor.recording import Recorder
 from sensor.ssh.admission import Admission
 from sensor.ssh.channels import RefusedForward, RelaySession
 from sensor.ssh.cleartext import CleartextParser, KexInit
+from sensor.ssh.compression import limit_inflation
 from sensor.ssh.guest import GuestLink
 from sensor.ssh.pump import AttackerSide, InnerSide
 from sensor.ssh.server import AttackerServer
@@ -95,7 +97,8 @@ class AttackerConnection:
             sensor=shared.sensor,
             protocol="ssh",
         )
-        self.store = shared.store
+        self.artefacts = ArtefactReport(self.events, shared.metrics)
+        self.files = shared.store.session(self.artefacts, self.events.log)
         self.write_buffer_high = config.write_buffer_high
         self.parser = CleartextParser(self, max_packet=config.max_packet_size)
         self.state = SessionState.CONNECTED
@@ -151,6 +154,8 @@ class AttackerConnection:
         ours, theirs = socket.socketpair()
         loop = asyncio.get_running_loop()
         await loop.create_connection(lambda: self._inner, sock=ours)
+        # asyncssh's transport inherits this task's context, where the bound is kept.
+        limit_inflation(self.config.ssh_max_inflated_bytes, self.close)
         try:
             await asyncssh.run_server(
                 theirs, options=self.shared.options, server_factory=lambda: AttackerServer(self)

@@ -13,6 +13,7 @@ from asyncssh.mac import get_mac_algs
 
 from honeyfleet.errors import ConfigError
 from sensor.config import SensorConfig
+from sensor.ssh import compression
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def supported(key: str, wanted: Sequence[str], available: Sequence[bytes]) -> li
 def server_options(
     config: SensorConfig, host_keys: list[asyncssh.SSHKey]
 ) -> asyncssh.SSHServerConnectionOptions:
-    """Options shared by every attacker connection."""
+    """Options shared by every attacker connection (zlib inflation bounded: see compression)."""
+    compression.install()
     return asyncssh.SSHServerConnectionOptions(
         config=None,
         server_host_keys=host_keys,

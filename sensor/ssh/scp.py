@@ -9,14 +9,11 @@ the relay itself goes on untouched.
 
 from __future__ import annotations
 
-import logging
 import shlex
 from collections.abc import Callable
 from enum import Enum
 
-from sensor.capture import Capture, FileStore, Logger
-
-log = logging.getLogger(__name__)
+from sensor.capture import Capture, Logger, SessionFiles
 
 MAX_HEADER = 4096
 
@@ -47,13 +44,12 @@ class ScpObserver:
 
     def __init__(
         self,
-        store: FileStore,
+        files: SessionFiles,
         on_file: Callable[[str, Capture], None],
-        logger: Logger = log,
     ) -> None:
-        self._store = store
+        self._files = files
         self._on_file = on_file
-        self._log = logger
+        self._log: Logger = files.log
         self._stage = Stage.HEADER
         self._header = bytearray()
         self._remaining = 0
@@ -102,7 +98,7 @@ class ScpObserver:
             return
         self._remaining = int(parts[1])
         self._name = parts[2].rsplit("/", 1)[-1]
-        self._capture = self._store.begin(self._log)
+        self._capture = self._files.begin()
         self._stage = Stage.DATA if self._remaining else Stage.TRAILER
 
     def _feed_data(self, view: memoryview) -> memoryview:

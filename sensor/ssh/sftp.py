@@ -3,18 +3,19 @@
 Requests (client to guest) and responses (guest to client) are parsed separately:
 an ``OPEN`` for writing remembers the file name by request id, the guest's ``HANDLE``
 reply binds that name to a handle, ``WRITE`` puts bytes at their offset and ``CLOSE``
-(or the channel's end) finishes the file. Packets over the bound, too many open files,
-or malformed packets stop the inspection; the relay itself is never held up.
+(or the channel's end) finishes the file. A HANDLE that names a handle still open (a CLOSE
+sent before the OPEN's reply came back, or a hostile sftp-server) finishes the file it
+replaces first (drops it if nothing was written), so no capture, and no descriptor, is
+ever orphaned; how many are open at once is the
+session's bound (:class:`sensor.capture.SessionFiles`). Packets over the bound or
+malformed packets stop the inspection; the relay itself is never held up.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 
-from sensor.capture import Capture, FileStore, Logger
-
-log = logging.getLogger(__name__)
+from sensor.capture import Capture, Logger, SessionFiles
 
 FXP_OPEN = 3
 FXP_CLOSE = 4
@@ -24,7 +25,8 @@ FXP_HANDLE = 102
 FXF_WRITE = 0x02
 # An SFTP WRITE carries at most 256 KiB in practice (OpenSSH sends 32 KiB).
 MAX_PACKET = 256 * 1024 + 1024
-MAX_OPEN = 32
+# OPEN requests awaiting the guest's answer that are remembered, per channel.
+MAX_PENDING = 32
 
 
 class Malformed(Exception):
@@ -82,13 +84,12 @@ class SftpObserver:
 
     def __init__(
         self,
-        store: FileStore,
+        files: SessionFiles,
         on_file: Callable[[str, Capture], None],
-        logger: Logger = log,
     ) -> None:
-        self._store = store
+        self._files = files
         self._on_file = on_file
-        self._log = logger
+        self._log: Logger = files.log
         self._requests = Packets()
         self._responses = Packets()
         self._opening: dict[int, str] = {}
@@ -135,14 +136,19 @@ class SftpObserver:
         """OPEN: remember names of files opened for writing."""
         request = fields.uint(4)
         name = fields.string().decode("utf-8", "replace")
-        if fields.uint(4) & FXF_WRITE and len(self._opening) + len(self._open) < MAX_OPEN:
+        if fields.uint(4) & FXF_WRITE and len(self._opening) < MAX_PENDING:
             self._opening[request] = name
 
     def _on_handle(self, fields: Fields) -> None:
         """HANDLE: the guest opened a file we are waiting for."""
         name = self._opening.pop(fields.uint(4), None)
-        if name is not None:
-            self._open[fields.string()] = (name, self._store.begin(self._log))
+        if name is None:
+            return
+        handle = fields.string()
+        self._replace(handle)
+        capture = self._files.begin()
+        if capture is not None:
+            self._open[handle] = (name, capture)
 
     def _on_status(self, fields: Fields) -> None:
         """STATUS: an OPEN that failed needs no capture."""
@@ -161,6 +167,17 @@ class SftpObserver:
         """CLOSE: the file is complete."""
         fields.uint(4)
         self._finish(fields.string())
+
+    def _replace(self, handle: bytes) -> None:
+        """A handle named again without a CLOSE seen: its file is done (dropped if empty)."""
+        entry = self._open.get(handle)
+        if entry is None:
+            return
+        if entry[1].written:
+            self._finish(handle)
+        else:
+            del self._open[handle]
+            entry[1].abort()
 
     def _finish(self, handle: bytes) -> None:
         """Hand a complete file on."""

@@ -82,12 +82,15 @@ async def start_fleet(
     fleet_pki: FleetPki,
     start_controller: ControllerFactory,
     tmp: Path,
+    *,
+    guest_sftp_server: str | None = None,
     **sensor: Any,
 ) -> Fleet:
     """Everything on loopback; the caller stops it with ``Fleet.stop`` (the controller stops
-    with its fixture). A start that fails half-way stops what it had started."""
+    with its fixture). A start that fails half-way stops what it had started.
+    ``guest_sftp_server``: the guest runs this program (OpenSSH's) for sftp."""
     async with contextlib.AsyncExitStack() as teardown:
-        guest = Sshd(tmp / "guest-home")
+        guest = Sshd(tmp / "guest-home", sftp_server=guest_sftp_server)
         guest_port = await guest.start()
         teardown.push_async_callback(bounded, guest.stop)
         ctl, address = await start_controller()

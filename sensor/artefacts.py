@@ -1,0 +1,106 @@
+"""One disk budget for everything a sensor keeps of attackers: captures and recordings.
+
+Captured files (``downloads/``) and recordings (``tty/``) draw on one total,
+``artefact_max_bytes``, counted from what the directories held at start-up. Bytes are
+taken from it as they are queued for disk, on the event loop, and given back when a file
+is dropped (a duplicate, an abandoned upload, a recording that was never committed).
+When the budget is spent the policy is: stop capturing new artefacts (a capture or
+recording that reaches it ends where it is), and say so: one
+``honeyfleet.artefact.budget`` event per session that lost something to it, and the
+``honeyfleet_sensor_artefact_*`` metrics. An I/O error ends only the artefact it hit,
+with a ``honeyfleet.artefact.failed`` event; the session goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from sensor.events import SessionEvents
+from sensor.metrics import SensorMetrics
+
+log = logging.getLogger(__name__)
+
+# Once an artefact did not fit, new ones are refused until use falls to this share of the
+# budget (so a nearly spent budget does not start files only to cut each one short).
+RESUME_FRACTION = 0.9
+
+
+def disk_usage(*roots: Path) -> int:
+    """Bytes of the regular files under ``roots`` (blocking: run it on a thread)."""
+    total = 0
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for name in files:
+                try:
+                    total += (Path(folder) / name).lstat().st_size
+                except OSError:
+                    continue  # removed while we walked
+    return total
+
+
+class DiskBudget:
+    """Bytes of artefacts the sensor may still write (used from the event loop only)."""
+
+    def __init__(self, max_bytes: int, used: int, metrics: SensorMetrics) -> None:
+        self.max_bytes = max_bytes
+        self.used = used
+        self._refused = False
+        metrics.artefact_bytes.set_function(lambda: self.used)
+        metrics.artefact_budget_reached.set_function(lambda: int(self.reached))
+        if used >= max_bytes:
+            log.warning("artefacts already take %d of %d budgeted bytes", used, max_bytes)
+
+    @property
+    def reached(self) -> bool:
+        """Whether new artefacts are refused: the budget is spent, or was found too small
+        for one since bytes were last given back."""
+        return self._refused or self.used >= self.max_bytes
+
+    def take(self, size: int) -> bool:
+        """Account ``size`` more bytes; False if they do not fit (nothing taken)."""
+        if self.used + size > self.max_bytes:
+            self._refused = True
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        """Bytes that are no longer on disk; refusals end once enough is free again."""
+        self.used = max(0, self.used - size)
+        if self.used <= self.max_bytes * RESUME_FRACTION:
+            self._refused = False
+
+
+class ArtefactReport:
+    """What one session says about its artefacts: budget refusals (once) and failures."""
+
+    def __init__(self, events: SessionEvents, metrics: SensorMetrics) -> None:
+        self._events = events
+        self._metrics = metrics
+        self._told_budget = False
+
+    def over_budget(self, kind: str, what: str) -> None:
+        """An artefact was not kept (or stopped growing) because the budget is spent."""
+        self._metrics.artefacts_refused.labels(kind).inc()
+        if self._told_budget:
+            return
+        self._told_budget = True
+        self._events.emit(
+            "honeyfleet.artefact.budget",
+            "Disk budget for captures and recordings reached: {artefact} not kept",
+            artefact=what,
+            kind=kind,
+        )
+
+    def failed(self, kind: str, what: str, error: OSError) -> None:
+        """An artefact hit an I/O error and was given up."""
+        self._metrics.artefacts_failed.labels(kind).inc()
+        self._events.emit(
+            "honeyfleet.artefact.failed",
+            "Could not keep {artefact}: {reason}",
+            artefact=what,
+            kind=kind,
+            reason=error.strerror or str(error),
+        )

@@ -1,0 +1,146 @@
+"""What an attacker can make the sensor hold stays bounded: inflated bytes, descriptors,
+disk and events. Each test drives a real fleet (tests/integration/ssh_fleet.py) with real
+clients past one bound and reads the result through public surfaces: events, metrics,
+/proc of this (the sensor's) process, and the files on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.conftest import require_tool, until
+from tests.integration.ssh_fleet import Fleet, FleetFactory, connect, ssh
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def peak_rss_reset() -> None:
+    """Start measuring this process's peak resident memory afresh (Linux clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory since the last reset, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def bomb(fleet: Fleet, size: int, count: int) -> str:
+    """Run tests/integration/zlib_bomb.py against the sensor; what it saw."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.integration.zlib_bomb", str(fleet.port), str(size),
+        str(count), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(180):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, out
+    return out.decode().strip()
+
+
+async def test_a_zlib_bomb_packet_is_refused_without_inflating_it(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet()
+    await until(lambda: fleet.sensor.spool is not None)
+    peak_rss_reset()
+    before = peak_rss()
+    # One packet of ~200 KiB that inflates to 200 MB.
+    assert await bomb(fleet, 200 * 1024 * 1024, 1) == "disconnected"
+    assert peak_rss() - before < 64 * 1024 * 1024
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    assert fleet.closed_reasons() == ["compressed packet inflates past 262144 bytes"]
+    code, out, _ = await ssh(fleet, "-C", "echo compressed")  # OpenSSH with compression
+    assert (code, out) == (0, b"compressed\n")
+
+
+async def test_inflated_bytes_are_bounded_per_connection(make_fleet: FleetFactory) -> None:
+    fleet = await make_fleet(ssh_max_inflated_bytes=4 * 1024 * 1024)
+    # Packets each within the per-packet bound, more of them than the connection may have.
+    assert await bomb(fleet, 200 * 1024, 40) == "disconnected"
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    assert fleet.closed_reasons() == [f"more than {4 * 1024 * 1024} bytes inflated"]
+
+
+def sftp_packet(kind: int, *fields: bytes) -> bytes:
+    """One SFTP packet: length, type, fields."""
+    body = bytes([kind]) + b"".join(fields)
+    return len(body).to_bytes(4, "big") + body
+
+
+def u32(n: int) -> bytes:
+    """An SFTP uint32."""
+    return n.to_bytes(4, "big")
+
+
+def sftp_string(data: bytes) -> bytes:
+    """An SFTP string."""
+    return u32(len(data)) + data
+
+
+def open_fds() -> int:
+    """Descriptors this (the sensor's) process holds."""
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+async def test_reused_sftp_handles_do_not_grow_descriptors(make_fleet: FleetFactory) -> None:
+    sftp_server = require_tool("/usr/lib/openssh/sftp-server", "openssh-sftp-server")
+    fleet = await make_fleet(guest_sftp_server=sftp_server)
+    conn = await connect(fleet)
+    process = await conn.create_process(subsystem="sftp", encoding=None)
+
+    async def replies(count: int) -> None:
+        for _ in range(count):
+            size = int.from_bytes(await process.stdout.readexactly(4), "big")
+            await process.stdout.readexactly(size)
+
+    process.stdin.write(sftp_packet(1, u32(3)))  # INIT, version 3
+    async with asyncio.timeout(30):
+        await replies(1)
+    before = open_fds()
+    # Each CLOSE goes out before the OPEN's HANDLE comes back, naming the handle OpenSSH's
+    # sftp-server will give (its lowest free one): every OPEN reuses handle 0, and the
+    # sensor sees the handle named again before any CLOSE for it.
+    flags = 0x02 | 0x08 | 0x10  # WRITE | CREAT | TRUNC
+    batch = 10  # OPENs awaiting their reply stay within what the watcher remembers
+    async with asyncio.timeout(120):
+        for first in range(0, 500, batch):
+            process.stdin.write(
+                b"".join(
+                    sftp_packet(3, u32(2 * n), sftp_string(b"f.bin"), u32(flags), u32(0))
+                    + sftp_packet(4, u32(2 * n + 1), sftp_string(u32(0)))
+                    for n in range(first, first + batch)
+                )
+            )
+            await replies(2 * batch)
+    assert open_fds() - before < 20
+    assert len(list((fleet.state_dir / "downloads" / "incoming").iterdir())) < 20
+    # An ordinary upload on the same channel is still captured.
+    process.stdin.write(sftp_packet(3, u32(5000), sftp_string(b"g.bin"), u32(0x1A), u32(0)))
+    async with asyncio.timeout(30):
+        size = int.from_bytes(await process.stdout.readexactly(4), "big")
+        reply = await process.stdout.readexactly(size)
+    assert reply[0] == 102  # HANDLE
+    handle = reply[9:]
+    process.stdin.write(
+        sftp_packet(
+            6, u32(5001), sftp_string(handle), (0).to_bytes(8, "big"), sftp_string(b"payload")
+        )
+        + sftp_packet(4, u32(5002), sftp_string(handle))
+    )
+    async with asyncio.timeout(30):
+        await replies(2)
+    conn.close()
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    uploads = [(e["filename"], e["size"]) for e in fleet.events("cowrie.session.file_upload")]
+    assert ("g.bin", 7) in uploads

@@ -98,6 +98,31 @@ class ControllerConfig:
     store_commit_events: int = setting(
         5000, "most events written to the store in one transaction", check=positive
     )
+    ingest_shed_after: float = setting(
+        10.0,
+        "seconds a batch may wait for room in the ingest queue before it is refused with "
+        "RESOURCE_EXHAUSTED and a retry hint; keep it well under the sensors' 30 s "
+        "acknowledgement timeout",
+        check=positive,
+    )
+    ingest_retry_after: float = setting(
+        2.0,
+        "seconds a sensor refused for overload is told to wait before trying again (it "
+        "adds its own jitter and backoff)",
+        check=positive,
+    )
+    ingest_streams_per_sensor: int = setting(
+        4,
+        "event streams one sensor (by certificate name, over all its connections) may "
+        "have open at once; a sensor uses one, more are refused with RESOURCE_EXHAUSTED",
+        check=positive,
+    )
+    ingest_bytes_per_sensor: int = setting(
+        16 * 1024 * 1024,
+        "bytes of event batches one sensor may have received and not yet acknowledged, "
+        "over all its streams; a batch past it is refused with RESOURCE_EXHAUSTED",
+        check=positive,
+    )
 
     def __post_init__(self) -> None:
         """Cross-field checks."""

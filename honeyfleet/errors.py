@@ -62,6 +62,11 @@ class ResourceExhausted(HoneyfleetError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+# Trailing metadata a server may add to RESOURCE_EXHAUSTED: milliseconds to wait before
+# trying again.
+RETRY_AFTER_TRAILER = "retry-after-ms"
+
+
 class Unavailable(HoneyfleetError):
     """A peer or store cannot be reached right now; retrying may work."""
 

@@ -210,6 +210,12 @@ class SensorConfig:
         0.9, "spool fill fraction at which new sessions are refused", check=_fraction
     )
     upload_batch: int = setting(500, "events per batch sent to the controller", check=positive)
+    upload_linger: float = setting(
+        0.1,
+        "seconds the uploader waits after new events wake it from idle, so the rest of "
+        "their burst goes in the same batch (fewer, fuller batches); 0 sends at once",
+        check=non_negative,
+    )
     json_log: Path | None = setting(None, "also write events to this Cowrie JSON lines file")
 
     # Recordings and captured files.

@@ -126,7 +126,11 @@ class Sensor:
         listen = [f"{a}/ssh" for a in config.ssh_listen]
         listen += [f"{a}/telnet" for a in config.telnet_listen]
         self.uploader = Uploader(
-            self.spool, config.controller, config.tls, batch=config.upload_batch
+            self.spool,
+            config.controller,
+            config.tls,
+            batch=config.upload_batch,
+            linger=config.upload_linger,
         )
         self._tasks = [
             asyncio.create_task(self.uploader.run()),

@@ -1,9 +1,16 @@
 """Streams spooled events to the controller's EventIngestService, deleting on ack.
 
-One batch is in flight at a time: send it, wait for its acknowledgement, delete it from
-the spool, send the next. A broken stream or an unreachable controller only delays
-delivery: the uploader reconnects with capped exponential backoff and resends the
-unacknowledged batch, which the controller deduplicates by event uuid.
+One batch is in flight at a time: send it, wait for its acknowledgement, delete exactly
+its events from the spool, send the next. A broken stream or an unreachable controller
+only delays delivery: the uploader reconnects with capped, jittered exponential backoff
+and resends the one unacknowledged batch (never an acknowledged event), which the
+controller deduplicates by event uuid anyway. A controller that sheds load answers
+RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer; the uploader waits at least that
+long, spread by jitter so refused sensors do not all come back at once.
+
+Batches fill under load: with a backlog each batch takes up to ``batch`` events; when
+the spool was empty, the uploader waits ``linger`` seconds after the first new event so
+the rest of its burst (a session's start is several events) travels in the same batch.
 """
 
 from __future__ import annotations
@@ -13,10 +20,11 @@ import contextlib
 import logging
 import random
 import sqlite3
+from collections.abc import Iterable
 
 import grpc
 
-from honeyfleet.errors import Unavailable
+from honeyfleet.errors import RETRY_AFTER_TRAILER, Unavailable
 from honeyfleet.events import to_proto
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
@@ -35,11 +43,14 @@ IDLE_POLL = 1.0
 class Uploader:
     """Delivers a spool's events to the controller; run :meth:`run` as a task."""
 
-    def __init__(self, spool: Spool, controller: str, tls: TlsFiles, *, batch: int) -> None:
+    def __init__(
+        self, spool: Spool, controller: str, tls: TlsFiles, *, batch: int, linger: float = 0.0
+    ) -> None:
         self._spool = spool
         self._controller = controller
         self._tls = tls
         self._batch = batch
+        self._linger = linger
         self._batch_id = 0
         self.connected = asyncio.Event()
         self.delivered = 0
@@ -50,25 +61,35 @@ class Uploader:
         async with secure_channel(self._controller, self._tls) as channel:
             stub = ingest_pb2_grpc.EventIngestServiceStub(channel)
             while True:
+                problem = ""
+                hint = 0.0
                 try:
                     await self._stream(stub)
                 except grpc.aio.AioRpcError as e:
-                    log.warning(
-                        "event ingest at %s: %s (%s); %d events waiting, retrying in %.1fs",
-                        self._controller,
-                        e.code().name,
-                        e.details(),
-                        self._spool.count,
-                        backoff,
-                    )
+                    problem = f"{e.code().name} ({e.details()})"
+                    hint = _retry_after(e)
                 except Unavailable as e:
-                    log.warning("event ingest at %s: %s", self._controller, e)
+                    problem = str(e)
                 except sqlite3.Error as e:  # a disk problem: keep trying, the events wait
                     log.error("reading the spool %s: %s", self._spool.path, e)
                 if self.connected.is_set():
                     backoff = BACKOFF_START
                 self.connected.clear()
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
+                # Jitter spreads sensors that failed together (a controller restart); a
+                # controller's hint is never undercut, only stretched by up to half.
+                delay = max(
+                    backoff * random.uniform(0.8, 1.2),  # noqa: S311
+                    hint * random.uniform(1.0, 1.5),  # noqa: S311
+                )
+                if problem:
+                    log.warning(
+                        "event ingest at %s: %s; %d events waiting, retrying in %.1fs",
+                        self._controller,
+                        problem,
+                        self._spool.count,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _stream(self, stub: ingest_pb2_grpc.EventIngestServiceAsyncStub) -> None:
@@ -88,6 +109,8 @@ class Uploader:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(IDLE_POLL):
                             await self._spool.changed.wait()
+                            # Let the rest of the burst that woke us join the batch.
+                            await asyncio.sleep(self._linger)
                     continue
                 self._batch_id += 1
                 request = ingest_pb2.StreamEventsRequest(
@@ -112,3 +135,16 @@ class Uploader:
                 self.delivered += len(batch)
         finally:
             call.cancel()
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float:
+    """The seconds a RESOURCE_EXHAUSTED answer asks to wait (0 without a usable hint)."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 0.0
+    # grpc.aio gives (key, value) pairs; grpc-stubs types them as the sync API's objects.
+    trailers: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+    value = next((v for k, v in trailers if k == RETRY_AFTER_TRAILER), None)
+    if not isinstance(value, str) or not value.isdigit():
+        return 0.0
+    # Capped: a confused (or hostile) controller must not park the spool for long.
+    return min(int(value) / 1000, BACKOFF_MAX * 6)

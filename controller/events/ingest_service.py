@@ -2,6 +2,10 @@
 
 One batch per stream is in flight: the next request is read only after the previous
 batch was acknowledged, so a slow store slows the sensor instead of filling memory.
+Overload is answered, not queued without bound: a sensor over its quota of streams or
+unacknowledged bytes, or a batch that finds no room in the store queue in time, ends
+the stream with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer; the sensor keeps
+the unacknowledged batch and sends it again after that.
 Malformed events are dropped, counted and logged, and their batch is still
 acknowledged (a sensor resending them would be refused again and never drain its
 spool). Every stored event's ``sensor`` is the caller's certificate name.
@@ -15,10 +19,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.events.pipeline import EventPipeline
+from controller.events.quota import Overloaded
 from controller.events.rows import EventRow
 from controller.events.validate import to_row
 from honeyfleet.authz import current_caller
-from honeyfleet.errors import InvalidArgument
+from honeyfleet.errors import RETRY_AFTER_TRAILER, InvalidArgument
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -36,23 +41,31 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
         """Store each batch, then acknowledge it."""
         sensor = current_caller().identity.name
         warned_name = False
-        with self._pipeline.stream(sensor):
-            log.info("sensor %s opened an event stream", sensor)
-            async for request in request_iterator:
-                rows, rewritten = self._accept(sensor, request)
-                if rewritten and not warned_name:
-                    warned_name = True
-                    log.warning(
-                        "sensor %s sends events naming another sensor; stored as %s, the "
-                        "name in its certificate (set the sensor's name to match)",
-                        sensor,
-                        sensor,
+        try:
+            with self._pipeline.stream(sensor):
+                log.info("sensor %s opened an event stream", sensor)
+                async for request in request_iterator:
+                    with self._pipeline.batch(sensor, request.ByteSize()):
+                        rows, rewritten = self._accept(sensor, request)
+                        if rewritten and not warned_name:
+                            warned_name = True
+                            log.warning(
+                                "sensor %s sends events naming another sensor; stored as %s, "
+                                "the name in its certificate (set the sensor's name to match)",
+                                sensor,
+                                sensor,
+                            )
+                        ack = await self._pipeline.write(rows)
+                    self._pipeline.metrics.batches.inc()
+                    yield ingest_pb2.StreamEventsResponse(
+                        batch_id=request.batch_id, stored=ack.stored, duplicates=ack.duplicates
                     )
-                ack = await self._pipeline.write(rows)
-                self._pipeline.metrics.batches.inc()
-                yield ingest_pb2.StreamEventsResponse(
-                    batch_id=request.batch_id, stored=ack.stored, duplicates=ack.duplicates
-                )
+        except Overloaded as e:
+            log.info("sensor %s event stream refused: %s", sensor, e)
+            # The interceptor turns the error into the status; the trailer carries the hint.
+            hint = str(round(e.retry_after * 1000))
+            context.set_trailing_metadata(((RETRY_AFTER_TRAILER, hint),))
+            raise
 
     def _accept(
         self, sensor: str, request: ingest_pb2.StreamEventsRequest

@@ -77,6 +77,13 @@ class EventMetrics:
         self.streams = Gauge(
             "honeyfleet_ingest_streams", "Open event streams from sensors", registry=r
         )
+        self.shed = Counter(
+            "honeyfleet_ingest_shed",
+            "Event batches or streams refused with RESOURCE_EXHAUSTED, by reason "
+            "(queue: the store is behind; sensor_streams, sensor_bytes: a sensor's quota)",
+            ["reason"],
+            registry=r,
+        )
         self.watchers = Gauge("honeyfleet_event_watchers", "Open WatchEvents calls", registry=r)
         self.watchers_dropped = Counter(
             "honeyfleet_event_watchers_dropped",

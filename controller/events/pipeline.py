@@ -11,7 +11,6 @@ while it cannot be written, and as the ``honeyfleet_store_up`` gauge.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from controller.config import ControllerConfig
 from controller.events.broadcast import Broadcaster
 from controller.events.metrics import EventMetrics, FleetCollector
+from controller.events.quota import IngestQuota, Overloaded, QuotaLimits
 from controller.events.rows import EventRow
 from controller.events.sinks import JsonLinesSink, Sink
 from controller.events.sqlite_store import SqliteEventStore
@@ -78,10 +78,18 @@ class EventPipeline:
             self.metrics,
             max_pending=config.ingest_queue_batches,
             max_commit_events=config.store_commit_events,
+            shed_after=config.ingest_shed_after,
+            retry_after=config.ingest_retry_after,
             on_stored=self._fan_out,
             on_state=self._report,
         )
-        self._streams: collections.Counter[str] = collections.Counter()
+        self.quota = IngestQuota(
+            QuotaLimits(
+                streams=config.ingest_streams_per_sensor,
+                bytes=config.ingest_bytes_per_sensor,
+                retry_after=config.ingest_retry_after,
+            )
+        )
         self._health: health_aio.HealthServicer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics_server: MetricsServer | None = None
@@ -132,20 +140,36 @@ class EventPipeline:
 
     @contextlib.contextmanager
     def stream(self, sensor: str) -> Iterator[None]:
-        """Count an open event stream of ``sensor`` while the context lasts."""
-        self._streams[sensor] += 1
-        self.metrics.streams.inc()
-        try:
+        """Count an open event stream of ``sensor`` while the context lasts.
+
+        Overloaded (counted) when the sensor already has its quota of streams open.
+        """
+        with contextlib.ExitStack() as stack:
+            self._enter(stack, self.quota.stream(sensor))
+            self.metrics.streams.inc()
+            stack.callback(self.metrics.streams.dec)
             yield
-        finally:
-            self._streams[sensor] -= 1
-            if not self._streams[sensor]:
-                del self._streams[sensor]
-            self.metrics.streams.dec()
+
+    @contextlib.contextmanager
+    def batch(self, sensor: str, size: int) -> Iterator[None]:
+        """Account a received batch until acknowledged; Overloaded (counted) past the quota."""
+        with contextlib.ExitStack() as stack:
+            self._enter(stack, self.quota.batch(sensor, size))
+            yield
+
+    def _enter(
+        self, stack: contextlib.ExitStack, quota: contextlib.AbstractContextManager[None]
+    ) -> None:
+        """Enter a quota's context, counting a refusal by its reason."""
+        try:
+            stack.enter_context(quota)
+        except Overloaded as e:
+            self.metrics.shed.labels(e.reason).inc()
+            raise
 
     def sensors_up(self) -> int:
         """Sensors with at least one open event stream."""
-        return len(self._streams)
+        return self.quota.sensors()
 
     async def _fan_out(self, rows: list[EventRow]) -> None:
         """After a commit: sinks, then live watchers."""

@@ -4,8 +4,11 @@ Streams hand their batches to :meth:`BatchWriter.write` and wait for the result;
 writer takes whatever batches are queued (up to ``max_commit_events``) and writes them
 in one transaction (group commit), so many streams cost few transactions.
 
-Backpressure: the queue of batches is bounded, so when the store is slow, streams wait
-to enqueue, stop reading requests, and gRPC flow control slows the sensors down.
+Overload: the queue of batches is bounded. When the store is slow, streams wait to
+enqueue (they stop reading requests, and gRPC flow control slows the sensors down), but
+for at most ``shed_after`` seconds: then the batch is refused with RESOURCE_EXHAUSTED
+and a retry hint (:class:`~controller.events.quota.Overloaded`), so a sensor hears
+"later" well before its acknowledgement timeout instead of waiting on without bound.
 
 Store outages: a transaction that fails with Unavailable is retried with capped
 exponential backoff until it succeeds; meanwhile nothing is acknowledged, and the
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from controller.events.metrics import EventMetrics
+from controller.events.quota import Overloaded
 from controller.events.rows import EventRow, first_new
 from controller.events.store import EventStore, StoreDataError
 from honeyfleet.errors import Unavailable
@@ -71,6 +75,8 @@ class BatchWriter:
         *,
         max_pending: int,
         max_commit_events: int,
+        shed_after: float,
+        retry_after: float,
         on_stored: Callable[[list[EventRow]], Awaitable[None]],
         on_state: Callable[[bool], Awaitable[None]],
     ) -> None:
@@ -78,6 +84,8 @@ class BatchWriter:
         self._metrics = metrics
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_pending)
         self._max_commit_events = max_commit_events
+        self._shed_after = shed_after
+        self._retry_after = retry_after
         self._on_stored = on_stored
         self._on_state = on_state
         self.up = True
@@ -85,11 +93,25 @@ class BatchWriter:
         self._down_since = 0.0
 
     async def write(self, rows: Sequence[EventRow]) -> Ack:
-        """Store a batch durably (waiting as long as that takes) and say how."""
+        """Store a batch durably and say how; Overloaded if it cannot even be queued in time.
+
+        Once queued, the batch waits as long as storing it takes (a store outage holds
+        acknowledgements; the sensor keeps its events).
+        """
         if not rows:
             return Ack(0, 0)
         pending = _Pending(rows, asyncio.get_running_loop().create_future())
-        await self._queue.put(pending)
+        try:
+            async with asyncio.timeout(self._shed_after):
+                await self._queue.put(pending)
+        except TimeoutError:
+            self._metrics.shed.labels("queue").inc()
+            raise Overloaded(
+                f"the event store is behind ({self._queue.qsize()} batches queued for "
+                f"{self._shed_after:.0f}s)",
+                reason="queue",
+                retry_after=self._retry_after,
+            ) from None
         self._metrics.queue.set(self._queue.qsize())
         return await pending.done
 

@@ -63,6 +63,12 @@ class EventIngestServiceServicer:
         them would be refused again. So stored + duplicates may be less than the
         batch's size. The sensor field of every event is set to the name in the
         caller's certificate, whatever the event said.
+
+        Overload is answered, not queued without bound: a sensor over its quota of
+        open streams or unacknowledged bytes, or a batch that finds no room in the
+        store queue in time, ends the call with RESOURCE_EXHAUSTED and a
+        "retry-after-ms" trailer. The unacknowledged batch stays with the sensor,
+        which sends it again after at least that long (with jitter).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

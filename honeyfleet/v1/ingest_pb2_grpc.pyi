@@ -49,6 +49,12 @@ class EventIngestServiceStub:
     them would be refused again. So stored + duplicates may be less than the
     batch's size. The sensor field of every event is set to the name in the
     caller's certificate, whatever the event said.
+
+    Overload is answered, not queued without bound: a sensor over its quota of
+    open streams or unacknowledged bytes, or a batch that finds no room in the
+    store queue in time, ends the call with RESOURCE_EXHAUSTED and a
+    "retry-after-ms" trailer. The unacknowledged batch stays with the sensor,
+    which sends it again after at least that long (with jitter).
     """
 
 @_typing.type_check_only
@@ -72,6 +78,12 @@ class EventIngestServiceAsyncStub(EventIngestServiceStub):
     them would be refused again. So stored + duplicates may be less than the
     batch's size. The sensor field of every event is set to the name in the
     caller's certificate, whatever the event said.
+
+    Overload is answered, not queued without bound: a sensor over its quota of
+    open streams or unacknowledged bytes, or a batch that finds no room in the
+    store queue in time, ends the call with RESOURCE_EXHAUSTED and a
+    "retry-after-ms" trailer. The unacknowledged batch stays with the sensor,
+    which sends it again after at least that long (with jitter).
     """
 
 class EventIngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -98,6 +110,12 @@ class EventIngestServiceServicer(metaclass=_abc_1.ABCMeta):
         them would be refused again. So stored + duplicates may be less than the
         batch's size. The sensor field of every event is set to the name in the
         caller's certificate, whatever the event said.
+
+        Overload is answered, not queued without bound: a sensor over its quota of
+        open streams or unacknowledged bytes, or a batch that finds no room in the
+        store queue in time, ends the call with RESOURCE_EXHAUSTED and a
+        "retry-after-ms" trailer. The unacknowledged batch stays with the sensor,
+        which sends it again after at least that long (with jitter).
         """
 
 def add_EventIngestServiceServicer_to_server(servicer: EventIngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
+from honeyfleet.errors import RETRY_AFTER_TRAILER
 from honeyfleet.events import Event, make_event
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import server_credentials
@@ -205,3 +207,59 @@ async def test_uploader_stops_when_cancelled_just_as_the_spool_changes(
     finally:
         spool.close()
         await server.stop(grace=0)
+
+
+class SheddingIngest(RecordingIngest):
+    """Acknowledges the first batch of its first stream, then refuses the second with
+    RESOURCE_EXHAUSTED and a retry hint; later streams are served normally."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__()
+        self.retry_after_ms = retry_after_ms
+        self.calls: list[list[list[str]]] = []  # per stream, the uuids of each batch
+
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[ingest_pb2.StreamEventsRequest], context: Any
+    ) -> AsyncIterator[ingest_pb2.StreamEventsResponse]:
+        """Record each batch; shed on the first stream's second batch."""
+        received: list[list[str]] = []
+        self.calls.append(received)
+        first = len(self.calls) == 1
+        async for batch in request_iterator:
+            received.append([e.uuid for e in batch.events])
+            if first and len(received) == 2:
+                context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(self.retry_after_ms)),))
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+            for event in batch.events:
+                self.seen[event.uuid] = self.seen.get(event.uuid, 0) + 1
+            yield ingest_pb2.StreamEventsResponse(batch_id=batch.batch_id, stored=len(batch.events))
+
+
+async def test_a_refusal_resends_only_the_unacknowledged_batch_after_the_hint(
+    fleet_pki: FleetPki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ingest = SheddingIngest(retry_after_ms=1500)
+    server, port = await serve_ingest(fleet_pki, ingest)
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=10_000_000, near_full=0.9)
+    tls = fleet_pki.files(Role.SENSOR, "sensor-1")
+    sent = [event(n) for n in range(7)]
+    for e in sent:
+        assert spool.append(e)
+    await spool.flush()
+    uploader = Uploader(spool, f"127.0.0.1:{port}", tls, batch=3)
+    task = asyncio.create_task(uploader.run())
+    try:
+        await until(lambda: spool.count == 0)
+    finally:
+        await stop_task(task)
+        spool.close()
+        await server.stop(grace=0)
+    uuids = [e["uuid"] for e in sent]
+    # First stream: batch 1 acknowledged (and gone from the spool), batch 2 refused.
+    assert ingest.calls[0] == [uuids[0:3], uuids[3:6]]
+    # The reconnect resends batch 2, never batch 1, then the rest.
+    assert ingest.calls[1] == [uuids[3:6], uuids[6:7]]
+    assert ingest.seen == dict.fromkeys(uuids, 1)
+    waits = [r.getMessage() for r in caplog.records if "RESOURCE_EXHAUSTED" in r.getMessage()]
+    assert len(waits) == 1
+    assert float(waits[0].rpartition("retrying in ")[2].rstrip("s")) >= 1.5

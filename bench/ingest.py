@@ -46,23 +46,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fleet import BIN, issue  # noqa: E402
 from honeyfleet.events import make_event, new_session_id, parse_timestamp, to_proto  # noqa: E402
-from honeyfleet.pki import CertificateAuthority, Role, init_ca  # noqa: E402
+from honeyfleet.pki import Role, init_ca  # noqa: E402
 from honeyfleet.tls import TlsFiles, secure_channel  # noqa: E402
 from honeyfleet.v1 import events_pb2, events_pb2_grpc, ingest_pb2, ingest_pb2_grpc  # noqa: E402
 from sensor.spool import Spool  # noqa: E402
 from sensor.uploader import Uploader  # noqa: E402
 from tests.postgres import PostgresServer, free_port  # noqa: E402
 
-BIN = Path(sys.executable).parent
 LATENCY_SENSORS = 10
-
-
-def issue(ca: CertificateAuthority, root: Path, role: Role, name: str) -> TlsFiles:
-    """Certificate files for one fleet member, valid on loopback."""
-    out = root / f"{role}-{name}"
-    ca.issue(role, name, dns=["localhost"], ips=["127.0.0.1"], out_dir=out)
-    return TlsFiles(ca=out / "ca.pem", cert=out / f"{name}.pem", key=out / f"{name}.key")
 
 
 def wire_batches(sensor: str, count: int, batch: int) -> list[ingest_pb2.StreamEventsRequest]:

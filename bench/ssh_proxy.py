@@ -45,17 +45,13 @@ import asyncssh
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from honeyfleet.config import write_toml  # noqa: E402
-from honeyfleet.pki import CertificateAuthority, Role, init_ca  # noqa: E402
-from honeyfleet.tls import TlsFiles  # noqa: E402
+from bench.fleet import Processes, rss_bytes, start_fleet  # noqa: E402
 from tests.postgres import free_port  # noqa: E402
 from tests.sshd import PASSWORD, Sshd  # noqa: E402
 
-BIN = Path(sys.executable).parent
 # An attacker's password: the sensor's default userdb lets root in with it.
 SENSOR_PASSWORD = "bench-password"  # noqa: S105
 PHASE_TIMEOUT = 300.0
-STOP_TIMEOUT = 10.0
 T = TypeVar("T")
 
 
@@ -77,57 +73,6 @@ class Target:
     port: int
     password: str
     server_pid: int
-
-
-def issue(ca: CertificateAuthority, root: Path, role: Role, name: str) -> TlsFiles:
-    """Certificate files for one fleet member, valid on loopback."""
-    out = root / f"{role}-{name}"
-    ca.issue(role, name, dns=["localhost"], ips=["127.0.0.1"], out_dir=out)
-    return TlsFiles(ca=out / "ca.pem", cert=out / f"{name}.pem", key=out / f"{name}.key")
-
-
-def tls_settings(tls: TlsFiles) -> dict[str, str]:
-    """The three TLS keys of a config section."""
-    return {"tls_ca": str(tls.ca), "tls_cert": str(tls.cert), "tls_key": str(tls.key)}
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-class Processes:
-    """Child processes with their output in log files; all stopped on exit."""
-
-    def __init__(self, workdir: Path) -> None:
-        self._workdir = workdir
-        self._procs: list[asyncio.subprocess.Process] = []
-
-    async def start(
-        self, name: str, *argv: str, stdout: int | None = None
-    ) -> asyncio.subprocess.Process:
-        """Start one process, its output (or only stderr) appended to ``<name>.log``."""
-        with (self._workdir / f"{name}.log").open("ab") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=log if stdout is None else stdout, stderr=log
-            )
-        self._procs.append(proc)
-        return proc
-
-    async def stop(self) -> None:
-        """SIGTERM every process, SIGKILL what is left after a grace period."""
-        for proc in reversed(self._procs):
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(STOP_TIMEOUT):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
 
 
 async def connect(target: Target) -> asyncssh.SSHClientConnection:
@@ -227,51 +172,24 @@ async def bounded(phase: str, work: Awaitable[T]) -> T:
         raise SystemExit(f"benchmark phase {phase!r} took over {PHASE_TIMEOUT:.0f}s") from None
 
 
-async def start_fleet(
+async def start_sensor_fleet(
     workdir: Path, procs: Processes, guest_port: int, sessions: int
 ) -> tuple[int, int]:
     """Controller, pool node and sensor processes; the sensor's port and pid."""
-    ca = init_ca(workdir / "ca", "bench")
-    issued = workdir / "issued"
-    ctl_port, node_port, sensor_port = free_port(), free_port(), free_port()
-    config = workdir / "honeyfleet.toml"
-    write_toml(
-        config,
+    sensor_port = free_port()
+    sensor = await start_fleet(
+        workdir,
+        procs,
+        f"127.0.0.1:{guest_port}",
+        PASSWORD,
         {
-            "controller": {
-                "listen": f"127.0.0.1:{ctl_port}",
-                "enroll_listen": "",
-                "metrics_listen": "",
-                "state_dir": str(workdir / "controller"),
-                **tls_settings(issue(ca, issued, Role.CONTROLLER, "ctl")),
-            },
-            "poolnode": {
-                "controller": f"127.0.0.1:{ctl_port}",
-                "listen": f"127.0.0.1:{node_port}",
-                "metrics_listen": "",
-                "state_dir": str(workdir / "poolnode"),
-                "backend": "static",
-                "static_hosts": [f"127.0.0.1:{guest_port}"],
-                "max_vms": 1,
-                "share_guests": True,
-                "backend_pass": PASSWORD,
-                **tls_settings(issue(ca, issued, Role.POOLNODE, "pool-1")),
-            },
-            "sensor": {
-                "controller": f"127.0.0.1:{ctl_port}",
-                "state_dir": str(workdir / "sensor"),
-                "ssh_listen": [f"127.0.0.1:{sensor_port}"],
-                "telnet_listen": [],
-                "max_connections_per_ip": sessions + 16,
-                "max_connections": sessions + 64,
-                **tls_settings(issue(ca, issued, Role.SENSOR, "sensor-1")),
-            },
+            "ssh_listen": [f"127.0.0.1:{sensor_port}"],
+            "telnet_listen": [],
+            "max_connections_per_ip": sessions + 16,
+            "max_connections": sessions + 64,
         },
     )
-    honeyfleet = str(BIN / "honeyfleet")
-    for role in ("controller", "poolnode", "sensor"):
-        proc = await procs.start(role, honeyfleet, role, "--config", str(config))
-    return sensor_port, proc.pid
+    return sensor_port, sensor.pid
 
 
 def report(name: str, direct: float, sensor: float, unit: str, fmt: str = "{:.1f}") -> None:
@@ -299,7 +217,9 @@ async def run(args: argparse.Namespace) -> None:
             )
             assert guest.stdout is not None
             guest_port = int(await bounded("backend start", guest.stdout.readline()))
-            sensor_port, sensor_pid = await start_fleet(workdir, procs, guest_port, args.sessions)
+            sensor_port, sensor_pid = await start_sensor_fleet(
+                workdir, procs, guest_port, args.sessions
+            )
             direct = Target("direct", guest_port, PASSWORD, guest.pid)
             sensor = Target("sensor", sensor_port, SENSOR_PASSWORD, sensor_pid)
             await bounded("fleet start", until_serving(sensor))

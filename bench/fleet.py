@@ -1,0 +1,181 @@
+"""What the benchmarks share: each fleet role as its own process on loopback, certificates
+for them, and what a process tree holds (memory, descriptors) read from /proc.
+
+Roles run as ``honeyfleet <role> --config FILE`` processes, as in production, so the
+process serving attackers can be measured on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from honeyfleet.config import write_toml  # noqa: E402
+from honeyfleet.pki import CertificateAuthority, Role, init_ca  # noqa: E402
+from honeyfleet.tls import TlsFiles  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+STOP_TIMEOUT = 10.0
+
+
+def issue(ca: CertificateAuthority, root: Path, role: Role, name: str) -> TlsFiles:
+    """Certificate files for one fleet member, valid on loopback."""
+    out = root / f"{role}-{name}"
+    ca.issue(role, name, dns=["localhost"], ips=["127.0.0.1"], out_dir=out)
+    return TlsFiles(ca=out / "ca.pem", cert=out / f"{name}.pem", key=out / f"{name}.key")
+
+
+def tls_settings(tls: TlsFiles) -> dict[str, str]:
+    """The three TLS keys of a config section."""
+    return {"tls_ca": str(tls.ca), "tls_cert": str(tls.cert), "tls_key": str(tls.key)}
+
+
+class Processes:
+    """Child processes with their output in log files; all stopped on exit."""
+
+    def __init__(self, workdir: Path) -> None:
+        self._workdir = workdir
+        self._procs: list[asyncio.subprocess.Process] = []
+
+    async def start(
+        self, name: str, *argv: str, stdout: int | None = None
+    ) -> asyncio.subprocess.Process:
+        """Start one process, its output (or only stderr) appended to ``<name>.log``."""
+        # The roles run the code next to this script, not whatever the venv's editable
+        # install points at.
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        with (self._workdir / f"{name}.log").open("ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdout=log if stdout is None else stdout,
+                stderr=log,
+                env={**os.environ, "PYTHONPATH": path},
+            )
+        self._procs.append(proc)
+        return proc
+
+    async def stop(self) -> None:
+        """SIGTERM every process, SIGKILL what is left after a grace period."""
+        for proc in reversed(self._procs):
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(STOP_TIMEOUT):
+                        await proc.wait()
+                except TimeoutError:
+                    proc.kill()
+                    await proc.wait()
+
+
+async def start_fleet(
+    workdir: Path,
+    procs: Processes,
+    guest: str,
+    backend_pass: str,
+    sensor: dict[str, object],
+) -> asyncio.subprocess.Process:
+    """Controller, pool node (one static, shared guest at ``guest`` host:port, logged into
+    as root with ``backend_pass``) and sensor processes; returns the sensor's.
+
+    ``sensor`` holds the sensor's listeners and any other keys that differ from the
+    defaults; the connections to the controller and the certificates are filled in here.
+    """
+    ca = init_ca(workdir / "ca", "bench")
+    issued = workdir / "issued"
+    ctl_port, node_port = free_port(), free_port()
+    config = workdir / "honeyfleet.toml"
+    write_toml(
+        config,
+        {
+            "controller": {
+                "listen": f"127.0.0.1:{ctl_port}",
+                "enroll_listen": "",
+                "metrics_listen": "",
+                "state_dir": str(workdir / "controller"),
+                **tls_settings(issue(ca, issued, Role.CONTROLLER, "ctl")),
+            },
+            "poolnode": {
+                "controller": f"127.0.0.1:{ctl_port}",
+                "listen": f"127.0.0.1:{node_port}",
+                "metrics_listen": "",
+                "state_dir": str(workdir / "poolnode"),
+                "backend": "static",
+                "static_hosts": [guest],
+                "max_vms": 1,
+                "share_guests": True,
+                "backend_pass": backend_pass,
+                **tls_settings(issue(ca, issued, Role.POOLNODE, "pool-1")),
+            },
+            "sensor": {
+                "controller": f"127.0.0.1:{ctl_port}",
+                "state_dir": str(workdir / "sensor"),
+                **sensor,
+                **tls_settings(issue(ca, issued, Role.SENSOR, "sensor-1")),
+            },
+        },
+    )
+    honeyfleet = str(BIN / "honeyfleet")
+    for role in ("controller", "poolnode", "sensor"):
+        proc = await procs.start(role, honeyfleet, role, "--config", str(config))
+    return proc
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a process and its descendants hold at one moment."""
+
+    rss: int
+    """Resident bytes, summed over the processes (shared pages counted in each)."""
+    fds: int
+    """Open file descriptors, summed over the processes."""
+    processes: int
+    """How many processes the tree has."""
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ProcessLookupError(f"no VmRSS for process {pid}")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended during the scan
+            continue
+        # The command name may hold spaces and parentheses: fields follow the last ')'.
+        ppid = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def tree_usage(root: int) -> Usage:
+    """Memory and descriptors of ``root`` and its descendants (those that end while they
+    are read are left out)."""
+    rss = fds = count = 0
+    for pid in process_tree(root):
+        try:
+            rss += rss_bytes(pid)
+            fds += sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # it ended meanwhile
+            continue
+        count += 1
+    return Usage(rss, fds, count)

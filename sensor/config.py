@@ -209,6 +209,11 @@ class SensorConfig:
     spool_near_full: float = setting(
         0.9, "spool fill fraction at which new sessions are refused", check=_fraction
     )
+    spool_reserve_bytes: int = setting(
+        16 * 1024 * 1024,
+        "disk the spool holds back for running sessions' events; less free: new sessions refused",
+        check=non_negative,
+    )
     upload_batch: int = setting(500, "events per batch sent to the controller", check=positive)
     upload_linger: float = setting(
         0.1,

@@ -14,6 +14,7 @@ an equal share of the limit instead. A cut value is its prefix, with no marker a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import MutableMapping
@@ -91,9 +92,10 @@ class EventLog:
         """Wait until every event emitted so far is committed to the spool."""
         await self.spool.flush()
 
-    def close(self) -> None:
-        """Commit what is pending and close the spool (blocks: for shutdown)."""
-        self.spool.close()
+    async def close(self) -> None:
+        """Commit what is pending and close the spool (its blocking part on a thread)."""
+        await self.spool.stop()
+        await asyncio.to_thread(self.spool.close)
 
 
 class SessionEvents:

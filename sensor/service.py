@@ -79,6 +79,7 @@ class Sensor:
             config.state_dir / "spool.sqlite3",
             max_bytes=config.spool_max_bytes,
             near_full=config.spool_near_full,
+            reserve_bytes=config.spool_reserve_bytes,
             mirror=self._jsonlines.write if self._jsonlines is not None else None,
         )
         self._events = EventLog(self.spool, self.metrics)
@@ -174,7 +175,7 @@ class Sensor:
             await self._metrics_server.stop()
         if self._events is not None:
             await self._events.flush()
-            await asyncio.to_thread(self._events.close)
+            await self._events.close()
         if self._jsonlines is not None:
             self._jsonlines.close()
 

@@ -9,18 +9,33 @@ handed to the ``mirror`` (the local JSON lines file), both of which follow the c
 Events leave only through :meth:`Spool.delete`, which the uploader calls after the
 controller acknowledged them.
 
-The spool has a size bound, accounted on the event loop when an event is appended (so
-pending events count). Past ``near_full`` of it the sensor refuses new sessions, keeping
-the rest for the events of sessions already accepted; only past the bound itself is an
-event dropped (and counted), so the sensor never blocks on a full disk.
+An event :meth:`Spool.append` accepted is never dropped. The spool has a size bound,
+accounted on the event loop when an event is appended (so pending events count), and it
+reserves its own room on disk: a file of ``reserve_bytes`` next to the database, made at
+start. Admission reads two truthful flags:
+
+* :attr:`Spool.near_full`: new sessions are refused, keeping the rest for the events of
+  sessions already accepted. True past ``near_full`` of the bound, when the disk has
+  less free space than the reserve, or when :attr:`Spool.full`.
+* :attr:`Spool.full`: the disk is full. A commit failed, so the reserve was given up to
+  make room and the commit retried; if even that fails the spool is *stalled*: events
+  stay pending in memory (still counted) and the commit is retried, with back-off,
+  until it succeeds. :meth:`Spool.flush` does not wait for a stalled spool, so a session
+  can still end. Once delivered events are deleted and the disk has room, the reserve
+  is made again and the spool is no longer full.
+
+Only past the size bound itself is a new event refused by :meth:`Spool.append` (and
+counted), so the sensor never blocks on a full spool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +56,10 @@ CREATE TABLE IF NOT EXISTS events (
 """
 # Most events in one transaction; a burst larger than this commits in several.
 COMMIT_EVENTS = 2000
+# Seconds between commit attempts of a stalled spool (doubling up to the most).
+RETRY_FIRST = 0.5
+RETRY_MOST = 30.0
+RESERVE_CHUNK = 1024 * 1024
 
 Mirror = Callable[[list[Event]], None]
 
@@ -64,30 +83,52 @@ class Spool:
     """A bounded, crash-safe FIFO of events; used from one event loop, writes on a thread."""
 
     def __init__(
-        self, path: Path, *, max_bytes: int, near_full: float, mirror: Mirror | None = None
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        near_full: float,
+        reserve_bytes: int = 0,
+        mirror: Mirror | None = None,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
         self.near_full_bytes = int(max_bytes * near_full)
+        self.reserve_bytes = reserve_bytes
+        self.reserve_path = path.with_name(path.name + ".reserve")
         self.dropped = 0
+        self.stalled = False
         self.changed = asyncio.Event()
         self._mirror = mirror
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
         self._pending: list[tuple[Event, str]] = []
         self._committer: asyncio.Task[None] | None = None
+        self._progress = asyncio.Event()
+        # Disk state, written on the spool's thread after each database job.
+        self._reserved = False
+        self._disk_free = 0
         # Opening is start-up work, done once; waiting for it here keeps construction simple.
         count, size = self._executor.submit(self._open).result()
         self.count: int = count
         self.bytes: int = size
         if count:
             log.info("spool %s holds %d undelivered events (%d bytes)", path, count, size)
+        if self.full:
+            log.error("spool %s: no room on disk for its %d byte reserve", path, reserve_bytes)
+
+    @property
+    def full(self) -> bool:
+        """Whether the disk is full: the reserve is given up (or could not be made)."""
+        return self.stalled or (self.reserve_bytes > 0 and not self._reserved)
 
     @property
     def near_full(self) -> bool:
         """Whether new sessions must be refused to keep room for running ones."""
-        return bool(self.bytes >= self.near_full_bytes)
+        return (
+            self.full or self.bytes >= self.near_full_bytes or self._disk_free < self.reserve_bytes
+        )
 
     def append(self, event: Event) -> bool:
         """Queue an event for the next commit; False (and counted) only when the spool is full.
@@ -107,45 +148,73 @@ class Spool:
         return True
 
     async def flush(self) -> None:
-        """Return once every event appended so far is committed."""
-        while self._committer is not None and not self._committer.done():
-            # Shielded: a caller that gives up must not cancel other producers' commit.
-            await asyncio.shield(self._committer)
+        """Return once every event appended so far is committed, or the spool is stalled
+        (its events then wait in memory for the disk: see the module's doc)."""
+        while self._committer is not None and not self._committer.done() and not self.stalled:
+            self._progress.clear()
+            # Not the committer itself: a caller that gives up must not cancel it.
+            await self._progress.wait()
 
     async def oldest(self, limit: int, max_bytes: int) -> list[Spooled]:
         """Up to ``limit`` of the oldest events, at most ``max_bytes`` of JSON (at least one)."""
         return await self._run(self._select, limit, max_bytes)
 
     async def delete(self, batch: list[Spooled]) -> None:
-        """Remove delivered events."""
+        """Remove delivered events (and make the reserve again if it was given up)."""
         await self._run(self._delete, [item.seq for item in batch])
         self.count -= len(batch)
         self.bytes -= sum(item.size for item in batch)
 
+    async def stop(self) -> None:
+        """Stop committing in the background (a stalled spool's retries); :meth:`close` next."""
+        if self._committer is not None and not self._committer.done():
+            self._committer.cancel()  # its batch stays in _pending until committed
+            await asyncio.wait([self._committer])
+
     def close(self) -> None:
-        """Commit what is still pending, then close the database (blocks: for shutdown)."""
+        """Commit what is still pending, then close the database (blocks: for shutdown).
+
+        Called after :meth:`stop` (or :meth:`flush`), from any thread.
+        """
         pending, self._pending = self._pending, []
         if pending:
             # The single thread runs jobs in order: this lands after any running commit.
-            self._executor.submit(self._insert, pending).result()
+            try:
+                self._executor.submit(self._insert_or_release, pending).result()
+            except (sqlite3.Error, OSError) as e:
+                log.error("spool %s: %d events lost at shutdown: %s", self.path, len(pending), e)
         self._executor.submit(self._close).result()
         self._executor.shutdown(wait=True)
 
     async def _commit_pending(self) -> None:
-        """Commit pending events in batches until none are left (one task at a time)."""
+        """Commit pending events in batches until none are left (one task at a time).
+
+        A batch leaves ``_pending`` only once it is committed, so none is ever lost here.
+        """
+        retry = RETRY_FIRST
         while self._pending:
             batch = self._pending[:COMMIT_EVENTS]
-            del self._pending[:COMMIT_EVENTS]
             try:
-                await self._run(self._insert, batch)
+                await self._run(self._insert_or_release, batch)
             except (sqlite3.Error, OSError) as e:
-                # Nothing else can hold these events: say so loudly and keep the count right.
-                self.dropped += len(batch)
-                self.count -= len(batch)
-                self.bytes -= sum(len(text) for _, text in batch)
-                log.error("spool %s: cannot commit %d events: %s", self.path, len(batch), e)
+                if not self.stalled:
+                    log.error(
+                        "spool %s: cannot commit %d events (kept, retrying): %s",
+                        self.path, len(self._pending), e,
+                    )  # fmt: skip
+                self.stalled = True
+                self._progress.set()
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_MOST)
                 continue
+            del self._pending[: len(batch)]
+            if self.stalled:
+                log.warning("spool %s: committing again", self.path)
+            self.stalled = False
+            retry = RETRY_FIRST
+            self._progress.set()
             self.changed.set()
+        self._progress.set()
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the spool's thread."""
@@ -154,7 +223,7 @@ class Spool:
     # On the spool's thread.
 
     def _open(self) -> tuple[int, int]:
-        """Open (and create) the database; (events, bytes) it holds."""
+        """Open (and create) the database and the reserve; (events, bytes) it holds."""
         # isolation_level=None: transactions are ours, one fsync per commit.
         db = sqlite3.connect(self.path, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
@@ -163,12 +232,61 @@ class Spool:
         self._db = db
         row = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(json)), 0) FROM events")
         count, size = row.fetchone()
+        self._make_reserve()
         return int(count), int(size)
+
+    def _make_reserve(self) -> None:
+        """Hold ``reserve_bytes`` of disk in a file of our own, if there is room for it."""
+        if self.reserve_bytes and not self._reserved:
+            try:
+                with self.reserve_path.open("wb") as f:
+                    left = self.reserve_bytes
+                    chunk = bytes(RESERVE_CHUNK)
+                    while left > 0:  # written, not fallocated: tmpfs and overlayfs too
+                        left -= f.write(chunk[: min(left, RESERVE_CHUNK)])
+                    f.flush()
+                    os.fsync(f.fileno())
+                self._reserved = True
+            except OSError:
+                with contextlib.suppress(OSError):
+                    self.reserve_path.unlink(missing_ok=True)
+        self._measure()
+
+    def _release_reserve(self) -> None:
+        """Give the reserve up so that events can be committed into its room."""
+        if self._reserved:
+            log.error("spool %s: disk full, committing into the spool's reserve", self.path)
+            self.reserve_path.unlink(missing_ok=True)
+            self._reserved = False
+
+    def _measure(self) -> None:
+        """Note the room events have: free space on disk plus free pages in the database
+        (delivered events free pages, which new ones reuse, not disk space)."""
+        try:
+            st = os.statvfs(self.path.parent)
+            db = self._conn()
+            pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+            page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        except (OSError, sqlite3.Error):
+            return
+        self._disk_free = st.f_bavail * st.f_frsize + int(pages) * int(page_size)
 
     def _conn(self) -> sqlite3.Connection:
         """The open connection."""
         assert self._db is not None, "spool used after close()"
         return self._db
+
+    def _insert_or_release(self, batch: list[tuple[Event, str]]) -> None:
+        """Commit events; if that fails while the reserve is held, free it and try again."""
+        try:
+            self._insert(batch)
+        except (sqlite3.Error, OSError):
+            if not self._reserved:
+                raise
+            self._release_reserve()
+            self._insert(batch)
+        finally:
+            self._measure()
 
     def _insert(self, batch: list[tuple[Event, str]]) -> None:
         """Write events in one transaction, then hand them to the mirror."""
@@ -181,7 +299,8 @@ class Spool:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite may have rolled back already (a full disk)
+                db.execute("ROLLBACK")
             raise
         if self._mirror is not None:
             try:
@@ -202,11 +321,17 @@ class Spool:
         return out
 
     def _delete(self, seqs: list[int]) -> None:
-        """Delete rows in one transaction."""
+        """Delete rows in one transaction; then try to make the reserve again."""
         db = self._conn()
         db.execute("BEGIN")
-        db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
-        db.execute("COMMIT")
+        try:
+            db.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in seqs])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._make_reserve()
 
     def _close(self) -> None:
         """Close the connection."""

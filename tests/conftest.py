@@ -9,7 +9,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +26,7 @@ from honeyfleet.tls import TlsFiles
 from poolnode.backends.static import StaticBackend, parse_hosts
 from poolnode.config import PoolNodeConfig
 from poolnode.server import PoolNode
+from tests.tinydisk import TinyDisks
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -106,6 +107,16 @@ class FleetPki:
         (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         (out / "ca.pem").write_bytes(self.ca.cert_pem)
         return TlsFiles(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
+
+
+@pytest.fixture
+def tiny_disks() -> Iterator[TinyDisks]:
+    """Make tmpfs mounts; all unmounted afterwards (ask for it before fixtures that use them)."""
+    disks = TinyDisks()
+    try:
+        yield disks
+    finally:
+        disks.unmount_all()
 
 
 @pytest.fixture(scope="session")

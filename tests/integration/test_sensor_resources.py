@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tests.conftest import require_tool, until
 from tests.integration.ssh_fleet import Fleet, FleetFactory, connect, ssh
+from tests.integration.test_sensor_bounds import refusal_reasons, refused
+from tests.tinydisk import TinyDisks, fill
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,3 +146,28 @@ async def test_reused_sftp_handles_do_not_grow_descriptors(make_fleet: FleetFact
     await until(lambda: len(fleet.closed_reasons()) == 1)
     uploads = [(e["filename"], e["size"]) for e in fleet.events("cowrie.session.file_upload")]
     assert ("g.bin", 7) in uploads
+
+
+async def test_a_full_disk_refuses_new_sessions_and_keeps_every_event(
+    tiny_disks: TinyDisks, make_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    disk = tiny_disks.mount(tmp_path / "disk", 8 * 1024 * 1024)
+    fleet = await make_fleet(
+        state_dir=disk, spool_reserve_bytes=1024 * 1024, refusal_event_interval=0.0
+    )
+    session = await connect(fleet)
+    await session.run("echo before", check=True)
+    fill(disk)  # the sensor's disk fills up (captures, logs, anything)
+    await session.run("echo filled", check=True)  # the spool notices at its next commit
+    assert await refused(fleet, "127.0.0.2")
+    await until(lambda: refusal_reasons(fleet) == ["spool_near_full"])
+    # The session already in keeps working, and none of its events is lost.
+    for n in range(30):
+        result = await session.run(f"echo {n}", check=True)
+        assert result.stdout == f"{n}\n"
+    session.close()
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    commands = [e["input"] for e in fleet.events("cowrie.command.input")]
+    assert commands == ["echo before", "echo filled", *(f"echo {n}" for n in range(30))]
+    registry = fleet.sensor.metrics.registry
+    assert registry.get_sample_value("honeyfleet_sensor_events_dropped_total") == 0

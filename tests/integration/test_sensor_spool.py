@@ -25,6 +25,7 @@ from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
 from sensor.spool import Spool
 from sensor.uploader import Uploader
 from tests.conftest import FleetPki, until
+from tests.tinydisk import TinyDisks, fill
 
 
 class RecordingIngest(ingest_pb2_grpc.EventIngestServiceServicer):
@@ -263,3 +264,46 @@ async def test_a_refusal_resends_only_the_unacknowledged_batch_after_the_hint(
     waits = [r.getMessage() for r in caplog.records if "RESOURCE_EXHAUSTED" in r.getMessage()]
     assert len(waits) == 1
     assert float(waits[0].rpartition("retrying in ")[2].rstrip("s")) >= 1.5
+
+
+async def test_a_full_disk_refuses_sessions_and_loses_no_accepted_event(
+    tiny_disks: TinyDisks, tmp_path: Path
+) -> None:
+    disk = tiny_disks.mount(tmp_path / "disk", 4 * 1024 * 1024)
+    path = disk / "spool.sqlite3"
+    spool = Spool(path, max_bytes=100_000_000, near_full=0.9, reserve_bytes=1024 * 1024)
+    try:
+        assert not spool.near_full and not spool.full
+        for n in range(10):
+            assert spool.append(event(n))
+        await spool.flush()
+        # Something else fills the disk: the spool's own room is all that is left.
+        filler = fill(disk)
+        await spool.flush()
+        for n in range(10, 20):
+            assert spool.append(event(n))
+        await spool.flush()
+        assert spool.near_full, "a disk with less free space than the reserve is near full"
+        # More events than the disk has room for, even with the reserve: each one accepted
+        # is committed into the reserve's room or kept until the disk has room again;
+        # none is dropped, and a flush does not hang on a disk that stays full.
+        for n in range(20, 5020):
+            assert spool.append(event(n))
+            if n % 200 == 0:
+                await spool.flush()  # commit as sessions do, a few events at a time
+        await spool.flush()
+        assert spool.full and spool.near_full
+        assert spool.dropped == 0 and spool.count == 5020
+        assert len(stored_uuids(path)) < 5020, "the disk was not filled"
+        # The disk has room again: what was kept is committed, then delivered, and the
+        # reserve comes back.
+        filler.unlink()
+        await until(lambda: not spool.stalled, 60)
+        await spool.flush()
+        assert len(stored_uuids(path)) == 5020
+        await spool.delete(await spool.oldest(limit=6000, max_bytes=1 << 30))
+        assert not spool.full and not spool.near_full
+        assert spool.reserve_path.stat().st_size == 1024 * 1024
+    finally:
+        await spool.stop()
+        spool.close()

@@ -55,7 +55,7 @@ async def make_session(tmp_path: Path) -> AsyncIterator[Any]:
 
     yield make
     await log.flush()
-    log.close()
+    await log.close()
 
 
 def incoming(session: Session) -> list[Path]:

@@ -22,7 +22,7 @@ async def events(tmp_path: Path) -> AsyncIterator[SessionEvents]:
     log = EventLog(spool, SensorMetrics())
     yield SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="edge1", protocol="ssh")
     await log.flush()
-    log.close()
+    await log.close()
 
 
 def accepted(event: dict[str, Any]) -> dict[str, Any]:

@@ -9,11 +9,12 @@ started by the benchmark on loopback, is the baseline.
 
 Needs root (sshd), ``apt-get install openssh-server busybox-static sshpass``.
 
-Per server, each scenario runs its attackers from many loopback addresses of its own
-(127.0.N.1, 127.0.N.2, ...; ``--addresses``) while a legitimate client logs in from
-127.0.0.2 and runs ``true``, one login after another (OpenSSH ``ssh`` under sshpass;
-0.2 s pause after a failure), for ``--duration`` seconds after ``--ramp`` seconds of
-attack. Scenarios:
+Both servers run side by side and each scenario runs on one, then the other (so the pair
+sees about the same load from whatever else the machine runs): attackers on loopback
+addresses of the scenario's own (127.0.N.1, 127.0.N.2, ...; ``--addresses``) while a
+legitimate client logs in from 127.0.0.2 and runs ``true``, one login after another
+(OpenSSH ``ssh`` under sshpass; 0.2 s pause after a failure), for ``--duration``
+seconds after ``--ramp`` seconds of attack. Scenarios:
 
 * ``idle``: no attack, for reference;
 * ``brute-force``: ``--workers`` connections at a time guessing 8 passwords each for
@@ -85,8 +86,9 @@ MAX_LOGINS = 10_000
 # once: a refusal takes a millisecond and would otherwise flood the tallies).
 RETRY_DELAY = 0.2
 SAMPLE_INTERVAL = 0.25
-# Seconds to wait after an attack for the server to drop back to its idle descriptors.
-SETTLE_TIMEOUT = 15.0
+# Seconds to wait after an attack for the server to drop back to its idle descriptors
+# and processes (busybox telnetd's logins may linger).
+SETTLE_TIMEOUT = 30.0
 START_TIMEOUT = 180.0
 # Attack stops must not hang the run.
 STOP_TIMEOUT = 30.0
@@ -214,11 +216,12 @@ async def run_scenario(
 
 
 async def settle(server: Server, idle: Usage) -> None:
-    """Wait (bounded) until the server holds about as many descriptors as when idle."""
+    """Wait (bounded) until the server holds about as many descriptors and processes as
+    when idle."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while time.monotonic() < deadline:
         usage = await asyncio.to_thread(total_usage, server)
-        if usage.fds <= idle.fds + 4:
+        if usage.fds <= idle.fds + 4 and usage.processes <= idle.processes + 1:
             return
         await asyncio.sleep(0.5)
 
@@ -351,11 +354,15 @@ async def main_async(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
     print(f"work directory: {tmp}", flush=True)
     try:
-        for name in args.servers:
-            workdir = tmp / name
-            workdir.mkdir()
-            async with SERVERS[name](workdir) as server:
-                for block, scenario in enumerate(chosen, start=1):
+        async with contextlib.AsyncExitStack() as stack:
+            servers = []
+            for name in args.servers:
+                (tmp / name).mkdir()
+                servers.append(await stack.enter_async_context(SERVERS[name](tmp / name)))
+            # Each scenario on every server in turn: the pair sees about the same load
+            # from whatever else the machine runs.
+            for block, scenario in enumerate(chosen, start=1):
+                for server in servers:
                     row = await run_scenario(server, scenario, block, args)
                     rows.append(row)
                     print(" | ".join(describe(row)), flush=True)

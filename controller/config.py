@@ -76,6 +76,22 @@ class ControllerConfig:
         "partitions); 0 keeps everything",
         check=non_negative,
     )
+    postgres_partition_days: int = setting(
+        30,
+        "PostgreSQL: events up to this many days old (and at most retention_days) go to a "
+        "daily partition; older ones (a long spool backlog, a wrong or lying sensor "
+        "clock) share one partition, events_old, so no sensor can make the store create "
+        "a partition per past day; their times are kept as sent",
+        check=positive,
+    )
+    store_max_bytes: int = setting(
+        0,
+        "bound on the event store's size in bytes (SQLite: pages in use; PostgreSQL: "
+        "events partitions and sessions); past it the oldest events are deleted first, "
+        "in chunks, off the ingest path (PostgreSQL: a whole past day at a time, never "
+        "today's); 0: no bound",
+        check=non_negative,
+    )
     jsonlines_path: str = setting(
         "cowrie.json",
         "Cowrie-format JSON lines log of every stored event, rotated daily, for ELK, "

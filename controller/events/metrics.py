@@ -77,6 +77,16 @@ class EventMetrics:
         self.streams = Gauge(
             "honeyfleet_ingest_streams", "Open event streams from sensors", registry=r
         )
+        self.store_bytes = Gauge(
+            "honeyfleet_store_bytes",
+            "Bytes the event store takes, as store_max_bytes counts them",
+            registry=r,
+        )
+        self.budget_deleted = Counter(
+            "honeyfleet_store_budget_deleted",
+            "Events deleted (oldest first) to keep the store under store_max_bytes",
+            registry=r,
+        )
         self.shed = Counter(
             "honeyfleet_ingest_shed",
             "Event batches or streams refused with RESOURCE_EXHAUSTED, by reason "

@@ -42,6 +42,10 @@ INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["EventIngestService"].fu
 # While the store is down and no batch is retrying, probe it this often.
 PROBE_INTERVAL = 1.0
 MAINTENANCE_INTERVAL = 3600.0
+# How often the store's size is measured (and the budget enforced).
+BUDGET_INTERVAL = 10.0
+# Most chunks deleted in one budget round, so a round ends and the size is reported.
+BUDGET_ROUNDS = 100
 
 
 def open_store(config: ControllerConfig) -> EventStore:
@@ -53,7 +57,11 @@ def open_store(config: ControllerConfig) -> EventStore:
             raise ConfigError(
                 "store", f"postgres needs psycopg: pip install 'honeyfleet[postgres]' ({e})"
             ) from None
-        return PostgresEventStore(config.postgres_dsn, retention_days=config.retention_days)
+        return PostgresEventStore(
+            config.postgres_dsn,
+            retention_days=config.retention_days,
+            partition_days=config.postgres_partition_days,
+        )
     return SqliteEventStore(
         config.state_dir / "events.sqlite3", retention_days=config.retention_days
     )
@@ -196,9 +204,43 @@ class EventPipeline:
             )
             await self._health.set(INGEST_SERVICE, status)
 
+    async def _budget(self) -> None:
+        """Measure the store; past store_max_bytes delete the oldest events, chunk by chunk.
+
+        Runs in the upkeep task: each chunk is its own short transaction, so batches
+        from sensors are written in between, never behind the whole deletion.
+        """
+        size = await self.store.size()
+        budget = self._config.store_max_bytes
+        rounds = 0
+        while budget and size > budget and rounds < BUDGET_ROUNDS:
+            deleted = await self.store.delete_oldest()
+            if not deleted:
+                log.error(
+                    "event store is %d bytes, over store_max_bytes (%d), and nothing older "
+                    "than today is left to delete",
+                    size,
+                    budget,
+                )
+                break
+            self.metrics.budget_deleted.inc(deleted)
+            rounds += 1
+            size = await self.store.size()
+        if rounds:
+            log.warning(
+                "event store over store_max_bytes (%d): deleted the oldest events in %d "
+                "chunks; now %d bytes",
+                budget,
+                rounds,
+                size,
+            )
+        self.metrics.store_bytes.set(size)
+
     async def _upkeep(self) -> None:
-        """Probe a down store while no batch is retrying; run maintenance hourly."""
+        """Probe a down store while no batch is retrying; run maintenance hourly and the
+        budget every BUDGET_INTERVAL."""
         next_maintenance = 0.0
+        next_budget = 0.0
         while True:
             if not self.writer.up and not self.writer.retrying:
                 try:
@@ -216,4 +258,11 @@ class EventPipeline:
                     log.warning("event store maintenance failed, will retry: %s", e)
                 else:
                     next_maintenance = time.monotonic() + MAINTENANCE_INTERVAL
+            if self.writer.up and time.monotonic() >= next_budget:
+                try:
+                    await self._budget()
+                except HoneyfleetError as e:
+                    self.metrics.store_errors.labels("budget").inc()
+                    log.warning("event store budget check failed, will retry: %s", e)
+                next_budget = time.monotonic() + BUDGET_INTERVAL
             await asyncio.sleep(PROBE_INTERVAL)

@@ -160,6 +160,12 @@ MIGRATIONS = [
     """,
 ]
 
+MIGRATIONS.append(
+    # Events older than the partition window (a long spool backlog, a lying clock) share
+    # this one partition: no sensor can make the store create a partition per past day.
+    "CREATE TABLE IF NOT EXISTS events_old PARTITION OF events DEFAULT"
+)
+
 INSERT_EVENTS = """
 INSERT INTO events (uuid, time, sensor, session, eventid, src_ip, protocol, event, raw)
 SELECT * FROM unnest(
@@ -194,4 +200,25 @@ INSERT_CLIENT = "INSERT INTO clients (version) VALUES (%s) ON CONFLICT (md5(vers
 LIST_PARTITIONS = """
 SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = 'events'::regclass
+"""
+
+# Bytes of every events partition (with indexes and TOAST) and of the sessions table.
+SIZE = """
+SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)
+    + pg_total_relation_size('event_sessions'::regclass)
+FROM pg_inherits i WHERE i.inhparent = 'events'::regclass
+"""
+
+# Rows of a partition as the planner estimates them (no scan; -1 when never analysed).
+ESTIMATED_ROWS = "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = %s::regclass"
+
+CHUNK = 10_000
+# Retention in the shared old partition, one chunk per statement: (cutoff, chunk).
+EXPIRE_OLD_EVENTS = """
+DELETE FROM events_old WHERE ctid IN (SELECT ctid FROM events_old WHERE time < %s LIMIT %s)
+"""
+# Sessions whose last event is older than a cutoff, one chunk per statement: (cutoff, chunk).
+EXPIRE_SESSIONS = """
+DELETE FROM event_sessions WHERE session IN
+    (SELECT session FROM event_sessions WHERE last_time < %s LIMIT %s)
 """

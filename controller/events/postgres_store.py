@@ -43,7 +43,7 @@ class PostgresEventStore(SqlQueries):
     kind = "postgres"
     queries = QueryBuilder(sql.DIALECT)
 
-    def __init__(self, dsn: str, *, retention_days: int = 0) -> None:
+    def __init__(self, dsn: str, *, retention_days: int = 0, partition_days: int = 30) -> None:
         try:
             params = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as e:
@@ -54,6 +54,11 @@ class PostgresEventStore(SqlQueries):
             f"/{params.get('dbname', '')}"
         )
         self._retention_days = retention_days
+        # Events older than this get no daily partition of their own (see events_old);
+        # never longer than retention, whose dropped days must not be created again.
+        self._partition_days = (
+            min(partition_days, retention_days) if retention_days > 0 else partition_days
+        )
         self._pool = AsyncConnectionPool(
             dsn,
             min_size=1,
@@ -139,7 +144,8 @@ class PostgresEventStore(SqlQueries):
 
     async def write_batch(self, rows: Sequence[EventRow]) -> set[str]:
         """Store rows and their session summaries in one transaction."""
-        days = {row.time.date() for row in rows} - self._partitions
+        oldest = datetime.now(UTC).date() - timedelta(days=self._partition_days)
+        days = {day for row in rows if (day := row.time.date()) >= oldest} - self._partitions
         async with self._connection() as conn:
             if days:
                 await self._create_partitions(conn, days)
@@ -197,10 +203,72 @@ class PostgresEventStore(SqlQueries):
                     log.info("event store %s: dropping partition %s (retention)", self.where, name)
                     await conn.execute(pgsql.SQL("DROP TABLE {}").format(pgsql.Identifier(name)))
                     self._partitions.discard(day)
-            await conn.execute(
-                "DELETE FROM event_sessions WHERE last_time < %s",
-                (datetime.combine(cutoff, time(), UTC),),
+            expired = datetime.combine(cutoff, time(), UTC)
+            for statement in (sql.EXPIRE_OLD_EVENTS, sql.EXPIRE_SESSIONS):
+                while await self._delete_chunk(conn, statement, expired) >= sql.CHUNK:
+                    pass
+
+    @staticmethod
+    async def _delete_chunk(
+        conn: psycopg.AsyncConnection[Any], statement: str, cutoff: datetime
+    ) -> int:
+        """Run one chunked DELETE (its own transaction); rows deleted."""
+        cursor = await conn.execute(statement, (cutoff, sql.CHUNK))
+        return cursor.rowcount
+
+    async def size(self) -> int:
+        """Bytes of the events partitions and the sessions table."""
+        async with self._connection() as conn:
+            cursor = await conn.execute(sql.SIZE)
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def delete_oldest(self) -> int:
+        """Empty the oldest data: the shared old partition, else the oldest past day.
+
+        PostgreSQL returns a table's space only when the table goes, so the budget
+        works a partition at a time (today's and later ones are never dropped).
+        """
+        today = datetime.now(UTC).date()
+        async with self._connection() as conn:
+            cursor = await conn.execute("SELECT count(*) FROM (SELECT 1 FROM events_old LIMIT 1) x")
+            row = await cursor.fetchone()
+            if row and row[0]:
+                return await self._drop(conn, "events_old", truncate=True)
+            cursor = await conn.execute(sql.LIST_PARTITIONS)
+            days = sorted(
+                (datetime.strptime(m[1], "%Y%m%d").date(), name)
+                for (name,) in await cursor.fetchall()
+                if (m := PARTITION_NAME.fullmatch(name))
             )
+            past = [(day, name) for day, name in days if day < today]
+            if not past:
+                return 0
+            day, name = past[0]
+            deleted = await self._drop(conn, name, truncate=False)
+            self._partitions.discard(day)
+            # Sessions whose every event is gone.
+            following = datetime.combine(day + timedelta(days=1), time(), UTC)
+            while await self._delete_chunk(conn, sql.EXPIRE_SESSIONS, following) >= sql.CHUNK:
+                pass
+            return deleted
+
+    async def _drop(self, conn: psycopg.AsyncConnection[Any], name: str, *, truncate: bool) -> int:
+        """Drop (or empty) one partition for the budget; its estimated rows."""
+        cursor = await conn.execute(sql.ESTIMATED_ROWS, (name,))
+        row = await cursor.fetchone()
+        rows = int(row[0]) if row else 0
+        log.warning(
+            "event store %s: over store_max_bytes, %s partition %s (~%d events)",
+            self.where,
+            "emptying" if truncate else "dropping",
+            name,
+            rows,
+        )
+        verb = "TRUNCATE {}" if truncate else "DROP TABLE {}"
+        await conn.execute(pgsql.SQL(verb).format(pgsql.Identifier(name)))
+        # An estimate of 0 (never analysed) still freed space: count it as one.
+        return max(rows, 1)
 
     # Reading
 

@@ -167,3 +167,7 @@ EXPIRE_SESSIONS = (
     "DELETE FROM event_sessions WHERE rowid IN "
     "(SELECT rowid FROM event_sessions WHERE last_us < ? LIMIT ?)"
 )
+# The store budget: the oldest events first, one chunk per transaction: (chunk,).
+DELETE_OLDEST_EVENTS = (
+    "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY time_us LIMIT ?)"
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sqlite3
+import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -189,6 +190,38 @@ class SqliteEventStore(SqlQueries):
                 pass
             while await self._write(self._delete_chunk, sql.EXPIRE_SESSIONS, cutoff):
                 pass
+
+    async def size(self) -> int:
+        """Bytes of the database's pages in use (freed pages are reused, not counted)."""
+        return await self._read(self._size)
+
+    def _size(self) -> int:
+        """Pages in use times the page size (on the reader thread)."""
+        db = self._r()
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * db.execute("PRAGMA page_size").fetchone()[0])
+
+    async def delete_oldest(self) -> int:
+        """Delete the RETENTION_CHUNK oldest events, then sessions older than the rest."""
+        return await self._write(self._delete_oldest)
+
+    def _delete_oldest(self) -> int:
+        """One budget chunk (on the writer thread, one transaction)."""
+        db = self._w()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = db.execute(sql.DELETE_OLDEST_EVENTS, (sql.RETENTION_CHUNK,)).rowcount
+            oldest = db.execute("SELECT min(time_us) FROM events").fetchone()[0]
+            # Sessions whose every event is gone (all of them once no event is left).
+            cutoff = sys.maxsize if oldest is None else oldest
+            db.execute(sql.EXPIRE_SESSIONS, (cutoff, sql.RETENTION_CHUNK))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return int(deleted)
 
     def _delete_chunk(self, statement: str, cutoff: int) -> bool:
         """Delete up to RETENTION_CHUNK rows older than ``cutoff``; whether more may remain."""

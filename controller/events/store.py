@@ -144,6 +144,13 @@ class EventStore(Protocol):
     async def maintain(self, now: datetime) -> None:
         """Housekeeping: partitions ahead, retention."""
 
+    async def size(self) -> int:
+        """Bytes the events and sessions take now (what ``store_max_bytes`` bounds)."""
+
+    async def delete_oldest(self) -> int:
+        """Delete one chunk of the oldest events (and sessions older than all events left);
+        how many events went (0: nothing more can go)."""
+
     async def list_events(self, query: EventQuery) -> list[StoredEvent]:
         """A page of events."""
 

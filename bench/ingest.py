@@ -41,12 +41,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet import BIN, issue  # noqa: E402
+from bench.fleet import ControllerProcess, cpu_seconds, issue  # noqa: E402
 from honeyfleet.events import make_event, new_session_id, parse_timestamp, to_proto  # noqa: E402
 from honeyfleet.pki import Role, init_ca  # noqa: E402
 from honeyfleet.tls import TlsFiles, secure_channel  # noqa: E402
@@ -85,62 +84,6 @@ def wire_batches(sensor: str, count: int, batch: int) -> list[ingest_pb2.StreamE
     ]
 
 
-class ControllerProcess:
-    """`honeyfleet controller --config` in a fresh state directory."""
-
-    def __init__(self, workdir: Path, tls: TlsFiles, store: dict[str, str]) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.config = workdir / "honeyfleet.toml"
-        self.log = workdir / "controller.log"
-        settings = {
-            "listen": f"127.0.0.1:{self.port}",
-            "enroll_listen": "",
-            "metrics_listen": "",
-            "state_dir": str(workdir / "state"),
-            "tls_ca": str(tls.ca),
-            "tls_cert": str(tls.cert),
-            "tls_key": str(tls.key),
-            **store,
-        }
-        lines = [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
-        self.config.write_text("[controller]\n" + "\n".join(lines) + "\n")
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> ControllerProcess:
-        """Start the process."""
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                str(BIN / "honeyfleet"),
-                "controller",
-                "--config",
-                str(self.config),
-                stdout=out,
-                stderr=out,
-            )
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        """Stop the process."""
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-
-    async def wait_serving(self, tls: TlsFiles) -> None:
-        """Wait until the ingest service is SERVING."""
-        deadline = time.monotonic() + 60
-        async with secure_channel(self.address, tls) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            request = health_pb2.HealthCheckRequest(service="honeyfleet.v1.EventIngestService")
-            while time.monotonic() < deadline:
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(request, timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.1)
-        raise SystemExit(f"controller did not start; see {self.log}")
-
-
 async def stream(
     address: str, tls: TlsFiles, requests: list[ingest_pb2.StreamEventsRequest]
 ) -> None:
@@ -153,13 +96,6 @@ async def stream(
             ack = await call.read()
             assert ack is not grpc.aio.EOF and ack.stored == len(request.events), ack
         await call.done_writing()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    # utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def throughput(

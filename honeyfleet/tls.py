@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,11 +127,18 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def secure_channel(target: str, files: TlsFiles) -> grpc.aio.Channel:
-    """An mTLS channel to another fleet member."""
+def secure_channel(
+    target: str,
+    files: TlsFiles,
+    *,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
+    """An mTLS channel to another fleet member (``interceptors`` e.g. record calls)."""
     options = [
         *KEEPALIVE_OPTIONS,
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    return grpc.aio.secure_channel(target, channel_credentials(files), options=options)
+    return grpc.aio.secure_channel(
+        target, channel_credentials(files), options=options, interceptors=interceptors
+    )

@@ -1,0 +1,603 @@
+"""The simulated fleet of bench/fleet_scale.py: pool nodes and sensors in one worker process.
+
+A pool node serves the real PoolNodeService (``poolnode.service.PoolNodeServicer``) over
+mTLS on loopback in front of pretend guests (:class:`SimPool`), and keeps the real
+``ControllerLink``: it registers, heartbeats every interval and is nudged on every guest
+change, as a real node is. A sensor has the real ``LeaseClient`` on one channel and the
+real ``Uploader`` on another, fed from an in-memory spool instead of SQLite so that the
+simulator's disk does not cap the event rate.
+
+A worker takes commands from the parent over a pipe: run a phase (lease and event rates
+between two wall-clock times, then a bounded drain), report its figures, stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from honeyfleet import __version__
+from honeyfleet.authz import Authorizer
+from honeyfleet.errors import ResourceExhausted
+from honeyfleet.events import Event, make_event, new_session_id, to_json
+from honeyfleet.grpcserver import bind, new_server
+from honeyfleet.tls import TlsFiles, secure_channel, server_credentials
+from honeyfleet.v1 import common_pb2, poolnode_pb2_grpc, registry_pb2
+from poolnode.controller_link import ControllerLink
+from poolnode.server import POLICY as NODE_POLICY
+from poolnode.service import Allocation, PoolNodeServicer
+from sensor.leases import LeaseClient, LeaseFailed
+from sensor.spool import Spool, Spooled
+from sensor.uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+TICK = 0.02
+LAG_PERIOD = 0.05
+START_TIMEOUT = 90.0
+START_PARALLEL = 32
+EVENTS_PER_SESSION = 20
+CODE_NAMES = frozenset(code.name for code in grpc.StatusCode)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One simulated fleet member and its certificate."""
+
+    name: str
+    """Its name in the certificate (``poolnode/<name>`` or ``sensor/<name>``)."""
+    tls: TlsFiles
+    """Its own certificate issued by the fleet CA."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker process plays."""
+
+    controller: str
+    """host:port of the controller's fleet API."""
+    fleet: str
+    """The fleet name (trust domain) of the CA."""
+    nodes: tuple[Member, ...]
+    """Pool nodes this worker plays."""
+    sensors: tuple[Member, ...]
+    """Sensors this worker plays."""
+    guests: int
+    """Guests per pool node."""
+    hold: float
+    """Seconds a session keeps its lease before releasing it."""
+    idle: float
+    """Seconds a released guest stays idle before it is replaced."""
+    boot: float
+    """Seconds a replacement guest boots before it is pristine."""
+    lease_timeout: float
+    """The sensors' lease deadline (the sensor's lease_timeout)."""
+    upload_batch: int
+    """Most events per uploaded batch (the sensor's upload_batch)."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of load, the same for every worker but for its share of the rates."""
+
+    name: str
+    """Shown in the tables."""
+    start: float
+    """Wall-clock time (``time.time()``) at which load starts."""
+    seconds: float
+    """How long load is generated."""
+    lease_rate: float
+    """Sessions (acquire, hold, release) this worker starts per second."""
+    event_rate: float
+    """Events this worker's sensors spool per second."""
+    drain: float
+    """At most this long after the load for outstanding answers."""
+
+
+@dataclass
+class Stats:
+    """One worker's figures for one phase (pickled back to the parent)."""
+
+    latency: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds per sample: acquire, release, heartbeat, event ack, loop lag."""
+    codes: Counter[str] = field(default_factory=Counter)
+    """Outcomes of calls and logged client errors, "<call> <code>"."""
+    counts: Counter[str] = field(default_factory=Counter)
+    """Everything else counted (leases, events, refusals, stale ids...)."""
+    cpu: float = 0.0
+    """This worker's CPU seconds during the phase."""
+
+    def record(self, what: str, seconds: float) -> None:
+        """Add one latency sample."""
+        self.latency.setdefault(what, []).append(seconds)
+
+
+class Recorder:
+    """Where the worker's parts put their figures; the phase swaps in fresh Stats."""
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+
+
+class CallRecorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Records the latency and status code of every unary call on a sensor's channel."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        """Time the call; the caller gets the call object (and its outcome) unchanged."""
+        started = time.monotonic()
+        call = await continuation(client_call_details, request)
+        code = await call.code()
+        method = client_call_details.method
+        if isinstance(method, bytes):
+            method = method.decode()
+        name = method.rsplit("/", 1)[-1]
+        stats = self._recorder.stats
+        stats.codes[f"{name} {code.name}"] += 1
+        if code is grpc.StatusCode.OK:
+            stats.record(name, time.monotonic() - started)
+        return call
+
+
+class ErrorCounter(logging.Handler):
+    """Counts the warnings the real client code logs (stream errors), by logger and code."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(logging.WARNING)
+        self._recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Count one record under its gRPC code, or else under its last argument."""
+        args = record.args if isinstance(record.args, tuple) else ()
+        code = next((a for a in args if isinstance(a, str) and a in CODE_NAMES), None)
+        detail = code or (str(args[-1]) if args else str(record.msg))
+        self._recorder.stats.codes[f"{record.name.rsplit('.', 1)[-1]}: {detail[:60]}"] += 1
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+class SimGuest:
+    """A pretend guest: only its place in the guest state machine."""
+
+    def __init__(self, guest_id: str, state: common_pb2.GuestState.ValueType) -> None:
+        self.id = guest_id
+        self.state = state
+        self.src_ips: list[str] = []
+        self.sensor = ""
+        self.created = self.changed = time.time()
+
+    def move(self, state: common_pb2.GuestState.ValueType) -> None:
+        """Enter ``state``."""
+        self.state = state
+        self.changed = time.time()
+
+    def to_proto(self) -> common_pb2.Guest:
+        """As reported in heartbeats and allocations."""
+        return common_pb2.Guest(
+            id=self.id,
+            state=self.state,
+            src_ips=self.src_ips,
+            lease_count=int(self.state == common_pb2.GUEST_STATE_LEASED),
+            create_time=_timestamp(self.created),
+            state_change_time=_timestamp(self.changed),
+        )
+
+
+class SimPool:
+    """The Pool a real node's service serves, with guests that change on timers.
+
+    A guest is pristine, leased, idle for ``idle`` seconds after its lease ends, then
+    replaced by a new guest that boots for ``boot`` seconds: as many guest changes (and
+    so heartbeat nudges) per lease as a real pool makes.
+    """
+
+    backend = "bench"
+
+    def __init__(
+        self, node: str, size: int, *, idle: float, boot: float, recorder: Recorder
+    ) -> None:
+        self._node = node
+        self._idle = idle
+        self._boot = boot
+        self._recorder = recorder
+        self._ids = itertools.count()
+        self.guests: dict[str, SimGuest] = {}
+        self._leases: dict[str, SimGuest] = {}
+        self.on_change: Callable[[], None] = lambda: None
+        for _ in range(size):
+            guest = self._new_guest(common_pb2.GUEST_STATE_PRISTINE)
+            self.guests[guest.id] = guest
+
+    @property
+    def capacity(self) -> int:
+        """Guests kept alive."""
+        return len(self.guests)
+
+    def _new_guest(self, state: common_pb2.GuestState.ValueType) -> SimGuest:
+        return SimGuest(f"{self._node}-g{next(self._ids)}", state)
+
+    async def allocate(
+        self, lease_id: str, src_ip: str, sensor: str, *, allow_shared: bool
+    ) -> Allocation:
+        """Lease the first pristine guest, or refuse as a real node does."""
+        counts = self._recorder.stats.counts
+        guest = next(
+            (g for g in self.guests.values() if g.state == common_pb2.GUEST_STATE_PRISTINE), None
+        )
+        if lease_id in self._leases or guest is None:
+            counts["node: AllocateGuest refused"] += 1
+            raise ResourceExhausted("no pristine guest left on this node")
+        counts["node: AllocateGuest granted"] += 1
+        guest.move(common_pb2.GUEST_STATE_LEASED)
+        guest.src_ips.append(src_ip)
+        guest.sensor = sensor
+        self._leases[lease_id] = guest
+        self.on_change()
+        return Allocation(
+            guest=guest.to_proto(),
+            credentials=common_pb2.GuestCredentials(username="root", password="-"),  # noqa: S106
+            shared=False,
+        )
+
+    async def release(self, lease_id: str, reason: str) -> None:
+        """End a lease: the guest idles, then is replaced by a booting one."""
+        guest = self._leases.pop(lease_id, None)
+        if guest is None:
+            return
+        self._recorder.stats.counts["node: ReleaseGuest"] += 1
+        guest.move(common_pb2.GUEST_STATE_IDLE)
+        self.on_change()
+        asyncio.get_running_loop().call_later(self._idle, self._replace, guest)
+
+    def _replace(self, old: SimGuest) -> None:
+        if self.guests.pop(old.id, None) is None:
+            return
+        guest = self._new_guest(common_pb2.GUEST_STATE_BOOTING)
+        self.guests[guest.id] = guest
+        self.on_change()
+        asyncio.get_running_loop().call_later(self._boot, self._booted, guest)
+
+    def _booted(self, guest: SimGuest) -> None:
+        if guest.id in self.guests:
+            guest.move(common_pb2.GUEST_STATE_PRISTINE)
+            self.on_change()
+
+    def lease_sensor(self, lease_id: str) -> str | None:
+        """The sensor a live lease was issued to."""
+        guest = self._leases.get(lease_id)
+        return guest.sensor if guest else None
+
+    def snapshot(self) -> registry_pb2.HeartbeatRequest:
+        """The guest table, as a real pool sends it."""
+        states = Counter(g.state for g in self.guests.values())
+        counts = common_pb2.GuestCounts(
+            booting=states[common_pb2.GUEST_STATE_BOOTING],
+            pristine=states[common_pb2.GUEST_STATE_PRISTINE],
+            leased=states[common_pb2.GUEST_STATE_LEASED],
+            idle=states[common_pb2.GUEST_STATE_IDLE],
+        )
+        return registry_pb2.HeartbeatRequest(
+            guest_counts=counts,
+            guests=[g.to_proto() for g in self.guests.values()],
+            lease_ids=sorted(self._leases),
+        )
+
+
+class SimNode:
+    """A pool node: PoolNodeService over mTLS and the real controller link."""
+
+    def __init__(self, member: Member, plan: WorkerPlan, recorder: Recorder) -> None:
+        self._member = member
+        self._plan = plan
+        self._recorder = recorder
+        self.pool = SimPool(
+            member.name, plan.guests, idle=plan.idle, boot=plan.boot, recorder=recorder
+        )
+        self.address = ""
+        self.link: ControllerLink | None = None
+        self._server: grpc.aio.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        # When each unanswered heartbeat was handed to the stream (answers come in order).
+        self._sent: deque[float] = deque()
+
+    async def start(self) -> None:
+        """Serve the pool and start the link."""
+        self._server = new_server(Authorizer(self._plan.fleet, NODE_POLICY))
+        poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(
+            PoolNodeServicer(self.pool), self._server
+        )
+        port = bind(self._server, "127.0.0.1:0", server_credentials(self._member.tls))
+        await self._server.start()
+        self.address = f"127.0.0.1:{port}"
+        self.link = ControllerLink(
+            self._plan.controller,
+            self._member.tls,
+            registration=self._registration,
+            snapshot=self._snapshot,
+            on_response=self._on_response,
+        )
+        self.pool.on_change = self.link.nudge.set
+        self._task = asyncio.create_task(self.link.run())
+
+    async def stop(self) -> None:
+        """Stop the link and the server."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._server is not None:
+            await self._server.stop(1)
+
+    def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
+        self._sent.clear()  # a new stream: answers to the old one will not come
+        return registry_pb2.RegisterPoolNodeRequest(
+            address=self.address,
+            capacity=self.pool.capacity,
+            version=__version__,
+            backend=SimPool.backend,
+        )
+
+    def _snapshot(self) -> registry_pb2.HeartbeatRequest:
+        self._sent.append(time.monotonic())
+        return self.pool.snapshot()
+
+    async def _on_response(self, reply: registry_pb2.HeartbeatResponse) -> None:
+        stats = self._recorder.stats
+        if self._sent:
+            stats.record("heartbeat", time.monotonic() - self._sent.popleft())
+        stats.counts["node: heartbeats answered"] += 1
+        for lease_id in reply.stale_lease_ids:
+            stats.counts["node: stale lease ids"] += 1
+            await self.pool.release(lease_id, "the controller no longer knows this lease")
+
+
+class MemorySpool:
+    """What the Uploader uses of a Spool, in memory; times each batch until its ack."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.path = Path("(memory)")
+        self.count = 0
+        self.changed = asyncio.Event()
+        self._recorder = recorder
+        self._events: dict[int, Spooled] = {}
+        self._seq = itertools.count(1)
+        self._handed_up_to = 0
+        self._batch_sent = 0.0
+
+    def append(self, event: Event) -> None:
+        """Queue an event for the uploader."""
+        seq = next(self._seq)
+        self._events[seq] = Spooled(seq, event, to_json(event))
+        self.count += 1
+        self.changed.set()
+
+    async def oldest(self, limit: int, max_bytes: int) -> list[Spooled]:
+        """The oldest events; the uploader sends them at once."""
+        batch = list(itertools.islice(self._events.values(), limit))
+        if batch:
+            resent = sum(item.seq <= self._handed_up_to for item in batch)
+            if resent:
+                self._recorder.stats.counts["sensor: events sent again"] += resent
+            self._handed_up_to = max(self._handed_up_to, batch[-1].seq)
+            self._batch_sent = time.monotonic()
+        return batch
+
+    async def delete(self, batch: list[Spooled]) -> None:
+        """The controller acknowledged ``batch``."""
+        stats = self._recorder.stats
+        stats.record("event ack", time.monotonic() - self._batch_sent)
+        stats.counts["sensor: events acked"] += len(batch)
+        stats.counts["sensor: batches acked"] += 1
+        for item in batch:
+            del self._events[item.seq]
+        self.count -= len(batch)
+
+
+class SimSensor:
+    """A sensor: lease client and uploader on channels of their own, as a real one has."""
+
+    def __init__(self, member: Member, plan: WorkerPlan, recorder: Recorder) -> None:
+        self.name = member.name
+        self._plan = plan
+        self._recorder = recorder
+        self._channel = secure_channel(
+            plan.controller,
+            member.tls,
+            interceptors=[cast(grpc.aio.ClientInterceptor, CallRecorder(recorder))],
+        )
+        self.leases = LeaseClient(self._channel, timeout=plan.lease_timeout, labels={})
+        self.spool = MemorySpool(recorder)
+        # The uploader only reads, deletes and waits on the spool: the memory one will do.
+        self._uploader = Uploader(
+            cast(Spool, self.spool), plan.controller, member.tls, batch=plan.upload_batch
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._session = new_session_id()
+        self._session_events = 0
+
+    async def start(self) -> None:
+        """Register and start uploading."""
+        await self.leases.register([])
+        self._task = asyncio.create_task(self._uploader.run())
+
+    async def stop(self) -> None:
+        """Stop uploading and retrying, close the lease channel."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.leases.abandon_retries()
+        await self._channel.close(None)
+
+    def emit(self) -> None:
+        """Spool one command event of the current attacker session."""
+        if self._session_events >= EVENTS_PER_SESSION:
+            self._session, self._session_events = new_session_id(), 0
+        self._session_events += 1
+        self.spool.append(
+            make_event(
+                "cowrie.command.input",
+                "CMD: uname -a",
+                session=self._session,
+                src_ip="203.0.113.7",
+                sensor=self.name,
+                protocol="ssh",
+                input="uname -a",
+            )
+        )
+
+    async def session(self) -> None:
+        """An attacker session: acquire a lease, hold it, release it."""
+        counts = self._recorder.stats.counts
+        src_ip = f"198.18.{random.randrange(256)}.{random.randrange(1, 255)}"
+        try:
+            lease = await self.leases.acquire(src_ip, new_session_id(), common_pb2.PROTOCOL_SSH)
+        except LeaseFailed:
+            counts["sensor: leases failed"] += 1
+            return
+        counts["sensor: leases granted"] += 1
+        await asyncio.sleep(self._plan.hold)
+        await self.leases.release(lease, "bench session ended")
+
+
+class Worker:
+    """The nodes and sensors of one process, and the phases it runs."""
+
+    def __init__(self, plan: WorkerPlan, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.nodes = [SimNode(m, plan, self.recorder) for m in plan.nodes]
+        self.sensors: list[SimSensor] = []
+        self._plan = plan
+
+    async def start(self) -> dict[str, int]:
+        """Start every node, then register every sensor; how many came up in time."""
+        gate = asyncio.Semaphore(START_PARALLEL)
+
+        async def bounded(start: Callable[[], Awaitable[object]]) -> bool:
+            async with gate:
+                try:
+                    async with asyncio.timeout(START_TIMEOUT):
+                        await start()
+                except TimeoutError:
+                    return False
+            return True
+
+        await asyncio.gather(*(node.start() for node in self.nodes))
+        links = [node.link.connected.wait for node in self.nodes if node.link is not None]
+        linked = sum(await asyncio.gather(*(bounded(wait) for wait in links)))
+        self.sensors = [SimSensor(m, self._plan, self.recorder) for m in self._plan.sensors]
+        registered = sum(await asyncio.gather(*(bounded(s.start) for s in self.sensors)))
+        return {"nodes linked": linked, "sensors registered": registered}
+
+    async def stop(self) -> None:
+        """Stop every sensor and node."""
+        await asyncio.gather(*(s.stop() for s in self.sensors), return_exceptions=True)
+        await asyncio.gather(*(n.stop() for n in self.nodes), return_exceptions=True)
+
+    async def run_phase(self, phase: Phase) -> Stats:
+        """Generate the phase's load, drain, and return its figures."""
+        stats = self.recorder.stats = Stats()
+        cpu = time.process_time()
+        await asyncio.sleep(max(0.0, phase.start - time.time()))
+        lag = asyncio.create_task(self._watch_lag(stats))
+        sessions: set[asyncio.Task[None]] = set()
+
+        def start_session() -> None:
+            task = asyncio.create_task(random.choice(self.sensors).session())
+            sessions.add(task)
+            task.add_done_callback(sessions.discard)
+
+        def emit() -> None:
+            random.choice(self.sensors).emit()
+
+        if self.sensors:
+            await asyncio.gather(
+                _at_rate(phase.lease_rate, phase.seconds, start_session),
+                _at_rate(phase.event_rate, phase.seconds, emit),
+            )
+        # An idle phase (or a worker without sensors) still lasts the phase.
+        await asyncio.sleep(max(0.0, phase.start + phase.seconds - time.time()))
+        deadline = time.monotonic() + phase.drain
+        if sessions:
+            await asyncio.wait(set(sessions), timeout=phase.drain)
+        # Polled: one wait over hundreds of spools, bounded by the deadline.
+        while any(s.spool.count for s in self.sensors) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        stats.counts["sensor: sessions unfinished after drain"] += len(sessions)
+        stats.counts["sensor: events unacked after drain"] += sum(
+            s.spool.count for s in self.sensors
+        )
+        for task in list(sessions):
+            task.cancel()
+        lag.cancel()
+        stats.cpu = time.process_time() - cpu
+        return stats
+
+    async def _watch_lag(self, stats: Stats) -> None:
+        """How late this process's event loop wakes up (the simulator's own saturation)."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(LAG_PERIOD)
+            stats.record("sim loop lag", time.monotonic() - before - LAG_PERIOD)
+
+
+async def _at_rate(rate: float, seconds: float, action: Callable[[], None]) -> None:
+    """Call ``action`` ``rate`` times a second for ``seconds`` (bounded in count and time)."""
+    total = int(rate * seconds)
+    done = 0
+    started = time.monotonic()
+    while done < total:
+        elapsed = time.monotonic() - started
+        if elapsed > seconds + 1:
+            break
+        due = min(total, int(elapsed * rate) + 1)
+        for _ in range(due - done):
+            action()
+        done = due
+        await asyncio.sleep(TICK)
+
+
+def worker_main(plan: WorkerPlan, conn: Connection) -> None:
+    """Process entry point: play ``plan`` and obey the parent's commands on ``conn``."""
+    recorder = Recorder()
+    # Client warnings are counted, not printed: thousands of them would swamp the tables.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger().addHandler(ErrorCounter(recorder))
+
+    async def serve() -> None:
+        worker = Worker(plan, recorder)
+        try:
+            conn.send(("ready", await worker.start()))
+            while True:
+                try:
+                    command, phase = await asyncio.to_thread(conn.recv)
+                except EOFError:  # the parent is gone
+                    return
+                if command != "phase":
+                    return
+                conn.send(("done", await worker.run_phase(phase)))
+        finally:
+            await worker.stop()
+
+    asyncio.run(serve())

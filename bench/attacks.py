@@ -39,6 +39,9 @@ FORWARD_TARGET = ("127.0.0.1", 9)
 # Channels a post-login attacker asks for per round (servers refuse beyond their bound).
 CHANNELS_PER_ROUND = 32
 FORWARDS_PER_ROUND = 32
+# Pause between rounds: bounds the process spawns of a forking server (sshd starts a
+# shell per session channel) on a machine shared with other work.
+CHANNEL_ROUND_PAUSE = 1.0
 # A client that never reads grants this window per channel, then stops reading TCP.
 NEVER_READ_WINDOW = 1 << 30
 NEVER_READ_CHANNELS = 2
@@ -320,7 +323,7 @@ async def _channel_worker(attack: Attack, source: str) -> None:
                 while attack.running():
                     async with asyncio.timeout(STEP_TIMEOUT * 3):
                         await _channel_round(attack, conn)
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(CHANNEL_ROUND_PAUSE)
         except (OSError, asyncssh.Error, TimeoutError):
             attack.counts["dropped"] += 1
             await asyncio.sleep(RECONNECT_DELAY)

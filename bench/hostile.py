@@ -27,7 +27,7 @@ seconds after ``--ramp`` seconds of attack. Scenarios:
 * ``churn``: ``--workers`` connect-and-close loops (every other one reads the banner);
 * ``channels``: 8 logged-in connections opening session channels (``cat``) and
   direct-tcpip channels (to 127.0.0.1:9, a 30 KB originator) until refused, closing
-  them, again and again;
+  them, and again a second later;
 * ``never-reads``: 8 logged-in connections each running ``cat /dev/zero`` on 2 channels
   with a 1 GiB window, then never reading their socket again.
 

@@ -7,6 +7,7 @@ out of the box.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -101,6 +102,27 @@ def _negotiation_regex(value: str) -> str | None:
     except (re.error, UnicodeEncodeError) as e:
         return f"not a valid regular expression over bytes ({e})"
     return None if groups >= 2 else "needs the username in group 2"
+
+
+def _startups(value: str) -> str | None:
+    """Check: start:rate:full, 0 < start <= full, rate in 1..100."""
+    try:
+        start, rate, full = (int(part) for part in value.split(":"))
+    except ValueError:
+        return "must be start:rate:full, e.g. 10:30:100"
+    if not (0 < start <= full and 0 < rate <= 100):
+        return "needs 0 < start <= full and rate from 1 to 100"
+    return None
+
+
+def _networks(value: tuple[str, ...]) -> str | None:
+    """Check: addresses or CIDR networks."""
+    for net in value:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as e:
+            return str(e)
+    return None
 
 
 def _fraction(value: float) -> str | None:
@@ -201,6 +223,12 @@ class SensorConfig:
     guest_login_timeout: float = setting(
         15.0, "seconds to open the tunnel and log into the guest", check=positive
     )
+    max_leases: int = setting(
+        64, "guests this sensor's sessions hold at once (more logins fail)", check=positive
+    )
+    max_leases_per_source: int = setting(
+        2, "guests one attacker address holds at once (more logins fail)", check=positive
+    )
 
     # Events.
     spool_max_bytes: int = setting(
@@ -242,8 +270,39 @@ class SensorConfig:
     # Bounds on what attackers can make the sensor hold.
     max_connections: int = setting(1024, "connections at once", check=positive)
     max_connections_per_ip: int = setting(16, "connections at once per address", check=positive)
-    max_unauthenticated: int = setting(
-        64, "connections not yet logged in (like OpenSSH MaxStartups)", check=positive
+    max_startups: str = setting(
+        "10:30:100",
+        "unauthenticated connections per protocol, start:rate:full (OpenSSH MaxStartups)",
+        check=_startups,
+    )
+    max_startups_per_source: int = setting(
+        4,
+        "unauthenticated connections per address and protocol (PerSourceMaxStartups)",
+        check=positive,
+    )
+    per_source_penalties: bool = setting(
+        True, "refuse sources that misbehave for a while (OpenSSH PerSourcePenalties)"
+    )
+    penalty_authfail: float = setting(
+        5.0, "penalty seconds for a connection that failed to log in", check=non_negative
+    )
+    penalty_noauth: float = setting(
+        1.0, "penalty seconds for a connection that never tried to log in", check=non_negative
+    )
+    penalty_grace_exceeded: float = setting(
+        10.0,
+        "penalty seconds for a connection that outlived login_grace_time",
+        check=non_negative,
+    )
+    penalty_min: float = setting(
+        15.0, "a source is refused once its penalty reaches this many seconds", check=positive
+    )
+    penalty_max: float = setting(600.0, "longest penalty, in seconds", check=positive)
+    penalty_max_sources: int = setting(
+        65536, "penalised sources remembered (the least recent go first)", check=positive
+    )
+    penalty_exempt: tuple[str, ...] = setting(
+        factory=tuple, help="addresses/networks never penalised (CIDR)", check=_networks
     )
     login_grace_time: float = setting(60.0, "seconds a connection has to log in", check=positive)
     max_auth_attempts: int = setting(6, "authentication attempts per connection", check=positive)
@@ -268,6 +327,8 @@ class SensorConfig:
     def __post_init__(self) -> None:
         if self.max_packet_size > ASYNCSSH_MAX_PACKET:
             raise ConfigError("max_packet_size", f"at most {ASYNCSSH_MAX_PACKET} (asyncssh's)")
+        if self.penalty_min > self.penalty_max:
+            raise ConfigError("penalty_min", "cannot exceed penalty_max (nobody would be refused)")
         if self.max_connections_per_ip > self.max_connections:
             raise ConfigError("max_connections_per_ip", "cannot exceed max_connections")
         if self.login_grace_time <= self.lease_timeout + self.guest_login_timeout:
@@ -277,6 +338,12 @@ class SensorConfig:
             )
         if not self.ssh_version.startswith("SSH-2.0-"):
             raise ConfigError("ssh_version", 'must start with "SSH-2.0-"')
+
+    @property
+    def max_startups_triple(self) -> tuple[int, int, int]:
+        """max_startups as (start, rate, full)."""
+        start, rate, full = (int(part) for part in self.max_startups.split(":"))
+        return start, rate, full
 
     @property
     def tls(self) -> TlsFiles:

@@ -26,6 +26,17 @@ class SensorMetrics:
         self.refusals = Counter(
             "honeyfleet_sensor_refusals", "Connections refused, by reason", ["reason"], registry=r
         )
+        self.evictions = Counter(
+            "honeyfleet_sensor_evictions",
+            "Unauthenticated connections closed to make room for another source",
+            registry=r,
+        )
+        self.penalties = Counter(
+            "honeyfleet_sensor_penalties",
+            "Penalties given to sources, by kind (authfail, noauth, grace-exceeded)",
+            ["kind"],
+            registry=r,
+        )
         self.lease_failures = Counter(
             "honeyfleet_sensor_lease_failures", "Logins that got no guest", registry=r
         )

@@ -18,11 +18,13 @@ from sensor.config import SensorConfig
 from sensor.events import EventLog
 from sensor.leases import LeaseClient
 from sensor.metrics import SensorMetrics
+from sensor.session.admission import Admission
+from sensor.session.budget import LeaseBudget
+from sensor.session.core import Services
 from sensor.spool import Spool
 from sensor.ssh import SshFrontend, load_or_create, server_options
-from sensor.ssh.admission import Admission
 from sensor.ssh.connection import Shared
-from sensor.telnet import TelnetFrontend, TelnetShared
+from sensor.telnet import TelnetFrontend
 from sensor.tunnel import TunnelConnector
 from sensor.uploader import Uploader
 from sensor.userdb import UserDB
@@ -90,8 +92,8 @@ class Sensor:
         self._tunnels = TunnelConnector(config.tls)
         self.admission = Admission(config, self.metrics)
         used = await asyncio.to_thread(disk_usage, config.downloads_dir, config.recordings_dir)
-        budget = DiskBudget(config.artefact_max_bytes, used, self.metrics)
-        shared = Shared(
+        disk = DiskBudget(config.artefact_max_bytes, used, self.metrics)
+        services = Services(
             config=config,
             sensor=identity.name,
             events=self._events,
@@ -99,30 +101,24 @@ class Sensor:
             userdb=userdb,
             leases=leases,
             tunnels=self._tunnels,
-            store=FileStore(
-                config.downloads_dir,
-                max_bytes=config.capture_max_bytes,
-                max_open=config.capture_max_open,
-                budget=budget,
-            ),
             admission=self.admission,
-            options=server_options(config, host_keys),
+            budget=LeaseBudget(per_source=config.max_leases_per_source, total=config.max_leases),
         )
-        self._frontend = SshFrontend(shared)
+        self._frontend = SshFrontend(
+            Shared(
+                services=services,
+                store=FileStore(
+                    config.downloads_dir,
+                    max_bytes=config.capture_max_bytes,
+                    max_open=config.capture_max_open,
+                    budget=disk,
+                ),
+                options=server_options(config, host_keys),
+            )
+        )
         self.ports = await self._frontend.start()
         if config.telnet_listen:
-            self._telnet = TelnetFrontend(
-                TelnetShared(
-                    config=config,
-                    sensor=identity.name,
-                    events=self._events,
-                    metrics=self.metrics,
-                    userdb=userdb,
-                    leases=leases,
-                    tunnels=self._tunnels,
-                    admission=self.admission,
-                )
-            )
+            self._telnet = TelnetFrontend(services)
             self.telnet_ports = await self._telnet.start()
         listen = [f"{a}/ssh" for a in config.ssh_listen]
         listen += [f"{a}/telnet" for a in config.telnet_listen]
@@ -151,10 +147,15 @@ class Sensor:
         if self._stopped:
             return
         self._stopped = True
-        if self._frontend is not None:
-            await self._frontend.stop()
-        if self._telnet is not None:
-            await self._telnet.stop()
+        frontends = [f for f in (self._frontend, self._telnet) if f is not None]
+        for frontend in frontends:
+            frontend.close()
+        if self.admission is not None:
+            # Every session of both protocols; their last events are spooled.
+            self.admission.close_all("sensor shutting down")
+            await self.admission.drain()
+        for frontend in frontends:
+            await frontend.wait_closed()
         for task in self._tasks:
             task.cancel()
         # Bounded: a task that ignores its cancellation must not hang the shutdown.

@@ -24,8 +24,8 @@ import asyncssh
 
 from sensor.capture import Capture, SessionFiles
 from sensor.events import SessionEvents
+from sensor.lineinput import LineEditor
 from sensor.recording import Recorder
-from sensor.ssh.lineinput import LineEditor
 from sensor.ssh.scp import ScpObserver, is_scp_upload
 from sensor.ssh.sftp import SftpObserver
 

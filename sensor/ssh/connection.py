@@ -1,13 +1,14 @@
-"""One attacker connection: authentication, the guest behind it, bounds and the record.
+"""One SSH attacker connection: the protocol adapter over :class:`sensor.session.core.Session`.
 
-:class:`AttackerConnection` owns everything a connection holds: its events, its state
-(see :mod:`sensor.ssh.state`), the byte pump, the guest link (lease, tunnel, guest
-login), the relayed channels, captured files and the recording.
-:class:`sensor.ssh.server.AttackerServer` is asyncssh's view of it.
+:class:`AttackerConnection` owns what is SSH's: the byte pump with asyncssh behind it,
+the cleartext parser (version, KEXINIT), authentication, the relayed channels and
+captured files. The session core owns the rest (state, timers, slot, guest link,
+events, recording, the end). :class:`sensor.ssh.server.AttackerServer` is asyncssh's
+view of the connection.
 
-Bounds enforced here: bytes before login, auth attempts, channels, idle time once
-logged in and the total session time. The login grace time is asyncssh's login timer;
-connection counts are :mod:`sensor.ssh.admission`'s; buffers are the pump's.
+Bounds enforced here: auth attempts and channels; bytes before login, idle time, login
+grace time and total time are the core's; connection counts are
+:mod:`sensor.session.admission`'s; buffers are the pump's.
 """
 
 from __future__ import annotations
@@ -15,45 +16,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import asyncssh
 
-from honeyfleet.events import new_session_id
 from sensor.artefacts import ArtefactReport
 from sensor.capture import Capture, FileStore
 from sensor.config import SensorConfig
-from sensor.events import EventLog, SessionEvents
-from sensor.leases import LeaseClient, LeaseFailed
-from sensor.metrics import SensorMetrics
+from sensor.events import SessionEvents
 from sensor.recording import Recorder
-from sensor.ssh.admission import Admission
+from sensor.session.admission import Slot
+from sensor.session.core import Adapter, Services, Session
+from sensor.session.guest import GuestLink
+from sensor.session.state import SessionState
 from sensor.ssh.channels import RefusedForward, RelaySession
 from sensor.ssh.cleartext import CleartextParser, KexInit
 from sensor.ssh.compression import limit_inflation
-from sensor.ssh.guest import GuestLink
+from sensor.ssh.guest import log_into_guest
 from sensor.ssh.pump import AttackerSide, InnerSide
 from sensor.ssh.server import AttackerServer
-from sensor.ssh.state import SessionState, transition
-from sensor.tunnel import TunnelConnector, TunnelFailed
-from sensor.userdb import UserDB
 
 
 @dataclass(frozen=True)
 class Shared:
-    """What every connection of a sensor uses."""
+    """What every SSH connection of a sensor uses."""
 
-    config: SensorConfig
-    sensor: str
-    events: EventLog
-    metrics: SensorMetrics
-    userdb: UserDB
-    leases: LeaseClient
-    tunnels: TunnelConnector
+    services: Services
     store: FileStore
-    admission: Admission
     options: asyncssh.SSHServerConnectionOptions
 
 
@@ -80,67 +69,37 @@ class DrainedInner(InnerSide):
         self.drained.set()
 
 
-class AttackerConnection:
-    """Everything about one attacker connection, from accept to the last event."""
+class AttackerConnection(Adapter):
+    """One attacker's SSH connection, from accept to the last event."""
 
     def __init__(
-        self, shared: Shared, side: AttackerSide, peer: tuple[str, int], local: tuple[str, int]
+        self,
+        shared: Shared,
+        side: AttackerSide,
+        slot: Slot,
+        peer: tuple[str, int],
+        local: tuple[str, int],
     ) -> None:
-        config = shared.config
+        config = shared.services.config
         self.shared = shared
-        self.config = config
-        self.src_ip = peer[0]
-        self.events = SessionEvents(
-            shared.events,
-            session=new_session_id(),
-            src_ip=peer[0],
-            sensor=shared.sensor,
-            protocol="ssh",
-        )
-        self.artefacts = ArtefactReport(self.events, shared.metrics)
-        self.files = shared.store.session(self.artefacts, self.events.log)
+        self.config: SensorConfig = config
         self.write_buffer_high = config.write_buffer_high
         self.parser = CleartextParser(self, max_packet=config.max_packet_size)
-        self.state = SessionState.CONNECTED
-        self.closed = asyncio.Event()
         self._side = side
         self._inner = DrainedInner(side, config.write_buffer_high)
         side.inner = self._inner
-        self._link = GuestLink(
-            config=config,
-            leases=shared.leases,
-            tunnels=shared.tunnels,
-            events=self.events,
-            src_ip=self.src_ip,
-            on_lost=self.close,
-        )
-        self._started = time.monotonic()
-        self._last_input = self._started
-        self._preauth_bytes = 0
         self._auth_attempts = 0
         self._channels: set[RelaySession] = set()
         self._forwards = 0
         self._ssh: asyncssh.SSHServerConnection | None = None
-        self._joining: asyncio.Task[bool] | None = None
-        self._recorder: Recorder | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._guest: asyncssh.SSHClientConnection | None = None
         self._storing: set[asyncio.Task[None]] = set()
-        self._closing: str | None = None
-        loop = asyncio.get_running_loop()
-        # The idle timer starts at login: before it, the login grace time is the bound.
-        self._idle: asyncio.TimerHandle | None = None
-        self._session_timer = loop.call_later(
-            config.session_timeout, self.close, "session time limit reached"
-        )
-        self.events.emit(
-            "cowrie.session.connect",
-            "New connection: {src_ip}:{src_port} ({dst_ip}:{dst_port}) [session: {session}]",
-            src_port=peer[1],
-            dst_ip=local[0],
-            dst_port=local[1],
-        )
-        shared.admission.connections.add(self)
-        self._spawn(self._serve())
+        self._drain = False
+        self.session = Session(shared.services, self, slot, protocol="ssh", peer=peer, local=local)
+        self.events: SessionEvents = self.session.events
+        self.artefacts = ArtefactReport(self.events, shared.services.metrics)
+        self.files = shared.store.session(self.artefacts, self.events.log)
+        self.session.spawn(self._serve())
 
     @property
     def client_backlog(self) -> int:
@@ -176,15 +135,11 @@ class AttackerConnection:
         requests stays within its bound plus what is in flight to asyncssh (itself
         bounded by the pump's buffers).
         """
-        self._last_input = time.monotonic()
-        if self.state is SessionState.PROXYING:
-            for relay in self._channels:
-                if reason := relay.environment_overflow():
-                    return reason
-            return None
-        self._preauth_bytes += count
-        if self._preauth_bytes > self.config.max_preauth_bytes:
-            return f"more than {self.config.max_preauth_bytes} bytes before login"
+        if reason := self.session.received(count):
+            return reason
+        for relay in self._channels:
+            if reason := relay.environment_overflow():
+                return reason
         return None
 
     def attacker_backlog(self, high: bool) -> None:
@@ -232,34 +187,39 @@ class AttackerConnection:
             )
         # The pump passes asyncssh's disconnect message on before it closes, as OpenSSH
         # says why it hangs up.
-        self.close("too many authentication failures", drain=self._ssh is not None)
+        self._drain = self._ssh is not None
+        self.session.close("too many authentication failures", hang_up=not self._drain)
         return False
 
     async def login(self, username: str, password: str) -> bool:
         """Check a password against the userdb; on success lease and join a guest.
 
-        A connection already closing refuses: a join started now would hold a lease
-        that nothing gives back.
+        The attacker is let in (and ``cowrie.login.success`` written) only once the
+        guest's login is open; without a guest the login fails as a wrong password
+        does, and the events say why. A connection already closing refuses: a join
+        started now would hold a lease that nothing gives back.
         """
-        if self._closing is not None or not self.counted_attempt():
+        if self.session.closing is not None or not self.counted_attempt():
             return False
-        ok = self.shared.userdb.check(username, password)
-        self.shared.metrics.logins.labels("success" if ok else "failed").inc()
-        self.events.emit(
-            "cowrie.login.success" if ok else "cowrie.login.failed",
-            "login attempt [{username}/{password}] " + ("succeeded" if ok else "failed"),
-            username=username,
-            password=password,
-        )
-        if not ok:
+        if not self.shared.services.userdb.check(username, password):
+            self.session.login_attempt(username, password, accepted=False)
             return False
-        # The join runs as our own task so that closing can cancel it and clean up.
-        self._joining = asyncio.create_task(self._join())
+        joining = self.session.join(self._open_guest)
         try:
-            return await asyncio.shield(self._joining)
+            failure = await asyncio.shield(joining)
         except asyncio.CancelledError:
             self.close("authentication abandoned")
             raise
+        if failure is not None or self.session.closing is not None:
+            self.session.login_attempt(username, password, accepted=False, penalise=False)
+            return False
+        self.session.login_attempt(username, password, accepted=True)
+        self.session.logged_in()
+        return True
+
+    async def _open_guest(self, link: GuestLink) -> None:
+        """The guest's SSH login, on the link's tunnel."""
+        self._guest = await log_into_guest(link, self.config.guest_login_timeout)
 
     def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
         """Log an offered public key (always refused)."""
@@ -274,42 +234,6 @@ class AttackerConnection:
             key=key.export_public_key().decode("ascii", "replace").strip(),
             type=key.get_algorithm(),
         )
-
-    async def _join(self) -> bool:
-        """Lease a guest and log into it; False (an ordinary failed login) if that fails."""
-        # The login is on disk before it costs a guest.
-        await self.events.flush()
-        self._move(SessionState.LEASING)
-        try:
-            await self._link.acquire()
-        except LeaseFailed as e:
-            self.shared.metrics.lease_failures.inc()
-            self.events.emit(
-                "honeyfleet.lease.failed", "No guest for this session: {reason}", reason=str(e)
-            )
-            self._move(SessionState.CONNECTED)
-            return False
-        self._move(SessionState.JOINING)
-        try:
-            await self._link.login()
-        except (TunnelFailed, asyncssh.Error, OSError, TimeoutError) as e:
-            reason = f"cannot log into guest: {e or type(e).__name__}"
-            self.events.emit(
-                "honeyfleet.guest.failed", "Guest login failed: {reason}", reason=reason
-            )
-            await self._link.drop(reason)
-            self._move(SessionState.CONNECTED)
-            return False
-        self._move(SessionState.PROXYING)
-        self.shared.admission.logged_in()
-        self.shared.metrics.sessions.inc()
-        self.shared.metrics.sessions_total.inc()
-        self._last_input = time.monotonic()
-        self._idle = asyncio.get_running_loop().call_later(
-            self.config.idle_timeout, self._check_idle
-        )
-        self.events.log.info("proxying into guest")
-        return True
 
     # Channels.
 
@@ -358,20 +282,12 @@ class AttackerConnection:
     @property
     def guest(self) -> asyncssh.SSHClientConnection:
         """The guest connection (only asked for while proxying)."""
-        assert self._link.conn is not None
-        return self._link.conn
+        assert self._guest is not None
+        return self._guest
 
     def recorder(self, width: int, height: int, term: str) -> Recorder:
         """The connection's recording, made for the first terminal channel."""
-        if self._recorder is None:
-            self._recorder = Recorder(
-                self.config.recordings_dir / f"{self.events.session}.cast",
-                width=width,
-                height=height,
-                term=term,
-                max_bytes=self.config.recording_max_bytes,
-            )
-        return self._recorder
+        return self.session.recorder(width, height, term)
 
     def channel_closed(self, relay: RelaySession) -> None:
         """A relayed channel ended."""
@@ -401,79 +317,24 @@ class AttackerConnection:
             size=stored.size,
         )
 
-    # The end.
+    # The end (SessionAdapter).
 
-    def close(self, reason: str, *, drain: bool = False) -> None:
-        """End the connection (idempotent); the clean-up runs as a task.
-
-        ``drain``: asyncssh has closed its end after a last message for the attacker,
-        which the pump passes on (for at most DISCONNECT_LINGER) before it closes.
-        """
-        if self._closing is not None:
-            return
-        self._closing = reason
-        self._session_timer.cancel()
-        if self._idle is not None:
-            self._idle.cancel()
-        if not drain:
-            self._close_pump()
-        self._spawn(self._finish(reason, drain), keep=False)
-
-    def _close_pump(self) -> None:
+    def hang_up(self) -> None:
         """Close both ends of the pump (the attacker's after flushing, within a bound)."""
         self._side.close()
         self._inner.close()
 
-    async def _finish(self, reason: str, drain: bool) -> None:
-        """Release everything, then write the last events."""
-        self.events.log.info("closing: %s", reason)
-        if drain:
+    async def wind_down(self) -> None:
+        """Pass asyncssh's last message on (after a disconnect), then close asyncssh."""
+        if self._drain:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DISCONNECT_LINGER):
                     await self._inner.drained.wait()
-            self._close_pump()
+            self.hang_up()
         if self._ssh is not None:
             self._ssh.close()
-        if self._joining is not None and not self._joining.done():
-            # A lease still being granted is released by the lease client when it comes.
-            self._joining.cancel()
-            await asyncio.wait([self._joining])
-        was_proxying = self.state is SessionState.PROXYING
-        await self._link.drop(reason)
-        for task in list(self._tasks):
-            task.cancel()
+
+    async def last_words(self) -> None:
+        """Captured files are reported before the session's last events."""
         if self._storing:
-            await asyncio.wait(self._storing)  # their events come before the last ones
-        duration = time.monotonic() - self._started
-        summary = self._recorder.close() if self._recorder is not None else None
-        self.events.emit_closed(summary, duration, reason)
-        await self.events.flush()
-        self.shared.admission.release(self.src_ip, logged_in=was_proxying)
-        if was_proxying:
-            self.shared.metrics.sessions.dec()
-        self.state = transition(self.state, SessionState.CLOSED)
-        self.shared.admission.connections.discard(self)
-        self.closed.set()
-
-    # Helpers.
-
-    def _move(self, new: SessionState) -> None:
-        """Change state (illegal moves raise)."""
-        self.state = transition(self.state, new)
-
-    def _check_idle(self) -> None:
-        """Close after idle_timeout without client input, else check again later."""
-        remaining = self.config.idle_timeout - (time.monotonic() - self._last_input)
-        if remaining <= 0:
-            self.close(f"idle for {self.config.idle_timeout:g}s")
-            return
-        self._idle = asyncio.get_running_loop().call_later(remaining, self._check_idle)
-
-    def _spawn(self, coro: Any, *, keep: bool = True) -> None:
-        """Run a task tied to this connection (cancelled at close when ``keep``)."""
-        task = asyncio.create_task(coro)
-        if keep:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        else:
-            self.shared.admission.track(task)
+            await asyncio.wait(self._storing)

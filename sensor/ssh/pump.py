@@ -46,12 +46,14 @@ class AttackerSide(asyncio.Protocol):
         self.inner: InnerSide | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Admit or refuse; an admitted connection reads once asyncssh's end is ready."""
+        """Admit or refuse; an admitted connection reads once asyncssh's end is ready.
+
+        A refused connection is the refuser's from then on (``accept`` returns None).
+        """
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
         self._owner = self._accept(self, transport)
         if self._owner is None:
-            transport.abort()
             return
         self.transport = transport
         transport.set_write_buffer_limits(high=self._owner.write_buffer_high)

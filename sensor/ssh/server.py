@@ -1,28 +1,53 @@
 """asyncssh's view of an attacker connection: the public ``SSHServer`` callbacks.
 
-Every decision is delegated to :class:`sensor.ssh.connection.AttackerConnection`; this
-class only translates asyncssh's callbacks into its calls.
+Every decision is delegated to the connection (:class:`Connection`, implemented by
+:class:`sensor.ssh.connection.AttackerConnection`); this class only translates
+asyncssh's callbacks into its calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import asyncssh
 
+from sensor.events import SessionEvents
 from sensor.ssh.channels import RefusedForward, RelaySession
-
-if TYPE_CHECKING:
-    from sensor.ssh.connection import AttackerConnection
 
 KBDINT_PROMPT = ("", "", "", [("Password: ", False)])
 
 
-class AttackerServer(asyncssh.SSHServer):
-    """asyncssh's callbacks for one connection, delegating to :class:`AttackerConnection`."""
+class Connection(Protocol):
+    """What asyncssh's callbacks are delegated to."""
 
-    def __init__(self, connection: AttackerConnection) -> None:
+    events: SessionEvents
+
+    def ssh_started(self, conn: asyncssh.SSHServerConnection) -> None:
+        """asyncssh's side started."""
+
+    def close(self, reason: str) -> None:
+        """End the connection."""
+
+    async def login(self, username: str, password: str) -> bool:
+        """Check a password (and join a guest)."""
+
+    def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
+        """Log an offered key."""
+
+    def session_channel(self) -> RelaySession | bool:
+        """A session channel's relay, or False."""
+
+    def direct_tcpip(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> RefusedForward | bool:
+        """A direct-tcpip request's handler, or False."""
+
+
+class AttackerServer(asyncssh.SSHServer):
+    """asyncssh's callbacks for one connection, delegating to its :class:`Connection`."""
+
+    def __init__(self, connection: Connection) -> None:
         self._c = connection
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:

@@ -1,18 +1,22 @@
 """The login dialogue: what the attacker sees and what the guest is sent, until login.
 
 Before a guest exists the sensor plays the login itself: the greeting (``telnet_greeting``)
-and, once a username is typed, "Password: " while a guest is leased in the background.
-What the attacker typed at those prompts is queued and given to the guest's own prompts
-as they appear; the guest's output up to then is held back, since the attacker has
-already seen the sensor's version of it. From the first verdict on, the attacker sees
-the guest's output and answers its prompts (:mod:`sensor.telnet.login`).
+and "Password: ". A guest is leased only for a login that deserves one: with spoofing
+once the userdb accepted the password, without it once a password is typed (a scanner
+that only types usernames never holds a guest). What the attacker typed at the sensor's
+prompts is queued and given to the guest's own prompts as they appear; the guest's
+output up to then is held back, since the attacker has already seen the sensor's
+version of it. From the first verdict on, the attacker sees the guest's output and
+answers its prompts (:mod:`sensor.telnet.login`).
 
 With ``telnet_spoof_authentication`` (the default) the userdb decides each attempt when
-its password is typed: the guest is sent the lease's username always, and the lease's
-password when the userdb accepts or that password with ``fake`` appended when it does
-not, so the guest itself refuses. Without it the attacker's own credentials go through
-and the guest decides (a username or password prompt again: failed; a shell prompt:
-logged in).
+its password is typed: a refused one is a failed login at once; an accepted one sends
+the guest the lease's username and password. Once a guest is there (after an accepted
+login whose guest then refused, say) a refused password goes to it with ``fake``
+appended, so the guest itself refuses. Without spoofing the attacker's own credentials
+go through and the guest decides (a username or password prompt again: failed; a shell
+prompt: logged in). ``cowrie.login.success`` is written only once the attacker is in;
+a login that found no guest is a failed one.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ from collections import deque
 from typing import Protocol
 
 from sensor.config import SensorConfig
-from sensor.events import SessionEvents
-from sensor.metrics import SensorMetrics
 from sensor.telnet.login import LoginState, Prompt, PromptDetector, transition
 from sensor.telnet.loginput import Line, LoginInput
 from sensor.userdb import UserDB
@@ -38,8 +40,6 @@ PROMPT_STATES = {Prompt.USERNAME: LoginState.USERNAME, Prompt.PASSWORD: LoginSta
 class DialogueHost(Protocol):
     """What the dialogue needs from its connection."""
 
-    events: SessionEvents
-
     def show(self, data: bytes) -> None:
         """Bytes for the attacker's screen (and the recording)."""
 
@@ -52,8 +52,13 @@ class DialogueHost(Protocol):
     def send_guest(self, data: bytes) -> None:
         """Bytes for the guest."""
 
+    def login_attempt(
+        self, username: str, password: str, *, accepted: bool, penalise: bool = True
+    ) -> None:
+        """Log an attempt's verdict (``penalise`` False: refused for want of a guest)."""
+
     def want_guest(self) -> None:
-        """A username came in: lease a guest and open its login (then call back)."""
+        """A login deserves a guest: lease one and open its login (then call back)."""
 
     def refuse(self) -> None:
         """No guest took this attempt: call :meth:`Dialogue.refused` after the usual delay."""
@@ -71,16 +76,13 @@ class DialogueHost(Protocol):
 class Dialogue:
     """One connection's login, from the greeting to the guest's shell."""
 
-    def __init__(
-        self, host: DialogueHost, config: SensorConfig, userdb: UserDB, metrics: SensorMetrics
-    ) -> None:
+    def __init__(self, host: DialogueHost, config: SensorConfig, userdb: UserDB) -> None:
         self.state = LoginState.LOCAL
         self.attempts = 0
         self.passwords_sent = 0
         self._host = host
         self._config = config
         self._userdb = userdb
-        self._metrics = metrics
         self._spoof = config.telnet_spoof_authentication
         greeting = config.telnet_greeting.encode("utf-8")
         cut = greeting.rfind(b"\n") + 1
@@ -147,11 +149,10 @@ class Dialogue:
             self._input.prompt = Prompt.USERNAME
 
     def _given_username(self, line: Line) -> None:
-        """The login dialogue opened: queue the name for the guest, and lease one."""
+        """A username at the sensor's prompt: queued for the guest's (if one comes)."""
         self._username = line.text
+        self._queue.clear()
         self._queue.append((line, None))
-        self._move(LoginState.CONNECTING)
-        self._host.want_guest()
 
     def _password_line(self, line: Line) -> None:
         """A password typed at the sensor's prompt or the guest's."""
@@ -162,23 +163,33 @@ class Dialogue:
         accepted = self._judge(line.text)
         if self.state is LoginState.PASSWORD:
             self._send_password(line, accepted)
-        elif self.state is LoginState.LOCAL:
-            self._refuse()
+        elif self.state is not LoginState.LOCAL:
+            self._queue.append((line, accepted))
+        elif accepted is False:
+            self._refuse()  # the userdb said no: no guest for it
         else:
             self._queue.append((line, accepted))
+            self._move(LoginState.CONNECTING)
+            self._host.want_guest()
 
     def _judge(self, password: str) -> bool | None:
-        """With spoofing, the userdb's verdict (logged now); without, None (the guest's)."""
+        """With spoofing, the userdb's verdict; without, None (the guest's).
+
+        A refusal is logged now; an accepted login once the attacker is in (or not).
+        """
         if not self._spoof:
             self._attempt = (self._username, password)
             return None
         accepted = self._userdb.check(self._username, password)
-        self._log_attempt(accepted, self._username, password)
+        if accepted:
+            self._attempt = (self._username, password)
+        else:
+            self._host.login_attempt(self._username, password, accepted=False)
         return accepted
 
-    def _refuse(self) -> None:
-        """No guest for this attempt: a failed login, as far as the attacker can tell."""
-        self._verdict(accepted=False)
+    def _refuse(self, *, no_guest: bool = False) -> None:
+        """A failed login, as far as the attacker can tell (``no_guest``: for want of one)."""
+        self._verdict(accepted=False, penalise=not no_guest)
         self._queue.clear()
         self._host.show(b"\r\n")
         self._host.refuse()
@@ -194,7 +205,7 @@ class Dialogue:
         """No guest could be had; a typed password gets a failed login."""
         self._move(LoginState.LOCAL)
         if any(line.prompt is Prompt.PASSWORD for line, _ in self._queue):
-            self._refuse()
+            self._refuse(no_guest=True)
         self._queue.clear()
 
     def guest_data(self, data: bytes) -> None:
@@ -289,25 +300,17 @@ class Dialogue:
         return held
 
     def _logged_in(self) -> None:
-        """Detection ends; the shell gets what was typed ahead."""
+        """Detection ends; the login is logged; the shell gets what was typed ahead."""
+        self._verdict(accepted=True)
         self._move(LoginState.LOGGED_IN)
         self._host.logged_in(self._input.take_pending())
 
-    def _verdict(self, *, accepted: bool) -> None:
-        """Log the guest's verdict on the attacker's own credentials (spoofing off)."""
+    def _verdict(self, *, accepted: bool, penalise: bool = True) -> None:
+        """Log the pending attempt's verdict, once it is known."""
         if self._attempt is not None:
-            self._log_attempt(accepted, *self._attempt)
+            username, password = self._attempt
             self._attempt = None
-
-    def _log_attempt(self, accepted: bool, username: str, password: str) -> None:
-        """cowrie.login.success or .failed."""
-        self._metrics.logins.labels("success" if accepted else "failed").inc()
-        self._host.events.emit(
-            "cowrie.login.success" if accepted else "cowrie.login.failed",
-            "login attempt [{username}/{password}] " + ("succeeded" if accepted else "failed"),
-            username=username,
-            password=password,
-        )
+            self._host.login_attempt(username, password, accepted=accepted, penalise=penalise)
 
     def _move(self, new: LoginState) -> None:
         """Change state (illegal moves raise)."""

@@ -1,27 +1,29 @@
-"""The Telnet frontend: listening sockets, admission, and refusal events."""
+"""The Telnet frontend: listening sockets, admission to the Telnet pool, and refusals."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from sensor.refusals import RefusalReporter
+from sensor.session.core import Services
+from sensor.session.refusals import RefusalReporter
 from sensor.telnet.server import TelnetdProtocol
-from sensor.telnet.session import TelnetSession, TelnetShared
+from sensor.telnet.session import TelnetSession
 
 
 class TelnetFrontend:
     """Accepts attackers on every ``telnet_listen`` address."""
 
-    def __init__(self, shared: TelnetShared) -> None:
-        self._shared = shared
+    def __init__(self, services: Services) -> None:
+        self._services = services
         self._servers: list[asyncio.Server] = []
-        self.sessions: set[TelnetSession] = set()
         self._refusals = RefusalReporter(
-            shared.events,
-            sensor=shared.sensor,
+            services.events,
+            sensor=services.sensor,
             protocol="telnet",
-            interval=shared.config.refusal_event_interval,
+            interval=services.config.refusal_event_interval,
+            # A telnetd behind tcpd says nothing: the connection just closes (FIN).
+            text=b"",
         )
 
     async def start(self) -> list[int]:
@@ -30,7 +32,7 @@ class TelnetFrontend:
         # tracebacks at WARNING; the sessions' own events and log lines cover both.
         logging.getLogger("telnetlib3").setLevel(logging.ERROR)
         loop = asyncio.get_running_loop()
-        config = self._shared.config
+        config = self._services.config
         ports = []
         for listen in config.telnet_listen:
             host, _, port = listen.rpartition(":")
@@ -43,25 +45,27 @@ class TelnetFrontend:
             ports.append(server.sockets[0].getsockname()[1])
         return ports
 
-    async def stop(self) -> None:
-        """Stop listening, close every session and wait for their last events."""
+    def close(self) -> None:
+        """Stop listening."""
         for server in self._servers:
             server.close()
-        for session in list(self.sessions):
-            session.close("sensor shutting down")
-        await self._shared.admission.drain()
+
+    async def wait_closed(self) -> None:
+        """Wait until the listening sockets are closed."""
         for server in self._servers:
             await server.wait_closed()
 
     def _accept(
         self, protocol: TelnetdProtocol, transport: asyncio.Transport
     ) -> TelnetSession | None:
-        """Admit a new TCP connection, or refuse it (and say so, at a bounded rate)."""
-        shared = self._shared
+        """Admit a new TCP connection, or refuse it with a plain close (and say so, rarely)."""
+        services = self._services
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
-        reason = shared.admission.admit(peer[0], spool_near_full=shared.events.spool.near_full)
-        if reason is None:
-            return TelnetSession(shared, transport, peer[:2], local[:2], self.sessions)
-        self._refusals.refused(peer[0], reason)
-        return None
+        slot = services.admission.admit(
+            "telnet", peer[0], spool_near_full=services.events.spool.near_full
+        )
+        if isinstance(slot, str):
+            self._refusals.refuse(transport, peer[0], slot)
+            return None
+        return TelnetSession(services, transport, slot, peer[:2], local[:2])

@@ -1,11 +1,12 @@
 """The login dialogue of one Telnet connection, as an explicit state machine.
 
 Telnet has no authentication messages: a login is text. The sensor first shows the
-guests' greeting itself (no guest is leased for connections that never log in), then,
-once the attacker gives a username, leases a guest and watches its output for the
-username and password prompts (``telnet_*_prompt_regex``), answering them::
+guests' greeting and prompts itself (no guest is leased for connections that never log
+in), then, once a password deserves a guest (the userdb accepted it when spoofing; any
+password otherwise), leases one and watches its output for the username and password
+prompts (``telnet_*_prompt_regex``), answering them::
 
-    LOCAL --username given--> CONNECTING --guest up--> WAITING
+    LOCAL --password given--> CONNECTING --guest up--> WAITING
       ^                           |                     |  ^
       +------ no guest -----------+     username prompt |  | username sent
                                                         v  |

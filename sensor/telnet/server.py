@@ -111,11 +111,13 @@ class TelnetdProtocol(BaseServer):
         self._second_round = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Admit or refuse, then set the writer's policy and callbacks."""
+        """Admit or refuse, then set the writer's policy and callbacks.
+
+        A refused connection is the refuser's from then on (``accept`` returns None).
+        """
         assert isinstance(transport, asyncio.Transport)
         self._peer = self._accept(self, transport)
         if self._peer is None:
-            transport.abort()
             return
         super().connection_made(transport)
         transport.set_write_buffer_limits(high=self._write_buffer_high)

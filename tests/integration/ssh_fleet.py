@@ -63,9 +63,8 @@ class Fleet:
         return [e["reason"] for e in self.events("cowrie.session.closed")]
 
     def connections(self) -> int:
-        """Connections the sensor still counts. A session's end is logged before its
-        connection gives back its admission slot, so a test that needs the slot waits
-        for this too."""
+        """Connections the sensor still counts (a slot goes back the moment its
+        connection ends, before the session's last events are written)."""
         assert self.sensor.admission is not None
         return len(self.sensor.admission.connections)
 
@@ -113,6 +112,9 @@ async def start_fleet(
             lease_timeout=5.0,
             guest_login_timeout=10.0,
             login_grace_time=20.0,
+            # Every client comes from 127.0.0.1: penalties are tested on their own (as
+            # OpenSSH's regression tests set PerSourcePenalties no).
+            per_source_penalties=False,
         )
         sensor_ = Sensor(replace(config, **sensor))
         ports = await sensor_.start()  # a start that fails undoes itself

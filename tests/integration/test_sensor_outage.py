@@ -64,6 +64,8 @@ async def test_a_lease_whose_session_ended_in_an_outage_is_released_afterwards(
     fleet = await make_fleet()
     session = await connect(fleet)
     await session.run("echo hello", check=True)
+    # Events reach the local file once committed, not when the command has run.
+    await until(lambda: bool(fleet.events("cowrie.command.input")))
     (typed,) = fleet.events("cowrie.command.input")
     port = fleet.address.rsplit(":", 1)[1]
     await fleet.controller.stop(grace=0)

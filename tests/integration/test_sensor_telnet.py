@@ -24,7 +24,7 @@ from poolnode.server import PoolNode
 from sensor import linger
 from sensor.config import SensorConfig
 from sensor.service import Sensor
-from sensor.ssh.state import SessionState
+from sensor.session.state import SessionState
 from sensor.telnet.login import LoginState
 from sensor.telnet.session import TelnetSession
 from tests.conftest import (
@@ -114,6 +114,8 @@ async def start_fleet(
             lease_timeout=5.0,
             guest_login_timeout=10.0,
             login_grace_time=30.0,
+            # Every client comes from 127.0.0.1: penalties are tested on their own.
+            per_source_penalties=False,
         )
         sensor_ = Sensor(replace(config, **sensor))
         await sensor_.start()  # a start that fails undoes itself
@@ -245,14 +247,17 @@ class Bot(Transcript):
         self._task.cancel()
 
 
-async def test_wrong_password_is_refused_by_the_guest_then_a_retry_logs_in(fleet: Fleet) -> None:
+async def test_wrong_password_is_refused_without_a_guest_then_a_retry_logs_in(
+    fleet: Fleet,
+) -> None:
     async with telnet(fleet) as term:
         await term.expect(rb"srv04 login: ")
         term.send(b"root\r")
         await term.expect(rb"Password: ")
         term.send(b"root\r")  # root:x:!root
-        # The guest's own refusal and prompt, then the attacker answers the guest.
+        # Refused by the userdb: login's own refusal and prompt, and no guest leased.
         await term.expect(rb"Login incorrect\r\nsrv04 login: ")
+        assert fleet.node.pool.snapshot().guest_counts.pristine == 1
         term.send(b"ubnt\r")
         await term.expect(rb"ubnt\r\nPassword: ")
         term.send(b"ubnt\r")
@@ -265,8 +270,8 @@ async def test_wrong_password_is_refused_by_the_guest_then_a_retry_logs_in(fleet
     assert failed[0]["message"] == "login attempt [root/root] failed"
     success = fleet.events("cowrie.login.success")
     assert [(e["username"], e["password"]) for e in success] == [("ubnt", "ubnt")]
-    # Refused: the lease's password spoiled, so the guest itself said no.
-    assert fleet.guest.attempts == [("root", PASSWORD + "fake"), ("root", PASSWORD)]
+    # Only the accepted login reached the guest (with the lease's credentials).
+    assert fleet.guest.attempts == [("root", PASSWORD)]
     assert [e["input"] for e in fleet.events("cowrie.command.input")] == ["id -un"]
     # The guest's echo of the lease's username never reached the attacker.
     assert bytes(term.output).count(b"root\r\n") == 2  # typed once, `id -un` once
@@ -370,8 +375,8 @@ async def test_line_endings_work_in_both_directions(
         await bot.expect(rb"srv04 login: ")
         bot.send(b"root" + enter)
         await bot.expect(rb"Password: ")
-        bot.send(b"root" + enter)  # refused (root:x:!root): the guest's prompt comes next
-        await bot.expect(rb"Login incorrect" + re.escape(guest_newline) + rb"srv04 login: ")
+        bot.send(b"root" + enter)  # refused (root:x:!root) by the sensor, without a guest
+        await bot.expect(rb"Login incorrect\r\n(?s:.*)srv04 login: ")
         # Typed ahead of the guest's prompts; outputs differ from their commands' echo.
         bot.send(b"root" + enter + b"toor" + enter + b"expr 20 + 22" + enter)
         await bot.expect(rb"42\r\n")
@@ -381,7 +386,7 @@ async def test_line_endings_work_in_both_directions(
         await until(fleet.closed())
         commands = [e["input"] for e in fleet.events("cowrie.command.input")]
         assert commands == ["expr 20 + 22", "expr 30 + 33"]
-        assert fleet.guest.attempts == [("root", PASSWORD + "fake"), ("root", PASSWORD)]
+        assert fleet.guest.attempts == [("root", PASSWORD)]
 
 
 async def test_a_connection_that_never_logs_in_takes_no_lease(fleet: Fleet) -> None:
@@ -392,6 +397,28 @@ async def test_a_connection_that_never_logs_in_takes_no_lease(fleet: Fleet) -> N
     assert not fleet.events("cowrie.login.failed") and not fleet.events("honeyfleet.lease.failed")
     assert fleet.node.pool.snapshot().guest_counts.pristine == 1
     assert not fleet.events("cowrie.log.closed")  # nothing typed, nothing recorded
+
+
+async def test_a_scanner_that_types_usernames_and_wrong_passwords_never_holds_a_guest(
+    fleet: Fleet,
+) -> None:
+    bot = await Bot.connect(fleet.port)
+    await bot.expect(rb"srv04 login: ")
+    for name in (b"root", b"admin", b"root"):
+        bot.send(name + b"\r\n")
+        await bot.expect(rb"Password: ")
+        bot.send(b"root\r\n")  # refused by the userdb for both
+        await bot.expect(rb"Login incorrect\r\nsrv04 login: ")
+    bot.send(b"admin\r\n")  # and a username left hanging at the password prompt
+    await bot.expect(rb"Password: ")
+    # No guest was ever leased: the pool's one guest is untouched.
+    assert fleet.node.pool.snapshot().guest_counts.pristine == 1
+    assert not fleet.controller.leases.active
+    bot.close()
+    await until(fleet.closed())
+    assert fleet.node.pool.snapshot().guest_counts.pristine == 1
+    assert not fleet.events("honeyfleet.lease.failed") and fleet.guest.attempts == []
+    assert len(fleet.events("cowrie.login.failed")) == 3
 
 
 @pytest.fixture
@@ -423,8 +450,10 @@ async def test_without_a_guest_the_attacker_sees_an_ordinary_failed_login(
         await term.expect(rb"srv04 login: ")
     await until(leaseless.closed())
     assert len(leaseless.events("honeyfleet.lease.failed")) == 2
-    success = leaseless.events("cowrie.login.success")
-    assert [(e["username"], e["password"]) for e in success] == [("root", "toor")] * 2
+    # Good credentials, but nobody was let in: the events say failed, and why.
+    assert not leaseless.events("cowrie.login.success")
+    failed = leaseless.events("cowrie.login.failed")
+    assert [(e["username"], e["password"]) for e in failed] == [("root", "toor")] * 2
     assert leaseless.guest.attempts == []
 
 
@@ -570,9 +599,9 @@ async def test_a_guest_without_a_login_prompt_is_given_up(
 
 
 def open_sessions(fleet: Fleet) -> set[TelnetSession]:
-    """The sensor's Telnet sessions not yet ended (each holds its connection slot)."""
-    assert fleet.sensor._telnet is not None
-    return fleet.sensor._telnet.sessions
+    """The sensor's Telnet sessions whose connection has not ended."""
+    assert fleet.sensor.admission is not None
+    return {s for s in fleet.sensor.admission.connections if isinstance(s, TelnetSession)}
 
 
 def the_session(fleet: Fleet) -> TelnetSession:
@@ -590,20 +619,18 @@ async def test_timers_that_fire_after_the_session_closed_do_nothing(
         bot = await Bot.connect(fleet.port)
         await bot.expect(rb"srv04 login: ")
         session = the_session(fleet)
-        bot.send(b"root\r\n")
+        bot.send(b"root\r\ntoor\r\n")
         # Joined to a guest that never shows its login prompt.
-        await until(lambda s=session: s._dialogue.state is LoginState.WAITING)  # type: ignore[misc]
+        await until(lambda s=session: s.login_state is LoginState.WAITING)  # type: ignore[misc]
+        assert "guest_late" in session.session.timers.armed
         bot.close()
         async with asyncio.timeout(20):
             await session.closed.wait()
-        # What timers armed in the moment before close() (by a _join or a dialogue still
-        # running) would do when they fire: nothing, and no event after the last one.
-        session._guest_late()
+        # Timers armed in the moment before close() (by a join or a dialogue still
+        # running) are not armed at all after it, and the guest is not given up twice.
         session.awaiting_verdict(1)
-        await session._abandon_guest("no login prompt from the guest in time")
-        assert all(timer.cancelled() for timer in session._timers)
-        tasks = list(session._tasks)
-        assert await asyncio.gather(*tasks, return_exceptions=True) == [None] * len(tasks)
+        assert session.session.timers.armed == []
+        assert not await session.session.abandon_guest("no login prompt from the guest in time")
         assert session.state is SessionState.CLOSED
         assert not fleet.events("honeyfleet.guest.failed")
         assert fleet.events()[-1]["eventid"] == "cowrie.session.closed"

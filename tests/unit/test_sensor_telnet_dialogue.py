@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 from sensor.config import SensorConfig
-from sensor.metrics import SensorMetrics
 from sensor.telnet.dialogue import Dialogue
 from sensor.telnet.login import LoginState
 from sensor.userdb import UserDB
@@ -49,7 +48,7 @@ class Host:
         self.recorded = bytearray()
         self.calls: list[str] = []
         self.typed_ahead = b""
-        self.dialogue = Dialogue(self, config, USERDB, SensorMetrics())  # type: ignore[arg-type]
+        self.dialogue = Dialogue(self, config, USERDB)
 
     def show(self, data: bytes) -> None:
         self.screen += data
@@ -62,6 +61,12 @@ class Host:
 
     def send_guest(self, data: bytes) -> None:
         self.guest += data
+
+    def login_attempt(
+        self, username: str, password: str, *, accepted: bool, penalise: bool = True
+    ) -> None:
+        outcome = "success" if accepted else "failed"
+        self.events.emit(f"cowrie.login.{outcome}", "", username=username, password=password)
 
     def want_guest(self) -> None:
         self.calls.append("want_guest")
@@ -98,10 +103,12 @@ def test_accepted_login_spoofs_the_lease_credentials_and_hides_the_guest_dialogu
     host.dialogue.start(None)
     assert host.take() == (BANNER + PROMPT, b"")
     host.dialogue.attacker_data(b"root\r\0")
-    assert host.calls == ["want_guest"] and host.dialogue.state is LoginState.CONNECTING
+    # A username alone is worth no guest.
+    assert host.calls == [] and host.dialogue.state is LoginState.LOCAL
     assert host.take() == (b"root\r\nPassword: ", b"")
     host.dialogue.attacker_data(b"toor\r\0ls\r\0")  # typed ahead of the guest
-    assert host.events.logins() == [("success", "root", "toor")]
+    assert host.calls == ["want_guest"] and host.dialogue.state is LoginState.CONNECTING
+    assert host.events.logins() == []  # not in yet: no success to report
     attached(host)
     assert host.take() == (b"", b"root\r\0")  # the lease's name, hidden
     host.dialogue.guest_data(b"root\r\nPass")
@@ -109,44 +116,53 @@ def test_accepted_login_spoofs_the_lease_credentials_and_hides_the_guest_dialogu
     assert host.take() == (b"", b"lease-secret\r\0")
     assert host.dialogue.state is LoginState.LOGGED_IN
     assert host.calls == ["want_guest", "logged_in"] and host.typed_ahead == b"ls\r\0"
+    assert host.events.logins() == [("success", "root", "toor")]
     host.dialogue.guest_data(b"\r\n~ # ")
     assert host.take() == (b"\r\n~ # ", b"")
     assert bytes(host.recorded) == b"root\r\0"  # never the password
 
 
-def test_refused_login_lets_the_guest_refuse_then_the_attacker_answers_the_guest() -> None:
+def test_a_login_the_userdb_refuses_never_leases_a_guest() -> None:
     host = Host()
+    host.dialogue.start(None)
+    host.dialogue.attacker_data(b"root\r\nroot\r\n")
+    assert host.calls == ["refuse"] and host.dialogue.state is LoginState.LOCAL
+    assert host.events.logins() == [("failed", "root", "root")]
+    assert host.take()[0].endswith(b"Password: \r\n")
+    host.dialogue.refused()
+    assert host.take() == (b"Login incorrect\r\n" + PROMPT, b"")
+
+
+def test_refused_login_lets_the_guest_refuse_then_the_attacker_answers_the_guest() -> None:
+    host = Host(replace(CONFIG, telnet_spoof_authentication=False))
     host.dialogue.start(None)
     host.dialogue.attacker_data(b"root\r\nroot\r\n")
     attached(host)
     host.dialogue.guest_data(b"root\r\nPassword: ")
-    assert host.take()[1] == b"root\r\nlease-secretfake\r\n"
+    assert host.take()[1] == b"root\r\nroot\r\n"
     assert host.dialogue.state is LoginState.VERIFYING
     host.dialogue.guest_data(b"\r\n")
     host.dialogue.guest_data(b"Login incorrect\r\nsrv04 login: ")
     assert host.take() == (b"\r\nLogin incorrect\r\nsrv04 login: ", b"")
     assert host.dialogue.state is LoginState.USERNAME
     host.dialogue.attacker_data(b"ad\x7fdmin\r\n")  # echoed by the sensor, held from the guest
-    assert host.take() == (b"ad\b \bdmin\r\n", b"root\r\n")
-    host.dialogue.guest_data(b"root\r\nPassword: ")  # the guest's echo is not shown again
+    assert host.take() == (b"ad\b \bdmin\r\n", b"admin\r\n")
+    host.dialogue.guest_data(b"admin\r\nPassword: ")  # the guest's echo is not shown again
     assert host.take() == (b"Password: ", b"")
     host.dialogue.attacker_data(b"x\r\n")
-    assert host.take() == (b"", b"lease-secretfake\r\n")
-    assert host.events.logins() == [
-        ("failed", "root", "root"),
-        ("failed", "admin", "x"),
-    ]
+    assert host.take() == (b"", b"x\r\n")
+    assert host.events.logins() == [("failed", "root", "root")]  # x: the guest's to judge
 
 
 def test_a_username_from_negotiation_goes_straight_to_the_password() -> None:
     host = Host()
     host.dialogue.start("root")
     assert host.take() == (BANNER + b"Password: ", b"")
+    assert host.calls == []
+    host.dialogue.attacker_data(b"toor\r\0")
     assert host.calls == ["want_guest"]
     host.dialogue.guest_attached(*LEASE)
     host.dialogue.guest_data(b"\r\nPassword: ")  # the guest took USER and skipped the name
-    assert host.take() == (b"", b"")
-    host.dialogue.attacker_data(b"toor\r\0")
     assert host.take() == (b"", b"lease-secret\r\0")
     assert host.events.logins() == [("success", "root", "toor")]
 
@@ -154,6 +170,7 @@ def test_a_username_from_negotiation_goes_straight_to_the_password() -> None:
 def test_a_username_from_negotiation_answers_a_guest_that_asks_anyway() -> None:
     host = Host()
     host.dialogue.start("root")
+    host.dialogue.attacker_data(b"toor\r\0")
     attached(host)
     assert host.take() == (BANNER + b"Password: ", b"root\r\0")
 
@@ -162,15 +179,17 @@ def test_without_a_guest_a_password_gets_an_ordinary_failed_login() -> None:
     host = Host()
     host.dialogue.start(None)
     host.dialogue.attacker_data(b"root\r\n")
-    host.dialogue.guest_unavailable()
-    assert host.dialogue.state is LoginState.LOCAL
     host.take()
     host.dialogue.attacker_data(b"toor\r\n")
+    host.dialogue.guest_unavailable()
+    assert host.dialogue.state is LoginState.LOCAL
     assert host.calls == ["want_guest", "refuse"]
+    # Good credentials, but nobody let in: a failed login.
+    assert host.events.logins() == [("failed", "root", "toor")]
     host.dialogue.refused()
     assert host.take() == (b"\r\nLogin incorrect\r\n" + PROMPT, b"")
-    host.dialogue.attacker_data(b"root\r\n")
-    assert host.calls[-1] == "want_guest"  # the next username tries again
+    host.dialogue.attacker_data(b"root\r\ntoor\r\n")
+    assert host.calls[-1] == "want_guest"  # the next login tries again
 
 
 def test_a_guest_that_fails_after_the_password_was_typed_refuses_at_once() -> None:
@@ -230,7 +249,7 @@ def test_a_shells_password_prompt_after_login_is_left_alone() -> None:
 
 
 def test_guest_output_with_cr_nul_line_ends() -> None:
-    host = Host()
+    host = Host(replace(CONFIG, telnet_spoof_authentication=False))
     host.dialogue.start(None)
     host.dialogue.attacker_data(b"root\r\0root\r\0")
     host.dialogue.guest_attached(*LEASE)
@@ -245,10 +264,8 @@ def test_attempts_are_bounded() -> None:
     host = Host(replace(CONFIG, max_auth_attempts=2))
     host.dialogue.start(None)
     host.dialogue.attacker_data(b"root\r\nroot\r\n")
-    host.dialogue.guest_unavailable()
     host.dialogue.refused()
     host.dialogue.attacker_data(b"root\r\nroot\r\n")
-    host.dialogue.guest_unavailable()
     host.dialogue.refused()
     host.dialogue.attacker_data(b"root\r\nroot\r\n")
     assert host.calls[-1] == "too_many_attempts"

@@ -1,14 +1,16 @@
-"""The life cycle of one attacker connection, as an explicit state machine.
+"""The life cycle of one attacker session, either protocol, as an explicit state machine.
 
 ::
 
-    CONNECTED --login ok--> LEASING --lease--> JOINING --guest login--> PROXYING
-        ^                      |                   |                       |
-        +---- lease or guest fails (the attacker sees a failed login) ----+ |
-    any state ----------------------------------------------------------> CLOSED
+    CONNECTED --login deserves a guest--> LEASING --lease--> JOINING --guest login--> PROXYING
+        ^                                    |                   |                       |
+        +---- lease or guest fails (the attacker sees a failed login) --+                 |
+    any state -------------------------------------------------------------------------> CLOSED
 
 A scanner that never logs in stays CONNECTED until it leaves or its grace time ends,
-and never causes a lease.
+and never causes a lease. SSH joins when the userdb accepted a password and is
+PROXYING at once; Telnet joins once a password deserves it and is PROXYING when the
+guest let the attacker in.
 """
 
 from __future__ import annotations

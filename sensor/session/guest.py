@@ -1,0 +1,129 @@
+"""The guest behind one session: its lease (within the budget), the tunnel and what runs on it.
+
+A lease is asked for only once the attacker's login deserves a guest, renewed while the
+session lasts and released when it ends. The protocol adapter opens its client (SSH or
+Telnet) on :attr:`GuestLink.tunnel` and hands over what must be closed and watched.
+The guest's credentials come with the lease and go only to that client: they are never
+logged, recorded or put into an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from honeyfleet.errors import HoneyfleetError
+from honeyfleet.v1 import common_pb2
+from sensor.events import SessionEvents
+from sensor.leases import GuestLease, LeaseClient, LeaseFailed
+from sensor.session.budget import LeaseBudget
+from sensor.tunnel import Tunnel, TunnelConnector
+
+
+class GuestFailed(HoneyfleetError):
+    """The guest's login could not be opened (the adapter's client said why)."""
+
+
+class GuestLink:
+    """Lease, tunnel and guest client of one session; :meth:`drop` gives them all back."""
+
+    def __init__(
+        self,
+        *,
+        leases: LeaseClient,
+        tunnels: TunnelConnector,
+        budget: LeaseBudget,
+        events: SessionEvents,
+        src_ip: str,
+        protocol: common_pb2.Protocol.ValueType,
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self._leases = leases
+        self._tunnels = tunnels
+        self._budget = budget
+        self._events = events
+        self._src_ip = src_ip
+        self._protocol = protocol
+        self._on_lost = on_lost
+        self.lease: GuestLease | None = None
+        self.tunnel: Tunnel | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Callable[[], None]] = []
+        self._budgeted = False
+        self._dropped = False
+
+    async def acquire(self) -> GuestLease:
+        """Lease a guest within the budget and keep renewing it; LeaseFailed if none."""
+        if refusal := self._budget.take(self._src_ip):
+            raise LeaseFailed(refusal)
+        self._budgeted = True
+        try:
+            lease = await self._leases.acquire(self._src_ip, self._events.session, self._protocol)
+        except BaseException:
+            # Cancelled too: the lease client releases a lease that arrives later.
+            self._give_budget()
+            raise
+        self.lease = lease
+        self._events.context.update(lease.context)
+        self._tasks.append(asyncio.create_task(self._leases.keep(lease, self._lease_lost)))
+        return lease
+
+    async def open_tunnel(self, wait: float, port: common_pb2.GuestPort.ValueType) -> Tunnel:
+        """A tunnel to the leased guest's ``port``."""
+        assert self.lease is not None
+        self.tunnel = await self._tunnels.open(self.lease, wait, port=port)
+        return self.tunnel
+
+    def hold(self, task: asyncio.Task[None], close: Callable[[], None] | None = None) -> None:
+        """A task of the guest's client (cancelled at drop) and how to close the client."""
+        self._tasks.append(task)
+        if close is not None:
+            self._closers.append(close)
+
+    def lost(self, reason: str, *, report: bool) -> None:
+        """The guest (or the tunnel) went away under the session: end it.
+
+        A broken tunnel is always an event; a guest that just closed only when ``report``
+        (for Telnet that is an ordinary logout).
+        """
+        if self._dropped:
+            return
+        tunnel_error = self.tunnel.error if self.tunnel is not None else None
+        reason = tunnel_error or reason
+        if tunnel_error is not None or report:
+            self._events.emit(
+                "honeyfleet.guest.lost", "Guest connection lost: {reason}", reason=reason
+            )
+        self._on_lost(reason)
+
+    async def drop(self, reason: str) -> None:
+        """Close the guest's client and the tunnel, and release the lease (idempotent)."""
+        self._dropped = True
+        tunnel, self.tunnel = self.tunnel, None
+        lease, self.lease = self.lease, None
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+        closers, self._closers = self._closers, []
+        for close in closers:
+            close()
+        try:
+            if tunnel is not None:
+                await tunnel.close()
+        finally:
+            if lease is not None:
+                # Shielded: a session cancelled while releasing still gives the guest
+                # back (the release is bounded by its own timeout).
+                await asyncio.shield(self._leases.release(lease, reason))
+            self._give_budget()
+
+    def _give_budget(self) -> None:
+        """The lease counted in the budget is over (once)."""
+        if self._budgeted:
+            self._budgeted = False
+            self._budget.give(self._src_ip)
+
+    def _lease_lost(self, reason: str) -> None:
+        """The controller ended the lease under the session."""
+        self._events.emit("honeyfleet.lease.lost", "Lease ended: {reason}", reason=reason)
+        self._on_lost(f"lease lost: {reason}")

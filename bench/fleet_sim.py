@@ -164,10 +164,12 @@ class ErrorCounter(logging.Handler):
         self._recorder = recorder
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Count one record under its gRPC code, or else under its last argument."""
+        """Count one record under its gRPC code, its exception or else its message."""
         args = record.args if isinstance(record.args, tuple) else ()
         code = next((a for a in args if isinstance(a, str) and a in CODE_NAMES), None)
-        detail = code or (str(args[-1]) if args else str(record.msg))
+        error = next((a for a in args if isinstance(a, Exception)), None)
+        # Never an argument that varies per call (a lease id): one row per kind of message.
+        detail = code or (str(error) if error else str(record.msg))
         self._recorder.stats.codes[f"{record.name.rsplit('.', 1)[-1]}: {detail[:60]}"] += 1
 
 

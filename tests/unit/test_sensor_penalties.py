@@ -7,7 +7,11 @@ The clock is injected (a monotonic clock in production), so nothing here waits.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
+
+from honeyfleet.config import ConfigProblems, parse_section
 from sensor.config import SensorConfig
 from sensor.metrics import SensorMetrics
 from sensor.session.admission import EVICTED, Admission, Slot
@@ -151,3 +155,23 @@ def test_the_guest_budget_bounds_leases_per_source_and_in_total() -> None:
     budget.give("192.0.2.1")
     assert budget.take("192.0.2.3") is None
     assert budget.held == 2
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"max_startups": "10:30"}, "sensor.max_startups"),
+        ({"max_startups": "100:30:10"}, "sensor.max_startups"),
+        ({"max_startups": "10:0:100"}, "sensor.max_startups"),
+        ({"max_startups_per_source": 0}, "sensor.max_startups_per_source"),
+        ({"penalty_exempt": ["10.0.0.0/33"]}, "sensor.penalty_exempt"),
+        ({"penalty_min": 700.0}, "sensor.penalty_min"),
+        ({"max_leases_per_source": 0}, "sensor.max_leases_per_source"),
+    ],
+)
+def test_bad_admission_settings_fail_naming_their_key(
+    tmp_path: Path, table: dict[str, object], key: str
+) -> None:
+    with pytest.raises(ConfigProblems) as e:
+        parse_section(SensorConfig, "sensor", table, base_dir=tmp_path, env={})
+    assert [p.key for p in e.value.problems] == [key]

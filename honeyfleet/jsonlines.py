@@ -28,10 +28,14 @@ class JsonLinesLog:
 
     def write(self, events: Iterable[Event]) -> None:
         """Append events, rotating first if the day changed."""
+        self.write_lines(to_json(event) for event in events)
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Append events already in JSON (one line each, no newline), rotating first if the
+        day changed."""
         today = datetime.now(UTC).date()
         handle = self._open(today)
-        for event in events:
-            handle.write(to_json(event) + "\n")
+        handle.writelines(f"{line}\n" for line in lines)
         handle.flush()
         if self._fsync:
             os.fsync(handle.fileno())

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from controller.events.rows import EventRow
+from honeyfleet.events import to_json
 from honeyfleet.jsonlines import JsonLinesLog
 
 
@@ -44,8 +45,14 @@ class JsonLinesSink:
 
     async def write(self, rows: Sequence[EventRow]) -> None:
         """Append rows as Cowrie JSON lines."""
-        events = [row.event for row in rows]
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._log.write, events)
+        # The text as received, not encoded again; JSON may hold raw line breaks between
+        # its tokens, which would split a line, so such (odd, or hostile) text is redone.
+        lines = [
+            to_json(row.event) if "\n" in row.json or "\r" in row.json else row.json for row in rows
+        ]
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._log.write_lines, lines
+        )
 
     async def close(self) -> None:
         """Close the file."""

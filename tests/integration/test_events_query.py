@@ -277,7 +277,10 @@ async def test_json_lines_file_is_cowrie_format(
     controller, address = await start_controller()
     sent = session_events("edge1")
     sent[2]["sensor"] = "spoofed"
-    await stream_all(fleet_pki, address, "edge1", batches(sent))
+    wire = batches(sent)
+    # Line breaks between JSON tokens are valid JSON, but must not split a line.
+    wire[0].events[4].json = json.dumps(sent[4], indent=1, ensure_ascii=False)
+    await stream_all(fleet_pki, address, "edge1", wire)
     await stream_all(fleet_pki, address, "edge1", batches(sent))  # resent: not written twice
     lines = (controller.config.state_dir / "cowrie.json").read_text().splitlines()
     assert len(lines) == len(sent)

@@ -102,8 +102,11 @@ class BatchWriter:
             return Ack(0, 0)
         pending = _Pending(rows, asyncio.get_running_loop().create_future())
         try:
-            async with asyncio.timeout(self._shed_after):
-                await self._queue.put(pending)
+            if self._queue.full():
+                async with asyncio.timeout(self._shed_after):
+                    await self._queue.put(pending)
+            else:
+                self._queue.put_nowait(pending)  # the usual case: no timer to arm
         except TimeoutError:
             self._metrics.shed.labels("queue").inc()
             raise Overloaded(

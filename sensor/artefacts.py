@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any, Protocol
 
-from sensor.events import SessionEvents
 from sensor.metrics import SensorMetrics
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,24 @@ class DiskBudget:
             self._refused = False
 
 
+class Emitter(Protocol):
+    """A session's events (:class:`sensor.events.SessionEvents`, which imports recordings)."""
+
+    def emit(
+        self,
+        eventid: str,
+        template: str,
+        *,
+        message_args: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> Any:
+        """Build and record an event."""
+
+
 class ArtefactReport:
     """What one session says about its artefacts: budget refusals (once) and failures."""
 
-    def __init__(self, events: SessionEvents, metrics: SensorMetrics) -> None:
+    def __init__(self, events: Emitter, metrics: SensorMetrics) -> None:
         self._events = events
         self._metrics = metrics
         self._told_budget = False

@@ -255,6 +255,11 @@ class SensorConfig:
     recording_max_bytes: int = setting(
         32 * 1024 * 1024, "bound on one session's asciicast file", check=positive
     )
+    recording_held_bytes: int = setting(
+        64 * 1024,
+        "recording kept in memory (never on disk) before a Telnet client logs in",
+        check=positive,
+    )
     capture_max_bytes: int = setting(
         64 * 1024 * 1024, "largest uploaded file captured", check=positive
     )

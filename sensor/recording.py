@@ -1,23 +1,83 @@
-"""Session recordings in asciicast v2 (asciinema's format), bounded in size.
+"""Session recordings in asciicast v2 (asciinema's format), bounded, written off the loop.
 
 A header line (width, height, start time, env), then one JSON array a line:
 ``[seconds, "o", text]`` for output the attacker saw, ``[seconds, "i", text]`` for
 what the attacker typed, ``[seconds, "r", "COLSxROWS"]`` for a resize. Bytes are decoded
 as UTF-8 incrementally (a character split across reads stays whole); undecodable bytes
-become U+FFFD. The sha256 of the attacker's raw input covers all of it even when the file
-stopped growing at its bound. Only the attacker's channels are recorded: credentials the
-sensor uses towards the guest never pass through here.
+become U+FFFD. NUL bytes in the output are left out: a terminal shows nothing for them,
+and as JSON each would take six bytes (``/dev/zero`` would fill a recording six times
+faster than it fills a screen). The sha256 of the attacker's raw input covers all of it
+even when the file stopped growing at its bound. Only the attacker's channels are
+recorded: credentials the sensor uses towards the guest never pass through here.
+
+How a session uses one (``recordings`` is the sensor's :class:`Recordings`)::
+
+    recorder = recordings.start(session_id, report, width=80, height=24, term="xterm",
+                                held=True)   # before login: kept in memory only
+    recorder.output(b"login: ")             # output/input/resize as bytes pass
+    recorder.commit()                        # at login: what was held goes to disk
+    recorder.discard()                       # or: never logged in, nothing is kept
+    summary = await recorder.close()         # at the end: None if nothing was kept
+
+A recording starts HELD (``held=True``: at most ``recording_held_bytes`` kept in memory,
+nothing on disk, for a client that has not logged in) or WRITING. Lines are queued on
+the event loop and written by the sensor's one writer thread in batches (at most
+``FLUSH_BYTES`` or ``FLUSH_SECONDS`` apart), so a keystroke never waits for a disk.
+Every byte is drawn from the artefact budget (:mod:`sensor.artefacts`) when queued.
+An I/O error ends the recording alone (a ``honeyfleet.artefact.failed`` event; the
+file keeps what was written, and the summary says how much); no method here raises
+because of the disk, so a session's teardown never does either. ::
+
+    HELD ──commit()──▶ WRITING ──close()──▶ CLOSED
+      └────────────discard() / close()────────▲
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import concurrent.futures
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import IO
+
+from sensor.artefacts import ArtefactReport, DiskBudget
+
+log = logging.getLogger(__name__)
+
+KIND = "recording"
+WHAT = "the session's recording"
+# Queued lines are handed to the writer thread once this many bytes are waiting...
+FLUSH_BYTES = 64 * 1024
+# ...or this many seconds after the first of them was queued.
+FLUSH_SECONDS = 1.0
+
+
+class RecordingState(Enum):
+    """Where a recording's lines go."""
+
+    HELD = "held"
+    WRITING = "writing"
+    CLOSED = "closed"
+
+
+TRANSITIONS = {
+    RecordingState.HELD: {RecordingState.WRITING, RecordingState.CLOSED},
+    RecordingState.WRITING: {RecordingState.CLOSED},
+    RecordingState.CLOSED: set(),
+}
+
+
+def transition(current: RecordingState, new: RecordingState) -> RecordingState:
+    """The new state; ValueError for a move the diagram does not have."""
+    if new not in TRANSITIONS[current]:
+        raise ValueError(f"recording cannot go from {current.value} to {new.value}")
+    return new
 
 
 @dataclass(frozen=True)
@@ -31,21 +91,121 @@ class RecordingSummary:
     truncated: bool
 
 
-class Recorder:
-    """Writes one asciicast v2 file."""
+class Recordings:
+    """A sensor's recordings: their directory, bounds, budget and one writer thread."""
 
-    def __init__(self, path: Path, *, width: int, height: int, term: str, max_bytes: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, *, max_bytes: int, held_bytes: int, budget: DiskBudget) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.held_bytes = held_bytes
+        self.budget = budget
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recording")
+
+    def start(
+        self,
+        session: str,
+        report: ArtefactReport,
+        *,
+        width: int,
+        height: int,
+        term: str,
+        held: bool = False,
+    ) -> Recorder:
+        """A new recording for ``session`` (HELD in memory until :meth:`Recorder.commit`)."""
+        return Recorder(
+            self, self.root / f"{session}.cast", report, width=width, height=height,
+            term=term, held=held,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Wait for the writes queued so far and stop the thread (blocks: for shutdown)."""
+        self._writer.shutdown(wait=True)
+
+    def submit(self, job: _Job) -> concurrent.futures.Future[None]:
+        """Run a recording's file work on the writer thread (in order)."""
+        return self._writer.submit(job.run)
+
+
+class _Job:
+    """One batch of a recording's file work, run on the writer thread."""
+
+    def __init__(self, file: _File, lines: list[str], *, last: bool) -> None:
+        self._file = file
+        self._lines = lines
+        self._last = last
+
+    def run(self) -> None:
+        """Open if need be, append the lines, close if it is the last batch."""
+        self._file.write(self._lines, last=self._last)
+
+
+class _File:
+    """The file side of a recording: touched only on the writer thread."""
+
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._max_bytes = max_bytes
+        self.error: OSError | None = None
+        self.written = 0
+        self._handle: IO[str] | None = None
+
+    def write(self, lines: list[str], *, last: bool) -> None:
+        """Append lines (opening the file first); after an error, do nothing more."""
+        if self.error is None:
+            try:
+                if self._handle is None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._handle = self.path.open("w", encoding="utf-8")
+                if lines:
+                    text = "".join(lines)
+                    self._handle.write(text)
+                    self._handle.flush()  # the error, if any, belongs to this batch
+                    self.written += len(text.encode("utf-8"))
+            except OSError as e:
+                self.error = e
+        if last or self.error is not None:
+            self._close()
+
+    def _close(self) -> None:
+        """Close the handle, keeping the first error."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError as e:
+                self.error = self.error or e
+
+
+class Recorder:
+    """One asciicast v2 recording (use from the event loop)."""
+
+    def __init__(
+        self,
+        recordings: Recordings,
+        path: Path,
+        report: ArtefactReport,
+        *,
+        width: int,
+        height: int,
+        term: str,
+        held: bool,
+    ) -> None:
+        self.path = path
+        self.state = RecordingState.HELD if held else RecordingState.WRITING
+        self.size = 0
+        self.truncated = False
+        self._recordings = recordings
+        self._report = report
+        self._file = _File(path)
         self._start = time.monotonic()
         self._input_hash = hashlib.sha256()
         self._decoders = {
             kind: codecs.getincrementaldecoder("utf-8")(errors="replace") for kind in "io"
         }
-        self._file: IO[str] = path.open("w", encoding="utf-8")
-        self.size = 0
-        self.truncated = False
+        self._queued: list[str] = []
+        self._queued_bytes = 0
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._failed = False
+        self._last_job: concurrent.futures.Future[None] | None = None
         header = {
             "version": 2,
             "width": width,
@@ -53,48 +213,124 @@ class Recorder:
             "timestamp": int(time.time()),
             "env": {"TERM": term, "SHELL": "/bin/sh"},
         }
-        self._write(json.dumps(header))
+        self._line(json.dumps(header))
 
     def output(self, data: bytes) -> None:
-        """Record bytes shown to the attacker."""
-        if not self.truncated:
-            self._event("o", self._decoders["o"].decode(data))
+        """Record bytes shown to the attacker (NULs left out: they show nothing)."""
+        if self._taking():
+            self._event("o", self._decoders["o"].decode(data).replace("\0", ""))
 
     def input(self, data: bytes) -> None:
         """Record bytes the attacker sent (hashed even once the file is full)."""
         self._input_hash.update(data)
-        if not self.truncated:
+        if self._taking():
             self._event("i", self._decoders["i"].decode(data))
 
     def resize(self, width: int, height: int) -> None:
         """Record a terminal resize."""
-        if not self.truncated:
+        if self._taking():
             self._event("r", f"{width}x{height}")
 
-    def close(self) -> RecordingSummary:
-        """Finish the file and summarise it."""
-        self._file.close()
+    def commit(self) -> None:
+        """The client logged in: what was held goes to disk, and so does what follows."""
+        if self.state is not RecordingState.HELD:
+            return
+        if not self._recordings.budget.take(self.size):
+            self._report.over_budget(KIND, WHAT)
+            self.discard()
+            return
+        self.state = transition(self.state, RecordingState.WRITING)
+        self._flush()
+
+    def discard(self) -> None:
+        """Keep nothing (a client that never logged in)."""
+        if self.state is RecordingState.HELD:
+            self.state = transition(self.state, RecordingState.CLOSED)
+            self._queued.clear()
+
+    async def close(self) -> RecordingSummary | None:
+        """Finish the recording once its writes are done; its summary, or None if nothing
+        was kept. Never raises (an I/O error is reported as an event instead)."""
+        if self.state is not RecordingState.WRITING:
+            self.discard()
+            return None
+        self.state = transition(self.state, RecordingState.CLOSED)
+        self._flush(last=True)
+        if self._last_job is not None:
+            # Shielded: a cancelled teardown still leaves the writer's work alone.
+            await asyncio.shield(asyncio.wrap_future(self._last_job))
+        self._check_failure()
+        if self._file.error is not None:
+            self._recordings.budget.give(self.size - self._file.written)
         return RecordingSummary(
             path=self.path,
-            size=self.size,
+            size=self._file.written,
             shasum=self._input_hash.hexdigest(),
             duration=time.monotonic() - self._start,
             truncated=self.truncated,
         )
 
+    # Queueing lines.
+
+    def _taking(self) -> bool:
+        """Whether lines are still wanted (the writer's failures are noticed here too)."""
+        self._check_failure()
+        return not self.truncated and self.state is not RecordingState.CLOSED
+
     def _event(self, kind: str, text: str) -> None:
-        """Append one event line, unless empty or past the size bound."""
+        """Queue one event line, unless empty."""
         if text:
             elapsed = round(time.monotonic() - self._start, 6)
-            self._write(json.dumps([elapsed, kind, text], ensure_ascii=False))
+            self._line(json.dumps([elapsed, kind, text], ensure_ascii=False))
 
-    def _write(self, line: str) -> None:
-        """Append a line if it fits the bound; past it, stop and remember why."""
-        if self.truncated:
-            return
+    def _line(self, line: str) -> None:
+        """Queue a line if it fits the bounds; past one, stop and remember why."""
         size = len(line.encode("utf-8")) + 1
-        if self.size + size > self._max_bytes:
+        bound = (
+            self._recordings.held_bytes
+            if self.state is RecordingState.HELD
+            else self._recordings.max_bytes
+        )
+        if self.size + size > bound:
             self.truncated = True
             return
-        self._file.write(line + "\n")
+        if self.state is RecordingState.WRITING and not self._recordings.budget.take(size):
+            self._over_budget()
+            return
+        self._queued.append(line + "\n")
+        self._queued_bytes += size
         self.size += size
+        if self.state is RecordingState.WRITING:
+            if self._queued_bytes >= FLUSH_BYTES:
+                self._flush()
+            elif self._flush_timer is None:
+                loop = asyncio.get_running_loop()
+                self._flush_timer = loop.call_later(FLUSH_SECONDS, self._flush)
+
+    def _flush(self, *, last: bool = False) -> None:
+        """Hand the queued lines to the writer thread."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        lines, self._queued, self._queued_bytes = self._queued, [], 0
+        if not lines and not last:
+            return
+        try:
+            self._last_job = self._recordings.submit(_Job(self._file, lines, last=last))
+        except RuntimeError:  # the writer is shut down: the sensor is stopping
+            self._file.error = self._file.error or OSError("recording writer stopped")
+
+    def _over_budget(self) -> None:
+        """The artefact budget is spent: the recording stops here."""
+        self.truncated = True
+        self._report.over_budget(KIND, WHAT)
+
+    def _check_failure(self) -> None:
+        """Report, once, an I/O error the writer thread met; the recording stops there."""
+        error = self._file.error
+        if error is None or self._failed:
+            return
+        self._failed = True
+        self.truncated = True
+        log.error("recording %s failed: %s", self.path, error)
+        self._report.failed(KIND, WHAT, error)

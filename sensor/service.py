@@ -18,6 +18,7 @@ from sensor.config import SensorConfig
 from sensor.events import EventLog
 from sensor.leases import LeaseClient
 from sensor.metrics import SensorMetrics
+from sensor.recording import Recordings
 from sensor.session.admission import Admission
 from sensor.session.budget import LeaseBudget
 from sensor.session.core import Services
@@ -55,6 +56,7 @@ class Sensor:
         self._metrics_server: MetricsServer | None = None
         self._jsonlines: JsonLinesLog | None = None
         self._leases: LeaseClient | None = None
+        self._recordings: Recordings | None = None
         self._stopped = False
 
     async def start(self) -> list[int]:
@@ -93,6 +95,12 @@ class Sensor:
         self.admission = Admission(config, self.metrics)
         used = await asyncio.to_thread(disk_usage, config.downloads_dir, config.recordings_dir)
         disk = DiskBudget(config.artefact_max_bytes, used, self.metrics)
+        recordings = self._recordings = Recordings(
+            config.recordings_dir,
+            max_bytes=config.recording_max_bytes,
+            held_bytes=config.recording_held_bytes,
+            budget=disk,
+        )
         services = Services(
             config=config,
             sensor=identity.name,
@@ -103,6 +111,7 @@ class Sensor:
             tunnels=self._tunnels,
             admission=self.admission,
             budget=LeaseBudget(per_source=config.max_leases_per_source, total=config.max_leases),
+            recordings=recordings,
         )
         self._frontend = SshFrontend(
             Shared(
@@ -174,6 +183,8 @@ class Sensor:
             await self._channel.close(None)
         if self._metrics_server is not None:
             await self._metrics_server.stop()
+        if self._recordings is not None:
+            await asyncio.to_thread(self._recordings.close)  # the sessions' last writes
         if self._events is not None:
             await self._events.flush()
             await self._events.close()

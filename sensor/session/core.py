@@ -23,11 +23,12 @@ from typing import Any, Protocol
 
 from honeyfleet.events import new_session_id
 from honeyfleet.v1 import common_pb2
+from sensor.artefacts import ArtefactReport
 from sensor.config import SensorConfig
 from sensor.events import EventLog, SessionEvents
 from sensor.leases import LeaseClient, LeaseFailed
 from sensor.metrics import SensorMetrics
-from sensor.recording import Recorder
+from sensor.recording import Recorder, Recordings
 from sensor.session.admission import Admission, Slot
 from sensor.session.budget import LeaseBudget
 from sensor.session.guest import GuestFailed, GuestLink
@@ -55,6 +56,7 @@ class Services:
     tunnels: TunnelConnector
     admission: Admission
     budget: LeaseBudget
+    recordings: Recordings
 
 
 class SessionAdapter(Protocol):
@@ -135,6 +137,8 @@ class Session:
             on_lost=adapter.close,
         )
         self.recording: Recorder | None = None
+        # What the session says about its recording and captures (budget, failures).
+        self.artefacts = ArtefactReport(self.events, services.metrics)
         self._adapter = adapter
         self._slot = slot
         self._started = time.monotonic()
@@ -247,6 +251,8 @@ class Session:
         self._move(SessionState.PROXYING)
         self._slot.logged_in()
         self.timers.cancel("grace")
+        if self.recording is not None:
+            self.recording.commit()  # what was held in memory before login goes to disk
         self.services.metrics.sessions.inc()
         self.services.metrics.sessions_total.inc()
         self._last_input = time.monotonic()
@@ -255,14 +261,16 @@ class Session:
     # The recording and tasks.
 
     def recorder(self, width: int, height: int, term: str) -> Recorder:
-        """The session's recording, made on first use."""
+        """The session's recording, made on first use; before login it is held in memory
+        (nothing an unauthenticated client sends reaches disk) until :meth:`logged_in`."""
         if self.recording is None:
-            self.recording = Recorder(
-                self.config.recordings_dir / f"{self.events.session}.cast",
+            self.recording = self.services.recordings.start(
+                self.events.session,
+                self.artefacts,
                 width=width,
                 height=height,
                 term=term,
-                max_bytes=self.config.recording_max_bytes,
+                held=self.state is not SessionState.PROXYING,
             )
         return self.recording
 
@@ -315,7 +323,7 @@ class Session:
                 task.cancel()
             await self._adapter.last_words()
             duration = time.monotonic() - self._started
-            summary = self.recording.close() if self.recording is not None else None
+            summary = await self.recording.close() if self.recording is not None else None
             self.events.emit_closed(summary, duration, reason)
             # Durable before anyone is told the session is over (shutdown closes the spool).
             await self.events.flush()

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from sensor.artefacts import ArtefactReport
 from sensor.capture import Capture, FileStore
 from sensor.config import SensorConfig
 from sensor.events import SessionEvents
@@ -97,8 +96,7 @@ class AttackerConnection(Adapter):
         self._drain = False
         self.session = Session(shared.services, self, slot, protocol="ssh", peer=peer, local=local)
         self.events: SessionEvents = self.session.events
-        self.artefacts = ArtefactReport(self.events, shared.services.metrics)
-        self.files = shared.store.session(self.artefacts, self.events.log)
+        self.files = shared.store.session(self.session.artefacts, self.events.log)
         self.session.spawn(self._serve())
 
     @property

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import require_tool, until
-from tests.integration.ssh_fleet import Fleet, FleetFactory, connect, ssh
+from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, connect, run, ssh
 from tests.integration.test_sensor_bounds import refusal_reasons, refused
 from tests.tinydisk import TinyDisks, fill
 
@@ -171,3 +171,67 @@ async def test_a_full_disk_refuses_new_sessions_and_keeps_every_event(
     assert commands == ["echo before", "echo filled", *(f"echo {n}" for n in range(30))]
     registry = fleet.sensor.metrics.registry
     assert registry.get_sample_value("honeyfleet_sensor_events_dropped_total") == 0
+
+
+def disk_bytes(*roots: Path) -> int:
+    """Bytes of the files under ``roots``."""
+    return sum(p.stat().st_size for root in roots for p in root.rglob("*") if p.is_file())
+
+
+async def test_a_recording_that_cannot_be_written_leaves_the_session_and_its_slot_intact(
+    tiny_disks: TinyDisks, make_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    fill(tiny_disks.mount(state / "tty", 256 * 1024))  # recordings go to a full disk
+    fleet = await make_fleet(state_dir=state, metrics_listen="127.0.0.1:0")
+    typed = b"echo recorded\nexit\n"
+    code, out, _ = await ssh(fleet, "-tt", stdin=typed)
+    assert code == 0 and b"recorded" in out
+    await until(lambda: len(fleet.closed_reasons()) == 1 and fleet.connections() == 0)
+    assert fleet.closed_reasons() == ["client logged out"]
+    (failed,) = fleet.events("honeyfleet.artefact.failed")
+    assert failed["kind"] == "recording" and failed["reason"] == "No space left on device"
+    commands = [e["input"] for e in fleet.events("cowrie.command.input")]
+    assert commands == ["echo recorded", "exit"]
+    registry = fleet.sensor.metrics.registry
+    assert registry.get_sample_value("honeyfleet_sensor_open_connections") == 0
+    # The slot is back: with one connection allowed per address, it connects again.
+    code, out, _ = await ssh(fleet, "echo again")
+    assert (code, out) == (0, b"again\n")
+
+
+async def test_captures_and_recordings_share_one_disk_budget(
+    make_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    budget = 400_000
+    fleet = await make_fleet(artefact_max_bytes=budget)
+    scp = require_tool("scp", "openssh-client")
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(300_000))
+    second.write_bytes(os.urandom(300_000))
+    for local in (first, second):
+        code, _, err = await run(
+            scp, "-O", *SSH_OPTIONS, "-P", str(fleet.port), str(local),
+            f"root@127.0.0.1:{local.name}", password="toor",
+        )  # fmt: skip
+        assert code == 0, err
+        assert (fleet.guest.home / local.name).read_bytes() == local.read_bytes()
+    # A session whose recording would take more than what is left.
+    code, _, _ = await ssh(fleet, "-tt", stdin=b"head -c 150000 /dev/urandom | base64\nexit\n")
+    assert code == 0
+    await until(lambda: len(fleet.closed_reasons()) == 3)
+    uploads = [e["filename"] for e in fleet.events("cowrie.session.file_upload")]
+    assert uploads == ["first.bin"]
+    (log_closed,) = fleet.events("cowrie.log.closed")
+    assert log_closed["truncated"]
+    told = fleet.events("honeyfleet.artefact.budget")
+    assert {e["kind"] for e in told} == {"capture", "recording"}
+    artefacts = disk_bytes(fleet.state_dir / "downloads", fleet.state_dir / "tty")
+    assert artefacts <= budget
+    registry = fleet.sensor.metrics.registry
+    assert registry.get_sample_value("honeyfleet_sensor_artefact_bytes") == artefacts
+    for kind in ("capture", "recording"):
+        refused_ = registry.get_sample_value(
+            "honeyfleet_sensor_artefacts_refused_total", {"kind": kind}
+        )
+        assert refused_ is not None and refused_ >= 1

@@ -678,3 +678,18 @@ async def test_a_client_that_never_reads_is_let_go_soon_after_its_session_closes
         # The transport does not wait for a client that never reads: dropped, not held.
         await until(lambda t=transport: t.is_closing() and not t.get_write_buffer_size())  # type: ignore[misc]
         bot.close()
+
+
+async def test_what_a_client_types_before_login_never_reaches_disk(fleet: Fleet) -> None:
+    tty = fleet.sensor.config.recordings_dir
+    bot = await Bot.connect(fleet.port)
+    await bot.expect(rb"srv04 login: ")
+    bot.writer.write(b"a" * 3000 + b"\r\n")
+    await bot.expect(rb"Password: ")
+    bot.writer.write(b"b" * 3000 + b"\r\n")  # wrong: the guest says so
+    await bot.expect(rb"Login incorrect")
+    assert not tty.exists() or not any(tty.iterdir()), "a recording before login is on disk"
+    bot.close()
+    await until(fleet.closed())
+    assert not fleet.events("cowrie.log.closed")
+    assert not tty.exists() or not any(tty.iterdir())

@@ -42,8 +42,9 @@ listeners set), behind a controller and a pool node whose one guest is another
 throwaway OpenSSH sshd. The baseline is sshd with Debian's defaults (bench/openssh.py)
 and, for Telnet, busybox telnetd (the guest image's) on its own port: a Telnet attack
 there costs the SSH client only CPU. Nothing is asserted; every loop is bounded in
-count and time. Logs of every process stay in the printed work directory with
-``--keep``.
+count and time. Logs of every process (and the sensor's state: the never-reads
+sessions' recordings alone take a few hundred MB) stay in the printed work directory
+with ``--keep``; without it the directory is removed at the end.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ with its own certificate: see bench/fleet_sim.py for what a node and a sensor do
 
 Load comes in phases of ``--duration`` seconds, each followed by a bounded drain:
 ``idle`` (heartbeats only: the baseline), ``events`` (events only), ``leases`` (sessions
-only: acquire, hold ``--hold`` s, release) and ``mixed`` (both). Controller CPU comes
+only: acquire, hold ``--hold`` s, release) and ``mixed`` (both). Events still spooled
+after the drain are abandoned and counted, so one phase's backlog is not paid for in
+the next. Controller CPU comes
 from /proc/<pid>/stat; CPU per lease and per event subtract the idle phase's rate.
 FleetService is asked which nodes are alive and which sensors were seen lately as the
 last phase's load ends. The latencies are measured in the workers, so a saturated

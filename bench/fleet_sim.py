@@ -412,8 +412,16 @@ class MemorySpool:
         stats.counts["sensor: events acked"] += len(batch)
         stats.counts["sensor: batches acked"] += 1
         for item in batch:
-            del self._events[item.seq]
-        self.count -= len(batch)
+            # Gone already if the phase abandoned it while the batch was in flight.
+            if self._events.pop(item.seq, None) is not None:
+                self.count -= 1
+
+    def abandon(self) -> int:
+        """Drop what is still waiting (the phase is over); how many events that was."""
+        dropped = len(self._events)
+        self._events.clear()
+        self.count = 0
+        return dropped
 
 
 class SimSensor:
@@ -547,8 +555,9 @@ class Worker:
         while any(s.spool.count for s in self.sensors) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
         stats.counts["sensor: sessions unfinished after drain"] += len(sessions)
-        stats.counts["sensor: events unacked after drain"] += sum(
-            s.spool.count for s in self.sensors
+        # Left over, they would be delivered (and paid for) in the next phase.
+        stats.counts["sensor: events abandoned after drain"] += sum(
+            s.spool.abandon() for s in self.sensors
         )
         for task in list(sessions):
             task.cancel()

@@ -34,6 +34,11 @@ class Backend(Protocol):
         """Whether the guest is still running (its VM exists and runs)."""
         ...
 
+    async def hung(self, handle: object) -> str | None:
+        """Asked when a booting guest has had no address for boot_silence_timeout: if it
+        shows no sign of life at all, why and which setting to change; else None."""
+        ...
+
     async def destroy(self, handle: object, keep_disk: Path | None) -> None:
         """Stop the guest and delete its disk, or move the disk to ``keep_disk``."""
         ...

@@ -97,6 +97,12 @@ class PoolNodeConfig:
     boot_timeout: float = setting(
         180.0, "seconds a guest may take to answer on its SSH port", check=positive
     )
+    boot_silence_timeout: float = setting(
+        45.0,
+        "seconds a booting guest may show no sign of life (no console output, no DHCP "
+        "lease) before it counts as hung and is destroyed (0: only boot_timeout applies)",
+        check=non_negative,
+    )
     health_interval: float = setting(
         10.0, "seconds between health checks and pool upkeep", check=positive
     )

@@ -291,7 +291,7 @@ class GuestPool:
         self.guests[guest_id] = guest
         self._changed()
         try:
-            ready = await self._wait_ready(guest, started)
+            failure = await self._wait_ready(guest, started)
         except Exception as e:
             # The backend failed (libvirt went away...): a guest left booting would
             # count as live forever, so it goes and upkeep boots another.
@@ -300,8 +300,8 @@ class GuestPool:
                 await self._destroy(guest, f"boot failed: {e}")
             await asyncio.sleep(self.config.health_interval)  # don't spin on a broken backend
             return
-        if not ready:
-            await self._destroy(guest, f"no SSH banner within {self.config.boot_timeout:.0f}s")
+        if failure is not None:
+            await self._destroy(guest, failure)
             return
         guest.move(GuestState.PRISTINE)
         self.metrics.boot_seconds.observe(time.monotonic() - started)
@@ -314,18 +314,35 @@ class GuestPool:
         self._changed()
         await self._retire_one()
 
-    async def _wait_ready(self, guest: Guest, started: float) -> bool:
-        """Whether the guest answers with an SSH banner within boot_timeout."""
+    async def _wait_ready(self, guest: Guest, started: float) -> str | None:
+        """None once the guest answers with an SSH banner within boot_timeout; else why not.
+
+        A guest with no address boot_silence_timeout after its start is asked about once:
+        if the backend sees no sign of life at all, waiting out boot_timeout is pointless.
+        """
         ssh, _ = self._backend.ports(guest.handle)
-        deadline = started + self.config.boot_timeout
+        config = self.config
+        deadline = started + config.boot_timeout
+        silence = started + (config.boot_silence_timeout or config.boot_timeout)
+        asked = False
         while time.monotonic() < deadline:
             guest.address = guest.address or await self._backend.address(guest.handle)
             if guest.address and await ssh_banner(guest.address, ssh, PROBE_TIMEOUT):
-                return True
+                return None
             if not await self._backend.alive(guest.handle):
-                return False
+                break
+            if not asked and not guest.address and time.monotonic() >= silence:
+                asked = True
+                if (why := await self._backend.hung(guest.handle)) is not None:
+                    log.error(
+                        "guest %s is hung: %.0fs after its start, %s",
+                        guest.id,
+                        time.monotonic() - started,
+                        why,
+                    )
+                    return f"hung: {why}"
             await asyncio.sleep(BOOT_POLL)
-        return False
+        return f"no SSH banner within {config.boot_timeout:.0f}s"
 
     async def _retire_one(self) -> None:
         """Once more guests are ready than kept, destroy one being recycled, if unused.

@@ -272,6 +272,27 @@ class LibvirtBackend:
 
         return await self._call(f"look up guest {guest.name}", running)
 
+    async def hung(self, handle: object) -> str | None:
+        """Whether the guest's serial console is still empty (QEMU runs but the guest
+        never did): KVM that accepts guests but never runs them (nested KVM on many
+        cloud VMs) looks exactly like this."""
+        guest = _guest(handle)
+        size = await asyncio.to_thread(_size, guest.console_log)
+        if size:
+            return None
+        if self.config.hypervisor == "kvm":
+            hint = (
+                "KVM accepts guests here but does not run them (nested KVM often hangs "
+                'on cloud VMs): set hypervisor = "qemu" (software emulation) in [poolnode]'
+            )
+        else:
+            hint = (
+                "the guest never started: check guest_kernel, guest_initrd and "
+                f"guest_cmdline (its console log is {guest.console_log})"
+            )
+        where = f"hypervisor = {self.config.hypervisor!r}"
+        return f"no console output and no DHCP lease under {where}; {hint}"
+
     async def destroy(self, handle: object, keep_disk: Path | None) -> None:
         """Stop the domain, then delete the overlay or move it to ``keep_disk``."""
         guest = _guest(handle)
@@ -452,6 +473,14 @@ def _alive(conn: Any) -> bool:
         return bool(conn.isAlive())
     except libvirt.libvirtError:
         return False
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 if it does not exist (yet)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _unlink(*paths: Path) -> None:

@@ -74,6 +74,10 @@ class StaticBackend:
         """Static hosts have no VM to die; the pool's port probe tells whether they answer."""
         return True
 
+    async def hung(self, handle: object) -> str | None:
+        """A static host is not booted by us: only the port probe tells."""
+        return None
+
     async def destroy(self, handle: object, keep_disk: Path | None) -> None:
         """Give the host back; its disk is the operator's."""
         assert isinstance(handle, StaticHost)

@@ -369,3 +369,40 @@ async def test_stopped_node_closes_its_metrics_port(fleet_pki: FleetPki, tmp_pat
         await node.stop(grace=0)
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+class HungFirstBackend(StaticBackend):
+    """A static backend whose first guest never shows a sign of life (as under a KVM
+    that accepts guests but never runs them): no address, and `hung` says why."""
+
+    creates = 0
+
+    async def create(self, guest_id: str) -> object:
+        self.creates += 1
+        return await super().create(guest_id)
+
+    async def address(self, handle: object) -> str | None:
+        return None if self.creates == 1 else await super().address(handle)
+
+    async def hung(self, handle: object) -> str | None:
+        return 'no console output; set hypervisor = "qemu"' if self.creates == 1 else None
+
+
+async def test_a_hung_guest_is_reported_and_replaced_before_boot_timeout(
+    tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the silence check the hung guest would hold its place for boot_timeout.
+    cfg = config(tmp_path, await hosts.add(1), boot_timeout=3600, boot_silence_timeout=0.5)
+    pool = GuestPool(cfg, HungFirstBackend(parse_hosts(cfg.static_hosts)))
+    await pool.start()
+    try:
+        await until(lambda: pool.snapshot().guest_counts.pristine == 1, timeout=30)
+        destroyed = pool.metrics.registry.get_sample_value(
+            "honeyfleet_poolnode_guests_destroyed_total", {"reason": "hung"}
+        )
+        assert destroyed == 1
+        hung = [r for r in caplog.records if "is hung" in r.getMessage()]
+        assert len(hung) == 1 and hung[0].levelname == "ERROR"
+        assert 'set hypervisor = "qemu"' in hung[0].getMessage()
+    finally:
+        await pool.stop()

@@ -3,8 +3,12 @@
 Creates (once) a fleet CA, certificates and a config in ``--dir``, builds the guest
 image if missing, then runs a controller, a pool node and a sensor as child
 processes, each exactly as an operator would start it. Ctrl-C or SIGTERM stops them
-in reverse order; the pool node destroys its guests and ``up`` checks that no guest,
-overlay or libvirt network of ours is left behind.
+in reverse order; the pool node destroys its guests and ``up`` removes its libvirt
+network and filter and checks that no guest or overlay of ours is left behind.
+
+``--hypervisor auto`` takes KVM when /dev/kvm is usable, and falls back to software
+emulation by itself when the pool node finds its first guests hung (KVM that accepts
+guests but never runs them, as nested KVM does on many cloud VMs).
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fleetup.report import Report
 from honeyfleet.config import write_toml
 from honeyfleet.errors import HoneyfleetError
 from honeyfleet.pki import Role, init_ca, load_ca, write_private
@@ -39,10 +46,17 @@ BRIDGE = "hfup0"
 SUBNET = "10.78.0.1/24"
 STOP_GRACE = 60.0
 ROLES = ("controller", "poolnode", "sensor")
+# The pool node's count of guests it destroyed as hung (poolnode/pool.py).
+HUNG_SAMPLE = ("honeyfleet_poolnode_guests_destroyed_total", "hung")
+METRICS_TIMEOUT = 5.0
 
 
 class PrerequisiteMissing(HoneyfleetError):
     """Something `up` needs is not there; the message says what to do."""
+
+
+class KvmHangs(HoneyfleetError):
+    """The pool node found guests hung under KVM."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class Plan:
     hypervisor: str
     libvirt_uri: str
     guest_memory: int
+    fallback: bool = False
+    """``--hypervisor auto`` chose KVM: hung guests switch the pool node to qemu."""
 
     @property
     def config(self) -> Path:
@@ -78,7 +94,7 @@ NAMES = {
     "sensor": "local-sensor",
     "admin": "operator",
 }
-PORTS = {"controller": 7300, "enroll": 7301, "poolnode": 7310}
+PORTS = {"controller": 7300, "enroll": 7301, "poolnode": 7310, "poolnode metrics": 7311}
 
 
 def check_prerequisites(plan: Plan) -> None:
@@ -164,6 +180,8 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "controller": controller,
             "listen": f"127.0.0.1:{PORTS['poolnode']}",
             "state_dir": str(state / "poolnode"),
+            # `up` reads its count of hung guests there (the KVM fallback).
+            "metrics_listen": f"127.0.0.1:{PORTS['poolnode metrics']}",
             **tls("poolnode"),
             "backend": "libvirt",
             "max_vms": plan.guests,
@@ -240,41 +258,74 @@ class Children:
         return "\n".join(text.splitlines()[-lines:])
 
     async def stop(self) -> None:
-        """SIGTERM in reverse start order; SIGKILL what does not stop in time."""
-        for role in reversed(list(self.procs)):
-            proc = self.procs[role]
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    async with asyncio.timeout(STOP_GRACE):
-                        await proc.wait()
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+        """Stop every child in reverse start order (sensor, pool node, controller)."""
+        for role in reversed(ROLES):
+            await self.stop_role(role)
+
+    async def stop_role(self, role: str) -> None:
+        """SIGTERM one child; SIGKILL it if it does not stop in time."""
+        proc = self.procs.pop(role, None)
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_GRACE):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
-async def wait_ready(children: Children, plan: Plan, progress: Progress) -> None:
+async def hung_guests() -> int:
+    """How many guests the pool node destroyed as hung (0 while it does not answer)."""
+    url = f"http://127.0.0.1:{PORTS['poolnode metrics']}/metrics"
+
+    def read() -> str:
+        # A fixed http URL on loopback: the pool node's own metrics endpoint.
+        with urllib.request.urlopen(url, timeout=METRICS_TIMEOUT) as reply:
+            return str(reply.read().decode())
+
+    try:
+        text = await asyncio.to_thread(read)
+    except OSError:
+        return 0
+    name, reason = HUNG_SAMPLE
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("reason") == reason:
+                return int(sample.value)
+    return 0
+
+
+async def wait_ready(children: Children, plan: Plan, report: Report, since: float) -> None:
     """Wait for the guests and the sensor, failing if a child dies.
 
     The sensor counts as ready once it registered with the controller (it does so
-    after it listens); probing its port would log a pretend attacker.
+    after it listens) at ``since`` or later; probing its port would log a pretend
+    attacker.
     """
     from honeyfleet.status import fetch
 
     controller = f"127.0.0.1:{PORTS['controller']}"
     admin = plan.tls("admin", NAMES["admin"])
-    started = time.time()
-    guests = progress.add_task("guests booting", total=plan.guests)
+    report.step("guests booting", 0, plan.guests, plan.hypervisor)
     while True:
         if (dead := children.died()) is not None:
             raise HoneyfleetError(f"the {dead} stopped:\n{children.tail(dead)}")
+        if plan.hypervisor == "kvm" and await hung_guests():
+            if plan.fallback:
+                raise KvmHangs("guests hang under KVM")
+            raise HoneyfleetError(
+                "guests hang under KVM on this host (no console output, no DHCP lease; "
+                f"see {plan.logs}/poolnode.log): run with --hypervisor qemu"
+            )
         with contextlib.suppress(HoneyfleetError):
             state = await fetch(controller, admin)
             nodes = state["pool_nodes"]
             pristine = nodes[0].guest_counts.pristine if nodes else 0
-            progress.update(guests, completed=pristine)
+            report.step("guests booting", pristine, plan.guests, plan.hypervisor)
             sensor_up = any(
-                s.name == NAMES["sensor"] and s.last_seen_time.ToSeconds() >= int(started)
+                s.name == NAMES["sensor"] and s.last_seen_time.ToSeconds() >= int(since)
                 for s in state["sensors"]
             )
             if pristine >= plan.guests and sensor_up:
@@ -293,19 +344,27 @@ async def _answers(port: int) -> bool:
 
 
 def leftovers(plan: Plan) -> list[str]:
-    """Guests, networks and overlays of ours still present (should be none)."""
+    """Remove our network and filter; the guests and overlays still present (none, when
+    the pool node stopped cleanly). Blocking: run it in a thread."""
     import libvirt
 
     found = []
     conn = libvirt.open(plan.libvirt_uri)
     try:
         found += [f"domain {d.name()}" for d in conn.listAllDomains() if d.name().startswith(TAG)]
+        # The network and the guest filter are ours alone (a pool node keeps them for
+        # its next start); removing them is part of a clean stop.
         for net in conn.listAllNetworks():
             if net.name() == NETWORK:
-                # The network is ours alone; removing it is part of a clean stop.
                 if net.isActive():
                     net.destroy()
                 net.undefine()
+        for nwfilter in conn.listAllNWFilters():
+            if nwfilter.name() == f"{TAG}-guest":
+                try:
+                    nwfilter.undefine()
+                except libvirt.libvirtError as e:
+                    found.append(f"nwfilter {nwfilter.name()} ({e.get_error_message()})")
     finally:
         conn.close()
     overlays = plan.directory / "state" / "poolnode" / "guests"
@@ -322,45 +381,32 @@ async def run(plan: Plan, console: Console) -> int:
     plan.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     prepare_identities(plan)
     password = backend_password(plan)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("guest image", total=None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    children = Children(plan)
+    with Report(console) as report:
 
         def step(name: str, index: int, total: int) -> None:
-            progress.update(task, description=f"guest image: {name}", completed=index, total=total)
+            report.step("guest image", index, total, name)
 
         spec = GuestImageSpec(out_dir=plan.image_dir, backend_pass=password)
         image = await asyncio.to_thread(build_image, spec, step)
-        write_toml(plan.config, fleet_config(plan, image, password))
-        children = Children(plan)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+
+        def configure(plan: Plan) -> None:
+            write_toml(plan.config, fleet_config(plan, image, password))
+
         try:
-            for role in ROLES:
-                await children.start(role)
-                if role == "controller":
-                    await _until_port(children, role, PORTS["controller"])
-            ready = asyncio.create_task(wait_ready(children, plan, progress))
-            stopped = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if ready not in done:  # Ctrl-C while booting: stop what has started
-                ready.cancel()
-                await children.stop()
-                return 130
-            ready.result()
+            up = await bring_up(children, plan, configure, report, stop)
         except BaseException:
-            await children.stop()
+            await shut_down(children, plan, report)
             raise
+        if up is None:  # Ctrl-C while booting
+            return 130 if await shut_down(children, plan, report) else 1
     admin = plan.tls("admin", NAMES["admin"])
     console.print(
-        f"""[bold green]honeyfleet is up.[/]
+        f"""[bold green]honeyfleet is up[/] (hypervisor {up.hypervisor}).
   attack it:  ssh -p {plan.ssh_port} root@127.0.0.1   (any password but "root")
               telnet 127.0.0.1 {plan.telnet_port}
   fleet:      honeyfleet status --config {plan.config}
@@ -376,14 +422,65 @@ Ctrl-C stops everything.""",
             console.print(f"[red]the {dead} stopped unexpectedly:[/]\n{children.tail(dead)}")
             break
         await asyncio.wait({waiter}, timeout=1)
-    console.print("stopping...")
+    clean = await shut_down(children, plan, Report(console))
+    return 0 if clean and waiter.done() else 1
+
+
+async def bring_up(
+    children: Children,
+    plan: Plan,
+    configure: Callable[[Plan], None],
+    report: Report,
+    stop: asyncio.Event,
+) -> Plan | None:
+    """Start the roles and wait until they serve; the plan they run with, or None if
+    ``stop`` came first. Hung guests under an auto-chosen KVM restart the pool node
+    with software emulation."""
+    configure(plan)
+    since = time.time()
+    for role in ROLES:
+        await children.start(role)
+        if role == "controller":
+            await _until_port(children, role, PORTS["controller"])
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        while True:
+            ready = asyncio.create_task(wait_ready(children, plan, report, since))
+            await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                ready.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ready
+                return None
+            try:
+                ready.result()
+            except KvmHangs:
+                report.warn(
+                    "KVM accepts guests here but does not run them (no console output, no "
+                    "DHCP lease; nested KVM often hangs on cloud VMs). Falling back to "
+                    "software emulation: the pool node restarts with hypervisor qemu "
+                    "(--hypervisor qemu skips this check)."
+                )
+                await children.stop_role("poolnode")
+                plan = replace(plan, hypervisor="qemu", fallback=False)
+                configure(plan)
+                await children.start("poolnode")
+                continue
+            return plan
+    finally:
+        stopped.cancel()
+
+
+async def shut_down(children: Children, plan: Plan, report: Report) -> bool:
+    """Stop the children, remove our network and filter; whether nothing is left."""
+    report.say("stopping...")
     await children.stop()
-    left = leftovers(plan)
+    left = await asyncio.to_thread(leftovers, plan)
     if left:
-        console.print("[red]left behind:[/] " + ", ".join(left))
-        return 1
-    console.print("stopped; nothing left behind")
-    return 0 if waiter.done() else 1
+        report.warn("left behind: " + ", ".join(left))
+        return False
+    report.say("stopped; nothing left behind")
+    return True
 
 
 async def _until_port(children: Children, role: str, port: int) -> None:
@@ -417,7 +514,8 @@ def add_parser(commands: Any) -> None:
         "--hypervisor",
         choices=("auto", "kvm", "qemu"),
         default="auto",
-        help="kvm, qemu (software emulation), or auto: kvm if /dev/kvm is usable",
+        help="kvm, qemu (software emulation), or auto: kvm if /dev/kvm is usable, "
+        "falling back to qemu if its guests hang",
     )
     p.add_argument("--guest-memory", type=int, default=128, help="MiB per guest")
     p.add_argument("--libvirt-uri", default="qemu:///system")
@@ -427,7 +525,8 @@ def add_parser(commands: Any) -> None:
 def _cmd_up(args: Any) -> int:
     directory = args.dir.resolve()
     hypervisor = args.hypervisor
-    if hypervisor == "auto":
+    auto = hypervisor == "auto"
+    if auto:
         hypervisor = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
     plan = Plan(
         directory=directory,
@@ -438,5 +537,6 @@ def _cmd_up(args: Any) -> int:
         hypervisor=hypervisor,
         libvirt_uri=args.libvirt_uri,
         guest_memory=args.guest_memory,
+        fallback=auto and hypervisor == "kvm",
     )
     return asyncio.run(run(plan, Console()))

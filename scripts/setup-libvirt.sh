@@ -10,6 +10,9 @@
 #   /etc/libvirt/qemu.conf (it has no drop-in directory), so this script keeps its
 #   settings in a marked block at the end of that file and comments out any earlier
 #   line that sets the same keys (libvirt takes the first assignment of a key).
+# * The directories libvirtd and virtlogd write to exist: libvirt-daemon-system and
+#   systemd (RuntimeDirectory) would make them; a hand-started virtlogd otherwise fails
+#   with "failed to open /var/log/libvirt/virtlogd.log".
 # * Bridged guest traffic must pass through iptables for the nwfilter egress lock
 #   to apply: br_netfilter is loaded when the kernel has it as a module.
 set -euo pipefail
@@ -37,6 +40,10 @@ for tool in libvirtd virtlogd qemu-system-x86_64 useradd modprobe; do
         exit 1
     }
 done
+
+install -d -m 0700 /var/log/libvirt /var/log/libvirt/qemu
+install -d -m 0755 /run/libvirt /var/lib/libvirt /var/lib/libvirt/qemu \
+    /var/lib/libvirt/dnsmasq /var/lib/libvirt/network /var/cache/libvirt /var/cache/libvirt/qemu
 
 getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
 getent passwd libvirt-qemu >/dev/null ||

@@ -132,6 +132,7 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
     try:
         assert [d.name() for d in conn.listAllDomains() if d.name().startswith(TAG)] == []
         assert NETWORK not in [n.name() for n in conn.listAllNetworks()]
+        assert f"{TAG}-guest" not in [f.name() for f in conn.listAllNWFilters()]
     finally:
         conn.close()
     leftover = [

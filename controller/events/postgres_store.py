@@ -167,21 +167,33 @@ class PostgresEventStore(SqlQueries):
         return stored
 
     async def _create_partitions(self, conn: psycopg.AsyncConnection[Any], days: set[date]) -> None:
-        """Create the daily partitions for ``days`` unless they exist."""
+        """Create the daily partitions for ``days`` unless they exist.
+
+        A day events_old already holds rows of (the window was widened) keeps its rows
+        there: PostgreSQL refuses the partition, and the day is not asked for again.
+        """
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (sql.SCHEMA_LOCK,))
             for day in sorted(days):
                 start = datetime.combine(day, time(), UTC)
-                await conn.execute(
-                    pgsql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF events "
-                        "FOR VALUES FROM ({}) TO ({})"
-                    ).format(
-                        pgsql.Identifier(f"events_p{day:%Y%m%d}"),
-                        pgsql.Literal(start),
-                        pgsql.Literal(start + timedelta(days=1)),
+                try:
+                    async with conn.transaction():  # a savepoint: one refusal, not all
+                        await conn.execute(
+                            pgsql.SQL(
+                                "CREATE TABLE IF NOT EXISTS {} PARTITION OF events "
+                                "FOR VALUES FROM ({}) TO ({})"
+                            ).format(
+                                pgsql.Identifier(f"events_p{day:%Y%m%d}"),
+                                pgsql.Literal(start),
+                                pgsql.Literal(start + timedelta(days=1)),
+                            )
+                        )
+                except psycopg.errors.CheckViolation:
+                    log.info(
+                        "event store %s: events of %s stay in events_old, which holds some",
+                        self.where,
+                        day,
                     )
-                )
         self._partitions |= days
 
     async def maintain(self, now: datetime) -> None:

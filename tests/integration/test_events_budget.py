@@ -137,3 +137,35 @@ async def test_the_postgres_budget_drops_whole_past_days_oldest_first(
     for events in (older, old):
         day = f"events_p{parse_timestamp(events[0]['timestamp']):%Y%m%d}"
         assert day not in partitions
+
+
+@pytest.mark.postgres
+async def test_a_longer_partition_window_never_wedges_on_days_already_in_events_old(
+    postgres_dsn: str,
+) -> None:
+    from controller.events.postgres_store import PostgresEventStore
+    from controller.events.validate import to_row
+    from honeyfleet.events import to_proto
+
+    def rows(events: list[Event]) -> list[Any]:
+        return [to_row(to_proto(e), "edge1")[0] for e in events]
+
+    first, second = dated(bulk_events(2, "edge1"), 40), dated(bulk_events(2, "edge1"), 40)
+    narrow = PostgresEventStore(postgres_dsn, partition_days=30)
+    await narrow.open()
+    try:
+        assert len(await narrow.write_batch(rows(first))) == 2  # into events_old
+    finally:
+        await narrow.close()
+    # The operator widens the window: that day now qualifies for a partition of its own,
+    # which PostgreSQL refuses to create while events_old holds rows of it.
+    wide = PostgresEventStore(postgres_dsn, partition_days=60)
+    await wide.open()
+    try:
+        async with asyncio.timeout(DB_TIMEOUT):
+            assert len(await wide.write_batch(rows(second))) == 2
+            assert len(await wide.write_batch(rows(first))) == 0  # and still deduplicated
+    finally:
+        await wide.close()
+    partitions = await postgres_partitions(postgres_dsn)
+    assert partitions["events_old"] == 4

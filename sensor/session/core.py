@@ -185,7 +185,7 @@ class Session:
         attacker sees a failed login, the source is not to blame).
         """
         if not accepted and penalise:
-            self._failed_logins += 1
+            self.auth_failed()
         self.services.metrics.logins.labels("success" if accepted else "failed").inc()
         self.events.emit(
             "cowrie.login.success" if accepted else "cowrie.login.failed",
@@ -193,6 +193,10 @@ class Session:
             username=username,
             password=password,
         )
+
+    def auth_failed(self) -> None:
+        """An authentication attempt failed (any method): the source earns authfail."""
+        self._failed_logins += 1
 
     def join(self, opener: GuestOpener) -> asyncio.Task[str | None]:
         """Lease a guest and open its login with ``opener``, as a task close() cancels.

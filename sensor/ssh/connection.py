@@ -223,6 +223,7 @@ class AttackerConnection(Adapter):
         """Log an offered public key (always refused)."""
         if not self.counted_attempt():
             return
+        self.session.auth_failed()
         fingerprint = key.get_fingerprint("md5").removeprefix("MD5:")
         self.events.emit(
             "cowrie.client.fingerprint",

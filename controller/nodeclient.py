@@ -7,25 +7,25 @@ import logging
 import grpc
 
 from honeyfleet.errors import RPCError
-from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.pki.identity import Role
+from honeyfleet.tls import ChannelCache, Peer, TlsFiles
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc
 
 log = logging.getLogger(__name__)
+POOL_NODE = Peer(Role.POOLNODE)
 
 
 class NodeClients:
     """Keeps one channel per pool-node address and wraps transport errors."""
 
     def __init__(self, tls: TlsFiles, *, timeout: float) -> None:
-        self._tls = tls
         self._timeout = timeout
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.channels = ChannelCache(tls)
 
     def _stub(self, address: str) -> poolnode_pb2_grpc.PoolNodeServiceAsyncStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = secure_channel(address, self._tls)
-        return poolnode_pb2_grpc.PoolNodeServiceStub(channel)
+        # Role only: the controller reaches nodes by address (it refuses revoked nodes'
+        # heartbeats, so a node it knows holds a live certificate).
+        return poolnode_pb2_grpc.PoolNodeServiceStub(self.channels.get(address, POOL_NODE))
 
     async def allocate(
         self, address: str, request: poolnode_pb2.AllocateGuestRequest
@@ -47,6 +47,4 @@ class NodeClients:
 
     async def close(self) -> None:
         """Close every channel."""
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await self.channels.close()

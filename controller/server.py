@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from controller.certificate_service import CertificateServicer, local_signer
 from controller.config import ControllerConfig
 from controller.enrollment_service import EnrollmentServicer
 from controller.events import EventPipeline
@@ -23,13 +24,16 @@ from controller.ratelimit import RateLimiter
 from controller.registry import Registry
 from controller.registry_service import PoolNodeRegistryServicer
 from controller.statestore import StateStore
-from honeyfleet.authz import Authorizer
+from honeyfleet.authz import ALL_ROLES, Authorizer
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
 from honeyfleet.pki import RevocationList, load_ca
 from honeyfleet.pki.identity import Role
+from honeyfleet.renewal import Renewer
 from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import (
+    certificate_pb2,
+    certificate_pb2_grpc,
     enrollment_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
@@ -55,6 +59,8 @@ POLICY = {
     "honeyfleet.v1.EventIngestService": frozenset({Role.SENSOR}),
     "honeyfleet.v1.FleetService": frozenset({Role.ADMIN}),
     "honeyfleet.v1.EventQueryService": frozenset({Role.ADMIN}),
+    # Every member renews its own certificate; the certificate is the authorization.
+    "honeyfleet.v1.CertificateService": ALL_ROLES,
 }
 SERVICES = [
     registry_pb2.DESCRIPTOR.services_by_name["PoolNodeRegistryService"].full_name,
@@ -63,6 +69,7 @@ SERVICES = [
     fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name,
     ingest_pb2.DESCRIPTOR.services_by_name["EventIngestService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventQueryService"].full_name,
+    certificate_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
 ]
 SHUTDOWN_GRACE = 5.0
 REVOCATION_POLL = 1.0
@@ -142,6 +149,13 @@ class Controller:
         events_pb2_grpc.add_EventQueryServiceServicer_to_server(
             EventQueryServicer(self.events.store, self.events.broadcaster), server
         )
+        if ca is not None:
+            certificate_pb2_grpc.add_CertificateServiceServicer_to_server(
+                CertificateServicer(
+                    ca, validity_days=config.cert_validity_days, revoked=self._revoked
+                ),
+                server,
+            )
         health = add_health_and_reflection(server, SERVICES)
 
         api_port = bind(server, config.listen, server_credentials(config.tls))
@@ -173,9 +187,7 @@ class Controller:
                 ),
                 enroll,
             )
-            ca_pem, cert, key = config.tls.read()
-            # The chain includes the CA so a joiner can pin it by the token's fingerprint.
-            credentials = grpc.ssl_server_credentials([(key, cert + ca_pem)])
+            credentials = server_credentials(config.tls, client_auth=False)
             enroll_port = bind(enroll, config.enroll_listen, credentials)
             await enroll.start()
             self._servers.append(enroll)
@@ -184,6 +196,16 @@ class Controller:
         self._spawn(self._every(config.heartbeat_interval / 2, self._check_liveness))
         self._spawn(self._every(min(config.lease_ttl / 4, 5.0), self.leases.expire_due))
         self._spawn(self._every(REVOCATION_POLL, self._refresh_revocations))
+        if ca is not None:
+            signer = local_signer(ca, config.tls, validity_days=config.cert_validity_days)
+            # Client channels to pool nodes are rebuilt with the new certificate.
+            self._spawn(Renewer(config.tls, signer, on_renewed=self.nodes.channels.retire).run())
+        else:
+            log.warning(
+                "no ca_dir: this controller cannot renew its own certificate; replace "
+                "%s before it expires",
+                config.tls.cert,
+            )
         self._spawn(self._every(30.0, self.registry.persist_heartbeat_times))
         log.info("controller %s serving the fleet API on port %d", identity, api_port)
         self.ports = Ports(api=api_port, enroll=enroll_port)

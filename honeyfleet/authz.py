@@ -43,6 +43,8 @@ class Caller:
     identity: Identity
     serial: int
     peer: str
+    certificate: x509.Certificate
+    """The certificate the caller presented (for renewal: its addresses)."""
 
     def __str__(self) -> str:
         return str(self.identity)
@@ -105,7 +107,8 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         pem = next(iter(auth.get("x509_pem_cert") or ()), b"")
         peer = context.peer()
         try:
-            identity, serial = self._parse(pem)
+            identity, certificate = self._parse(pem)
+            serial = certificate.serial_number
         except (ValueError, IdentityError) as e:
             log.warning("refused %s from %s: no fleet identity (%s)", method, peer, e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no valid fleet certificate")
@@ -120,7 +123,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"role {identity.role} may not call {method}"
             )
-        return Caller(identity, serial, peer)
+        return Caller(identity, serial, peer, certificate)
 
     @contextlib.asynccontextmanager
     async def _guard(
@@ -151,12 +154,12 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     del self._active[caller.serial]
 
 
-def _parse_certificate(pem: bytes) -> tuple[Identity, int]:
-    """The fleet identity and serial of a PEM certificate."""
+def _parse_certificate(pem: bytes) -> tuple[Identity, x509.Certificate]:
+    """The fleet identity of a PEM certificate, and the certificate."""
     if not pem:
         raise ValueError("no client certificate")
     cert = x509.load_pem_x509_certificate(pem)
-    return identity_from_certificate(cert), cert.serial_number
+    return identity_from_certificate(cert), cert
 
 
 Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Any]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from honeyfleet.errors import ConfigError
-from honeyfleet.pki.identity import Identity, identity_from_certificate
+from honeyfleet.pki.identity import (
+    Identity,
+    Role,
+    identity_dns_name,
+    identity_from_certificate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +65,20 @@ class TlsFiles:
         return identity_from_certificate(x509.load_pem_x509_certificate(cert))
 
 
-def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
-    """Server credentials that demand a client certificate issued by the fleet CA.
+def server_credentials(files: TlsFiles, *, client_auth: bool = True) -> grpc.ServerCredentials:
+    """Server credentials from ``files``, watched: a renewed certificate (or CA) is used for
+    new connections without a restart, which is what renewal and SIGHUP reloads rely on.
 
-    The files are watched: a renewed certificate (or CA) is used for new connections
-    without a restart, which is what SIGHUP-driven reloads from systemd rely on.
+    With ``client_auth`` (every fleet API) a client certificate from the fleet CA is
+    required. Without it (the enrolment endpoint, whose callers have no certificate yet) the
+    CA certificate is sent along with ours, so a joiner can pin it by the token's fingerprint.
     """
-    watch = CertificateWatch(files)
+    watch = CertificateWatch(files, send_ca=not client_auth)
     return grpc.dynamic_ssl_server_credentials(
         # grpc-stubs omits the None ("no change") the fetcher may return.
         watch.load(),
         watch,  # type: ignore[arg-type]
-        require_client_authentication=True,
+        require_client_authentication=client_auth,
     )
 
 
@@ -80,8 +89,9 @@ class CertificateWatch:
     files unless they changed, and never raises.
     """
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, *, send_ca: bool = False) -> None:
         self._files = files
+        self._send_ca = send_ca
         self._stamp = self._stat()
 
     def _stat(self) -> tuple[tuple[int, int], ...]:
@@ -101,7 +111,8 @@ class CertificateWatch:
         private_key = serialization.load_pem_private_key(key, password=None)
         if certificate.public_key() != private_key.public_key():
             raise ConfigError("tls", f"{self._files.key} does not belong to {self._files.cert}")
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        chain = cert + ca if self._send_ca else cert
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
         stamp = self._stat()
@@ -119,6 +130,23 @@ class CertificateWatch:
         return config
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Who a client expects at the other end of a channel."""
+
+    role: Role
+    """The server's role; a certificate of any other role is refused in the handshake."""
+    name: str | None = None
+    """The server's name, where the client knows it (the pool node a lease names)."""
+
+    def __str__(self) -> str:
+        return f"{self.role}/{self.name}" if self.name else f"any {self.role}"
+
+
+#: Members and operators talk to the controller unless they say otherwise.
+CONTROLLER = Peer(Role.CONTROLLER)
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """Channel credentials presenting this member's certificate, trusting only the fleet CA."""
     ca, cert, key = files.read()
@@ -130,11 +158,23 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
 def secure_channel(
     target: str,
     files: TlsFiles,
+    peer: Peer = CONTROLLER,
     *,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
 ) -> grpc.aio.Channel:
-    """An mTLS channel to another fleet member (``interceptors`` e.g. record calls)."""
+    """An mTLS channel to ``peer`` at ``target``: every handshake checks the server's identity.
+
+    ``interceptors`` (e.g. ones that record calls) wrap every call.
+
+    gRPC Python offers no certificate callback on the client, and checks only DNS and IP
+    SANs. So instead of the host name, the handshake checks the identity DNS name the fleet
+    CA writes into every certificate (``honeyfleet.pki.identity``): a server whose
+    certificate is of another role, or names another member, fails the handshake, on the
+    first connection and every reconnection alike.
+    """
+    fleet = files.identity().fleet
     options = [
+        ("grpc.ssl_target_name_override", identity_dns_name(fleet, peer.role, peer.name)),
         *KEEPALIVE_OPTIONS,
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -142,3 +182,62 @@ def secure_channel(
     return grpc.aio.secure_channel(
         target, channel_credentials(files), options=options, interceptors=interceptors
     )
+
+
+class ChannelCache:
+    """Long-lived mTLS channels, one per (target, peer), that follow certificate renewal.
+
+    A channel's credentials are read once, when it is made; after a renewal, ``retire``
+    makes later ``get`` calls build new channels with the new files. Retired channels are
+    not closed until ``close``: streams on them (tunnels of running sessions) carry on,
+    since an established TLS connection outlives the certificate it started with.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._channels: dict[tuple[str, Peer], grpc.aio.Channel] = {}
+        self._retired: list[grpc.aio.Channel] = []
+
+    def get(self, target: str, peer: Peer = CONTROLLER) -> grpc.aio.Channel:
+        """The channel to ``peer`` at ``target``, made on first use."""
+        key = (target, peer)
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = secure_channel(target, self._files, peer)
+        return channel
+
+    def retire(self) -> None:
+        """Make new channels from now on (the certificate files were renewed)."""
+        self._retired.extend(self._channels.values())
+        self._channels.clear()
+
+    async def close(self) -> None:
+        """Close every channel, current and retired."""
+        self.retire()
+        channels, self._retired = self._retired, []
+        for channel in channels:
+            await channel.close(None)
+
+
+def presented_certificate(target: str, files: TlsFiles, timeout: float) -> x509.Certificate:
+    """The certificate the server at ``target`` presents in a full mTLS handshake.
+
+    Blocking (run it in a thread). The chain is verified against the fleet CA; the host
+    name is not (callers check the identity). gRPC Python never shows a client the
+    server's certificate, so a client that must check more than the identity (a revoked
+    serial) looks with its own handshake first; the gRPC handshake that follows still
+    checks the identity on its own.
+    """
+    host, _, port = target.rpartition(":")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
+    context.check_hostname = False
+    context.load_cert_chain(files.cert, files.key)
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host.strip("[]")) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise ssl.SSLError(f"{target} presented no certificate")
+    return x509.load_der_x509_certificate(der)

@@ -46,33 +46,33 @@ class ControllerLink:
     async def run(self) -> None:
         """Register and heartbeat until cancelled."""
         backoff = BACKOFF_START
-        async with secure_channel(self._controller, self._tls) as channel:
-            stub = registry_pb2_grpc.PoolNodeRegistryServiceStub(channel)
-            while True:
-                try:
-                    await self._session(stub)
-                except grpc.aio.AioRpcError as e:
-                    if self.connected.is_set():
-                        backoff = BACKOFF_START
-                    log.warning(
-                        "controller %s: %s (%s); retrying in %.1fs",
-                        self._controller,
-                        e.code().name,
-                        e.details(),
-                        backoff,
-                    )
-                except Exception:
-                    # A bug or a reply this node cannot apply must not end the link:
-                    # the node would stop heartbeating while it still runs. The backoff
-                    # is not reset: a reply failing every time must not flood the log.
-                    log.exception(
-                        "link to controller %s failed; retrying in %.1fs",
-                        self._controller,
-                        backoff,
-                    )
-                self.connected.clear()
-                await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
-                backoff = min(backoff * 2, BACKOFF_MAX)
+        while True:
+            try:
+                # A channel per session: a reconnection uses the current (renewed) certificate.
+                async with secure_channel(self._controller, self._tls) as channel:
+                    await self._session(registry_pb2_grpc.PoolNodeRegistryServiceStub(channel))
+            except grpc.aio.AioRpcError as e:
+                if self.connected.is_set():
+                    backoff = BACKOFF_START
+                log.warning(
+                    "controller %s: %s (%s); retrying in %.1fs",
+                    self._controller,
+                    e.code().name,
+                    e.details(),
+                    backoff,
+                )
+            except Exception:
+                # A bug or a reply this node cannot apply must not end the link:
+                # the node would stop heartbeating while it still runs. The backoff
+                # is not reset: a reply failing every time must not flood the log.
+                log.exception(
+                    "link to controller %s failed; retrying in %.1fs",
+                    self._controller,
+                    backoff,
+                )
+            self.connected.clear()
+            await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _session(self, stub: registry_pb2_grpc.PoolNodeRegistryServiceAsyncStub) -> None:
         """One registration and heartbeat stream, until the stream breaks."""

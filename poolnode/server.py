@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 import grpc
 
@@ -12,7 +13,9 @@ from honeyfleet import __version__
 from honeyfleet.authz import Authorizer
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
+from honeyfleet.pki import write_private
 from honeyfleet.pki.identity import Role
+from honeyfleet.renewal import Renewer, controller_signer
 from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc, registry_pb2
@@ -34,6 +37,7 @@ SERVICES = [
     poolnode_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name,
 ]
 SHUTDOWN_GRACE = 5.0
+REVOKED_FILE = "revoked-serials"
 
 
 class PoolNode:
@@ -48,13 +52,21 @@ class PoolNode:
         self.link: ControllerLink | None = None
         self._server: grpc.aio.Server | None = None
         self._link_task: asyncio.Task[None] | None = None
+        self._renewer_task: asyncio.Task[None] | None = None
+        self.renewer: Renewer | None = None
         self._metrics: MetricsServer | None = None
+        # The controller's revocation list, kept in state_dir so that a restarted node
+        # refuses revoked certificates from its first RPC, before it reaches the controller.
+        self._revoked_path = config.state_dir / REVOKED_FILE
+        self._revoked: frozenset[int] = frozenset()
 
     async def start(self) -> int:
         """Serve the pool and connect to the controller; returns the bound port."""
         config = self.config
         identity = config.tls.identity()
         self.authorizer = Authorizer(identity.fleet, POLICY)
+        self._revoked = await asyncio.to_thread(_load_revoked, self._revoked_path)
+        self.authorizer.update_revoked(self._revoked)
         self._server = server = new_server(self.authorizer)
         poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(PoolNodeServicer(self.pool), server)
         poolnode_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.pool), server)
@@ -75,6 +87,8 @@ class PoolNode:
         self._metrics = serve_metrics(config.metrics_listen, self.pool.metrics.registry)
         await self.pool.start()
         self._link_task = asyncio.create_task(self.link.run())
+        self.renewer = Renewer(config.tls, controller_signer(config.controller, config.tls))
+        self._renewer_task = asyncio.create_task(self.renewer.run())
         log.info(
             "pool node %s serving on port %d (%s backend, %d guests)",
             identity,
@@ -92,10 +106,11 @@ class PoolNode:
         if self._metrics is not None:
             await self._metrics.stop()
             self._metrics = None
-        if self._link_task is not None:
-            self._link_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._link_task
+        for task in (self._link_task, self._renewer_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
         return registry_pb2.RegisterPoolNodeRequest(
@@ -110,12 +125,42 @@ class PoolNode:
     async def _on_heartbeat_reply(self, reply: registry_pb2.HeartbeatResponse) -> None:
         """Apply the controller's revocations, drain state and stale-lease list."""
         assert self.authorizer is not None
-        self.authorizer.update_revoked(int(serial, 16) for serial in reply.revoked_serials)
+        revoked = frozenset(int(serial, 16) for serial in reply.revoked_serials)
+        if revoked != self._revoked:
+            self._revoked = revoked
+            self.authorizer.update_revoked(revoked)
+            await asyncio.to_thread(_save_revoked, self._revoked_path, revoked)
         if reply.draining != self.draining:
             self.draining = reply.draining
             log.info("controller %s this node", "drained" if reply.draining else "resumed")
         for lease_id in reply.stale_lease_ids:
             await self.pool.release(lease_id, "the controller no longer knows this lease")
+
+
+def _load_revoked(path: Path) -> frozenset[int]:
+    """The revoked serials saved by an earlier run (hex, one a line); none if never saved."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, UnicodeDecodeError) as e:
+        # Refusing to start would keep the node down; it learns the list on its heartbeat.
+        log.warning("cannot read the saved revocation list %s (%s)", path, e)
+        return frozenset()
+    serials = set()
+    for line in text.split():
+        try:
+            serials.add(int(line, 16))
+        except ValueError:
+            log.warning("ignoring a bad serial %r in %s", line[:40], path)
+    return frozenset(serials)
+
+
+def _save_revoked(path: Path, serials: frozenset[int]) -> None:
+    """Save the revoked serials for the next start (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{serial:x}\n" for serial in sorted(serials))
+    write_private(path, text.encode(), overwrite=True)
 
 
 async def serve(config: PoolNodeConfig, stop: asyncio.Event) -> None:

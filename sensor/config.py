@@ -229,6 +229,12 @@ class SensorConfig:
     max_leases_per_source: int = setting(
         2, "guests one attacker address holds at once (more logins fail)", check=positive
     )
+    revocation_interval: float = setting(
+        30.0,
+        "seconds between fetches of the controller's revocation list; a pool node whose "
+        "certificate is on it gets no new tunnels",
+        check=positive,
+    )
 
     # Events.
     spool_max_bytes: int = setting(

@@ -60,13 +60,17 @@ class LeaseClient:
     def __init__(
         self, channel: grpc.aio.Channel, *, timeout: float, labels: Mapping[str, str]
     ) -> None:
-        self._leases = lease_pb2_grpc.LeaseServiceStub(channel)
-        self._sensors = sensor_pb2_grpc.SensorServiceStub(channel)
+        self.use(channel)
         self._timeout = timeout
         self._labels = dict(labels)
         self._abandoned: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
         self._retries: set[asyncio.Task[None]] = set()
+
+    def use(self, channel: grpc.aio.Channel) -> None:
+        """Make later calls on ``channel`` (a new one, after a certificate renewal)."""
+        self._leases = lease_pb2_grpc.LeaseServiceStub(channel)
+        self._sensors = sensor_pb2_grpc.SensorServiceStub(channel)
 
     async def register(self, listen: list[str]) -> None:
         """Announce this sensor, retrying with backoff until the controller answers."""

@@ -10,8 +10,10 @@ import grpc
 
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
+from honeyfleet.renewal import Renewer, controller_signer
 from honeyfleet.systemd import notify
-from honeyfleet.tls import secure_channel
+from honeyfleet.tls import ChannelCache
+from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc
 from sensor.artefacts import DiskBudget, disk_usage
 from sensor.capture import FileStore
 from sensor.config import SensorConfig
@@ -50,7 +52,8 @@ class Sensor:
         self._events: EventLog | None = None
         self._frontend: SshFrontend | None = None
         self._telnet: TelnetFrontend | None = None
-        self._channel: grpc.aio.Channel | None = None
+        self._controller: ChannelCache | None = None
+        self.renewer: Renewer | None = None
         self._tunnels: TunnelConnector | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._metrics_server: MetricsServer | None = None
@@ -87,9 +90,11 @@ class Sensor:
             mirror=self._jsonlines.write if self._jsonlines is not None else None,
         )
         self._events = EventLog(self.spool, self.metrics)
-        self._channel = secure_channel(config.controller, config.tls)
+        self._controller = ChannelCache(config.tls)
         leases = self._leases = LeaseClient(
-            self._channel, timeout=config.lease_timeout, labels=config.guest_labels
+            self._controller.get(config.controller),
+            timeout=config.lease_timeout,
+            labels=config.guest_labels,
         )
         self._tunnels = TunnelConnector(config.tls)
         self.admission = Admission(config, self.metrics)
@@ -138,13 +143,51 @@ class Sensor:
             batch=config.upload_batch,
             linger=config.upload_linger,
         )
+        renewer = self.renewer = Renewer(
+            config.tls,
+            controller_signer(config.controller, config.tls),
+            on_renewed=self._use_renewed_certificate,
+        )
         self._tasks = [
             asyncio.create_task(self.uploader.run()),
             asyncio.create_task(leases.register(listen)),
+            asyncio.create_task(renewer.run()),
+            asyncio.create_task(self._follow_revocations()),
         ]
         self._metrics_server = serve_metrics(config.metrics_listen, self.metrics.registry)
         log.info("sensor %s: SSH on %s, Telnet on %s", identity, self.ports, self.telnet_ports)
         return self.ports
+
+    async def _follow_revocations(self) -> None:
+        """Fetch the controller's revocation list every ``revocation_interval`` seconds."""
+        assert self._controller is not None and self._tunnels is not None
+        while True:
+            stub = certificate_pb2_grpc.CertificateServiceStub(
+                self._controller.get(self.config.controller)
+            )
+            try:
+                reply = await stub.ListRevoked(
+                    certificate_pb2.ListRevokedRequest(), timeout=self.config.lease_timeout
+                )
+                self._tunnels.update_revoked(frozenset(int(s, 16) for s in reply.serials))
+            except grpc.aio.AioRpcError as e:
+                log.warning("cannot fetch the revocation list: %s", e.code().name)
+            except ValueError:
+                log.warning("the controller sent a malformed revocation list")
+            await asyncio.sleep(self.config.revocation_interval)
+
+    def _use_renewed_certificate(self) -> None:
+        """New channels from now on; running sessions keep their established connections."""
+        assert self._controller is not None and self._leases is not None
+        assert self._tunnels is not None
+        self._controller.retire()
+        self._tunnels.channels.retire()
+        self._leases.use(self._controller.get(self.config.controller))
+
+    @property
+    def tunnels(self) -> TunnelConnector | None:
+        """How this sensor reaches pool nodes (None before start)."""
+        return self._tunnels
 
     @property
     def metrics_port(self) -> int | None:
@@ -179,8 +222,8 @@ class Sensor:
             await self._leases.abandon_retries()
         if self._tunnels is not None:
             await self._tunnels.close()
-        if self._channel is not None:
-            await self._channel.close(None)
+        if self._controller is not None:
+            await self._controller.close()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
         if self._recordings is not None:

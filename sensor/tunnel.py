@@ -17,7 +17,9 @@ import socket
 import grpc
 
 from honeyfleet.errors import Unavailable
-from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.pki.errors import PkiError
+from honeyfleet.pki.identity import Role, identity_from_certificate
+from honeyfleet.tls import ChannelCache, Peer, TlsFiles, presented_certificate
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from sensor.leases import GuestLease
 
@@ -56,8 +58,47 @@ class TunnelConnector:
     """Opens tunnels through pool nodes, one mTLS channel per node."""
 
     def __init__(self, tls: TlsFiles) -> None:
+        self.channels = ChannelCache(tls)
         self._tls = tls
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._revoked: frozenset[int] = frozenset()
+        # The serial each pool node presented when its channel was made.
+        self._serials: dict[tuple[str, str], int] = {}
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        """The revoked serials this connector refuses."""
+        return self._revoked
+
+    def update_revoked(self, serials: frozenset[int]) -> None:
+        """Refuse pool nodes whose certificate is in ``serials`` from the next tunnel on.
+
+        A change makes every node be looked at again, on new channels (tunnels already
+        open stay up: the controller fails a revoked node's leases).
+        """
+        if serials == self._revoked:
+            return
+        self._revoked = serials
+        self._serials.clear()
+        self.channels.retire()
+
+    async def _check(self, address: str, node: str) -> None:
+        """Look at the certificate of the pool node at ``address`` before the first tunnel."""
+        key = (address, node)
+        if key not in self._serials:
+            try:
+                cert = await asyncio.to_thread(presented_certificate, address, self._tls, 10.0)
+                identity = identity_from_certificate(cert)
+            except (OSError, ValueError, PkiError) as e:
+                raise TunnelFailed(f"pool node {address}: UNAVAILABLE: {e}") from None
+            if identity.role != Role.POOLNODE or identity.name != node:
+                raise TunnelFailed(
+                    f"pool node {address}: UNAVAILABLE: presents {identity}, not poolnode/{node}"
+                )
+            self._serials[key] = cert.serial_number
+        if self._serials[key] in self._revoked:
+            raise TunnelFailed(
+                f"pool node {node} at {address}: certificate {self._serials[key]:x} is revoked"
+            )
 
     async def open(
         self,
@@ -67,9 +108,9 @@ class TunnelConnector:
     ) -> Tunnel:
         """A tunnel to a guest port of the lease (SSH unless told), opened within ``wait``."""
         address = lease.pool_node_address
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = secure_channel(address, self._tls)
+        await self._check(address, lease.pool_node)
+        # Only the pool node the lease names may answer at that address.
+        channel = self.channels.get(address, Peer(Role.POOLNODE, lease.pool_node))
         call: TunnelCall = poolnode_pb2_grpc.TunnelServiceStub(channel).Tunnel(None)
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
@@ -101,9 +142,7 @@ class TunnelConnector:
 
     async def close(self) -> None:
         """Close every channel."""
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await self.channels.close()
 
 
 async def _open(call: TunnelCall, lease: GuestLease, port: common_pb2.GuestPort.ValueType) -> bool:

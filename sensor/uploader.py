@@ -58,39 +58,39 @@ class Uploader:
     async def run(self) -> None:
         """Deliver until cancelled."""
         backoff = BACKOFF_START
-        async with secure_channel(self._controller, self._tls) as channel:
-            stub = ingest_pb2_grpc.EventIngestServiceStub(channel)
-            while True:
-                problem = ""
-                hint = 0.0
-                try:
-                    await self._stream(stub)
-                except grpc.aio.AioRpcError as e:
-                    problem = f"{e.code().name} ({e.details()})"
-                    hint = _retry_after(e)
-                except Unavailable as e:
-                    problem = str(e)
-                except sqlite3.Error as e:  # a disk problem: keep trying, the events wait
-                    log.error("reading the spool %s: %s", self._spool.path, e)
-                if self.connected.is_set():
-                    backoff = BACKOFF_START
-                self.connected.clear()
-                # Jitter spreads sensors that failed together (a controller restart); a
-                # controller's hint is never undercut, only stretched by up to half.
-                delay = max(
-                    backoff * random.uniform(0.8, 1.2),  # noqa: S311
-                    hint * random.uniform(1.0, 1.5),  # noqa: S311
+        while True:
+            problem = ""
+            hint = 0.0
+            try:
+                # A channel per stream: a reconnection uses the current (renewed) certificate.
+                async with secure_channel(self._controller, self._tls) as channel:
+                    await self._stream(ingest_pb2_grpc.EventIngestServiceStub(channel))
+            except grpc.aio.AioRpcError as e:
+                problem = f"{e.code().name} ({e.details()})"
+                hint = _retry_after(e)
+            except Unavailable as e:
+                problem = str(e)
+            except sqlite3.Error as e:  # a disk problem: keep trying, the events wait
+                log.error("reading the spool %s: %s", self._spool.path, e)
+            if self.connected.is_set():
+                backoff = BACKOFF_START
+            self.connected.clear()
+            # Jitter spreads sensors that failed together (a controller restart); a
+            # controller's hint is never undercut, only stretched by up to half.
+            delay = max(
+                backoff * random.uniform(0.8, 1.2),  # noqa: S311
+                hint * random.uniform(1.0, 1.5),  # noqa: S311
+            )
+            if problem:
+                log.warning(
+                    "event ingest at %s: %s; %d events waiting, retrying in %.1fs",
+                    self._controller,
+                    problem,
+                    self._spool.count,
+                    delay,
                 )
-                if problem:
-                    log.warning(
-                        "event ingest at %s: %s; %d events waiting, retrying in %.1fs",
-                        self._controller,
-                        problem,
-                        self._spool.count,
-                        delay,
-                    )
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(delay)
+            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _stream(self, stub: ingest_pb2_grpc.EventIngestServiceAsyncStub) -> None:
         """One StreamEvents call: batches out, acks in, until the stream breaks."""

@@ -52,6 +52,7 @@ __all__ = [
     "CA_KEY_FILE",
     "FLEET_FILE",
     "ISSUED_DIR",
+    "LEAF_VALIDITY_DAYS",
     "LEDGER_FILE",
     "REVOKED_FILE",
     "TOKEN_KEY_BYTES",
@@ -74,6 +75,8 @@ REVOKED_FILE = "revoked.json"
 LEDGER_FILE = "issued.jsonl"
 ISSUED_DIR = "issued"
 TOKEN_KEY_BYTES = 32
+#: Default lifetime of a leaf certificate: fleet processes renew theirs long before.
+LEAF_VALIDITY_DAYS = 7
 
 _CA_FILES = (CA_CERT_FILE, CA_KEY_FILE, TOKEN_KEY_FILE, FLEET_FILE, REVOKED_FILE)
 
@@ -177,7 +180,7 @@ class CertificateAuthority:
         *,
         dns: Sequence[str] = (),
         ips: Sequence[str] = (),
-        validity_days: int = 365,
+        validity_days: int = LEAF_VALIDITY_DAYS,
     ) -> bytes:
         """Issue a PEM certificate for ``identity`` over the public key in ``csr_pem``.
 

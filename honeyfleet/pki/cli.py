@@ -23,7 +23,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from honeyfleet.pki import certs
-from honeyfleet.pki.ca import CA_CERT_FILE, ISSUED_DIR, REVOKED_FILE, init_ca, load_ca
+from honeyfleet.pki.ca import (
+    CA_CERT_FILE,
+    ISSUED_DIR,
+    LEAF_VALIDITY_DAYS,
+    REVOKED_FILE,
+    init_ca,
+    load_ca,
+)
 from honeyfleet.pki.errors import IdentityError, PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
 from honeyfleet.pki.revocation import RevocationList
@@ -76,7 +83,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help=f"output directory (default: DIR/{ISSUED_DIR}/ROLE-NAME)",
     )
-    p.add_argument("--validity-days", type=_positive_int, default=365, metavar="N")
+    p.add_argument(
+        "--validity-days",
+        type=_positive_int,
+        default=LEAF_VALIDITY_DAYS,
+        metavar="N",
+        help="lifetime; controllers, pool nodes and sensors renew their own before it ends "
+        f"(default {LEAF_VALIDITY_DAYS})",
+    )
     p.set_defaults(func=_cmd_issue)
 
     token = commands.add_parser("token", help="join tokens for enrolling hosts")

@@ -28,7 +28,7 @@ from controller.config import ControllerConfig
 from controller.server import Controller
 from honeyfleet.config import write_toml
 from honeyfleet.pki.identity import Role
-from honeyfleet.tls import secure_channel
+from honeyfleet.tls import Peer, secure_channel
 from honeyfleet.v1 import common_pb2, lease_pb2, poolnode_pb2, poolnode_pb2_grpc
 from poolnode.image import GuestImage
 from tests.conftest import FleetPki
@@ -120,7 +120,7 @@ class VmFleet:
         probe.close()
         self._relays.append(await relay_into_netns(self.host.sockets, self._node_port))
         self.node_address = f"127.0.0.1:{self._relays[1].port}"
-        self._channel = secure_channel(self.node_address, tls)
+        self._channel = secure_channel(self.node_address, tls, Peer(Role.POOLNODE, NODE))
 
     def config(self, **overrides: Any) -> dict[str, Any]:
         """The pool node's [poolnode] section: two TCG guests of the test image."""

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from honeyfleet.pki.identity import Role
-from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.tls import Peer, TlsFiles, secure_channel
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from tests.conftest import FleetPki, until
 from tests.integration.test_leases import Sensor
@@ -35,7 +35,7 @@ class Tunnel:
     """A sensor-side tunnel call with an outbox."""
 
     def __init__(self, files: TlsFiles, address: str) -> None:
-        self.channel = secure_channel(address, files)
+        self.channel = secure_channel(address, files, Peer(Role.POOLNODE))
         self.outbox: asyncio.Queue[poolnode_pb2.TunnelRequest | None] = asyncio.Queue()
         self.call = poolnode_pb2_grpc.TunnelServiceStub(self.channel).Tunnel(self._requests())
 

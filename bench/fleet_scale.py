@@ -249,6 +249,7 @@ def plans(
             boot=args.boot,
             lease_timeout=float(sensor_default("lease_timeout")),
             upload_batch=int(sensor_default("upload_batch")),
+            upload_linger=float(sensor_default("upload_linger")),
         )
         for n in range(count)
     ]

@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import random
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,7 @@ START_TIMEOUT = 90.0
 START_PARALLEL = 32
 EVENTS_PER_SESSION = 20
 CODE_NAMES = frozenset(code.name for code in grpc.StatusCode)
+VARYING = re.compile(r"[0-9a-f]{32}|[\w.\[\]:-]+:\d+")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class WorkerPlan:
     """The sensors' lease deadline (the sensor's lease_timeout)."""
     upload_batch: int
     """Most events per uploaded batch (the sensor's upload_batch)."""
+    upload_linger: float
+    """Seconds the uploader lets a burst gather (the sensor's upload_linger)."""
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,13 @@ class ErrorCounter(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         """Count one record under its gRPC code, its exception or else its message."""
         args = record.args if isinstance(record.args, tuple) else ()
-        code = next((a for a in args if isinstance(a, str) and a in CODE_NAMES), None)
-        error = next((a for a in args if isinstance(a, Exception)), None)
-        # Never an argument that varies per call (a lease id): one row per kind of message.
-        detail = code or (str(error) if error else str(record.msg))
+        texts = [str(a) for a in args if isinstance(a, str | Exception)]
+        # "RESOURCE_EXHAUSTED" or "RESOURCE_EXHAUSTED (details)": the code is the row.
+        code = next((t.split()[0] for t in texts if t and t.split()[0] in CODE_NAMES), None)
+        # Else the first argument that is neither an address nor an id: one row per kind
+        # of problem, never one per lease.
+        other = next((t for t in texts if not VARYING.fullmatch(t)), None)
+        detail = code or other or str(record.msg)
         self._recorder.stats.codes[f"{record.name.rsplit('.', 1)[-1]}: {detail[:60]}"] += 1
 
 
@@ -440,7 +447,11 @@ class SimSensor:
         self.spool = MemorySpool(recorder)
         # The uploader only reads, deletes and waits on the spool: the memory one will do.
         self._uploader = Uploader(
-            cast(Spool, self.spool), plan.controller, member.tls, batch=plan.upload_batch
+            cast(Spool, self.spool),
+            plan.controller,
+            member.tls,
+            batch=plan.upload_batch,
+            linger=plan.upload_linger,
         )
         self._task: asyncio.Task[None] | None = None
         self._session = new_session_id()

@@ -102,10 +102,13 @@ async def test_a_slot_goes_back_the_moment_the_connection_ends_not_after_the_spo
     assert first is not None
     await until(lambda: bool(fleet.events("cowrie.session.connect")))
     await spool.flush()
-    # A disk that stalls: the spool cannot commit the session's last events.
-    db = sqlite3.connect(fleet.state_dir / "spool.sqlite3", isolation_level=None, timeout=0)
+    # A disk that stalls: the spool cannot commit the session's last events. (The lock is
+    # taken on a thread: the spool may be committing or deleting at that moment.)
+    db = sqlite3.connect(
+        fleet.state_dir / "spool.sqlite3", isolation_level=None, timeout=20, check_same_thread=False
+    )
     try:
-        db.execute("BEGIN IMMEDIATE")
+        await asyncio.to_thread(db.execute, "BEGIN IMMEDIATE")
         first[1].close()
         await until(lambda: fleet.connections() == 0)
         # The slot came back while the session's last events were still waiting.
@@ -113,7 +116,8 @@ async def test_a_slot_goes_back_the_moment_the_connection_ends_not_after_the_spo
         second = await attempt(fleet.port, "127.0.0.1")
         assert second is not None, "the address's one slot was still taken"
     finally:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         db.close()
     await until(lambda: len(fleet.closed_reasons()) == 1)
     assert spool.dropped == 0

@@ -2,10 +2,11 @@
 
 A pool node serves the real PoolNodeService (``poolnode.service.PoolNodeServicer``) over
 mTLS on loopback in front of pretend guests (:class:`SimPool`), and keeps the real
-``ControllerLink``: it registers, heartbeats every interval and is nudged on every guest
-change, as a real node is. A sensor has the real ``LeaseClient`` on one channel and the
-real ``Uploader`` on another, fed from an in-memory spool instead of SQLite so that the
-simulator's disk does not cap the event rate.
+``ControllerLink``: it registers, heartbeats every interval (with its guest table only
+when that changed) and is nudged when guests change by themselves, as a real node is.
+A sensor has the real ``LeaseClient`` on one channel and the real ``Uploader`` on
+another, fed from an in-memory spool instead of SQLite so that the simulator's disk does
+not cap the event rate.
 
 A worker takes commands from the parent over a pipe: run a phase (lease and event rates
 between two wall-clock times, then a bounded drain), report its figures, stop.
@@ -234,6 +235,8 @@ class SimPool:
         self.guests: dict[str, SimGuest] = {}
         self._leases: dict[str, SimGuest] = {}
         self.on_change: Callable[[], None] = lambda: None
+        # As a real pool's: up with every change; heartbeats and answers carry it.
+        self.table_version = 1
         for _ in range(size):
             guest = self._new_guest(common_pb2.GUEST_STATE_PRISTINE)
             self.guests[guest.id] = guest
@@ -262,34 +265,38 @@ class SimPool:
         guest.src_ips.append(src_ip)
         guest.sensor = sensor
         self._leases[lease_id] = guest
-        self.on_change()
+        self.table_version += 1  # the controller's own change: no early heartbeat
         return Allocation(
             guest=guest.to_proto(),
             credentials=common_pb2.GuestCredentials(username="root", password="-"),  # noqa: S106
             shared=False,
+            table_version=self.table_version,
         )
 
-    async def release(self, lease_id: str, reason: str) -> None:
+    async def release(self, lease_id: str, reason: str) -> int:
         """End a lease: the guest idles, then is replaced by a booting one."""
         guest = self._leases.pop(lease_id, None)
         if guest is None:
-            return
+            return self.table_version
         self._recorder.stats.counts["node: ReleaseGuest"] += 1
         guest.move(common_pb2.GUEST_STATE_IDLE)
-        self.on_change()
+        self.table_version += 1
         asyncio.get_running_loop().call_later(self._idle, self._replace, guest)
+        return self.table_version
 
     def _replace(self, old: SimGuest) -> None:
         if self.guests.pop(old.id, None) is None:
             return
         guest = self._new_guest(common_pb2.GUEST_STATE_BOOTING)
         self.guests[guest.id] = guest
+        self.table_version += 1
         self.on_change()
         asyncio.get_running_loop().call_later(self._boot, self._booted, guest)
 
     def _booted(self, guest: SimGuest) -> None:
         if guest.id in self.guests:
             guest.move(common_pb2.GUEST_STATE_PRISTINE)
+            self.table_version += 1
             self.on_change()
 
     def lease_sensor(self, lease_id: str) -> str | None:
@@ -310,6 +317,7 @@ class SimPool:
             guest_counts=counts,
             guests=[g.to_proto() for g in self.guests.values()],
             lease_ids=sorted(self._leases),
+            table_version=self.table_version,
         )
 
 
@@ -343,7 +351,8 @@ class SimNode:
             self._plan.controller,
             self._member.tls,
             registration=self._registration,
-            snapshot=self._snapshot,
+            snapshot=self.pool.snapshot,
+            table_version=self._table_version,
             on_response=self._on_response,
         )
         self.pool.on_change = self.link.nudge.set
@@ -367,9 +376,10 @@ class SimNode:
             backend=SimPool.backend,
         )
 
-    def _snapshot(self) -> registry_pb2.HeartbeatRequest:
+    def _table_version(self) -> int:
+        # The link asks for the version once per heartbeat, table or not.
         self._sent.append(time.monotonic())
-        return self.pool.snapshot()
+        return self.pool.table_version
 
     async def _on_response(self, reply: registry_pb2.HeartbeatResponse) -> None:
         stats = self._recorder.stats

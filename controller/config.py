@@ -51,7 +51,29 @@ class ControllerConfig:
         120.0, "seconds a lease lives without renewal before it expires", check=positive
     )
     lease_wait: float = setting(
-        30.0, "seconds a lease request waits for a guest to boot before giving up", check=positive
+        20.0,
+        "seconds a lease request waits for a guest to boot before giving up; keep it below "
+        "the sensors' lease_timeout so they hear the controller's answer (the caller's "
+        "deadline bounds it too)",
+        check=positive,
+    )
+    max_waiting_acquires: int = setting(
+        1000,
+        "lease requests that may wait for a guest at once; beyond that the controller sheds "
+        "new ones at once with RESOURCE_EXHAUSTED and a retry-after-ms hint",
+        check=positive,
+    )
+    max_leases_per_sensor: int = setting(
+        1024,
+        "active leases (and requests for one) a single sensor may hold, so one compromised "
+        "sensor cannot take every guest",
+        check=positive,
+    )
+    max_node_guests: int = setting(
+        256,
+        "most guests counted for one pool node, whatever capacity it registers or reports, "
+        "so one compromised node cannot attract every lease",
+        check=positive,
     )
     allocate_timeout: float = setting(
         10.0, "seconds to wait for a pool node to allocate a guest", check=positive
@@ -144,6 +166,8 @@ class ControllerConfig:
         """Cross-field checks."""
         if self.store == "postgres" and not self.postgres_dsn:
             raise ConfigError("postgres_dsn", 'required when store = "postgres"')
+        if self.lease_wait >= self.lease_ttl:
+            raise ConfigError("lease_wait", "must be below lease_ttl")
 
     @property
     def tls(self) -> TlsFiles:

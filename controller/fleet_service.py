@@ -83,7 +83,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         """Forget a dead node; leases it still had fail."""
         removed = self._node_proto(request.name)
         await self._registry.remove_node(request.name)
-        await self._leases.fail_node(request.name, "pool node removed by an operator")
+        self._leases.fail_node(request.name, "pool node removed by an operator")
         return fleet_pb2.RemovePoolNodeResponse(pool_node=removed)
 
     async def ListSensors(

@@ -16,10 +16,10 @@ MAX_LISTEN_ADDRESSES = 64
 MAX_TEXT = 256
 
 
-async def _calling_sensor(registry: Registry) -> str:
+def _calling_sensor(registry: Registry) -> str:
     """The calling sensor as "sensor/<name>", refreshing its last-seen time."""
     caller = current_caller()
-    await registry.touch_sensor(caller.identity.name)
+    registry.seen(caller.identity.name)
     return str(caller.identity)
 
 
@@ -34,8 +34,9 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         self, request: lease_pb2.AcquireLeaseRequest, context: Any
     ) -> lease_pb2.AcquireLeaseResponse:
         """Place the session on a guest."""
-        sensor = await _calling_sensor(self._registry)
-        lease, credentials = await self._leases.acquire(sensor, request)
+        sensor = _calling_sensor(self._registry)
+        # The caller's deadline bounds the wait, so it hears our answer, not its timeout.
+        lease, credentials = await self._leases.acquire(sensor, request, context.time_remaining())
         ttl = Duration()
         ttl.FromMilliseconds(int(self._leases.ttl * 1000))
         return lease_pb2.AcquireLeaseResponse(
@@ -46,7 +47,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         self, request: lease_pb2.RenewLeaseRequest, context: Any
     ) -> lease_pb2.RenewLeaseResponse:
         """Extend the lease's TTL."""
-        sensor = await _calling_sensor(self._registry)
+        sensor = _calling_sensor(self._registry)
         lease = await self._leases.renew(sensor, request.lease_id)
         return lease_pb2.RenewLeaseResponse(lease=lease.to_proto())
 
@@ -54,7 +55,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         self, request: lease_pb2.ReleaseLeaseRequest, context: Any
     ) -> lease_pb2.ReleaseLeaseResponse:
         """End the lease."""
-        sensor = await _calling_sensor(self._registry)
+        sensor = _calling_sensor(self._registry)
         lease = await self._leases.release(sensor, request.lease_id, request.reason)
         return lease_pb2.ReleaseLeaseResponse(lease=lease.to_proto())
 
@@ -77,7 +78,7 @@ class SensorServicer(sensor_pb2_grpc.SensorServiceServicer):
                 f"at most {MAX_LISTEN_ADDRESSES} listen addresses; texts up to {MAX_TEXT} chars"
             )
         caller = current_caller()
-        await self._registry.touch_sensor(
+        await self._registry.describe_sensor(
             caller.identity.name,
             version=request.version,
             listen_addresses=list(request.listen_addresses),

@@ -1,20 +1,29 @@
-"""Leases: placing sessions on guests, renewing, releasing, expiring and failing them."""
+"""Leases: placing sessions on guests, renewing, releasing, expiring and failing them.
+
+Every lease is indexed by node and sensor, so a heartbeat is checked against its own
+node's leases only. A lease ends in memory at once (its record is group-committed
+without waiting) and is then told to its node; until the node confirmed, it is
+*ending*, never reported back as stale. Acquires that find no guest wait in a bounded
+queue (controller.waiters); above that, or past their wait, they are shed with
+RESOURCE_EXHAUSTED and a retry hint.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
 
-from controller.models import LeaseRecord, LeaseState
+import grpc
+
+from controller.lease_metrics import LeaseMetrics
+from controller.models import LeaseRecord, LeaseState, PoolNodeRecord
 from controller.nodeclient import NodeClients
 from controller.registry import Registry
-from controller.scheduler import note_allocation, plan
+from controller.scheduler import Placement, choose
 from controller.statestore import StateStore
 from honeyfleet.errors import (
     FailedPrecondition,
@@ -30,6 +39,10 @@ log = logging.getLogger(__name__)
 MAX_SESSION_ID = 128
 MAX_LABELS = 16
 MAX_LABEL_TEXT = 128
+# Seconds a shed caller is told to wait before asking again.
+SHED_RETRY_AFTER = 5.0
+# Seconds kept back from the caller's deadline so it hears the answer, not its timeout.
+ANSWER_MARGIN = 0.5
 
 
 class LeaseManager:
@@ -43,111 +56,197 @@ class LeaseManager:
         *,
         ttl: float,
         wait: float,
-        missing_grace: float,
+        max_per_sensor: int,
     ) -> None:
         self._registry = registry
         self._store = store
         self._nodes = nodes
         self.ttl = ttl
         self._wait = wait
-        # A lease younger than this may be missing from a heartbeat sent before it existed.
-        self._missing_grace = missing_grace
+        self._max_per_sensor = max_per_sensor
         self.active: dict[str, LeaseRecord] = {}
+        self._by_node: dict[str, dict[str, LeaseRecord]] = {}
+        # Active leases and acquires in flight, per sensor (together: its quota).
+        self._sensor_leases: Counter[str] = Counter()
+        self._sensor_acquiring: Counter[str] = Counter()
         self._allocating: set[str] = set()
+        # Ended leases whose node has not confirmed the release yet.
+        self._ending: set[str] = set()
+        self._telling: set[asyncio.Task[None]] = set()
+        self.metrics = LeaseMetrics(lambda: len(registry.waiters))
 
     async def load(self) -> None:
-        """Reload active leases after a restart."""
+        """Reload active leases after a restart.
+
+        Each gets at least one full TTL from now: its sensor may have renewed in vain
+        while the controller was away and must get the chance to renew again.
+        """
+        grace = time.time() + self.ttl
         for lease in await self._store.load_active_leases():
-            self.active[lease.id] = lease
+            lease.expire_time = max(lease.expire_time, grace)
+            self._add(lease)
         if self.active:
             log.info("resumed %d active leases", len(self.active))
 
     def count_by(self, attribute: str) -> Counter[str]:
-        """Active leases per pool node or per sensor."""
-        return Counter(getattr(lease, attribute) for lease in self.active.values())
+        """Active leases per pool node ("pool_node") or per sensor ("sensor")."""
+        if attribute == "pool_node":
+            return Counter({node: len(leases) for node, leases in self._by_node.items()})
+        if attribute == "sensor":
+            return Counter(self._sensor_leases)
+        raise ValueError(f"cannot count leases by {attribute!r}")
 
     async def acquire(
-        self, sensor: str, request: lease_pb2.AcquireLeaseRequest
+        self,
+        sensor: str,
+        request: lease_pb2.AcquireLeaseRequest,
+        time_remaining: float | None = None,
     ) -> tuple[LeaseRecord, common_pb2.GuestCredentials]:
-        """Place a session on a guest, waiting up to lease_wait for capacity."""
+        """Place a session on a guest, waiting up to lease_wait (and the caller's deadline)."""
         _validate_acquire(request)
+        if self._sensor_leases[sensor] + self._sensor_acquiring[sensor] >= self._max_per_sensor:
+            self.metrics.shed.labels("sensor_quota").inc()
+            raise ResourceExhausted(
+                f"{sensor} already holds {self._max_per_sensor} leases (max_leases_per_sensor)",
+                retry_after=SHED_RETRY_AFTER,
+            )
+        started = time.monotonic()
+        wait = self._wait
+        if time_remaining is not None:
+            wait = min(wait, time_remaining - ANSWER_MARGIN)
+        deadline = started + wait
+        self._sensor_acquiring[sensor] += 1
+        try:
+            result = await self._place(sensor, request, deadline)
+        finally:
+            self._sensor_acquiring[sensor] -= 1
+            if not self._sensor_acquiring[sensor]:
+                del self._sensor_acquiring[sensor]
+        self.metrics.acquire_seconds.observe(time.monotonic() - started)
+        return result
+
+    async def _place(
+        self, sensor: str, request: lease_pb2.AcquireLeaseRequest, deadline: float
+    ) -> tuple[LeaseRecord, common_pb2.GuestCredentials]:
+        """Try nodes best first; wait in the queue for capacity when none has a guest."""
         labels = dict(request.labels)
-        deadline = time.monotonic() + self._wait
+        tried: set[str] = set()
+        woken = False
         while True:
-            for placement in plan(
-                self._registry.nodes.values(), request.src_ip, labels, self.count_by("pool_node")
-            ):
-                node = placement.node
-                lease_id = uuid.uuid4().hex
-                self._allocating.add(lease_id)
-                try:
-                    response = await self._nodes.allocate(
-                        node.address,
-                        poolnode_pb2.AllocateGuestRequest(
-                            lease_id=lease_id,
-                            src_ip=request.src_ip,
-                            protocol=request.protocol,
-                            sensor=sensor,
-                            allow_shared=placement.allow_shared,
-                        ),
-                    )
-                except RPCError as e:
-                    self._allocating.discard(lease_id)
-                    log.info(
-                        "pool node %s could not allocate (%s): %s",
-                        node.name,
-                        placement.reason,
-                        e.details,
-                    )
-                    continue
-                note_allocation(node, response.guest)
-                now = time.time()
-                lease = LeaseRecord(
-                    id=lease_id,
-                    pool_node=node.name,
-                    pool_node_address=node.address,
-                    guest=response.guest.id,
-                    sensor=sensor,
-                    src_ip=request.src_ip,
-                    protocol=request.protocol,
-                    session=request.session,
-                    shared=response.shared,
-                    create_time=now,
-                    expire_time=now + self.ttl,
+            placement = choose(
+                self._registry.nodes.values(),
+                self._registry.nodes_for(request.src_ip),
+                labels,
+                {name: len(leases) for name, leases in self._by_node.items()},
+                tried,
+            )
+            if placement is not None:
+                granted = await self._try(placement, sensor, request)
+                if granted is not None:
+                    return granted
+                tried.add(placement.node.name)
+                continue
+            try:
+                woken = await self._registry.waiters.wait(
+                    labels, deadline - time.monotonic(), again=woken
                 )
-                try:
-                    await self._store.save_lease(lease, counter="leases_issued")
-                    self.active[lease.id] = lease
-                finally:
-                    self._allocating.discard(lease_id)
-                log.info(
-                    "lease %s: session %s from %s on %s/%s (%s) for %s",
-                    lease.id,
-                    lease.session,
-                    lease.src_ip,
-                    lease.pool_node,
-                    lease.guest,
-                    placement.reason,
-                    sensor,
-                )
-                return lease, response.credentials
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                await self._store.add_counter("leases_refused")
+            except ResourceExhausted:
+                self.metrics.shed.labels("queue_full").inc()
+                self._store.add_counter("leases_refused")
+                raise ResourceExhausted(
+                    "the controller is at capacity: too many lease requests already wait "
+                    "for a guest (max_waiting_acquires)",
+                    retry_after=SHED_RETRY_AFTER,
+                ) from None
+            if not woken:
+                self.metrics.shed.labels("wait_timeout").inc()
+                self._store.add_counter("leases_refused")
                 log.warning(
-                    "no guest for session %s from %s within %.0fs",
+                    "no guest for session %s from %s within lease_wait",
                     request.session,
                     request.src_ip,
-                    self._wait,
                 )
                 raise ResourceExhausted(
                     f"no guest available within {self._wait:.0f}s (lease_wait); "
-                    "add pool nodes or raise max_vms"
+                    "add pool nodes or raise max_vms",
+                    retry_after=SHED_RETRY_AFTER,
                 )
-            async with self._registry.changed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(remaining):
-                        await self._registry.changed.wait()
+            tried.clear()
+
+    async def _try(
+        self, placement: Placement, sensor: str, request: lease_pb2.AcquireLeaseRequest
+    ) -> tuple[LeaseRecord, common_pb2.GuestCredentials] | None:
+        """Ask one node for a guest; None if it could not give one."""
+        node, view = placement.node, placement.node.view
+        lease_id = uuid.uuid4().hex
+        # Promised before the call: a concurrent acquire counts this guest as taken.
+        if placement.takes_pristine:
+            view.reserve()
+        self._allocating.add(lease_id)
+        try:
+            response = await self._nodes.allocate(
+                node.address,
+                poolnode_pb2.AllocateGuestRequest(
+                    lease_id=lease_id,
+                    src_ip=request.src_ip,
+                    protocol=request.protocol,
+                    sensor=sensor,
+                    allow_shared=placement.allow_shared,
+                ),
+            )
+        except RPCError as e:
+            self._allocating.discard(lease_id)
+            if placement.takes_pristine:
+                view.unreserve()
+            if e.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.metrics.allocate_calls.labels("refused").inc()
+                view.refused()
+            else:
+                self.metrics.allocate_calls.labels("failed").inc()
+            log.info(
+                "pool node %s could not allocate (%s): %s", node.name, placement.reason, e.details
+            )
+            return None
+        self.metrics.allocate_calls.labels("granted").inc()
+        if placement.takes_pristine:
+            view.unreserve()
+        free = view.free
+        view.allocated(response.table_version, lease_id, response.guest)
+        self._registry.index_guest(node, response.guest)
+        self._registry.refreshed(node, free, reindex=False)
+        now = time.time()
+        lease = LeaseRecord(
+            id=lease_id,
+            pool_node=node.name,
+            pool_node_address=node.address,
+            guest=response.guest.id,
+            sensor=sensor,
+            src_ip=request.src_ip,
+            protocol=request.protocol,
+            session=request.session,
+            shared=response.shared,
+            create_time=now,
+            expire_time=now + self.ttl,
+        )
+        self._add(lease)
+        self._allocating.discard(lease_id)
+        try:
+            # Durable before the sensor hears of it: a restart must not forget it.
+            await self._store.save_lease(lease, counter="leases_issued")
+        except Exception:
+            self._end(lease, LeaseState.FAILED, "the controller could not save it")
+            raise
+        log.info(
+            "lease %s: session %s from %s on %s/%s (%s) for %s",
+            lease.id,
+            lease.session,
+            lease.src_ip,
+            lease.pool_node,
+            lease.guest,
+            placement.reason,
+            sensor,
+        )
+        return lease, response.credentials
 
     async def _own(self, sensor: str, lease_id: str) -> LeaseRecord:
         """The calling sensor's lease, active or ended."""
@@ -166,70 +265,101 @@ class LeaseManager:
                 f"lease {lease_id} {lease.state.name.lower()}: {lease.end_reason}"
             )
         lease.expire_time = time.time() + self.ttl
-        await self._store.save_lease(lease)
+        self._store.save_lease(lease)
         return lease
 
     async def release(self, sensor: str, lease_id: str, reason: str) -> LeaseRecord:
         """End a lease at session end; releasing an ended lease is a no-op."""
         lease = await self._own(sensor, lease_id)
         if lease.state is LeaseState.ACTIVE:
-            await self._end(lease, LeaseState.RELEASED, reason[:200] or "session ended")
+            self._end(lease, LeaseState.RELEASED, reason[:200] or "session ended")
         return lease
 
-    async def _end(self, lease: LeaseRecord, state: LeaseState, reason: str) -> None:
-        """End one lease, persist it and tell its node (best effort: heartbeats catch up)."""
-        lease.end(state, reason, time.time())
-        self.active.pop(lease.id, None)
-        await self._store.save_lease(lease)
-        log.info("lease %s %s: %s", lease.id, state.name.lower(), reason)
-        node = self._registry.nodes.get(lease.pool_node)
-        if node is not None:
-            try:
-                await self._nodes.release(node.address, lease.id, reason)
-            except RPCError as e:
-                log.info("pool node %s not told of lease %s end yet: %s", node.name, lease.id, e)
+    def expire_due(self, stalled: float) -> None:
+        """Expire leases whose sensor stopped renewing them.
 
-    async def expire_due(self) -> None:
-        """Expire leases whose sensor stopped renewing them."""
+        ``stalled`` is time the controller could not listen (its loop ran late): every
+        lease gets it back, so a stall never expires leases in a burst.
+        """
         now = time.time()
+        if stalled > 0:
+            for lease in self.active.values():
+                lease.expire_time += stalled
         for lease in [lease for lease in self.active.values() if lease.expire_time < now]:
-            # Ending one lease awaits the disk and its node: meanwhile its sensor may have
-            # renewed or released a later one in this list.
-            if lease.state is not LeaseState.ACTIVE or lease.expire_time >= now:
-                continue
-            await self._end(
-                lease, LeaseState.EXPIRED, "not renewed within lease_ttl (sensor vanished)"
-            )
+            self._end(lease, LeaseState.EXPIRED, "not renewed within lease_ttl (sensor vanished)")
 
-    async def fail_node(self, node: str, reason: str) -> None:
-        """Fail every active lease on a node (it died)."""
-        now = time.time()
-        failed = [lease for lease in self.active.values() if lease.pool_node == node]
+    def fail_node(self, node: str, reason: str) -> None:
+        """Fail every active lease on a node (it died; nobody to tell)."""
+        failed = list(self._by_node.get(node, {}).values())
         for lease in failed:
-            lease.end(LeaseState.FAILED, reason, now)
-            del self.active[lease.id]
+            self._end(lease, LeaseState.FAILED, reason, tell=False)
         if failed:
-            await self._store.save_leases(failed)
             log.warning("failed %d leases of pool node %s: %s", len(failed), node, reason)
 
-    async def reconcile(self, node: str, reported: Mapping[str, None]) -> list[str]:
-        """Compare a heartbeat's lease list with ours; returns leases the node should drop.
+    def reconcile(self, node: PoolNodeRecord) -> list[str]:
+        """Compare a node's view after a new table with ours; returns leases it should drop.
 
         Leases we hold that the node no longer does (it lost the guest) fail.
         """
-        stale = [i for i in reported if i not in self.active and i not in self._allocating]
-        cutoff = time.time() - self._missing_grace
-        lost = [
-            lease
-            for lease in self.active.values()
-            if lease.pool_node == node and lease.id not in reported and lease.create_time < cutoff
+        held = node.view.lease_ids
+        mine = self._by_node.get(node.name, {})
+        stale = [
+            i for i in held if i not in mine and i not in self._allocating and i not in self._ending
         ]
-        for lease in lost:
-            # Released (or failed) while an earlier one was being ended: already over.
-            if lease.state is not LeaseState.ACTIVE:
-                continue
-            await self._end(lease, LeaseState.FAILED, f"pool node {node} no longer holds the guest")
+        if stale:
+            self.metrics.stale.inc(len(stale))
+        for lease in [lease for i, lease in mine.items() if i not in held]:
+            self._end(lease, LeaseState.FAILED, f"pool node {node.name} no longer holds the guest")
         return stale
+
+    async def close(self) -> None:
+        """Wait for releases being told to nodes (each bounded by the node call timeout)."""
+        await asyncio.gather(*self._telling, return_exceptions=True)
+
+    def _add(self, lease: LeaseRecord) -> None:
+        """Index an active lease."""
+        self.active[lease.id] = lease
+        self._by_node.setdefault(lease.pool_node, {})[lease.id] = lease
+        self._sensor_leases[lease.sensor] += 1
+
+    def _end(
+        self, lease: LeaseRecord, state: LeaseState, reason: str, *, tell: bool = True
+    ) -> None:
+        """End one lease now, save it in the background and tell its node."""
+        lease.end(state, reason, time.time())
+        del self.active[lease.id]
+        on_node = self._by_node[lease.pool_node]
+        del on_node[lease.id]
+        if not on_node:
+            del self._by_node[lease.pool_node]
+        self._sensor_leases[lease.sensor] -= 1
+        if not self._sensor_leases[lease.sensor]:
+            del self._sensor_leases[lease.sensor]
+        self._store.save_lease(lease)
+        log.info("lease %s %s: %s", lease.id, state.name.lower(), reason)
+        if tell:
+            self._ending.add(lease.id)
+            task = asyncio.create_task(self._tell_node(lease, reason))
+            self._telling.add(task)
+            task.add_done_callback(self._telling.discard)
+
+    async def _tell_node(self, lease: LeaseRecord, reason: str) -> None:
+        """Tell a lease's node it ended (best effort: its next table shows it as stale)."""
+        try:
+            node = self._registry.nodes.get(lease.pool_node)
+            if node is None:
+                return
+            try:
+                version = await self._nodes.release(node.address, lease.id, reason)
+            except RPCError as e:
+                log.info("pool node %s not told of lease %s end yet: %s", node.name, lease.id, e)
+                return
+            # Looked up again: the node may have registered anew meanwhile.
+            node = self._registry.nodes.get(lease.pool_node)
+            if node is not None:
+                node.view.released(version, lease.id)
+        finally:
+            self._ending.discard(lease.id)
 
 
 def _validate_acquire(request: lease_pb2.AcquireLeaseRequest) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller.nodeview import NodeView
 from honeyfleet.errors import FailedPrecondition
 from honeyfleet.v1 import common_pb2, fleet_pb2, lease_pb2
 
@@ -48,7 +50,7 @@ def timestamp(seconds: float | None) -> Timestamp | None:
 
 @dataclass
 class PoolNodeRecord:
-    """A registered pool node: its registration plus its latest heartbeat."""
+    """A registered pool node: its registration plus the controller's view of its guests."""
 
     name: str
     address: str
@@ -63,22 +65,30 @@ class PoolNodeRecord:
     last_heartbeat_time: float | None = None
     # Monotonic clock of the last sign of life, for the liveness check.
     last_seen_monotonic: float = field(default_factory=time.monotonic)
-    counts: common_pb2.GuestCounts = field(default_factory=common_pb2.GuestCounts)
-    guests: list[common_pb2.Guest] = field(default_factory=list)
+    view: NodeView = field(init=False)
+
+    def __post_init__(self) -> None:
+        """Start with an empty view of at most the registered capacity."""
+        self.view = NodeView(self.name, max(self.capacity, 0))
+
+    @property
+    def counts(self) -> common_pb2.GuestCounts:
+        """Guests per state as the controller counts them."""
+        return self.view.counts
+
+    @property
+    def guests(self) -> list[common_pb2.Guest]:
+        """The node's guests as the controller counts them."""
+        return list(self.view.guests.values())
 
     @property
     def schedulable(self) -> bool:
         """Whether the node may take new leases."""
         return self.state is NodeState.ALIVE and not self.draining
 
-    def offers(self, labels: dict[str, str]) -> bool:
+    def offers(self, labels: Mapping[str, str]) -> bool:
         """Whether the node offers every requested label."""
         return all(self.labels.get(k) == v for k, v in labels.items())
-
-    def holds_guest_for(self, src_ip: str) -> bool:
-        """Whether one of its live guests has served this attacker address."""
-        live = (common_pb2.GUEST_STATE_LEASED, common_pb2.GUEST_STATE_IDLE)
-        return any(g.state in live and src_ip in g.src_ips for g in self.guests)
 
     def to_proto(self, active_leases: int) -> fleet_pb2.PoolNode:
         """The node as the fleet API shows it."""
@@ -87,7 +97,7 @@ class PoolNodeRecord:
             address=self.address,
             state=self.state.value,
             draining=self.draining,
-            capacity=self.capacity,
+            capacity=self.view.capacity,
             labels=self.labels,
             share_guests=self.share_guests,
             guest_counts=self.counts,

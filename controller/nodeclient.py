@@ -37,13 +37,17 @@ class NodeClients:
             raise RPCError.wrap("AllocateGuest", e) from None
         return response
 
-    async def release(self, address: str, lease_id: str, reason: str) -> None:
-        """Tell a node a lease ended; RPCError if the node cannot be told now."""
+    async def release(self, address: str, lease_id: str, reason: str) -> int:
+        """Tell a node a lease ended; returns the node's table version after it.
+
+        RPCError if the node cannot be told now.
+        """
         request = poolnode_pb2.ReleaseGuestRequest(lease_id=lease_id, reason=reason)
         try:
-            await self._stub(address).ReleaseGuest(request, timeout=self._timeout)
+            response = await self._stub(address).ReleaseGuest(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
             raise RPCError.wrap("ReleaseGuest", e) from None
+        return response.table_version
 
     async def close(self) -> None:
         """Close every channel."""

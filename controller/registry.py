@@ -1,48 +1,62 @@
-"""The fleet registry: pool nodes with their live guest tables, and sensors.
+"""The fleet registry: pool nodes with the controller's view of their guests, and sensors.
 
 Registrations persist in the state store so a controller restart keeps them; guest
-tables live in memory and are refilled by the next heartbeat. After a restart every
-node gets a fresh missed-heartbeat allowance to reconnect before it is declared dead.
+views live in memory and are refilled by the next heartbeat. After a restart every
+node gets a grace (at least its missed-heartbeat allowance, and at least one lease TTL)
+to reconnect before it is declared dead: a node retrying with backoff must not lose
+the sessions it carries to the controller's outage.
+
+Whenever a node's free guests go up, the registry wakes that many waiting acquires
+(see controller.waiters); an index from attacker address to nodes keeps affinity
+look-ups independent of the fleet's size.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from controller.models import NodeState, PoolNodeRecord, SensorRecord
 from controller.statestore import StateStore
+from controller.waiters import CapacityWaiters
 from honeyfleet.errors import FailedPrecondition, NotFound
 from honeyfleet.v1 import common_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
-# A sensor's last-seen time is written to disk at most this often.
-SENSOR_PERSIST_SECONDS = 30.0
-
 
 class Registry:
     """Pool nodes and sensors known to the controller."""
 
-    def __init__(self, store: StateStore, *, dead_after: float) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        waiters: CapacityWaiters,
+        *,
+        dead_after: float,
+        max_node_guests: int,
+    ) -> None:
         self._store = store
+        self.waiters = waiters
         self._dead_after = dead_after
+        self._max_node_guests = max_node_guests
         self.nodes: dict[str, PoolNodeRecord] = {}
         self.sensors: dict[str, SensorRecord] = {}
-        self._sensor_persisted: dict[str, float] = {}
-        # Notified whenever guest capacity may have changed (heartbeats, registrations).
-        self.changed = asyncio.Condition()
+        # Sensors seen since their record was last written.
+        self._sensors_dirty: set[str] = set()
+        # Attacker address -> nodes whose live guests served it.
+        self._affinity: dict[str, set[str]] = {}
+        self._node_ips: dict[str, set[str]] = {}
 
-    async def load(self) -> None:
-        """Load registrations from the store (on start-up)."""
-        now = time.monotonic()
+    async def load(self, grace: float) -> None:
+        """Load registrations from the store (on start-up); nodes get ``grace`` to return."""
+        seen = time.monotonic() + max(grace - self._dead_after, 0.0)
         for node in await self._store.load_nodes():
-            node.last_seen_monotonic = now
+            node = self._capped(node)
+            node.last_seen_monotonic = seen
             self.nodes[node.name] = node
         for sensor in await self._store.load_sensors():
             self.sensors[sensor.name] = sensor
-            self._sensor_persisted[sensor.name] = sensor.last_seen_time
 
     def get_node(self, name: str) -> PoolNodeRecord:
         """A registered node, or NotFound."""
@@ -51,54 +65,102 @@ class Registry:
         except KeyError:
             raise NotFound(f"no pool node named {name!r}") from None
 
+    def nodes_for(self, src_ip: str) -> set[str]:
+        """Nodes whose live guests have served this attacker address."""
+        return self._affinity.get(src_ip, set())
+
     async def register_node(
         self, name: str, request: registry_pb2.RegisterPoolNodeRequest
     ) -> PoolNodeRecord:
-        """Record (or refresh) a node's registration; keeps an operator's drain."""
+        """Record (or refresh) a node's registration; keeps an operator's drain.
+
+        The guest view starts empty: the node's first heartbeat on its new stream
+        brings the whole table.
+        """
         previous = self.nodes.get(name)
-        node = PoolNodeRecord(
-            name=name,
-            address=request.address,
-            capacity=request.capacity,
-            labels=dict(request.labels),
-            share_guests=request.share_guests,
-            version=request.version,
-            backend=request.backend,
-            register_time=time.time(),
-            draining=previous.draining if previous else False,
-            last_heartbeat_time=previous.last_heartbeat_time if previous else None,
+        node = self._capped(
+            PoolNodeRecord(
+                name=name,
+                address=request.address,
+                capacity=request.capacity,
+                labels=dict(request.labels),
+                share_guests=request.share_guests,
+                version=request.version,
+                backend=request.backend,
+                register_time=time.time(),
+                draining=previous.draining if previous else False,
+                last_heartbeat_time=previous.last_heartbeat_time if previous else None,
+            )
         )
         self.nodes[name] = node
+        self._index(node)
         await self._store.save_node(node)
-        log.info("pool node %s registered at %s (capacity %d)", name, node.address, node.capacity)
-        await self._notify()
+        log.info(
+            "pool node %s registered at %s (capacity %d, counted %d)",
+            name,
+            node.address,
+            node.capacity,
+            node.view.capacity,
+        )
         return node
 
-    async def heartbeat(self, name: str, request: registry_pb2.HeartbeatRequest) -> PoolNodeRecord:
-        """Take a node's heartbeat: refresh liveness and its guest table."""
+    def heartbeat(
+        self, name: str, request: registry_pb2.HeartbeatRequest, received: float
+    ) -> tuple[PoolNodeRecord, bool]:
+        """Take a node's heartbeat (``received``: monotonic time it arrived).
+
+        Returns the node and whether its table was applied (a table older than the
+        controller's own changes, or an unchanged one, is not).
+        """
         node = self.nodes.get(name)
         if node is None:
             raise FailedPrecondition(f"pool node {name} must register before heartbeating")
         if node.state is NodeState.DEAD:
             log.info("pool node %s is alive again", name)
         node.state = NodeState.ALIVE
-        node.last_seen_monotonic = time.monotonic()
+        node.last_seen_monotonic = max(node.last_seen_monotonic, received)
         node.last_heartbeat_time = time.time()
-        node.counts = common_pb2.GuestCounts()
-        node.counts.CopyFrom(request.guest_counts)
-        node.guests = [_with_node(g, name) for g in request.guests]
-        await self._notify()
-        return node
+        if request.table_unchanged:
+            return node, False
+        free = node.view.free
+        applied = node.view.apply_table(request.table_version, request.guests, request.lease_ids)
+        if applied:
+            self.refreshed(node, free, reindex=True)
+        return node, applied
 
-    def find_dead(self) -> list[PoolNodeRecord]:
-        """Mark nodes that missed their heartbeats as dead; returns the newly dead ones."""
+    def refreshed(self, node: PoolNodeRecord, free_before: int, *, reindex: bool) -> None:
+        """A node's view changed: update the affinity index, wake waiters for new guests."""
+        if reindex:
+            self._index(node)
+        gained = node.view.free - free_before
+        if not node.schedulable:
+            return
+        if gained > 0:
+            self.waiters.offer(node.labels, gained)
+        elif node.share_guests and node.view.shareable:
+            self.waiters.offer(node.labels, None)
+
+    def index_guest(self, node: PoolNodeRecord, guest: common_pb2.Guest) -> None:
+        """Add one allocated guest's attacker addresses to the affinity index."""
+        ips = self._node_ips.setdefault(node.name, set())
+        for ip in guest.src_ips:
+            ips.add(ip)
+            self._affinity.setdefault(ip, set()).add(node.name)
+
+    def find_dead(self, stalled: float) -> list[PoolNodeRecord]:
+        """Mark nodes that missed their heartbeats as dead; returns the newly dead ones.
+
+        ``stalled`` is time the controller itself could not listen (its loop ran late):
+        it counts for every node, so a busy controller never kills a heartbeating node.
+        """
         now = time.monotonic()
         dead = []
         for node in self.nodes.values():
+            node.last_seen_monotonic += stalled
             if node.state is NodeState.ALIVE and now - node.last_seen_monotonic > self._dead_after:
                 node.state = NodeState.DEAD
-                node.counts = common_pb2.GuestCounts()
-                node.guests = []
+                node.view.clear()
+                self._index(node)
                 dead.append(node)
         return dead
 
@@ -108,7 +170,8 @@ class Registry:
         node.draining = draining
         await self._store.save_node(node)
         log.info("pool node %s %s", name, "drained" if draining else "resumed")
-        await self._notify()
+        if not draining:
+            self.refreshed(node, 0, reindex=False)
         return node
 
     async def remove_node(self, name: str) -> PoolNodeRecord:
@@ -121,18 +184,24 @@ class Registry:
                 f"{self._dead_after:.0f}s of heartbeats"
             )
         del self.nodes[name]
+        self._index(node, forget=True)
         await self._store.delete_node(name)
         log.info("pool node %s removed", name)
-        await self._notify()
         return node
 
-    async def persist_heartbeat_times(self) -> None:
-        """Write nodes' last heartbeat times, so `status` after a restart shows them."""
-        if self.nodes:
-            await self._store.save_nodes(list(self.nodes.values()))
+    async def persist(self) -> None:
+        """Write nodes' last heartbeat times and sensors seen since the last write.
 
-    async def touch_sensor(self, name: str, **details: object) -> SensorRecord:
-        """Record contact from a sensor, creating it on first contact."""
+        One transaction for all: `status` after a restart shows them, and contact from
+        sensors (every event batch counts) costs no disk write of its own.
+        """
+        dirty = [self.sensors[n] for n in self._sensors_dirty if n in self.sensors]
+        self._sensors_dirty.clear()
+        if self.nodes or dirty:
+            await self._store.save_nodes_and_sensors(list(self.nodes.values()), dirty)
+
+    def seen(self, name: str) -> SensorRecord:
+        """Record contact from a sensor (any RPC or event batch), creating it on first contact."""
         now = time.time()
         sensor = self.sensors.get(name)
         if sensor is None:
@@ -140,21 +209,34 @@ class Registry:
             self.sensors[name] = sensor
             log.info("sensor %s seen for the first time", name)
         sensor.last_seen_time = now
-        for key, value in details.items():
-            setattr(sensor, key, value)
-        if details or now - self._sensor_persisted.get(name, 0.0) > SENSOR_PERSIST_SECONDS:
-            self._sensor_persisted[name] = now
-            await self._store.save_sensor(sensor)
+        self._sensors_dirty.add(name)
         return sensor
 
-    async def _notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
+    async def describe_sensor(self, name: str, **details: object) -> SensorRecord:
+        """Record a sensor's self-description (on registration), written at once."""
+        sensor = self.seen(name)
+        for key, value in details.items():
+            setattr(sensor, key, value)
+        self._sensors_dirty.discard(name)
+        await self._store.save_sensor(sensor)
+        return sensor
 
+    def _capped(self, node: PoolNodeRecord) -> PoolNodeRecord:
+        """The node with its counted guests capped by max_node_guests."""
+        node.view.capacity = min(node.view.capacity, self._max_node_guests)
+        return node
 
-def _with_node(guest: common_pb2.Guest, node: str) -> common_pb2.Guest:
-    """A copy of a reported guest stamped with the node's registered name."""
-    copy = common_pb2.Guest()
-    copy.CopyFrom(guest)
-    copy.pool_node = node
-    return copy
+    def _index(self, node: PoolNodeRecord, *, forget: bool = False) -> None:
+        """Rebuild one node's entries in the affinity index."""
+        for ip in self._node_ips.pop(node.name, set()):
+            names = self._affinity.get(ip)
+            if names is not None:
+                names.discard(node.name)
+                if not names:
+                    del self._affinity[ip]
+        if forget:
+            return
+        ips = node.view.src_ips()
+        self._node_ips[node.name] = ips
+        for ip in ips:
+            self._affinity.setdefault(ip, set()).add(node.name)

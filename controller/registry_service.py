@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         self._leases = leases
         self._interval = heartbeat_interval
         self._revoked = revoked_serials
+        # The revocation list as sent, rebuilt only when the list changes.
+        self._revoked_seen: frozenset[int] = frozenset()
+        self._revoked_hex: list[str] = []
 
     async def RegisterPoolNode(
         self, request: registry_pb2.RegisterPoolNodeRequest, context: Any
@@ -43,13 +47,26 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
     async def Heartbeat(
         self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
     ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
-        """Take heartbeats and answer each with revocations, drain state and stale leases."""
+        """Take heartbeats and answer each with revocations, drain state and stale leases.
+
+        The arrival time is taken first thing, before any other work; leases are
+        compared only when a new table was applied, and only with this node's.
+        """
         name = current_caller().identity.name
         async for request in request_iterator:
-            node = await self._registry.heartbeat(name, request)
-            stale = await self._leases.reconcile(name, dict.fromkeys(request.lease_ids))
+            received = time.monotonic()
+            node, applied = self._registry.heartbeat(name, request, received)
+            stale = self._leases.reconcile(node) if applied else []
             yield registry_pb2.HeartbeatResponse(
-                revoked_serials=[f"{s:x}" for s in sorted(self._revoked())],
+                revoked_serials=self._revoked_serials(),
                 draining=node.draining,
                 stale_lease_ids=stale,
             )
+
+    def _revoked_serials(self) -> list[str]:
+        """Revoked serials in lower-case hex (formatted once per change of the list)."""
+        revoked = self._revoked()
+        if revoked is not self._revoked_seen:
+            self._revoked_seen = revoked
+            self._revoked_hex = [f"{s:x}" for s in sorted(revoked)]
+        return self._revoked_hex

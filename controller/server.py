@@ -23,7 +23,9 @@ from controller.nodeclient import NodeClients
 from controller.ratelimit import RateLimiter
 from controller.registry import Registry
 from controller.registry_service import PoolNodeRegistryServicer
+from controller.stall import StallMeter
 from controller.statestore import StateStore
+from controller.waiters import CapacityWaiters
 from honeyfleet.authz import ALL_ROLES, Authorizer
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
 from honeyfleet.pki import RevocationList, load_ca
@@ -78,6 +80,8 @@ ENROLL_MAX_RPCS = 16
 # A joiner needs one RPC: connections that idle or linger are closed.
 ENROLL_IDLE_MS = 15_000
 ENROLL_AGE_MS = 30_000
+# Seconds between writes of nodes' heartbeat times and sensors' last-seen times.
+PERSIST_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,12 @@ class Controller:
         self.config = config
         self.store = StateStore(config.state_dir / "controller.sqlite3")
         dead_after = config.heartbeat_interval * config.missed_heartbeats
-        self.registry = Registry(self.store, dead_after=dead_after)
+        self.registry = Registry(
+            self.store,
+            CapacityWaiters(config.max_waiting_acquires),
+            dead_after=dead_after,
+            max_node_guests=config.max_node_guests,
+        )
         self.nodes = NodeClients(config.tls, timeout=config.allocate_timeout)
         self.leases = LeaseManager(
             self.registry,
@@ -103,9 +112,10 @@ class Controller:
             self.nodes,
             ttl=config.lease_ttl,
             wait=config.lease_wait,
-            missing_grace=3 * config.heartbeat_interval,
+            max_per_sensor=config.max_leases_per_sensor,
         )
         self.events = EventPipeline(config, self.registry, self.leases)
+        self.events.metrics_registry.register(self.leases.metrics.registry)
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.authorizer: Authorizer | None = None
@@ -117,7 +127,9 @@ class Controller:
         config = self.config
         identity = config.tls.identity()
         await self.store.open()
-        await self.registry.load()
+        # Nodes get two TTLs: their leases get one from now, and a node reconnecting
+        # with backoff must be back before those leases would fail with it.
+        await self.registry.load(grace=2 * config.lease_ttl)
         await self.leases.load()
         await self.events.start()
         ca = load_ca(config.ca_dir) if config.ca_dir is not None else None
@@ -144,7 +156,7 @@ class Controller:
             FleetServicer(self.registry, self.leases, self.store), server
         )
         ingest_pb2_grpc.add_EventIngestServiceServicer_to_server(
-            EventIngestServicer(self.events), server
+            EventIngestServicer(self.events, self.registry), server
         )
         events_pb2_grpc.add_EventQueryServiceServicer_to_server(
             EventQueryServicer(self.events.store, self.events.broadcaster), server
@@ -193,8 +205,10 @@ class Controller:
             self._servers.append(enroll)
             log.info("enrolment endpoint on port %d", enroll_port)
 
-        self._spawn(self._every(config.heartbeat_interval / 2, self._check_liveness))
-        self._spawn(self._every(min(config.lease_ttl / 4, 5.0), self.leases.expire_due))
+        liveness = config.heartbeat_interval / 2
+        self._spawn(self._every(liveness, self._check_liveness(StallMeter(liveness))))
+        expiry = min(config.lease_ttl / 4, 5.0)
+        self._spawn(self._every(expiry, self._expire_leases(StallMeter(expiry))))
         self._spawn(self._every(REVOCATION_POLL, self._refresh_revocations))
         if ca is not None:
             signer = local_signer(ca, config.tls, validity_days=config.cert_validity_days)
@@ -206,7 +220,7 @@ class Controller:
                 "%s before it expires",
                 config.tls.cert,
             )
-        self._spawn(self._every(30.0, self.registry.persist_heartbeat_times))
+        self._spawn(self._every(PERSIST_SECONDS, self.registry.persist))
         log.info("controller %s serving the fleet API on port %d", identity, api_port)
         self.ports = Ports(api=api_port, enroll=enroll_port)
         return self.ports
@@ -222,7 +236,8 @@ class Controller:
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers.clear()
         await self.events.stop()
-        await self.registry.persist_heartbeat_times()
+        await self.registry.persist()
+        await self.leases.close()
         await self.nodes.close()
         await self.store.close()
 
@@ -234,13 +249,26 @@ class Controller:
             assert self.authorizer is not None
             self.authorizer.update_revoked(self._revoked())
 
-    async def _check_liveness(self) -> None:
-        for node in self.registry.find_dead():
-            missed = self.config.missed_heartbeats
-            log.warning("pool node %s missed %d heartbeats: marked dead", node.name, missed)
-            await self.leases.fail_node(
-                node.name, f"pool node {node.name} stopped heartbeating (missed {missed})"
-            )
+    def _check_liveness(self, stall: StallMeter) -> Callable[[], Awaitable[None]]:
+        """The liveness job: nodes silent for missed_heartbeats intervals die."""
+
+        async def check_liveness() -> None:
+            for node in self.registry.find_dead(stall.stalled()):
+                missed = self.config.missed_heartbeats
+                log.warning("pool node %s missed %d heartbeats: marked dead", node.name, missed)
+                self.leases.fail_node(
+                    node.name, f"pool node {node.name} stopped heartbeating (missed {missed})"
+                )
+
+        return check_liveness
+
+    def _expire_leases(self, stall: StallMeter) -> Callable[[], Awaitable[None]]:
+        """The expiry job: leases not renewed within lease_ttl expire."""
+
+        async def expire_leases() -> None:
+            self.leases.expire_due(stall.stalled())
+
+        return expire_leases
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         self._tasks.append(asyncio.ensure_future(coro))

@@ -1,7 +1,9 @@
 """The controller's durable state (registry, sensors, leases, used join tokens) in SQLite.
 
 All access goes through one dedicated thread holding the only connection, so the
-event loop never blocks on disk and SQLite never sees two writers.
+event loop never blocks on disk and SQLite never sees two writers. Lease changes and
+counters are group-committed: every change queued while one transaction is being
+written goes into the next, so a burst of leases costs one fsync, not one each.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,9 @@ from typing import Any, TypeVar
 from controller.models import LeaseRecord, LeaseState, PoolNodeRecord, SensorRecord
 
 T = TypeVar("T")
+Statements = list[tuple[str, tuple[Any, ...]]]
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pool_nodes (
@@ -76,6 +82,7 @@ LEASE_COLUMNS = (
 LEASE_FILTERS = frozenset({"pool_node", "sensor", "src_ip", "state"})
 
 SAVE_NODE = "INSERT OR REPLACE INTO pool_nodes VALUES (?,?,?,?,?,?,?,?,?,?)"
+SAVE_SENSOR = "INSERT OR REPLACE INTO sensors VALUES (?,?,?,?,?,?)"
 SAVE_LEASE = (
     f"INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
     "ON CONFLICT (id) DO UPDATE SET state=excluded.state, "
@@ -95,6 +102,8 @@ class StateStore:
         self._path = path
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="state-db")
         self._db: sqlite3.Connection | None = None
+        self._group: list[tuple[Statements, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Create the database file and schema if needed."""
@@ -109,7 +118,8 @@ class StateStore:
         self._db = db
 
     async def close(self) -> None:
-        """Close the database and its thread."""
+        """Commit queued writes, close the database and its thread."""
+        await self.flush()
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
@@ -118,6 +128,38 @@ class StateStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the database thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def flush(self) -> None:
+        """Wait until every queued write is committed."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    def _queue(self, statements: Statements) -> asyncio.Future[None]:
+        """Queue statements for the next group commit; the future resolves once committed.
+
+        Failures are logged here; a caller that awaits the future sees them too.
+        """
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_log_failure)
+        self._group.append((statements, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="state group commit")
+        return future
+
+    async def _flush(self) -> None:
+        """Commit queued groups, one transaction each, until the queue is empty."""
+        while self._group:
+            group, self._group = self._group, []
+            try:
+                await self._run(self._transaction, [st for sts, _ in group for st in sts])
+            except Exception as e:  # every waiter learns of it; the queue goes on
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(e)
+            else:
+                for _, future in group:
+                    if not future.done():
+                        future.set_result(None)
 
     def _conn(self) -> sqlite3.Connection:
         assert self._db is not None, "StateStore used before open()"
@@ -129,9 +171,13 @@ class StateStore:
         """Insert or replace a pool node's registration."""
         await self._run(self._execute, SAVE_NODE, _node_row(node))
 
-    async def save_nodes(self, nodes: list[PoolNodeRecord]) -> None:
-        """Insert or replace several nodes' registrations in one transaction."""
-        await self._run(self._transaction, [(SAVE_NODE, _node_row(node)) for node in nodes])
+    async def save_nodes_and_sensors(
+        self, nodes: list[PoolNodeRecord], sensors: list[SensorRecord]
+    ) -> None:
+        """Insert or replace several nodes and sensors in one transaction."""
+        statements = [(SAVE_NODE, _node_row(node)) for node in nodes]
+        statements += [(SAVE_SENSOR, _sensor_row(sensor)) for sensor in sensors]
+        await self._run(self._transaction, statements)
 
     async def delete_node(self, name: str) -> None:
         """Forget a pool node's registration."""
@@ -160,18 +206,7 @@ class StateStore:
 
     async def save_sensor(self, sensor: SensorRecord) -> None:
         """Insert or replace a sensor."""
-        await self._run(
-            self._execute,
-            "INSERT OR REPLACE INTO sensors VALUES (?,?,?,?,?,?)",
-            (
-                sensor.name,
-                sensor.version,
-                json.dumps(sensor.listen_addresses),
-                sensor.hostname,
-                sensor.first_seen_time,
-                sensor.last_seen_time,
-            ),
-        )
+        await self._run(self._execute, SAVE_SENSOR, _sensor_row(sensor))
 
     async def load_sensors(self) -> list[SensorRecord]:
         """Every sensor ever seen."""
@@ -190,35 +225,16 @@ class StateStore:
 
     # Leases
 
-    async def save_lease(self, lease: LeaseRecord, *, counter: str | None = None) -> None:
-        """Insert a new lease or update an existing one's state.
+    def save_lease(self, lease: LeaseRecord, *, counter: str | None = None) -> asyncio.Future[None]:
+        """Queue the insert or update of a lease as it is now; resolves once committed.
 
         With ``counter``, that persistent counter goes up by one in the same transaction.
+        Callers that need the lease durable before they answer await the result.
         """
-        statements: list[tuple[str, tuple[Any, ...]]] = [(SAVE_LEASE, _lease_row(lease))]
+        statements: Statements = [(SAVE_LEASE, _lease_row(lease))]
         if counter is not None:
             statements.append((ADD_COUNTER, (counter, 1)))
-        await self._run(self._transaction, statements)
-
-    async def save_leases(self, leases: list[LeaseRecord]) -> None:
-        """Save several leases in one transaction (used when a node dies)."""
-        await self._run(self._save_many, leases)
-
-    def _save_many(self, leases: list[LeaseRecord]) -> None:
-        db = self._conn()
-        with db:
-            db.execute("BEGIN")
-            for lease in leases:
-                db.execute(
-                    "UPDATE leases SET state=?, expire_time=?, end_time=?, end_reason=? WHERE id=?",
-                    (
-                        lease.state.value,
-                        lease.expire_time,
-                        lease.end_time,
-                        lease.end_reason,
-                        lease.id,
-                    ),
-                )
+        return self._queue(statements)
 
     async def load_active_leases(self) -> list[LeaseRecord]:
         """Leases still active (after a restart)."""
@@ -270,9 +286,9 @@ class StateStore:
             return False
         return True
 
-    async def add_counter(self, name: str, delta: int = 1) -> None:
-        """Add to a persistent counter."""
-        await self._run(self._execute, ADD_COUNTER, (name, delta))
+    def add_counter(self, name: str, delta: int = 1) -> asyncio.Future[None]:
+        """Queue an addition to a persistent counter; resolves once committed."""
+        return self._queue([(ADD_COUNTER, (name, delta))])
 
     async def counters(self) -> dict[str, int]:
         """Every persistent counter."""
@@ -307,6 +323,23 @@ def _node_row(node: PoolNodeRecord) -> tuple[Any, ...]:
         node.register_time,
         node.last_heartbeat_time,
     )
+
+
+def _sensor_row(sensor: SensorRecord) -> tuple[Any, ...]:
+    return (
+        sensor.name,
+        sensor.version,
+        json.dumps(sensor.listen_addresses),
+        sensor.hostname,
+        sensor.first_seen_time,
+        sensor.last_seen_time,
+    )
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    """Log a failed group commit (and mark the error retrieved)."""
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("controller state not saved: %r", error)
 
 
 def _lease_row(lease: LeaseRecord) -> tuple[Any, ...]:

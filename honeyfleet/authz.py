@@ -141,7 +141,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         try:
             yield
         except HoneyfleetError as e:
-            await context.abort(e.code, str(e))
+            await context.abort(e.code, str(e), e.trailing_metadata)
         except asyncio.CancelledError:
             if caller.serial in self._revoked:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")

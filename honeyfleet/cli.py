@@ -139,18 +139,23 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     data = read_toml(args.file)
-    roles = sections()
+    known = sections()
     problems = []
+    parsed: dict[str, Any] = {}
     for section in data:
-        if section not in roles:
-            problems.append(ConfigError(section, f"unknown section (known: {', '.join(roles)})"))
+        if section not in known:
+            problems.append(ConfigError(section, f"unknown section (known: {', '.join(known)})"))
             continue
         try:
-            parse_section(
-                roles[section], section, data[section], base_dir=args.file.resolve().parent
+            parsed[section] = parse_section(
+                known[section], section, data[section], base_dir=args.file.resolve().parent
             )
         except ConfigProblems as e:
             problems.extend(e.problems)
+    for section, config in parsed.items():
+        plugin = roles().get(section)
+        if plugin is not None and plugin.check_with_others is not None:
+            problems.extend(plugin.check_with_others(config, parsed))
     for problem in problems:
         print(f"{args.file}: {problem}", file=sys.stderr)
     if problems:

@@ -14,6 +14,11 @@ class HoneyfleetError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata the server boundary sends with the status (none by default)."""
+        return ()
+
 
 class ConfigError(HoneyfleetError):
     """A configuration value is missing, unknown or malformed."""
@@ -56,15 +61,30 @@ class FailedPrecondition(HoneyfleetError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+# Trailing metadata a server may add to RESOURCE_EXHAUSTED: milliseconds to wait before
+# trying again (clients add jitter).
+RETRY_AFTER_TRAILER = "retry-after-ms"
+
+
 class ResourceExhausted(HoneyfleetError):
-    """No capacity is left (guests, connections, spool space)."""
+    """No capacity is left (guests, connections, spool space).
+
+    With ``retry_after`` (seconds), the answer tells the caller when to try again: the
+    server boundary sends it as the RETRY_AFTER_TRAILER trailer.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
-# Trailing metadata a server may add to RESOURCE_EXHAUSTED: milliseconds to wait before
-# trying again.
-RETRY_AFTER_TRAILER = "retry-after-ms"
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The retry hint, if any."""
+        if self.retry_after is None:
+            return ()
+        return ((RETRY_AFTER_TRAILER, str(round(self.retry_after * 1000))),)
 
 
 class Unavailable(HoneyfleetError):

@@ -48,6 +48,10 @@ class RolePlugin:
     """Whether ``honeyfleet <role> join`` enrols a host as this role with a join token."""
     add_commands: AddCommands | None = None
     """Adds the role's further top-level commands (e.g. ``replay``, ``image``)."""
+    check_with_others: Callable[[Any, Mapping[str, Any]], list[ConfigError]] | None = None
+    """Checks the role's parsed section against the other sections of the same file
+    (section -> parsed config), for ``config check``; returns the problems. Roles never
+    import each other, so it reads the others' settings by attribute name."""
 
     @property
     def section(self) -> str:

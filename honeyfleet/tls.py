@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # Server-side limits that apply to every fleet endpoint. Messages are small except
 # tunnel frames and event batches, which senders chunk well below this.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_RECONNECT_BACKOFF_MS = 5000
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -176,6 +177,9 @@ def secure_channel(
     options = [
         ("grpc.ssl_target_name_override", identity_dns_name(fleet, peer.role, peer.name)),
         *KEEPALIVE_OPTIONS,
+        # gRPC's own reconnect backoff grows to 2 minutes by default: a member would
+        # find a restarted controller that late, after its leases' and nodes' grace.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]

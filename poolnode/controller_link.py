@@ -1,7 +1,11 @@
 """A pool node's link to the controller: register, then heartbeat, reconnecting forever.
 
 Open tunnels never depend on this link: while the controller is away the node keeps
-serving them and keeps retrying with capped exponential backoff.
+serving them and keeps retrying with capped, jittered exponential backoff.
+
+A heartbeat carries the guest table only when its version moved since the previous
+heartbeat on the stream; otherwise just the version. Early heartbeats (nudges) are
+spaced at least NUDGE_GAP heartbeat intervals apart, so a burst of boots costs one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from honeyfleet.v1 import registry_pb2, registry_pb2_grpc
 log = logging.getLogger(__name__)
 
 BACKOFF_START = 0.5
-BACKOFF_MAX = 15.0
+# Short enough that a node is back well within the grace a restarted controller gives it.
+BACKOFF_MAX = 5.0
+REGISTER_TIMEOUT = 10.0
+# Fraction of the heartbeat interval that at least separates two nudged heartbeats.
+NUDGE_GAP = 0.1
 
 
 class ControllerLink:
@@ -32,12 +40,14 @@ class ControllerLink:
         tls: TlsFiles,
         registration: Callable[[], registry_pb2.RegisterPoolNodeRequest],
         snapshot: Callable[[], registry_pb2.HeartbeatRequest],
+        table_version: Callable[[], int],
         on_response: Callable[[registry_pb2.HeartbeatResponse], Awaitable[None]],
     ) -> None:
         self._controller = controller
         self._tls = tls
         self._registration = registration
         self._snapshot = snapshot
+        self._table_version = table_version
         self._on_response = on_response
         self.connected = asyncio.Event()
         # Set to send a heartbeat at once (e.g. after a guest changed state).
@@ -76,7 +86,11 @@ class ControllerLink:
 
     async def _session(self, stub: registry_pb2_grpc.PoolNodeRegistryServiceAsyncStub) -> None:
         """One registration and heartbeat stream, until the stream breaks."""
-        response = await stub.RegisterPoolNode(self._registration(), timeout=10)
+        # wait_for_ready: a controller coming back is found as soon as the channel
+        # reconnects, not at the next attempt after this link's own backoff.
+        response = await stub.RegisterPoolNode(
+            self._registration(), timeout=REGISTER_TIMEOUT, wait_for_ready=True
+        )
         interval = response.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
         log.info(
             "registered with controller %s (heartbeat every %.1fs)", self._controller, interval
@@ -87,10 +101,18 @@ class ControllerLink:
             await self._on_response(reply)
 
     async def _heartbeats(self, interval: float) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        """Yield a heartbeat every interval, or sooner when nudged."""
+        """Yield a heartbeat every interval, or sooner when nudged; the table only if changed."""
+        sent = 0  # a new stream always starts with the whole table
         while True:
-            yield self._snapshot()
+            version = self._table_version()
+            if version == sent:
+                yield registry_pb2.HeartbeatRequest(table_version=version, table_unchanged=True)
+            else:
+                heartbeat = self._snapshot()
+                sent = heartbeat.table_version
+                yield heartbeat
             self.nudge.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self.nudge.wait()
+                    await asyncio.sleep(interval * NUDGE_GAP)

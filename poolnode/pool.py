@@ -40,6 +40,10 @@ class GuestPool:
         self._backend = backend
         self.metrics = PoolMetrics()
         self._on_change: Callable[[], None] = lambda: None
+        # Goes up with every change of guests or leases; heartbeats carry it (see
+        # HeartbeatRequest.table_version) so the controller can order them against
+        # the answers to its own allocations and releases.
+        self.table_version = 1
         self.guests: dict[str, Guest] = {}
         self._leases: dict[str, Guest] = {}
         self._boots: set[asyncio.Task[None]] = set()
@@ -61,7 +65,11 @@ class GuestPool:
         return self._backend.name
 
     def set_on_change(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` whenever guests or leases change (to send a heartbeat early)."""
+        """Call ``callback`` when guests change in ways the controller cannot know of.
+
+        Allocations and releases are the controller's own doing: it learns their effect
+        from the answer, so they never trigger an early heartbeat.
+        """
         self._on_change = callback
 
     async def start(self) -> None:
@@ -105,24 +113,29 @@ class GuestPool:
         guest.hold(LeaseHold(lease_id, sensor, src_ip, time.time()))
         self._leases[lease_id] = guest
         log.info("lease %s: %s from %s on guest %s", lease_id, sensor, src_ip, guest.id)
-        self._changed()
+        self._changed(tell_controller=False)
         return Allocation(
             guest=guest.to_proto(),
             credentials=common_pb2.GuestCredentials(
                 username=self.config.backend_user, password=self.config.backend_pass
             ),
             shared=len(guest.src_ips) > 1,
+            table_version=self.table_version,
         )
 
-    async def release(self, lease_id: str, reason: str) -> None:
-        """End a lease and cut its tunnels; unknown leases are ignored."""
+    async def release(self, lease_id: str, reason: str) -> int:
+        """End a lease and cut its tunnels; unknown leases are ignored.
+
+        Returns the table version once released.
+        """
         guest = self._leases.pop(lease_id, None)
         if guest is None:
-            return
+            return self.table_version
         guest.drop(lease_id)
         self._cut_tunnels(lease_id)
         log.info("lease %s released from guest %s: %s", lease_id, guest.id, reason)
-        self._changed()
+        self._changed(tell_controller=False)
+        return self.table_version
 
     def lease_sensor(self, lease_id: str) -> str | None:
         """The sensor a live lease was issued to."""
@@ -185,19 +198,22 @@ class GuestPool:
             guest_counts=counts,
             guests=[g.to_proto() for g in self.guests.values()],
             lease_ids=sorted(self._leases),
+            table_version=self.table_version,
         )
 
     # Upkeep
 
-    def _changed(self) -> None:
-        """Refresh metrics, wake upkeep and tell the node to heartbeat soon."""
+    def _changed(self, *, tell_controller: bool = True) -> None:
+        """Bump the table version, refresh metrics, wake upkeep; heartbeat soon if asked."""
+        self.table_version += 1
         for state in GuestState:
             if state is not GuestState.DESTROYED:
                 count = sum(g.state is state for g in self.guests.values())
                 self.metrics.guests.labels(state.name.lower()).set(count)
         self.metrics.leases.set(len(self._leases))
         self._wake.set()
-        self._on_change()
+        if tell_controller:
+            self._on_change()
 
     async def _upkeep_loop(self) -> None:
         while True:

@@ -81,6 +81,7 @@ class PoolNode:
             config.tls,
             registration=self._registration,
             snapshot=self.pool.snapshot,
+            table_version=lambda: self.pool.table_version,
             on_response=self._on_heartbeat_reply,
         )
         self.pool.set_on_change(self.link.nudge.set)

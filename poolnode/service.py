@@ -15,6 +15,8 @@ class Allocation:
     guest: common_pb2.Guest
     credentials: common_pb2.GuestCredentials
     shared: bool
+    # The pool's table version once the allocation was made.
+    table_version: int
 
 
 class Pool(Protocol):
@@ -39,8 +41,8 @@ class Pool(Protocol):
         """
         ...
 
-    async def release(self, lease_id: str, reason: str) -> None:
-        """End a lease; unknown leases are ignored."""
+    async def release(self, lease_id: str, reason: str) -> int:
+        """End a lease (unknown leases are ignored); returns the table version after it."""
         ...
 
     def lease_sensor(self, lease_id: str) -> str | None:
@@ -66,15 +68,18 @@ class PoolNodeServicer(poolnode_pb2_grpc.PoolNodeServiceServicer):
             request.lease_id, request.src_ip, request.sensor, allow_shared=request.allow_shared
         )
         return poolnode_pb2.AllocateGuestResponse(
-            guest=allocation.guest, credentials=allocation.credentials, shared=allocation.shared
+            guest=allocation.guest,
+            credentials=allocation.credentials,
+            shared=allocation.shared,
+            table_version=allocation.table_version,
         )
 
     async def ReleaseGuest(
         self, request: poolnode_pb2.ReleaseGuestRequest, context: Any
     ) -> poolnode_pb2.ReleaseGuestResponse:
         """End a lease."""
-        await self._pool.release(request.lease_id, request.reason)
-        return poolnode_pb2.ReleaseGuestResponse()
+        version = await self._pool.release(request.lease_id, request.reason)
+        return poolnode_pb2.ReleaseGuestResponse(table_version=version)
 
     async def GetPoolStatus(
         self, request: poolnode_pb2.GetPoolStatusRequest, context: Any

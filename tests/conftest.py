@@ -238,6 +238,7 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
         share_guests: bool = False,
         labels: dict[str, str] | None = None,
         guest: GuestHandler = ssh_banner,
+        **overrides: Any,
     ) -> PoolNode:
         hosts = []
         for _ in range(guests):
@@ -254,6 +255,7 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
             share_guests=share_guests,
             max_vms=guests,
             max_parallel_boots=guests,
+            **overrides,
         )
         running.append(node)
         return node

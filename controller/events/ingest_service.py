@@ -22,8 +22,9 @@ from controller.events.pipeline import EventPipeline
 from controller.events.quota import Overloaded
 from controller.events.rows import EventRow
 from controller.events.validate import to_row
+from controller.registry import Registry
 from honeyfleet.authz import current_caller
-from honeyfleet.errors import RETRY_AFTER_TRAILER, InvalidArgument
+from honeyfleet.errors import InvalidArgument
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
     """Receives sensors' event batches."""
 
-    def __init__(self, pipeline: EventPipeline) -> None:
+    def __init__(self, pipeline: EventPipeline, registry: Registry) -> None:
         self._pipeline = pipeline
+        self._registry = registry
 
     async def StreamEvents(
         self, request_iterator: AsyncIterator[ingest_pb2.StreamEventsRequest], context: Any
@@ -45,6 +47,8 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
             with self._pipeline.stream(sensor):
                 log.info("sensor %s opened an event stream", sensor)
                 async for request in request_iterator:
+                    # A streaming sensor is alive, whether or not it asks for leases.
+                    self._registry.seen(sensor)
                     with self._pipeline.batch(sensor, request.ByteSize()):
                         rows, rewritten = self._accept(sensor, request)
                         if rewritten and not warned_name:
@@ -61,10 +65,8 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
                         batch_id=request.batch_id, stored=ack.stored, duplicates=ack.duplicates
                     )
         except Overloaded as e:
+            # The interceptor turns the error into the status, with its retry hint.
             log.info("sensor %s event stream refused: %s", sensor, e)
-            # The interceptor turns the error into the status; the trailer carries the hint.
-            hint = str(round(e.retry_after * 1000))
-            context.set_trailing_metadata(((RETRY_AFTER_TRAILER, hint),))
             raise
 
     def _accept(

@@ -22,9 +22,8 @@ class Overloaded(ResourceExhausted):
     """Ingest refuses work for now; ``retry_after`` says when trying again makes sense."""
 
     def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
-        super().__init__(f"{message}; retry in {retry_after:.1f}s")
+        super().__init__(f"{message}; retry in {retry_after:.1f}s", retry_after=retry_after)
         self.reason = reason
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

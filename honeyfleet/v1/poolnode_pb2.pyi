@@ -65,8 +65,13 @@ class AllocateGuestResponse(_message.Message):
     GUEST_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     SHARED_FIELD_NUMBER: _builtins.int
+    TABLE_VERSION_FIELD_NUMBER: _builtins.int
     shared: _builtins.bool
     """Whether another attacker address uses the guest too."""
+    table_version: _builtins.int
+    """The node's guest-table version once this allocation was made (see
+    HeartbeatRequest.table_version).
+    """
     @_builtins.property
     def guest(self) -> _common_pb2.Guest: ...
     @_builtins.property
@@ -77,10 +82,11 @@ class AllocateGuestResponse(_message.Message):
         guest: _common_pb2.Guest | None = ...,
         credentials: _common_pb2.GuestCredentials | None = ...,
         shared: _builtins.bool = ...,
+        table_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "guest", b"guest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "guest", b"guest", "shared", b"shared"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "guest", b"guest", "shared", b"shared", "table_version", b"table_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,16 +118,23 @@ Global___ReleaseGuestRequest: _TypeAlias = ReleaseGuestRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseGuestResponse(_message.Message):
-    """ReleaseGuestResponse is empty."""
+    """ReleaseGuestResponse says which table version the release made."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    table_version: _builtins.int
+    """The node's guest-table version once the lease was released (unchanged when the
+    lease was unknown).
+    """
     def __init__(
         self,
+        *,
+        table_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["table_version", b"table_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

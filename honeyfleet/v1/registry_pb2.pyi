@@ -114,20 +114,38 @@ Global___RegisterPoolNodeResponse: _TypeAlias = RegisterPoolNodeResponse  # noqa
 
 @_typing.final
 class HeartbeatRequest(_message.Message):
-    """HeartbeatRequest is the node's current guest table."""
+    """HeartbeatRequest is the node's current guest table, or only its version when the
+    table did not change since the previous heartbeat on this stream.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     GUEST_COUNTS_FIELD_NUMBER: _builtins.int
     GUESTS_FIELD_NUMBER: _builtins.int
     LEASE_IDS_FIELD_NUMBER: _builtins.int
+    TABLE_VERSION_FIELD_NUMBER: _builtins.int
+    TABLE_UNCHANGED_FIELD_NUMBER: _builtins.int
+    table_version: _builtins.int
+    """Goes up with every change of the node's guests or leases, starting at 1 when the
+    node registers. AllocateGuest and ReleaseGuest answer with the version their change
+    made, so the controller can tell a table sent before its own change from one sent
+    after it.
+    """
+    table_unchanged: _builtins.bool
+    """True when the table is the one sent last on this stream (only the version is set)."""
     @_builtins.property
-    def guest_counts(self) -> _common_pb2.GuestCounts: ...
+    def guest_counts(self) -> _common_pb2.GuestCounts:
+        """Unset when table_unchanged."""
+
     @_builtins.property
-    def guests(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Guest]: ...
+    def guests(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Guest]:
+        """Unset when table_unchanged."""
+
     @_builtins.property
     def lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Leases the node currently holds; the controller releases any it no longer knows."""
+        """Leases the node currently holds; the controller releases any it no longer knows.
+        Unset when table_unchanged.
+        """
 
     def __init__(
         self,
@@ -135,10 +153,12 @@ class HeartbeatRequest(_message.Message):
         guest_counts: _common_pb2.GuestCounts | None = ...,
         guests: _abc.Iterable[_common_pb2.Guest] | None = ...,
         lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+        table_version: _builtins.int = ...,
+        table_unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guest_counts", b"guest_counts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_counts", b"guest_counts", "guests", b"guests", "lease_ids", b"lease_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_counts", b"guest_counts", "guests", b"guests", "lease_ids", b"lease_ids", "table_unchanged", b"table_unchanged", "table_version", b"table_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

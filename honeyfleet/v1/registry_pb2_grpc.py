@@ -62,9 +62,12 @@ class PoolNodeRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request_iterator, context):
-        """Heartbeat keeps the node alive: the node sends its guest table every
-        heartbeat_interval; the controller answers each with fleet-wide instructions.
-        A node whose stream goes quiet for missed_heartbeats intervals is marked dead.
+        """Heartbeat keeps the node alive: the node sends one every heartbeat_interval
+        (sooner when a guest changed in a way the controller cannot know of, e.g. one
+        finished booting). Its guest table rides along only when it changed since the
+        previous heartbeat on the stream; the controller answers each with fleet-wide
+        instructions. A node whose stream goes quiet for missed_heartbeats intervals is
+        marked dead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,9 +40,12 @@ class PoolNodeRegistryServiceStub:
     (after a restart of either side) replaces the earlier registration.
     """
     Heartbeat: _grpc.StreamStreamMultiCallable[_registry_pb2.HeartbeatRequest, _registry_pb2.HeartbeatResponse]
-    """Heartbeat keeps the node alive: the node sends its guest table every
-    heartbeat_interval; the controller answers each with fleet-wide instructions.
-    A node whose stream goes quiet for missed_heartbeats intervals is marked dead.
+    """Heartbeat keeps the node alive: the node sends one every heartbeat_interval
+    (sooner when a guest changed in a way the controller cannot know of, e.g. one
+    finished booting). Its guest table rides along only when it changed since the
+    previous heartbeat on the stream; the controller answers each with fleet-wide
+    instructions. A node whose stream goes quiet for missed_heartbeats intervals is
+    marked dead.
     """
 
 @_typing.type_check_only
@@ -57,9 +60,12 @@ class PoolNodeRegistryServiceAsyncStub(PoolNodeRegistryServiceStub):
     (after a restart of either side) replaces the earlier registration.
     """
     Heartbeat: _aio.StreamStreamMultiCallable[_registry_pb2.HeartbeatRequest, _registry_pb2.HeartbeatResponse]  # type: ignore[assignment]
-    """Heartbeat keeps the node alive: the node sends its guest table every
-    heartbeat_interval; the controller answers each with fleet-wide instructions.
-    A node whose stream goes quiet for missed_heartbeats intervals is marked dead.
+    """Heartbeat keeps the node alive: the node sends one every heartbeat_interval
+    (sooner when a guest changed in a way the controller cannot know of, e.g. one
+    finished booting). Its guest table rides along only when it changed since the
+    previous heartbeat on the stream; the controller answers each with fleet-wide
+    instructions. A node whose stream goes quiet for missed_heartbeats intervals is
+    marked dead.
     """
 
 class PoolNodeRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,9 +89,12 @@ class PoolNodeRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_registry_pb2.HeartbeatRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.HeartbeatResponse], _abc.AsyncIterator[_registry_pb2.HeartbeatResponse]]:
-        """Heartbeat keeps the node alive: the node sends its guest table every
-        heartbeat_interval; the controller answers each with fleet-wide instructions.
-        A node whose stream goes quiet for missed_heartbeats intervals is marked dead.
+        """Heartbeat keeps the node alive: the node sends one every heartbeat_interval
+        (sooner when a guest changed in a way the controller cannot know of, e.g. one
+        finished booting). Its guest table rides along only when it changed since the
+        previous heartbeat on the stream; the controller answers each with fleet-wide
+        instructions. A node whose stream goes quiet for missed_heartbeats intervals is
+        marked dead.
         """
 
 def add_PoolNodeRegistryServiceServicer_to_server(servicer: PoolNodeRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -283,3 +283,16 @@ def test_config_check_reports_every_problem(
     good = tmp_path / "good.toml"
     good.write_text('[controller]\nlisten = "0.0.0.0:7300"\n[admin]\ncontroller = "ctl:7300"\n')
     assert main(["config", "check", str(good)]) == 0
+
+
+def test_config_check_wants_the_sensors_lease_timeout_above_the_controllers_wait(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from honeyfleet.cli import main
+
+    both = tmp_path / "both.toml"
+    both.write_text("[controller]\n[sensor]\n")
+    assert main(["config", "check", str(both)]) == 0  # the defaults fit together
+    both.write_text("[controller]\nlease_wait = 30.0\n[sensor]\nlease_timeout = 30.0\n")
+    assert main(["config", "check", str(both)]) == 2
+    assert "controller.lease_wait: must be below sensor.lease_timeout" in capsys.readouterr().err

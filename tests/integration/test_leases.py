@@ -2,91 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import threading
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
 from controller.models import LeaseState
-from controller.server import Controller
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
-from honeyfleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, lease_pb2, lease_pb2_grpc
-from poolnode.server import PoolNode
-from tests.conftest import ControllerFactory, FleetPki, PoolNodeFactory, until
-
-
-@contextlib.asynccontextmanager
-async def store_held(controller: Controller) -> AsyncIterator[None]:
-    """Hold the state store's only thread: every write waits until the block ends.
-
-    Lease changes happen in memory first and are then saved, so this freezes whoever
-    writes at the point where it awaits the disk, while everything else runs on.
-    """
-    entered, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        entered.set()
-        release.wait(60)  # bounded: a failing test must not wedge the store forever
-
-    holder = asyncio.ensure_future(controller.store._run(hold))
-    try:
-        await until(entered.is_set)
-        yield
-    finally:
-        release.set()
-        await holder
-
-
-class Sensor:
-    """A sensor's lease client over a real mTLS channel."""
-
-    def __init__(self, fleet_pki: FleetPki, name: str, controller: str) -> None:
-        self.channel = secure_channel(controller, fleet_pki.files(Role.SENSOR, name))
-        self.stub = lease_pb2_grpc.LeaseServiceStub(self.channel)
-
-    async def acquire(
-        self, src_ip: str, session: str = "s", **labels: str
-    ) -> lease_pb2.AcquireLeaseResponse:
-        return await self.stub.AcquireLease(
-            lease_pb2.AcquireLeaseRequest(
-                src_ip=src_ip, protocol=common_pb2.PROTOCOL_SSH, session=session, labels=labels
-            ),
-            timeout=10,
-        )
-
-    async def renew(self, lease_id: str) -> lease_pb2.Lease:
-        return (await self.stub.RenewLease(lease_pb2.RenewLeaseRequest(lease_id=lease_id))).lease
-
-    async def release(self, lease_id: str) -> lease_pb2.Lease:
-        response = await self.stub.ReleaseLease(
-            lease_pb2.ReleaseLeaseRequest(lease_id=lease_id, reason="session closed")
-        )
-        return response.lease
-
-
-async def fleet_with_nodes(
-    start_controller: ControllerFactory,
-    start_pool_node: PoolNodeFactory,
-    sizes: dict[str, int],
-    **kw: object,
-) -> tuple[Controller, str, dict[str, PoolNode]]:
-    """A controller and pool nodes (name -> guests), all registered and heartbeating."""
-    controller, address = await start_controller(**kw)
-    nodes = {name: await start_pool_node(name, address, guests=n) for name, n in sizes.items()}
-    await until(
-        lambda: all(
-            n in controller.registry.nodes
-            and controller.registry.nodes[n].counts.pristine == sizes[n]
-            for n in sizes
-        )
-    )
-    return controller, address, nodes
+from honeyfleet.v1 import fleet_pb2, fleet_pb2_grpc, lease_pb2
+from tests.conftest import until
+from tests.integration.leasing import Sensor, fleet_with_nodes, store_held
 
 
 async def test_leases_spread_by_pristine_capacity(
@@ -344,8 +270,8 @@ async def test_only_a_dead_node_can_be_removed_and_it_stays_removed(
     assert set(restarted.registry.nodes) == {"n2"}
 
 
-async def test_expiry_spares_leases_renewed_or_released_while_it_runs(
-    start_controller, start_pool_node, fleet_pki, caplog: pytest.LogCaptureFixture
+async def test_expiry_and_release_do_not_wait_for_the_disk(
+    start_controller, start_pool_node, fleet_pki
 ) -> None:
     # A long TTL: only leases this test makes overdue expire; upkeep checks every 5 s.
     controller, address, nodes = await fleet_with_nodes(
@@ -354,64 +280,25 @@ async def test_expiry_spares_leases_renewed_or_released_while_it_runs(
     sensor = Sensor(fleet_pki, "s1", address)
     ids = [(await sensor.acquire(f"192.0.2.{70 + i}", f"s{i}")).lease.id for i in range(4)]
     manager = controller.leases
-    first, renewed, released, last = (manager.active[i] for i in ids)
-    caplog.set_level(logging.ERROR, logger="controller.server")
-    async with store_held(controller):
-        for lease in (first, renewed, released, last):
-            lease.expire_time = time.time() - 1
-        # The next upkeep pass takes all four as overdue and now waits to save the first.
-        await until(lambda: first.state is LeaseState.EXPIRED, timeout=30)
-        # Meanwhile the sensor renews one and releases another.
-        renewing = asyncio.ensure_future(manager.renew("sensor/s1", renewed.id))
-        releasing = asyncio.ensure_future(
-            manager.release("sensor/s1", released.id, "session closed")
-        )
-        await until(
-            lambda: renewed.expire_time > time.time() and released.state is LeaseState.RELEASED
-        )
-    async with asyncio.timeout(30):
-        assert (await renewing).state is LeaseState.ACTIVE
-        await releasing
-    await until(lambda: last.state is LeaseState.EXPIRED, timeout=30)
-
-    assert renewed.state is LeaseState.ACTIVE and renewed.id in manager.active
-    assert (released.state, released.end_reason) == (LeaseState.RELEASED, "session closed")
-    for lease in (first, renewed, released, last):
-        stored = await controller.store.get_lease(lease.id)
-        assert stored is not None and stored.state is lease.state
+    overdue, renewed, released, kept = (manager.active[i] for i in ids)
     pool = nodes["n1"].pool
-    await until(lambda: pool.lease_sensor(last.id) is None)
-    assert pool.lease_sensor(renewed.id) == "sensor/s1"
-    assert not [r for r in caplog.records if "upkeep" in r.getMessage()]
-
-
-async def test_reconcile_spares_leases_released_while_it_runs(
-    start_controller, start_pool_node, fleet_pki
-) -> None:
-    controller, address, _ = await fleet_with_nodes(start_controller, start_pool_node, {"n1": 3})
-    sensor = Sensor(fleet_pki, "s1", address)
-    ids = [(await sensor.acquire(f"192.0.2.{80 + i}", f"s{i}")).lease.id for i in range(3)]
-    manager = controller.leases
-    lost, released, also_lost = (manager.active[i] for i in ids)
-    for lease in (lost, released, also_lost):
-        lease.create_time -= 3600  # well past the grace for leases a heartbeat may miss
     async with store_held(controller):
-        # A heartbeat from n1 without these leases (it lost their guests): failing the
-        # first waits on the disk...
-        reconciling = asyncio.ensure_future(manager.reconcile("n1", {}))
-        await until(lambda: lost.state is LeaseState.FAILED)
-        # ...while the sensor releases the second.
-        releasing = asyncio.ensure_future(
-            manager.release("sensor/s1", released.id, "session closed")
-        )
-        await until(lambda: released.state is LeaseState.RELEASED)
-    async with asyncio.timeout(30):
-        # Raising here would abort the node's heartbeat stream.
-        assert await reconciling == []
-        await releasing
-    assert (released.state, released.end_reason) == (LeaseState.RELEASED, "session closed")
-    assert also_lost.state is LeaseState.FAILED
-    assert not manager.active
+        # With the disk busy, leases still end at once and their nodes hear of it.
+        overdue.expire_time = time.time() - 1
+        await until(lambda: pool.lease_sensor(overdue.id) is None, timeout=30)
+        assert (await sensor.renew(renewed.id)).state == lease_pb2.LEASE_STATE_ACTIVE
+        assert (await sensor.release(released.id)).state == lease_pb2.LEASE_STATE_RELEASED
+        await until(lambda: pool.lease_sensor(released.id) is None)
+    await controller.store.flush()
+    for lease, state in (
+        (overdue, LeaseState.EXPIRED),
+        (renewed, LeaseState.ACTIVE),
+        (released, LeaseState.RELEASED),
+        (kept, LeaseState.ACTIVE),
+    ):
+        stored = await controller.store.get_lease(lease.id)
+        assert stored is not None and stored.state is state
+    assert pool.lease_sensor(renewed.id) == pool.lease_sensor(kept.id) == "sensor/s1"
 
 
 async def test_list_leases_refuses_an_unknown_state_naming_the_field(

@@ -339,6 +339,7 @@ async def test_controller_link_survives_a_reply_it_cannot_apply(
         fleet_pki.files(Role.POOLNODE, "n1"),
         registration=registration,
         snapshot=registry_pb2.HeartbeatRequest,
+        table_version=lambda: 1,
         on_response=on_response,
     )
     task = asyncio.create_task(link.run())
@@ -346,6 +347,47 @@ async def test_controller_link_survives_a_reply_it_cannot_apply(
         await until(lambda: (len(registrations) >= 2 and len(replies) >= 2) or task.done())
         assert not task.done()
         assert "n1" in controller.registry.nodes
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_heartbeats_carry_the_guest_table_only_when_it_changed(
+    start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    controller, address = await start_controller()
+    version = 1
+    tables: list[int] = []
+    replies: list[registry_pb2.HeartbeatResponse] = []
+
+    def snapshot() -> registry_pb2.HeartbeatRequest:
+        tables.append(version)
+        return registry_pb2.HeartbeatRequest(table_version=version)
+
+    async def on_response(reply: registry_pb2.HeartbeatResponse) -> None:
+        replies.append(reply)
+
+    link = ControllerLink(
+        address,
+        fleet_pki.files(Role.POOLNODE, "n1"),
+        registration=lambda: registry_pb2.RegisterPoolNodeRequest(
+            address="127.0.0.1:1", capacity=1
+        ),
+        snapshot=snapshot,
+        table_version=lambda: version,
+        on_response=on_response,
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        await until(lambda: len(replies) >= 5)
+        assert tables == [1]  # one table, then versions only
+        version = 2
+        await until(lambda: len(tables) == 2)
+        seen = len(replies)
+        await until(lambda: len(replies) >= seen + 3)
+        assert tables == [1, 2]
+        assert controller.registry.nodes["n1"].view.table_version == 2
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

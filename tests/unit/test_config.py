@@ -17,7 +17,7 @@ def test_defaults_and_relative_paths_resolve_against_config_dir(tmp_path: Path) 
     )
     assert config.tls_cert == tmp_path / "certs/c.pem"
     assert config.state_dir == tmp_path / "state/controller"
-    assert config.lease_wait == 30.0
+    assert config.lease_wait == 20.0
 
 
 def test_environment_overrides_file_and_overrides_win(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from controller.models import LeaseRecord, LeaseState
 from controller.registry import Registry
 from controller.statestore import StateStore
+from controller.waiters import CapacityWaiters
 from honeyfleet.v1 import common_pb2, registry_pb2
 
 
@@ -53,16 +54,17 @@ def transactions(statements: list[str]) -> list[list[str]]:
 async def test_heartbeat_times_of_all_nodes_are_saved_in_one_transaction(
     store: StateStore, tmp_path: Path
 ) -> None:
-    registry = Registry(store, dead_after=60.0)
+    registry = Registry(store, CapacityWaiters(10), dead_after=60.0, max_node_guests=8)
     for name in ("n1", "n2", "n3"):
         await registry.register_node(
             name,
             registry_pb2.RegisterPoolNodeRequest(address=f"{name}:7400", capacity=2),
         )
-        await registry.heartbeat(name, registry_pb2.HeartbeatRequest())
+        registry.heartbeat(name, registry_pb2.HeartbeatRequest(), time.monotonic())
+    registry.seen("s1")
     statements = await traced(store)
-    await registry.persist_heartbeat_times()
-    assert [len(t) for t in transactions(statements)] == [3]
+    await registry.persist()
+    assert [len(t) for t in transactions(statements)] == [4]
 
     reopened = StateStore(tmp_path / "controller.sqlite3")
     await store.close()
@@ -101,3 +103,32 @@ async def test_an_issued_lease_and_its_count_are_one_transaction(store: StateSto
     await store.save_lease(lease)
     assert await store.counters() == {"leases_issued": 1}
     assert await store.get_lease("L1") == lease
+
+
+async def test_lease_writes_queued_together_share_one_transaction(store: StateStore) -> None:
+    now = time.time()
+    leases = [
+        LeaseRecord(
+            id=f"L{i}",
+            pool_node="n1",
+            pool_node_address="n1:7400",
+            guest=f"g{i}",
+            sensor="sensor/s1",
+            src_ip="192.0.2.1",
+            protocol=common_pb2.PROTOCOL_SSH,
+            session=f"s{i}",
+            shared=False,
+            create_time=now,
+            expire_time=now + 120,
+        )
+        for i in range(20)
+    ]
+    statements = await traced(store)
+    # Queued in one turn of the event loop: one transaction (one fsync) for all twenty.
+    first = store.save_lease(leases[0], counter="leases_issued")
+    rest = [store.save_lease(lease, counter="leases_issued") for lease in leases[1:]]
+    await first
+    for future in rest:
+        await future
+    assert [len(t) for t in transactions(statements)] == [40]
+    assert await store.counters() == {"leases_issued": 20}

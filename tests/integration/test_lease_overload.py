@@ -1,0 +1,94 @@
+"""The controller under more demand than it has guests or time for: it sheds early and
+visibly, answers before the caller's deadline, and never kills a node for its own stall."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from controller.models import LeaseState
+from honeyfleet.errors import RETRY_AFTER_TRAILER
+from tests.conftest import until
+from tests.integration.leasing import Sensor, fleet_with_nodes
+
+
+async def test_acquires_beyond_the_waiting_queue_are_shed_with_a_retry_hint(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 1}, lease_wait=30.0, max_waiting_acquires=1
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    await sensor.acquire("192.0.2.1", "a")
+    waiting = asyncio.ensure_future(sensor.acquire("192.0.2.2", "b", timeout=60))
+    await until(lambda: len(controller.registry.waiters) == 1)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sensor.acquire("192.0.2.3", "c")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_waiting_acquires" in (e.value.details() or "")
+    hint = dict(e.value.trailing_metadata() or ())
+    assert int(hint[RETRY_AFTER_TRAILER]) > 0
+    metrics = controller.events.metrics_registry
+    assert metrics.get_sample_value("honeyfleet_leases_shed_total", {"reason": "queue_full"}) == 1
+    assert metrics.get_sample_value("honeyfleet_leases_waiting") == 1
+    waiting.cancel()
+
+
+async def test_one_sensor_cannot_hold_more_than_its_quota(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    _, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 3}, max_leases_per_sensor=2
+    )
+    greedy = Sensor(fleet_pki, "greedy", address)
+    for i in range(2):
+        await greedy.acquire(f"192.0.2.{i}", f"g{i}")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await greedy.acquire("192.0.2.9", "g9")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_leases_per_sensor" in (e.value.details() or "")
+    # The last guest is still there for everyone else.
+    other = await Sensor(fleet_pki, "other", address).acquire("192.0.2.9", "o")
+    assert other.lease.sensor == "sensor/other"
+
+
+async def test_the_caller_hears_the_answer_before_its_own_deadline(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    # The controller would wait far longer than the sensor: it must answer within the
+    # sensor's deadline, not let it time out.
+    _, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 1}, lease_wait=30.0
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    await sensor.acquire("192.0.2.1", "a")
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sensor.acquire("192.0.2.2", "b", timeout=2)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_stalled_controller_does_not_kill_heartbeating_nodes(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 1, "n2": 1}, lease_ttl=3600.0
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    lease = (await sensor.acquire("192.0.2.1", "a")).lease
+    allowance = controller.config.heartbeat_interval * controller.config.missed_heartbeats
+    # The whole event loop stops for several missed-heartbeat allowances, as a
+    # controller swamped by work would. Its nodes did nothing wrong.
+    time.sleep(allowance * 4)
+    # Liveness checks run several times after the stall, heartbeats flow again.
+    beats = {n: node.last_heartbeat_time for n, node in controller.registry.nodes.items()}
+    await until(
+        lambda: all(
+            (node.last_heartbeat_time or 0) > (beats[n] or 0) + allowance
+            for n, node in controller.registry.nodes.items()
+        )
+    )
+    assert all(n.state.name == "ALIVE" for n in controller.registry.nodes.values())
+    assert controller.leases.active[lease.id].state is LeaseState.ACTIVE

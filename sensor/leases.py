@@ -1,7 +1,10 @@
 """The sensor's side of LeaseService and SensorService.
 
 A lease is asked for only after an attacker logged in (scanners never use up guests),
-renewed at a third of its TTL while the session lasts, and released when it ends.
+renewed at a third of its TTL while the session lasts, and released when it ends. A
+renewal the controller could not take (an outage) is retried soon, with jittered
+backoff, so a controller back from an outage hears from every live session well
+within the grace it gives them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ RENEW_FRACTION = 3
 RELEASE_TIMEOUT = 10.0
 RELEASE_BACKOFF_MAX = 30.0
 RENEW_TIMEOUT = 10.0
+# Backoff of renewals after a failed one: from RENEW_RETRY_START seconds, doubling, at
+# most RENEW_RETRY_MAX (and never beyond the normal renewal period).
+RENEW_RETRY_START = 0.5
+RENEW_RETRY_MAX = 5.0
 REGISTER_BACKOFF_MAX = 30.0
 # Renewal errors that mean the lease is gone for good (not a passing outage).
 FINAL = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
@@ -148,18 +155,26 @@ class LeaseClient:
 
     async def keep(self, lease: GuestLease, on_lost: Callable[[str], None]) -> None:
         """Renew until cancelled; call ``on_lost(reason)`` if the lease ends under us."""
+        period = lease.ttl / RENEW_FRACTION
+        delay = period
+        retry = RENEW_RETRY_START
         while True:
-            await asyncio.sleep(lease.ttl / RENEW_FRACTION)
+            await asyncio.sleep(delay)
             try:
                 await self._leases.RenewLease(
-                    lease_pb2.RenewLeaseRequest(lease_id=lease.id), timeout=RENEW_TIMEOUT
+                    lease_pb2.RenewLeaseRequest(lease_id=lease.id),
+                    timeout=min(RENEW_TIMEOUT, period),
                 )
             except grpc.aio.AioRpcError as e:
                 if e.code() in FINAL:
                     on_lost(e.details() or e.code().name)
                     return
-                # A controller outage: keep the session, try again next period.
+                # A controller outage: keep the session and renew as soon as it is back.
                 log.warning("renewing lease %s: %s", lease.id, e.code().name)
+                delay = min(retry, period) * random.uniform(0.5, 1.0)  # noqa: S311
+                retry = min(retry * 2, RENEW_RETRY_MAX)
+                continue
+            delay, retry = period, RENEW_RETRY_START
 
     async def release(self, lease: GuestLease, reason: str) -> None:
         """End the lease.

@@ -1,5 +1,9 @@
 """The event store interface: one Protocol, two implementations (SQLite, PostgreSQL).
 
+Both implementations answer queries through :mod:`controller.events.query` (one builder
+over a small dialect) and keep to themselves only their connections, transactions,
+writes and housekeeping (retention, partitions, the size budget).
+
 A store keeps every event verbatim with typed columns for time, sensor, session,
 eventid and src_ip, stores each event uuid once, and keeps one summary row per session
 up to date in the same transaction as the events. It also exposes Cowrie's SQL output

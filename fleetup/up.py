@@ -207,6 +207,11 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "ssh_listen": [f"0.0.0.0:{plan.ssh_port}"],
             "telnet_listen": [f"0.0.0.0:{plan.telnet_port}"],
             "json_log": str(plan.logs / "sensor-cowrie.json"),
+            # Guests under software emulation on a busy machine can take longer than
+            # the default 15s to let the sensor log in; the grace time must cover
+            # lease_timeout (30s) plus this.
+            "guest_login_timeout": 60.0,
+            "login_grace_time": 120.0,
         },
         "admin": {"controller": controller, **tls("admin")},
     }

@@ -248,6 +248,24 @@ class SensorConfig:
         "disk the spool holds back for running sessions' events; less free: new sessions refused",
         check=non_negative,
     )
+    session_max_events: int = setting(
+        10000,
+        "events one session may write (then one honeyfleet.session.event_budget)",
+        check=positive,
+    )
+    session_events_per_minute: int = setting(
+        3000,
+        "events one session may write per minute (a minute's worth at once)",
+        check=positive,
+    )
+    source_max_events: int = setting(
+        50000,
+        "events all sessions of one address may write at once (refilled over time)",
+        check=positive,
+    )
+    source_events_per_minute: int = setting(
+        6000, "rate at which an address's event budget refills", check=positive
+    )
     upload_batch: int = setting(500, "events per batch sent to the controller", check=positive)
     upload_linger: float = setting(
         0.1,

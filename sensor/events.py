@@ -9,7 +9,9 @@ and the controller refuses an event whose JSON is over ``MAX_EVENT_JSON`` bytes,
 it. So every string field (a list of strings counting as one) and the message is cut
 to at most ``MAX_EVENT_STRING`` bytes of UTF-8 JSON (escapes included: what the
 controller counts); an event with more such fields than fit at that size cuts each to
-an equal share of the limit instead. A cut value is its prefix, with no marker added.
+an equal share of the limit instead. Fields that never need that much are cut shorter
+(``FIELD_LIMITS``: credentials, host names). A cut value is its prefix, with no marker
+added. How many events a session and a source may write is :mod:`sensor.eventbudget`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from honeyfleet.events import MAX_EVENT_JSON, Event, make_event
+from sensor.eventbudget import SUMMARY, EventBudget, SessionBudget
 from sensor.metrics import SensorMetrics
 from sensor.recording import RecordingSummary
 from sensor.spool import Spool
@@ -33,6 +36,14 @@ log = logging.getLogger(__name__)
 MAX_EVENT_STRING = 64 * 1024
 # What an event's keys, numbers and shared fields may take besides its strings.
 EVENT_RESERVE = 16 * 1024
+# Fields with a shorter bound: credentials (OpenSSH's sshd refuses passwords over 1 KiB)
+# and host names (at most 253 bytes in DNS; the rest is an attacker's filler).
+FIELD_LIMITS = {
+    "username": 1024,
+    "password": 1024,
+    "dst_ip": 256,
+    "orig_ip": 256,
+}
 
 
 def json_size(text: str) -> int:
@@ -76,8 +87,11 @@ def is_strings(value: Any) -> bool:
 class EventLog:
     """Writes events to the spool, durably and first (the spool then mirrors them)."""
 
-    def __init__(self, spool: Spool, metrics: SensorMetrics) -> None:
+    def __init__(
+        self, spool: Spool, metrics: SensorMetrics, budget: EventBudget | None = None
+    ) -> None:
         self.spool = spool
+        self.budget = budget
         self._metrics = metrics
         # Read when scraped, so the gauges follow deliveries as well as new events.
         metrics.spool_bytes.set_function(lambda: spool.bytes)
@@ -112,6 +126,9 @@ class SessionEvents:
         # Fleet fields known later in the session: pool_node, guest, lease.
         self.context: dict[str, str] = {}
         self.log = SessionLogger(log, self)
+        self._budget: SessionBudget | None = (
+            events.budget.session() if events.budget is not None else None
+        )
 
     def emit(
         self,
@@ -120,13 +137,26 @@ class SessionEvents:
         *,
         message_args: dict[str, Any] | None = None,
         **fields: Any,
-    ) -> Event:
-        """Build, record and return an event.
+    ) -> Event | None:
+        """Build, record and return an event; None if the event budget refuses it.
 
         ``template`` is formatted with the event's fields plus ``message_args`` (values
         for the message only). Attacker data in values is safe: only the template's own
         braces are interpreted. Strings are cut to the bound (see the module's doc).
         """
+        if self._budget is not None:
+            scope = self._budget.check(eventid, self.src_ip)
+            if scope is not None:
+                if self._budget.suppressed == 1:
+                    self.log.warning("event budget (%s) exceeded", scope.value)
+                    self.emit(
+                        SUMMARY,
+                        "Event budget exceeded ({budget}): later events of this session"
+                        " are not kept",
+                        budget=scope.value,
+                        first_lost=eventid,
+                    )
+                return None
         args = message_args or {}
         # Each string (or list of strings) and the message get an equal share of the limit.
         strings = sum(is_strings(v) for v in fields.values())
@@ -134,10 +164,11 @@ class SessionEvents:
         long: list[str] = []
 
         def bounded(name: str, value: Any) -> Any:
+            most = min(limit, FIELD_LIMITS.get(name, limit))
             if isinstance(value, str):
-                short: Any = cut(value, limit)
+                short: Any = cut(value, most)
             elif is_strings(value):
-                short = cut_list(value, limit)
+                short = cut_list(value, most)
             else:
                 return value
             if len(short) < len(value):
@@ -183,12 +214,16 @@ class SessionEvents:
                 duration_ms=round(recording.duration * 1000),
                 truncated=recording.truncated,
             )
+        lost: dict[str, Any] = (
+            {"events_suppressed": self._budget.suppressed} if self._budget else {}
+        )
         self.emit(
             "cowrie.session.closed",
             "Connection lost after {duration} seconds",
             duration=round(duration, 1),
             duration_ms=round(duration * 1000),
             reason=reason,
+            **lost,
         )
 
 

@@ -46,6 +46,12 @@ class SensorMetrics:
         self.spool_events = Gauge(
             "honeyfleet_sensor_spool_events", "Undelivered events in the spool", registry=r
         )
+        self.events_over_budget = Counter(
+            "honeyfleet_sensor_events_over_budget",
+            "Events not written because a session or source ran out of event budget",
+            ["budget"],
+            registry=r,
+        )
         self.events_dropped = Counter(
             "honeyfleet_sensor_events_dropped",
             "Events dropped because the spool was full",

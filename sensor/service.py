@@ -17,6 +17,7 @@ from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc
 from sensor.artefacts import DiskBudget, disk_usage
 from sensor.capture import FileStore
 from sensor.config import SensorConfig
+from sensor.eventbudget import EventBudget, EventLimits
 from sensor.events import EventLog
 from sensor.leases import LeaseClient
 from sensor.metrics import SensorMetrics
@@ -89,7 +90,13 @@ class Sensor:
             reserve_bytes=config.spool_reserve_bytes,
             mirror=self._jsonlines.write if self._jsonlines is not None else None,
         )
-        self._events = EventLog(self.spool, self.metrics)
+        limits = EventLimits(
+            session_max_events=config.session_max_events,
+            session_events_per_minute=config.session_events_per_minute,
+            source_max_events=config.source_max_events,
+            source_events_per_minute=config.source_events_per_minute,
+        )
+        self._events = EventLog(self.spool, self.metrics, EventBudget(limits, self.metrics))
         self._controller = ChannelCache(config.tls)
         leases = self._leases = LeaseClient(
             self._controller.get(config.controller),

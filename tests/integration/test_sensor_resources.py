@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+import asyncssh
+
 from tests.conftest import require_tool, until
 from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, connect, run, ssh
 from tests.integration.test_sensor_bounds import refusal_reasons, refused
@@ -235,3 +237,31 @@ async def test_captures_and_recordings_share_one_disk_budget(
             "honeyfleet_sensor_artefacts_refused_total", {"kind": kind}
         )
         assert refused_ is not None and refused_ >= 1
+
+
+async def test_a_session_past_its_event_budget_writes_one_summary_and_goes_on(
+    make_fleet: FleetFactory,
+) -> None:
+    fleet = await make_fleet(session_max_events=10)
+    conn = await connect(fleet)
+    for _ in range(30):  # forwarding requests, each one an event
+        chan, _ = await conn.create_connection(asyncssh.SSHTCPSession, "203.0.113.7", 80)
+        chan.close()
+        await chan.wait_closed()
+    result = await conn.run("echo still served", check=True)
+    assert result.stdout == "still served\n"
+    conn.close()
+    await until(lambda: len(fleet.closed_reasons()) == 1)
+    assert len(fleet.events("cowrie.direct-tcpip.request")) == 10
+    assert not fleet.events("cowrie.command.input")  # past the budget too
+    (summary,) = fleet.events("honeyfleet.session.event_budget")
+    assert summary["budget"] == "session_total"
+    (closed,) = fleet.events("cowrie.session.closed")
+    assert closed["events_suppressed"] == 21
+    registry = fleet.sensor.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "honeyfleet_sensor_events_over_budget_total", {"budget": "session_total"}
+        )
+        == 21
+    )

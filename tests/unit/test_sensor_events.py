@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from honeyfleet.events import MAX_EVENT_JSON, from_proto, to_proto
-from sensor.events import MAX_EVENT_STRING, EventLog, SessionEvents, json_size
+from honeyfleet.events import MAX_EVENT_JSON, Event, from_proto, to_proto
+from sensor.eventbudget import SUMMARY, EventBudget, EventLimits
+from sensor.events import FIELD_LIMITS, MAX_EVENT_STRING, EventLog, SessionEvents, json_size
 from sensor.metrics import SensorMetrics
 from sensor.spool import Spool
 
@@ -46,19 +47,42 @@ async def test_long_attacker_strings_are_cut_to_a_prefix(
     events: SessionEvents, password: str
 ) -> None:
     event = events.emit(
+        "cowrie.command.input", "CMD: {input} {name}", input=password, name=password
+    )
+    assert event is not None
+    wire = accepted(event)
+    for value in (wire["input"], wire["name"], wire["message"]):
+        assert 0 < json_size(value) <= MAX_EVENT_STRING
+    assert password.startswith(wire["input"])
+    assert wire["message"].startswith("CMD: ")
+    # Plain text keeps (nearly) all of its share of the bound.
+    if password[0] == "A":
+        assert len(wire["input"]) == MAX_EVENT_STRING
+
+
+@pytest.mark.parametrize("password", LONG)
+async def test_credentials_and_host_names_are_cut_shorter(
+    events: SessionEvents, password: str
+) -> None:
+    event = events.emit(
         "cowrie.login.failed",
         "login attempt [{username}/{password}] failed",
         username=password,
         password=password,
     )
+    assert event is not None
     wire = accepted(event)
-    for value in (wire["username"], wire["password"], wire["message"]):
-        assert 0 < json_size(value) <= MAX_EVENT_STRING
-    assert password.startswith(wire["password"])
-    assert wire["message"].startswith("login attempt [")
-    # Plain text keeps (nearly) all of its share of the bound.
-    if password[0] == "A":
-        assert len(wire["password"]) == MAX_EVENT_STRING
+    assert 0 < json_size(wire["password"]) <= FIELD_LIMITS["password"]
+    assert password.startswith(wire["password"]) and password.startswith(wire["username"])
+    assert len(wire["message"].encode()) < 3 * 1024
+    request = events.emit(
+        "cowrie.direct-tcpip.request",
+        "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{src_port}",
+        dst_ip=password, dst_port=80, src_port=1, message_args={"orig_ip": password},
+    )  # fmt: skip
+    assert request is not None
+    assert json_size(accepted(request)["dst_ip"]) <= FIELD_LIMITS["dst_ip"]
+    assert len(request["message"].encode()) < 1024
 
 
 async def test_short_strings_and_other_values_are_kept_as_they_are(
@@ -71,6 +95,7 @@ async def test_short_strings_and_other_values_are_kept_as_they_are(
         kexAlgs=["curve25519-sha256", "diffie-hellman-group14-sha256"],
         size=3,
     )
+    assert event is not None
     assert event["message"] == "SSH client hassh fingerprint: abc"
     assert event["kexAlgs"] == ["curve25519-sha256", "diffie-hellman-group14-sha256"]
     assert (event["hassh"], event["size"]) == ("abc", 3)
@@ -83,6 +108,101 @@ async def test_many_long_fields_share_the_bound(events: SessionEvents) -> None:
         "cowrie.client.kex", "{field0} {orig}", message_args={"orig": "y" * 300_000},
         names=names, **fields,
     )  # fmt: skip
+    assert event is not None
     wire = accepted(event)
     assert all(wire[name] for name in fields)
     assert wire["names"] == names[: len(wire["names"])] and wire["names"]
+
+
+class Clock:
+    """A clock the test moves (no waiting on real time)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def written(spool: Spool) -> list[dict[str, Any]]:
+    """The events committed so far."""
+    await spool.flush()
+    return [item.event for item in await spool.oldest(100_000, 1 << 30)]
+
+
+@pytest.fixture
+async def budgeted(tmp_path: Path) -> AsyncIterator[tuple[EventLog, Clock, SensorMetrics]]:
+    """An event log with a small budget and a clock of the test's own."""
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
+    metrics = SensorMetrics()
+    clock = Clock()
+    limits = EventLimits(
+        session_max_events=50,
+        session_events_per_minute=20,
+        source_max_events=30,
+        source_events_per_minute=6,
+    )
+    log = EventLog(spool, metrics, EventBudget(limits, metrics, clock))
+    yield log, clock, metrics
+    await log.close()
+
+
+def command(events: SessionEvents, n: int) -> Event | None:
+    """One attacker-driven event."""
+    return events.emit("cowrie.command.input", "CMD: {input}", input=str(n))
+
+
+async def test_a_session_past_its_rate_writes_one_summary_then_nothing_until_refilled(
+    budgeted: tuple[EventLog, Clock, SensorMetrics],
+) -> None:
+    log, clock, metrics = budgeted
+    events = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="ssh")
+    kept = [n for n in range(100) if command(events, n) is not None]
+    assert kept == list(range(20))  # a minute's worth at once
+    clock.now += 30  # half a minute: ten more
+    kept = [n for n in range(100) if command(events, n) is not None]
+    assert len(kept) == 10
+    events.emit_closed(None, 1.0, "done")  # the frame of the session is never refused
+    ids = [e["eventid"] for e in await written(log.spool)]
+    assert ids.count("cowrie.command.input") == 30
+    (summary,) = [e for e in await written(log.spool) if e["eventid"] == SUMMARY]
+    assert summary["budget"] == "session_rate" and summary["first_lost"] == "cowrie.command.input"
+    (closed,) = [e for e in await written(log.spool) if e["eventid"] == "cowrie.session.closed"]
+    assert closed["events_suppressed"] == 170
+    assert (
+        metrics.registry.get_sample_value(
+            "honeyfleet_sensor_events_over_budget_total", {"budget": "session_rate"}
+        )
+        == 170
+    )
+
+
+async def test_a_session_total_and_a_source_across_sessions_are_bounded(
+    budgeted: tuple[EventLog, Clock, SensorMetrics],
+) -> None:
+    log, clock, _ = budgeted
+    first = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="ssh")
+    second = SessionEvents(log, session="s2", src_ip="192.0.2.1", sensor="e", protocol="ssh")
+    other = SessionEvents(log, session="s3", src_ip="192.0.2.9", sensor="e", protocol="ssh")
+    assert sum(command(first, n) is not None for n in range(20)) == 20
+    # The address has 10 of its 30 left, whatever the session.
+    assert sum(command(second, n) is not None for n in range(20)) == 10
+    # Another address is not affected.
+    assert sum(command(other, n) is not None for n in range(20)) == 20
+    # Over time a session runs into its total even where its rate would allow more.
+    for _ in range(10):
+        clock.now += 600
+        for n in range(20):
+            command(other, n)
+    summaries = [e for e in await written(log.spool) if e["eventid"] == SUMMARY]
+    assert {(e["session"], e["budget"]) for e in summaries} == {
+        ("s2", "source"),
+        ("s3", "session_total"),
+    }
+    assert (
+        sum(
+            e["session"] == "s3" and e["eventid"] == "cowrie.command.input"
+            for e in await written(log.spool)
+        )
+        == 50
+    )

@@ -192,29 +192,31 @@ class Spool:
         A batch leaves ``_pending`` only once it is committed, so none is ever lost here.
         """
         retry = RETRY_FIRST
-        while self._pending:
-            batch = self._pending[:COMMIT_EVENTS]
-            try:
-                await self._run(self._insert_or_release, batch)
-            except (sqlite3.Error, OSError) as e:
-                if not self.stalled:
-                    log.error(
-                        "spool %s: cannot commit %d events (kept, retrying): %s",
-                        self.path, len(self._pending), e,
-                    )  # fmt: skip
-                self.stalled = True
+        try:
+            while self._pending:
+                batch = self._pending[:COMMIT_EVENTS]
+                try:
+                    await self._run(self._insert_or_release, batch)
+                except (sqlite3.Error, OSError) as e:
+                    if not self.stalled:
+                        log.error(
+                            "spool %s: cannot commit %d events (kept, retrying): %s",
+                            self.path, len(self._pending), e,
+                        )  # fmt: skip
+                    self.stalled = True
+                    self._progress.set()
+                    await asyncio.sleep(retry)
+                    retry = min(retry * 2, RETRY_MOST)
+                    continue
+                del self._pending[: len(batch)]
+                if self.stalled:
+                    log.warning("spool %s: committing again", self.path)
+                self.stalled = False
+                retry = RETRY_FIRST
                 self._progress.set()
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, RETRY_MOST)
-                continue
-            del self._pending[: len(batch)]
-            if self.stalled:
-                log.warning("spool %s: committing again", self.path)
-            self.stalled = False
-            retry = RETRY_FIRST
-            self._progress.set()
-            self.changed.set()
-        self._progress.set()
+                self.changed.set()
+        finally:
+            self._progress.set()  # however it ends, no flush() waits on it for ever
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the spool's thread."""

@@ -120,7 +120,17 @@ class Uploader:
                 try:
                     await call.write(request)
                 except asyncio.InvalidStateError:
-                    # grpc.aio's answer to a write on a call the controller already ended.
+                    # grpc.aio's answer to a write on a call the controller already ended;
+                    # its status may be a refusal with a retry hint, which must not be lost.
+                    code = await call.code()
+                    if code != grpc.StatusCode.OK:
+                        raise grpc.aio.AioRpcError(
+                            code,
+                            await call.initial_metadata(),
+                            await call.trailing_metadata(),
+                            await call.details(),
+                            None,
+                        ) from None
                     raise Unavailable("the controller ended the event stream") from None
                 try:
                     async with asyncio.timeout(ACK_TIMEOUT):

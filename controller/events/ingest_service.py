@@ -13,6 +13,8 @@ spool). Every stored event's ``sensor`` is the caller's certificate name.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -28,6 +30,22 @@ from honeyfleet.errors import InvalidArgument
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# Seconds a stream refused at its start waits for the sensor's first batch (see
+# _first_request); a client that sends nothing is refused after this anyway.
+REFUSAL_WAIT = 5.0
+
+
+async def _first_request(requests: AsyncIterator[ingest_pb2.StreamEventsRequest]) -> None:
+    """Wait (bounded) for a refused stream's first batch before the refusal goes out.
+
+    A sensor writes its batch right after opening the stream; if the refusal races that
+    write, grpc.aio reports the failed write as INTERNAL and the status, with its retry
+    hint, is lost. Refused after its batch arrived, the sensor reads the refusal whole.
+    """
+    with contextlib.suppress(TimeoutError, StopAsyncIteration):
+        async with asyncio.timeout(REFUSAL_WAIT):
+            await anext(requests)
 
 
 class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
@@ -67,6 +85,8 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
         except Overloaded as e:
             # The interceptor turns the error into the status, with its retry hint.
             log.info("sensor %s event stream refused: %s", sensor, e)
+            if e.reason == "sensor_streams":
+                await _first_request(request_iterator)
             raise
 
     def _accept(

@@ -11,6 +11,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,9 @@ import pytest
 
 from controller.server import Controller
 from honeyfleet.errors import RETRY_AFTER_TRAILER
+from honeyfleet.pki.identity import Role
+from sensor.spool import Spool
+from sensor.uploader import Uploader
 from tests.conftest import ControllerFactory, FleetPki, until
 from tests.integration.test_events_ingest import (
     ACK_TIMEOUT,
@@ -197,3 +201,37 @@ async def test_a_full_queue_answers_resource_exhausted_in_time_and_loses_nothing
         for name in ("edge1", "edge2"):
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await streams[name].close()
+
+
+async def test_a_sensor_refused_a_stream_waits_for_the_hint_then_delivers_once(
+    start_controller: ControllerFactory,
+    fleet_pki: FleetPki,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    controller, address = await start_controller(
+        ingest_streams_per_sensor=1, ingest_retry_after=1.5
+    )
+    # Someone holding edge1's key already has its one event stream open.
+    holder = SensorStream(fleet_pki, "edge1", address)
+    await holder.send(batches(bulk_events(1, "edge1"))[0])
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=10_000_000, near_full=0.9)
+    sent = bulk_events(3, "edge1")
+    for event in sent:
+        assert spool.append(event)
+    await spool.flush()
+    tls = fleet_pki.files(Role.SENSOR, "edge1")
+    task = asyncio.create_task(Uploader(spool, address, tls, batch=10).run())
+    try:
+        await until(lambda: shed(controller, "sensor_streams") >= 1)
+        await holder.close()
+        await until(lambda: spool.count == 0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        spool.close()
+    waits = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert waits and all("RESOURCE_EXHAUSTED" in w for w in waits), waits
+    assert all(float(w.rpartition("retrying in ")[2].rstrip("s")) >= 1.5 for w in waits)
+    assert await counts(controller, {"store": "sqlite"}) == (4, 4)

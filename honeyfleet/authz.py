@@ -68,6 +68,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._active: dict[int, set[asyncio.Task[Any]]] = {}
         # Certificates repeat on every RPC of a connection: parse each once.
         self._parse = functools.lru_cache(maxsize=4096)(_parse_certificate)
+        self._chain_serials = functools.lru_cache(maxsize=4096)(_chain_serials)
 
     def update_revoked(self, serials: Iterable[int]) -> None:
         """Replace the revoked-serial set and cut the open RPCs of newly revoked serials."""
@@ -118,6 +119,11 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if serial in self._revoked:
             log.warning("refused %s from %s (%s): certificate revoked", method, peer, identity)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "certificate revoked")
+        chain = next(iter(auth.get("x509_pem_cert_chain") or ()), b"")
+        if self._revoked & self._chain_serials(chain):
+            # A revoked issuing CA: everything it signed is refused with it.
+            log.warning("refused %s from %s (%s): issuing CA revoked", method, peer, identity)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "issuing CA revoked")
         if identity.role not in roles:
             log.warning("refused %s from %s: role %s not allowed", method, identity, identity.role)
             await context.abort(
@@ -160,6 +166,16 @@ def _parse_certificate(pem: bytes) -> tuple[Identity, x509.Certificate]:
         raise ValueError("no client certificate")
     cert = x509.load_pem_x509_certificate(pem)
     return identity_from_certificate(cert), cert
+
+
+def _chain_serials(pem: bytes) -> frozenset[int]:
+    """Serials of every certificate in a PEM chain (empty if there is none or it is bad)."""
+    if not pem:
+        return frozenset()
+    try:
+        return frozenset(c.serial_number for c in x509.load_pem_x509_certificates(pem))
+    except ValueError:
+        return frozenset()
 
 
 Guard = Callable[[grpc.aio.ServicerContext[Any, Any]], Any]

@@ -104,7 +104,8 @@ class FleetPki:
             now=datetime.now(UTC) - timedelta(days=3),
         )
         (out / "key.pem").write_bytes(private_key_pem(key))
-        (out / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pem = cert.public_bytes(serialization.Encoding.PEM) + self.ca.chain_pem
+        (out / "cert.pem").write_bytes(pem)
         (out / "ca.pem").write_bytes(self.ca.cert_pem)
         return TlsFiles(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
 

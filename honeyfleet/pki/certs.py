@@ -25,6 +25,7 @@ __all__ = [
     "CLOCK_SKEW",
     "MAX_CSR_BYTES",
     "build_ca_certificate",
+    "build_issuing_certificate",
     "build_leaf_certificate",
     "csr_for",
     "fingerprint",
@@ -163,9 +164,18 @@ def parse_ip_addresses(
 
 
 def build_ca_certificate(
-    key: ec.EllipticCurvePrivateKey, fleet: str, *, validity_days: int, now: datetime
+    key: ec.EllipticCurvePrivateKey,
+    fleet: str,
+    *,
+    validity_days: int,
+    now: datetime,
+    path_length: int = 1,
 ) -> x509.Certificate:
-    """Build the self-signed fleet CA certificate (may sign leaves only, no sub-CAs)."""
+    """Build the self-signed fleet root certificate.
+
+    ``path_length=1``: it signs issuing CAs, which sign only leaves (0 makes a root that
+    signs leaves itself, the layout of CAs made before issuing CAs existed).
+    """
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{fleet} honeyfleet CA")])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     return (
@@ -176,14 +186,49 @@ def build_ca_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + timedelta(days=validity_days))
-        # path_length=0: a stolen leaf key can never mint further certificates.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_key_usage(key_cert_sign=True), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )
         .sign(key, hashes.SHA256())
+    )
+
+
+def build_issuing_certificate(
+    *,
+    root_cert: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
+    fleet: str,
+    validity_days: int,
+    now: datetime,
+) -> x509.Certificate:
+    """Build an issuing CA certificate under the root: it signs leaves, never further CAs."""
+    serial = x509.random_serial_number()
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"{fleet} honeyfleet issuing CA {serial:x}"[:64])]
+    )
+    root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    not_after = min(now + timedelta(days=validity_days), root_cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(root_cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        # path_length=0: a stolen leaf key can never mint further certificates.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
     )
 
 

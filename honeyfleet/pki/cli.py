@@ -26,10 +26,13 @@ from honeyfleet.pki import certs
 from honeyfleet.pki.ca import (
     CA_CERT_FILE,
     ISSUED_DIR,
+    ISSUING_CERT_FILE,
     LEAF_VALIDITY_DAYS,
     REVOKED_FILE,
+    ROOT_DIR,
     init_ca,
     load_ca,
+    rotate_issuing,
 )
 from honeyfleet.pki.errors import IdentityError, PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
@@ -71,7 +74,28 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = commands.add_parser("init", parents=[common], help="create a new fleet CA")
     p.add_argument("--fleet", required=True, help="fleet name (the SPIFFE trust domain)")
     p.add_argument("--validity-days", type=_positive_int, default=3650, metavar="N")
+    p.add_argument(
+        "--root-dir",
+        type=Path,
+        default=None,
+        help=f"where the root key goes (default: DIR/{ROOT_DIR}); move it offline afterwards",
+    )
     p.set_defaults(func=_cmd_init)
+
+    p = commands.add_parser(
+        "rotate-issuing",
+        parents=[common],
+        help="replace the controller's issuing CA (needs the offline root key)",
+    )
+    p.add_argument("--root-dir", type=Path, required=True, help="directory holding root.key")
+    p.add_argument("--validity-days", type=_positive_int, default=3650, metavar="N")
+    p.add_argument(
+        "--revoke-old",
+        action="store_true",
+        help="also revoke the old issuing CA: every certificate it signed is refused "
+        "(after a compromise; members must re-enrol)",
+    )
+    p.set_defaults(func=_cmd_rotate_issuing)
 
     p = commands.add_parser("issue", parents=[common], help="issue a key and certificate")
     p.add_argument("--role", required=True, choices=_ROLES)
@@ -210,10 +234,25 @@ def _err(text: str) -> None:
 @_handles_errors
 def _cmd_init(args: argparse.Namespace) -> int:
     """``pki init``: create the CA."""
-    ca = init_ca(_ca_dir(args), args.fleet, validity_days=args.validity_days)
+    directory = _ca_dir(args)
+    root_dir = args.root_dir if args.root_dir is not None else directory / ROOT_DIR
+    ca = init_ca(directory, args.fleet, validity_days=args.validity_days, root_dir=root_dir)
     _out(f"created CA for fleet {ca.fleet!r} in {ca.directory}")
     _out(f"CA fingerprint (sha256): {ca.fingerprint}")
     _out(f"keep {ca.directory} private; distribute only {ca.directory / 'ca.pem'}")
+    _out(f"move {root_dir} OFFLINE: its root.key is needed only to rotate the issuing CA")
+    return 0
+
+
+@_handles_errors
+def _cmd_rotate_issuing(args: argparse.Namespace) -> int:
+    """``pki rotate-issuing``: a new issuing CA from the root key; optionally revoke the old."""
+    ca, old = rotate_issuing(_ca_dir(args), args.root_dir, validity_days=args.validity_days)
+    _out(f"new issuing CA serial {ca.cert.serial_number:x}; old one {old.serial_number:x}")
+    if args.revoke_old and old != ca.root:
+        RevocationList(ca.revoked_path).revoke(old.serial_number, "issuing CA rotated out")
+        _out(f"revoked the old issuing CA {old.serial_number:x}")
+    _out("restart the controller to sign with the new issuing CA")
     return 0
 
 
@@ -317,16 +356,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
     directory = _ca_dir(args)
     ca_path = directory / CA_CERT_FILE
     if ca_path.is_file():
-        ca_cert = certs.load_certificate(ca_path)
-        try:
-            cert.verify_directly_issued_by(ca_cert)
-            issued = "yes"
-        except (ValueError, TypeError, InvalidSignature):
-            issued = "no"
+        issuers = [certs.load_certificate(ca_path)]
+        if (directory / ISSUING_CERT_FILE).is_file():
+            issuers.append(certs.load_certificate(directory / ISSUING_CERT_FILE))
+        issued = "yes" if any(_signed_by(cert, i) for i in issuers) else "no"
         revoked = RevocationList(directory / REVOKED_FILE).is_revoked(cert.serial_number)
         _out(f"issued by {ca_path}: {issued}")
         _out(f"revoked:    {'yes' if revoked else 'no'}")
     return 0
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether ``issuer``'s key signed ``cert``."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _sans(cert: x509.Certificate) -> x509.SubjectAlternativeName:

@@ -42,7 +42,7 @@ def overdue(pki: FleetPki, role: Role, name: str, out: Path, **sans: list[str]) 
     )
     files = TlsFiles(ca=out / "ca.pem", cert=out / "cert.pem", key=out / "key.pem")
     files.key.write_bytes(private_key_pem(key))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + pki.ca.chain_pem)
     files.ca.write_bytes(pki.ca.cert_pem)
     return files
 

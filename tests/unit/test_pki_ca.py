@@ -53,21 +53,28 @@ def test_init_creates_private_layout(ca: CertificateAuthority) -> None:
     """init writes every documented file, all 0600, in a 0700 directory."""
     d = ca.directory
     assert _mode(d) == 0o700
-    for name in ("ca.pem", "ca.key", "token.key", "fleet", "revoked.json"):
+    for name in ("ca.pem", "issuing.pem", "ca.key", "token.key", "fleet", "revoked.json"):
         assert _mode(d / name) == 0o600, name
+    # The root key sits apart, for the operator to move offline.
+    assert _mode(d / "root") == 0o700 and _mode(d / "root" / "root.key") == 0o600
     assert (d / "fleet").read_text() == "lab\n"
     assert len((d / "token.key").read_bytes()) == 32
     assert json.loads((d / "revoked.json").read_text()) == {}
 
 
 def test_ca_certificate_profile(ca: CertificateAuthority) -> None:
-    """The CA cert is a P-256, self-signed, path-length-0 CA limited to cert/CRL signing."""
-    cert = ca.cert
+    """The root is a P-256, self-signed, path-length-1 CA limited to cert/CRL signing; the
+    issuing CA under it is path-length-0 (it signs only leaves)."""
+    cert = ca.root
     assert cert.subject.rfc4514_string() == "CN=lab honeyfleet CA"
     assert cert.issuer == cert.subject
     cert.verify_directly_issued_by(cert)
     bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1
+    ca.cert.verify_directly_issued_by(ca.root)
+    issuing_bc = ca.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert issuing_bc.ca and issuing_bc.path_length == 0
+    assert ca.cert.public_key() == ca.key.public_key() != ca.root.public_key()
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
     assert not ku.value.digital_signature
@@ -83,8 +90,22 @@ def test_load_round_trip(ca: CertificateAuthority) -> None:
     assert loaded.fingerprint == ca.fingerprint
     assert loaded.token_key == ca.token_key
     assert loaded.cert_pem == ca.cert_pem == (ca.directory / "ca.pem").read_bytes()
-    assert ca.fingerprint == ca.cert.fingerprint(hashes.SHA256()).hex()
+    assert ca.fingerprint == ca.root.fingerprint(hashes.SHA256()).hex()
+    assert loaded.cert == ca.cert and loaded.root == ca.root
     assert len(ca.fingerprint) == 64
+
+
+def test_one_level_ca_of_older_releases_still_loads(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """A CA directory without issuing.pem (the root signs leaves) loads and issues."""
+    (ca.directory / "issuing.pem").unlink()
+    root_key = (ca.directory / "root" / "root.key").read_bytes()
+    write_private(ca.directory / "ca.key", root_key, overwrite=True)
+    legacy = load_ca(ca.directory)
+    assert legacy.cert == legacy.root == ca.root and legacy.chain_pem == b""
+    issued = legacy.issue(Role.SENSOR, "old", out_dir=tmp_path / "o")
+    load_certificate(issued.cert_path).verify_directly_issued_by(ca.root)
 
 
 def test_repr_has_no_key_material(ca: CertificateAuthority) -> None:

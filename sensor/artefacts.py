@@ -8,19 +8,23 @@ When the budget is spent the policy is: stop capturing new artefacts (a capture 
 recording that reaches it ends where it is), and say so: one
 ``honeyfleet.artefact.budget`` event per session that lost something to it, and the
 ``honeyfleet_sensor_artefact_*`` metrics. An I/O error ends only the artefact it hit,
-with a ``honeyfleet.artefact.failed`` event; the session goes on.
+with a ``honeyfleet.artefact.failed`` event; the session goes on. Both kinds are written
+by one :class:`ArtefactWriter` thread, never on the event loop.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sensor.metrics import SensorMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Once an artefact did not fit, new ones are refused until use falls to this share of the
 # budget (so a nearly spent budget does not start files only to cut each one short).
@@ -38,6 +42,22 @@ def disk_usage(*roots: Path) -> int:
                 except OSError:
                     continue  # removed while we walked
     return total
+
+
+class ArtefactWriter:
+    """The one thread that writes captures and recordings, in the order asked, so that
+    no data callback on the event loop waits for a disk."""
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="artefacts")
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Run ``fn(*args)`` on the writer thread; RuntimeError once it is closed."""
+        return self._executor.submit(fn, *args)
+
+    def close(self) -> None:
+        """Finish what was asked and stop the thread (blocks: for shutdown)."""
+        self._executor.shutdown(wait=True)
 
 
 class DiskBudget:

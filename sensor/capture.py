@@ -1,10 +1,12 @@
 """Files attackers upload, stored once each under their sha256 in the downloads directory.
 
-Bytes are written as they pass (page-cache writes of at most one SSH packet each);
-hashing a finished file, up to ``capture_max_bytes``, runs on a worker thread. Writing
-happens inside the relay's data callbacks, so a file that cannot be made or written
-(a full disk) is given up, said once (a ``honeyfleet.artefact.failed`` event), and the
-relay goes on.
+Bytes are queued as they pass, in the relay's data callbacks, and written by the
+sensor's artefact writer thread (:class:`sensor.artefacts.ArtefactWriter`) in batches
+of up to ``BATCH_BYTES``; hashing a finished file, up to ``capture_max_bytes``, runs on
+a worker thread. So the event loop never waits for a disk, and a file that cannot be made
+or written (a full disk) is given up, said once (a ``honeyfleet.artefact.failed`` event),
+and the relay goes on. A disk slower than the attacker ends the capture rather than let
+queued bytes grow: at most ``MAX_IN_FLIGHT`` bytes of a file wait for the thread.
 
 Each session captures through its own :class:`SessionFiles`, which holds at most
 ``capture_max_open`` files open at once (each holds a descriptor until it is finished or
@@ -24,7 +26,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from sensor.artefacts import ArtefactReport, DiskBudget
+from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,11 @@ Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 HASH_CHUNK = 1024 * 1024
 KIND = "capture"
+WHAT = "an upload"
+# Queued bytes of one file are handed to the writer thread in batches of this size...
+BATCH_BYTES = 64 * 1024
+# ...and a file whose unwritten bytes exceed this is given up (the disk cannot keep up).
+MAX_IN_FLIGHT = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,20 @@ class StoredFile:
 class FileStore:
     """The downloads directory; each file kept once, named by its sha256."""
 
-    def __init__(self, root: Path, *, max_bytes: int, max_open: int, budget: DiskBudget) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        max_open: int,
+        budget: DiskBudget,
+        writer: ArtefactWriter,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.max_open = max_open
         self.budget = budget
+        self.writer = writer
         (root / "incoming").mkdir(parents=True, exist_ok=True)
 
     def session(self, report: ArtefactReport, logger: Logger = log) -> SessionFiles:
@@ -89,10 +105,49 @@ class SessionFiles:
             self.log.warning("upload not captured: %d captures open", self.open)
             return None
         if self.store.budget.reached:
-            self.report.over_budget(KIND, "an upload")
+            self.report.over_budget(KIND, WHAT)
             return None
-        capture = Capture(self, self.store.root / "incoming" / secrets.token_hex(8))
-        return capture if capture.active else None
+        return Capture(self, self.store.root / "incoming" / secrets.token_hex(8))
+
+
+class _TempFile:
+    """The file side of a capture: touched only on the writer thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self.in_flight = 0  # bytes handed over and not yet written (read on the loop)
+        self._fd: int | None = None
+
+    def write(self, chunks: list[tuple[int, bytes]], size: int) -> None:
+        """Create the file if need be, then write each chunk at its offset."""
+        try:
+            if self.error is None:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                for offset, data in chunks:
+                    view = memoryview(data)
+                    while view:  # a short write is followed by the error that caused it
+                        written = os.pwrite(self._fd, view, offset)
+                        if not written:
+                            raise OSError(errno.EIO, "nothing written")
+                        view, offset = view[written:], offset + written
+        except OSError as e:
+            self.error = e
+        finally:
+            self.in_flight -= size
+
+    def close(self, remove: bool) -> None:
+        """Close the descriptor (and remove the file, for an abandoned capture)."""
+        fd, self._fd = self._fd, None
+        try:
+            if fd is not None:
+                os.close(fd)
+        except OSError as e:
+            self.error = self.error or e
+        if remove or self.error is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
 
 
 class Capture:
@@ -101,17 +156,13 @@ class Capture:
     def __init__(self, files: SessionFiles, temp: Path) -> None:
         self._files = files
         self._store = files.store
-        self._temp = temp
+        self._file = _TempFile(temp)
         self._end = 0
         self._reserved = 0
+        self._queued: list[tuple[int, bytes]] = []
+        self._queued_bytes = 0
+        self._active = True
         self.oversized = False
-        self._fd: int | None = None
-        try:
-            self._fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as e:
-            files.log.error("upload not captured: cannot create %s: %s", temp, e)
-            files.report.failed(KIND, "an upload", e)
-            return
         files.open += 1
 
     @property
@@ -122,11 +173,13 @@ class Capture:
     @property
     def active(self) -> bool:
         """Whether bytes are still being kept."""
-        return self._fd is not None
+        return self._active
 
     def write_at(self, offset: int, data: bytes) -> None:
-        """Write bytes at an offset; past a bound, or failing, the capture is dropped."""
-        if self._fd is None:
+        """Queue bytes for an offset; past a bound, or failing, the capture is dropped."""
+        if not self._active:
+            return
+        if self._failed():
             return
         end = offset + len(data)
         if end > self._store.max_bytes:
@@ -138,23 +191,18 @@ class Capture:
             return
         if end > self._reserved:
             if not self._store.budget.take(end - self._reserved):
-                self._files.report.over_budget(KIND, "an upload")
+                self._files.report.over_budget(KIND, WHAT)
                 self.abort()
                 return
             self._reserved = end
-        view = memoryview(data)
-        try:
-            while view:  # a short write is followed by the error that caused it
-                written = os.pwrite(self._fd, view, offset)
-                if not written:
-                    raise OSError(errno.EIO, "nothing written")
-                view, offset = view[written:], offset + written
-        except OSError as e:
-            self._files.log.error("upload not captured: cannot write %s: %s", self._temp, e)
-            self._files.report.failed(KIND, "an upload", e)
-            self.abort()
+        if self._file.in_flight + self._queued_bytes > MAX_IN_FLIGHT:
+            self._give_up(OSError(errno.EAGAIN, "the disk could not keep up"))
             return
-        self._end = max(self._end, offset)
+        self._queued.append((offset, bytes(data)))
+        self._queued_bytes += len(data)
+        self._end = max(self._end, end)
+        if self._queued_bytes >= BATCH_BYTES:
+            self._hand_over()
 
     def append(self, data: bytes) -> None:
         """Write bytes after the furthest written so far."""
@@ -162,33 +210,69 @@ class Capture:
 
     async def finish(self) -> StoredFile | None:
         """Store the file (hashed on a thread); None if it was abandoned or cannot be kept."""
-        if self._fd is None:
+        if not self._active:
             return None
-        fd, self._fd = self._fd, None
-        self._files.open -= 1
+        self._hand_over()
+        self._close()
         try:
-            os.close(fd)
-            stored, new = await asyncio.to_thread(self._store.keep, self._temp)
+            await asyncio.wrap_future(self._store.writer.submit(self._file.close, False))
+        except RuntimeError:  # the writer is stopped: the sensor is shutting down
+            self._file.error = self._file.error or OSError(errno.ESHUTDOWN, "sensor stopping")
+        if self._failed(closed=True):
+            return None
+        try:
+            stored, new = await asyncio.to_thread(self._store.keep, self._file.path)
         except OSError as e:
-            self._files.log.error("cannot keep an uploaded file: %s", e)
-            self._files.report.failed(KIND, "an upload", e)
-            self._store.budget.give(self._reserved)
+            self._give_up(e, closed=True)
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(self._temp.unlink, missing_ok=True)
+                await asyncio.to_thread(self._file.path.unlink, missing_ok=True)
             return None
         if not new:
             self._store.budget.give(self._reserved)
         return stored
 
     def abort(self) -> None:
-        """Drop the partial file."""
-        if self._fd is None:
+        """Drop the partial file (removed by the writer thread)."""
+        if not self._active:
             return
-        fd, self._fd = self._fd, None
-        self._files.open -= 1
+        self._close()
         self._store.budget.give(self._reserved)
+        self._queued.clear()
+        with contextlib.suppress(RuntimeError):
+            self._store.writer.submit(self._file.close, True)
+
+    def _hand_over(self) -> None:
+        """Give the queued bytes to the writer thread."""
+        chunks, self._queued = self._queued, []
+        size, self._queued_bytes = self._queued_bytes, 0
+        if not chunks:
+            return
+        self._file.in_flight += size
         try:
-            os.close(fd)
-            self._temp.unlink(missing_ok=True)
-        except OSError as e:
-            self._files.log.error("cannot remove the partial upload %s: %s", self._temp, e)
+            self._store.writer.submit(self._file.write, chunks, size)
+        except RuntimeError:
+            self._file.in_flight -= size
+            self._file.error = self._file.error or OSError(errno.ESHUTDOWN, "sensor stopping")
+
+    def _failed(self, *, closed: bool = False) -> bool:
+        """Whether the writer thread met an error (reported here, once)."""
+        error = self._file.error
+        if error is None:
+            return False
+        self._give_up(error, closed=closed)
+        return True
+
+    def _give_up(self, error: OSError, *, closed: bool = False) -> None:
+        """Report an error and drop the capture."""
+        self._files.log.error("upload not captured: %s: %s", self._file.path, error)
+        self._files.report.failed(KIND, WHAT, error)
+        if closed:
+            self._store.budget.give(self._reserved)
+        else:
+            self.abort()
+
+    def _close(self) -> None:
+        """The capture no longer takes bytes nor holds a place among the session's."""
+        if self._active:
+            self._active = False
+            self._files.open -= 1

@@ -21,7 +21,7 @@ How a session uses one (``recordings`` is the sensor's :class:`Recordings`)::
 
 A recording starts HELD (``held=True``: at most ``recording_held_bytes`` kept in memory,
 nothing on disk, for a client that has not logged in) or WRITING. Lines are queued on
-the event loop and written by the sensor's one writer thread in batches (at most
+the event loop and written by the sensor's artefact writer thread in batches (at most
 ``FLUSH_BYTES`` or ``FLUSH_SECONDS`` apart), so a keystroke never waits for a disk.
 Every byte is drawn from the artefact budget (:mod:`sensor.artefacts`) when queued.
 An I/O error ends the recording alone (a ``honeyfleet.artefact.failed`` event; the
@@ -46,7 +46,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO
 
-from sensor.artefacts import ArtefactReport, DiskBudget
+from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,22 @@ class RecordingSummary:
 
 
 class Recordings:
-    """A sensor's recordings: their directory, bounds, budget and one writer thread."""
+    """A sensor's recordings: their directory, bounds, budget and the artefact writer."""
 
-    def __init__(self, root: Path, *, max_bytes: int, held_bytes: int, budget: DiskBudget) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        max_bytes: int,
+        held_bytes: int,
+        budget: DiskBudget,
+        writer: ArtefactWriter,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.held_bytes = held_bytes
         self.budget = budget
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recording")
+        self._writer = writer
 
     def start(
         self,
@@ -116,10 +124,6 @@ class Recordings:
             self, self.root / f"{session}.cast", report, width=width, height=height,
             term=term, held=held,
         )  # fmt: skip
-
-    def close(self) -> None:
-        """Wait for the writes queued so far and stop the thread (blocks: for shutdown)."""
-        self._writer.shutdown(wait=True)
 
     def submit(self, job: _Job) -> concurrent.futures.Future[None]:
         """Run a recording's file work on the writer thread (in order)."""

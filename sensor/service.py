@@ -14,7 +14,7 @@ from honeyfleet.renewal import Renewer, controller_signer
 from honeyfleet.systemd import notify
 from honeyfleet.tls import ChannelCache
 from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc
-from sensor.artefacts import DiskBudget, disk_usage
+from sensor.artefacts import ArtefactWriter, DiskBudget, disk_usage
 from sensor.capture import FileStore
 from sensor.config import SensorConfig
 from sensor.eventbudget import EventBudget, EventLimits
@@ -60,7 +60,7 @@ class Sensor:
         self._metrics_server: MetricsServer | None = None
         self._jsonlines: JsonLinesLog | None = None
         self._leases: LeaseClient | None = None
-        self._recordings: Recordings | None = None
+        self._artefact_writer: ArtefactWriter | None = None
         self._stopped = False
 
     async def start(self) -> list[int]:
@@ -107,11 +107,13 @@ class Sensor:
         self.admission = Admission(config, self.metrics)
         used = await asyncio.to_thread(disk_usage, config.downloads_dir, config.recordings_dir)
         disk = DiskBudget(config.artefact_max_bytes, used, self.metrics)
-        recordings = self._recordings = Recordings(
+        writer = self._artefact_writer = ArtefactWriter()
+        recordings = Recordings(
             config.recordings_dir,
             max_bytes=config.recording_max_bytes,
             held_bytes=config.recording_held_bytes,
             budget=disk,
+            writer=writer,
         )
         services = Services(
             config=config,
@@ -133,6 +135,7 @@ class Sensor:
                     max_bytes=config.capture_max_bytes,
                     max_open=config.capture_max_open,
                     budget=disk,
+                    writer=writer,
                 ),
                 options=server_options(config, host_keys),
             )
@@ -233,8 +236,8 @@ class Sensor:
             await self._controller.close()
         if self._metrics_server is not None:
             await self._metrics_server.stop()
-        if self._recordings is not None:
-            await asyncio.to_thread(self._recordings.close)  # the sessions' last writes
+        if self._artefact_writer is not None:
+            await asyncio.to_thread(self._artefact_writer.close)  # the sessions' last writes
         if self._events is not None:
             await self._events.flush()
             await self._events.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sensor.artefacts import ArtefactReport, DiskBudget
+from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 from sensor.capture import FileStore, SessionFiles
 from sensor.events import EventLog, SessionEvents
 from sensor.metrics import SensorMetrics
@@ -41,6 +41,7 @@ async def make_session(tmp_path: Path) -> AsyncIterator[Any]:
     spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
     metrics = SensorMetrics()
     log = EventLog(spool, metrics)
+    writer = ArtefactWriter()
 
     def make(budget: int = 10_000_000, max_open: int = 32) -> Session:
         store = FileStore(
@@ -48,12 +49,14 @@ async def make_session(tmp_path: Path) -> AsyncIterator[Any]:
             max_bytes=1_000_000,
             max_open=max_open,
             budget=DiskBudget(budget, 0, metrics),
+            writer=writer,
         )
         events = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="ssh")
         report = ArtefactReport(events, metrics)
         return Session(store.session(report, logging.getLogger("session-x")), metrics, log, spool)
 
     yield make
+    writer.close()
     await log.flush()
     await log.close()
 
@@ -78,9 +81,9 @@ async def test_a_full_disk_drops_the_capture_and_says_so_once(
         capture.append(b"second")  # in a data callback: must not raise
         capture.append(b"third")
         capture.write_at(0, b"again")
+        assert await capture.finish() is None
     assert [r.name for r in caplog.records] == ["session-x"]
     assert "No space left" in caplog.records[0].getMessage()
-    assert await capture.finish() is None
     assert not incoming(session)
     (failed,) = [e for e in await session.written() if e["eventid"] != "cowrie.session.connect"]
     assert failed["eventid"] == "honeyfleet.artefact.failed"
@@ -94,15 +97,18 @@ async def test_short_writes_are_completed(
     session = make_session()
     capture = session.files.begin()
     real = os.pwrite
+    calls: list[int] = []
 
     def short(fd: int, data: bytes, offset: int) -> int:
+        calls.append(offset)
         return real(fd, bytes(data)[:3], offset)
 
     monkeypatch.setattr(os, "pwrite", short)
     capture.append(b"0123456789")
     capture.append(b"abc")
+    stored = await capture.finish()  # written on the artefact writer thread
     monkeypatch.undo()
-    stored = await capture.finish()
+    assert calls == [0, 3, 6, 9, 10]
     assert stored is not None
     assert stored.path.read_bytes() == b"0123456789abc"
     assert stored.shasum == hashlib.sha256(b"0123456789abc").hexdigest()
@@ -116,7 +122,9 @@ async def test_a_capture_that_cannot_be_created_keeps_nothing(
     (root / "incoming").rmdir()
     (root / "incoming").write_bytes(b"")  # not a directory: creating a file fails
     with caplog.at_level(logging.ERROR):
-        assert session.files.begin() is None
+        capture = session.files.begin()  # made on the writer thread: it fails there
+        capture.append(b"data")
+        assert await capture.finish() is None
     assert len(caplog.records) == 1
     assert session.files.open == 0
 

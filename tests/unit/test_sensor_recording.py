@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sensor.artefacts import ArtefactReport, DiskBudget
+from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 from sensor.events import EventLog, SessionEvents
 from sensor.metrics import SensorMetrics
 from sensor.recording import Recorder, Recordings
@@ -49,20 +49,18 @@ async def make(tmp_path: Path) -> AsyncIterator[Any]:
     spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
     metrics = SensorMetrics()
     log = EventLog(spool, metrics)
-    made: list[Recordings] = []
+    writer = ArtefactWriter()
 
     def make_(max_bytes: int = 1_000_000, held: int = 10_000, budget: int = 10_000_000) -> Sensor:
         recordings = Recordings(
             tmp_path / "tty", max_bytes=max_bytes, held_bytes=held,
-            budget=DiskBudget(budget, 0, metrics),
+            budget=DiskBudget(budget, 0, metrics), writer=writer,
         )  # fmt: skip
-        made.append(recordings)
         events = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="telnet")
         return Sensor(recordings, ArtefactReport(events, metrics), metrics, log, spool)
 
     yield make_
-    for recordings in made:
-        recordings.close()
+    writer.close()
     await log.close()
 
 

@@ -63,6 +63,12 @@ class ControllerConfig:
         "new ones at once with RESOURCE_EXHAUSTED and a retry-after-ms hint",
         check=positive,
     )
+    max_acquires_in_flight: int = setting(
+        256,
+        "lease requests being placed at once (not counting those waiting for a guest); "
+        "beyond that the controller is saturated and sheds new ones at once",
+        check=positive,
+    )
     max_leases_per_sensor: int = setting(
         1024,
         "active leases (and requests for one) a single sensor may hold, so one compromised "

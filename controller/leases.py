@@ -4,8 +4,9 @@ Every lease is indexed by node and sensor, so a heartbeat is checked against its
 node's leases only. A lease ends in memory at once (its record is group-committed
 without waiting) and is then told to its node; until the node confirmed, it is
 *ending*, never reported back as stale. Acquires that find no guest wait in a bounded
-queue (controller.waiters); above that, or past their wait, they are shed with
-RESOURCE_EXHAUSTED and a retry hint.
+queue (controller.waiters); above that, past their wait, or when more than
+max_acquires_in_flight are being placed at once (the controller is saturated: more
+would only queue for the CPU), they are shed with RESOURCE_EXHAUSTED and a retry hint.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class LeaseManager:
         ttl: float,
         wait: float,
         max_per_sensor: int,
+        max_in_flight: int,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -64,6 +66,8 @@ class LeaseManager:
         self.ttl = ttl
         self._wait = wait
         self._max_per_sensor = max_per_sensor
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self.active: dict[str, LeaseRecord] = {}
         self._by_node: dict[str, dict[str, LeaseRecord]] = {}
         # Active leases and acquires in flight, per sensor (together: its quota).
@@ -110,15 +114,24 @@ class LeaseManager:
                 f"{sensor} already holds {self._max_per_sensor} leases (max_leases_per_sensor)",
                 retry_after=SHED_RETRY_AFTER,
             )
+        if self._in_flight - len(self._registry.waiters) >= self._max_in_flight:
+            self.metrics.shed.labels("in_flight").inc()
+            raise ResourceExhausted(
+                f"the controller is saturated: {self._max_in_flight} lease requests are "
+                "being placed already (max_acquires_in_flight)",
+                retry_after=SHED_RETRY_AFTER,
+            )
         started = time.monotonic()
         wait = self._wait
         if time_remaining is not None:
             wait = min(wait, time_remaining - ANSWER_MARGIN)
         deadline = started + wait
         self._sensor_acquiring[sensor] += 1
+        self._in_flight += 1
         try:
             result = await self._place(sensor, request, deadline)
         finally:
+            self._in_flight -= 1
             self._sensor_acquiring[sensor] -= 1
             if not self._sensor_acquiring[sensor]:
                 del self._sensor_acquiring[sensor]
@@ -233,6 +246,10 @@ class LeaseManager:
         try:
             # Durable before the sensor hears of it: a restart must not forget it.
             await self._store.save_lease(lease, counter="leases_issued")
+        except asyncio.CancelledError:
+            # The sensor gave up waiting: nobody will use or renew this lease.
+            self._end(lease, LeaseState.RELEASED, "the sensor left before it was granted")
+            raise
         except Exception:
             self._end(lease, LeaseState.FAILED, "the controller could not save it")
             raise
@@ -336,7 +353,9 @@ class LeaseManager:
         if not self._sensor_leases[lease.sensor]:
             del self._sensor_leases[lease.sensor]
         self._store.save_lease(lease)
-        log.info("lease %s %s: %s", lease.id, state.name.lower(), reason)
+        # A release is routine (its session's end is in the event log); the rest is news.
+        level = logging.DEBUG if state is LeaseState.RELEASED else logging.INFO
+        log.log(level, "lease %s %s: %s", lease.id, state.name.lower(), reason)
         if tell:
             self._ending.add(lease.id)
             task = asyncio.create_task(self._tell_node(lease, reason))

@@ -113,6 +113,7 @@ class Controller:
             ttl=config.lease_ttl,
             wait=config.lease_wait,
             max_per_sensor=config.max_leases_per_sensor,
+            max_in_flight=config.max_acquires_in_flight,
         )
         self.events = EventPipeline(config, self.registry, self.leases)
         self.events.metrics_registry.register(self.leases.metrics.registry)

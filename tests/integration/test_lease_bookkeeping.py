@@ -174,3 +174,24 @@ async def test_a_node_counts_no_more_guests_than_the_controller_allows(
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await sensor.acquire("192.0.2.9", "s9")
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_lease_granted_after_its_sensor_gave_up_is_released_at_once(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, nodes = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 1}, lease_ttl=3600.0
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    pool = nodes["n1"].pool
+    async with store_held(controller):
+        # The node grants the guest, but the lease's record waits for the disk past the
+        # sensor's deadline: the sensor never hears of the lease.
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await sensor.acquire("192.0.2.70", timeout=1)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Nobody would renew it: it ends now, not a lease_ttl later.
+        await until(lambda: not controller.leases.active)
+        await until(lambda: not pool.snapshot().lease_ids)
+    # The same attacker comes back to the guest, now idle.
+    assert (await sensor.acquire("192.0.2.70")).lease.pool_node == "n1"

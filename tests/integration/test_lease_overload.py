@@ -12,7 +12,7 @@ import pytest
 from controller.models import LeaseState
 from honeyfleet.errors import RETRY_AFTER_TRAILER
 from tests.conftest import until
-from tests.integration.leasing import Sensor, fleet_with_nodes
+from tests.integration.leasing import Sensor, fleet_with_nodes, store_held
 
 
 async def test_acquires_beyond_the_waiting_queue_are_shed_with_a_retry_hint(
@@ -35,6 +35,31 @@ async def test_acquires_beyond_the_waiting_queue_are_shed_with_a_retry_hint(
     assert metrics.get_sample_value("honeyfleet_leases_shed_total", {"reason": "queue_full"}) == 1
     assert metrics.get_sample_value("honeyfleet_leases_waiting") == 1
     waiting.cancel()
+
+
+async def test_a_saturated_controller_sheds_new_acquires_at_once(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 2}, max_acquires_in_flight=1
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    # The first request is being placed (its record waits for a busy disk)...
+    async with store_held(controller):
+        first = asyncio.ensure_future(sensor.acquire("192.0.2.1", "a"))
+        await until(lambda: bool(controller.leases.active))
+        # ...so a second is refused at once rather than queued behind it.
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await sensor.acquire("192.0.2.2", "b")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_acquires_in_flight" in (e.value.details() or "")
+    assert int(dict(e.value.trailing_metadata() or ())[RETRY_AFTER_TRAILER]) > 0
+    assert (await first).lease.pool_node == "n1"
+    shed = controller.events.metrics_registry.get_sample_value(
+        "honeyfleet_leases_shed_total", {"reason": "in_flight"}
+    )
+    assert shed == 1
+    assert (await sensor.acquire("192.0.2.2", "b")).lease.pool_node == "n1"
 
 
 async def test_one_sensor_cannot_hold_more_than_its_quota(

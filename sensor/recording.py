@@ -10,7 +10,9 @@ faster than it fills a screen). The sha256 of the attacker's raw input covers al
 even when the file stopped growing at its bound. Only the attacker's channels are
 recorded: credentials the sensor uses towards the guest never pass through here.
 
-How a session uses one (``recordings`` is the sensor's :class:`Recordings`)::
+How a session uses one (``recordings`` is the sensor's :class:`Recordings`; the session
+core, :meth:`sensor.session.core.Session.recorder`, starts it held before login and
+commits it in ``logged_in``)::
 
     recorder = recordings.start(session_id, report, width=80, height=24, term="xterm",
                                 held=True)   # before login: kept in memory only

@@ -61,7 +61,10 @@ async def test_a_zlib_bomb_packet_is_refused_without_inflating_it(
     before = peak_rss()
     # One packet of ~200 KiB that inflates to 200 MB.
     assert await bomb(fleet, 200 * 1024 * 1024, 1) == "disconnected"
-    assert peak_rss() - before < 64 * 1024 * 1024
+    grown = peak_rss() - before
+    # Before the bound, this packet grew the peak by 420 MB; a margin for the rest of the
+    # process (the controller and pool node of the fleet run in it too).
+    assert grown < 128 * 1024 * 1024, f"peak RSS grew by {grown} bytes"
     await until(lambda: len(fleet.closed_reasons()) == 1)
     assert fleet.closed_reasons() == ["compressed packet inflates past 262144 bytes"]
     code, out, _ = await ssh(fleet, "-C", "echo compressed")  # OpenSSH with compression

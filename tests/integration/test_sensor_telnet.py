@@ -592,6 +592,8 @@ async def test_a_guest_without_a_login_prompt_is_given_up(
         await bot.expect(rb"srv04 login: ")
         bot.send(b"root\r\ntoor\r\n")
         await bot.expect(rb"\r\nLogin incorrect\r\nsrv04 login: ")
+        # The JSON lines copy follows the spool's commit: wait for it.
+        await until(lambda: bool(fleet.events("honeyfleet.guest.failed")))
         failed = fleet.events("honeyfleet.guest.failed")
         assert [e["reason"] for e in failed] == ["no login prompt from the guest in time"]
         await until(fleet.released())

@@ -21,18 +21,16 @@ from honeyfleet.pki import (
     Identity,
     PkiError,
     RevocationList,
-    Role,
     TokenClaims,
     TokenExpired,
     verify_token,
 )
 from honeyfleet.pki.certs import load_csr
+from honeyfleet.pki.tokens import ENROLLABLE_ROLES
 from honeyfleet.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Roles a token may enrol; admins and controllers are issued by hand with `pki issue`.
-ENROLLABLE = frozenset({Role.SENSOR, Role.POOLNODE})
 #: Each enrolment finishes within this many seconds or is abandoned.
 DEADLINE = 10.0
 
@@ -135,7 +133,7 @@ class EnrollmentServicer(enrollment_pb2_grpc.EnrollmentServiceServicer):
         except PkiError as e:
             log.warning("enrolment from %s refused: bad token (%s)", peer, e)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "join token is not valid")
-        if claims.role not in ENROLLABLE:
+        if claims.role not in ENROLLABLE_ROLES:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"tokens cannot enrol {claims.role}"
             )

@@ -37,7 +37,7 @@ from honeyfleet.pki.ca import (
 from honeyfleet.pki.errors import IdentityError, PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
 from honeyfleet.pki.revocation import RevocationList
-from honeyfleet.pki.tokens import create_token, read_token_unverified
+from honeyfleet.pki.tokens import ENROLLABLE_ROLES, create_token, read_token_unverified
 
 __all__ = [
     "DEFAULT_DIR",
@@ -122,7 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = token_commands.add_parser(
         "create", parents=[common], help="print a one-time join token on stdout"
     )
-    p.add_argument("--role", required=True, choices=_ROLES)
+    p.add_argument("--role", required=True, choices=sorted(r.value for r in ENROLLABLE_ROLES))
     p.add_argument("--ttl", type=_duration_arg, default=timedelta(hours=1), help="e.g. 30m, 1h")
     p.add_argument("--name", required=True, help="the name the joining host gets")
     add_address_flags(

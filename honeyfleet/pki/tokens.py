@@ -43,6 +43,7 @@ from honeyfleet.pki.identity import Role, validate_label
 
 __all__ = [
     "ADDRESSED_ROLES",
+    "ENROLLABLE_ROLES",
     "MAX_TOKEN_ADDRESSES",
     "MAX_TOKEN_LENGTH",
     "TOKEN_PREFIX",
@@ -61,6 +62,8 @@ _JTI_RE = re.compile(r"[0-9a-f]{32}")
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 _CLAIM_KEYS = frozenset({"role", "name", "exp", "jti", "ca", "fleet", "dns", "ips", "reenrol"})
 _REQUIRED_KEYS = _CLAIM_KEYS - {"dns", "ips", "reenrol"}
+#: Roles a token may enrol; controllers and admins are issued by hand (`pki issue`).
+ENROLLABLE_ROLES = frozenset({Role.SENSOR, Role.POOLNODE})
 #: Roles whose certificates may carry addresses: the ones other members connect to.
 ADDRESSED_ROLES = frozenset({Role.POOLNODE, Role.CONTROLLER})
 #: Addresses one token may name; a pool node needs one or two.
@@ -108,6 +111,10 @@ def create_token(
     a bad name and IssueError for a bad or wildcard address.
     """
     role = Role.parse(role)
+    if role not in ENROLLABLE_ROLES:
+        raise TokenError(
+            f"a token cannot enrol a {role}: issue its certificate with `honeyfleet pki issue`"
+        )
     if ttl <= timedelta(0):
         raise TokenError(f"token lifetime {ttl} is invalid: use a positive duration")
     validate_label(name, "name")

@@ -104,6 +104,8 @@ def test_addresses_and_reenrol_round_trip(ca: CertificateAuthority) -> None:
         (Role.POOLNODE, [], ["10.0.0.300"], IssueError),
         (Role.SENSOR, [], ["127.0.0.1"], TokenError),
         (Role.POOLNODE, [f"h{i}.example.net" for i in range(9)], [], TokenError),
+        (Role.CONTROLLER, [], [], TokenError),
+        (Role.ADMIN, [], [], TokenError),
     ],
 )
 def test_token_addresses_are_checked_at_creation(

@@ -96,6 +96,8 @@ class EventLog:
         # Read when scraped, so the gauges follow deliveries as well as new events.
         metrics.spool_bytes.set_function(lambda: spool.bytes)
         metrics.spool_events.set_function(lambda: spool.count)
+        metrics.spool_near_full.set_function(lambda: int(spool.near_full))
+        metrics.spool_full.set_function(lambda: int(spool.full))
 
     def emit(self, event: Event) -> None:
         """Record one event (durable once :meth:`flush` returns)."""

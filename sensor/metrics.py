@@ -46,6 +46,16 @@ class SensorMetrics:
         self.spool_events = Gauge(
             "honeyfleet_sensor_spool_events", "Undelivered events in the spool", registry=r
         )
+        self.spool_near_full = Gauge(
+            "honeyfleet_sensor_spool_near_full",
+            "1 while the spool refuses new sessions (near its bound, or short of disk)",
+            registry=r,
+        )
+        self.spool_full = Gauge(
+            "honeyfleet_sensor_spool_full",
+            "1 while the disk is full: events commit into the spool's reserve, or wait",
+            registry=r,
+        )
         self.events_over_budget = Counter(
             "honeyfleet_sensor_events_over_budget",
             "Events not written because a session or source ran out of event budget",

@@ -176,6 +176,7 @@ async def test_a_full_disk_refuses_new_sessions_and_keeps_every_event(
     assert commands == ["echo before", "echo filled", *(f"echo {n}" for n in range(30))]
     registry = fleet.sensor.metrics.registry
     assert registry.get_sample_value("honeyfleet_sensor_events_dropped_total") == 0
+    assert registry.get_sample_value("honeyfleet_sensor_spool_near_full") == 1
 
 
 def disk_bytes(*roots: Path) -> int:

@@ -16,6 +16,8 @@ packages=(
     apt binutils dpkg e2fsprogs kmod openssl qemu-utils
     # VM test clients and the network namespace; procps has sysctl and pgrep
     openssh-client sshpass iproute2 telnet procps
+    # The stealth tests run Debian's own sshd and telnetd next to the sensor
+    openssh-server inetutils-telnetd
 )
 if [ "$#" -gt 0 ]; then
     packages+=("$@")

@@ -17,10 +17,13 @@ from honeyfleet.config import host_port, non_negative, optional_host_port, posit
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
 
-# What Debian 12's OpenSSH 9.2 offers, so the sensor looks like the most common server.
-# Algorithms asyncssh lacks (e.g. sntrup761) are dropped at start-up.
-OPENSSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3"
+# The persona: what Debian 12's current OpenSSH (9.2p1-2+deb12u10, read from its sshd on
+# loopback: tests/integration/test_stealth_ssh.py compares the two) offers, in its order,
+# so the sensor looks like the most common server. Algorithms asyncssh lacks (sntrup761:
+# asyncssh has it only with liboqs, which Debian 12 does not package) are dropped at start-up.
+OPENSSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"
 OPENSSH_KEX = (
+    "sntrup761x25519-sha512",
     "sntrup761x25519-sha512@openssh.com",
     "curve25519-sha256",
     "curve25519-sha256@libssh.org",
@@ -53,6 +56,25 @@ OPENSSH_MACS = (
     "hmac-sha1",
 )
 OPENSSH_COMPRESSION = ("none", "zlib@openssh.com")
+# Host key algorithms in the order of Debian's host keys (rsa, ecdsa, ed25519): no SHA-1
+# ssh-rsa, none of the ssh.com names asyncssh would add.
+OPENSSH_HOST_KEY_ALGS = ("rsa-sha2-512", "rsa-sha2-256", "ecdsa-sha2-nistp256", "ssh-ed25519")
+# The server-sig-algs extension OpenSSH 9.2 sends (what it accepts for public key auth).
+OPENSSH_SIGNATURE_ALGS = (
+    "ssh-ed25519",
+    "sk-ssh-ed25519@openssh.com",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "webauthn-sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-dss",
+    "ssh-rsa",
+    "rsa-sha2-256",
+    "rsa-sha2-512",
+)
+# Debian's PAM (pam_unix) makes a failed password wait about 2 s before it is refused.
+PAM_FAIL_DELAY = 2.0
 # asyncssh refuses packets longer than this whatever we configure (connection.py).
 ASYNCSSH_MAX_PACKET = 256 * 1024
 
@@ -157,6 +179,19 @@ class SensorConfig:
     ssh_mac_algs: tuple[str, ...] = setting(factory=lambda: OPENSSH_MACS, help="offered MACs")
     ssh_compression_algs: tuple[str, ...] = setting(
         factory=lambda: OPENSSH_COMPRESSION, help="offered compression"
+    )
+    ssh_host_key_algs: tuple[str, ...] = setting(
+        factory=lambda: OPENSSH_HOST_KEY_ALGS,
+        help="host key algorithms offered, in order (each needs its key: rsa, ecdsa, ed25519)",
+    )
+    ssh_signature_algs: tuple[str, ...] = setting(
+        factory=lambda: OPENSSH_SIGNATURE_ALGS,
+        help="signature algorithms accepted and sent in server-sig-algs",
+    )
+    ssh_auth_fail_delay: float = setting(
+        PAM_FAIL_DELAY,
+        "seconds a failed SSH password or key waits before it is refused (Debian's PAM: 2)",
+        check=non_negative,
     )
     ssh_max_inflated_bytes: int = setting(
         512 * 1024 * 1024,
@@ -333,8 +368,14 @@ class SensorConfig:
     penalty_exempt: tuple[str, ...] = setting(
         factory=tuple, help="addresses/networks never penalised (CIDR)", check=_networks
     )
-    login_grace_time: float = setting(60.0, "seconds a connection has to log in", check=positive)
-    max_auth_attempts: int = setting(6, "authentication attempts per connection", check=positive)
+    login_grace_time: float = setting(
+        120.0, "seconds a connection has to log in (OpenSSH LoginGraceTime)", check=positive
+    )
+    max_auth_attempts: int = setting(
+        6,
+        "failed logins per connection; the last one disconnects (OpenSSH MaxAuthTries)",
+        check=positive,
+    )
     max_preauth_bytes: int = setting(
         256 * 1024, "bytes accepted from a client before it logs in", check=positive
     )

@@ -19,8 +19,23 @@ MSG_NEWKEYS = 21
 KEXINIT_LISTS = 10
 
 
+# What OpenSSH 9.2's sshd writes after its banner to a first line it refuses, then closes.
+PROTOCOL_MISMATCH = b"Protocol major versions differ.\r\n"
+INVALID_IDENTIFICATION = b"Invalid SSH identification string.\r\n"
+# Protocol versions OpenSSH takes as SSH 2.
+SSH2_VERSIONS = (b"2.0", b"1.99")
+
+
 class CleartextViolation(Exception):
     """The client broke a bound in the cleartext phase; the connection must end."""
+
+
+class BadIdentification(CleartextViolation):
+    """The client's first line is no SSH 2 identification; ``reply`` is OpenSSH's answer."""
+
+    def __init__(self, reason: str, reply: bytes) -> None:
+        super().__init__(reason)
+        self.reply = reply
 
 
 @dataclass(frozen=True)
@@ -81,13 +96,18 @@ class CleartextParser:
         end = self._buffer.find(b"\n", 0, MAX_VERSION_LINE + 2)
         if end < 0:
             if len(self._buffer) > MAX_VERSION_LINE + 1:
-                raise CleartextViolation("identification line too long")
+                self.done = True
+                raise BadIdentification("identification line too long", INVALID_IDENTIFICATION)
             return False
         line = bytes(self._buffer[:end]).rstrip(b"\r")
         del self._buffer[: end + 1]
         self._observer.client_version(line.decode("ascii", "backslashreplace"))
         if not line.startswith(b"SSH-"):
-            self.done = True  # asyncssh refuses it; nothing more to learn
+            self.done = True
+            raise BadIdentification("not an SSH identification", INVALID_IDENTIFICATION)
+        if line[4:].split(b"-", 1)[0] not in SSH2_VERSIONS:
+            self.done = True
+            raise BadIdentification("not SSH protocol 2", PROTOCOL_MISMATCH)
         self._stage = self._packet
         return True
 

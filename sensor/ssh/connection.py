@@ -6,7 +6,7 @@ captured files. The session core owns the rest (state, timers, slot, guest link,
 events, recording, the end). :class:`sensor.ssh.server.AttackerServer` is asyncssh's
 view of the connection.
 
-Bounds enforced here: auth attempts and channels; bytes before login, idle time, login
+Bounds enforced here: failed logins and channels; bytes before login, idle time, login
 grace time and total time are the core's; connection counts are
 :mod:`sensor.session.admission`'s; buffers are the pump's.
 """
@@ -87,7 +87,7 @@ class AttackerConnection(Adapter):
         self._side = side
         self._inner = DrainedInner(side, config.write_buffer_high)
         side.inner = self._inner
-        self._auth_attempts = 0
+        self._auth_failures = 0
         self._channels: set[RelaySession] = set()
         self._forwards = 0
         self._ssh: asyncssh.SSHServerConnection | None = None
@@ -174,20 +174,35 @@ class AttackerConnection(Adapter):
 
     # Authentication.
 
-    def counted_attempt(self) -> bool:
-        """Count an attempt; False (and disconnect) once past max_auth_attempts."""
-        self._auth_attempts += 1
-        if self._auth_attempts <= self.config.max_auth_attempts:
-            return True
+    def can_try(self) -> bool:
+        """Whether another attempt is heard (not once the connection is closing)."""
+        return self.session.closing is None and self._auth_failures < self.config.max_auth_attempts
+
+    async def refused(self) -> None:
+        """A failed password: wait as OpenSSH with PAM does, then count it.
+
+        The wait is a sleep on the event loop, inside asyncssh's auth task (the slot is
+        held meanwhile, as OpenSSH holds its MaxStartups slot until auth ends).
+        """
+        if self.config.ssh_auth_fail_delay:
+            await asyncio.sleep(self.config.ssh_auth_fail_delay)
+        self.count_failure()
+
+    def count_failure(self) -> None:
+        """One more failed attempt; the one that reaches max_auth_attempts disconnects.
+
+        As OpenSSH's ``auth_maxtries_exceeded``: code 2 (protocol error), "Too many
+        authentication failures", in place of a USERAUTH_FAILURE.
+        """
+        self._auth_failures += 1
+        if self._auth_failures < self.config.max_auth_attempts or self.session.closing:
+            return
         if self._ssh is not None:
-            self._ssh.disconnect(
-                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures"
-            )
+            self._ssh.disconnect(asyncssh.DISC_PROTOCOL_ERROR, "Too many authentication failures")
         # The pump passes asyncssh's disconnect message on before it closes, as OpenSSH
         # says why it hangs up.
         self._drain = self._ssh is not None
         self.session.close("too many authentication failures", hang_up=not self._drain)
-        return False
 
     async def login(self, username: str, password: str) -> bool:
         """Check a password against the userdb; on success lease and join a guest.
@@ -197,10 +212,11 @@ class AttackerConnection(Adapter):
         does, and the events say why. A connection already closing refuses: a join
         started now would hold a lease that nothing gives back.
         """
-        if self.session.closing is not None or not self.counted_attempt():
+        if not self.can_try():
             return False
         if not self.shared.services.userdb.check(username, password):
             self.session.login_attempt(username, password, accepted=False)
+            await self.refused()
             return False
         joining = self.session.join(self._open_guest)
         try:
@@ -210,6 +226,7 @@ class AttackerConnection(Adapter):
             raise
         if failure is not None or self.session.closing is not None:
             self.session.login_attempt(username, password, accepted=False, penalise=False)
+            await self.refused()
             return False
         self.session.login_attempt(username, password, accepted=True)
         self.session.logged_in()
@@ -220,8 +237,8 @@ class AttackerConnection(Adapter):
         self._guest = await log_into_guest(link, self.config.guest_login_timeout)
 
     def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
-        """Log an offered public key (always refused)."""
-        if not self.counted_attempt():
+        """Log an offered public key (always refused, then counted as a failure)."""
+        if not self.can_try():
             return
         self.session.auth_failed()
         fingerprint = key.get_fingerprint("md5").removeprefix("MD5:")
@@ -233,6 +250,7 @@ class AttackerConnection(Adapter):
             key=key.export_public_key().decode("ascii", "replace").strip(),
             type=key.get_algorithm(),
         )
+        self.count_failure()
 
     # Channels.
 

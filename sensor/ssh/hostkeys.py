@@ -10,11 +10,11 @@ import asyncssh
 
 log = logging.getLogger(__name__)
 
-# (file name, asyncssh algorithm, RSA key size) in OpenSSH's order of preference.
+# (file name, asyncssh algorithm, RSA key size) in the order Debian's sshd loads them.
 KEYS: tuple[tuple[str, str, int | None], ...] = (
-    ("ssh_host_ed25519_key", "ssh-ed25519", None),
-    ("ssh_host_ecdsa_key", "ecdsa-sha2-nistp256", None),
     ("ssh_host_rsa_key", "ssh-rsa", 3072),
+    ("ssh_host_ecdsa_key", "ecdsa-sha2-nistp256", None),
+    ("ssh_host_ed25519_key", "ssh-ed25519", None),
 )
 
 

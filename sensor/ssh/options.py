@@ -10,6 +10,7 @@ from asyncssh.compression import get_compression_algs
 from asyncssh.encryption import get_encryption_algs
 from asyncssh.kex import get_kex_algs
 from asyncssh.mac import get_mac_algs
+from asyncssh.public_key import get_public_key_algs
 
 from honeyfleet.errors import ConfigError
 from sensor.config import SensorConfig
@@ -30,6 +31,28 @@ def supported(key: str, wanted: Sequence[str], available: Sequence[bytes]) -> li
     return kept
 
 
+def host_keypairs(
+    wanted: Sequence[str], host_keys: list[asyncssh.SSHKey]
+) -> list[asyncssh.SSHKeyPair]:
+    """The host keys as asyncssh key pairs offering only ``wanted``, in its order.
+
+    asyncssh offers every algorithm a key can sign with (for RSA: SHA-1 ``ssh-rsa`` and
+    four ssh.com names); OpenSSH offers ``rsa-sha2-512,rsa-sha2-256``. A key pair's
+    ``host_key_algorithms`` is what asyncssh puts in its KEXINIT, key by key.
+    """
+    ranked: list[tuple[int, asyncssh.SSHKeyPair]] = []
+    for keypair in asyncssh.load_keypairs(host_keys):
+        names = {name.decode() for name in keypair.host_key_algorithms}
+        offered = [name for name in wanted if name in names]
+        if not offered:
+            continue  # a key the persona does not offer
+        keypair.host_key_algorithms = [name.encode() for name in offered]
+        ranked.append((list(wanted).index(offered[0]), keypair))
+    if not ranked:
+        raise ConfigError("ssh_host_key_algs", "no host key offers any of these algorithms")
+    return [keypair for _, keypair in sorted(ranked, key=lambda pair: pair[0])]
+
+
 def server_options(
     config: SensorConfig, host_keys: list[asyncssh.SSHKey]
 ) -> asyncssh.SSHServerConnectionOptions:
@@ -37,7 +60,9 @@ def server_options(
     compression.install()
     return asyncssh.SSHServerConnectionOptions(
         config=None,
-        server_host_keys=host_keys,
+        server_host_keys=host_keypairs(config.ssh_host_key_algs, host_keys),
+        # OpenSSH's hostkeys-00@openssh.com after login (UpdateHostKeys).
+        send_server_host_keys=True,
         server_version=config.ssh_version.removeprefix("SSH-2.0-"),
         kex_algs=supported("ssh_kex_algs", config.ssh_kex_algs, get_kex_algs()),
         encryption_algs=supported(
@@ -46,6 +71,9 @@ def server_options(
         mac_algs=supported("ssh_mac_algs", config.ssh_mac_algs, get_mac_algs()),
         compression_algs=supported(
             "ssh_compression_algs", config.ssh_compression_algs, get_compression_algs()
+        ),
+        signature_algs=supported(
+            "ssh_signature_algs", config.ssh_signature_algs, get_public_key_algs()
         ),
         # asyncssh's own login timer is the login grace time (it ends at a successful
         # login, which for us includes leasing and joining the guest).

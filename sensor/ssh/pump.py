@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sensor.linger import close_with_linger
-from sensor.ssh.cleartext import CleartextParser, CleartextViolation
+from sensor.ssh.cleartext import BadIdentification, CleartextParser, CleartextViolation
 
 
 class PumpOwner(Protocol):
@@ -44,6 +44,8 @@ class AttackerSide(asyncio.Protocol):
         self._owner: PumpOwner | None = None
         self.transport: asyncio.Transport | None = None
         self.inner: InnerSide | None = None
+        # A first line refused: OpenSSH's reply waits for our banner, then the end.
+        self._refusal: BadIdentification | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit or refuse; an admitted connection reads once asyncssh's end is ready.
@@ -60,12 +62,18 @@ class AttackerSide(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Check bounds, then pass to asyncssh."""
-        if self._owner is None:
+        if self._owner is None or self._refusal is not None:
             return
         reason = self._owner.attacker_bytes(len(data))
         if reason is None:
             try:
                 self._owner.parser.feed(data)
+            except BadIdentification as e:
+                # asyncssh never sees the line (it would close in silence).
+                self._refusal = e
+                if self.inner is not None and self.inner.banner_relayed:
+                    self.last_words()
+                return
             except CleartextViolation as e:
                 reason = str(e)
         if reason is not None:
@@ -73,6 +81,14 @@ class AttackerSide(asyncio.Protocol):
             return
         if self.inner is not None and self.inner.transport is not None:
             self.inner.transport.write(data)
+
+    def last_words(self) -> None:
+        """After our banner: OpenSSH's reply to a refused first line, then the end."""
+        refusal, self._refusal = self._refusal, None
+        if refusal is None or self._owner is None or self.transport is None:
+            return
+        self.transport.write(refusal.reply)
+        self._owner.pump_closed(str(refusal))
 
     def eof_received(self) -> bool:
         """Half-close towards asyncssh."""
@@ -119,6 +135,7 @@ class InnerSide(asyncio.Protocol):
         self._attacker = attacker
         self._high_water = high_water
         self.transport: asyncio.Transport | None = None
+        self.banner_relayed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Start reading the attacker now that asyncssh can take bytes."""
@@ -132,6 +149,10 @@ class InnerSide(asyncio.Protocol):
         """asyncssh's output goes to the attacker."""
         if self._attacker.transport is not None:
             self._attacker.transport.write(data)
+        if not self.banner_relayed and b"\n" in data:
+            # asyncssh's KEXINIT follows only the client's version: nothing after it yet.
+            self.banner_relayed = True
+            self._attacker.last_words()
 
     def eof_received(self) -> bool:
         """asyncssh is done sending."""

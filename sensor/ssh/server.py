@@ -7,15 +7,12 @@ asyncssh's callbacks into its calls.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 import asyncssh
 
 from sensor.events import SessionEvents
 from sensor.ssh.channels import RefusedForward, RelaySession
-
-KBDINT_PROMPT = ("", "", "", [("Password: ", False)])
 
 
 class Connection(Protocol):
@@ -71,20 +68,8 @@ class AttackerServer(asyncssh.SSHServer):
         return await self._c.login(username, password)
 
     def kbdint_auth_supported(self) -> bool:
-        """Keyboard-interactive, asking for a password."""
-        return True
-
-    def get_kbdint_challenge(
-        self, username: str, lang: str, submethods: str
-    ) -> tuple[str, str, str, list[tuple[str, bool]]]:
-        """One password prompt, as OpenSSH with PAM asks."""
-        return KBDINT_PROMPT
-
-    async def validate_kbdint_response(self, username: str, responses: Sequence[str]) -> bool:
-        """The password typed at the prompt."""
-        if len(responses) != 1:
-            return False
-        return await self._c.login(username, responses[0])
+        """Off, as in Debian's sshd_config: OpenSSH offers ``publickey,password``."""
+        return False
 
     def public_key_auth_supported(self) -> bool:
         """Offered so keys are logged; every key is refused."""

@@ -112,6 +112,7 @@ async def start_fleet(
             lease_timeout=5.0,
             guest_login_timeout=10.0,
             login_grace_time=20.0,
+            ssh_auth_fail_delay=0.0,  # tests about the delay ask for it
             # Every client comes from 127.0.0.1: penalties are tested on their own (as
             # OpenSSH's regression tests set PerSourcePenalties no).
             per_source_penalties=False,

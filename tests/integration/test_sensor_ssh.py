@@ -329,14 +329,15 @@ async def test_too_many_auth_attempts_are_told_why_they_end(make_fleet: FleetFac
         def password_auth_requested(self) -> str:
             return "root"  # root:x:!root, again and again
 
-    # Like OpenSSH, the sensor says why it hangs up (a disconnect message, not just EOF).
-    with pytest.raises(asyncssh.PermissionDenied) as refused:
+    # Like OpenSSH, the sensor says why it hangs up (a disconnect message, not just EOF),
+    # with OpenSSH's code and text, at the failure that reaches max_auth_attempts.
+    with pytest.raises(asyncssh.ProtocolError) as refused:
         async with asyncio.timeout(30):
             await asyncssh.connect(
                 "127.0.0.1", fleet.port, username="root", known_hosts=None, client_keys=None,
                 agent_path=None, client_factory=Persistent, preferred_auth="password",
             )  # fmt: skip
-    assert refused.value.code == asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
+    assert refused.value.code == asyncssh.DISC_PROTOCOL_ERROR
     assert refused.value.reason == "Too many authentication failures"
     await until(lambda: fleet.closed_reasons() == ["too many authentication failures"])
     assert len(fleet.events("cowrie.login.failed")) == 2

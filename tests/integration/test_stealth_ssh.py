@@ -1,0 +1,112 @@
+"""The sensor next to Debian 12's own sshd: what each says to the same probes.
+
+Both run on loopback: Debian's ``/usr/sbin/sshd`` as the package configures it
+(tests/debian_sshd.py) and the sensor with its default persona, which claims to be that
+sshd. Each probe's answers must be equal, except for the differences listed in
+``KNOWN_DIFFERENCES``, each with why it remains; a new difference (or one that went away)
+fails the test, so the list stays true.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import bounded
+from tests.debian_sshd import DebianSshd, debian_banner
+from tests.integration.ssh_fleet import FleetFactory
+from tests.sshprobe import exchange, hello, verbose_login, wrong_passwords
+
+log = logging.getLogger(__name__)
+
+# (probe, what differs): Debian's sshd's answer on the left, the sensor's on the right.
+KNOWN_DIFFERENCES = {
+    # asyncssh has sntrup761 only through liboqs, which Debian 12 does not package (and
+    # PyPI's liboqs-python downloads and builds liboqs at run time).
+    ("kex", "only OpenSSH offers sntrup761x25519-sha512"),
+    ("kex", "only OpenSSH offers sntrup761x25519-sha512@openssh.com"),
+    # asyncssh hard-codes ext-info-s in its KEXINIT, and the KEXINIT is hashed into the
+    # key exchange, so the byte pump cannot take it out.
+    ("kex", "only the sensor offers ext-info-s"),
+    # asyncssh writes its ext-info itself (encrypted): global-requests-ok always,
+    # publickey-hostbound@openssh.com never.
+    ("ext_info", "only OpenSSH sends publickey-hostbound@openssh.com=<0>"),
+    ("ext_info", "only the sensor sends global-requests-ok"),
+}
+
+
+def list_differences(probe: str, debian: list[str], sensor: list[str]) -> set[tuple[str, str]]:
+    """What differs between two lists of names, order included."""
+    found = {(probe, f"only OpenSSH offers {name}") for name in debian if name not in sensor}
+    found |= {(probe, f"only the sensor offers {name}") for name in sensor if name not in debian}
+    common_debian = [name for name in debian if name in sensor]
+    common_sensor = [name for name in sensor if name in debian]
+    if common_debian != common_sensor:
+        found.add((probe, f"order {common_debian} != {common_sensor}"))
+    return found
+
+
+@pytest.fixture
+async def debian_sshd(tmp_path: Path) -> AsyncIterator[DebianSshd]:
+    """Debian's sshd on loopback, stopped afterwards."""
+    sshd = DebianSshd(tmp_path / "debian-sshd")
+    await sshd.start()
+    yield sshd
+    await bounded(sshd.stop)
+
+
+async def test_the_sensor_answers_probes_as_debians_sshd(
+    make_fleet: FleetFactory, debian_sshd: DebianSshd
+) -> None:
+    fleet = await make_fleet(ssh_version=debian_banner(), ssh_auth_fail_delay=2.0)
+    differences: set[tuple[str, str]] = set()
+
+    debian, sensor = await hello(debian_sshd.port), await hello(fleet.port)
+    for probe, value in asdict(debian).items():
+        if isinstance(value, list):
+            differences |= list_differences(probe, value, getattr(sensor, probe))
+        elif value != getattr(sensor, probe):
+            differences.add((probe, f"{value!r} != {getattr(sensor, probe)!r}"))
+
+    debian_login, sensor_login = (
+        await verbose_login(debian_sshd.port),
+        await verbose_login(fleet.port),
+    )
+    for name in debian_login.ext_info:
+        if name not in sensor_login.ext_info:
+            differences.add(("ext_info", f"only OpenSSH sends {name}"))
+    for name in sensor_login.ext_info:
+        if name not in debian_login.ext_info:
+            differences.add(("ext_info", f"only the sensor sends {name}"))
+    if debian_login.auth_methods != sensor_login.auth_methods:
+        differences.add(("auth", f"{debian_login.auth_methods} != {sensor_login.auth_methods}"))
+
+    for first_line in (
+        b"SSH-1.5-Cisco-1.25\r\n",
+        b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        b"A" * 10240 + b"\r\n",
+    ):
+        theirs = await exchange(debian_sshd.port, first_line)
+        ours = await exchange(fleet.port, first_line)
+        if theirs != ours:
+            differences.add(("first line", f"{first_line[:16]!r}: {theirs!r} != {ours!r}"))
+
+    debian_refusal = await wrong_passwords(debian_sshd.port)
+    sensor_refusal = await wrong_passwords(fleet.port)
+    for field in ("failures", "code", "reason"):
+        if getattr(debian_refusal, field) != getattr(sensor_refusal, field):
+            differences.add(
+                ("failures", f"{field}: {getattr(debian_refusal, field)!r} != "
+                 f"{getattr(sensor_refusal, field)!r}")
+            )  # fmt: skip
+    log.info(
+        "seconds per failed password: Debian %.2f, sensor %.2f",
+        debian_refusal.seconds_per_failure,
+        sensor_refusal.seconds_per_failure,
+    )
+
+    assert differences == KNOWN_DIFFERENCES

@@ -1,0 +1,130 @@
+"""Probes that show what an SSH server says, for comparing the sensor with OpenSSH.
+
+Each probe is what a scanner sends (a version line, a KEXINIT request, an ``ssh -v``
+login, repeated wrong passwords, malformed first lines) and returns what the server sent
+back, in a form two servers can be compared by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+
+import asyncssh
+
+from sensor.ssh.cleartext import parse_kexinit
+from tests.conftest import require_tool
+
+CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
+READ_TIMEOUT = 5.0
+
+
+async def exchange(port: int, send: bytes, *, quiet_for: float = 1.0) -> bytes:
+    """What the server sends after ``send``, until it closes or is quiet for ``quiet_for``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(send)
+    out = b""
+    try:
+        while True:
+            async with asyncio.timeout(quiet_for):
+                chunk = await reader.read(65536)
+            if not chunk:
+                break
+            out += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        writer.close()
+    return out
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """The server's identification line and its KEXINIT lists (server to client)."""
+
+    banner: str
+    kex: list[str]
+    host_key: list[str]
+    encryption: list[str]
+    mac: list[str]
+    compression: list[str]
+
+
+async def hello(port: int) -> ServerHello:
+    """The banner and first KEXINIT the server answers an OpenSSH version line with."""
+    data = await exchange(port, CLIENT_VERSION)
+    banner, _, packet = data.partition(b"\r\n")
+    length = int.from_bytes(packet[:4], "big")
+    padding = packet[4]
+    kexinit = parse_kexinit(packet[5 : 4 + length - padding])
+    assert kexinit is not None, data
+    return ServerHello(
+        banner.decode(),
+        kexinit.kex,
+        kexinit.host_key,
+        kexinit.encryption,
+        kexinit.mac,
+        kexinit.compression,
+    )
+
+
+@dataclass(frozen=True)
+class VerboseLogin:
+    """What ``ssh -v`` reports of a password login that fails."""
+
+    ext_info: list[str]
+    auth_methods: list[str]
+
+
+async def verbose_login(port: int) -> VerboseLogin:
+    """Run ``ssh -vvv`` with no key and no password; collect ext-info and auth methods."""
+    ssh = require_tool("ssh", "openssh-client")
+    process = await asyncio.create_subprocess_exec(
+        ssh, "-vvv", "-p", str(port), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "PubkeyAuthentication=no", "-F", "/dev/null", "nobody@127.0.0.1", "true",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _, err = await process.communicate()
+    text = err.decode(errors="replace")
+    ext_info = re.findall(r"kex_input_ext_info: (\S+)", text)
+    methods = re.findall(r"Authentications that can continue: ([^\s]+)", text)
+    return VerboseLogin(ext_info, methods[0].split(",") if methods else [])
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """How a server ends a connection that keeps failing passwords."""
+
+    failures: int
+    code: int
+    reason: str
+    seconds_per_failure: float
+
+
+async def wrong_passwords(port: int, limit: int = 10) -> Refusal:
+    """Try wrong passwords (at most ``limit``) until the server disconnects."""
+    tries = 0
+
+    class Persistent(asyncssh.SSHClient):
+        def password_auth_requested(self) -> str:
+            nonlocal tries
+            tries += 1
+            return "wrong-password" if tries <= limit else ""
+
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(60):
+            await asyncssh.connect(
+                "127.0.0.1", port, username="nobody", known_hosts=None, client_keys=None,
+                agent_path=None, client_factory=Persistent, preferred_auth="password",
+            )  # fmt: skip
+    except asyncssh.DisconnectError as e:
+        elapsed = time.monotonic() - started
+        return Refusal(tries, e.code, e.reason, elapsed / max(tries, 1))
+    raise AssertionError("logged in with a wrong password")

@@ -69,6 +69,12 @@ class ControllerConfig:
         "beyond that the controller is saturated and sheds new ones at once",
         check=positive,
     )
+    shed_loop_lag: float = setting(
+        1.0,
+        "seconds the controller's event loop may run behind before new lease requests are "
+        "shed at once (each would wait that long anyway, and delay heartbeats and events)",
+        check=positive,
+    )
     max_leases_per_sensor: int = setting(
         1024,
         "active leases (and requests for one) a single sensor may hold, so one compromised "

@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import grpc
 
@@ -59,6 +60,8 @@ class LeaseManager:
         wait: float,
         max_per_sensor: int,
         max_in_flight: int,
+        loop_lag: Callable[[], float],
+        max_loop_lag: float,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -67,6 +70,8 @@ class LeaseManager:
         self._wait = wait
         self._max_per_sensor = max_per_sensor
         self._max_in_flight = max_in_flight
+        self._loop_lag = loop_lag
+        self._max_loop_lag = max_loop_lag
         self._in_flight = 0
         self.active: dict[str, LeaseRecord] = {}
         self._by_node: dict[str, dict[str, LeaseRecord]] = {}
@@ -112,6 +117,14 @@ class LeaseManager:
             self.metrics.shed.labels("sensor_quota").inc()
             raise ResourceExhausted(
                 f"{sensor} already holds {self._max_per_sensor} leases (max_leases_per_sensor)",
+                retry_after=SHED_RETRY_AFTER,
+            )
+        if (lag := self._loop_lag()) > self._max_loop_lag:
+            # Requests wait this long for the loop before they are even read: placing
+            # one more would only make every other request (and heartbeat) later.
+            self.metrics.shed.labels("loop_lag").inc()
+            raise ResourceExhausted(
+                f"the controller is saturated: {lag:.1f}s behind (shed_loop_lag)",
                 retry_after=SHED_RETRY_AFTER,
             )
         if self._in_flight - len(self._registry.waiters) >= self._max_in_flight:

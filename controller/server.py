@@ -23,7 +23,7 @@ from controller.nodeclient import NodeClients
 from controller.ratelimit import RateLimiter
 from controller.registry import Registry
 from controller.registry_service import PoolNodeRegistryServicer
-from controller.stall import StallMeter
+from controller.stall import LoopLag, StallMeter
 from controller.statestore import StateStore
 from controller.waiters import CapacityWaiters
 from honeyfleet.authz import ALL_ROLES, Authorizer
@@ -105,6 +105,7 @@ class Controller:
             dead_after=dead_after,
             max_node_guests=config.max_node_guests,
         )
+        self.loop_lag = LoopLag()
         self.nodes = NodeClients(config.tls, timeout=config.allocate_timeout)
         self.leases = LeaseManager(
             self.registry,
@@ -114,6 +115,8 @@ class Controller:
             wait=config.lease_wait,
             max_per_sensor=config.max_leases_per_sensor,
             max_in_flight=config.max_acquires_in_flight,
+            loop_lag=lambda: self.loop_lag.seconds,
+            max_loop_lag=config.shed_loop_lag,
         )
         self.events = EventPipeline(config, self.registry, self.leases)
         self.events.metrics_registry.register(self.leases.metrics.registry)
@@ -210,6 +213,7 @@ class Controller:
         self._spawn(self._every(liveness, self._check_liveness(StallMeter(liveness))))
         expiry = min(config.lease_ttl / 4, 5.0)
         self._spawn(self._every(expiry, self._expire_leases(StallMeter(expiry))))
+        self._spawn(self.loop_lag.run())
         self._spawn(self._every(REVOCATION_POLL, self._refresh_revocations))
         if ca is not None:
             signer = local_signer(ca, config.tls, validity_days=config.cert_validity_days)

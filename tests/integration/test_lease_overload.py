@@ -62,6 +62,30 @@ async def test_a_saturated_controller_sheds_new_acquires_at_once(
     assert (await sensor.acquire("192.0.2.2", "b")).lease.pool_node == "n1"
 
 
+async def test_a_controller_far_behind_sheds_new_acquires(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 2}, shed_loop_lag=0.5
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    # The event loop stops for a while, as a swamped controller's would: the request
+    # read right after is shed, not placed behind the backlog.
+    time.sleep(1.5)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sensor.acquire("192.0.2.1", "a")
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "shed_loop_lag" in (e.value.details() or "")
+    assert int(dict(e.value.trailing_metadata() or ())[RETRY_AFTER_TRAILER]) > 0
+    shed = controller.events.metrics_registry.get_sample_value(
+        "honeyfleet_leases_shed_total", {"reason": "loop_lag"}
+    )
+    assert shed == 1
+    # Caught up, it places requests again.
+    await until(lambda: controller.loop_lag.seconds < 0.5)
+    assert (await sensor.acquire("192.0.2.1", "a")).lease.pool_node == "n1"
+
+
 async def test_one_sensor_cannot_hold_more_than_its_quota(
     start_controller, start_pool_node, fleet_pki
 ) -> None:

@@ -23,7 +23,14 @@ from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc, poolnode_pb2
 from sensor.leases import GuestLease
 from sensor.tunnel import TunnelConnector, TunnelFailed
-from tests.conftest import ControllerFactory, FleetPki, until
+from tests.conftest import (
+    ControllerFactory,
+    FleetPki,
+    free_port,
+    start_static_pool_node,
+    until,
+)
+from tests.integration.test_tunnel import Tunnel
 
 BIN = Path(sys.executable).parent
 RPC_TIMEOUT = 10.0
@@ -193,3 +200,33 @@ async def revoked_serials(address: str, files: TlsFiles) -> frozenset[int]:
             certificate_pb2.ListRevokedRequest(), timeout=RPC_TIMEOUT
         )
     return frozenset(int(s, 16) for s in reply.serials)
+
+
+async def test_a_restarted_pool_node_refuses_revoked_callers_before_reaching_the_controller(
+    start_controller, fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    controller, address = await start_controller()
+    thief = fleet_pki.files(Role.SENSOR, "thief")
+    state = tmp_path / "keeper"
+    node = await start_static_pool_node(fleet_pki, "keeper", address, ("127.0.0.1:9",), state)
+    try:
+        RevocationList(fleet_pki.ca.revoked_path).revoke(serial_of(thief), "stolen")
+        # The node learns the list with a heartbeat reply (the controller rereads it each
+        # second) and keeps it in its state directory.
+        saved = state / "revoked-serials"
+        await until(lambda: saved.exists() and f"{serial_of(thief):x}" in saved.read_text())
+    finally:
+        await node.stop(grace=0)
+    await controller.stop(grace=0)
+    # Started again with no controller to ask: the saved list is in force from the start.
+    node = await start_static_pool_node(
+        fleet_pki, "keeper", f"127.0.0.1:{free_port()}", ("127.0.0.1:9",), state
+    )
+    try:
+        tunnel = Tunnel(thief, node.address)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await tunnel.open("any-lease")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await tunnel.channel.close()
+    finally:
+        await node.stop(grace=0)

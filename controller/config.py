@@ -148,6 +148,13 @@ class ControllerConfig:
     store_commit_events: int = setting(
         5000, "most events written to the store in one transaction", check=positive
     )
+    store_commit_window: float = setting(
+        0.02,
+        "seconds the writer waits after a batch for more batches to share its transaction "
+        "(fewer commits per event under a fleet's trickle, at most this much added to an "
+        "acknowledgement); 0: commit at once",
+        check=non_negative,
+    )
     ingest_shed_after: float = setting(
         10.0,
         "seconds a batch may wait for room in the ingest queue before it is refused with "

@@ -86,6 +86,7 @@ class EventPipeline:
             self.metrics,
             max_pending=config.ingest_queue_batches,
             max_commit_events=config.store_commit_events,
+            commit_window=config.store_commit_window,
             shed_after=config.ingest_shed_after,
             retry_after=config.ingest_retry_after,
             on_stored=self._fan_out,

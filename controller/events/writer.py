@@ -2,7 +2,11 @@
 
 Streams hand their batches to :meth:`BatchWriter.write` and wait for the result; the
 writer takes whatever batches are queued (up to ``max_commit_events``) and writes them
-in one transaction (group commit), so many streams cost few transactions.
+in one transaction (group commit), so many streams cost few transactions. Under a fleet's
+steady trickle (a thousand sensors, each sending an event or two at a time) the queue
+is rarely more than one batch deep when the writer looks, so after the first batch it
+waits up to ``commit_window`` for others to join: a commit (and its fsync) then serves
+many sensors instead of one, for a few milliseconds more on each acknowledgement.
 
 Overload: the queue of batches is bounded. When the store is slow, streams wait to
 enqueue (they stop reading requests, and gRPC flow control slows the sensors down), but
@@ -75,6 +79,7 @@ class BatchWriter:
         *,
         max_pending: int,
         max_commit_events: int,
+        commit_window: float,
         shed_after: float,
         retry_after: float,
         on_stored: Callable[[list[EventRow]], Awaitable[None]],
@@ -84,6 +89,7 @@ class BatchWriter:
         self._metrics = metrics
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_pending)
         self._max_commit_events = max_commit_events
+        self._commit_window = commit_window
         self._shed_after = shed_after
         self._retry_after = retry_after
         self._on_stored = on_stored
@@ -121,12 +127,7 @@ class BatchWriter:
     async def run(self) -> None:
         """Write queued batches until cancelled."""
         while True:
-            group = [await self._queue.get()]
-            events = len(group[0].rows)
-            while events < self._max_commit_events and not self._queue.empty():
-                pending = self._queue.get_nowait()
-                group.append(pending)
-                events += len(pending.rows)
+            group = await self._gather()
             self._metrics.queue.set(self._queue.qsize())
             try:
                 await self._commit(group)
@@ -137,6 +138,27 @@ class BatchWriter:
                 for pending in group:
                     if not pending.done.done():
                         pending.done.set_exception(Unavailable(f"event write failed: {e}"))
+
+    async def _gather(self) -> list[_Pending]:
+        """The next group to commit: the first batch, and those that join it in the window."""
+        group = [await self._queue.get()]
+        events = len(group[0].rows)
+        deadline = time.monotonic() + self._commit_window
+        while events < self._max_commit_events:
+            if self._queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(left):
+                        pending = await self._queue.get()
+                except TimeoutError:
+                    break
+            else:
+                pending = self._queue.get_nowait()
+            group.append(pending)
+            events += len(pending.rows)
+        return group
 
     async def _commit(self, group: list[_Pending]) -> None:
         """Write a group, retrying while the store is unavailable, then resolve it."""

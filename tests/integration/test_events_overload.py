@@ -173,7 +173,12 @@ async def test_a_full_queue_answers_resource_exhausted_in_time_and_loses_nothing
     store_overrides: dict[str, Any], start_controller: ControllerFactory, fleet_pki: FleetPki
 ) -> None:
     controller, address = await start_controller(
-        **store_overrides, ingest_queue_batches=1, ingest_shed_after=0.5, ingest_retry_after=3.0
+        **store_overrides,
+        ingest_queue_batches=1,
+        ingest_shed_after=0.5,
+        ingest_retry_after=3.0,
+        # edge2's batch must wait in the queue, not join edge1's in the writer's window.
+        store_commit_window=0.0,
     )
     names = ["edge1", "edge2", "edge3"]
     work = {name: batches(bulk_events(20, name)) for name in names}

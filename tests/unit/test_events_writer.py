@@ -1,0 +1,74 @@
+"""The event writer's group commit against a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from controller.events.metrics import EventMetrics
+from controller.events.sqlite_store import SqliteEventStore
+from controller.events.writer import Ack, BatchWriter
+from tests.unit.test_events_store import commands, rows
+
+# Far longer than the test's own pause between batches: the second batch joins the first's
+# transaction however slow the machine is.
+WINDOW = 3.0
+ACK_TIMEOUT = 60.0
+
+
+async def _nothing(_: object) -> None:
+    """A callback with nothing to do."""
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
+    """An empty SQLite event store."""
+    opened = SqliteEventStore(tmp_path / "events.sqlite3")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def _commits(store: SqliteEventStore, window: float) -> float:
+    """Transactions a writer with ``window`` uses for two one-event batches, the second
+    arriving once the writer has taken the first (a fleet's trickle)."""
+    registry = CollectorRegistry()
+    writer = BatchWriter(
+        store,
+        EventMetrics(registry),
+        max_pending=8,
+        max_commit_events=1000,
+        commit_window=window,
+        shed_after=10.0,
+        retry_after=1.0,
+        on_stored=_nothing,
+        on_state=_nothing,
+    )
+    runner = asyncio.create_task(writer.run())
+    try:
+        first = asyncio.create_task(writer.write(rows(commands(1))))
+        await asyncio.sleep(0.05)  # the writer takes the first batch off the queue
+        second = asyncio.create_task(writer.write(rows(commands(1))))
+        async with asyncio.timeout(ACK_TIMEOUT):
+            acks = await asyncio.gather(first, second)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert acks == [Ack(1, 0), Ack(1, 0)]
+    commits = registry.get_sample_value("honeyfleet_store_write_seconds_count")
+    assert commits is not None
+    return commits
+
+
+async def test_a_batch_that_arrives_within_the_window_shares_the_transaction(
+    store: SqliteEventStore,
+) -> None:
+    assert await _commits(store, WINDOW) == 1
+
+
+async def test_without_a_window_each_batch_commits_at_once(store: SqliteEventStore) -> None:
+    assert await _commits(store, 0.0) == 2

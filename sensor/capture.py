@@ -48,6 +48,8 @@ class StoredFile:
     shasum: str
     path: Path
     size: int
+    duplicate: bool
+    """Whether the store held this content already (Cowrie's ``duplicate``)."""
 
 
 class FileStore:
@@ -73,8 +75,8 @@ class FileStore:
         """A session's way into the store; problems go to its ``logger`` and events."""
         return SessionFiles(self, report, logger)
 
-    def keep(self, temp: Path) -> tuple[StoredFile, bool]:
-        """Move a finished capture to its sha256 name (blocking); True if it was new."""
+    def keep(self, temp: Path) -> StoredFile:
+        """Move a finished capture to its sha256 name (blocking)."""
         digest = hashlib.sha256()
         size = 0
         with temp.open("rb") as f:
@@ -85,9 +87,9 @@ class FileStore:
         final = self.root / shasum
         if final.exists():
             temp.unlink()
-            return StoredFile(shasum, final, size), False
+            return StoredFile(shasum, final, size, duplicate=True)
         temp.rename(final)
-        return StoredFile(shasum, final, size), True
+        return StoredFile(shasum, final, size, duplicate=False)
 
 
 class SessionFiles:
@@ -221,13 +223,13 @@ class Capture:
         if self._failed(closed=True):
             return None
         try:
-            stored, new = await asyncio.to_thread(self._store.keep, self._file.path)
+            stored = await asyncio.to_thread(self._store.keep, self._file.path)
         except OSError as e:
             self._give_up(e, closed=True)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self._file.path.unlink, missing_ok=True)
             return None
-        if not new:
+        if stored.duplicate:
             self._store.budget.give(self._reserved)
         return stored
 

@@ -147,6 +147,13 @@ def _networks(value: tuple[str, ...]) -> str | None:
     return None
 
 
+def _instance_id(value: str) -> str | None:
+    """Check: empty, or 1-128 printable ASCII characters without spaces."""
+    if value == "" or re.fullmatch(r"[\x21-\x7e]{1,128}", value):
+        return None
+    return "must be empty or 1-128 printable ASCII characters without spaces"
+
+
 def _fraction(value: float) -> str | None:
     """Check: a number in (0, 1]."""
     return None if 0 < value <= 1 else "must be more than 0 and at most 1"
@@ -160,6 +167,17 @@ class SensorConfig:
         "127.0.0.1:7300", "host:port of the controller's fleet API", check=host_port
     )
     state_dir: Path = setting(Path("state/sensor"), "where the sensor keeps keys, spool, logs")
+    uuid: str = setting(
+        "",
+        "this sensor's identity, the uuid field of every event (Cowrie's [honeypot] uuid); "
+        "empty: made once and kept in state_dir/uuid",
+        check=_instance_id,
+    )
+    guest_arch: str = setting(
+        "linux-x64-lsb",
+        "the guests' architecture as cowrie.session.params reports it (Cowrie's arch names)",
+        check=_instance_id,
+    )
     tls_ca: Path = setting(Path("tls/ca.pem"), "fleet CA certificate")
     tls_cert: Path = setting(Path("tls/cert.pem"), "the sensor's certificate")
     tls_key: Path = setting(Path("tls/key.pem"), "the sensor's private key")

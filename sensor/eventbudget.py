@@ -39,6 +39,11 @@ EXEMPT = frozenset(
         "cowrie.login.success",
         "cowrie.client.version",
         "cowrie.client.kex",
+        # Once per guest joined (leases per session are bounded by the login attempts).
+        "cowrie.session.params",
+        "cowrie.proxy.backend_connected",
+        "cowrie.proxy.backend_disconnected",
+        "cowrie.proxy.client_disconnect",
         "honeyfleet.lease.failed",
         "honeyfleet.lease.lost",
         "honeyfleet.guest.failed",

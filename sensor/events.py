@@ -1,8 +1,12 @@
 """Where a sensor's events go: the durable spool first, then the optional JSON lines file.
 
-:class:`SessionEvents` binds one session's shared fields (session id, addresses, lease,
-guest) so call sites name only the event id, Cowrie's message template and the
-event's own fields. Messages are Cowrie's, verbatim, with ``{field}`` placeholders.
+:class:`SessionEvents` binds one session's shared fields (session id, both ends of the
+connection, lease, guest) so call sites name only the event id, Cowrie's message
+template and the event's own fields. Messages are Cowrie's, verbatim, with ``{field}``
+placeholders. Like Cowrie (3.0.6 and later) every event carries ``src_port``, ``dst_ip``
+and ``dst_port`` of the connection; an event's own field of that name wins (the
+destination of a ``cowrie.direct-tcpip.request``). ``src_ip`` is plain IPv4 for an
+IPv4-mapped address, as Cowrie writes it.
 
 Attacker-sent strings (passwords, commands, host and variable names) can be any length,
 and the controller refuses an event whose JSON is over ``MAX_EVENT_JSON`` bytes, losing
@@ -22,7 +26,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-from honeyfleet.events import MAX_EVENT_JSON, Event, make_event
+from honeyfleet.events import MAX_EVENT_JSON, Event, make_event, plain_ip
 from sensor.eventbudget import SUMMARY, EventBudget, SessionBudget
 from sensor.metrics import SensorMetrics
 from sensor.recording import RecordingSummary
@@ -88,10 +92,17 @@ class EventLog:
     """Writes events to the spool, durably and first (the spool then mirrors them)."""
 
     def __init__(
-        self, spool: Spool, metrics: SensorMetrics, budget: EventBudget | None = None
+        self,
+        spool: Spool,
+        metrics: SensorMetrics,
+        budget: EventBudget | None = None,
+        *,
+        sensor_uuid: str,
     ) -> None:
         self.spool = spool
         self.budget = budget
+        self.sensor_uuid = sensor_uuid
+        """The sensor's identity, the ``uuid`` of every event (see :mod:`sensor.instance`)."""
         self._metrics = metrics
         # Read when scraped, so the gauges follow deliveries as well as new events.
         metrics.spool_bytes.set_function(lambda: spool.bytes)
@@ -118,13 +129,22 @@ class SessionEvents:
     """One session's event emitter and log context."""
 
     def __init__(
-        self, events: EventLog, *, session: str, src_ip: str, sensor: str, protocol: str
+        self,
+        events: EventLog,
+        *,
+        session: str,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        sensor: str,
+        protocol: str,
     ) -> None:
         self._events = events
         self.session = session
-        self.src_ip = src_ip
+        self.src_ip = plain_ip(peer[0])
         self.sensor = sensor
         self.protocol = protocol
+        # The connection's ends, on every event (Cowrie's names).
+        self.endpoints = {"src_port": peer[1], "dst_ip": plain_ip(local[0]), "dst_port": local[1]}
         # Fleet fields known later in the session: pool_node, guest, lease.
         self.context: dict[str, str] = {}
         self.log = SessionLogger(log, self)
@@ -177,7 +197,7 @@ class SessionEvents:
                 long.append(f"{name} ({len(value)} long)")
             return short
 
-        fields = {k: bounded(k, v) for k, v in fields.items()}
+        fields = self.endpoints | {k: bounded(k, v) for k, v in fields.items()}
         args = {k: bounded(k, v) for k, v in args.items()}
         message = template.format(session=self.session, src_ip=self.src_ip, **fields, **args)
         message = cut(message, limit)
@@ -189,6 +209,7 @@ class SessionEvents:
             session=self.session,
             src_ip=self.src_ip,
             sensor=self.sensor,
+            sensor_uuid=self._events.sensor_uuid,
             protocol=self.protocol,
             context=self.context,
             **fields,
@@ -203,17 +224,20 @@ class SessionEvents:
     def emit_closed(self, recording: RecordingSummary | None, duration: float, reason: str) -> None:
         """A session's last events: its recording's ``log.closed``, then ``session.closed``.
 
-        Both carry ``duration_ms`` and the older ``duration`` (seconds) for Cowrie 2.x tools.
+        Both are Cowrie 3.1's (``duration_ms``, and its message) and keep the older
+        ``duration`` (seconds) as an extra for Cowrie 2.x tools. A recording is never a
+        ``duplicate``: each is its own file, not stored by content as Cowrie's are.
         """
         if recording is not None:
             self.emit(
                 "cowrie.log.closed",
-                "Closing TTY Log: {ttylog} after {duration} seconds",
+                "Closing TTY Log: {ttylog} after {duration_ms} milliseconds",
                 ttylog=str(recording.path),
                 size=recording.size,
                 shasum=recording.shasum,
-                duration=round(recording.duration, 1),
+                duplicate=False,
                 duration_ms=round(recording.duration * 1000),
+                duration=round(recording.duration, 1),
                 truncated=recording.truncated,
             )
         lost: dict[str, Any] = (
@@ -221,9 +245,9 @@ class SessionEvents:
         )
         self.emit(
             "cowrie.session.closed",
-            "Connection lost after {duration} seconds",
-            duration=round(duration, 1),
+            "Connection lost after {duration_ms} milliseconds",
             duration_ms=round(duration * 1000),
+            duration=round(duration, 1),
             reason=reason,
             **lost,
         )

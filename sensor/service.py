@@ -19,6 +19,7 @@ from sensor.capture import FileStore
 from sensor.config import SensorConfig
 from sensor.eventbudget import EventBudget, EventLimits
 from sensor.events import EventLog
+from sensor.instance import instance_uuid
 from sensor.leases import LeaseClient
 from sensor.metrics import SensorMetrics
 from sensor.recording import Recordings
@@ -90,13 +91,16 @@ class Sensor:
             reserve_bytes=config.spool_reserve_bytes,
             mirror=self._jsonlines.write if self._jsonlines is not None else None,
         )
+        sensor_uuid = await asyncio.to_thread(instance_uuid, config.uuid, config.state_dir)
         limits = EventLimits(
             session_max_events=config.session_max_events,
             session_events_per_minute=config.session_events_per_minute,
             source_max_events=config.source_max_events,
             source_events_per_minute=config.source_events_per_minute,
         )
-        self._events = EventLog(self.spool, self.metrics, EventBudget(limits, self.metrics))
+        self._events = EventLog(
+            self.spool, self.metrics, EventBudget(limits, self.metrics), sensor_uuid=sensor_uuid
+        )
         self._controller = ChannelCache(config.tls)
         leases = self._leases = LeaseClient(
             self._controller.get(config.controller),

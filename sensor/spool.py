@@ -50,10 +50,12 @@ T = TypeVar("T")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    uuid TEXT NOT NULL,
+    hf_event_id TEXT NOT NULL,
     json TEXT NOT NULL
 )
 """
+# A spool written before events had ``hf_event_id`` named its column ``uuid``.
+LEGACY_COLUMN = "uuid"
 # Most events in one transaction; a burst larger than this commits in several.
 COMMIT_EVENTS = 2000
 # Seconds between commit attempts of a stalled spool (doubling up to the most).
@@ -71,12 +73,9 @@ class Spooled:
     seq: int
     event: Event
     text: str
-    """The event's JSON as spooled, sent as is (never serialised again)."""
-
-    @property
-    def size(self) -> int:
-        """Characters of JSON, as the spool's size bound counts them."""
-        return len(self.text)
+    """The event's JSON as sent (as spooled, unless an older sensor spooled it)."""
+    size: int
+    """Characters of JSON as spooled, as the spool's size bound counts them."""
 
 
 class Spool:
@@ -231,6 +230,9 @@ class Spool:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute(SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+        if LEGACY_COLUMN in columns:
+            db.execute(f"ALTER TABLE events RENAME COLUMN {LEGACY_COLUMN} TO hf_event_id")
         self._db = db
         row = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(json)), 0) FROM events")
         count, size = row.fetchone()
@@ -296,8 +298,8 @@ class Spool:
         db.execute("BEGIN")
         try:
             db.executemany(
-                "INSERT INTO events (uuid, json) VALUES (?, ?)",
-                [(event["uuid"], text) for event, text in batch],
+                "INSERT INTO events (hf_event_id, json) VALUES (?, ?)",
+                [(event["hf_event_id"], text) for event, text in batch],
             )
             db.execute("COMMIT")
         except BaseException:
@@ -319,7 +321,7 @@ class Spool:
             size += len(text)
             if out and size > max_bytes:
                 break
-            out.append(Spooled(seq, json.loads(text), text))
+            out.append(Spooled(seq, *_current(json.loads(text), text), len(text)))
         return out
 
     def _delete(self, seqs: list[int]) -> None:
@@ -340,3 +342,15 @@ class Spool:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _current(event: Event, text: str) -> tuple[Event, str]:
+    """An event as it is sent now; one spooled by an older sensor gets its ``hf_event_id``.
+
+    Such an event's ``uuid`` was its delivery id, so it becomes the ``hf_event_id`` (the
+    ``uuid`` stays: the sensor's identity is not known here).
+    """
+    if "hf_event_id" in event or not isinstance(event.get("uuid"), str):
+        return event, text
+    event["hf_event_id"] = event["uuid"]
+    return event, to_json(event)

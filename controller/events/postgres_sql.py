@@ -2,13 +2,13 @@
 
 ``events`` is partitioned by day on ``time``; partitions are created ahead and for any
 day a batch needs, and dropped whole for retention. PostgreSQL needs the partition key
-in every unique constraint, so the key is ``(uuid, time)``: a resent event carries the
-same timestamp (it is part of the verbatim event), so this stores each uuid once.
+in every unique constraint, so the key is ``(hf_event_id, time)``: a resent event carries
+the same timestamp (it is part of the verbatim event), so this stores each event once.
 
 The views reproduce Cowrie's SQL output tables (its ``docs/sql/postgres.sql``):
 ``sessions``, ``auth``, ``input``, ``downloads``, ``ttylog``, ``keyfingerprints``,
-``params``, with ``sensors`` and ``clients`` as real tables; timestamps are UTC
-``timestamp`` values as Cowrie writes them.
+``params``, ``ipforwards``, ``ipforwardsdata``, with ``sensors`` and ``clients`` as real
+tables; timestamps are UTC ``timestamp`` values as Cowrie writes them.
 """
 
 from __future__ import annotations
@@ -166,13 +166,36 @@ MIGRATIONS.append(
     "CREATE TABLE IF NOT EXISTS events_old PARTITION OF events DEFAULT"
 )
 
+# The delivery id is ``hf_event_id`` (an event's ``uuid`` is now its sensor's identity, as
+# in Cowrie); the primary key follows the column.
+MIGRATIONS.append("ALTER TABLE events RENAME COLUMN uuid TO hf_event_id")
+
+# Cowrie's ipforwards and ipforwardsdata tables.
+MIGRATIONS.append(
+    """
+    CREATE VIEW ipforwards AS
+        SELECT seq AS id, session, time AT TIME ZONE 'UTC' AS timestamp,
+               event ->> 'dst_ip' AS dst_ip,
+               CASE WHEN jsonb_typeof(event -> 'dst_port') = 'number'
+                    THEN (event -> 'dst_port')::numeric END AS dst_port
+        FROM events WHERE eventid = 'cowrie.direct-tcpip.request';
+    CREATE VIEW ipforwardsdata AS
+        SELECT seq AS id, session, time AT TIME ZONE 'UTC' AS timestamp,
+               event ->> 'dst_ip' AS dst_ip,
+               CASE WHEN jsonb_typeof(event -> 'dst_port') = 'number'
+                    THEN (event -> 'dst_port')::numeric END AS dst_port,
+               event ->> 'data' AS data
+        FROM events WHERE eventid = 'cowrie.direct-tcpip.data'
+    """
+)
+
 INSERT_EVENTS = """
-INSERT INTO events (uuid, time, sensor, session, eventid, src_ip, protocol, event, raw)
+INSERT INTO events (hf_event_id, time, sensor, session, eventid, src_ip, protocol, event, raw)
 SELECT * FROM unnest(
     %s::uuid[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::inet[],
     %s::text[], %s::text[]::jsonb[], %s::text[])
-ON CONFLICT (uuid, time) DO NOTHING
-RETURNING uuid
+ON CONFLICT (hf_event_id, time) DO NOTHING
+RETURNING hf_event_id
 """
 
 UPSERT_SESSION = """

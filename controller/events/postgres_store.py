@@ -151,7 +151,7 @@ class PostgresEventStore(SqlQueries):
                 await self._create_partitions(conn, days)
             async with conn.transaction():
                 cursor = await conn.execute(sql.INSERT_EVENTS, _columns(rows))
-                stored = {str(uuid) for (uuid,) in await cursor.fetchall()}
+                stored = {str(id_) for (id_,) in await cursor.fetchall()}
                 new = first_new(rows, stored)
                 async with conn.cursor() as cur:
                     await cur.executemany(
@@ -311,7 +311,7 @@ def _columns(rows: Sequence[EventRow]) -> tuple[list[Any], ...]:
             events.append(row.json)
             raws.append(None)
     return (
-        [r.uuid for r in rows],
+        [r.hf_event_id for r in rows],
         [r.time for r in rows],
         [r.sensor for r in rows],
         [r.session for r in rows],

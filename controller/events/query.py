@@ -121,7 +121,7 @@ class QueryBuilder:
         self.d = dialect
         self.username = dialect.json_field("username")
         self.event_columns = (
-            f"seq, {dialect.event_time}, uuid, eventid, session, {dialect.address_text}, "
+            f"seq, {dialect.event_time}, hf_event_id, eventid, session, {dialect.address_text}, "
             f"protocol, {dialect.stored_json}"
         )
         self.session_columns = (
@@ -150,8 +150,8 @@ class QueryBuilder:
     def event_rows(self, rows: Sequence[Sequence[Any]]) -> list[StoredEvent]:
         """Result rows of :meth:`events` as StoredEvents."""
         return [
-            StoredEvent(seq, self.d.time_out(t), str(uuid), eventid, session, ip, proto, text)
-            for seq, t, uuid, eventid, session, ip, proto, text in rows
+            StoredEvent(seq, self.d.time_out(t), str(id_), eventid, session, ip, proto, text)
+            for seq, t, id_, eventid, session, ip, proto, text in rows
         ]
 
     def sessions(self, query: SessionQuery) -> Statement:

@@ -119,7 +119,7 @@ class EventQueryServicer(events_pb2_grpc.EventQueryServiceServicer):
                 row = await watcher.next()
                 yield events_pb2.WatchEventsResponse(
                     event=ingest_pb2.Event(
-                        uuid=row.uuid,
+                        hf_event_id=row.hf_event_id,
                         eventid=row.eventid,
                         time=_micros_timestamp(row.time_us),
                         session=row.session,
@@ -247,7 +247,7 @@ def _protocol(name: str) -> common_pb2.Protocol.ValueType:
 def _event(e: StoredEvent) -> ingest_pb2.Event:
     """The wire form of a stored event."""
     return ingest_pb2.Event(
-        uuid=e.uuid,
+        hf_event_id=e.hf_event_id,
         eventid=e.eventid,
         time=_micros_timestamp(e.time_us),
         session=e.session,

@@ -40,8 +40,8 @@ def from_micros(micros: int) -> datetime:
 class EventRow:
     """One validated event, ready to store."""
 
-    uuid: str
-    """Canonical (lower-case, hyphenated) form of the event's uuid."""
+    hf_event_id: str
+    """Canonical (lower-case, hyphenated) form of the event's delivery id."""
     time: datetime
     sensor: str
     """The sending sensor's certificate name."""
@@ -100,7 +100,7 @@ class SessionDelta:
 
 
 def _closed(delta: SessionDelta, row: EventRow) -> None:
-    """cowrie.session.closed: the session's end."""
+    """cowrie.session.closed, or a refusal (a session of one event): the session's end."""
     delta.end = row.time
 
 
@@ -128,6 +128,7 @@ def _client_size(delta: SessionDelta, row: EventRow) -> None:
 # Event id -> how it changes its session's summary (Cowrie's SQL output keeps the same).
 _APPLY: dict[str, Callable[[SessionDelta, EventRow], None]] = {
     "cowrie.session.closed": _closed,
+    "honeyfleet.session.refused": _closed,
     "cowrie.login.success": _login_success,
     "cowrie.login.failed": _login_failed,
     "cowrie.client.version": _client_version,
@@ -154,12 +155,12 @@ def summarise_sessions(rows: Iterable[EventRow]) -> list[SessionDelta]:
 
 
 def first_new(rows: Iterable[EventRow], stored: set[str]) -> list[EventRow]:
-    """The rows whose uuid was stored now, each uuid once (a batch may repeat one)."""
+    """The rows whose id was stored now, each id once (a batch may repeat one)."""
     seen: set[str] = set()
     out = []
     for row in rows:
-        if row.uuid in stored and row.uuid not in seen:
-            seen.add(row.uuid)
+        if row.hf_event_id in stored and row.hf_event_id not in seen:
+            seen.add(row.hf_event_id)
             out.append(row)
     return out
 

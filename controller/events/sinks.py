@@ -3,7 +3,7 @@
 Sinks receive each event once, right after the transaction that stored it and before
 the sensor's acknowledgement, so resent events never reach them twice. A controller
 crash between the commit and the sink write can lose those lines from the file (never
-from the store); every line carries the event's uuid for downstream de-duplication.
+from the store); every line carries the event's ``hf_event_id`` for downstream de-duplication.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Times are integer microseconds since the epoch (``*_us``); ``seq`` is the rowid, so it
 grows in arrival order. The views reproduce Cowrie's SQL output tables (its
-``docs/sql/sqlite3.sql``): timestamps as ``YYYY-MM-DD HH:MM:SS`` UTC text, ``sessions.sensor``
-and ``sessions.client`` as ids into the ``sensors`` and ``clients`` tables.
+``docs/sql/sqlite3.sql``, ``ipforwards`` and ``ipforwardsdata`` included): timestamps as
+the ISO text Cowrie's sqlite output stores (``YYYY-MM-DDTHH:MM:SS.ffffffZ``, UTC),
+``sessions.sensor`` and ``sessions.client`` as ids into the ``sensors`` and ``clients``
+tables.
 """
 
 from __future__ import annotations
@@ -130,9 +132,72 @@ MIGRATIONS = [
     """,
 ]
 
+# Version 2: the delivery id is ``hf_event_id`` (an event's ``uuid`` is now its sensor's
+# identity, as in Cowrie); the uniqueness constraint follows the column.
+MIGRATIONS.append("ALTER TABLE events RENAME COLUMN uuid TO hf_event_id;")
+
+# Version 3: timestamps as Cowrie's sqlite output keeps them (the events' ISO text, to the
+# microsecond), and Cowrie's ipforwards and ipforwardsdata tables.
+MIGRATIONS.append(
+    """
+    DROP VIEW sessions;
+    DROP VIEW auth;
+    DROP VIEW input;
+    DROP VIEW downloads;
+    CREATE VIEW sessions AS
+        SELECT s.session AS id,
+               strftime('%Y-%m-%dT%H:%M:%S', s.start_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', s.start_us % 1000000) AS starttime,
+               strftime('%Y-%m-%dT%H:%M:%S', s.end_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', s.end_us % 1000000) AS endtime,
+               se.id AS sensor, s.src_ip AS ip, s.terminal_size AS termsize, c.id AS client
+        FROM event_sessions s
+        JOIN sensors se ON se.ip = s.sensor
+        LEFT JOIN clients c ON c.version = s.client_version;
+    CREATE VIEW auth AS
+        SELECT seq AS id, session, eventid = 'cowrie.login.success' AS success,
+               json_extract(json, '$.username') AS username,
+               json_extract(json, '$.password') AS password,
+               strftime('%Y-%m-%dT%H:%M:%S', time_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', time_us % 1000000) AS timestamp
+        FROM events WHERE eventid IN ('cowrie.login.success', 'cowrie.login.failed');
+    CREATE VIEW input AS
+        SELECT seq AS id, session,
+               strftime('%Y-%m-%dT%H:%M:%S', time_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', time_us % 1000000) AS timestamp,
+               NULL AS realm, eventid = 'cowrie.command.input' AS success,
+               json_extract(json, '$.input') AS input
+        FROM events WHERE eventid IN ('cowrie.command.input', 'cowrie.command.failed');
+    CREATE VIEW downloads AS
+        SELECT seq AS id, session,
+               strftime('%Y-%m-%dT%H:%M:%S', time_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', time_us % 1000000) AS timestamp,
+               coalesce(json_extract(json, '$.url'), json_extract(json, '$.filename')) AS url,
+               json_extract(json, '$.outfile') AS outfile,
+               json_extract(json, '$.shasum') AS shasum
+        FROM events
+        WHERE eventid IN ('cowrie.session.file_download', 'cowrie.session.file_upload');
+    CREATE VIEW ipforwards AS
+        SELECT seq AS id, session,
+               strftime('%Y-%m-%dT%H:%M:%S', time_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', time_us % 1000000) AS timestamp,
+               json_extract(json, '$.dst_ip') AS dst_ip,
+               json_extract(json, '$.dst_port') AS dst_port
+        FROM events WHERE eventid = 'cowrie.direct-tcpip.request';
+    CREATE VIEW ipforwardsdata AS
+        SELECT seq AS id, session,
+               strftime('%Y-%m-%dT%H:%M:%S', time_us / 1000000, 'unixepoch')
+                   || printf('.%06dZ', time_us % 1000000) AS timestamp,
+               json_extract(json, '$.dst_ip') AS dst_ip,
+               json_extract(json, '$.dst_port') AS dst_port,
+               json_extract(json, '$.data') AS data
+        FROM events WHERE eventid = 'cowrie.direct-tcpip.data';
+    """
+)
+
 INSERT_EVENT = (
-    "INSERT INTO events (uuid, time_us, sensor, session, eventid, src_ip, protocol, json) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uuid) DO NOTHING"
+    "INSERT INTO events (hf_event_id, time_us, sensor, session, eventid, src_ip, protocol, json) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (hf_event_id) DO NOTHING"
 )
 
 # Bare column names on the right of SET are the stored row's (SQLite's upsert rules).
@@ -158,7 +223,7 @@ ON CONFLICT (session) DO UPDATE SET
 INSERT_SENSOR = "INSERT INTO sensors (ip) VALUES (?) ON CONFLICT (ip) DO NOTHING"
 INSERT_CLIENT = "INSERT INTO clients (version) VALUES (?) ON CONFLICT (version) DO NOTHING"
 
-# uuids looked up per statement (SQLite allows 32766 parameters).
+# Delivery ids looked up per statement (SQLite allows 32766 parameters).
 LOOKUP_CHUNK = 5000
 RETENTION_CHUNK = 10_000
 # Retention, one chunk of at most RETENTION_CHUNK rows per statement: (cutoff, chunk).

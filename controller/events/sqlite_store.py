@@ -133,15 +133,15 @@ class SqliteEventStore(SqlQueries):
         db = self._w()
         db.execute("BEGIN IMMEDIATE")
         try:
-            # One lookup of the batch's known uuids and one executemany, not a statement
-            # per row; BEGIN IMMEDIATE holds the write lock, so no uuid can be stored
+            # One lookup of the batch's known ids and one executemany, not a statement
+            # per row; BEGIN IMMEDIATE holds the write lock, so no id can be stored
             # between the two.
-            stored = {r.uuid for r in rows} - self._existing(db, rows)
+            stored = {r.hf_event_id for r in rows} - self._existing(db, rows)
             db.executemany(
                 sql.INSERT_EVENT,
                 [
                     (
-                        r.uuid,
+                        r.hf_event_id,
                         r.time_us,
                         r.sensor,
                         r.session,
@@ -151,7 +151,7 @@ class SqliteEventStore(SqlQueries):
                         r.json,
                     )
                     for r in rows
-                    if r.uuid in stored
+                    if r.hf_event_id in stored
                 ],
             )
             new = first_new(rows, stored)
@@ -170,14 +170,15 @@ class SqliteEventStore(SqlQueries):
 
     @staticmethod
     def _existing(db: sqlite3.Connection, rows: Sequence[EventRow]) -> set[str]:
-        """The uuids among ``rows`` already stored."""
-        uuids = list({r.uuid for r in rows})
+        """The delivery ids among ``rows`` already stored."""
+        ids = list({r.hf_event_id for r in rows})
         found: set[str] = set()
-        for start in range(0, len(uuids), sql.LOOKUP_CHUNK):
-            chunk = uuids[start : start + sql.LOOKUP_CHUNK]
+        for start in range(0, len(ids), sql.LOOKUP_CHUNK):
+            chunk = ids[start : start + sql.LOOKUP_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            cursor = db.execute(f"SELECT uuid FROM events WHERE uuid IN ({marks})", chunk)  # noqa: S608
-            found.update(uuid for (uuid,) in cursor)
+            query = f"SELECT hf_event_id FROM events WHERE hf_event_id IN ({marks})"  # noqa: S608
+            cursor = db.execute(query, chunk)
+            found.update(id_ for (id_,) in cursor)
         return found
 
     async def maintain(self, now: datetime) -> None:

@@ -5,7 +5,7 @@ over a small dialect) and keep to themselves only their connections, transaction
 writes and housekeeping (retention, partitions, the size budget).
 
 A store keeps every event verbatim with typed columns for time, sensor, session,
-eventid and src_ip, stores each event uuid once, and keeps one summary row per session
+eventid and src_ip, stores each event's ``hf_event_id`` once, and keeps one summary row per session
 up to date in the same transaction as the events. It also exposes Cowrie's SQL output
 shape (``sessions``, ``auth``, ``input``, ``downloads``, ``ttylog``, ...) as views, so
 existing queries keep working.
@@ -76,7 +76,8 @@ class StoredEvent:
     seq: int
     """Store-assigned, increasing in arrival order; breaks ties between equal times."""
     time_us: int
-    uuid: str
+    hf_event_id: str
+    """The event's delivery id (unique in the store)."""
     eventid: str
     session: str
     src_ip: str
@@ -143,7 +144,7 @@ class EventStore(Protocol):
         """Check the store can be used now; Unavailable if not."""
 
     async def write_batch(self, rows: Sequence[EventRow]) -> set[str]:
-        """Store rows in one transaction; returns the uuids stored now (others existed)."""
+        """Store rows in one transaction; returns the ids stored now (others existed)."""
 
     async def maintain(self, now: datetime) -> None:
         """Housekeeping: partitions ahead, retention."""

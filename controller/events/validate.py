@@ -44,7 +44,7 @@ def to_row(
     ``now`` is the controller's time (default: the clock), for the future-time check.
     """
     event, moment = decode(message)
-    ref = f"event {event['uuid']}"
+    ref = f"event {event['hf_event_id']}"
     if moment > (now or datetime.now(UTC)) + MAX_FUTURE:
         raise InvalidArgument(
             f"{ref}: timestamp {event['timestamp']} is more than {MAX_FUTURE.days} day "
@@ -71,7 +71,7 @@ def to_row(
         event["sensor"] = sensor
         text = to_json(event)
     row = EventRow(
-        uuid=_canonical_uuid(event["uuid"]),
+        hf_event_id=_canonical_uuid(event["hf_event_id"]),
         time=moment,
         sensor=sensor,
         session=event["session"],

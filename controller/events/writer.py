@@ -189,16 +189,16 @@ class BatchWriter:
         for pending in group:
             stored = 0
             for row in pending.rows:
-                if row.uuid in outcome.stored and row.uuid not in claimed:
-                    claimed.add(row.uuid)
+                if row.hf_event_id in outcome.stored and row.hf_event_id not in claimed:
+                    claimed.add(row.hf_event_id)
                     stored += 1
-            rejected = sum(row.uuid in outcome.rejected for row in pending.rows)
+            rejected = sum(row.hf_event_id in outcome.rejected for row in pending.rows)
             if not pending.done.done():
                 pending.done.set_result(Ack(stored, len(pending.rows) - stored - rejected))
 
     async def _write(self, rows: Sequence[EventRow], outcome: _Outcome) -> None:
         """Write rows not settled yet; isolate and reject rows the store refuses."""
-        todo = [row for row in rows if row.uuid not in outcome.settled]
+        todo = [row for row in rows if row.hf_event_id not in outcome.settled]
         if not todo:
             return
         try:
@@ -213,14 +213,14 @@ class BatchWriter:
             log.error(
                 "sensor %s: event %s (%s, session %s) refused by the store and dropped: %s",
                 row.sensor,
-                row.uuid,
+                row.hf_event_id,
                 row.eventid,
                 row.session,
                 e,
             )
             self._metrics.rejected.labels("store").inc()
-            outcome.rejected.add(row.uuid)
-        outcome.settled.update(row.uuid for row in todo)
+            outcome.rejected.add(row.hf_event_id)
+        outcome.settled.update(row.hf_event_id for row in todo)
 
     def _account(self, new: list[EventRow], duplicates: int) -> None:
         """Metrics of one committed group."""

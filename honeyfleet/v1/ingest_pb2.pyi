@@ -26,15 +26,17 @@ class Event(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    UUID_FIELD_NUMBER: _builtins.int
+    HF_EVENT_ID_FIELD_NUMBER: _builtins.int
     EVENTID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     SESSION_FIELD_NUMBER: _builtins.int
     SRC_IP_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
     JSON_FIELD_NUMBER: _builtins.int
-    uuid: _builtins.str
-    """Unique id used for idempotent delivery."""
+    hf_event_id: _builtins.str
+    """Unique id of this event, used for idempotent delivery (the JSON's
+    "hf_event_id"; its "uuid" is the sending sensor's identity, as in Cowrie).
+    """
     eventid: _builtins.str
     """Cowrie event id, e.g. "cowrie.login.success"."""
     session: _builtins.str
@@ -47,7 +49,7 @@ class Event(_message.Message):
     def __init__(
         self,
         *,
-        uuid: _builtins.str = ...,
+        hf_event_id: _builtins.str = ...,
         eventid: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         session: _builtins.str = ...,
@@ -57,7 +59,7 @@ class Event(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["eventid", b"eventid", "json", b"json", "protocol", b"protocol", "session", b"session", "src_ip", b"src_ip", "time", b"time", "uuid", b"uuid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eventid", b"eventid", "hf_event_id", b"hf_event_id", "json", b"json", "protocol", b"protocol", "session", b"session", "src_ip", b"src_ip", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

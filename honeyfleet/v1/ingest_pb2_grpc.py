@@ -27,8 +27,8 @@ if _version_not_supported:
 
 class EventIngestServiceStub:
     """EventIngestService is called by sensors to deliver session events from their
-    durable spool. Delivery is at-least-once; the controller stores each event uuid
-    once, so resending is always safe.
+    durable spool. Delivery is at-least-once; the controller stores each event's
+    hf_event_id once, so resending is always safe.
     """
 
     def __init__(self, channel):
@@ -46,8 +46,8 @@ class EventIngestServiceStub:
 
 class EventIngestServiceServicer:
     """EventIngestService is called by sensors to deliver session events from their
-    durable spool. Delivery is at-least-once; the controller stores each event uuid
-    once, so resending is always safe.
+    durable spool. Delivery is at-least-once; the controller stores each event's
+    hf_event_id once, so resending is always safe.
     """
 
     def StreamEvents(self, request_iterator, context):
@@ -92,8 +92,8 @@ def add_EventIngestServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class EventIngestService:
     """EventIngestService is called by sensors to deliver session events from their
-    durable spool. Delivery is at-least-once; the controller stores each event uuid
-    once, so resending is always safe.
+    durable spool. Delivery is at-least-once; the controller stores each event's
+    hf_event_id once, so resending is always safe.
     """
 
     @staticmethod

@@ -28,8 +28,8 @@ GRPC_VERSION: str
 
 class EventIngestServiceStub:
     """EventIngestService is called by sensors to deliver session events from their
-    durable spool. Delivery is at-least-once; the controller stores each event uuid
-    once, so resending is always safe.
+    durable spool. Delivery is at-least-once; the controller stores each event's
+    hf_event_id once, so resending is always safe.
     """
 
     @_typing.overload
@@ -60,8 +60,8 @@ class EventIngestServiceStub:
 @_typing.type_check_only
 class EventIngestServiceAsyncStub(EventIngestServiceStub):
     """EventIngestService is called by sensors to deliver session events from their
-    durable spool. Delivery is at-least-once; the controller stores each event uuid
-    once, so resending is always safe.
+    durable spool. Delivery is at-least-once; the controller stores each event's
+    hf_event_id once, so resending is always safe.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -88,8 +88,8 @@ class EventIngestServiceAsyncStub(EventIngestServiceStub):
 
 class EventIngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """EventIngestService is called by sensors to deliver session events from their
-    durable spool. Delivery is at-least-once; the controller stores each event uuid
-    once, so resending is always safe.
+    durable spool. Delivery is at-least-once; the controller stores each event's
+    hf_event_id once, so resending is always safe.
     """
 
     @_abc_1.abstractmethod

@@ -119,7 +119,8 @@ class Session:
         self.events = SessionEvents(
             services.events,
             session=new_session_id(),
-            src_ip=peer[0],
+            peer=peer,
+            local=local,
             sensor=services.sensor,
             protocol=protocol,
         )
@@ -157,9 +158,6 @@ class Session:
         self.events.emit(
             "cowrie.session.connect",
             "New connection: {src_ip}:{src_port} ({dst_ip}:{dst_port}) [session: {session}]",
-            src_port=peer[1],
-            dst_ip=local[0],
-            dst_port=local[1],
         )
 
     # Input and bounds.
@@ -261,6 +259,8 @@ class Session:
         self.services.metrics.sessions_total.inc()
         self._last_input = time.monotonic()
         self.events.log.info("proxying into the guest")
+        # Cowrie writes it (with an empty message) when its shell starts.
+        self.events.emit("cowrie.session.params", "", arch=self.config.guest_arch)
 
     # The recording and tasks.
 

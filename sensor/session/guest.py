@@ -5,12 +5,19 @@ session lasts and released when it ends. The protocol adapter opens its client (
 Telnet) on :attr:`GuestLink.tunnel` and hands over what must be closed and watched.
 The guest's credentials come with the lease and go only to that client: they are never
 logged, recorded or put into an event.
+
+The link's moments are Cowrie's proxy events: ``cowrie.proxy.backend_connected`` when
+the tunnel to the guest's pool node is open, ``cowrie.proxy.backend_disconnected`` and
+``cowrie.proxy.client_disconnect`` (naming the guest, as Cowrie's pool mode names its
+VM) when it closes. The backend is the pool node's tunnel address: the guest's own is
+never exposed.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from honeyfleet.errors import HoneyfleetError
 from honeyfleet.v1 import common_pb2
@@ -51,6 +58,8 @@ class GuestLink:
         self._closers: list[Callable[[], None]] = []
         self._budgeted = False
         self._dropped = False
+        # Cowrie's backend fields, once the tunnel is open.
+        self._backend: dict[str, Any] | None = None
 
     async def acquire(self) -> GuestLease:
         """Lease a guest within the budget and keep renewing it; LeaseFailed if none."""
@@ -72,6 +81,16 @@ class GuestLink:
         """A tunnel to the leased guest's ``port``."""
         assert self.lease is not None
         self.tunnel = await self._tunnels.open(self.lease, wait, port=port)
+        host, _, number = self.lease.pool_node_address.rpartition(":")
+        self._backend = {
+            "backend_ip": host.strip("[]"),
+            "backend_port": int(number) if number.isdigit() else 0,
+        }
+        self._events.emit(
+            "cowrie.proxy.backend_connected",
+            "Connected to honeypot backend {backend_ip}:{backend_port}",
+            **self._backend,
+        )
         return self.tunnel
 
     def hold(self, task: asyncio.Task[None], close: Callable[[], None] | None = None) -> None:
@@ -101,6 +120,18 @@ class GuestLink:
         self._dropped = True
         tunnel, self.tunnel = self.tunnel, None
         lease, self.lease = self.lease, None
+        backend, self._backend = self._backend, None
+        if backend is not None and lease is not None:
+            self._events.emit(
+                "cowrie.proxy.backend_disconnected",
+                "Disconnected from honeypot backend {backend_ip}:{backend_port}",
+                **backend,
+            )
+            self._events.emit(
+                "cowrie.proxy.client_disconnect",
+                "Lost connection with the pool backend: id {vm_id}",
+                vm_id=lease.guest,
+            )
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
-from honeyfleet.events import make_event, new_session_id
+from honeyfleet.events import make_event, new_session_id, plain_ip
 from sensor.events import EventLog
 
 # Seconds a refused connection is read (and dropped) waiting for the client's close.
@@ -74,10 +75,10 @@ class RefusalReporter:
                 transport.write_eof()
             transport.resume_reading()
             asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
-        self._count(src_ip, reason)
+        self._count(src_ip, reason, _endpoints(transport))
 
-    def _count(self, src_ip: str, reason: str) -> None:
-        """Count one refusal; emit the event if the interval has passed."""
+    def _count(self, src_ip: str, reason: str, endpoints: dict[str, Any]) -> None:
+        """Count one refusal; emit the event (with this connection's ends) if it is time."""
         self._refused += 1
         now = time.monotonic()
         if now - self._last_event < self._interval:
@@ -89,10 +90,25 @@ class RefusalReporter:
                 session=new_session_id(),
                 src_ip=src_ip,
                 sensor=self._sensor,
+                sensor_uuid=self._events.sensor_uuid,
                 protocol=self._protocol,
+                **endpoints,
                 reason=reason,
                 count=self._refused,
             )
         )
         self._refused = 0
         self._last_event = now
+
+
+def _endpoints(transport: asyncio.Transport) -> dict[str, Any]:
+    """Cowrie's ``src_port``, ``dst_ip`` and ``dst_port`` of a connection (what is known)."""
+    peer = transport.get_extra_info("peername")
+    local = transport.get_extra_info("sockname")
+    ends: dict[str, Any] = {}
+    if peer:
+        ends["src_port"] = peer[1]
+    if local:
+        ends["dst_ip"] = plain_ip(local[0])
+        ends["dst_port"] = local[1]
+    return ends

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import asyncssh
 
@@ -169,7 +170,8 @@ class AttackerConnection(Adapter):
             encCS=kexinit.encryption,
             macCS=kexinit.mac,
             compCS=kexinit.compression,
-            langCS=kexinit.languages,
+            # Cowrie splits the empty name-list too, as [""].
+            langCS=kexinit.languages or [""],
         )
 
     # Authentication.
@@ -237,18 +239,25 @@ class AttackerConnection(Adapter):
         self._guest = await log_into_guest(link, self.config.guest_login_timeout)
 
     def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
-        """Log an offered public key (always refused, then counted as a failure)."""
+        """Log an offered public key and its refusal (a failed login, as Cowrie counts it)."""
         if not self.can_try():
             return
         self.session.auth_failed()
-        fingerprint = key.get_fingerprint("md5").removeprefix("MD5:")
+        self.shared.services.metrics.logins.labels("failed").inc()
+        # Cowrie puts the same key fields on both events.
+        fields: dict[str, Any] = {
+            "username": username,
+            "fingerprint": key.get_fingerprint("md5").removeprefix("MD5:"),
+            "key": key.export_public_key().decode("ascii", "replace").strip(),
+            "type": key.get_algorithm(),
+        }
         self.events.emit(
             "cowrie.client.fingerprint",
             "public key attempt for user {username} of type {type} with fingerprint {fingerprint}",
-            username=username,
-            fingerprint=fingerprint,
-            key=key.export_public_key().decode("ascii", "replace").strip(),
-            type=key.get_algorithm(),
+            **fields,
+        )
+        self.events.emit(
+            "cowrie.login.failed", "public key login attempt for [{username}] failed", **fields
         )
         self.count_failure()
 
@@ -274,11 +283,11 @@ class AttackerConnection(Adapter):
             return False
         self.events.emit(
             "cowrie.direct-tcpip.request",
-            "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{src_port}",
+            "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{orig_port}",
             dst_ip=dest_host,
             dst_port=dest_port,
-            src_port=orig_port,
-            message_args={"orig_ip": orig_host},
+            orig_ip=orig_host,
+            orig_port=orig_port,
         )
         self._forwards += 1
         return RefusedForward(
@@ -329,8 +338,11 @@ class AttackerConnection(Adapter):
             "cowrie.session.file_upload",
             how + ' Uploaded file "{filename}" to {outfile}',
             filename=name.rsplit("/", 1)[-1],
+            duplicate=stored.duplicate,
+            url=name,
             outfile=str(stored.path),
             shasum=stored.shasum,
+            destfile=name,
             size=stored.size,
         )
 

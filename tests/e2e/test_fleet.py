@@ -221,7 +221,7 @@ async def test_a_controller_crash_loses_no_session_and_no_event(cli_fleet: CliFl
     ids = [e["eventid"] for e in events]
     assert ids.count("cowrie.command.input") == 1
     assert ids.count("cowrie.session.closed") == 1
-    assert len({e["uuid"] for e in events}) == len(events)
+    assert len({e["hf_event_id"] for e in events}) == len(events)
     # The release the sensor could not make during the outage lands now.
     await eventually(
         lambda: cli_fleet.query("FleetService/ListLeases", {"src_ip": a}),

@@ -74,8 +74,8 @@ async def test_old_event_times_share_one_partition_and_are_kept_as_sent(
         assert f"events_p{parse_timestamp(event['timestamp']):%Y%m%d}" not in partitions
     assert partitions[f"events_p{parse_timestamp(recent[0]['timestamp']):%Y%m%d}"] == 2
     listed = await controller.events.store.list_events(EventQuery(limit=10))
-    sent = {e["uuid"]: parse_timestamp(e["timestamp"]) for e in [*old, *recent]}
-    assert {e.uuid: e.time_us for e in listed} == {
+    sent = {e["hf_event_id"]: parse_timestamp(e["timestamp"]) for e in [*old, *recent]}
+    assert {e.hf_event_id: e.time_us for e in listed} == {
         u: int(t.timestamp() * 1_000_000) for u, t in sent.items()
     }
     # Resent (a sensor that missed the ack): stored once, even in the shared partition.
@@ -108,7 +108,7 @@ async def test_the_store_budget_deletes_the_oldest_events_first(
     left = await controller.events.store.list_events(EventQuery(limit=10_000))
     assert len(left) == len(old) + len(new) - deleted
     # Oldest first: every new event is still there.
-    assert {e["uuid"] for e in new} <= {e.uuid for e in left}
+    assert {e["hf_event_id"] for e in new} <= {e.hf_event_id for e in left}
 
 
 @pytest.mark.postgres
@@ -131,7 +131,7 @@ async def test_the_postgres_budget_drops_whole_past_days_oldest_first(
             await asyncio.sleep(0.1)
     assert metric(controller, "honeyfleet_store_budget_deleted_total") >= 3
     left = await controller.events.store.list_events(EventQuery(limit=100))
-    assert {e.uuid for e in left} == {e["uuid"] for e in today}
+    assert {e.hf_event_id for e in left} == {e["hf_event_id"] for e in today}
     partitions = await postgres_partitions(postgres_dsn)
     assert partitions["events_old"] == 0
     for events in (older, old):

@@ -127,11 +127,11 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
 
                 async with await psycopg.AsyncConnection.connect(settings["postgres_dsn"]) as conn:
                     cursor = await conn.execute(
-                        "SELECT 1 FROM events WHERE uuid = %s", (event_uuid,)
+                        "SELECT 1 FROM events WHERE hf_event_id = %s", (event_uuid,)
                     )
                     return await cursor.fetchone() is not None
             with contextlib.closing(sqlite3.connect(state / "events.sqlite3")) as db:
-                found = db.execute("SELECT 1 FROM events WHERE uuid = ?", (event_uuid,))
+                found = db.execute("SELECT 1 FROM events WHERE hf_event_id = ?", (event_uuid,))
                 return found.fetchone() is not None
 
         async def deliver(name: str, killer: bool) -> None:
@@ -143,7 +143,7 @@ async def test_sigkill_mid_stream_loses_and_duplicates_nothing(
                     if killer and index == KILL_AT_BATCH:
                         async with asyncio.timeout(ACK_TIMEOUT):
                             await stream.call.write(batch)
-                            while not await stored(batch.events[-1].uuid):
+                            while not await stored(batch.events[-1].hf_event_id):
                                 await asyncio.sleep(0.01)
                         killed.set()
                         proc.send_signal(signal.SIGKILL)  # before the ack is read

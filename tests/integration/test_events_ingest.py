@@ -48,6 +48,7 @@ def session_events(
         "session": session,
         "src_ip": src_ip,
         "sensor": sensor,
+        "sensor_uuid": "edge-uuid",
         "protocol": "ssh",
     }
 
@@ -111,6 +112,7 @@ def bulk_events(count: int, sensor: str) -> list[Event]:
                 session=session,
                 src_ip=f"203.0.113.{i % 200 + 1}",
                 sensor=sensor,
+                sensor_uuid="edge-uuid",
                 protocol="ssh",
                 input=f"echo {i}",
             )
@@ -179,7 +181,9 @@ async def stream_all(
 def sqlite_counts(state_dir: Path) -> tuple[int, int]:
     """(rows, distinct uuids) in a controller's SQLite event store."""
     with sqlite3.connect(state_dir / "events.sqlite3") as db:
-        rows, distinct = db.execute("SELECT count(*), count(DISTINCT uuid) FROM events").fetchone()
+        rows, distinct = db.execute(
+            "SELECT count(*), count(DISTINCT hf_event_id) FROM events"
+        ).fetchone()
     return rows, distinct
 
 
@@ -191,7 +195,7 @@ async def postgres_counts(dsn: str) -> tuple[int, int]:
         asyncio.timeout(DB_TIMEOUT),
         await psycopg.AsyncConnection.connect(dsn) as conn,
     ):
-        cursor = await conn.execute("SELECT count(*), count(DISTINCT uuid) FROM events")
+        cursor = await conn.execute("SELECT count(*), count(DISTINCT hf_event_id) FROM events")
         row = await cursor.fetchone()
     assert row is not None
     return row[0], row[1]
@@ -273,10 +277,10 @@ async def test_bad_events_are_dropped_and_their_batch_acknowledged(
     async with secure_channel(address, admin) as channel:
         stub = events_pb2_grpc.EventQueryServiceStub(channel)
         listed = await stub.ListEvents(events_pb2.ListEventsRequest(), timeout=RPC_TIMEOUT)
-    stored = {e.uuid: json.loads(e.json) for e in listed.events}
+    stored = {e.hf_event_id: json.loads(e.json) for e in listed.events}
     for event in [*good, with_nul]:
-        assert stored[str(uuid.UUID(event["uuid"]))] == {**event, "sensor": "edge1"}
-    assert stored[with_nul["uuid"]]["input"] == "echo \x00\x01 done"
+        assert stored[str(uuid.UUID(event["hf_event_id"]))] == {**event, "sensor": "edge1"}
+    assert stored[with_nul["hf_event_id"]]["input"] == "echo \x00\x01 done"
 
 
 async def test_a_sensor_cannot_call_the_query_api_nor_an_admin_ingest(
@@ -347,8 +351,8 @@ async def test_events_from_the_far_future_are_dropped_and_their_batch_acknowledg
     assert await counts(controller, store_overrides) == (len(events) - 1, len(events) - 1)
     assert controller.events.metrics.rejected.labels("validation")._value.get() == 1
     listed = await controller.events.store.list_events(EventQuery(limit=100))
-    assert ahead["uuid"] not in {e.uuid for e in listed}
-    assert skewed["uuid"] in {e.uuid for e in listed}
+    assert ahead["hf_event_id"] not in {e.hf_event_id for e in listed}
+    assert skewed["hf_event_id"] in {e.hf_event_id for e in listed}
     if store_overrides["store"] == "postgres":
         import psycopg
 

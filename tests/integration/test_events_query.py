@@ -23,7 +23,7 @@ from controller.events.store import SessionQuery
 from controller.events.validate import to_row
 from controller.server import Controller
 from honeyfleet.errors import ResourceExhausted
-from honeyfleet.events import Event, parse_timestamp, to_proto
+from honeyfleet.events import Event, make_event, new_session_id, parse_timestamp, to_proto
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import events_pb2, events_pb2_grpc
@@ -145,13 +145,13 @@ async def test_queries_return_what_was_written(
         page = await stub.ListEvents(
             events_pb2.ListEventsRequest(page_size=4, page_token=token), timeout=RPC_TIMEOUT
         )
-        everything.extend(e.uuid for e in page.events)
+        everything.extend(e.hf_event_id for e in page.events)
         token = page.next_page_token
         if not token:
             break
     else:
         raise AssertionError(f"ListEvents still paging after {MAX_PAGES} pages")
-    assert everything == [e["uuid"] for name in "abc" for e in sessions[name]]
+    assert everything == [e["hf_event_id"] for name in "abc" for e in sessions[name]]
     c_start = parse_timestamp(sessions["c"][0]["timestamp"])
     before_c = await stub.ListEvents(
         events_pb2.ListEventsRequest(sensor="edge2", end_time=ts(c_start), page_size=100),
@@ -207,7 +207,8 @@ async def test_cowrie_sql_tables_answer_cowrie_queries(
                 for name, q in queries.items()
             }
             endtime = db.execute("SELECT endtime FROM sessions WHERE id = ?", (a[0]["session"],))
-            assert endtime.fetchone()[0] == a[-1]["timestamp"][:19].replace("T", " ")
+            # The ISO text Cowrie's sqlite output keeps, to the microsecond.
+            assert endtime.fetchone()[0] == a[-1]["timestamp"]
     else:
         import psycopg
 
@@ -229,6 +230,61 @@ async def test_cowrie_sql_tables_answer_cowrie_queries(
     assert [(t, int(s)) for t, s in got["ttylog"]] == [(a[7]["ttylog"], 1234)]
 
 
+async def test_cowrie_sql_ipforwards_and_refused_sessions(
+    store_overrides: dict[str, Any], start_controller: ControllerFactory, fleet_pki: FleetPki
+) -> None:
+    controller, address = await start_controller(**store_overrides)
+    common: dict[str, Any] = {
+        "src_ip": "198.51.100.7", "sensor": "edge1", "sensor_uuid": "edge1-uuid",
+        "protocol": "ssh",
+    }  # fmt: skip
+    forwarded = new_session_id()
+    events = [
+        make_event(
+            "cowrie.direct-tcpip.request", "direct-tcp connection request", session=forwarded,
+            dst_ip="10.1.2.3", dst_port=8080, orig_ip="127.0.0.1", orig_port=5555, **common,
+        ),
+        make_event(
+            "cowrie.direct-tcpip.data", "discarded direct-tcp forward request", session=forwarded,
+            dst_ip="10.1.2.3", dst_port=8080, data="b'GET / HTTP/1.0'", id=1, **common,
+        ),
+        make_event(
+            "honeyfleet.session.refused", "Refused 3 connection(s): full",
+            session=new_session_id(), reason="full", count=3, **common,
+        ),
+    ]  # fmt: skip
+    await stream_all(fleet_pki, address, "edge1", batches(events))
+    refused = events[2]["session"]
+    queries = {
+        "ipforwards": "SELECT dst_ip, dst_port FROM ipforwards WHERE session = {p}",
+        "ipforwardsdata": "SELECT dst_ip, dst_port, data FROM ipforwardsdata WHERE session = {p}",
+        "ended": "SELECT endtime IS NOT NULL FROM sessions WHERE id = {p}",
+    }
+    args = {"ipforwards": forwarded, "ipforwardsdata": forwarded, "ended": refused}
+    if store_overrides["store"] == "sqlite":
+        with sqlite3.connect(controller.config.state_dir / "events.sqlite3") as db:
+            got = {
+                n: db.execute(q.format(p="?"), (args[n],)).fetchall() for n, q in queries.items()
+            }
+    else:
+        import psycopg
+
+        async with (
+            asyncio.timeout(DB_TIMEOUT),
+            await psycopg.AsyncConnection.connect(store_overrides["postgres_dsn"]) as conn,
+        ):
+            got = {}
+            for name, q in queries.items():
+                cursor = await conn.execute(q.format(p="%s"), (args[name],))
+                got[name] = [tuple(row) for row in await cursor.fetchall()]
+    assert [(ip, int(port)) for ip, port in got["ipforwards"]] == [("10.1.2.3", 8080)]
+    assert [(ip, int(port), d) for ip, port, d in got["ipforwardsdata"]] == [
+        ("10.1.2.3", 8080, "b'GET / HTTP/1.0'")
+    ]
+    # A refusal is a session of one event: it has ended.
+    assert [bool(e) for (e,) in got["ended"]] == [True]
+
+
 async def test_watch_sees_events_as_they_arrive(
     start_controller: ControllerFactory, fleet_pki: FleetPki
 ) -> None:
@@ -245,11 +301,11 @@ async def test_watch_sees_events_as_they_arrive(
     await stream_all(fleet_pki, address, "edge2", batches(second))
     async with asyncio.timeout(WATCH_TIMEOUT):
         seen = [json.loads((await everything.read()).event.json) for _ in range(18)]
-        login_uuids = [(await logins.read()).event.uuid for _ in range(2)]
-        edge2_uuids = [(await on_edge2.read()).event.uuid for _ in range(9)]
+        login_uuids = [(await logins.read()).event.hf_event_id for _ in range(2)]
+        edge2_uuids = [(await on_edge2.read()).event.hf_event_id for _ in range(9)]
     assert seen == first + second
-    assert login_uuids == [first[3]["uuid"], second[3]["uuid"]]
-    assert edge2_uuids == [e["uuid"] for e in second]
+    assert login_uuids == [first[3]["hf_event_id"], second[3]["hf_event_id"]]
+    assert edge2_uuids == [e["hf_event_id"] for e in second]
     for call in (everything, logins, on_edge2):
         call.cancel()
 
@@ -400,7 +456,7 @@ async def test_retention_drops_old_events(
     assert [s.session for s in remaining] == [new[0]["session"]]
     stub = admin_stub(fleet_pki, address)
     listed = await stub.ListEvents(events_pb2.ListEventsRequest(page_size=100), timeout=RPC_TIMEOUT)
-    assert [e.uuid for e in listed.events] == [e["uuid"] for e in new]
+    assert [e.hf_event_id for e in listed.events] == [e["hf_event_id"] for e in new]
     if store_overrides["store"] == "postgres":
         import psycopg
 
@@ -427,7 +483,7 @@ async def test_pages_of_large_events_stay_under_the_message_limit(
     big: list[Event] = []
     template = session_events("edge1")[5]
     for n in range(20):
-        event = dict(template, uuid=str(uuid.uuid4()), input=f"{n}:" + "A" * 200_000)
+        event = dict(template, hf_event_id=str(uuid.uuid4()), input=f"{n}:" + "A" * 200_000)
         big.append(event)
     await stream_all(fleet_pki, address, "edge1", batches(big, size=5))
     stub = admin_stub(fleet_pki, address)
@@ -435,7 +491,7 @@ async def test_pages_of_large_events_stay_under_the_message_limit(
         events_pb2.GetSessionRequest(id=template["session"]), timeout=RPC_TIMEOUT
     )
     assert 0 < len(first.events) < 20 and first.next_events_page_token
-    seen = [e.uuid for e in first.events]
+    seen = [e.hf_event_id for e in first.events]
     token = first.next_events_page_token
     for _ in range(MAX_PAGES):
         if not token:
@@ -445,11 +501,11 @@ async def test_pages_of_large_events_stay_under_the_message_limit(
             timeout=RPC_TIMEOUT,
         )
         assert page.ByteSize() < 4 * 1024 * 1024
-        seen.extend(e.uuid for e in page.events)
+        seen.extend(e.hf_event_id for e in page.events)
         token = page.next_page_token
     else:
         raise AssertionError(f"ListEvents still paging after {MAX_PAGES} pages")
-    assert seen == [e["uuid"] for e in big]
+    assert seen == [e["hf_event_id"] for e in big]
 
 
 async def test_pages_of_non_ascii_events_stay_under_the_message_limit(
@@ -460,7 +516,7 @@ async def test_pages_of_non_ascii_events_stay_under_the_message_limit(
     # 240,000 bytes in UTF-8 (under the event size limit) but 60,000 characters: 40 of
     # them are 2.4 million characters, 9.6 MB.
     heavy = [
-        dict(template, uuid=str(uuid.uuid4()), input=f"{n}:" + "\U0001f608" * 60_000)
+        dict(template, hf_event_id=str(uuid.uuid4()), input=f"{n}:" + "\U0001f608" * 60_000)
         for n in range(40)
     ]
     await stream_all(fleet_pki, address, "edge1", batches(heavy, size=8))
@@ -470,7 +526,7 @@ async def test_pages_of_non_ascii_events_stay_under_the_message_limit(
     )
     assert 0 < len(first.events) < 40 and first.next_events_page_token
     assert first.ByteSize() < 4 * 1024 * 1024
-    seen = [e.uuid for e in first.events]
+    seen = [e.hf_event_id for e in first.events]
     token = first.next_events_page_token
     for _ in range(MAX_PAGES):
         if not token:
@@ -480,11 +536,11 @@ async def test_pages_of_non_ascii_events_stay_under_the_message_limit(
             timeout=RPC_TIMEOUT,
         )
         assert page.events and page.ByteSize() < 4 * 1024 * 1024
-        seen.extend(e.uuid for e in page.events)
+        seen.extend(e.hf_event_id for e in page.events)
         token = page.next_page_token
     else:
         raise AssertionError(f"ListEvents still paging after {MAX_PAGES} pages")
-    assert seen == [e["uuid"] for e in heavy]
+    assert seen == [e["hf_event_id"] for e in heavy]
     assert json.loads(page.events[-1].json)["input"] == heavy[-1]["input"]
 
 

@@ -13,7 +13,7 @@ from tests.integration.ssh_fleet import FleetFactory, connect, ssh
 def stored_uuids(state_dir: Path, sensor: str) -> list[str]:
     """Every event uuid of one sensor in a controller's SQLite event store."""
     with sqlite3.connect(state_dir / "events.sqlite3") as db:
-        rows = db.execute("SELECT uuid FROM events WHERE sensor = ?", (sensor,))
+        rows = db.execute("SELECT hf_event_id FROM events WHERE sensor = ?", (sensor,))
         return [row[0] for row in rows]
 
 
@@ -48,7 +48,7 @@ async def test_controller_outage_loses_no_event_and_stores_each_once(
     await until(lambda: len(fleet.closed_reasons()) == 2)
     await until(lambda: spool.count == 0, timeout=60)
 
-    sent = [e["uuid"] for e in fleet.events()]
+    sent = [e["hf_event_id"] for e in fleet.events()]
     stored = stored_uuids(tmp_path / "controller", "sensor-1")
     assert len(stored) == len(set(stored)) == len(sent)
     assert set(stored) == set(sent)

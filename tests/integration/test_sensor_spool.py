@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from honeyfleet.errors import RETRY_AFTER_TRAILER
-from honeyfleet.events import Event, make_event
+from honeyfleet.events import Event, from_proto, make_event, to_json, to_proto
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
@@ -41,11 +41,11 @@ class RecordingIngest(ingest_pb2_grpc.EventIngestServiceServicer):
         async for batch in request_iterator:
             stored = duplicates = 0
             for event in batch.events:
-                if event.uuid in self.seen:
+                if event.hf_event_id in self.seen:
                     duplicates += 1
                 else:
                     stored += 1
-                self.seen[event.uuid] = self.seen.get(event.uuid, 0) + 1
+                self.seen[event.hf_event_id] = self.seen.get(event.hf_event_id, 0) + 1
             yield ingest_pb2.StreamEventsResponse(
                 batch_id=batch.batch_id, stored=stored, duplicates=duplicates
             )
@@ -68,14 +68,14 @@ def event(n: int) -> Event:
     """A small event."""
     return make_event(
         "cowrie.command.input", f"CMD: {n}", session="s", src_ip="192.0.2.1", sensor="t",
-        protocol="ssh", input=str(n),
+        sensor_uuid="t-uuid", protocol="ssh", input=str(n),
     )  # fmt: skip
 
 
 def stored_uuids(path: Path) -> list[str]:
     """The uuids in a spool file, in order, read through a connection of our own."""
     with sqlite3.connect(path) as db:
-        return [row[0] for row in db.execute("SELECT uuid FROM events ORDER BY seq")]
+        return [row[0] for row in db.execute("SELECT hf_event_id FROM events ORDER BY seq")]
 
 
 async def stop_task(task: asyncio.Task[Any]) -> None:
@@ -120,7 +120,7 @@ async def test_outage_and_restart_lose_nothing_and_deliver_each_event_once(
         await stop_task(task)
         spool.close()
         await server.stop(grace=0)
-    assert set(ingest.seen) == {e["uuid"] for e in sent}
+    assert set(ingest.seen) == {e["hf_event_id"] for e in sent}
     assert all(times == 1 for times in ingest.seen.values())
 
 
@@ -134,19 +134,19 @@ async def test_appends_are_durable_before_they_are_mirrored_and_survive_a_reopen
     def mirror(events: list[Event]) -> None:
         # Runs on the spool's thread after the commit: another connection sees them.
         on_disk = set(stored_uuids(path))
-        committed_first.extend(e["uuid"] in on_disk for e in events)
-        mirrored.extend(e["uuid"] for e in events)
+        committed_first.extend(e["hf_event_id"] in on_disk for e in events)
+        mirrored.extend(e["hf_event_id"] for e in events)
 
     spool = Spool(path, max_bytes=10_000_000, near_full=0.9, mirror=mirror)
     sent = [event(n) for n in range(300)]
     for e in sent:
         assert spool.append(e)
     await spool.flush()
-    uuids = [e["uuid"] for e in sent]
+    uuids = [e["hf_event_id"] for e in sent]
     assert stored_uuids(path) == uuids
     assert mirrored == uuids and all(committed_first)
     oldest = await spool.oldest(limit=10, max_bytes=1 << 20)
-    assert [item.event["uuid"] for item in oldest] == uuids[:10]
+    assert [item.event["hf_event_id"] for item in oldest] == uuids[:10]
     await spool.delete(oldest)
     spool.close()
     reopened = Spool(path, max_bytes=10_000_000, near_full=0.9)
@@ -227,12 +227,12 @@ class SheddingIngest(RecordingIngest):
         self.calls.append(received)
         first = len(self.calls) == 1
         async for batch in request_iterator:
-            received.append([e.uuid for e in batch.events])
+            received.append([e.hf_event_id for e in batch.events])
             if first and len(received) == 2:
                 context.set_trailing_metadata(((RETRY_AFTER_TRAILER, str(self.retry_after_ms)),))
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
             for event in batch.events:
-                self.seen[event.uuid] = self.seen.get(event.uuid, 0) + 1
+                self.seen[event.hf_event_id] = self.seen.get(event.hf_event_id, 0) + 1
             yield ingest_pb2.StreamEventsResponse(batch_id=batch.batch_id, stored=len(batch.events))
 
 
@@ -255,7 +255,7 @@ async def test_a_refusal_resends_only_the_unacknowledged_batch_after_the_hint(
         await stop_task(task)
         spool.close()
         await server.stop(grace=0)
-    uuids = [e["uuid"] for e in sent]
+    uuids = [e["hf_event_id"] for e in sent]
     # First stream: batch 1 acknowledged (and gone from the spool), batch 2 refused.
     assert ingest.calls[0] == [uuids[0:3], uuids[3:6]]
     # The reconnect resends batch 2, never batch 1, then the rest.
@@ -286,24 +286,53 @@ async def test_a_full_disk_refuses_sessions_and_loses_no_accepted_event(
         assert spool.near_full, "a disk with less free space than the reserve is near full"
         # More events than the disk has room for, even with the reserve: each one accepted
         # is committed into the reserve's room or kept until the disk has room again;
-        # none is dropped, and a flush does not hang on a disk that stays full.
-        for n in range(20, 5020):
+        # none is dropped, and a flush does not hang on a disk that stays full. (The WAL
+        # the full disk kept must leave room for the reserve once delivered: sized so.)
+        for n in range(20, 4520):
             assert spool.append(event(n))
             if n % 200 == 0:
                 await spool.flush()  # commit as sessions do, a few events at a time
         await spool.flush()
         assert spool.full and spool.near_full
-        assert spool.dropped == 0 and spool.count == 5020
-        assert len(stored_uuids(path)) < 5020, "the disk was not filled"
+        assert spool.dropped == 0 and spool.count == 4520
+        assert len(stored_uuids(path)) < 4520, "the disk was not filled"
         # The disk has room again: what was kept is committed, then delivered, and the
         # reserve comes back.
         filler.unlink()
         await until(lambda: not spool.stalled, 60)
         await spool.flush()
-        assert len(stored_uuids(path)) == 5020
+        assert len(stored_uuids(path)) == 4520
         await spool.delete(await spool.oldest(limit=6000, max_bytes=1 << 30))
         assert not spool.full and not spool.near_full
         assert spool.reserve_path.stat().st_size == 1024 * 1024
+    finally:
+        await spool.stop()
+        spool.close()
+
+
+async def test_events_spooled_by_an_older_sensor_are_sent_with_their_delivery_id(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    old = event(1)
+    old["uuid"] = old.pop("hf_event_id")  # what sensors wrote before hf_event_id
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT NOT NULL,"
+            " json TEXT NOT NULL)"
+        )
+        db.execute("INSERT INTO events (uuid, json) VALUES (?, ?)", (old["uuid"], to_json(old)))
+    db.close()
+    spool = Spool(path, max_bytes=100_000_000, near_full=0.9)
+    try:
+        [sent] = await spool.oldest(10, 1 << 20)
+        assert sent.event["hf_event_id"] == old["uuid"]
+        assert from_proto(to_proto(sent.event, sent.text)) == sent.event
+        assert spool.append(event(2))
+        await spool.flush()
+        assert stored_uuids(path)[0] == old["uuid"] and len(stored_uuids(path)) == 2
+        await spool.delete(await spool.oldest(10, 1 << 20))
+        assert spool.count == 0 and spool.bytes == 0
     finally:
         await spool.stop()
         spool.close()

@@ -99,7 +99,9 @@ async def test_shell_lines_become_commands_and_the_recording_replays_them(
     assert commands == ["echo hello world", "echo second", "exit"]
     closed = fleet.events("cowrie.log.closed")[0]
     cast = Path(closed["ttylog"])
-    assert closed["message"] == f"Closing TTY Log: {cast} after {closed['duration']} seconds"
+    assert closed["message"] == (
+        f"Closing TTY Log: {cast} after {closed['duration_ms']} milliseconds"
+    )
     assert closed["size"] == cast.stat().st_size and closed["duration_ms"] >= 0
     lines = [json.loads(line) for line in cast.read_text().splitlines()]
     header, events = lines[0], lines[1:]
@@ -204,6 +206,12 @@ async def test_public_keys_are_logged_and_refused(fleet: Fleet, tmp_path: Path) 
     seen = fleet.events("cowrie.client.fingerprint")[0]
     assert seen["fingerprint"] == key.get_fingerprint("md5").removeprefix("MD5:")
     assert seen["type"] == "ssh-ed25519" and seen["username"] == "root"
+    # The refused key is a failed login, with the same key fields (as Cowrie writes it).
+    refused = fleet.events("cowrie.login.failed")
+    assert [e["message"] for e in refused] == ["public key login attempt for [root] failed"]
+    assert {k: refused[0][k] for k in ("fingerprint", "key", "type", "username")} == {
+        k: seen[k] for k in ("fingerprint", "key", "type", "username")
+    }
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -300,7 +308,7 @@ async def test_a_vanished_pool_node_ends_the_session_and_gives_back_its_slot(
 def stored_json(fleet: Fleet, uuid: str) -> dict[str, Any] | None:
     """One event as the controller's SQLite event store holds it, if it does."""
     with sqlite3.connect(fleet.controller.config.state_dir / "events.sqlite3") as db:
-        row = db.execute("SELECT json FROM events WHERE uuid = ?", (uuid,)).fetchone()
+        row = db.execute("SELECT json FROM events WHERE hf_event_id = ?", (uuid,)).fetchone()
     return json.loads(row[0]) if row else None
 
 
@@ -318,8 +326,8 @@ async def test_a_huge_password_is_logged_cut_and_the_session_works(fleet: Fleet)
     assert login["password"] == password[: FIELD_LIMITS["password"]]
     assert login["message"] == f"login attempt [root/{login['password']}] succeeded"
     assert len(json.dumps(login, ensure_ascii=False).encode()) < 4096
-    await until(lambda: stored_json(fleet, login["uuid"]) is not None)
-    assert stored_json(fleet, login["uuid"]) == login
+    await until(lambda: stored_json(fleet, login["hf_event_id"]) is not None)
+    assert stored_json(fleet, login["hf_event_id"]) == login
 
 
 async def test_too_many_auth_attempts_are_told_why_they_end(make_fleet: FleetFactory) -> None:

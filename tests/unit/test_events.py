@@ -22,6 +22,8 @@ from honeyfleet.events import (
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.v1 import common_pb2
 
+SENSOR_UUID = "6f1d0b5e-3c1a-4d2e-9f00-5a7b8c9d0e1f"
+
 
 def login() -> dict[str, object]:
     return make_event(
@@ -30,6 +32,7 @@ def login() -> dict[str, object]:
         session=new_session_id(),
         src_ip="198.51.100.4",
         sensor="edge1",
+        sensor_uuid=SENSOR_UUID,
         protocol="ssh",
         context={"pool_node": "n1", "guest": "", "lease": "L1"},
         username="root",
@@ -54,7 +57,7 @@ def test_event_round_trips_through_the_wire_verbatim() -> None:
         lambda w: setattr(w, "json", "not json"),
         lambda w: setattr(w, "json", "[1]"),
         lambda w: setattr(w, "json", json.dumps({"eventid": "x"})),
-        lambda w: setattr(w, "uuid", "another"),
+        lambda w: setattr(w, "hf_event_id", "another"),
         lambda w: setattr(w, "json", "x" * 300_000),
         # Under the limit in characters, over it in bytes.
         lambda w: setattr(w, "json", "\U0001f600" * 70_000),
@@ -125,3 +128,24 @@ def test_a_spooled_text_goes_on_the_wire_as_is() -> None:
     event = login()
     text = json.dumps(event, indent=1)  # not how to_json spells it
     assert to_proto(event, text).json == text
+
+
+def test_uuid_is_the_sensors_identity_and_hf_event_id_each_events_own() -> None:
+    first, second = login(), login()
+    # Cowrie's uuid: the sending sensor instance, the same on every event.
+    assert first["uuid"] == second["uuid"] == SENSOR_UUID
+    # Ours: a new delivery id per event, the one on the wire.
+    assert first["hf_event_id"] != second["hf_event_id"]
+    assert to_proto(first).hf_event_id == first["hf_event_id"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "written"),
+    [("::ffff:198.51.100.4", "198.51.100.4"), ("2001:db8::4", "2001:db8::4"), ("::1", "::1")],
+)
+def test_mapped_ipv4_src_ip_is_written_as_plain_ipv4(peer: str, written: str) -> None:
+    event = make_event(
+        "cowrie.session.connect", "x", session="s", src_ip=peer, sensor="e",
+        sensor_uuid=SENSOR_UUID, protocol="ssh",
+    )  # fmt: skip
+    assert event["src_ip"] == written

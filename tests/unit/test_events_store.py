@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,7 @@ def commands(count: int, *, at: datetime | None = None) -> list[Event]:
             session=session,
             src_ip="198.51.100.3",
             sensor="edge1",
+            sensor_uuid="9d1c2a52-0000-4000-8000-000000000001",
             protocol="ssh",
             input=f"echo {i}",
         )
@@ -80,7 +82,7 @@ async def test_retention_lets_new_batches_in_between_its_chunks(
     await asyncio.sleep(0)  # the purge has queued its first chunk on the writer thread
     new = rows(commands(5))
     async with asyncio.timeout(30):
-        assert await store.write_batch(new) == {r.uuid for r in new}
+        assert await store.write_batch(new) == {r.hf_event_id for r in new}
         await purge
 
     deletes = [i for i, s in enumerate(statements) if s.startswith("DELETE FROM events")]
@@ -89,7 +91,7 @@ async def test_retention_lets_new_batches_in_between_its_chunks(
     assert deletes[0] < inserted < deletes[-1]
     assert len(deletes) == 4  # 3 + 3 + 3 + 1 of 10
     listed = await store.list_events(EventQuery(limit=100))
-    assert [e.uuid for e in listed] == [r.uuid for r in new]
+    assert [e.hf_event_id for e in listed] == [r.hf_event_id for r in new]
     assert [s.session for s in await store.list_sessions(SessionQuery(limit=10))] == [
         new[0].session
     ]
@@ -111,3 +113,26 @@ async def test_login_and_file_filters_match_the_partial_index(store: SqliteEvent
         ]
     )
     assert "events_username" in " ".join(str(row[-1]) for row in plan)
+
+
+async def test_a_store_made_before_hf_event_id_keeps_its_events_unique(tmp_path: Path) -> None:
+    path = tmp_path / "events.sqlite3"
+    [old] = rows(commands(1))
+    with sqlite3.connect(path) as db:  # version 1, as shipped: the delivery id was "uuid"
+        db.executescript(f"{sqlite_sql.MIGRATIONS[0]}\nPRAGMA user_version=1;")
+        db.execute(
+            "INSERT INTO events (uuid, time_us, sensor, session, eventid, src_ip, protocol, json)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (old.hf_event_id, old.time_us, old.sensor, old.session, old.eventid, old.src_ip,
+             old.protocol, old.json),
+        )  # fmt: skip
+    db.close()
+    store = SqliteEventStore(path, retention_days=3)
+    await store.open()
+    try:
+        [new] = rows(commands(1))
+        assert await store.write_batch([old, new]) == {new.hf_event_id}
+        listed = await store.list_events(EventQuery(limit=10))
+        assert sorted(e.hf_event_id for e in listed) == sorted([old.hf_event_id, new.hf_event_id])
+    finally:
+        await store.close()

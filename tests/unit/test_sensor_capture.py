@@ -35,12 +35,16 @@ class Session:
         return [item.event for item in await self.spool.oldest(1000, 1 << 30)]
 
 
+PEER = ("192.0.2.1", 40000)
+LOCAL = ("198.51.100.1", 22)
+
+
 @pytest.fixture
 async def make_session(tmp_path: Path) -> AsyncIterator[Any]:
     """Sessions on one store, with the budget and open bound of the test's choosing."""
     spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
     metrics = SensorMetrics()
-    log = EventLog(spool, metrics)
+    log = EventLog(spool, metrics, sensor_uuid="sensor-uuid")
     writer = ArtefactWriter()
 
     def make(budget: int = 10_000_000, max_open: int = 32) -> Session:
@@ -51,7 +55,9 @@ async def make_session(tmp_path: Path) -> AsyncIterator[Any]:
             budget=DiskBudget(budget, 0, metrics),
             writer=writer,
         )
-        events = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="ssh")
+        events = SessionEvents(
+            log, session="s1", peer=PEER, local=LOCAL, sensor="e", protocol="ssh"
+        )
         report = ArtefactReport(events, metrics)
         return Session(store.session(report, logging.getLogger("session-x")), metrics, log, spool)
 

@@ -15,13 +15,16 @@ from sensor.events import FIELD_LIMITS, MAX_EVENT_STRING, EventLog, SessionEvent
 from sensor.metrics import SensorMetrics
 from sensor.spool import Spool
 
+PEER = ("192.0.2.1", 40000)
+LOCAL = ("198.51.100.1", 22)
+
 
 @pytest.fixture
 async def events(tmp_path: Path) -> AsyncIterator[SessionEvents]:
     """One session's emitter over a real spool."""
     spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
-    log = EventLog(spool, SensorMetrics())
-    yield SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="edge1", protocol="ssh")
+    log = EventLog(spool, SensorMetrics(), sensor_uuid="sensor-uuid")
+    yield SessionEvents(log, session="s1", peer=PEER, local=LOCAL, sensor="edge1", protocol="ssh")
     await log.flush()
     await log.close()
 
@@ -142,7 +145,7 @@ async def budgeted(tmp_path: Path) -> AsyncIterator[tuple[EventLog, Clock, Senso
         source_max_events=30,
         source_events_per_minute=6,
     )
-    log = EventLog(spool, metrics, EventBudget(limits, metrics, clock))
+    log = EventLog(spool, metrics, EventBudget(limits, metrics, clock), sensor_uuid="sensor-uuid")
     yield log, clock, metrics
     await log.close()
 
@@ -156,7 +159,9 @@ async def test_a_session_past_its_rate_writes_one_summary_then_nothing_until_ref
     budgeted: tuple[EventLog, Clock, SensorMetrics],
 ) -> None:
     log, clock, metrics = budgeted
-    events = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="ssh")
+    events = SessionEvents(
+        log, session="s1", peer=("192.0.2.1", 40000), local=LOCAL, sensor="e", protocol="ssh"
+    )
     kept = [n for n in range(100) if command(events, n) is not None]
     assert kept == list(range(20))  # a minute's worth at once
     clock.now += 30  # half a minute: ten more
@@ -181,9 +186,15 @@ async def test_a_session_total_and_a_source_across_sessions_are_bounded(
     budgeted: tuple[EventLog, Clock, SensorMetrics],
 ) -> None:
     log, clock, _ = budgeted
-    first = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="ssh")
-    second = SessionEvents(log, session="s2", src_ip="192.0.2.1", sensor="e", protocol="ssh")
-    other = SessionEvents(log, session="s3", src_ip="192.0.2.9", sensor="e", protocol="ssh")
+    first = SessionEvents(
+        log, session="s1", peer=("192.0.2.1", 40000), local=LOCAL, sensor="e", protocol="ssh"
+    )
+    second = SessionEvents(
+        log, session="s2", peer=("192.0.2.1", 40000), local=LOCAL, sensor="e", protocol="ssh"
+    )
+    other = SessionEvents(
+        log, session="s3", peer=("192.0.2.9", 40000), local=LOCAL, sensor="e", protocol="ssh"
+    )
     assert sum(command(first, n) is not None for n in range(20)) == 20
     # The address has 10 of its 30 left, whatever the session.
     assert sum(command(second, n) is not None for n in range(20)) == 10
@@ -206,3 +217,46 @@ async def test_a_session_total_and_a_source_across_sessions_are_bounded(
         )
         == 50
     )
+
+
+async def test_every_event_carries_the_connections_ends_and_the_sensors_uuid(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
+    log = EventLog(spool, SensorMetrics(), sensor_uuid="sensor-uuid")
+    events = SessionEvents(
+        log, session="s1", peer=("::ffff:192.0.2.1", 40000), local=("::ffff:198.51.100.1", 22),
+        sensor="edge1", protocol="ssh",
+    )  # fmt: skip
+    version = events.emit("cowrie.client.version", "Remote SSH version: {version}", version="v")
+    forward = events.emit(
+        "cowrie.direct-tcpip.request",
+        "direct-tcp connection request to {dst_ip}:{dst_port} from {orig_ip}:{orig_port}",
+        dst_ip="10.9.9.9", dst_port=80, orig_ip="127.0.0.1", orig_port=5555,
+    )  # fmt: skip
+    await log.flush()
+    await log.close()
+    assert {k: version[k] for k in ("src_ip", "src_port", "dst_ip", "dst_port", "uuid")} == {
+        "src_ip": "192.0.2.1",
+        "src_port": 40000,
+        "dst_ip": "198.51.100.1",
+        "dst_port": 22,
+        "uuid": "sensor-uuid",
+    }
+    # An event's own destination wins over the connection's (as in Cowrie).
+    assert (forward["dst_ip"], forward["dst_port"], forward["src_port"]) == ("10.9.9.9", 80, 40000)
+    assert forward["message"] == "direct-tcp connection request to 10.9.9.9:80 from 127.0.0.1:5555"
+
+
+async def test_closing_events_use_cowrie_3_1_durations(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
+    log = EventLog(spool, SensorMetrics(), sensor_uuid="sensor-uuid")
+    events = SessionEvents(
+        log, session="s1", peer=PEER, local=LOCAL, sensor="edge1", protocol="ssh"
+    )
+    events.emit_closed(None, 2.3456, "client closed")
+    await log.flush()
+    closed = (await spool.oldest(10, 1 << 20))[-1].event
+    await log.close()
+    assert closed["message"] == "Connection lost after 2346 milliseconds"
+    assert (closed["duration_ms"], closed["duration"]) == (2346, 2.3)

@@ -43,20 +43,28 @@ class Sensor:
         return [item.event["eventid"] for item in await self.spool.oldest(1000, 1 << 30)]
 
 
+PEER = ("192.0.2.1", 40000)
+LOCAL = ("198.51.100.1", 22)
+
+
 @pytest.fixture
 async def make(tmp_path: Path) -> AsyncIterator[Any]:
     """Recordings with the bounds and budget of the test's choosing."""
     spool = Spool(tmp_path / "spool.sqlite3", max_bytes=100_000_000, near_full=0.9)
     metrics = SensorMetrics()
-    log = EventLog(spool, metrics)
+    log = EventLog(spool, metrics, sensor_uuid="sensor-uuid")
     writer = ArtefactWriter()
+    made: list[Recordings] = []
 
     def make_(max_bytes: int = 1_000_000, held: int = 10_000, budget: int = 10_000_000) -> Sensor:
         recordings = Recordings(
             tmp_path / "tty", max_bytes=max_bytes, held_bytes=held,
             budget=DiskBudget(budget, 0, metrics), writer=writer,
         )  # fmt: skip
-        events = SessionEvents(log, session="s1", src_ip="192.0.2.1", sensor="e", protocol="telnet")
+        made.append(recordings)
+        events = SessionEvents(
+            log, session="s1", peer=PEER, local=LOCAL, sensor="e", protocol="telnet"
+        )
         return Sensor(recordings, ArtefactReport(events, metrics), metrics, log, spool)
 
     yield make_

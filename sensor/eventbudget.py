@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sensor.metrics import SensorMetrics
+from sensor.session.sources import source_of
 
 MAX_SOURCES = 65536
 SUMMARY = "honeyfleet.session.event_budget"
@@ -114,15 +115,16 @@ class EventBudget:
     def source_allows(self, src_ip: str) -> bool:
         """Spend one of ``src_ip``'s events if it has one left."""
         now = self._clock()
-        bucket = self._sources.get(src_ip)
+        source = source_of(src_ip)
+        bucket = self._sources.get(source)
         if bucket is None:
             limits = self.limits
             bucket = Bucket(limits.source_max_events, limits.source_events_per_minute, now)
-            self._sources[src_ip] = bucket
+            self._sources[source] = bucket
             if len(self._sources) > MAX_SOURCES:
                 self._sources.popitem(last=False)
         else:
-            self._sources.move_to_end(src_ip)
+            self._sources.move_to_end(source)
         return bucket.take(now)
 
     def refused(self, scope: Scope) -> None:

@@ -21,7 +21,8 @@ only sources holding as much as anyone are dropped at random.
 
 A slot leaves the unauthenticated pool at login and is given back the moment its
 connection ends (before any I/O of the session's clean-up); how the connection ended
-feeds the source's penalty.
+feeds the source's penalty. A source is what :mod:`sensor.session.sources` says (an
+IPv4 address, or an IPv6 /64).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 from sensor.config import SensorConfig
 from sensor.metrics import SensorMetrics
 from sensor.session.penalties import Outcome, Penalties
+from sensor.session.sources import source_of
 
 EVICTED = "evicted to make room for another source's connection"
 
@@ -54,6 +56,8 @@ class Slot:
         self._admission = admission
         self.protocol = protocol
         self.src_ip = src_ip
+        # What the per-source counts count it under (an IPv6 address's /64).
+        self.source = source_of(src_ip)
         self.started = started
         self.session: LiveSession | None = None
         self.authenticated = False
@@ -116,8 +120,8 @@ class Admission:
             return reason
         slot = Slot(self, protocol, src_ip, self._clock())
         self._slots.add(slot)
-        self._per_ip[src_ip] += 1
-        self._pools.setdefault(protocol, {}).setdefault(src_ip, []).append(slot)
+        self._per_ip[slot.source] += 1
+        self._pools.setdefault(protocol, {}).setdefault(slot.source, []).append(slot)
         self._metrics.connections.set(len(self._slots))
         return slot
 
@@ -146,10 +150,11 @@ class Admission:
             return "spool_near_full"
         if len(self._slots) >= config.max_connections:
             return "max_connections"
-        if self._per_ip[src_ip] >= config.max_connections_per_ip:
+        source = source_of(src_ip)
+        if self._per_ip[source] >= config.max_connections_per_ip:
             return "max_connections_per_ip"
         pool = self._pools.get(protocol, {})
-        mine = len(pool.get(src_ip, ()))
+        mine = len(pool.get(source, ()))
         if mine >= config.max_startups_per_source:
             return "max_startups_per_source"
         if not self._should_drop(sum(len(slots) for slots in pool.values())):
@@ -187,19 +192,19 @@ class Admission:
     def _left_pool(self, slot: Slot) -> None:
         """Take ``slot`` out of its protocol's unauthenticated pool."""
         pool = self._pools.get(slot.protocol, {})
-        slots = pool.get(slot.src_ip, [])
+        slots = pool.get(slot.source, [])
         if slot in slots:
             slots.remove(slot)
             if not slots:
-                del pool[slot.src_ip]
+                del pool[slot.source]
 
     def _released(self, slot: Slot, outcome: Outcome) -> None:
         """Give ``slot`` back and penalise its source for how it ended."""
         self._left_pool(slot)
         self._slots.discard(slot)
-        self._per_ip[slot.src_ip] -= 1
-        if self._per_ip[slot.src_ip] <= 0:
-            del self._per_ip[slot.src_ip]
+        self._per_ip[slot.source] -= 1
+        if self._per_ip[slot.source] <= 0:
+            del self._per_ip[slot.source]
         self._metrics.connections.set(len(self._slots))
         if self._shutting_down or slot.authenticated:
             return

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+from sensor.session.sources import source_of
+
 
 class LeaseBudget:
     """Counts leases held (or being asked for) per source and in total."""
@@ -28,13 +30,15 @@ class LeaseBudget:
         """Count one lease for ``src_ip`` in; or why none may be had (nothing counted)."""
         if self.held >= self._total:
             return f"the sensor holds {self._total} leases already (max_leases)"
-        if self._held[src_ip] >= self._per_source:
+        source = source_of(src_ip)
+        if self._held[source] >= self._per_source:
             return f"this address holds {self._per_source} leases already (max_leases_per_source)"
-        self._held[src_ip] += 1
+        self._held[source] += 1
         return None
 
     def give(self, src_ip: str) -> None:
         """A lease counted by :meth:`take` is over (or was never granted)."""
-        self._held[src_ip] -= 1
-        if self._held[src_ip] <= 0:
-            del self._held[src_ip]
+        source = source_of(src_ip)
+        self._held[source] -= 1
+        if self._held[source] <= 0:
+            del self._held[source]

@@ -4,6 +4,7 @@ A source whose connection ends badly (failed authentication, no authentication a
 login grace time exceeded, evicted to make room) earns a penalty of that kind's
 seconds. Penalties of one source add up, capped at ``penalty_max``; once a source's
 penalty reaches ``penalty_min`` it is refused at accept until the penalty has run out.
+Sources are counted as :mod:`sensor.session.sources` says (an IPv6 /64 is one source).
 The clock is monotonic (a wall-clock jump neither frees nor locks anyone). The table of
 penalised sources is bounded: when it is full, the source penalised least recently
 leaves it (unlike OpenSSH's "permissive" overflow, which stops penalising anyone new).
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sensor.config import SensorConfig
+from sensor.session.sources import client_address, source_of
 
 
 class Outcome(Enum):
@@ -58,11 +60,12 @@ class Penalties:
 
     def refused(self, src_ip: str) -> bool:
         """Whether ``src_ip`` is serving a penalty now."""
-        entry = self._table.get(src_ip)
+        source = source_of(src_ip)
+        entry = self._table.get(source)
         if entry is None:
             return False
         if entry.until <= self._clock():
-            del self._table[src_ip]
+            del self._table[source]
             return False
         return entry.active
 
@@ -72,13 +75,14 @@ class Penalties:
         if amount <= 0 or not self._config.per_source_penalties or self._is_exempt(src_ip):
             return False
         now = self._clock()
-        entry = self._table.pop(src_ip, None)
+        source = source_of(src_ip)
+        entry = self._table.pop(source, None)
         if entry is None or entry.until <= now:
             entry = _Entry(until=now, active=False)
             self._make_room()
         entry.until = min(entry.until + amount, now + self._config.penalty_max)
         entry.active = entry.active or entry.until - now >= self._config.penalty_min
-        self._table[src_ip] = entry  # most recently penalised last
+        self._table[source] = entry  # most recently penalised last
         return True
 
     def _make_room(self) -> None:
@@ -89,7 +93,7 @@ class Penalties:
     def _is_exempt(self, src_ip: str) -> bool:
         """Whether ``src_ip`` is in penalty_exempt."""
         try:
-            address = ipaddress.ip_address(src_ip)
+            address = ipaddress.ip_address(client_address(src_ip))
         except ValueError:
             return False
         return any(address in net for net in self._exempt)

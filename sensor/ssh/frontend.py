@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from sensor.session.refusals import RefusalReporter
+from sensor.session.sources import client_address
 from sensor.ssh.connection import AttackerConnection, Shared
 from sensor.ssh.pump import AttackerSide
 
@@ -56,6 +57,7 @@ class SshFrontend:
         """Admit a new TCP connection, or refuse it as OpenSSH does (and say so, rarely)."""
         services = self._shared.services
         peer = transport.get_extra_info("peername")
+        peer = (client_address(peer[0]), peer[1])
         local = transport.get_extra_info("sockname")
         slot = services.admission.admit(
             "ssh", peer[0], spool_near_full=services.events.spool.near_full
@@ -63,4 +65,4 @@ class SshFrontend:
         if isinstance(slot, str):
             self._refusals.refuse(transport, peer[0], slot)
             return None
-        return AttackerConnection(self._shared, side, slot, peer[:2], local[:2])
+        return AttackerConnection(self._shared, side, slot, peer, local[:2])

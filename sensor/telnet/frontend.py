@@ -7,6 +7,7 @@ import logging
 
 from sensor.session.core import Services
 from sensor.session.refusals import RefusalReporter
+from sensor.session.sources import client_address
 from sensor.telnet.server import TelnetdProtocol
 from sensor.telnet.session import TelnetSession
 
@@ -61,6 +62,7 @@ class TelnetFrontend:
         """Admit a new TCP connection, or refuse it with a plain close (and say so, rarely)."""
         services = self._services
         peer = transport.get_extra_info("peername")
+        peer = (client_address(peer[0]), peer[1])
         local = transport.get_extra_info("sockname")
         slot = services.admission.admit(
             "telnet", peer[0], spool_near_full=services.events.spool.near_full
@@ -68,4 +70,4 @@ class TelnetFrontend:
         if isinstance(slot, str):
             self._refusals.refuse(transport, peer[0], slot)
             return None
-        return TelnetSession(services, transport, slot, peer[:2], local[:2])
+        return TelnetSession(services, transport, slot, peer, local[:2])

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from honeyfleet.events import plain_ip
 from sensor.config import SensorConfig
-from sensor.session.sources import client_address, source_of
+from sensor.session.sources import source_of
 
 
 class Outcome(Enum):
@@ -93,7 +94,7 @@ class Penalties:
     def _is_exempt(self, src_ip: str) -> bool:
         """Whether ``src_ip`` is in penalty_exempt."""
         try:
-            address = ipaddress.ip_address(client_address(src_ip))
+            address = ipaddress.ip_address(plain_ip(src_ip))
         except ValueError:
             return False
         return any(address in net for net in self._exempt)

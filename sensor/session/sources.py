@@ -20,17 +20,6 @@ import ipaddress
 IPV6_SOURCE_PREFIX = 64
 
 
-def client_address(address: str) -> str:
-    """``address`` as events show it: an IPv4-mapped IPv6 address as the IPv4 address."""
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
-        return str(parsed.ipv4_mapped)
-    return address
-
-
 def source_of(address: str) -> str:
     """The key per-source tables count ``address`` under: the IPv4 address, or its /64."""
     try:

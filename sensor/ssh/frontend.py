@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from honeyfleet.events import plain_ip
 from sensor.session.refusals import RefusalReporter
-from sensor.session.sources import client_address
 from sensor.ssh.connection import AttackerConnection, Shared
 from sensor.ssh.pump import AttackerSide
 
@@ -57,7 +57,7 @@ class SshFrontend:
         """Admit a new TCP connection, or refuse it as OpenSSH does (and say so, rarely)."""
         services = self._shared.services
         peer = transport.get_extra_info("peername")
-        peer = (client_address(peer[0]), peer[1])
+        peer = (plain_ip(peer[0]), peer[1])
         local = transport.get_extra_info("sockname")
         slot = services.admission.admit(
             "ssh", peer[0], spool_near_full=services.events.spool.near_full

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from honeyfleet.events import plain_ip
 from sensor.session.core import Services
 from sensor.session.refusals import RefusalReporter
-from sensor.session.sources import client_address
 from sensor.telnet.server import TelnetdProtocol
 from sensor.telnet.session import TelnetSession
 
@@ -62,7 +62,7 @@ class TelnetFrontend:
         """Admit a new TCP connection, or refuse it with a plain close (and say so, rarely)."""
         services = self._services
         peer = transport.get_extra_info("peername")
-        peer = (client_address(peer[0]), peer[1])
+        peer = (plain_ip(peer[0]), peer[1])
         local = transport.get_extra_info("sockname")
         slot = services.admission.admit(
             "telnet", peer[0], spool_near_full=services.events.spool.near_full

@@ -97,13 +97,20 @@ class LeaseClient:
             return
 
     async def acquire(
-        self, src_ip: str, session: str, protocol: common_pb2.Protocol.ValueType
+        self,
+        src_ip: str,
+        session: str,
+        protocol: common_pb2.Protocol.ValueType,
+        *,
+        settled: Callable[[], None] | None = None,
     ) -> GuestLease:
         """A lease for this session within ``lease_timeout``, else LeaseFailed.
 
         A caller cancelled while waiting (the attacker left) does not cancel the request:
         the controller may be granting the lease at that moment, so the answer is awaited
-        in the background and a granted lease released at once.
+        in the background and a granted lease released at once. ``settled`` is called
+        when such an abandoned request is over (answered, its lease released): until
+        then it still asks the controller for a guest, and a budget counts it.
         """
         request = lease_pb2.AcquireLeaseRequest(
             src_ip=src_ip, protocol=protocol, session=session, labels=self._labels
@@ -112,7 +119,7 @@ class LeaseClient:
         try:
             return await asyncio.shield(answer)
         except asyncio.CancelledError:
-            task = asyncio.create_task(self._release_when_granted(answer))
+            task = asyncio.create_task(self._release_when_granted(answer, settled))
             self._abandoned.add(task)
             task.add_done_callback(self._abandoned.discard)
             raise
@@ -125,14 +132,19 @@ class LeaseClient:
         while self._abandoned or self._releasing:
             await asyncio.gather(*self._abandoned, *self._releasing, return_exceptions=True)
 
-    async def _release_when_granted(self, answer: asyncio.Future[GuestLease]) -> None:
+    async def _release_when_granted(
+        self, answer: asyncio.Future[GuestLease], settled: Callable[[], None] | None
+    ) -> None:
         """Release the lease an abandoned request brings (bounded by its deadline)."""
         try:
             lease = await answer
+            log.info("lease %s arrived after its session ended; releasing it", lease.id)
+            await self.release(lease, "the session ended while its lease was being granted")
         except LeaseFailed:
-            return
-        log.info("lease %s arrived after its session ended; releasing it", lease.id)
-        await self.release(lease, "the session ended while its lease was being granted")
+            pass
+        finally:
+            if settled is not None:
+                settled()
 
     async def _acquire(self, request: lease_pb2.AcquireLeaseRequest) -> GuestLease:
         """One AcquireLease call; LeaseFailed says why there is no lease."""

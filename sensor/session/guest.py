@@ -67,9 +67,15 @@ class GuestLink:
             raise LeaseFailed(refusal)
         self._budgeted = True
         try:
-            lease = await self._leases.acquire(self._src_ip, self._events.session, self._protocol)
+            lease = await self._leases.acquire(
+                self._src_ip, self._events.session, self._protocol, settled=self._give_budget
+            )
+        except asyncio.CancelledError:
+            # The request outlives us until the controller answers (the lease client
+            # releases a lease that arrives later); it counts in the budget until then,
+            # or an attacker who hangs up while leasing could have any number pending.
+            raise
         except BaseException:
-            # Cancelled too: the lease client releases a lease that arrives later.
             self._give_budget()
             raise
         self.lease = lease
@@ -145,8 +151,10 @@ class GuestLink:
             if lease is not None:
                 # Shielded: a session cancelled while releasing still gives the guest
                 # back (the release is bounded by its own timeout).
-                await asyncio.shield(self._leases.release(lease, reason))
-            self._give_budget()
+                try:
+                    await asyncio.shield(self._leases.release(lease, reason))
+                finally:
+                    self._give_budget()
 
     def _give_budget(self) -> None:
         """The lease counted in the budget is over (once)."""

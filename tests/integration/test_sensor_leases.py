@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +14,13 @@ from google.protobuf.duration_pb2 import Duration
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel, server_credentials
 from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
+from sensor.events import EventLog, SessionEvents
 from sensor.leases import GuestLease, LeaseClient
+from sensor.metrics import SensorMetrics
+from sensor.session.budget import LeaseBudget
+from sensor.session.guest import GuestLink
+from sensor.spool import Spool
+from sensor.tunnel import TunnelConnector
 from tests.conftest import FleetPki, until
 
 
@@ -103,3 +110,45 @@ async def test_a_release_whose_caller_is_cancelled_still_happens(fleet_pki: Flee
         async with asyncio.timeout(20):
             await client.drain()  # waits for the release still under way
         assert leases.released == [("lease-2", "client logged out")]
+
+
+async def test_a_lease_request_its_session_gave_up_counts_in_the_budget_until_answered(
+    fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    # An attacker who hangs up while its lease is being granted, and again, must not
+    # have more requests pending at the controller than its guest budget allows.
+    leases = SlowLeases()
+    budget = LeaseBudget(per_source=1, total=4)
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=10_000_000, near_full=0.9)
+    log = EventLog(spool, SensorMetrics(), sensor_uuid="sensor-uuid")
+    events = SessionEvents(
+        log,
+        session="session-1",
+        peer=("192.0.2.7", 40000),
+        local=("192.0.2.1", 22),
+        sensor="sensor-1",
+        protocol="ssh",
+    )
+    async with lease_client(fleet_pki, leases) as client:
+        link = GuestLink(
+            leases=client,
+            tunnels=TunnelConnector(fleet_pki.files(Role.SENSOR, "sensor-1")),
+            budget=budget,
+            events=events,
+            src_ip="192.0.2.7",
+            protocol=common_pb2.PROTOCOL_SSH,
+            on_lost=lambda reason: None,
+        )
+        acquiring = asyncio.create_task(link.acquire())
+        async with asyncio.timeout(20):
+            await leases.asked.wait()
+        acquiring.cancel()
+        done, _ = await asyncio.wait([acquiring], timeout=10)
+        assert done and acquiring.cancelled()
+        await link.drop("client disconnected")
+        assert budget.take("192.0.2.7") is not None  # the request is still pending
+        leases.grant.set()
+        async with asyncio.timeout(20):
+            await client.drain()  # answered, and its lease released
+        assert leases.released and budget.held == 0
+    await log.close()

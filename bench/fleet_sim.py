@@ -407,7 +407,8 @@ class MemorySpool:
     def append(self, event: Event) -> None:
         """Queue an event for the uploader."""
         seq = next(self._seq)
-        self._events[seq] = Spooled(seq, event, to_json(event))
+        text = to_json(event)
+        self._events[seq] = Spooled(seq, event, text, len(text))
         self.count += 1
         self.changed.set()
 

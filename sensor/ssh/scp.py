@@ -93,7 +93,8 @@ class ScpObserver:
     def _start_file(self, line: str) -> None:
         """``C<mode> <size> <name>``: begin a file."""
         parts = line[1:].split(" ", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
+        # isdigit() alone takes "²", which int() refuses.
+        if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
             self._stop(f"malformed SCP file header {line[:40]!r}")
             return
         self._remaining = int(parts[1])

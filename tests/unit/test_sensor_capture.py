@@ -18,6 +18,7 @@ from sensor.capture import FileStore, SessionFiles
 from sensor.events import EventLog, SessionEvents
 from sensor.metrics import SensorMetrics
 from sensor.spool import Spool
+from sensor.ssh.scp import ScpObserver
 
 
 @dataclass
@@ -170,3 +171,18 @@ async def test_a_session_holds_at_most_max_open_captures(make_session: Any) -> N
     assert session.files.begin() is None
     open_[0].abort()
     assert session.files.begin() is not None
+
+
+async def test_an_scp_size_in_non_ascii_digits_stops_parsing_not_the_channel(
+    make_session: Any,
+) -> None:
+    # "²".isdigit() is true but int("²") raises: the parser must not throw into the relay.
+    session = make_session()
+    files: list[str] = []
+    scp = ScpObserver(session.files, lambda name, capture: files.append(name))
+    scp.feed("C0644 ² evil\n".encode())
+    scp.feed(b"C0644 3 good\nabc\0")
+    assert files == []  # parsing stopped at the bad header; the relay is not ours to stop
+    scp = ScpObserver(session.files, lambda name, capture: files.append(name))
+    scp.feed(b"C0644 3 good\nabc\0")
+    assert files == ["good"]

@@ -26,7 +26,7 @@ from sensor.capture import Capture, SessionFiles
 from sensor.events import SessionEvents
 from sensor.lineinput import LineEditor
 from sensor.recording import Recorder
-from sensor.ssh.scp import ScpObserver, is_scp_upload
+from sensor.ssh.scp import ScpObserver, is_scp_upload, scp_target
 from sensor.ssh.sftp import SftpObserver
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,11 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._closers.append(sftp.close)
             return
         if self._kind is Kind.EXEC and is_scp_upload(self._command):
-            scp = ScpObserver(host.files, functools.partial(host.file_captured, "SCP"))
+            scp = ScpObserver(
+                host.files,
+                functools.partial(host.file_captured, "SCP"),
+                scp_target(self._command),
+            )
             self._from_client.append(scp.feed)
             self._closers.append(scp.close)
             return

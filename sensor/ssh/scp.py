@@ -9,6 +9,7 @@ the relay itself goes on untouched.
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 from collections.abc import Callable
 from enum import Enum
@@ -30,6 +31,16 @@ def is_scp_upload(command: str) -> bool:
     return any("t" in flag for flag in flags)
 
 
+def scp_target(command: str) -> str:
+    """Where an scp sink writes: its last operand ("" if none, or unparsable)."""
+    try:
+        argv = shlex.split(command[:MAX_HEADER])
+    except ValueError:
+        return ""
+    operands = [a for a in argv[1:] if not a.startswith("-")]
+    return operands[-1] if operands else ""
+
+
 class Stage(Enum):
     """Where the parser is in the SCP stream."""
 
@@ -40,15 +51,21 @@ class Stage(Enum):
 
 
 class ScpObserver:
-    """Parses the client's SCP stream; hands each complete file to ``on_file(name, capture)``."""
+    """Parses the client's SCP stream; hands each complete file to ``on_file(path, capture)``.
+
+    The path is the header's file name under the command's ``target``, as Cowrie names
+    an SCP upload (its ``url`` and ``destfile``).
+    """
 
     def __init__(
         self,
         files: SessionFiles,
         on_file: Callable[[str, Capture], None],
+        target: str = "",
     ) -> None:
         self._files = files
         self._on_file = on_file
+        self._target = target
         self._log: Logger = files.log
         self._stage = Stage.HEADER
         self._header = bytearray()
@@ -117,7 +134,7 @@ class ScpObserver:
         capture, self._capture = self._capture, None
         self._stage = Stage.HEADER
         if capture is not None:
-            self._on_file(self._name, capture)
+            self._on_file(posixpath.join(self._target, self._name), capture)
         return view[1:]
 
     def _stop(self, reason: str) -> None:

@@ -176,9 +176,9 @@ async def test_ssh_sessions_write_cowries_events(make_fleet: FleetFactory, tmp_p
     }
     uploads = fleet.events("cowrie.session.file_upload")
     assert [e["duplicate"] for e in uploads] == [False, True]
-    # The path the client named (legacy SCP names only the file in its header).
+    # The path written (legacy SCP: the header's name under the target, as Cowrie's).
     assert [(e["url"], e["destfile"]) for e in uploads] == [
-        ("dropper.sh", "dropper.sh"),
+        ("dropped.sh/dropper.sh", "dropped.sh/dropper.sh"),
         ("dropped.sh", "dropped.sh"),
     ]
 

@@ -366,3 +366,40 @@ async def test_events_from_the_far_future_are_dropped_and_their_batch_acknowledg
             )
             partitions = {name for (name,) in await cursor.fetchall()}
         assert f"events_p{far:%Y%m%d}" not in partitions
+
+
+@pytest.mark.postgres
+async def test_a_postgres_store_made_before_hf_event_id_keeps_its_events_unique(
+    postgres_dsn: str,
+) -> None:
+    import psycopg
+
+    from controller.events import postgres_sql
+    from controller.events.postgres_store import PostgresEventStore
+    from controller.events.validate import to_row
+
+    [old], [new] = (
+        [to_row(to_proto(e), "edge1")[0] for e in bulk_events(1, "edge1")] for _ in "ab"
+    )
+    async with (
+        asyncio.timeout(DB_TIMEOUT),
+        await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn,
+    ):
+        # Versions 1 and 2, as shipped: the delivery id was "uuid".
+        await conn.execute(postgres_sql.MIGRATIONS_TABLE)
+        for version, script in enumerate(postgres_sql.MIGRATIONS[:2], start=1):
+            await conn.execute(script)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        await conn.execute(
+            "INSERT INTO events (uuid, time, sensor, session, eventid, src_ip, protocol, event)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s::jsonb)",
+            (old.hf_event_id, old.time, old.sensor, old.session, old.eventid, old.src_ip,
+             old.protocol, old.json),
+        )  # fmt: skip
+    store = PostgresEventStore(postgres_dsn)
+    await store.open()
+    try:
+        async with asyncio.timeout(DB_TIMEOUT):
+            assert await store.write_batch([old, new]) == {new.hf_event_id}
+    finally:
+        await store.close()

@@ -13,6 +13,7 @@ delivery idempotent (sensor spool -> controller acknowledgement -> store uniquen
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import secrets
@@ -67,9 +68,19 @@ def new_session_id() -> str:
 
 
 def plain_ip(address: str) -> str:
-    """An IPv4-mapped IPv6 address as plain IPv4 (as Cowrie writes ``src_ip``); others as is."""
-    if address.startswith("::ffff:") and "." in address:
-        return address.removeprefix("::ffff:")
+    """An IPv4-mapped IPv6 address as its IPv4 address (as Cowrie writes ``src_ip``).
+
+    A dual-stack listener sees IPv4 clients as ``::ffff:192.0.2.1``; events, and every
+    table kept per source, name them as an IPv4 listener would. Other text is kept.
+    """
+    if "." not in address or ":" not in address:  # not an IPv4-mapped address
+        return address
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
     return address
 
 

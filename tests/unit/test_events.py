@@ -141,7 +141,14 @@ def test_uuid_is_the_sensors_identity_and_hf_event_id_each_events_own() -> None:
 
 @pytest.mark.parametrize(
     ("peer", "written"),
-    [("::ffff:198.51.100.4", "198.51.100.4"), ("2001:db8::4", "2001:db8::4"), ("::1", "::1")],
+    [
+        ("::ffff:198.51.100.4", "198.51.100.4"),
+        ("::FFFF:198.51.100.4", "198.51.100.4"),
+        ("0:0:0:0:0:ffff:198.51.100.4", "198.51.100.4"),
+        ("2001:db8::4", "2001:db8::4"),
+        ("::1", "::1"),
+        ("198.51.100.4", "198.51.100.4"),
+    ],
 )
 def test_mapped_ipv4_src_ip_is_written_as_plain_ipv4(peer: str, written: str) -> None:
     event = make_event(

@@ -20,7 +20,7 @@ import secrets
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -156,11 +156,24 @@ def _no_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
 
 
-def decode(message: ingest_pb2.Event) -> tuple[Event, datetime]:
-    """Parse and check a received event once: the event and its time.
+class Decoded(NamedTuple):
+    """A received event, parsed and checked."""
+
+    event: Event
+    moment: datetime
+    """Its time."""
+    upgraded: bool
+    """Whether a sensor from before ``hf_event_id`` sent it: ``hf_event_id`` was added
+    (from its ``uuid``, then the delivery id), so its JSON text is not the event's."""
+
+
+def decode(message: ingest_pb2.Event) -> Decoded:
+    """Parse and check a received event once.
 
     InvalidArgument if malformed, NaN and Infinity included (json.loads would accept
-    them, the stores' JSON types would not).
+    them, the stores' JSON types would not). An event of a sensor from before
+    ``hf_event_id`` (its ``uuid`` is the wire's id) gets its ``hf_event_id``, so a fleet
+    that upgrades its controller first loses none of its older sensors' events.
     """
     text = message.json
     # Characters bound bytes from below and 4x from above: encode only when in doubt.
@@ -178,6 +191,9 @@ def decode(message: ingest_pb2.Event) -> tuple[Event, datetime]:
         ) from None
     if not isinstance(event, dict):
         raise InvalidArgument(f"event {message.hf_event_id[:40]!r} is not a JSON object")
+    upgraded = "hf_event_id" not in event and event.get("uuid") == message.hf_event_id
+    if upgraded:
+        event["hf_event_id"] = message.hf_event_id
     missing = [key for key in REQUIRED if not isinstance(event.get(key), str)]
     if missing:
         raise InvalidArgument(f"event {message.hf_event_id[:40]!r} lacks {', '.join(missing)}")
@@ -193,7 +209,7 @@ def decode(message: ingest_pb2.Event) -> tuple[Event, datetime]:
         moment = parse_timestamp(event["timestamp"])
     except ValueError as e:
         raise InvalidArgument(f"event {message.hf_event_id[:40]!r}: {e}") from None
-    return event, moment
+    return Decoded(event, moment, upgraded)
 
 
 def parse_timestamp(text: str) -> datetime:

@@ -43,7 +43,7 @@ def to_row(
     Raises InvalidArgument, naming the event and the problem, if it cannot be stored.
     ``now`` is the controller's time (default: the clock), for the future-time check.
     """
-    event, moment = decode(message)
+    event, moment, upgraded = decode(message)
     ref = f"event {event['hf_event_id']}"
     if moment > (now or datetime.now(UTC)) + MAX_FUTURE:
         raise InvalidArgument(
@@ -69,6 +69,7 @@ def to_row(
     rewritten = event["sensor"] != sensor
     if rewritten:
         event["sensor"] = sensor
+    if rewritten or upgraded:
         text = to_json(event)
     row = EventRow(
         hf_event_id=_canonical_uuid(event["hf_event_id"]),

@@ -121,7 +121,7 @@ def test_decode_parses_the_time_once_in_every_spelling_strptime_takes() -> None:
     assert decode(wire)[1] == datetime(2026, 3, 1, 10, 0, 0, 500_000, tzinfo=UTC)
     event["timestamp"] = "2026-03-01T10:00:00.000007Z"
     wire = to_proto(event)
-    assert decode(wire) == (event, datetime(2026, 3, 1, 10, 0, 0, 7, tzinfo=UTC))
+    assert decode(wire)[:2] == (event, datetime(2026, 3, 1, 10, 0, 0, 7, tzinfo=UTC))
 
 
 def test_a_spooled_text_goes_on_the_wire_as_is() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +19,14 @@ from controller.events.sqlite_store import SqliteEventStore
 from controller.events.store import EventQuery, SessionQuery
 from controller.events.validate import MAX_FUTURE, to_row
 from honeyfleet.errors import InvalidArgument
-from honeyfleet.events import TIMESTAMP_FORMAT, Event, make_event, new_session_id, to_proto
+from honeyfleet.events import (
+    TIMESTAMP_FORMAT,
+    Event,
+    make_event,
+    new_session_id,
+    to_json,
+    to_proto,
+)
 
 
 def commands(count: int, *, at: datetime | None = None) -> list[Event]:
@@ -136,3 +145,17 @@ async def test_a_store_made_before_hf_event_id_keeps_its_events_unique(tmp_path:
         assert sorted(e.hf_event_id for e in listed) == sorted([old.hf_event_id, new.hf_event_id])
     finally:
         await store.close()
+
+
+def test_an_event_of_a_sensor_from_before_hf_event_id_is_stored_with_one() -> None:
+    event = commands(1)[0]
+    event["uuid"] = event.pop("hf_event_id")  # then the delivery id, on the wire too
+    row, _ = to_row(to_proto({**event, "hf_event_id": event["uuid"]}, to_json(event)), "edge1")
+    assert row.hf_event_id == event["uuid"]
+    assert json.loads(row.json) == {**event, "hf_event_id": event["uuid"]}
+    # Anything else without one is refused, as before.
+    event["uuid"] = "sensor-identity"
+    wire = to_proto({**event, "hf_event_id": str(uuid.uuid4())})
+    wire.json = to_json(event)
+    with pytest.raises(InvalidArgument):
+        to_row(wire, "edge1")

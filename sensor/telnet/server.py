@@ -1,10 +1,18 @@
-"""The attacker's side: a telnetlib3 server protocol that negotiates like a Linux telnetd.
+"""The attacker's side: a telnetlib3 server protocol that negotiates like Debian's telnetd.
 
-It asks what netkit/inetutils telnetd ask first (terminal type, speed, X display, the
-environment), then, once the client answers anything, offers to echo and suppress
-go-ahead and asks for the window size: character-at-a-time mode, where the guest's
-login and shell do all the echoing and editing. It refuses what those daemons do not
-speak (compression, CHARSET, LINEMODE, MUD protocols). Bytes travel in binary
+It sends what inetutils telnetd 2.4 (Debian 12's ``inetutils-telnetd``) sends, in its
+order, round by round, each round once the client answered the one before:
+
+1. ``WILL AUTHENTICATION, WILL ENCRYPT, DO TTYPE, DO TSPEED, DO XDISPLOC,
+   DO NEW-ENVIRON, DO OLD-ENVIRON`` (the terminal, the speed, the environment);
+2. ``WILL SGA, DO ECHO, DO LINEMODE, DO NAWS, WILL STATUS, DO LFLOW``;
+3. ``WILL ECHO, DO BINARY``: character-at-a-time mode, where the guest's login and shell do all
+   the echoing and editing.
+
+Like telnetd, it says nothing more to a client that says nothing: no login prompt
+until the client has answered or, having sent something, waited ``NEGOTIATION_WAIT``.
+It refuses what telnetd does not speak (compression, CHARSET, MUD protocols) and
+LINEMODE, which telnetd also ends up refusing. Bytes travel in binary
 (``encoding=False``): they are the guest's business, not ours to decode.
 
 Everything a connection learns is handed to its :class:`AttackerPeer` (the session).
@@ -24,16 +32,20 @@ from telnetlib3.telopt import (
     ABORT,
     AO,
     ATCP,
+    AUTHENTICATION,
+    BINARY,
     CHARSET,
     COM_PORT_OPTION,
     DO,
     EC,
     ECHO,
     EL,
+    ENCRYPT,
     EOF,
     EOR,
     GMCP,
     IP,
+    LFLOW,
     LINEMODE,
     MCCP2_COMPRESS,
     MCCP3_COMPRESS,
@@ -44,6 +56,7 @@ from telnetlib3.telopt import (
     NAWS,
     NEW_ENVIRON,
     SGA,
+    STATUS,
     SUSP,
     TSPEED,
     TTYPE,
@@ -54,9 +67,27 @@ from telnetlib3.telopt import (
     ZMP,
 )
 
-# A client that answers none of our requests gets its login prompt after this long.
+# A client that has sent something but not answered every request gets its login prompt
+# this long after its first bytes; one that sends nothing never does (the login grace
+# time ends it), as with telnetd.
 NEGOTIATION_WAIT = 2.0
-FIRST_ROUND = (TTYPE, TSPEED, XDISPLOC, NEW_ENVIRON)
+# No prompt for a silent client: telnetlib3's own wait is made longer than any session.
+SILENT_WAIT = 24 * 3600.0
+OLD_ENVIRON = b"$"  # RFC 1408 (telnetlib3 has no name for it)
+# inetutils telnetd's rounds, in its order (see the module docstring).
+ROUNDS: tuple[tuple[tuple[bytes, bytes], ...], ...] = (
+    (
+        (WILL, AUTHENTICATION),
+        (WILL, ENCRYPT),
+        (DO, TTYPE),
+        (DO, TSPEED),
+        (DO, XDISPLOC),
+        (DO, NEW_ENVIRON),
+        (DO, OLD_ENVIRON),
+    ),
+    ((WILL, SGA), (DO, ECHO), (DO, LINEMODE), (DO, NAWS), (WILL, STATUS), (DO, LFLOW)),
+    ((WILL, ECHO), (DO, BINARY)),
+)
 # Options a Linux telnetd does not speak, refused whoever asks.
 REFUSED = frozenset(
     {CHARSET, EOR, COM_PORT_OPTION, MCCP2_COMPRESS, MCCP3_COMPRESS}
@@ -104,11 +135,20 @@ class TelnetdProtocol(BaseServer):
     """One attacker connection, admitted (or refused) by ``accept`` when it is made."""
 
     def __init__(self, accept: Accept, write_buffer_high: int) -> None:
-        super().__init__(shell=self._negotiated, encoding=False, connect_maxwait=NEGOTIATION_WAIT)
+        # Our own future for "negotiation done" (a constructor argument of telnetlib3's),
+        # so the wait can end when the client first speaks, not when it connects.
+        self._connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        super().__init__(
+            shell=self._negotiated,
+            encoding=False,
+            connect_maxwait=SILENT_WAIT,
+            _waiter_connected=self._connected,
+        )
         self._accept = accept
         self._write_buffer_high = write_buffer_high
         self._peer: AttackerPeer | None = None
-        self._second_round = False
+        self._rounds_sent = 0
+        self._spoke: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit or refuse, then set the writer's policy and callbacks.
@@ -128,7 +168,10 @@ class TelnetdProtocol(BaseServer):
         writer = self.writer
         writer.compression = False
         writer.always_wont |= REFUSED
-        writer.always_dont |= REFUSED | {LINEMODE}
+        writer.always_dont |= REFUSED | {LINEMODE, ECHO}
+        # Offered as telnetd offers them (with nothing to authenticate or encrypt with):
+        # a client's DO is taken without a WONT.
+        writer.always_will |= {AUTHENTICATION, ENCRYPT}
         peer = self._peer
         writer.set_ext_callback(NAWS, lambda rows, cols: peer.window(cols, rows))
         writer.set_ext_callback(NEW_ENVIRON, peer.environment)
@@ -142,42 +185,56 @@ class TelnetdProtocol(BaseServer):
             writer.set_iac_callback(command, lambda _, key=key: reader.feed_data(key))
 
     def begin_negotiation(self) -> None:
-        """Ask for what telnetd asks for first."""
+        """Send telnetd's first round."""
         super().begin_negotiation()
-        assert self.writer is not None
-        for option in FIRST_ROUND:
-            self.writer.iac(DO, option)
+        self._next_round()
 
     def begin_advanced_negotiation(self) -> None:
-        """Character mode: we echo, no go-ahead; and the window size."""
-        if self._second_round or self.writer is None:
-            return
-        self._second_round = True
-        self.writer.iac(WILL, SGA)
-        self.writer.iac(WILL, ECHO)
-        self.writer.iac(DO, NAWS)
+        """Rounds are ours (:meth:`check_negotiation`), not telnetlib3's."""
+
+    def _next_round(self) -> bool:
+        """Send the next round; False when all were sent."""
+        if self._rounds_sent == len(ROUNDS) or self.writer is None:
+            return False
+        for command, option in ROUNDS[self._rounds_sent]:
+            self.writer.iac(command, option)
+        self._rounds_sent += 1
+        return True
 
     def check_negotiation(self, final: bool = False) -> bool:
-        """Done when both rounds are answered (or given up on).
+        """Done when every round is answered (or, ``final``, given up on).
 
-        telnetlib3 starts the second round only when the client agreed to something;
-        telnetd sends it anyway, so a client that refused or ignored the first round
-        still gets it.
+        A round goes out once the one before is answered, whatever the answers were
+        (telnetd too sends the next round to a client that refused everything).
         """
         assert self.writer is not None
-        if final or not any(self.writer.pending_option.values()):
-            self.begin_advanced_negotiation()
+        if final:
+            while self._next_round():
+                pass
+        elif not any(self.writer.pending_option.values()) and self._next_round():
+            return False
         return super().check_negotiation(final)
+
+    def _stop_waiting(self) -> None:
+        """The client spoke NEGOTIATION_WAIT ago and still has not answered everything."""
+        if not self._connected.done():
+            self.check_negotiation(final=True)
+            self._connected.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         """Bounds first, then telnetlib3."""
         if self._peer is not None and self._peer.from_attacker(data):
+            if self._spoke is None and data:
+                loop = asyncio.get_running_loop()
+                self._spoke = loop.call_later(NEGOTIATION_WAIT, self._stop_waiting)
             super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The client is gone (or we closed it)."""
         if self._peer is None:
             return
+        if self._spoke is not None:
+            self._spoke.cancel()
         super().connection_lost(exc)
         self._peer.close("client disconnected")
 

@@ -1,0 +1,117 @@
+"""Probes that show how a Telnet server negotiates, for comparing the sensor with telnetd.
+
+A probe connects, reads until the server is quiet, answers every option command the
+way its policy says, and repeats: the result is the server's rounds of option commands
+and subnegotiations, named ("WILL SGA", "SB TTYPE 01"), and whether it showed any text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from telnetlib3.telopt import name_command
+
+IAC, SB, SE = 255, 250, 240
+WILL, WONT, DO, DONT = 251, 252, 253, 254
+COMMANDS = {WILL: "WILL", WONT: "WONT", DO: "DO", DONT: "DONT"}
+# How a client answers a server's DO and WILL.
+REFUSE = {DO: WONT, WILL: DONT}
+AGREE = {DO: WILL, WILL: DO}
+
+
+def option_name(option: int) -> str:
+    """telnetlib3's name of an option, or its number."""
+    name = name_command(bytes([option]))
+    return str(option) if name.startswith("b'") else name
+
+
+@dataclass(frozen=True)
+class Negotiation:
+    """What a server sent: option commands round by round, and its text."""
+
+    rounds: list[list[str]]
+    text: bytes
+
+
+def parse(chunk: bytes) -> tuple[list[tuple[int, int]], list[str], bytes]:
+    """(option commands, their names and subnegotiations in order, plain text) of a chunk."""
+    commands: list[tuple[int, int]] = []
+    names: list[str] = []
+    text = bytearray()
+    i = 0
+    while i < len(chunk):
+        if chunk[i] != IAC or i + 1 >= len(chunk):
+            text.append(chunk[i])
+            i += 1
+        elif chunk[i + 1] in COMMANDS and i + 2 < len(chunk):
+            commands.append((chunk[i + 1], chunk[i + 2]))
+            names.append(f"{COMMANDS[chunk[i + 1]]} {option_name(chunk[i + 2])}")
+            i += 3
+        elif chunk[i + 1] == SB:
+            end = chunk.find(bytes([IAC, SE]), i)
+            end = len(chunk) if end < 0 else end
+            names.append(f"SB {option_name(chunk[i + 2])} {chunk[i + 3 : end].hex()}".rstrip())
+            i = end + 2
+        else:
+            i += 2
+    return commands, names, bytes(text)
+
+
+async def negotiate(
+    port: int,
+    answers: dict[int, int] | None,
+    *,
+    quiet: float = 0.8,
+    settle: float = 3.0,
+    max_rounds: int = 8,
+    first: bytes = b"",
+) -> Negotiation:
+    """Connect, send ``first``, then read and answer (None: stay silent) round by round.
+
+    A round ends when the server is quiet for ``quiet`` seconds; after the last one, what
+    comes within ``settle`` seconds more (a server that gives up waiting) is one more.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    rounds: list[list[str]] = []
+    text = b""
+    writer.write(first)
+    try:
+        for _ in range(max_rounds):
+            chunk = await _quiet_read(reader, quiet)
+            if not chunk:
+                break
+            commands, names, shown = parse(chunk)
+            rounds.append(names)
+            text += shown
+            if len(rounds) == max_rounds:
+                break
+            if answers is not None:
+                writer.write(
+                    b"".join(
+                        bytes([IAC, answers[command], option])
+                        for command, option in commands
+                        if command in answers
+                    )
+                )
+        if tail := await _quiet_read(reader, settle):
+            _, names, shown = parse(tail)
+            rounds.append(names)
+            text += shown
+    finally:
+        writer.close()
+    return Negotiation(rounds, text)
+
+
+async def _quiet_read(reader: asyncio.StreamReader, quiet: float) -> bytes:
+    """Bytes until the server is quiet for ``quiet`` seconds (or closes)."""
+    out = b""
+    try:
+        while True:
+            async with asyncio.timeout(quiet):
+                chunk = await reader.read(65536)
+            if not chunk:
+                return out
+            out += chunk
+    except TimeoutError:
+        return out

@@ -75,9 +75,9 @@ class RefusalReporter:
                 transport.write_eof()
             transport.resume_reading()
             asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
-        self._count(src_ip, reason, _endpoints(transport))
+        self._count(src_ip, reason, transport)
 
-    def _count(self, src_ip: str, reason: str, endpoints: dict[str, Any]) -> None:
+    def _count(self, src_ip: str, reason: str, transport: asyncio.Transport) -> None:
         """Count one refusal; emit the event (with this connection's ends) if it is time."""
         self._refused += 1
         now = time.monotonic()
@@ -92,7 +92,7 @@ class RefusalReporter:
                 sensor=self._sensor,
                 sensor_uuid=self._events.sensor_uuid,
                 protocol=self._protocol,
-                **endpoints,
+                **_endpoints(transport),
                 reason=reason,
                 count=self._refused,
             )

@@ -250,6 +250,7 @@ def plans(
             lease_timeout=float(sensor_default("lease_timeout")),
             upload_batch=int(sensor_default("upload_batch")),
             upload_linger=float(sensor_default("upload_linger")),
+            upload_max_linger=float(sensor_default("upload_max_linger")),
         )
         for n in range(count)
     ]
@@ -348,6 +349,7 @@ def report(
         ("ReleaseLease", "release p50 / p99 ms"),
         ("heartbeat", "heartbeat p50 / p99 ms"),
         ("event ack", "event ack p50 / p99 ms"),
+        ("event delivery", "event append to ack p50 / p99 ms"),
         ("sim loop lag", "simulator loop lag p50 / p99 ms"),
     ):
         rows.append((label, [percentiles(r.stats.latency.get(what, [])) for r in results]))

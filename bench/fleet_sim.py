@@ -92,6 +92,8 @@ class WorkerPlan:
     """Most events per uploaded batch (the sensor's upload_batch)."""
     upload_linger: float
     """Seconds the uploader lets a burst gather (the sensor's upload_linger)."""
+    upload_max_linger: float
+    """Most seconds the controller's hint may make it gather (the sensor's upload_max_linger)."""
 
 
 @dataclass(frozen=True)
@@ -392,11 +394,14 @@ class SimNode:
 
 
 class MemorySpool:
-    """What the Uploader uses of a Spool, in memory; times each batch until its ack."""
+    """What the Uploader uses of a Spool, in memory; times each batch until its ack, and
+    each event from its append until its batch's ack (delivery, lingering included)."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.path = Path("(memory)")
         self.count = 0
+        self.bytes = 0
+        self._appended: dict[int, float] = {}
         self.changed = asyncio.Event()
         self._recorder = recorder
         self._events: dict[int, Spooled] = {}
@@ -408,8 +413,10 @@ class MemorySpool:
         """Queue an event for the uploader."""
         seq = next(self._seq)
         text = to_json(event)
-        self._events[seq] = Spooled(seq, event, text, len(text))
+        item = self._events[seq] = Spooled(seq, event, text, len(text))
+        self._appended[seq] = time.monotonic()
         self.count += 1
+        self.bytes += item.size
         self.changed.set()
 
     async def oldest(self, limit: int, max_bytes: int) -> list[Spooled]:
@@ -426,19 +433,24 @@ class MemorySpool:
     async def delete(self, batch: list[Spooled]) -> None:
         """The controller acknowledged ``batch``."""
         stats = self._recorder.stats
-        stats.record("event ack", time.monotonic() - self._batch_sent)
+        now = time.monotonic()
+        stats.record("event ack", now - self._batch_sent)
         stats.counts["sensor: events acked"] += len(batch)
         stats.counts["sensor: batches acked"] += 1
         for item in batch:
             # Gone already if the phase abandoned it while the batch was in flight.
             if self._events.pop(item.seq, None) is not None:
                 self.count -= 1
+                self.bytes -= item.size
+                stats.record("event delivery", now - self._appended.pop(item.seq))
 
     def abandon(self) -> int:
         """Drop what is still waiting (the phase is over); how many events that was."""
         dropped = len(self._events)
         self._events.clear()
+        self._appended.clear()
         self.count = 0
+        self.bytes = 0
         return dropped
 
 
@@ -463,6 +475,7 @@ class SimSensor:
             member.tls,
             batch=plan.upload_batch,
             linger=plan.upload_linger,
+            max_linger=plan.upload_max_linger,
         )
         self._task: asyncio.Task[None] | None = None
         self._session = new_session_id()

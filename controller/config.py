@@ -155,6 +155,20 @@ class ControllerConfig:
         "acknowledgement); 0: commit at once",
         check=non_negative,
     )
+    ingest_target_batches_per_second: float = setting(
+        250.0,
+        "event batches a second the controller aims at from all sensors together: once "
+        "the fleet sends more events a second than this, every acknowledgement asks its "
+        "sensor to gather new events for a while before sending (fewer, fuller batches, "
+        "less CPU per event); below it sensors send at once",
+        check=positive,
+    )
+    ingest_max_linger: float = setting(
+        2.5,
+        "most seconds the controller asks a sensor to gather events before sending (the "
+        "delay added to delivery at full load); 0: never ask",
+        check=non_negative,
+    )
     ingest_shed_after: float = setting(
         10.0,
         "seconds a batch may wait for room in the ingest queue before it is refused with "

@@ -322,8 +322,14 @@ class SensorConfig:
     upload_batch: int = setting(500, "events per batch sent to the controller", check=positive)
     upload_linger: float = setting(
         0.1,
-        "seconds the uploader waits after new events wake it from idle, so the rest of "
+        "seconds a batch that is not full waits after its first event, so the rest of "
         "their burst goes in the same batch (fewer, fuller batches); 0 sends at once",
+        check=non_negative,
+    )
+    upload_max_linger: float = setting(
+        5.0,
+        "most seconds a batch that is not full waits because the controller asks for it "
+        "(a busy controller asks sensors to gather events longer); 0 ignores the request",
         check=non_negative,
     )
     json_log: Path | None = setting(None, "also write events to this Cowrie JSON lines file")

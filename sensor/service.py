@@ -156,6 +156,7 @@ class Sensor:
             config.tls,
             batch=config.upload_batch,
             linger=config.upload_linger,
+            max_linger=config.upload_max_linger,
         )
         renewer = self.renewer = Renewer(
             config.tls,

@@ -8,9 +8,13 @@ controller deduplicates by event uuid anyway. A controller that sheds load answe
 RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer; the uploader waits at least that
 long, spread by jitter so refused sensors do not all come back at once.
 
-Batches fill under load: with a backlog each batch takes up to ``batch`` events; when
-the spool was empty, the uploader waits ``linger`` seconds after the first new event so
-the rest of its burst (a session's start is several events) travels in the same batch.
+Batches fill under load: with a backlog each batch takes up to ``batch`` events at once.
+A batch that is not full waits until its oldest event has waited the linger, so the
+rest of a burst (a session's start is several events) and, on a busy fleet, the next
+events travel in the same batch. The linger is the larger of the sensor's own
+(``linger``) and the one the controller asks for in each acknowledgement (it grows with
+the fleet's load, and is 0 on a quiet fleet); the controller's is clamped to
+``max_linger``, so it can delay delivery only that long. A full batch never waits.
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import sqlite3
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 import grpc
 
 from honeyfleet.errors import RETRY_AFTER_TRAILER, Unavailable
-from honeyfleet.events import to_proto
+from honeyfleet.events import MAX_EVENT_JSON, parse_timestamp, to_proto
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
-from sensor.spool import Spool
+from sensor.spool import Spool, Spooled
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,8 @@ BACKOFF_MAX = 10.0
 ACK_TIMEOUT = 30.0
 # Well under the 4 MiB gRPC message limit; events are at most 256 KiB each.
 BATCH_BYTES = 1024 * 1024
+# Past this a batch is full: the next event might not fit.
+FULL_BYTES = BATCH_BYTES - MAX_EVENT_JSON
 IDLE_POLL = 1.0
 
 
@@ -44,13 +52,23 @@ class Uploader:
     """Delivers a spool's events to the controller; run :meth:`run` as a task."""
 
     def __init__(
-        self, spool: Spool, controller: str, tls: TlsFiles, *, batch: int, linger: float = 0.0
+        self,
+        spool: Spool,
+        controller: str,
+        tls: TlsFiles,
+        *,
+        batch: int,
+        linger: float = 0.0,
+        max_linger: float = 0.0,
     ) -> None:
         self._spool = spool
         self._controller = controller
         self._tls = tls
         self._batch = batch
         self._linger = linger
+        self._max_linger = max_linger
+        self.linger_hint = 0.0
+        """Seconds of linger the controller asked for in its last acknowledgement (clamped)."""
         self._batch_id = 0
         self.connected = asyncio.Event()
         self.delivered = 0
@@ -98,6 +116,8 @@ class Uploader:
         try:
             await call.wait_for_connection()
             self.connected.set()
+            # A new stream may reach a controller that is not busy: no hint until it says.
+            self.linger_hint = 0.0
             while True:
                 # Cleared before reading, so a commit landing meanwhile is not missed.
                 self._spool.changed.clear()
@@ -109,9 +129,12 @@ class Uploader:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(IDLE_POLL):
                             await self._spool.changed.wait()
-                            # Let the rest of the burst that woke us join the batch.
-                            await asyncio.sleep(self._linger)
                     continue
+                if len(batch) < self._batch and _batch_bytes(batch) <= FULL_BYTES:
+                    wait = max(self._linger, self.linger_hint) - _age(batch[0])
+                    if wait > 0:
+                        await self._gather(wait)
+                        continue
                 self._batch_id += 1
                 request = ingest_pb2.StreamEventsRequest(
                     batch_id=self._batch_id,
@@ -143,8 +166,39 @@ class Uploader:
                     raise Unavailable(f"acknowledged batch {ack.batch_id}, sent {self._batch_id}")
                 await self._spool.delete(batch)
                 self.delivered += len(batch)
+                hint = ack.linger.seconds + ack.linger.nanos / 1e9
+                # The controller's word, bounded by ours: it can only delay delivery so much.
+                self.linger_hint = min(max(hint, 0.0), self._max_linger)
         finally:
             call.cancel()
+
+    async def _gather(self, seconds: float) -> None:
+        """Wait until the spool holds a full batch, or for ``seconds``.
+
+        Returns early only after a commit since the last read: the spool's counts
+        include events not committed yet, which that read could not see.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._spool.changed.wait()
+                while self._spool.count < self._batch and self._spool.bytes <= FULL_BYTES:
+                    self._spool.changed.clear()
+                    await self._spool.changed.wait()
+
+
+def _age(item: Spooled) -> float:
+    """Seconds since the event was made; infinite when its time is unusable (a clock
+    stepped back, a foreign spelling), so that a confused clock never holds a batch back."""
+    try:
+        age = (datetime.now(UTC) - parse_timestamp(item.event["timestamp"])).total_seconds()
+    except ValueError:
+        return math.inf
+    return age if age >= 0 else math.inf
+
+
+def _batch_bytes(batch: list[Spooled]) -> int:
+    """The batch's size as the spool counts it."""
+    return sum(item.size for item in batch)
 
 
 def _retry_after(error: grpc.aio.AioRpcError) -> float:

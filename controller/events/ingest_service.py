@@ -9,6 +9,8 @@ the unacknowledged batch and sends it again after that.
 Malformed events are dropped, counted and logged, and their batch is still
 acknowledged (a sensor resending them would be refused again and never drain its
 spool). Every stored event's ``sensor`` is the caller's certificate name.
+Every acknowledgement carries the linger hint (controller.events.linger): how long the
+sensor should gather events before its next batch, so that batches fill under load.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
 
 from controller.events.pipeline import EventPipeline
 from controller.events.quota import Overloaded
@@ -48,6 +52,16 @@ async def _first_request(requests: AsyncIterator[ingest_pb2.StreamEventsRequest]
             await anext(requests)
 
 
+def _duration(seconds: float) -> Duration | None:
+    """A protobuf Duration of whole milliseconds; None (left unset) for less than one."""
+    millis = int(seconds * 1000)
+    if not millis:
+        return None
+    duration = Duration()
+    duration.FromMilliseconds(millis)
+    return duration
+
+
 class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
     """Receives sensors' event batches."""
 
@@ -67,6 +81,7 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
                 async for request in request_iterator:
                     # A streaming sensor is alive, whether or not it asks for leases.
                     self._registry.seen(sensor)
+                    self._pipeline.linger.received(len(request.events))
                     with self._pipeline.batch(sensor, request.ByteSize()):
                         rows, rewritten = self._accept(sensor, request)
                         if rewritten and not warned_name:
@@ -80,7 +95,10 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
                         ack = await self._pipeline.write(rows)
                     self._pipeline.metrics.batches.inc()
                     yield ingest_pb2.StreamEventsResponse(
-                        batch_id=request.batch_id, stored=ack.stored, duplicates=ack.duplicates
+                        batch_id=request.batch_id,
+                        stored=ack.stored,
+                        duplicates=ack.duplicates,
+                        linger=_duration(self._pipeline.linger_hint()),
                     )
         except Overloaded as e:
             # The interceptor turns the error into the status, with its retry hint.

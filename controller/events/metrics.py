@@ -77,6 +77,12 @@ class EventMetrics:
         self.streams = Gauge(
             "honeyfleet_ingest_streams", "Open event streams from sensors", registry=r
         )
+        self.linger = Gauge(
+            "honeyfleet_ingest_linger_seconds",
+            "Seconds the last acknowledgement asked its sensor to gather events before "
+            "sending (0 while the fleet sends fewer events a second than the batch target)",
+            registry=r,
+        )
         self.store_bytes = Gauge(
             "honeyfleet_store_bytes",
             "Bytes the event store takes, as store_max_bytes counts them",

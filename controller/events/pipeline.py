@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from controller.config import ControllerConfig
 from controller.events.broadcast import Broadcaster
+from controller.events.linger import LingerAdvisor, LingerPolicy
 from controller.events.metrics import EventMetrics, FleetCollector
 from controller.events.quota import IngestQuota, Overloaded, QuotaLimits
 from controller.events.rows import EventRow
@@ -97,6 +98,12 @@ class EventPipeline:
                 streams=config.ingest_streams_per_sensor,
                 bytes=config.ingest_bytes_per_sensor,
                 retry_after=config.ingest_retry_after,
+            )
+        )
+        self.linger = LingerAdvisor(
+            LingerPolicy(
+                target=config.ingest_target_batches_per_second,
+                max_linger=config.ingest_max_linger,
             )
         )
         self._health: health_aio.HealthServicer | None = None
@@ -175,6 +182,12 @@ class EventPipeline:
         except Overloaded as e:
             self.metrics.shed.labels(e.reason).inc()
             raise
+
+    def linger_hint(self) -> float:
+        """Seconds sensors should now gather events before sending a batch that is not full."""
+        hint = self.linger.hint(self.quota.sensors())
+        self.metrics.linger.set(hint)
+        return hint
 
     def sensors_up(self) -> int:
         """Sensors with at least one open event stream."""

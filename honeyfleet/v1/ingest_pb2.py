@@ -22,23 +22,24 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from honeyfleet.v1 import common_pb2 as honeyfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahoneyfleet/v1/ingest.proto\x12\rhoneyfleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahoneyfleet/v1/common.proto\"\xb1\x01\n\x05\x45vent\x12\x13\n\x0bhf_event_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65ventid\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x0e\n\x06src_ip\x18\x05 \x01(\t\x12)\n\x08protocol\x18\x06 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0c\n\x04json\x18\x07 \x01(\t\"M\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Event\"L\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x32q\n\x12\x45ventIngestService\x12[\n\x0cStreamEvents\x12\".honeyfleet.v1.StreamEventsRequest\x1a#.honeyfleet.v1.StreamEventsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahoneyfleet/v1/ingest.proto\x12\rhoneyfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahoneyfleet/v1/common.proto\"\xb1\x01\n\x05\x45vent\x12\x13\n\x0bhf_event_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65ventid\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x0e\n\x06src_ip\x18\x05 \x01(\t\x12)\n\x08protocol\x18\x06 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0c\n\x04json\x18\x07 \x01(\t\"M\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Event\"w\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x0e\n\x06stored\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12)\n\x06linger\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration2q\n\x12\x45ventIngestService\x12[\n\x0cStreamEvents\x12\".honeyfleet.v1.StreamEventsRequest\x1a#.honeyfleet.v1.StreamEventsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'honeyfleet.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENT']._serialized_start=107
-  _globals['_EVENT']._serialized_end=284
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=286
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=363
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=365
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=441
-  _globals['_EVENTINGESTSERVICE']._serialized_start=443
-  _globals['_EVENTINGESTSERVICE']._serialized_end=556
+  _globals['_EVENT']._serialized_start=139
+  _globals['_EVENT']._serialized_end=316
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=318
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=395
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=397
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=516
+  _globals['_EVENTINGESTSERVICE']._serialized_start=518
+  _globals['_EVENTINGESTSERVICE']._serialized_end=631
 # @@protoc_insertion_point(module_scope)

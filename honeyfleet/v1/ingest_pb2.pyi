@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -100,21 +101,32 @@ class StreamEventsResponse(_message.Message):
     BATCH_ID_FIELD_NUMBER: _builtins.int
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
+    LINGER_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.int
     stored: _builtins.int
     """Events of the batch stored now."""
     duplicates: _builtins.int
     """Events of the batch that were already stored (resent)."""
+    @_builtins.property
+    def linger(self) -> _duration_pb2.Duration:
+        """How long the sensor should gather new events before it sends a batch that is
+        not full, chosen from the controller's load so that the fleet's batches fill
+        (fewer, fuller batches cost the controller less per event). Unset or zero
+        when the controller is not busy. A hint: the sensor never waits longer than
+        its own bound, and sends a full batch at once.
+        """
+
     def __init__(
         self,
         *,
         batch_id: _builtins.int = ...,
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
+        linger: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["linger", b"linger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "duplicates", b"duplicates", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "duplicates", b"duplicates", "linger", b"linger", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

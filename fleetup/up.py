@@ -71,6 +71,10 @@ class Plan:
     hypervisor: str
     libvirt_uri: str
     guest_memory: int
+    distro: str = "busybox"
+    """The guest image: busybox (tiny, fastest boot) or debian (a real Debian 12 server)."""
+    cpu_model: str = ""
+    """guest_cpu_model: the CPU name the guests report (empty: the hypervisor's default)."""
     fallback: bool = False
     """``--hypervisor auto`` chose KVM: hung guests switch the pool node to qemu."""
 
@@ -94,6 +98,12 @@ NAMES = {
     "sensor": "local-sensor",
     "admin": "operator",
 }
+# A Debian server with systemd wants more than busybox's 128 MiB; 512 MiB is what the
+# smallest cloud VMs sell, and what `free` then shows.
+DEFAULT_MEMORY = {"busybox": 128, "debian": 512}
+# What /proc/cpuinfo of many KVM cloud VMs says: "Intel Xeon Processor (Skylake, IBRS)".
+DEBIAN_CPU_MODEL = "Skylake-Server-IBRS"
+DEFAULT_CPU = {"busybox": "", "debian": DEBIAN_CPU_MODEL}
 PORTS = {"controller": 7300, "enroll": 7301, "poolnode": 7310, "poolnode metrics": 7311}
 
 
@@ -189,6 +199,7 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "hypervisor": plan.hypervisor,
             "libvirt_uri": plan.libvirt_uri,
             "guest_memory": plan.guest_memory,
+            "guest_cpu_model": plan.cpu_model,
             "guest_image": str(image.disk),
             "guest_kernel": str(image.kernel),
             "guest_initrd": str(image.initrd),
@@ -380,7 +391,8 @@ def leftovers(plan: Plan) -> list[str]:
 
 async def run(plan: Plan, console: Console) -> int:
     """Bring the fleet up, wait for Ctrl-C/SIGTERM, bring it down."""
-    from poolnode.image import GuestImageSpec, build_image
+    from poolnode.image import Distro, GuestImageSpec, build_image
+    from poolnode.image._cli import default_disk_mib
 
     check_prerequisites(plan)
     plan.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -396,7 +408,13 @@ async def run(plan: Plan, console: Console) -> int:
         def step(name: str, index: int, total: int) -> None:
             report.step("guest image", index, total, name)
 
-        spec = GuestImageSpec(out_dir=plan.image_dir, backend_pass=password)
+        distro = Distro(plan.distro)
+        spec = GuestImageSpec(
+            out_dir=plan.image_dir,
+            backend_pass=password,
+            distro=distro,
+            disk_size_mib=default_disk_mib(distro),
+        )
         image = await asyncio.to_thread(build_image, spec, step)
 
         def configure(plan: Plan) -> None:
@@ -522,7 +540,26 @@ def add_parser(commands: Any) -> None:
         help="kvm, qemu (software emulation), or auto: kvm if /dev/kvm is usable, "
         "falling back to qemu if its guests hang",
     )
-    p.add_argument("--guest-memory", type=int, default=128, help="MiB per guest")
+    p.add_argument(
+        "--distro",
+        choices=("busybox", "debian"),
+        default="busybox",
+        help="guest image: busybox (tiny, boots fastest) or debian (a real Debian 12 "
+        "server: systemd, OpenSSH, apt; its first build takes a few minutes)",
+    )
+    p.add_argument(
+        "--guest-memory",
+        type=int,
+        default=None,
+        help=f"MiB per guest (default {DEFAULT_MEMORY['busybox']}, "
+        f"{DEFAULT_MEMORY['debian']} for debian)",
+    )
+    p.add_argument(
+        "--cpu-model",
+        default=None,
+        help=f"QEMU CPU model the guests report (default {DEBIAN_CPU_MODEL} for debian, "
+        "the hypervisor's own otherwise)",
+    )
     p.add_argument("--libvirt-uri", default="qemu:///system")
     p.set_defaults(func=_cmd_up)
 
@@ -541,7 +578,9 @@ def _cmd_up(args: Any) -> int:
         telnet_port=args.telnet_port,
         hypervisor=hypervisor,
         libvirt_uri=args.libvirt_uri,
-        guest_memory=args.guest_memory,
+        guest_memory=args.guest_memory or DEFAULT_MEMORY[args.distro],
+        distro=args.distro,
+        cpu_model=args.cpu_model if args.cpu_model is not None else DEFAULT_CPU[args.distro],
         fallback=auto and hypervisor == "kvm",
     )
     return asyncio.run(run(plan, Console()))

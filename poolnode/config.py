@@ -36,6 +36,13 @@ def _bridge(value: str) -> str | None:
     return "must be an interface name: 1-15 letters, digits, '_', '.' or '-'"
 
 
+def _cpu_model(value: str) -> str | None:
+    """Check: empty, or a name shaped like QEMU's CPU models (Skylake-Server-IBRS)."""
+    if value == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        return None
+    return "must be a QEMU CPU model name such as Skylake-Server-IBRS (or empty)"
+
+
 def _gateway(value: str) -> str | None:
     """Check: an IPv4 host address with its prefix, leaving room for guests."""
     try:
@@ -115,6 +122,12 @@ class PoolNodeConfig:
     hypervisor: Literal["kvm", "qemu"] = setting("kvm", "kvm, or qemu for software emulation")
     guest_memory: int = setting(256, "MiB of memory per guest", check=positive)
     guest_vcpus: int = setting(1, "virtual CPUs per guest", check=positive)
+    guest_cpu_model: str = setting(
+        "",
+        "named QEMU CPU model the guests see (e.g. Skylake-Server-IBRS, whose /proc/cpuinfo "
+        'says "Intel Xeon Processor (Skylake, IBRS)"); empty: the hypervisor\'s default',
+        check=_cpu_model,
+    )
     guest_image: Path = setting(Path("images/guest.qcow2"), "read-only base disk image (qcow2)")
     guest_kernel: Path | None = setting(
         None, "kernel to boot directly (unset: boot the image's own bootloader)"

@@ -13,7 +13,7 @@ packages=(
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-config-nwfilter libvirt-clients
     qemu-system-x86 dnsmasq-base iptables ebtables libvirt-dev
     # The guest image builder (poolnode.image.HOST_PACKAGES)
-    apt binutils dpkg e2fsprogs kmod openssl qemu-utils
+    apt binutils coreutils dpkg e2fsprogs kmod mmdebstrap openssl qemu-utils
     # VM test clients and the network namespace; procps has sysctl and pgrep
     openssh-client sshpass iproute2 telnet procps
     # The stealth tests run Debian's own sshd and telnetd next to the sensor

@@ -190,6 +190,7 @@ class LibvirtBackend:
                 hypervisor=config.hypervisor,
                 memory_mib=config.guest_memory,
                 vcpus=config.guest_vcpus,
+                cpu_model=config.guest_cpu_model,
                 disk=guest.overlay,
                 mac=mac,
                 network=config.network_name,

@@ -46,6 +46,8 @@ class DomainSpec:
     initrd: Path | None
     cmdline: str
     tag: str
+    cpu_model: str = ""
+    """Named QEMU CPU model (guest_cpu_model); empty: the hypervisor's default."""
 
 
 def _template(name: str) -> ET.Element:
@@ -87,10 +89,17 @@ def render_domain(spec: DomainSpec) -> str:
         memory.set("unit", "MiB")
         memory.text = str(spec.memory_mib)
     _find(root, "vcpu").text = str(spec.vcpus)
+    features = _find(root, "features")
     if spec.hypervisor != "qemu":
         # The translation-cache setting exists only for TCG; KVM refuses it.
-        features = _find(root, "features")
         features.remove(_find(features, "tcg"))
+    if spec.cpu_model:
+        # A named model sets what /proc/cpuinfo says (instead of "QEMU Virtual CPU
+        # version 2.5+"). check='none': libvirt leaves the features to QEMU, which under
+        # TCG drops, with a warning, those it cannot emulate rather than refusing.
+        cpu = ET.Element("cpu", mode="custom", match="exact", check="none")
+        ET.SubElement(cpu, "model", fallback="forbid").text = spec.cpu_model
+        root.insert(list(root).index(features) + 1, cpu)
     os_element = _find(root, "os")
     boot = {"kernel": spec.kernel, "initrd": spec.initrd, "cmdline": spec.cmdline}
     for tag, value in boot.items():

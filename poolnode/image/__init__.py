@@ -1,8 +1,10 @@
 """Guest image builder for the libvirt pool backend.
 
-Builds, from Debian packages only, a small Debian-looking guest: a busybox system
-with dropbear on port 22 and a telnet login on port 23, a DHCP client, and the
-backend account that sensors log in with. The result is a read-only base qcow2
+Builds, from Debian packages only, one of two guests (:class:`Distro`): by default a
+small Debian-looking busybox system with dropbear on port 22 and a telnet login on
+port 23, a DHCP client, and the backend account that sensors log in with; or a real
+Debian 12 server installed by mmdebstrap (systemd, OpenSSH, apt and dpkg with their
+databases), dressed with the same persona and account. The result is a read-only base qcow2
 (ext4 root file system), the Debian kernel and a tiny busybox initramfs, meant for
 direct kernel boot with one qcow2 overlay per guest::
 
@@ -20,12 +22,14 @@ from ._build import BUILDER_VERSION, Progress, build_image
 from ._cli import main
 from ._errors import ImageBuildError, MissingHostToolError
 from ._host import HOST_PACKAGES
-from ._spec import DEFAULT_CMDLINE, GuestImage, GuestImageSpec
+from ._spec import DEBIAN_DISK_MIB, DEFAULT_CMDLINE, Distro, GuestImage, GuestImageSpec
 
 __all__ = [
     "BUILDER_VERSION",
+    "DEBIAN_DISK_MIB",
     "DEFAULT_CMDLINE",
     "HOST_PACKAGES",
+    "Distro",
     "GuestImage",
     "GuestImageSpec",
     "ImageBuildError",

@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import _debs, _rootfs
+from . import _debian, _debs, _rootfs
 from ._cpio import write_gzip_cpio
 from ._errors import ImageBuildError
 from ._host import check_host_tools, run
 from ._modules import ModuleIndex, run_depmod
-from ._spec import DEFAULT_CMDLINE, GuestImage, GuestImageSpec
+from ._spec import DEFAULT_CMDLINE, Distro, GuestImage, GuestImageSpec
 
 #: progress(step_name, step_index (1-based), step_count)
 Progress = Callable[[str, int, int], None]
@@ -41,10 +41,11 @@ _STEPS = (
 )
 
 
-def _data_digest() -> str:
-    """Digest of the data files shipped with the builder, so editing one rebuilds."""
+def _data_digest(distro: Distro) -> str:
+    """Digest of the data files the builder ships for ``distro``, so editing one rebuilds."""
     h = hashlib.sha256()
-    for base in (_rootfs.DATA_DIR, INITRAMFS_DIR):
+    data = _debian.DATA_DIR if distro is Distro.DEBIAN else _rootfs.DATA_DIR
+    for base in (data, INITRAMFS_DIR):
         for path in sorted(p for p in base.rglob("*") if p.is_file()):
             if "__pycache__" in path.parts:
                 continue
@@ -56,9 +57,16 @@ def _data_digest() -> str:
 def _fingerprint(spec: GuestImageSpec, packages: dict[str, str]) -> str:
     """Digest of everything that determines the image's content."""
     fields = dataclasses.asdict(spec)
+    if spec.distro is Distro.BUSYBOX:
+        del fields["distro"]  # busybox images built before there was a choice stay valid
     for where in ("out_dir", "cache_dir"):
         fields.pop(where)  # where the files go does not change what is in them
-    doc = {"builder": BUILDER_VERSION, "spec": fields, "packages": packages, "data": _data_digest()}
+    doc = {
+        "builder": BUILDER_VERSION,
+        "spec": fields,
+        "packages": packages,
+        "data": _data_digest(spec.distro),
+    }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -121,12 +129,24 @@ def build_image(spec: GuestImageSpec, progress: Progress | None = None) -> Guest
             progress(_STEPS[i], i + 1, len(_STEPS))
 
     out_dir = spec.out_dir.resolve()
+    debian = spec.distro is Distro.DEBIAN
     step(0)
-    check_host_tools()
+    check_host_tools(debian=debian)
     with _locked(out_dir):
         step(1)
         packages = _debs.resolve_packages(spec.kernel_package)
-        fingerprint = _fingerprint(spec, packages)
+        versions = dict(packages)
+        if debian:
+            # mmdebstrap installs the system itself; from single .debs come only the
+            # kernel and the initramfs' busybox. The installed packages' candidate
+            # versions decide, with the rest, whether an existing image is current.
+            packages = {
+                n: v
+                for n, v in packages.items()
+                if n.startswith("linux-image") or n == _debs.BUSYBOX_PACKAGE
+            }
+            versions = packages | _debs.versions(_debian.PACKAGES)
+        fingerprint = _fingerprint(spec, versions)
         final = out_dir / f"image-{fingerprint[:16]}"
         existing = _image_at(final, fingerprint)
         if existing is not None:
@@ -135,7 +155,7 @@ def build_image(spec: GuestImageSpec, progress: Progress | None = None) -> Guest
         step(2)
         debs = _debs.download(packages, spec.package_cache)
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
-            image = _build(spec, Path(tmp), debs, packages, fingerprint, step)
+            image = _build(spec, Path(tmp), debs, versions, fingerprint, step)
             if final.exists():
                 # A leftover without a matching stamp (interrupted publish): replace it.
                 for p in final.iterdir():
@@ -176,29 +196,11 @@ def _build(
 
     step(4)
     root = work / "rootfs"
-    _rootfs.make_layout(root)
-    values = {
-        "hostname": spec.hostname,
-        "domain": spec.domain,
-        "admin_user": _rootfs.admin_user(spec),
-    }
-    _rootfs.copy_data_tree(root, values)
-    _rootfs.write_accounts(root, spec)  # after the data tree: homes are made from etc/skel
     busybox = unpacked[_debs.BUSYBOX_PACKAGE] / "bin/busybox"
-    _rootfs.install_busybox(root, busybox)
-    dropbear = unpacked[_debs.DROPBEAR_PACKAGE]
-    _rootfs.install_dynamic(
-        root,
-        {
-            dropbear / "usr/sbin/dropbear": "usr/sbin/dropbear",
-            dropbear / "usr/bin/dropbearkey": "usr/bin/dropbearkey",
-            dropbear / "usr/bin/dbclient": "usr/bin/dbclient",
-            unpacked[_debs.BASH_PACKAGE] / "bin/bash": "usr/bin/bash",
-        },
-        [d for n, d in unpacked.items() if n not in _debs.DYNAMIC_PACKAGES],
-    )
-    _rootfs.install_terminfo(root, unpacked[_debs.TERMINFO_PACKAGE])
-    _rootfs.finish(root)
+    if spec.distro is Distro.DEBIAN:
+        _debian.install(root, spec)
+    else:
+        _busybox_root(root, spec, unpacked)
 
     step(5)
     # depmod over the full tree gives complete modules.dep/softdep/alias to choose from;
@@ -214,6 +216,8 @@ def _build(
         shutil.copy2(kmods / meta, guest_mods / meta)
     run_depmod(root, release)
     shutil.copy2(kernel_pkg / "boot" / f"config-{release}", root / "boot")
+    if spec.distro is Distro.DEBIAN:
+        shutil.copy2(vmlinuz[0], root / "boot")  # where a Debian system keeps its kernel
 
     step(6)
     initfs = work / "initramfs"
@@ -280,3 +284,29 @@ def _build(
     for p in image.iterdir():
         p.chmod(0o444)  # guests only ever write to their own overlays
     return image
+
+
+def _busybox_root(root: Path, spec: GuestImageSpec, unpacked: dict[str, Path]) -> None:
+    """Assemble the busybox guest's root file system from the unpacked packages."""
+    _rootfs.make_layout(root)
+    values = {
+        "hostname": spec.hostname,
+        "domain": spec.domain,
+        "admin_user": _rootfs.admin_user(spec),
+    }
+    _rootfs.copy_data_tree(root, values)
+    _rootfs.write_accounts(root, spec)  # after the data tree: homes are made from etc/skel
+    _rootfs.install_busybox(root, unpacked[_debs.BUSYBOX_PACKAGE] / "bin/busybox")
+    dropbear = unpacked[_debs.DROPBEAR_PACKAGE]
+    _rootfs.install_dynamic(
+        root,
+        {
+            dropbear / "usr/sbin/dropbear": "usr/sbin/dropbear",
+            dropbear / "usr/bin/dropbearkey": "usr/bin/dropbearkey",
+            dropbear / "usr/bin/dbclient": "usr/bin/dbclient",
+            unpacked[_debs.BASH_PACKAGE] / "bin/bash": "usr/bin/bash",
+        },
+        [d for n, d in unpacked.items() if n not in _debs.DYNAMIC_PACKAGES],
+    )
+    _rootfs.install_terminfo(root, unpacked[_debs.TERMINFO_PACKAGE])
+    _rootfs.finish(root)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._build import build_image
 from ._errors import ImageBuildError
-from ._spec import GuestImageSpec
+from ._spec import DEBIAN_DISK_MIB, Distro, GuestImageSpec
 
 DEFAULT_OUT = Path("/var/lib/honeyfleet/image")
 
@@ -19,6 +19,11 @@ def print_progress(step: str, index: int, total: int) -> None:
     """Progress callback that prints ``[i/n] step`` lines to stderr."""
     sys.stderr.write(f"[{index}/{total}] {step}\n")
     sys.stderr.flush()
+
+
+def default_disk_mib(distro: Distro) -> int:
+    """Root file system size for ``distro``: a small cloud VM's disk for Debian."""
+    return DEBIAN_DISK_MIB if distro is Distro.DEBIAN else GuestImageSpec.disk_size_mib
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,11 +35,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--hostname", default="srv04")
     build.add_argument("--backend-user", default="root")
     build.add_argument("--backend-pass", default="root")
+    build.add_argument(
+        "--distro",
+        choices=[d.value for d in Distro],
+        default=Distro.BUSYBOX.value,
+        help="busybox: tiny, boots fastest; debian: a real Debian 12 server (mmdebstrap)",
+    )
+    build.add_argument(
+        "--disk-size-mib",
+        type=int,
+        default=None,
+        help=f"root file system size (default 2048, {DEBIAN_DISK_MIB} for debian; sparse)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
+    distro = Distro(args.distro)
     try:
         spec = GuestImageSpec(
             out_dir=args.out,
+            distro=distro,
+            disk_size_mib=args.disk_size_mib or default_disk_mib(distro),
             hostname=args.hostname,
             backend_user=args.backend_user,
             backend_pass=args.backend_pass,

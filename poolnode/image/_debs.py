@@ -51,6 +51,11 @@ def _show(names: Iterable[str]) -> dict[str, dict[str, str]]:
     return stanzas
 
 
+def versions(names: Iterable[str]) -> dict[str, str]:
+    """{package: candidate version} from the host's apt lists."""
+    return {name: fields["Version"] for name, fields in _show(names).items()}
+
+
 def _depends(fields: dict[str, str]) -> list[str]:
     """Package names from Pre-Depends/Depends, first alternative, versions dropped."""
     names: list[str] = []

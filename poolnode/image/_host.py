@@ -22,9 +22,12 @@ HOST_TOOLS: dict[str, str] = {
     "mke2fs": "e2fsprogs",
     "qemu-img": "qemu-utils",
 }
+#: Further tools a Debian guest needs: mmdebstrap installs the system (with the host's
+#: apt sources), chroot runs its own passwd tools and systemctl inside it.
+DEBIAN_TOOLS: dict[str, str] = {"mmdebstrap": "mmdebstrap", "chroot": "coreutils"}
 
 #: Debian packages to ``apt-get install`` on a host that builds guest images.
-HOST_PACKAGES: tuple[str, ...] = tuple(sorted(set(HOST_TOOLS.values())))
+HOST_PACKAGES: tuple[str, ...] = tuple(sorted({*HOST_TOOLS.values(), *DEBIAN_TOOLS.values()}))
 
 # Tools live in sbin on Debian, which is not on PATH for every caller (cron, units).
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/sbin", "/sbin")
@@ -35,14 +38,15 @@ def find_tool(tool: str) -> str:
     search = os.pathsep.join([os.environ.get("PATH", ""), *_EXTRA_PATH])
     found = shutil.which(tool, path=search)
     if found is None:
-        raise MissingHostToolError(tool, HOST_TOOLS.get(tool, tool))
+        package = HOST_TOOLS.get(tool) or DEBIAN_TOOLS.get(tool, tool)
+        raise MissingHostToolError(tool, package)
     return found
 
 
-def check_host_tools() -> None:
+def check_host_tools(debian: bool = False) -> None:
     """Fail early, naming every missing tool, rather than halfway through a build."""
     missing: list[MissingHostToolError] = []
-    for tool in HOST_TOOLS:
+    for tool in [*HOST_TOOLS, *(DEBIAN_TOOLS if debian else ())]:
         try:
             find_tool(tool)
         except MissingHostToolError as exc:

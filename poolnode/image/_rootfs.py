@@ -112,10 +112,10 @@ def make_layout(root: Path) -> None:
         (root / link).symlink_to(target)
 
 
-def copy_data_tree(root: Path, values: dict[str, str]) -> None:
-    """Copy DATA_DIR into root; ``*.in`` files are Templates filled from ``values``."""
-    for src in sorted(DATA_DIR.rglob("*")):
-        rel = src.relative_to(DATA_DIR)
+def copy_data_tree(root: Path, values: dict[str, str], source: Path = DATA_DIR) -> None:
+    """Copy ``source`` into root; ``*.in`` files are Templates filled from ``values``."""
+    for src in sorted(source.rglob("*")):
+        rel = src.relative_to(source)
         if "__pycache__" in rel.parts:
             continue
         dest = root / rel
@@ -218,13 +218,13 @@ def install_terminfo(root: Path, ncurses_base: Path) -> None:
             shutil.copy2(src, dest)
 
 
-def _hashes(passwords: list[str]) -> list[str]:
+def hashes(passwords: list[str]) -> list[str]:
     """SHA-512 crypt hashes (random salts) via openssl; passwords go over stdin."""
     out = run(["openssl", "passwd", "-6", "-stdin"], stdin="".join(p + "\n" for p in passwords))
-    hashes = out.split()
-    if len(hashes) != len(passwords) or not all(h.startswith("$6$") for h in hashes):
+    crypted = out.split()
+    if len(crypted) != len(passwords) or not all(h.startswith("$6$") for h in crypted):
         raise ImageBuildError("openssl passwd -6 returned unexpected output")
-    return hashes
+    return crypted
 
 
 def _fake_authorized_key(comment: str) -> str:
@@ -258,15 +258,15 @@ def write_accounts(root: Path, spec: GuestImageSpec) -> None:
         uid += 1
     root_pw = spec.backend_pass if spec.backend_user == "root" else None
     accounts = [_Account("root", 0, "/root", root_pw), *humans]
-    hashes = _hashes([a.password or secrets.token_urlsafe(24) for a in accounts])
+    crypted = hashes([a.password or secrets.token_urlsafe(24) for a in accounts])
     today = int(time.time() // 86400)
 
     passwd = ["root:x:0:0:root:/root:" + _LOGIN_SHELL]
     passwd += [f"{n}:x:{u}:{g}:{c}:{h}:{s}" for n, u, g, c, h, s in _SYSTEM_USERS]
     passwd += [f"{a.name}:x:{a.uid}:{a.uid}:{a.name},,,:{a.home}:{_LOGIN_SHELL}" for a in humans]
-    shadow = [f"root:{hashes[0]}:{today}:0:99999:7:::"]
+    shadow = [f"root:{crypted[0]}:{today}:0:99999:7:::"]
     shadow += [f"{u[0]}:*:{today}:0:99999:7:::" for u in _SYSTEM_USERS]
-    pairs = zip(humans, hashes[1:], strict=True)
+    pairs = zip(humans, crypted[1:], strict=True)
     shadow += [f"{a.name}:{h}:{today}:0:99999:7:::" for a, h in pairs]
     admins = ",".join(a.name for a in humans[:1])
     groups = (

@@ -171,7 +171,9 @@ class VmFleet:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
             )
-        return await self.wait_pristine(max(pristine, GUESTS), timeout=NODE_START_WAIT)
+        # A node boots its whole pool at start; wait for it, not only for ``pristine``.
+        pool = int(wanted["max_vms"])
+        return await self.wait_pristine(max(pristine, pool), timeout=NODE_START_WAIT)
 
     @property
     def running(self) -> bool:
@@ -308,6 +310,19 @@ class VmFleet:
             ours.close()
             theirs.close()
             await tunnel.channel.close(None)
+
+    async def telnet_prompt(self, lease_id: str, sensor: str = "s1") -> bytes:
+        """What a leased guest's Telnet port sends up to its login prompt (bounded)."""
+        async with self.guest_socket(lease_id, common_pb2.GUEST_PORT_TELNET, sensor) as sock:
+            reader, writer = await asyncio.open_connection(sock=sock)
+            seen = b""
+            async with asyncio.timeout(60):
+                while b"login:" not in seen:
+                    chunk = await reader.read(1024)
+                    assert chunk, f"telnet closed before the login prompt: {seen!r}"
+                    seen += chunk
+            writer.close()
+        return seen
 
     @contextlib.asynccontextmanager
     async def shell(

@@ -53,15 +53,7 @@ async def test_ssh_and_telnet_through_tunnels(vm_fleet: VmFleet) -> None:
     user, hostname, os_release = str(result.stdout).splitlines()
     assert user == "root" and hostname == "srv04" and "Debian" in os_release
 
-    async with vm_fleet.guest_socket(lease.id, common_pb2.GUEST_PORT_TELNET) as sock:
-        reader, writer = await asyncio.open_connection(sock=sock)
-        seen = b""
-        async with asyncio.timeout(30):
-            while b"login:" not in seen:
-                chunk = await reader.read(1024)
-                assert chunk, f"telnet closed before the login prompt: {seen!r}"
-                seen += chunk
-        writer.close()
+    seen = await vm_fleet.telnet_prompt(lease.id)
     assert b"srv04 login:" in seen
     await vm_fleet.sensor().release(lease.id)
 

@@ -78,3 +78,14 @@ def test_templates_are_parsed_once_and_rendered_fresh(monkeypatch: pytest.Monkey
     # Each render starts from the template, not from the previous guest's tree.
     assert kvm.find("features/tcg") is None and qemu.find("features/tcg") is not None
     assert len(qemu.find("metadata") or []) == 1
+
+
+def test_a_cpu_model_is_rendered_only_when_configured() -> None:
+    assert ET.fromstring(render_domain(GUEST)).find("cpu") is None  # noqa: S314
+    root = ET.fromstring(render_domain(replace(GUEST, cpu_model="Skylake-Server-IBRS")))  # noqa: S314
+    cpu = root.find("cpu")
+    assert cpu is not None and cpu.get("mode") == "custom" and cpu.get("check") == "none"
+    assert root.findtext("cpu/model") == "Skylake-Server-IBRS"
+    # libvirt's schema puts <cpu> after <features>.
+    tags = [child.tag for child in root]
+    assert tags.index("cpu") == tags.index("features") + 1

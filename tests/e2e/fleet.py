@@ -53,6 +53,10 @@ GUEST_PASSWORD = "hf-e2e-guest"
 NODE_START_WAIT = 240.0
 NODE_STOP_WAIT = 90.0
 POLL = 0.5
+IAC = b"\xff"
+# Telnet negotiation (RFC 854): WILL/WONT/DO/DONT and the option byte.
+TELNET_OFFER = re.compile(rb"\xff([\xfb\xfd])(.)", re.DOTALL)
+TELNET_REFUSAL = {b"\xfb": b"\xfe", b"\xfd": b"\xfc"}  # WILL -> DONT, DO -> WONT
 BOOTED = re.compile(r"guest (\S+) pristine at (\S+) after ([0-9.]+)s")
 
 
@@ -312,15 +316,26 @@ class VmFleet:
             await tunnel.channel.close(None)
 
     async def telnet_prompt(self, lease_id: str, sensor: str = "s1") -> bytes:
-        """What a leased guest's Telnet port sends up to its login prompt (bounded)."""
+        """What a leased guest's Telnet port sends up to its login prompt (bounded).
+
+        Every option the server offers or asks for is refused, as the plainest client
+        does: inetutils telnetd (the Debian guest's) waits for those answers before it
+        prompts, busybox telnetd does not care.
+        """
         async with self.guest_socket(lease_id, common_pb2.GUEST_PORT_TELNET, sensor) as sock:
             reader, writer = await asyncio.open_connection(sock=sock)
             seen = b""
+            answered = 0
             async with asyncio.timeout(60):
                 while b"login:" not in seen:
                     chunk = await reader.read(1024)
                     assert chunk, f"telnet closed before the login prompt: {seen!r}"
                     seen += chunk
+                    # Scanned over all that came, as an offer may straddle two reads.
+                    offers = TELNET_OFFER.findall(seen)
+                    for verb, option in offers[answered:]:
+                        writer.write(IAC + TELNET_REFUSAL[verb] + option)
+                    answered = len(offers)
             writer.close()
         return seen
 

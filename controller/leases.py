@@ -211,6 +211,7 @@ class LeaseManager:
         self._allocating.add(lease_id)
         try:
             response = await self._nodes.allocate(
+                node.name,
                 node.address,
                 poolnode_pb2.AllocateGuestRequest(
                     lease_id=lease_id,
@@ -382,7 +383,7 @@ class LeaseManager:
             if node is None:
                 return
             try:
-                version = await self._nodes.release(node.address, lease.id, reason)
+                version = await self._nodes.release(node.name, node.address, lease.id, reason)
             except RPCError as e:
                 log.info("pool node %s not told of lease %s end yet: %s", node.name, lease.id, e)
                 return

@@ -1,4 +1,4 @@
-"""mTLS clients for the pool nodes' PoolNodeService, one channel per node address."""
+"""mTLS clients for the pool nodes' PoolNodeService, one channel per node and address."""
 
 from __future__ import annotations
 
@@ -12,39 +12,45 @@ from honeyfleet.tls import ChannelCache, Peer, TlsFiles
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc
 
 log = logging.getLogger(__name__)
-POOL_NODE = Peer(Role.POOLNODE)
 
 
 class NodeClients:
-    """Keeps one channel per pool-node address and wraps transport errors."""
+    """Keeps one channel per pool node and address, and wraps transport errors.
+
+    Every handshake checks that the server is the pool node the controller means, by the
+    name it registered under: a node's address is what the node itself reported, so a
+    role check alone would let any pool node (or whoever took over its address) answer
+    for another one, be handed its leases' guests and their sensors.
+    """
 
     def __init__(self, tls: TlsFiles, *, timeout: float) -> None:
         self._timeout = timeout
         self.channels = ChannelCache(tls)
 
-    def _stub(self, address: str) -> poolnode_pb2_grpc.PoolNodeServiceAsyncStub:
-        # Role only: the controller reaches nodes by address (it refuses revoked nodes'
-        # heartbeats, so a node it knows holds a live certificate).
-        return poolnode_pb2_grpc.PoolNodeServiceStub(self.channels.get(address, POOL_NODE))
+    def _stub(self, node: str, address: str) -> poolnode_pb2_grpc.PoolNodeServiceAsyncStub:
+        # Revocation needs no check here: the controller refuses revoked nodes'
+        # heartbeats, so a node it knows holds a live certificate.
+        channel = self.channels.get(address, Peer(Role.POOLNODE, node))
+        return poolnode_pb2_grpc.PoolNodeServiceStub(channel)
 
     async def allocate(
-        self, address: str, request: poolnode_pb2.AllocateGuestRequest
+        self, node: str, address: str, request: poolnode_pb2.AllocateGuestRequest
     ) -> poolnode_pb2.AllocateGuestResponse:
-        """Ask a node for a guest; RPCError carries the node's status."""
+        """Ask pool node ``node`` at ``address`` for a guest; RPCError carries its status."""
         try:
-            response = await self._stub(address).AllocateGuest(request, timeout=self._timeout)
+            response = await self._stub(node, address).AllocateGuest(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
             raise RPCError.wrap("AllocateGuest", e) from None
         return response
 
-    async def release(self, address: str, lease_id: str, reason: str) -> int:
-        """Tell a node a lease ended; returns the node's table version after it.
+    async def release(self, node: str, address: str, lease_id: str, reason: str) -> int:
+        """Tell pool node ``node`` at ``address`` a lease ended; returns its table version.
 
         RPCError if the node cannot be told now.
         """
         request = poolnode_pb2.ReleaseGuestRequest(lease_id=lease_id, reason=reason)
         try:
-            response = await self._stub(address).ReleaseGuest(request, timeout=self._timeout)
+            response = await self._stub(node, address).ReleaseGuest(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as e:
             raise RPCError.wrap("ReleaseGuest", e) from None
         return response.table_version

@@ -136,7 +136,7 @@ async def test_sensors_reach_only_the_pool_node_their_lease_names(
         await connector.close()
 
 
-async def test_the_controller_reaches_only_pool_nodes(
+async def test_the_controller_reaches_only_the_pool_node_it_names(
     start_controller, start_pool_node, fleet_pki: FleetPki, tmp_path: Path
 ) -> None:
     _, address = await start_controller()
@@ -144,10 +144,16 @@ async def test_the_controller_reaches_only_pool_nodes(
     sensor_posing = await impostor(start_controller, fleet_pki.files(Role.SENSOR, "mole"), tmp_path)
     clients = NodeClients(fleet_pki.files(Role.CONTROLLER, "ctl"), timeout=RPC_TIMEOUT)
     try:
-        await clients.release(node.address, "no-such-lease", "test")  # answered
-        with pytest.raises(RPCError) as refused:
-            await clients.allocate(sensor_posing, poolnode_pb2.AllocateGuestRequest())
-        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        await clients.release("n3", node.address, "no-such-lease", "test")  # answered
+        # n3 at the address registered for n4 (a node reporting another's address, or
+        # whoever took it over), or a sensor there: no handshake.
+        for name, posing in (("n4", node.address), ("n3", sensor_posing)):
+            with pytest.raises(RPCError) as refused:
+                await clients.allocate(name, posing, poolnode_pb2.AllocateGuestRequest())
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(RPCError) as refused:
+                await clients.release(name, posing, "no-such-lease", "test")
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         await clients.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class SlowLeases(lease_pb2_grpc.LeaseServiceServicer):
         self.answer_release = asyncio.Event()
         self.answer_release.set()
         self.released: list[tuple[str, str]] = []
+        self.renewals: list[float] = []
+        self.refuse_renewals = 0
 
     async def AcquireLease(
         self, request: lease_pb2.AcquireLeaseRequest, context: Any
@@ -46,6 +49,16 @@ class SlowLeases(lease_pb2_grpc.LeaseServiceServicer):
             credentials=common_pb2.GuestCredentials(username="root", password="guest-secret"),
             ttl=Duration(seconds=60),
         )
+
+    async def RenewLease(
+        self, request: lease_pb2.RenewLeaseRequest, context: Any
+    ) -> lease_pb2.RenewLeaseResponse:
+        """Record when a renewal came; the first ``refuse_renewals`` are refused UNAVAILABLE
+        (a controller that cannot take them: restarting, shedding)."""
+        self.renewals.append(asyncio.get_running_loop().time())
+        if len(self.renewals) <= self.refuse_renewals:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "controller restarting")
+        return lease_pb2.RenewLeaseResponse(lease=lease_pb2.Lease(id=request.lease_id))
 
     async def ReleaseLease(
         self, request: lease_pb2.ReleaseLeaseRequest, context: Any
@@ -152,3 +165,37 @@ async def test_a_lease_request_its_session_gave_up_counts_in_the_budget_until_an
             await client.drain()  # answered, and its lease released
         assert leases.released and budget.held == 0
     await log.close()
+
+
+async def test_a_renewal_the_controller_could_not_take_is_retried_within_the_period(
+    fleet_pki: FleetPki,
+) -> None:
+    # Renewals come every ttl/3; one the controller refuses (an outage) is retried with
+    # a short backoff instead of a whole period later, so a controller back from an outage
+    # hears from the session long before its lease could expire; once one gets through,
+    # renewals are back to every ttl/3.
+    ttl, refused = 12.0, 3
+    period = ttl / 3
+    leases = SlowLeases()
+    leases.refuse_renewals = refused
+    lease = GuestLease("lease-3", "pool-1", "", "g1", ttl, "root", "guest-secret")
+    lost: list[str] = []
+    async with lease_client(fleet_pki, leases) as client:
+        start = asyncio.get_running_loop().time()
+        keeping = asyncio.create_task(client.keep(lease, lost.append))
+        try:
+            await until(lambda: len(leases.renewals) >= refused + 2, timeout=ttl * 2)
+        finally:
+            keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeping
+    assert not lost  # an outage is no reason to give the session up
+    times = [start, *leases.renewals]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # The first renewal comes a period after the lease; the retries after each refusal
+    # well within one (the old client waited a whole period each time: 3 x period).
+    assert period <= gaps[0] < 1.5 * period, gaps
+    assert all(gap < 0.75 * period for gap in gaps[1 : refused + 1]), gaps
+    assert times[refused + 1] - times[1] < period, gaps
+    # After the renewal that got through, the next one waits a period again.
+    assert gaps[refused + 1] >= period, gaps

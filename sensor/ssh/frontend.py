@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import asyncssh
 
 from sensor.session.frontend import Frontend
 from sensor.ssh.connection import AttackerConnection, Shared
@@ -19,6 +22,14 @@ class SshFrontend(Frontend):
         services = shared.services
         super().__init__(services, "ssh", services.config.ssh_listen, refusal_text=REFUSAL_TEXT)
         self._shared = shared
+
+    async def start(self) -> list[int]:
+        """Listen; returns the bound ports (useful with port 0)."""
+        # asyncssh logs at INFO, unbounded, what clients name (usernames, a forward's
+        # originator of up to a packet, commands), for every request; the sessions'
+        # events keep all of it with bounded fields. asyncssh logs nothing above INFO.
+        asyncssh.set_log_level(logging.WARNING)
+        return await super().start()
 
     def connection_protocol(self) -> asyncio.Protocol:
         """The byte pump's attacker side."""

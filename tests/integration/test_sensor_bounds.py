@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import asyncssh
 import pytest
@@ -380,3 +381,20 @@ async def test_a_spool_near_its_bound_refuses_new_sessions_and_keeps_running_one
     await until(lambda: fleet.events("cowrie.command.input")[-1]["input"] == "echo still served")
     assert spool.dropped == 0
     session.close()
+
+
+async def test_what_an_attacker_sends_reaches_no_log_through_asyncssh(
+    make_fleet: FleetFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # asyncssh logs at INFO, unbounded, what clients name: a forward's originator (up
+    # to a packet, for every forward), usernames, commands. The events keep them, bounded.
+    caplog.set_level(logging.INFO)
+    fleet = await make_fleet()
+    marker = "o" * 5000
+    session = await connect(fleet)
+    with contextlib.suppress(asyncssh.ChannelOpenError, OSError):
+        _, writer = await session.open_connection("127.0.0.1", 9, orig_host=marker, orig_port=1)
+        writer.close()
+    await session.run("true")
+    session.close()
+    assert not [r.name for r in caplog.records if marker in r.getMessage()]

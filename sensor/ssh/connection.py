@@ -91,6 +91,7 @@ class AttackerConnection(Adapter):
         self._auth_failures = 0
         self._channels: set[RelaySession] = set()
         self._forwards = 0
+        self._refused_a_channel = False
         self._ssh: asyncssh.SSHServerConnection | None = None
         self._guest: asyncssh.SSHClientConnection | None = None
         self._storing: set[asyncio.Task[None]] = set()
@@ -302,7 +303,13 @@ class AttackerConnection(Adapter):
         """Whether another channel fits max_channels."""
         if len(self._channels) + self._forwards < self.config.max_channels:
             return True
-        self.events.log.warning("refused a channel: %d open", self.config.max_channels)
+        # Once per connection: a client may ask again and again, each a log line.
+        if not self._refused_a_channel:
+            self._refused_a_channel = True
+            self.events.log.warning(
+                "refused a channel: %d open (later refusals are not logged)",
+                self.config.max_channels,
+            )
         return False
 
     @property

@@ -398,3 +398,18 @@ async def test_what_an_attacker_sends_reaches_no_log_through_asyncssh(
     await session.run("true")
     session.close()
     assert not [r.name for r in caplog.records if marker in r.getMessage()]
+
+
+async def test_channels_refused_again_and_again_are_logged_once(
+    make_fleet: FleetFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    fleet = await make_fleet(max_channels=1)
+    session = await connect(fleet)
+    held = await session.create_process("cat")
+    for _ in range(20):
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await session.create_process("cat")
+    held.stdin.write_eof()
+    session.close()
+    assert len([r for r in caplog.records if "refused a channel" in r.getMessage()]) == 1

@@ -62,8 +62,8 @@ SENSORS_PER_WORKER = 500
 READY_TIMEOUT = 300.0
 DRAIN_MARGIN = 15.0
 SEEN_WINDOW = 15.0
-# Controller metrics worth a line at the end (overload and liveness), when it has them.
-METRICS = re.compile(r"^honeyfleet_\w*(shed|overload|exhaust|reject|dead|refused)\w*")
+# Controller metrics worth a line at the end (overload, liveness, events stored twice).
+METRICS = re.compile(r"^honeyfleet_\w*(shed|overload|exhaust|reject|dead|refused|duplicate)\w*")
 
 
 @dataclasses.dataclass
@@ -209,7 +209,11 @@ def scrape_metrics(port: int) -> list[str]:
             text = reply.read().decode()
     except OSError as e:
         return [f"(metrics unavailable: {e})"]
-    return [line for line in text.splitlines() if METRICS.match(line)]
+    return [
+        line
+        for line in text.splitlines()
+        if METRICS.match(line) and not re.split(r"[{ ]", line)[0].endswith("_created")
+    ]
 
 
 def git_revision() -> str:
@@ -349,6 +353,7 @@ def report(
         ("ReleaseLease", "release p50 / p99 ms"),
         ("heartbeat", "heartbeat p50 / p99 ms"),
         ("event ack", "event ack p50 / p99 ms"),
+        ("event delivery", "event spooled-to-acked p50 / p99 ms"),
         ("event delivery", "event append to ack p50 / p99 ms"),
         ("sim loop lag", "simulator loop lag p50 / p99 ms"),
     ):

@@ -406,7 +406,6 @@ class MemorySpool:
         self._recorder = recorder
         self._events: dict[int, Spooled] = {}
         self._seq = itertools.count(1)
-        self._handed_up_to = 0
         self._batch_sent = 0.0
 
     def append(self, event: Event) -> None:
@@ -422,12 +421,10 @@ class MemorySpool:
     async def oldest(self, limit: int, max_bytes: int) -> list[Spooled]:
         """The oldest events; the uploader sends them at once."""
         batch = list(itertools.islice(self._events.values(), limit))
-        if batch:
-            resent = sum(item.seq <= self._handed_up_to for item in batch)
-            if resent:
-                self._recorder.stats.counts["sensor: events sent again"] += resent
-            self._handed_up_to = max(self._handed_up_to, batch[-1].seq)
-            self._batch_sent = time.monotonic()
+        # The uploader reads again after lingering, and resends after a broken stream:
+        # the last read before an ack is when that batch went out. (Resent events show in
+        # the controller's duplicate counter.)
+        self._batch_sent = time.monotonic()
         return batch
 
     async def delete(self, batch: list[Spooled]) -> None:

@@ -1,14 +1,16 @@
 """Probes that show what an SSH server says, for comparing the sensor with OpenSSH.
 
 Each probe is what a scanner sends (a version line, a KEXINIT request, an ``ssh -v``
-login, repeated wrong passwords, malformed first lines) and returns what the server sent
-back, in a form two servers can be compared by.
+login, repeated wrong passwords, malformed first lines, DH group exchange requests) and
+returns what the server sent back, in a form two servers can be compared by.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 
@@ -17,6 +19,9 @@ import asyncssh
 from sensor.ssh.cleartext import parse_kexinit
 from tests.conftest import require_tool
 
+MSG_KEXINIT = 20
+MSG_KEX_DH_GEX_GROUP = 31
+MSG_KEX_DH_GEX_REQUEST = 34
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
 READ_TIMEOUT = 5.0
 
@@ -128,3 +133,56 @@ async def wrong_passwords(port: int, limit: int = 10) -> Refusal:
         elapsed = time.monotonic() - started
         return Refusal(tries, e.code, e.reason, elapsed / max(tries, 1))
     raise AssertionError("logged in with a wrong password")
+
+
+def _packet(payload: bytes) -> bytes:
+    """A cleartext binary packet around ``payload`` (block size 8, no MAC)."""
+    padding = 8 - (len(payload) + 5) % 8
+    if padding < 4:
+        padding += 8
+    return struct.pack(">IB", len(payload) + padding + 1, padding) + payload + bytes(padding)
+
+
+def _string(data: bytes) -> bytes:
+    """An SSH string."""
+    return struct.pack(">I", len(data)) + data
+
+
+# A client's KEXINIT offering only DH group exchange (then: no guessed packet follows, and
+# the reserved 0).
+GEX_LISTS = (
+    b"diffie-hellman-group-exchange-sha256",
+    b"rsa-sha2-512,rsa-sha2-256,ecdsa-sha2-nistp256,ssh-ed25519",
+    b"aes128-ctr",
+    b"aes128-ctr",
+    b"hmac-sha2-256",
+    b"hmac-sha2-256",
+    b"none",
+    b"none",
+    b"",
+    b"",
+)
+GEX_KEXINIT = bytes([MSG_KEXINIT]) + os.urandom(16) + b"".join(map(_string, GEX_LISTS)) + bytes(5)
+
+
+async def gex_group(port: int, minimum: int, preferred: int, maximum: int) -> int | None:
+    """The size in bits of the group a server picks for a DH group exchange request, or
+    None if it closes instead."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = bytes([MSG_KEX_DH_GEX_REQUEST]) + struct.pack(">III", minimum, preferred, maximum)
+    writer.write(CLIENT_VERSION + _packet(GEX_KEXINIT) + _packet(request))
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            await reader.readline()
+            while True:
+                length, padding = struct.unpack(">IB", await reader.readexactly(5))
+                payload = (await reader.readexactly(length - 1))[: length - 1 - padding]
+                if payload[0] == MSG_KEX_DH_GEX_GROUP:
+                    size = int.from_bytes(payload[1:5], "big")
+                    return int.from_bytes(payload[5 : 5 + size], "big").bit_length()
+                if payload[0] != MSG_KEXINIT:
+                    return None
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return None
+    finally:
+        writer.close()

@@ -25,6 +25,7 @@ from sensor.events import FIELD_LIMITS
 from tests.conftest import require_tool, until
 from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, connect, run, ssh
 from tests.sshd import PASSWORD
+from tests.sshprobe import hello, wrong_passwords
 
 
 @pytest.fixture
@@ -349,6 +350,23 @@ async def test_too_many_auth_attempts_are_told_why_they_end(make_fleet: FleetFac
     assert refused.value.reason == "Too many authentication failures"
     await until(lambda: fleet.closed_reasons() == ["too many authentication failures"])
     assert len(fleet.events("cowrie.login.failed")) == 2
+
+
+async def test_a_failed_password_waits_without_holding_up_other_connections(
+    make_fleet: FleetFactory,
+) -> None:
+    # A delay far longer than the rest of the test: the attempt is still waiting while
+    # another connection is served from start to KEXINIT (the wait is not blocking).
+    fleet = await make_fleet(ssh_auth_fail_delay=300.0)
+    waiting = asyncio.create_task(wrong_passwords(fleet.port))
+    await until(lambda: len(fleet.events("cowrie.login.failed")) == 1)
+    served = await hello(fleet.port)
+    assert served.banner.startswith("SSH-2.0-OpenSSH_9.2p1 Debian-")
+    assert not waiting.done()
+    assert len(fleet.events("cowrie.login.failed")) == 1  # the refusal is still to come
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
 
 
 async def test_a_login_after_the_connection_closed_is_refused_without_a_lease(

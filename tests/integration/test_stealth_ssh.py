@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import bounded
 from tests.debian_sshd import DebianSshd, debian_banner
 from tests.integration.ssh_fleet import FleetFactory
-from tests.sshprobe import exchange, hello, verbose_login, wrong_passwords
+from tests.sshprobe import exchange, gex_group, hello, verbose_login, wrong_passwords
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,14 @@ KNOWN_DIFFERENCES = {
     # publickey-hostbound@openssh.com never.
     ("ext_info", "only OpenSSH sends publickey-hostbound@openssh.com=<0>"),
     ("ext_info", "only the sensor sends global-requests-ok"),
+    # OpenSSH never uses a group under 2048 bits (DH_GRP_MIN): it raises a smaller
+    # minimum and closes when the maximum is below it. asyncssh's group choice has no
+    # option, and replacing it means overriding a private class of asyncssh.
+    ("gex", "(1024, 1024, 1024): None != 1024"),
+    ("gex", "(1024, 1024, 2048): 2048 != 1024"),
 }
+# DH group exchange requests (minimum, preferred, maximum bits), as ssh-audit sends them.
+GEX_REQUESTS = ((1024, 1024, 1024), (1024, 1024, 2048), (1024, 2048, 8192), (2048, 4096, 8192))
 
 
 def list_differences(probe: str, debian: list[str], sensor: list[str]) -> set[tuple[str, str]]:
@@ -94,6 +101,12 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
         ours = await exchange(fleet.port, first_line)
         if theirs != ours:
             differences.add(("first line", f"{first_line[:16]!r}: {theirs!r} != {ours!r}"))
+
+    for request in GEX_REQUESTS:
+        theirs_bits = await gex_group(debian_sshd.port, *request)
+        ours_bits = await gex_group(fleet.port, *request)
+        if theirs_bits != ours_bits:
+            differences.add(("gex", f"{request}: {theirs_bits} != {ours_bits}"))
 
     debian_refusal = await wrong_passwords(debian_sshd.port)
     sensor_refusal = await wrong_passwords(fleet.port)

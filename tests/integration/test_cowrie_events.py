@@ -174,6 +174,8 @@ async def test_ssh_sessions_write_cowries_events(make_fleet: FleetFactory, tmp_p
         "login attempt [root/root] failed",
         "public key login attempt for [root] failed",
     }
+    # OpenSSH offers no languages: Cowrie splits the empty list as [""].
+    assert {tuple(e["langCS"]) for e in fleet.events("cowrie.client.kex")} == {("",)}
     uploads = fleet.events("cowrie.session.file_upload")
     assert [e["duplicate"] for e in uploads] == [False, True]
     # The path written (legacy SCP: the header's name under the target, as Cowrie's).

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 from pathlib import Path
 
 from tests.conftest import free_port, require_tool, unmet
@@ -21,22 +20,22 @@ PRISTINE_CONFIG = Path("/usr/share/openssh/sshd_config")
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
 
 
-def package_version(package: str) -> str:
+async def package_version(package: str) -> str:
     """The installed version of a Debian package (e.g. ``1:9.2p1-2+deb12u10``)."""
-    result = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", package],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0 or not result.stdout:
+    process = await asyncio.create_subprocess_exec(
+        "dpkg-query", "-W", "-f=${Version}", package,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    if process.returncode != 0 or not out:
         unmet(f"{package} is not installed (scripts/install-system-deps.sh installs it)")
-    return result.stdout
+    return out.decode()
 
 
-def debian_banner() -> str:
+async def debian_banner() -> str:
     """The identification string Debian's sshd sends, from the installed package version."""
-    upstream, _, debian = package_version("openssh-server").partition(":")[2].partition("-")
+    version = await package_version("openssh-server")
+    upstream, _, debian = version.partition(":")[2].partition("-")
     return f"SSH-2.0-OpenSSH_{upstream} Debian-{debian}"
 
 

@@ -1,8 +1,9 @@
 """Probes that show what an SSH server says, for comparing the sensor with OpenSSH.
 
 Each probe is what a scanner sends (a version line, a KEXINIT request, an ``ssh -v``
-login, repeated wrong passwords, malformed first lines, DH group exchange requests) and
-returns what the server sent back, in a form two servers can be compared by.
+login, repeated wrong passwords, malformed first lines, DH group exchange requests, an
+early NEWKEYS) and returns what the server sent back, in a form two servers can be
+compared by.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sensor.ssh.cleartext import parse_kexinit
 from tests.conftest import require_tool
 
 MSG_KEXINIT = 20
+MSG_NEWKEYS = 21
 MSG_KEX_DH_GEX_GROUP = 31
 MSG_KEX_DH_GEX_REQUEST = 34
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
@@ -184,5 +186,26 @@ async def gex_group(port: int, minimum: int, preferred: int, maximum: int) -> in
                     return None
     except (asyncio.IncompleteReadError, ConnectionResetError):
         return None
+    finally:
+        writer.close()
+
+
+async def early_newkeys(port: int) -> tuple[list[int], bool]:
+    """Send NEWKEYS before any key exchange: the message numbers of the packets the server
+    answers with, and whether it kept the connection open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CLIENT_VERSION + _packet(bytes([MSG_NEWKEYS])))
+    messages: list[int] = []
+    try:
+        await reader.readline()
+        while True:
+            async with asyncio.timeout(1.0):
+                length, _ = struct.unpack(">IB", await reader.readexactly(5))
+                payload = await reader.readexactly(length - 1)
+            messages.append(payload[0])
+    except TimeoutError:
+        return messages, True
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return messages, False
     finally:
         writer.close()

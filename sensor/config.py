@@ -208,7 +208,7 @@ class SensorConfig:
     )
     ssh_auth_fail_delay: float = setting(
         PAM_FAIL_DELAY,
-        "seconds a failed SSH password or key waits before it is refused (Debian's PAM: 2)",
+        "seconds a failed SSH password waits before it is refused (Debian's PAM: 2)",
         check=non_negative,
     )
     ssh_max_inflated_bytes: int = setting(

@@ -170,6 +170,8 @@ async def start_fleet(
                 "enroll_listen": "",
                 "metrics_listen": "",
                 "state_dir": str(workdir / "controller"),
+                # Sensors fetch the revocation list from it (without: a warning each time).
+                "ca_dir": str(ca.directory),
                 **tls_settings(issue(ca, issued, Role.CONTROLLER, "ctl")),
             },
             "poolnode": {

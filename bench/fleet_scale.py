@@ -353,7 +353,6 @@ def report(
         ("ReleaseLease", "release p50 / p99 ms"),
         ("heartbeat", "heartbeat p50 / p99 ms"),
         ("event ack", "event ack p50 / p99 ms"),
-        ("event delivery", "event spooled-to-acked p50 / p99 ms"),
         ("event delivery", "event append to ack p50 / p99 ms"),
         ("sim loop lag", "simulator loop lag p50 / p99 ms"),
     ):

@@ -71,10 +71,16 @@ class RefusalReporter:
         if self.lingering > MAX_LINGERING:
             transport.close()
         else:
-            if transport.can_write_eof():
-                transport.write_eof()
-            transport.resume_reading()
-            asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
+            try:
+                if transport.can_write_eof():
+                    transport.write_eof()
+            except OSError:
+                # The client reset the connection already (ENOTCONN): nothing to linger
+                # for. abort() still ends it through _Refused, which uncounts it.
+                transport.abort()
+            else:
+                transport.resume_reading()
+                asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
         self._count(src_ip, reason, transport)
 
     def _count(self, src_ip: str, reason: str, transport: asyncio.Transport) -> None:

@@ -163,7 +163,7 @@ class Admission:
         if victim is None:
             return "max_startups"
         self._metrics.evictions.inc()
-        victim.release(Outcome.NO_AUTH)
+        victim.release(Outcome.EVICTED)
         if victim.session is not None:
             victim.session.close(EVICTED)
         return None
@@ -180,9 +180,14 @@ class Admission:
 
     @staticmethod
     def _victim(pool: dict[str, list[Slot]], mine: int) -> Slot | None:
-        """The oldest unauthenticated slot of the greediest source, if it holds more."""
+        """The oldest unauthenticated slot of the greediest source, if after the swap it
+        still holds at least as many as the newcomer.
+
+        So a source holding a single connection (a legitimate client half-way through its
+        login, among attackers each holding one) is never the one to go.
+        """
         most = max((len(slots) for slots in pool.values()), default=0)
-        if most <= mine:
+        if most < mine + 2:
             return None
         return min(
             (slots[0] for slots in pool.values() if len(slots) == most),

@@ -31,6 +31,8 @@ class Outcome(Enum):
     AUTH_FAILED = "authfail"
     NO_AUTH = "noauth"
     GRACE_EXCEEDED = "grace-exceeded"
+    # Closed by the sensor to make room for another source: not the source's doing.
+    EVICTED = "evicted"
 
 
 @dataclass

@@ -130,6 +130,26 @@ def test_when_the_pool_is_full_the_greediest_source_makes_room() -> None:
     assert metrics.registry.get_sample_value("honeyfleet_sensor_evictions_total") == 1
 
 
+def test_no_source_is_evicted_down_below_the_newcomer_nor_penalised_for_it() -> None:
+    metrics = SensorMetrics()
+    config = replace(CONFIG, max_startups="3:100:3", max_startups_per_source=4, penalty_min=0.5)
+    admission = Admission(config, metrics)
+    # Every source holds one connection (the legitimate client among them): a newcomer
+    # is refused rather than any of them cut off.
+    singles = [admitted(admission, f"192.0.2.{i}") for i in range(3)]
+    assert admission.admit("ssh", "192.0.2.9", spool_near_full=False) == "max_startups"
+    assert not any(s.reasons for s in singles)
+    assert metrics.registry.get_sample_value("honeyfleet_sensor_evictions_total") == 0
+
+    # A source holding two gives its oldest up to a newcomer, and pays no penalty for it.
+    crowded = Admission(config, SensorMetrics())
+    greedy = [admitted(crowded, "198.51.100.1") for _ in range(2)]
+    admitted(crowded, "198.51.100.2")
+    admitted(crowded, "198.51.100.3")
+    assert greedy[0].reasons == [EVICTED] and not greedy[1].reasons
+    assert not crowded.penalties.refused("198.51.100.1")
+
+
 def test_a_returned_slot_penalises_its_source_for_how_it_ended() -> None:
     clock = Clock()
     admission = Admission(replace(CONFIG, penalty_min=1.0), SensorMetrics(), clock=clock)

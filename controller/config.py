@@ -71,8 +71,10 @@ class ControllerConfig:
     )
     shed_loop_lag: float = setting(
         1.0,
-        "seconds the controller's event loop may run behind before new lease requests are "
-        "shed at once (each would wait that long anyway, and delay heartbeats and events)",
+        "seconds the controller's event loop may run behind, or a lease request may have "
+        "waited in gRPC's intake (as its sensor's hf-timeout-ms tells), before new lease "
+        "requests are shed at once (each would wait that long anyway, and delay heartbeats "
+        "and events)",
         check=positive,
     )
     max_leases_per_sensor: int = setting(

@@ -29,7 +29,7 @@ class LeaseMetrics:
         self.shed = Counter(
             "honeyfleet_leases_shed",
             "Lease requests refused with RESOURCE_EXHAUSTED, by reason "
-            "(queue_full, wait_timeout, sensor_quota, in_flight, loop_lag)",
+            "(queue_full, wait_timeout, sensor_quota, in_flight, loop_lag, queued)",
             ["reason"],
             registry=r,
         )

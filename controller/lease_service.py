@@ -10,6 +10,7 @@ from controller.leases import LeaseManager
 from controller.registry import Registry
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import InvalidArgument
+from honeyfleet.intake import queued_seconds
 from honeyfleet.v1 import lease_pb2, lease_pb2_grpc, sensor_pb2, sensor_pb2_grpc
 
 MAX_LISTEN_ADDRESSES = 64
@@ -36,7 +37,9 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         """Place the session on a guest."""
         sensor = _calling_sensor(self._registry)
         # The caller's deadline bounds the wait, so it hears our answer, not its timeout.
-        lease, credentials = await self._leases.acquire(sensor, request, context.time_remaining())
+        lease, credentials = await self._leases.acquire(
+            sensor, request, context.time_remaining(), queued=queued_seconds(context)
+        )
         ttl = Duration()
         ttl.FromMilliseconds(int(self._leases.ttl * 1000))
         return lease_pb2.AcquireLeaseResponse(

@@ -110,8 +110,13 @@ class LeaseManager:
         sensor: str,
         request: lease_pb2.AcquireLeaseRequest,
         time_remaining: float | None = None,
+        *,
+        queued: float | None = None,
     ) -> tuple[LeaseRecord, common_pb2.GuestCredentials]:
-        """Place a session on a guest, waiting up to lease_wait (and the caller's deadline)."""
+        """Place a session on a guest, waiting up to lease_wait (and the caller's deadline).
+
+        ``queued`` is how long the request waited in gRPC before it got here, if known.
+        """
         _validate_acquire(request)
         if self._sensor_leases[sensor] + self._sensor_acquiring[sensor] >= self._max_per_sensor:
             self.metrics.shed.labels("sensor_quota").inc()
@@ -125,6 +130,16 @@ class LeaseManager:
             self.metrics.shed.labels("loop_lag").inc()
             raise ResourceExhausted(
                 f"the controller is saturated: {lag:.1f}s behind (shed_loop_lag)",
+                retry_after=SHED_RETRY_AFTER,
+            )
+        if queued is not None and queued > self._max_loop_lag:
+            # The request waited in gRPC's intake, where no handler could shed it: its
+            # caller's peers are still sending more. Refusing it now (cheaply) makes them
+            # back off, which is what drains that queue.
+            self.metrics.shed.labels("queued").inc()
+            raise ResourceExhausted(
+                f"the controller is saturated: this request waited {queued:.1f}s before "
+                "it could be read (shed_loop_lag)",
                 retry_after=SHED_RETRY_AFTER,
             )
         if self._in_flight - len(self._registry.waiters) >= self._max_in_flight:

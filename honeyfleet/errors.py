@@ -6,6 +6,8 @@ Servicers let these propagate; the authorization interceptor maps them to
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 
@@ -85,6 +87,21 @@ class ResourceExhausted(HoneyfleetError):
         if self.retry_after is None:
             return ()
         return ((RETRY_AFTER_TRAILER, str(round(self.retry_after * 1000))),)
+
+
+def retry_after(error: grpc.aio.AioRpcError, *, cap: float) -> float:
+    """The seconds a RESOURCE_EXHAUSTED answer asks to wait (0 without a usable hint).
+
+    Capped at ``cap``: a confused (or hostile) server must not park a client for long.
+    """
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 0.0
+    # grpc.aio gives (key, value) pairs; grpc-stubs types them as the sync API's objects.
+    trailers: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()  # type: ignore[assignment]
+    value = next((v for k, v in trailers if k == RETRY_AFTER_TRAILER), None)
+    if not isinstance(value, str) or not value.isdigit():
+        return 0.0
+    return min(int(value) / 1000, cap)
 
 
 class Unavailable(HoneyfleetError):

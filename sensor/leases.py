@@ -4,7 +4,10 @@ A lease is asked for only after an attacker logged in (scanners never use up gue
 renewed at a third of its TTL while the session lasts, and released when it ends. A
 renewal the controller could not take (an outage) is retried soon, with jittered
 backoff, so a controller back from an outage hears from every live session well
-within the grace it gives them.
+within the grace it gives them. A lease request the controller shed (RESOURCE_EXHAUSTED
+with a retry hint) makes every request of this sensor fail at once, without a call, for
+the hinted time stretched by a random half: a saturated controller sees its load fall
+instead of its gRPC queues fill.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from honeyfleet import __version__
-from honeyfleet.errors import HoneyfleetError, RPCError
+from honeyfleet.errors import HoneyfleetError, RPCError, retry_after
+from honeyfleet.intake import timeout_metadata
 from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc, sensor_pb2, sensor_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,8 @@ RENEW_TIMEOUT = 10.0
 RENEW_RETRY_START = 0.5
 RENEW_RETRY_MAX = 5.0
 REGISTER_BACKOFF_MAX = 30.0
+# The longest a controller's retry hint may hold this sensor's lease requests off.
+SHED_HOLD_MAX = 60.0
 # Renewal errors that mean the lease is gone for good (not a passing outage).
 FINAL = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -73,6 +79,8 @@ class LeaseClient:
         self._abandoned: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
         self._retries: set[asyncio.Task[None]] = set()
+        # Until this time.monotonic() value, lease requests fail without a call.
+        self._hold_until = 0.0
 
     def use(self, channel: grpc.aio.Channel) -> None:
         """Make later calls on ``channel`` (a new one, after a certificate renewal)."""
@@ -148,11 +156,20 @@ class LeaseClient:
 
     async def _acquire(self, request: lease_pb2.AcquireLeaseRequest) -> GuestLease:
         """One AcquireLease call; LeaseFailed says why there is no lease."""
+        if (hold := self._hold_until - time.monotonic()) > 0:
+            raise LeaseFailed(
+                f"the controller is shedding lease requests; asking again in {hold:.0f}s"
+            )
         try:
-            reply = await self._leases.AcquireLease(request, timeout=self._timeout)
+            reply = await self._leases.AcquireLease(
+                request, timeout=self._timeout, metadata=timeout_metadata(self._timeout)
+            )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise LeaseFailed(f"no lease within {self._timeout:.0f}s") from None
+            if hint := retry_after(e, cap=SHED_HOLD_MAX):
+                hold_until = time.monotonic() + hint * random.uniform(1.0, 1.5)  # noqa: S311
+                self._hold_until = max(self._hold_until, hold_until)
             raise LeaseFailed(str(RPCError.wrap("AcquireLease", e))) from None
         lease = reply.lease
         return GuestLease(

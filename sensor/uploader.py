@@ -25,12 +25,11 @@ import logging
 import math
 import random
 import sqlite3
-from collections.abc import Iterable
 from datetime import UTC, datetime
 
 import grpc
 
-from honeyfleet.errors import RETRY_AFTER_TRAILER, Unavailable
+from honeyfleet.errors import Unavailable, retry_after
 from honeyfleet.events import MAX_EVENT_JSON, parse_timestamp, to_proto
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
@@ -85,7 +84,7 @@ class Uploader:
                     await self._stream(ingest_pb2_grpc.EventIngestServiceStub(channel))
             except grpc.aio.AioRpcError as e:
                 problem = f"{e.code().name} ({e.details()})"
-                hint = _retry_after(e)
+                hint = retry_after(e, cap=BACKOFF_MAX * 6)
             except Unavailable as e:
                 problem = str(e)
             except sqlite3.Error as e:  # a disk problem: keep trying, the events wait
@@ -199,16 +198,3 @@ def _age(item: Spooled) -> float:
 def _batch_bytes(batch: list[Spooled]) -> int:
     """The batch's size as the spool counts it."""
     return sum(item.size for item in batch)
-
-
-def _retry_after(error: grpc.aio.AioRpcError) -> float:
-    """The seconds a RESOURCE_EXHAUSTED answer asks to wait (0 without a usable hint)."""
-    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return 0.0
-    # grpc.aio gives (key, value) pairs; grpc-stubs types them as the sync API's objects.
-    trailers: Iterable[tuple[str, str | bytes]] = error.trailing_metadata() or ()  # type: ignore[assignment]
-    value = next((v for k, v in trailers if k == RETRY_AFTER_TRAILER), None)
-    if not isinstance(value, str) or not value.isdigit():
-        return 0.0
-    # Capped: a confused (or hostile) controller must not park the spool for long.
-    return min(int(value) / 1000, BACKOFF_MAX * 6)

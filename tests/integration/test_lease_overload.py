@@ -11,6 +11,11 @@ import pytest
 
 from controller.models import LeaseState
 from honeyfleet.errors import RETRY_AFTER_TRAILER
+from honeyfleet.intake import timeout_metadata
+from honeyfleet.pki.identity import Role
+from honeyfleet.tls import secure_channel
+from honeyfleet.v1 import common_pb2, lease_pb2
+from sensor.leases import LeaseClient, LeaseFailed
 from tests.conftest import until
 from tests.integration.leasing import Sensor, fleet_with_nodes, store_held
 
@@ -141,3 +146,55 @@ async def test_a_stalled_controller_does_not_kill_heartbeating_nodes(
     )
     assert all(n.state.name == "ALIVE" for n in controller.registry.nodes.values())
     assert controller.leases.active[lease.id].state is LeaseState.ACTIVE
+
+
+async def test_a_request_that_waited_in_grpcs_intake_is_shed_on_arrival(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 2}, shed_loop_lag=5.0
+    )
+    sensor = Sensor(fleet_pki, "s1", address)
+    request = lease_pb2.AcquireLeaseRequest(
+        src_ip="192.0.2.1", protocol=common_pb2.PROTOCOL_SSH, session="a"
+    )
+    beats = {n: node.last_heartbeat_time for n, node in controller.registry.nodes.items()}
+    # Sent with 60 s, read with 10 s left: it waited ~50 s in gRPC's queues, as calls do
+    # behind a swamped grpc.aio loop. It is refused at once, before any lease work.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await sensor.stub.AcquireLease(request, timeout=10, metadata=timeout_metadata(60))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "before it could be read" in (e.value.details() or "")
+    assert int(dict(e.value.trailing_metadata() or ())[RETRY_AFTER_TRAILER]) > 0
+    metrics = controller.events.metrics_registry
+    assert metrics.get_sample_value("honeyfleet_leases_shed_total", {"reason": "queued"}) == 1
+    assert not controller.leases.active
+    # A request read as soon as it was sent is placed; the node kept heartbeating.
+    reply = await sensor.stub.AcquireLease(request, timeout=10, metadata=timeout_metadata(10))
+    assert reply.lease.pool_node == "n1"
+    node = controller.registry.nodes["n1"]
+    await until(lambda: (node.last_heartbeat_time or 0) > (beats["n1"] or 0))
+    assert node.state.name == "ALIVE"
+
+
+async def test_a_shed_sensor_holds_its_requests_off_for_the_hinted_time(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(
+        start_controller, start_pool_node, {"n1": 3}, max_leases_per_sensor=1
+    )
+    channel = secure_channel(address, fleet_pki.files(Role.SENSOR, "s1"))
+    client = LeaseClient(channel, timeout=20.0, labels={})
+    try:
+        await client.acquire("192.0.2.1", "a", common_pb2.PROTOCOL_SSH)
+        with pytest.raises(LeaseFailed, match="RESOURCE_EXHAUSTED"):
+            await client.acquire("192.0.2.2", "b", common_pb2.PROTOCOL_SSH)
+        # Within the hint the sensor does not even ask: the controller sees no more load.
+        with pytest.raises(LeaseFailed, match="shedding"):
+            await client.acquire("192.0.2.3", "c", common_pb2.PROTOCOL_SSH)
+        shed = controller.events.metrics_registry.get_sample_value(
+            "honeyfleet_leases_shed_total", {"reason": "sensor_quota"}
+        )
+        assert shed == 1
+    finally:
+        await channel.close(None)

@@ -135,10 +135,19 @@ async def test_up_serves_an_attacker_and_stops_clean(vm_host: VmHost, tmp_path: 
         assert f"{TAG}-guest" not in [f.name() for f in conn.listAllNWFilters()]
     finally:
         conn.close()
+    # up's own processes (its roles, their QEMU guests) all name its directory; other VM
+    # tests' pool node may share the namespace for the whole package, and is not up's.
+    mine = str(directory).encode()
     leftover = [
-        pid
-        for pid in namespace_pids(vm_host.netns)
-        if b"honeyfleet" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline for pid in namespace_pids(vm_host.netns) if mine in (cmdline := _cmdline(pid))
     ]
     assert leftover == []
     assert not list((directory / "state" / "poolnode" / "guests").glob("*.qcow2"))
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line (empty if it has just ended)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""

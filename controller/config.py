@@ -197,12 +197,48 @@ class ControllerConfig:
         check=positive,
     )
 
+    artefact_dir: Path | None = setting(
+        None,
+        "where the controller keeps artefacts (captured files, recordings, files from "
+        "guests' disks, downloads), one file per sha256, with their index; default "
+        "state_dir/artefacts",
+    )
+    artefact_store_max_bytes: int = setting(
+        10 * 1024**3,
+        "bytes of artefacts the controller keeps; storing a new one first evicts the least "
+        "recently uploaded ones until it fits",
+        check=positive,
+    )
+    artefact_max_upload_bytes: int = setting(
+        256 * 1024**2,
+        "largest artefact accepted in one upload; larger ones are refused (and stay on "
+        "their sensor or pool node)",
+        check=positive,
+    )
+    artefact_max_uploads: int = setting(
+        16,
+        "artefact uploads received at once from the whole fleet; more are refused with "
+        "RESOURCE_EXHAUSTED and a retry hint (uploaders come back later)",
+        check=positive,
+    )
+    artefact_retention_days: int = setting(
+        0,
+        "forget artefacts no sensor or pool node uploaded for this many days; 0 keeps "
+        "them (within artefact_store_max_bytes)",
+        check=non_negative,
+    )
+
     def __post_init__(self) -> None:
         """Cross-field checks."""
         if self.store == "postgres" and not self.postgres_dsn:
             raise ConfigError("postgres_dsn", 'required when store = "postgres"')
         if self.lease_wait >= self.lease_ttl:
             raise ConfigError("lease_wait", "must be below lease_ttl")
+
+    @property
+    def artefacts(self) -> Path:
+        """Where the artefact store lives."""
+        return self.artefact_dir or self.state_dir / "artefacts"
 
     @property
     def tls(self) -> TlsFiles:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 
+from controller.artefacts import ArtefactServicer, ArtefactStore
 from controller.certificate_service import CertificateServicer, local_signer
 from controller.config import ControllerConfig
 from controller.enrollment_service import EnrollmentServicer
@@ -34,6 +36,8 @@ from honeyfleet.renewal import Renewer
 from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
 from honeyfleet.v1 import (
+    artefact_pb2,
+    artefact_pb2_grpc,
     certificate_pb2,
     certificate_pb2_grpc,
     enrollment_pb2_grpc,
@@ -61,6 +65,9 @@ POLICY = {
     "honeyfleet.v1.EventIngestService": frozenset({Role.SENSOR}),
     "honeyfleet.v1.FleetService": frozenset({Role.ADMIN}),
     "honeyfleet.v1.EventQueryService": frozenset({Role.ADMIN}),
+    # Members upload what they captured; only operators read it back.
+    "honeyfleet.v1.ArtefactService": frozenset({Role.ADMIN}),
+    "honeyfleet.v1.ArtefactService/Upload": frozenset({Role.SENSOR, Role.POOLNODE}),
     # Every member renews its own certificate; the certificate is the authorization.
     "honeyfleet.v1.CertificateService": ALL_ROLES,
 }
@@ -72,6 +79,7 @@ SERVICES = [
     ingest_pb2.DESCRIPTOR.services_by_name["EventIngestService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventQueryService"].full_name,
     certificate_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
+    artefact_pb2.DESCRIPTOR.services_by_name["ArtefactService"].full_name,
 ]
 SHUTDOWN_GRACE = 5.0
 REVOCATION_POLL = 1.0
@@ -82,6 +90,8 @@ ENROLL_IDLE_MS = 15_000
 ENROLL_AGE_MS = 30_000
 # Seconds between writes of nodes' heartbeat times and sensors' last-seen times.
 PERSIST_SECONDS = 30.0
+# Seconds between artefact retention runs.
+ARTEFACT_UPKEEP_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,13 @@ class Controller:
             loop_lag=lambda: self.loop_lag.seconds,
             max_loop_lag=config.shed_loop_lag,
         )
+        self.artefacts = ArtefactStore(
+            config.artefacts,
+            max_bytes=config.artefact_store_max_bytes,
+            max_upload_bytes=config.artefact_max_upload_bytes,
+            max_uploads=config.artefact_max_uploads,
+            retention_days=config.artefact_retention_days,
+        )
         self.events = EventPipeline(config, self.registry, self.leases)
         self.events.metrics_registry.register(self.leases.metrics.registry)
         self._servers: list[grpc.aio.Server] = []
@@ -136,6 +153,7 @@ class Controller:
         await self.registry.load(grace=2 * config.lease_ttl)
         await self.leases.load()
         await self.events.start()
+        await self.artefacts.open()
         ca = load_ca(config.ca_dir) if config.ca_dir is not None else None
         if ca is not None:
             self._revocations = RevocationList(ca.revoked_path)
@@ -164,6 +182,9 @@ class Controller:
         )
         events_pb2_grpc.add_EventQueryServiceServicer_to_server(
             EventQueryServicer(self.events.store, self.events.broadcaster), server
+        )
+        artefact_pb2_grpc.add_ArtefactServiceServicer_to_server(
+            ArtefactServicer(self.artefacts), server
         )
         if ca is not None:
             certificate_pb2_grpc.add_CertificateServiceServicer_to_server(
@@ -226,6 +247,7 @@ class Controller:
                 config.tls.cert,
             )
         self._spawn(self._every(PERSIST_SECONDS, self.registry.persist))
+        self._spawn(self._every(ARTEFACT_UPKEEP_SECONDS, self._expire_artefacts))
         log.info("controller %s serving the fleet API on port %d", identity, api_port)
         self.ports = Ports(api=api_port, enroll=enroll_port)
         return self.ports
@@ -241,6 +263,7 @@ class Controller:
         await asyncio.gather(*(s.stop(grace) for s in self._servers))
         self._servers.clear()
         await self.events.stop()
+        await self.artefacts.close()
         await self.registry.persist()
         await self.leases.close()
         await self.nodes.close()
@@ -253,6 +276,9 @@ class Controller:
         if self._revocations is not None and self._revocations.refresh():
             assert self.authorizer is not None
             self.authorizer.update_revoked(self._revoked())
+
+    async def _expire_artefacts(self) -> None:
+        await self.artefacts.expire(time.time_ns() // 1000)
 
     def _check_liveness(self, stall: StallMeter) -> Callable[[], Awaitable[None]]:
         """The liveness job: nodes silent for missed_heartbeats intervals die."""

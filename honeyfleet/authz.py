@@ -3,7 +3,8 @@
 TLS has already checked that the client certificate chains to the fleet CA and is
 within its validity. This interceptor then reads the caller's fleet identity from the
 certificate, refuses revoked serials, and checks the caller's role against one table
-of service -> roles before any handler runs. Streams of a serial revoked later are
+of service -> roles before any handler runs (a ``service/Method`` entry overrides its
+service's, for services whose methods serve different roles). Streams of a serial revoked later are
 cut. HoneyfleetErrors raised by handlers are mapped to their gRPC status here, once.
 """
 
@@ -94,7 +95,7 @@ class Authorizer(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         method: str = handler_call_details.method
         service = method.split("/")[1] if method.count("/") == 2 else ""
-        roles = self._policy.get(service, frozenset())
+        roles = self._policy.get(method[1:], self._policy.get(service, frozenset()))
         wrapped: grpc.RpcMethodHandler[Any, Any] = _wrap(
             handler, functools.partial(self._guard, method, roles)
         )

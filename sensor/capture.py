@@ -19,20 +19,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from honeyfleet.artefactclient import file_sha256
 from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 
 log = logging.getLogger(__name__)
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
-HASH_CHUNK = 1024 * 1024
 KIND = "capture"
 WHAT = "an upload"
 # Queued bytes of one file are handed to the writer thread in batches of this size...
@@ -77,13 +76,7 @@ class FileStore:
 
     def keep(self, temp: Path) -> StoredFile:
         """Move a finished capture to its sha256 name (blocking)."""
-        digest = hashlib.sha256()
-        size = 0
-        with temp.open("rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-        shasum = digest.hexdigest()
+        shasum, size = file_sha256(temp)
         final = self.root / shasum
         if final.exists():
             temp.unlink()

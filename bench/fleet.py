@@ -51,6 +51,7 @@ class Processes:
     def __init__(self, workdir: Path) -> None:
         self._workdir = workdir
         self._procs: list[asyncio.subprocess.Process] = []
+        self._named: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(
         self, name: str, *argv: str, stdout: int | None = None
@@ -67,7 +68,12 @@ class Processes:
                 env={**os.environ, "PYTHONPATH": path},
             )
         self._procs.append(proc)
+        self._named[name] = proc
         return proc
+
+    def named(self, name: str) -> asyncio.subprocess.Process:
+        """The process last started as ``name``."""
+        return self._named[name]
 
     async def stop(self) -> None:
         """SIGTERM every process, SIGKILL what is left after a grace period."""
@@ -151,9 +157,11 @@ async def start_fleet(
     guest: str,
     backend_pass: str,
     sensor: dict[str, object],
+    backend_user: str = "root",
 ) -> asyncio.subprocess.Process:
     """Controller, pool node (one static, shared guest at ``guest`` host:port, logged into
-    as root with ``backend_pass``) and sensor processes; returns the sensor's.
+    as ``backend_user`` with ``backend_pass``) and sensor processes; returns the sensor's
+    (the others are ``procs.named("controller")`` and ``procs.named("poolnode")``).
 
     ``sensor`` holds the sensor's listeners and any other keys that differ from the
     defaults; the connections to the controller and the certificates are filled in here.
@@ -183,6 +191,7 @@ async def start_fleet(
                 "static_hosts": [guest],
                 "max_vms": 1,
                 "share_guests": True,
+                "backend_user": backend_user,
                 "backend_pass": backend_pass,
                 **tls_settings(issue(ca, issued, Role.POOLNODE, "pool-1")),
             },

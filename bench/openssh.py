@@ -4,10 +4,11 @@ password of the benchmark's choosing, and busybox ``telnetd``.
 sshd checks passwords against /etc/shadow (``UsePAM no``). So that the machine's root
 password is neither needed nor changed, sshd runs in a mount namespace of its own
 (``unshare -m``: private propagation) where an overlay on /etc holds a throwaway shadow
-file with only root's entry. An overlay rather than a bind mount of the file: tools that
-add users replace /etc/shadow by a rename, which would unmask the real file. That needs
-root, as sshd itself does. Apart from
-what a loopback benchmark needs (port, host key, root password login, no PAM, no DNS),
+file with only the login account's entry (root, or a throwaway user that exists only in
+that overlay's passwd and group files, its home in the work directory). An overlay rather
+than a bind mount of the file: tools that add users replace /etc/shadow by a rename,
+which would unmask the real file. That needs root, as sshd itself does. Apart from what
+a loopback benchmark needs (port, host key, root password login, no PAM, no DNS),
 sshd keeps Debian's defaults: ``MaxStartups 10:30:100``, ``LoginGraceTime 120``,
 ``MaxAuthTries 6``, ``MaxSessions 10``.
 
@@ -25,6 +26,8 @@ from pathlib import Path
 from bench.fleet import Processes
 
 SSHD = "/usr/sbin/sshd"
+# A throwaway account's ids: unused on Debian (system ids end at 999, users start at 1000).
+THROWAWAY_ID = 4242
 # sshd refuses to start without its privilege separation directory (Debian's service
 # creates it at boot).
 PRIVSEP_DIR = Path("/run/sshd")
@@ -52,7 +55,18 @@ def _shadow_hash(password: str) -> str:
     return result.stdout.strip()
 
 
-def _prepare(workdir: Path, port: int, password: str) -> Path:
+def _add_account(etc: Path, user: str, home: Path) -> None:
+    """``user`` in the overlay's passwd and group files (copies of the machine's)."""
+    home.mkdir()
+    os.chown(home, THROWAWAY_ID, THROWAWAY_ID)
+    passwd = Path("/etc/passwd").read_text()
+    entry = f"{user}:x:{THROWAWAY_ID}:{THROWAWAY_ID}:benchmark:{home}:/bin/sh\n"
+    (etc / "passwd").write_text(passwd + entry)
+    group = Path("/etc/group").read_text()
+    (etc / "group").write_text(group + f"{user}:x:{THROWAWAY_ID}:\n")
+
+
+def _prepare(workdir: Path, port: int, password: str, user: str) -> Path:
     """sshd_config, host key and the /etc overlay's upper layer in ``workdir``."""
     keygen = require("ssh-keygen", "openssh-client")
     workdir.mkdir(parents=True)
@@ -62,7 +76,9 @@ def _prepare(workdir: Path, port: int, password: str) -> Path:
     etc.mkdir()
     shadow = etc / "shadow"
     shadow.touch(mode=0o600)
-    shadow.write_text(f"root:{_shadow_hash(password)}:19000:0:99999:7:::\n")
+    shadow.write_text(f"{user}:{_shadow_hash(password)}:19000:0:99999:7:::\n")
+    if user != "root":
+        _add_account(etc, user, workdir / "home")
     key = workdir / "ssh_host_ed25519_key"
     subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     config = workdir / "sshd_config"
@@ -84,14 +100,18 @@ def _prepare(workdir: Path, port: int, password: str) -> Path:
     return config
 
 
-async def start_sshd(procs: Processes, workdir: Path, port: int, password: str) -> int:
-    """Start sshd on 127.0.0.1:``port`` with root's password ``password``; returns its pid
-    (the listener, parent of one process per connection) once it answers."""
+async def start_sshd(
+    procs: Processes, workdir: Path, port: int, password: str, user: str = "root"
+) -> int:
+    """Start sshd on 127.0.0.1:``port`` where ``user`` (root, or a throwaway account made
+    for it) logs in with ``password``; returns its pid (the listener, parent of one process
+    per connection) once it answers. ``workdir``'s parents must be searchable by all when
+    ``user`` is not root."""
     if os.geteuid() != 0:
         raise SystemExit("the OpenSSH baseline runs sshd, which needs root")
     require(SSHD, "openssh-server")
     unshare = require("unshare", "util-linux")
-    config = await asyncio.to_thread(_prepare, workdir, port, password)
+    config = await asyncio.to_thread(_prepare, workdir, port, password, user)
     overlay = f"lowerdir=/etc,upperdir={workdir / 'etc'},workdir={workdir / 'overlay-work'}"
     # unshare execs sh, which execs sshd: the pid is sshd's.
     script = f'mount -t overlay overlay -o "$1" /etc && exec {SSHD} -D -e -f "$2"'
@@ -115,17 +135,24 @@ async def start_telnetd(procs: Processes, port: int) -> int:
 
 async def until_banner(port: int, prefix: bytes) -> None:
     """Wait until 127.0.0.1:``port`` accepts and its first bytes start with ``prefix``."""
-    async with asyncio.timeout(READY_TIMEOUT):
-        while True:
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                first = await asyncio.wait_for(reader.read(len(prefix) or 1), 5)
-            finally:
-                writer.close()
-            if first.startswith(prefix):
-                return
+    try:
+        await asyncio.wait_for(_banner(port, prefix), READY_TIMEOUT)
+    except TimeoutError:
+        raise SystemExit(f"nothing answered on port {port} within {READY_TIMEOUT:.0f}s") from None
+
+
+async def _banner(port: int, prefix: bytes) -> None:
+    """Poll 127.0.0.1:``port`` until its first bytes start with ``prefix``."""
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
             await asyncio.sleep(0.1)
+            continue
+        try:
+            first = await asyncio.wait_for(reader.read(len(prefix) or 1), 5)
+        finally:
+            writer.close()
+        if first.startswith(prefix):
+            return
+        await asyncio.sleep(0.1)

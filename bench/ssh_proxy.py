@@ -1,26 +1,39 @@
-"""SSH proxy benchmark: through the sensor versus direct SSH to the same backend, in one run.
+"""SSH proxy benchmark: the fleet and Cowrie's proxy against direct SSH, in one run.
 
-    .venv/bin/python bench/ssh_proxy.py                         # about a minute
-    .venv/bin/python bench/ssh_proxy.py --sessions 50 --megabytes 64
+    .venv/bin/python bench/ssh_proxy.py                  # a few minutes; needs root
+    .venv/bin/python bench/ssh_proxy.py --setups 20 --repeat 2 --shells 50
 
-Everything runs on loopback, each role in its own process as in production: the backend
-SSH server (tests/sshd.py: asyncssh with a real /bin/sh), ``honeyfleet controller``,
-``honeyfleet poolnode`` (static backend pointing at that server) and ``honeyfleet
-sensor``. This process plays the clients with asyncssh. Figures, each direct and
-through the sensor, with the ratio sensor/direct:
+Everything runs on loopback, each role in its own process. The backend is Debian's
+OpenSSH ``sshd`` (bench/openssh.py) with a throwaway account. The peers, each measured
+against it:
 
-* session setup: from TCP connect to the exit status of ``true`` (key exchange, password
-  login and, through the sensor, lease, tunnel and guest login), median and p90 of
-  ``--setups`` sessions one after another;
-* upload and download: one SFTP transfer of ``--megabytes``, MB/s, median of
-  ``--repeat`` (through the sensor the upload is also captured: hashed and stored);
-* memory per session: growth of the serving process's RSS (the backend's directly, the
-  sensor's through it) with ``--sessions`` interactive pty shells open at once, divided
-  by their number; measured first, after three warm-up sessions, because the later
-  phases leave freed heap behind that new sessions would reuse unseen. The backend's
-  growth during the sensor's run is shown too.
+* **direct**: OpenSSH's client straight to that sshd;
+* **Cowrie** 3.1.4 in proxy mode (bench/cowrie.py: installed from PyPI into a throwaway
+  virtualenv by this script), simple backend to the same sshd, once with tty logs and
+  once without (two instances);
+* **the fleet**: ``honeyfleet controller``, ``poolnode`` (static backend: the same sshd)
+  and ``sensor`` processes, mTLS between them as in production.
 
-Nothing is asserted; every phase is bounded in time.
+Clients are OpenSSH's ``ssh`` (with ``sshpass``) for setups and transfers, and asyncssh
+in this process for the held shells. The phases run interleaved (one sample of each peer
+in turn), each bounded in count and time:
+
+* session setup: ``ssh user@host true`` from process start to exit (connect, key
+  exchange, password login, exec, exit status, close), p50 and p95;
+* download: ``head -c 64M /dev/zero`` read from ``ssh``'s stdout, MB/s from the first
+  byte to the end (setup excluded);
+* upload: 32 MiB written to ``ssh``'s stdin for ``cat >/dev/null``, MB/s from the
+  remote's ready line to its exit status;
+* proxy CPU seconds (user + system, from /proc) spent during the transfers, per 64 MiB
+  moved: Cowrie's process, the sensor's plus the pool node's for the fleet;
+* proxy RSS idle, after warm-up sessions;
+* memory per held shell: RSS growth of the process serving attackers (Cowrie, the
+  sensor) with ``--shells`` pty shells open at once, each proven alive by an echo,
+  divided by their number; measured before the transfers, whose freed heap new sessions
+  would reuse unseen. The pool node's growth is shown beside the sensor's.
+
+Latencies suffer from whatever else loads the machine (the load average is printed);
+CPU seconds hold up better. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,14 +42,14 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from asyncio.subprocess import DEVNULL, PIPE
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,102 +58,168 @@ import asyncssh
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet import Processes, rss_bytes, start_fleet  # noqa: E402
-from tests.postgres import free_port  # noqa: E402
-from tests.sshd import PASSWORD, Sshd  # noqa: E402
+from bench.cowrie import COWRIE_VERSION, CowrieBackend, install_cowrie, start_cowrie  # noqa: E402
+from bench.fleet import Processes, cpu_seconds, rss_bytes, start_fleet  # noqa: E402
+from bench.openssh import require, start_sshd  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
-# An attacker's password: the sensor's default userdb lets root in with it.
-SENSOR_PASSWORD = "bench-password"  # noqa: S105
-PHASE_TIMEOUT = 300.0
+BACKEND_USER = "hfbench"
+BACKEND_PASSWORD = "bench-backend-password"  # noqa: S105
+# An attacker's password: both the sensor's default userdb and Cowrie's let root in with it.
+ATTACKER_PASSWORD = "bench-password"  # noqa: S105
+PHASE_TIMEOUT = 600.0
+SESSION_TIMEOUT = 60.0
+DOWNLOAD_BYTES = 64 << 20
+UPLOAD_BYTES = 32 << 20
+PER = 64 << 20  # CPU seconds are per this many bytes moved
+CHUNK = 1 << 20
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Figures:
-    """What one path measured."""
-
-    setups: list[float]
-    uploads: list[float]
-    downloads: list[float]
-    memory: tuple[float, float]
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where clients connect, as whom, and which process serves them."""
+class Peer:
+    """Where clients connect, as whom, and which processes relay for it."""
 
     name: str
+    """Column heading."""
     port: int
+    """Its SSH port on 127.0.0.1."""
+    user: str
+    """The login name clients use."""
     password: str
-    server_pid: int
+    """Their password."""
+    proxies: dict[str, int] = field(default_factory=dict)
+    """The relaying processes by role (empty for direct); the first serves attackers."""
 
 
-async def connect(target: Target) -> asyncssh.SSHClientConnection:
-    """A password login as root."""
-    return await asyncssh.connect(
-        "127.0.0.1",
-        target.port,
-        username="root",
-        password=target.password,
-        known_hosts=None,
-        client_keys=None,
-        agent_path=None,
-        preferred_auth="password",
-    )
+@dataclass
+class Figures:
+    """What one peer measured."""
+
+    setups: list[float] = field(default_factory=list)
+    downloads: list[float] = field(default_factory=list)
+    uploads: list[float] = field(default_factory=list)
+    cpu_down: dict[str, float] = field(default_factory=dict)
+    cpu_up: dict[str, float] = field(default_factory=dict)
+    idle: dict[str, float] = field(default_factory=dict)
+    per_shell: dict[str, float] = field(default_factory=dict)
+    failures: int = 0
 
 
-async def until_serving(target: Target) -> None:
-    """Retry a session until one works (the fleet registers and boots in the background)."""
-    while True:
-        try:
-            conn = await connect(target)
-            async with conn:
-                await conn.run("true", check=True)
-            return
-        except (OSError, asyncssh.Error):
-            await asyncio.sleep(0.5)
+class OpenSshClient:
+    """``ssh`` runs with a password from ``sshpass``, no config, no known hosts."""
 
+    def __init__(self) -> None:
+        self._sshpass = require("sshpass", "sshpass")
+        self._ssh = require("ssh", "openssh-client")
 
-async def setup_latency(target: Target, count: int) -> list[float]:
-    """Seconds from connect to the exit status of ``true``, one session after another."""
-    times = []
-    for _ in range(count):
+    def argv(self, peer: Peer, command: str) -> list[str]:
+        """The command line running ``command`` on ``peer``."""
+        options = {
+            "StrictHostKeyChecking": "no",
+            "UserKnownHostsFile": "/dev/null",
+            "PreferredAuthentications": "password",
+            "PubkeyAuthentication": "no",
+            "LogLevel": "ERROR",
+        }
+        flags = [f"-o{key}={value}" for key, value in options.items()]
+        target = f"{peer.user}@127.0.0.1"
+        return [self._sshpass, "-e", self._ssh, "-F", "/dev/null", *flags, "-p", str(peer.port),
+                target, command]  # fmt: skip
+
+    async def start(
+        self, peer: Peer, command: str, stdin: int = DEVNULL, stdout: int = DEVNULL
+    ) -> asyncio.subprocess.Process:
+        """Start ``ssh`` running ``command`` on ``peer``."""
+        return await asyncio.create_subprocess_exec(
+            *self.argv(peer, command),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=DEVNULL,
+            env={**os.environ, "SSHPASS": peer.password},
+        )
+
+    async def setup(self, peer: Peer) -> float | None:
+        """Seconds for ``ssh peer true``, or None if it failed."""
         start = time.perf_counter()
-        conn = await connect(target)
-        await conn.run("true", check=True)
-        times.append(time.perf_counter() - start)
-        conn.close()
-        await conn.wait_closed()
-    return times
+        proc = await self.start(peer, "true")
+        if await _wait(proc) != 0:
+            return None
+        return time.perf_counter() - start
+
+    async def download(self, peer: Peer) -> float | None:
+        """MB/s of ``head -c 64M /dev/zero`` from the first byte on, or None if short."""
+        proc = await self.start(peer, f"head -c {DOWNLOAD_BYTES} /dev/zero", stdout=PIPE)
+        assert proc.stdout is not None
+        first = await proc.stdout.read(CHUNK)
+        start, total = time.perf_counter(), len(first)
+        while chunk := await proc.stdout.read(CHUNK):
+            total += len(chunk)
+        elapsed = time.perf_counter() - start
+        if await _wait(proc) != 0 or total != DOWNLOAD_BYTES or not elapsed:
+            return None
+        return (total - len(first)) / elapsed / 1e6
+
+    async def upload(self, peer: Peer, payload: bytes) -> float | None:
+        """MB/s of ``payload`` into ``cat`` from its ready line to exit, or None."""
+        proc = await self.start(peer, "echo ready; exec cat >/dev/null", stdin=PIPE, stdout=PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        if await proc.stdout.readline() != b"ready\n":
+            await _wait(proc)
+            return None
+        start = time.perf_counter()
+        view = memoryview(payload)
+        for offset in range(0, len(payload), CHUNK):
+            proc.stdin.write(view[offset : offset + CHUNK])
+            await proc.stdin.drain()
+        proc.stdin.close()
+        if await _wait(proc) != 0:
+            return None
+        return len(payload) / (time.perf_counter() - start) / 1e6
 
 
-async def transfer_rates(
-    target: Target, local: Path, size_mb: float, repeat: int
-) -> tuple[list[float], list[float]]:
-    """(upload, download) MB/s of SFTP transfers of ``local`` and of the backend's
-    ``download.bin`` (the same bytes)."""
-    uploads, downloads = [], []
-    conn = await connect(target)
-    async with conn, conn.start_sftp_client() as sftp:
-        for n in range(repeat):
-            start = time.perf_counter()
-            await sftp.put(str(local), f"upload-{n}.bin")
-            uploads.append(size_mb / (time.perf_counter() - start))
-            fetched = local.with_name(f"fetched-{target.name}-{n}.bin")
-            start = time.perf_counter()
-            await sftp.get("download.bin", str(fetched))
-            downloads.append(size_mb / (time.perf_counter() - start))
-            fetched.unlink()
-    return uploads, downloads
+async def _wait(proc: asyncio.subprocess.Process) -> int:
+    """The exit code of a client, killed if it overruns SESSION_TIMEOUT."""
+    try:
+        async with asyncio.timeout(SESSION_TIMEOUT):
+            return await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return -1
+
+
+async def bounded(phase: str, work: Awaitable[T]) -> T:
+    """Run a phase within PHASE_TIMEOUT, saying which one overran."""
+    try:
+        async with asyncio.timeout(PHASE_TIMEOUT):
+            return await work
+    except TimeoutError:
+        raise SystemExit(f"benchmark phase {phase!r} took over {PHASE_TIMEOUT:.0f}s") from None
+
+
+async def until_serving(client: OpenSshClient, peer: Peer) -> None:
+    """Retry a session until one works (the fleet registers in the background)."""
+    while await client.setup(peer) is None:  # noqa: ASYNC110 (polling another process)
+        await asyncio.sleep(0.5)
 
 
 @contextlib.asynccontextmanager
-async def open_shells(target: Target, count: int) -> AsyncIterator[None]:
+async def held_shells(peer: Peer, count: int) -> AsyncIterator[None]:
     """``count`` interactive pty shells open at once, each proven alive by an echo."""
     conns: list[asyncssh.SSHClientConnection] = []
     try:
         for n in range(count):
-            conn = await connect(target)
+            conn = await asyncssh.connect(
+                "127.0.0.1",
+                peer.port,
+                username=peer.user,
+                password=peer.password,
+                known_hosts=None,
+                client_keys=None,
+                agent_path=None,
+                preferred_auth="password",
+            )
             conns.append(conn)
             shell = await conn.create_process(term_type="xterm", term_size=(80, 24))
             shell.stdin.write(f"echo ready-{n}\n")
@@ -153,155 +232,246 @@ async def open_shells(target: Target, count: int) -> AsyncIterator[None]:
             await conn.wait_closed()
 
 
-async def memory_per_session(target: Target, count: int, guest_pid: int) -> tuple[float, float]:
-    """(serving process, backend) RSS growth per session with ``count`` shells open."""
+async def memory_per_shell(peer: Peer, count: int) -> dict[str, float]:
+    """Each relaying process's RSS growth per held shell with ``count`` shells open."""
     await asyncio.sleep(1)
-    before = rss_bytes(target.server_pid), rss_bytes(guest_pid)
-    async with open_shells(target, count):
-        await asyncio.sleep(1)  # let per-session tasks settle
-        after = rss_bytes(target.server_pid), rss_bytes(guest_pid)
-    return (after[0] - before[0]) / count, (after[1] - before[1]) / count
+    before = {role: rss_bytes(pid) for role, pid in peer.proxies.items()}
+    async with held_shells(peer, count):
+        await asyncio.sleep(2)  # let per-session tasks settle
+        after = {role: rss_bytes(pid) for role, pid in peer.proxies.items()}
+    return {role: (after[role] - before[role]) / count for role in before}
 
 
-async def bounded(phase: str, work: Awaitable[T]) -> T:
-    """Run a phase within PHASE_TIMEOUT, saying which one overran."""
-    try:
-        async with asyncio.timeout(PHASE_TIMEOUT):
-            return await work
-    except TimeoutError:
-        raise SystemExit(f"benchmark phase {phase!r} took over {PHASE_TIMEOUT:.0f}s") from None
+def cpu_of(peer: Peer) -> dict[str, float]:
+    """CPU seconds so far of each relaying process."""
+    return {role: cpu_seconds(pid) for role, pid in peer.proxies.items()}
 
 
-async def start_sensor_fleet(
-    workdir: Path, procs: Processes, guest_port: int, sessions: int
-) -> tuple[int, int]:
-    """Controller, pool node and sensor processes; the sensor's port and pid."""
+def add_cpu(total: dict[str, float], before: dict[str, float], after: dict[str, float]) -> None:
+    """Add the CPU spent between two readings to ``total``, role by role."""
+    for role, seconds in after.items():
+        total[role] = total.get(role, 0.0) + seconds - before[role]
+
+
+async def measure(
+    args: argparse.Namespace, client: OpenSshClient, peers: Sequence[Peer]
+) -> dict[str, Figures]:
+    """Every phase over every peer, interleaved; the figures by peer name."""
+    figures = {peer.name: Figures() for peer in peers}
+
+    async def warm_up() -> None:
+        for _ in range(3):
+            for peer in peers:
+                if await client.setup(peer) is None:
+                    figures[peer.name].failures += 1
+
+    await bounded("warm-up", warm_up())
+    await asyncio.sleep(2)
+    for peer in peers:
+        idle = {role: float(rss_bytes(pid)) for role, pid in peer.proxies.items()}
+        figures[peer.name].idle = idle
+    for peer in peers:
+        if peer.proxies:
+            figures[peer.name].per_shell = await bounded(
+                f"held shells ({peer.name})", memory_per_shell(peer, args.shells)
+            )
+
+    async def setups() -> None:
+        for _ in range(args.setups):
+            for peer in peers:
+                seconds = await client.setup(peer)
+                if seconds is None:
+                    figures[peer.name].failures += 1
+                else:
+                    figures[peer.name].setups.append(seconds)
+
+    await bounded("setup", setups())
+    payload = os.urandom(UPLOAD_BYTES)
+
+    async def transfers() -> None:
+        for _ in range(args.repeat):
+            for peer in peers:
+                fig = figures[peer.name]
+                before = cpu_of(peer)
+                rate = await client.download(peer)
+                add_cpu(fig.cpu_down, before, cpu_of(peer))
+                _record(fig, fig.downloads, rate)
+                before = cpu_of(peer)
+                rate = await client.upload(peer, payload)
+                add_cpu(fig.cpu_up, before, cpu_of(peer))
+                _record(fig, fig.uploads, rate)
+
+    await bounded("transfers", transfers())
+    for fig in figures.values():
+        # Per 64 MiB moved (failed transfers count as moved: their CPU was spent too).
+        down, up = PER / (DOWNLOAD_BYTES * args.repeat), PER / (UPLOAD_BYTES * args.repeat)
+        fig.cpu_down = {role: seconds * down for role, seconds in fig.cpu_down.items()}
+        fig.cpu_up = {role: seconds * up for role, seconds in fig.cpu_up.items()}
+    return figures
+
+
+def _record(fig: Figures, samples: list[float], rate: float | None) -> None:
+    """Keep a rate, or count a failure."""
+    if rate is None:
+        fig.failures += 1
+    else:
+        samples.append(rate)
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile (nearest rank); NaN without samples."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def median(samples: list[float]) -> float:
+    """The median; NaN without samples."""
+    return statistics.median(samples) if samples else float("nan")
+
+
+class Table:
+    """Rows of one figure per peer, each with its ratio to the first column."""
+
+    def __init__(self, peers: Sequence[Peer]) -> None:
+        self._names = [peer.name for peer in peers]
+        print(f"  {'':<36}" + "".join(f"{name:>20}" for name in self._names))
+
+    def row(self, label: str, values: Sequence[float | None], fmt: str, ratio: bool) -> None:
+        """One figure; ``None`` where it does not apply (direct has no proxy)."""
+        base = values[0]
+        cells = []
+        for value in values:
+            if value is None:
+                cells.append(f"{'-':>20}")
+                continue
+            text = fmt.format(value)
+            if ratio and base:
+                text += f" ({value / base:.2f}x)"
+            cells.append(f"{text:>20}")
+        print(f"  {label:<36}" + "".join(cells))
+
+
+def report(args: argparse.Namespace, peers: Sequence[Peer], figures: dict[str, Figures]) -> None:
+    """The table."""
+    pairs = [(peer, figures[peer.name]) for peer in peers]
+    figs = [fig for _, fig in pairs]
+
+    def serving(attr: str, scale: float) -> list[float | None]:
+        """The figure of each peer's process serving attackers (none for direct)."""
+        values = [(getattr(f, attr), p) for p, f in pairs]
+        return [v[next(iter(p.proxies))] / scale if p.proxies else None for v, p in values]
+
+    def pool(attr: str, scale: float) -> list[float | None]:
+        """The pool node's figure (the fleet only)."""
+        values = [getattr(f, attr) for f in figs]
+        return [v["poolnode"] / scale if "poolnode" in v else None for v in values]
+
+    def totals(attr: str) -> list[float | None]:
+        """A figure summed over each peer's relaying processes."""
+        return [sum(getattr(f, attr).values()) if p.proxies else None for p, f in pairs]
+
+    table = Table(peers)
+    table.row("setup p50 (ms)", [percentile(f.setups, 0.5) * 1e3 for f in figs], "{:.0f}", True)
+    table.row("setup p95 (ms)", [percentile(f.setups, 0.95) * 1e3 for f in figs], "{:.0f}", True)
+    table.row("download (MB/s, head -c 64M)", [median(f.downloads) for f in figs], "{:.0f}", True)
+    table.row("upload (MB/s, 32 MiB to cat)", [median(f.uploads) for f in figs], "{:.0f}", True)
+    for label, attr in (("down", "cpu_down"), ("up", "cpu_up")):
+        table.row(f"proxy CPU s per 64 MiB {label}", totals(attr), "{:.2f}", False)
+        table.row("  of which pool node", pool(attr, 1), "{:.2f}", False)
+    table.row("proxy RSS idle (MiB)", serving("idle", 2**20), "{:.1f}", False)
+    table.row("  pool node RSS idle (MiB)", pool("idle", 2**20), "{:.1f}", False)
+    table.row(f"memory per held shell (KB, {args.shells})", serving("per_shell", 1e3), "{:.1f}",
+              False)  # fmt: skip
+    table.row("  pool node per held shell (KB)", pool("per_shell", 1e3), "{:.1f}", False)
+    failures = ", ".join(f"{p.name} {f.failures}" for p, f in pairs if f.failures)
+    print(f"  failed sessions or transfers: {failures or 'none'}")
+
+
+async def start_peers(args: argparse.Namespace, workdir: Path, procs: Processes) -> list[Peer]:
+    """The backend sshd, the Cowrie instances and the fleet; the peers in column order."""
+    backend_port = free_port()
+    await start_sshd(procs, workdir / "sshd", backend_port, BACKEND_PASSWORD, BACKEND_USER)
+    peers = [Peer("direct", backend_port, BACKEND_USER, BACKEND_PASSWORD)]
+    if not args.no_cowrie:
+        twistd = await bounded("cowrie install", install_cowrie(workdir / "cowrie-venv"))
+        backend = CowrieBackend("127.0.0.1", backend_port, BACKEND_USER, BACKEND_PASSWORD)
+        for ttylog in (True, False):
+            port = free_port()
+            tag = "on" if ttylog else "off"
+            pid = await bounded(
+                "cowrie start",
+                start_cowrie(
+                    procs, twistd, workdir / f"cowrie-tty-{tag}", port, backend, ttylog=ttylog
+                ),
+            )
+            peers.append(Peer(f"cowrie ttylog {tag}", port, "root", ATTACKER_PASSWORD,
+                              {"cowrie": pid}))  # fmt: skip
     sensor_port = free_port()
     sensor = await start_fleet(
         workdir,
         procs,
-        f"127.0.0.1:{guest_port}",
-        PASSWORD,
+        f"127.0.0.1:{backend_port}",
+        BACKEND_PASSWORD,
         {
             "ssh_listen": [f"127.0.0.1:{sensor_port}"],
             "telnet_listen": [],
-            "max_connections_per_ip": sessions + 16,
-            "max_connections": sessions + 64,
+            "max_connections_per_ip": args.shells + 16,
+            "max_connections": args.shells + 64,
+            # Every session comes from 127.0.0.1: room for all the held shells.
+            "max_leases": args.shells + 16,
+            "max_leases_per_source": args.shells + 16,
         },
+        backend_user=BACKEND_USER,
     )
-    return sensor_port, sensor.pid
-
-
-def report(name: str, direct: float, sensor: float, unit: str, fmt: str = "{:.1f}") -> None:
-    """One row: direct, sensor and the ratio."""
-    ratio = sensor / direct if direct else float("nan")
-    figures = f"{fmt.format(direct):>12} {fmt.format(sensor):>12}"
-    print(f"  {name:<28} {figures} {unit:<6} x{ratio:.2f}")
-
-
-def summary(samples: list[float]) -> tuple[float, float]:
-    """(median, p90)."""
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    fleet = Peer("fleet", sensor_port, "root", ATTACKER_PASSWORD,
+                 {"sensor": sensor.pid, "poolnode": procs.named("poolnode").pid})  # fmt: skip
+    peers.append(fleet)
+    return peers
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Start everything, measure both paths, print the figures, stop everything."""
+    """Start everything, measure, print the figures, stop everything."""
+    if os.geteuid() != 0:
+        raise SystemExit("needs root: Debian's sshd and Cowrie's unprivileged user")
+    client = OpenSshClient()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-ssh-") as tmp:
         workdir = Path(tmp)
+        # The throwaway account and Cowrie's user must reach their directories.
+        await asyncio.to_thread(workdir.chmod, 0o755)
         procs = Processes(workdir)
         try:
-            home = workdir / "home"
-            guest = await procs.start(
-                "guest", sys.executable, __file__, "--guest", str(home), stdout=PIPE
-            )
-            assert guest.stdout is not None
-            guest_port = int(await bounded("backend start", guest.stdout.readline()))
-            sensor_port, sensor_pid = await start_sensor_fleet(
-                workdir, procs, guest_port, args.sessions
-            )
-            direct = Target("direct", guest_port, PASSWORD, guest.pid)
-            sensor = Target("sensor", sensor_port, SENSOR_PASSWORD, sensor_pid)
-            await bounded("fleet start", until_serving(sensor))
-
-            payload = workdir / "payload.bin"
-            await asyncio.to_thread(_write_payload, payload, home, args.megabytes)
-            size_mb = (args.megabytes << 20) / 1e6  # rates are in MB/s (10^6 bytes)
-            results = {}
-            for target in (direct, sensor):
-                await bounded("warm-up", setup_latency(target, 3))
-                memory = await bounded(
-                    "memory", memory_per_session(target, args.sessions, guest.pid)
-                )
-                setups = await bounded("setup", setup_latency(target, args.setups))
-                uploads, downloads = await bounded(
-                    "transfer", transfer_rates(target, payload, size_mb, args.repeat)
-                )
-                results[target.name] = Figures(setups, uploads, downloads, memory)
+            peers = await start_peers(args, workdir, procs)
+            for peer in peers:
+                await bounded(f"{peer.name} start", until_serving(client, peer))
+            figures = await measure(args, client, peers)
+        except BaseException:
+            if args.keep:
+                shutil.copytree(workdir, args.keep, dirs_exist_ok=True, symlinks=True)
+            raise
         finally:
             await procs.stop()
-    _print(args, results)
-
-
-def _write_payload(payload: Path, home: Path, megabytes: int) -> None:
-    """Random bytes to upload, and the same as the backend's ``download.bin``."""
-    data = os.urandom(megabytes << 20)
-    payload.write_bytes(data)
-    (home / "download.bin").write_bytes(data)
-
-
-def _print(args: argparse.Namespace, results: dict[str, Figures]) -> None:
-    """The table."""
-    direct, sensor = results["direct"], results["sensor"]
-    d_med, d_p90 = summary(direct.setups)
-    s_med, s_p90 = summary(sensor.setups)
+    load_after = os.getloadavg()
     print(
-        f"\nSSH through the sensor vs direct to the backend (loopback, {os.cpu_count()} CPUs; "
-        f"{args.setups} setups, {args.repeat}x{args.megabytes} MB SFTP, "
-        f"{args.sessions} shells)"
+        f"\nSSH through proxies vs direct to Debian's sshd (loopback, {os.cpu_count()} CPUs, "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
+        f"{args.setups} setups, {args.repeat} transfers each way, {args.shells} shells; "
+        f"Cowrie {COWRIE_VERSION})"
     )
-    print(f"  {'':<28} {'direct':>12} {'sensor':>12} {'':<6} ratio")
-    report("session setup, median", d_med * 1000, s_med * 1000, "ms")
-    report("session setup, p90", d_p90 * 1000, s_p90 * 1000, "ms")
-    median = statistics.median
-    report("upload (SFTP put)", median(direct.uploads), median(sensor.uploads), "MB/s")
-    report("download (SFTP get)", median(direct.downloads), median(sensor.downloads), "MB/s")
-    report("memory per session", direct.memory[0] / 1024, sensor.memory[0] / 1024, "KiB", "{:.0f}")
-    print(
-        f"  (the backend grew {sensor.memory[1] / 1024:.0f} KiB per session during the "
-        "sensor's run: those are the guest side of the sensor's sessions)"
-    )
-
-
-def serve_guest(home: Path) -> None:
-    """Child-process mode: run the backend SSH server until SIGTERM; its port on stdout."""
-
-    async def main() -> None:
-        sshd = Sshd(home)
-        port = await sshd.start()
-        print(port, flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        await sshd.stop()
-
-    asyncio.run(main())
+    report(args, peers, figures)
 
 
 def main() -> None:
     """Parse arguments and run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setups", type=int, default=30, help="sessions timed for setup")
-    parser.add_argument("--megabytes", type=int, default=32, help="size of each transfer")
-    parser.add_argument("--repeat", type=int, default=3, help="transfers each way")
-    parser.add_argument("--sessions", type=int, default=50, help="shells open for memory")
-    parser.add_argument("--guest", metavar="HOME", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.guest:
-        serve_guest(Path(args.guest))
-        return
-    asyncio.run(run(args))
+    parser.add_argument("--setups", type=int, default=40, help="setups timed per peer")
+    parser.add_argument("--repeat", type=int, default=3, help="transfers each way per peer")
+    parser.add_argument("--shells", type=int, default=100, help="shells held for memory")
+    parser.add_argument("--no-cowrie", action="store_true", help="leave Cowrie out")
+    parser.add_argument("--keep", metavar="DIR", help="copy the work directory there on error")
+    asyncio.run(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

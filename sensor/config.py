@@ -206,6 +206,10 @@ class SensorConfig:
         factory=lambda: OPENSSH_SIGNATURE_ALGS,
         help="signature algorithms accepted and sent in server-sig-algs",
     )
+    ssh_moduli_file: Path | None = setting(
+        Path("/etc/ssh/moduli"),
+        "DH group-exchange primes, as OpenSSH reads them (missing: RFC 3526 groups 14/16/18)",
+    )
     ssh_auth_fail_delay: float = setting(
         PAM_FAIL_DELAY,
         "seconds a failed SSH password waits before it is refused (Debian's PAM: 2)",

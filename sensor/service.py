@@ -29,6 +29,7 @@ from sensor.session.core import Services
 from sensor.spool import Spool
 from sensor.ssh import SshFrontend, load_or_create, server_options
 from sensor.ssh.connection import Shared
+from sensor.ssh.gex import GroupChooser, load_moduli
 from sensor.telnet import TelnetFrontend
 from sensor.tunnel import TunnelConnector
 from sensor.uploader import Uploader
@@ -142,6 +143,9 @@ class Sensor:
                     writer=writer,
                 ),
                 options=server_options(config, host_keys),
+                dh_groups=GroupChooser(
+                    await asyncio.to_thread(load_moduli, config.ssh_moduli_file)
+                ),
             )
         )
         self.ports = await self._frontend.start()

@@ -137,7 +137,7 @@ async def wrong_passwords(port: int, limit: int = 10) -> Refusal:
     raise AssertionError("logged in with a wrong password")
 
 
-def _packet(payload: bytes) -> bytes:
+def cleartext_packet(payload: bytes) -> bytes:
     """A cleartext binary packet around ``payload`` (block size 8, no MAC)."""
     padding = 8 - (len(payload) + 5) % 8
     if padding < 4:
@@ -172,7 +172,7 @@ async def gex_group(port: int, minimum: int, preferred: int, maximum: int) -> in
     None if it closes instead."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     request = bytes([MSG_KEX_DH_GEX_REQUEST]) + struct.pack(">III", minimum, preferred, maximum)
-    writer.write(CLIENT_VERSION + _packet(GEX_KEXINIT) + _packet(request))
+    writer.write(CLIENT_VERSION + cleartext_packet(GEX_KEXINIT) + cleartext_packet(request))
     try:
         async with asyncio.timeout(READ_TIMEOUT):
             await reader.readline()
@@ -194,7 +194,7 @@ async def early_newkeys(port: int) -> tuple[list[int], bool]:
     """Send NEWKEYS before any key exchange: the message numbers of the packets the server
     answers with, and whether it kept the connection open."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(CLIENT_VERSION + _packet(bytes([MSG_NEWKEYS])))
+    writer.write(CLIENT_VERSION + cleartext_packet(bytes([MSG_NEWKEYS])))
     messages: list[int] = []
     try:
         await reader.readline()

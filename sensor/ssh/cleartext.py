@@ -128,8 +128,10 @@ class CleartextParser:
             kexinit = parse_kexinit(payload)
             if kexinit is not None:
                 self._observer.client_kexinit(kexinit)
-        elif payload[:1] == bytes([MSG_NEWKEYS]):
-            self.done = True  # everything after this is encrypted
+        elif payload[:1] == bytes([MSG_NEWKEYS]) and self._seen_kexinit:
+            # Everything after this is encrypted (a NEWKEYS before any KEXINIT is
+            # answered UNIMPLEMENTED, as OpenSSH does, and the cleartext goes on).
+            self.done = True
             self._buffer.clear()
         return True
 

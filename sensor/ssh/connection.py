@@ -29,9 +29,11 @@ from sensor.session.admission import Slot
 from sensor.session.core import Adapter, Services, Session
 from sensor.session.guest import GuestLink
 from sensor.session.state import SessionState
+from sensor.ssh import openssh
 from sensor.ssh.channels import RefusedForward, RelaySession
 from sensor.ssh.cleartext import CleartextParser, KexInit
 from sensor.ssh.compression import limit_inflation
+from sensor.ssh.gex import GroupChooser
 from sensor.ssh.guest import log_into_guest
 from sensor.ssh.pump import AttackerSide, InnerSide
 from sensor.ssh.server import AttackerServer
@@ -44,6 +46,7 @@ class Shared:
     services: Services
     store: FileStore
     options: asyncssh.SSHServerConnectionOptions
+    dh_groups: GroupChooser
 
 
 # Seconds a connection asyncssh disconnected may take to pass asyncssh's last message on.
@@ -116,8 +119,11 @@ class AttackerConnection(Adapter):
         # asyncssh's transport inherits this task's context, where the bound is kept.
         limit_inflation(self.config.ssh_max_inflated_bytes, self.close)
         try:
-            await asyncssh.run_server(
-                theirs, options=self.shared.options, server_factory=lambda: AttackerServer(self)
+            await openssh.run_server(
+                theirs,
+                self.shared.options,
+                self.shared.dh_groups,
+                server_factory=lambda: AttackerServer(self),
             )
         except (asyncssh.Error, OSError) as e:
             self.close(f"ssh: {e}")

@@ -14,7 +14,7 @@ from asyncssh.public_key import get_public_key_algs
 
 from honeyfleet.errors import ConfigError
 from sensor.config import SensorConfig
-from sensor.ssh import compression
+from sensor.ssh import compression, openssh
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def host_keypairs(
 def server_options(
     config: SensorConfig, host_keys: list[asyncssh.SSHKey]
 ) -> asyncssh.SSHServerConnectionOptions:
-    """Options shared by every attacker connection (zlib inflation bounded: see compression)."""
+    """Options shared by every attacker connection (zlib inflation bounded: see
+    compression; OpenSSH's group exchange: see openssh)."""
     compression.install()
+    openssh.install()
     return asyncssh.SSHServerConnectionOptions(
         config=None,
         server_host_keys=host_keypairs(config.ssh_host_key_algs, host_keys),

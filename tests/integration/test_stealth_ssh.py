@@ -36,25 +36,22 @@ KNOWN_DIFFERENCES = {
     # PyPI's liboqs-python downloads and builds liboqs at run time).
     ("kex", "only OpenSSH offers sntrup761x25519-sha512"),
     ("kex", "only OpenSSH offers sntrup761x25519-sha512@openssh.com"),
-    # asyncssh hard-codes ext-info-s in its KEXINIT, and the KEXINIT is hashed into the
-    # key exchange, so the byte pump cannot take it out.
-    ("kex", "only the sensor offers ext-info-s"),
-    # asyncssh writes its ext-info itself (encrypted): global-requests-ok always,
-    # publickey-hostbound@openssh.com never.
-    ("ext_info", "only OpenSSH sends publickey-hostbound@openssh.com=<0>"),
-    ("ext_info", "only the sensor sends global-requests-ok"),
-    # OpenSSH never uses a group under 2048 bits (DH_GRP_MIN): it raises a smaller
-    # minimum and closes when the maximum is below it. asyncssh's group choice has no
-    # option, and replacing it means overriding a private class of asyncssh.
-    ("gex", "(1024, 1024, 1024): None != 1024"),
-    ("gex", "(1024, 1024, 2048): 2048 != 1024"),
-    # OpenSSH answers a NEWKEYS before key exchange with its KEXINIT and UNIMPLEMENTED
-    # and waits; asyncssh takes it as a protocol error and drops the connection at once
-    # (an answer in its place would need asyncssh's packet sequence numbers).
-    ("early NEWKEYS", "([20, 3], True) != ([], False)"),
 }
-# DH group exchange requests (minimum, preferred, maximum bits), as ssh-audit sends them.
-GEX_REQUESTS = ((1024, 1024, 1024), (1024, 1024, 2048), (1024, 2048, 8192), (2048, 4096, 8192))
+# DH group exchange requests (minimum, preferred, maximum bits): ssh-audit's, OpenSSH
+# clients', and the edges of OpenSSH's choice (refusals, clamping, the fallback groups,
+# a size between two of its moduli).
+GEX_REQUESTS = (
+    (1024, 1024, 1024),
+    (1024, 1024, 2048),
+    (1024, 2048, 8192),
+    (2048, 3072, 8192),
+    (2048, 4096, 8192),
+    (2048, 5000, 8192),
+    (2048, 7680, 8192),
+    (3000, 3000, 3000),
+    (1024, 16384, 16384),
+    (2048, 9000, 8192),
+)
 
 
 def list_differences(probe: str, debian: list[str], sensor: list[str]) -> set[tuple[str, str]]:

@@ -1,0 +1,158 @@
+"""Where asyncssh's transport says what OpenSSH 9.2's sshd would not: overridden here.
+
+Written against asyncssh 2.24 (pinned in pyproject.toml): each override names the
+asyncssh method it replaces, all of them private, so a new asyncssh release must be
+checked against tests/integration/test_stealth_ssh.py (which compares the sensor with
+Debian's own sshd) before the pin moves.
+
+* KEXINIT: asyncssh adds ``ext-info-s`` (an OpenSSH 9.6 name) to the server's kex list;
+  OpenSSH 9.2 with Debian's Terrapin fix adds only ``kex-strict-s-v00@openssh.com``.
+* ext-info: asyncssh sends ``global-requests-ok`` and never
+  ``publickey-hostbound@openssh.com``; OpenSSH 9.2 sends ``server-sig-algs`` then
+  ``publickey-hostbound@openssh.com=0``. OpenSSH clients then authenticate with
+  ``publickey-hostbound-v00@openssh.com``, which asyncssh does not know: such a request
+  is handled as the ``publickey`` request it extends (the key is still logged and refused).
+* A NEWKEYS before any key exchange: asyncssh disconnects; OpenSSH answers UNIMPLEMENTED
+  and waits.
+* DH group exchange: asyncssh answers from its own groups, down to 1024 bits; OpenSSH
+  picks from its moduli (:mod:`sensor.ssh.gex`), or closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+from asyncssh.connection import _connect
+from asyncssh.constants import MSG_NEWKEYS, MSG_UNIMPLEMENTED
+from asyncssh.kex import _kex_handlers
+from asyncssh.kex_dh import MSG_KEX_DH_GEX_REQUEST_OLD, _KexDHGex
+from asyncssh.misc import ProtocolError
+from asyncssh.packet import MPInt, SSHPacket, String, UInt32
+
+from sensor.ssh.gex import DH_GRP_MAX, DH_GRP_MIN, GroupChooser
+
+STRICT_KEX = b"kex-strict-s-v00@openssh.com"
+HOSTBOUND_EXTENSION = b"publickey-hostbound@openssh.com"
+HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"
+
+
+class OpenSSHServerConnection(asyncssh.SSHServerConnection):
+    """asyncssh's server connection, saying what OpenSSH 9.2 says where they differ."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        options: asyncssh.SSHServerConnectionOptions,
+        dh_groups: GroupChooser,
+    ) -> None:
+        super().__init__(loop, options, wait="auth")
+        self.dh_groups = dh_groups
+
+    def _get_extra_kex_algs(self) -> list[bytes]:
+        """Replaces asyncssh's ``[ext-info-s, kex-strict-s-v00@openssh.com]``."""
+        return [STRICT_KEX]
+
+    def _send_ext_info(self) -> None:
+        """OpenSSH 9.2's extensions (asyncssh has filled in server-sig-algs)."""
+        self._extensions_to_send.pop(b"global-requests-ok", None)
+        self._extensions_to_send[HOSTBOUND_EXTENSION] = b"0"
+        super()._send_ext_info()
+
+    def _process_newkeys(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        """A NEWKEYS with no key exchange under way is an unknown message to OpenSSH."""
+        if self._kex is None and not self._next_recv_encryption and not self._strict_kex:
+            packet.check_end()
+            self.send_packet(MSG_UNIMPLEMENTED, UInt32(pktid))
+            return
+        super()._process_newkeys(pkttype, pktid, packet)
+
+    # asyncssh dispatches through this class attribute, not through method lookup.
+    _packet_handlers = {
+        **asyncssh.SSHServerConnection._packet_handlers,
+        MSG_NEWKEYS: _process_newkeys,
+    }
+
+    async def _finish_userauth(self, begin_auth: bool, method: bytes, packet: SSHPacket) -> None:
+        """A host-bound public key request goes on as the plain ``publickey`` one."""
+        if method == HOSTBOUND_METHOD:
+            method, packet = b"publickey", without_host_key(packet)
+        await super()._finish_userauth(begin_auth, method, packet)
+
+
+def without_host_key(packet: SSHPacket) -> SSHPacket:
+    """A ``publickey-hostbound-v00`` request body as a ``publickey`` one: the server host
+    key after the client's key taken out (the rest, a signature if any, kept)."""
+    has_signature = packet.get_boolean()
+    algorithm = packet.get_string()
+    key = packet.get_string()
+    packet.get_string()  # the server's host key
+    rest = packet.get_remaining_payload()
+    return SSHPacket(bytes([has_signature]) + String(algorithm) + String(key) + rest)
+
+
+class OpenSSHGroupExchange(_KexDHGex):
+    """asyncssh's DH group exchange, answering requests with OpenSSH's choice of group."""
+
+    def _process_request(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        """Replaces ``_KexDHGex._process_request`` on our server connections."""
+        conn = self._conn
+        if not isinstance(conn, OpenSSHServerConnection):
+            super()._process_request(pkttype, pktid, packet)
+            return
+        if self._p:
+            raise ProtocolError("Kex DH group already requested")
+        self._gex_data = packet.get_remaining_payload()
+        if pkttype == MSG_KEX_DH_GEX_REQUEST_OLD:
+            minimum, preferred, maximum = DH_GRP_MIN, packet.get_uint32(), DH_GRP_MAX
+        else:
+            minimum, preferred, maximum = (packet.get_uint32() for _ in range(3))
+        packet.check_end()
+        group = conn.dh_groups.choose(minimum, preferred, maximum)
+        if group is None:
+            # OpenSSH logs "DH_GEX_REQUEST, bad parameters" and exits: no DISCONNECT.
+            conn.abort()
+            return
+        self._init_group(group.g, group.p)
+        self._gex_data += MPInt(group.p) + MPInt(group.g)
+        self.send_packet(self._group_type, MPInt(group.p), MPInt(group.g))
+
+    _packet_handlers = {
+        **_KexDHGex._packet_handlers,
+        MSG_KEX_DH_GEX_REQUEST_OLD: _process_request,
+        _KexDHGex._request_type: _process_request,
+    }
+
+
+def install() -> None:
+    """Make asyncssh's group-exchange kex names use :class:`OpenSSHGroupExchange`
+    (process-wide; only server connections of ours take the new path)."""
+    for name, (handler, hash_alg, args) in list(_kex_handlers.items()):
+        if handler is _KexDHGex:
+            _kex_handlers[name] = (OpenSSHGroupExchange, hash_alg, args)
+
+
+async def run_server(
+    sock: socket.socket,
+    options: asyncssh.SSHServerConnectionOptions,
+    dh_groups: GroupChooser,
+    server_factory: Callable[[], asyncssh.SSHServer],
+) -> asyncssh.SSHServerConnection:
+    """``asyncssh.run_server`` with :class:`OpenSSHServerConnection` connections."""
+    loop = asyncio.get_running_loop()
+    new_options = await asyncssh.SSHServerConnectionOptions.construct(
+        options, server_factory=server_factory
+    )
+
+    def factory() -> OpenSSHServerConnection:
+        return OpenSSHServerConnection(loop, new_options, dh_groups)
+
+    connect: Any = _connect  # private and untyped for mypy's purposes
+    conn: asyncssh.SSHServerConnection = await asyncio.wait_for(
+        connect(new_options, (), loop, 0, sock, factory, "Starting SSH server on"),
+        timeout=new_options.connect_timeout,
+    )
+    return conn

@@ -36,14 +36,14 @@ from honeyfleet.authz import Authorizer
 from honeyfleet.errors import ResourceExhausted
 from honeyfleet.events import Event, make_event, new_session_id, to_json
 from honeyfleet.grpcserver import bind, new_server
+from honeyfleet.spool import Spool, Spooled
 from honeyfleet.tls import TlsFiles, secure_channel, server_credentials
+from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import common_pb2, poolnode_pb2_grpc, registry_pb2
 from poolnode.controller_link import ControllerLink
 from poolnode.server import POLICY as NODE_POLICY
 from poolnode.service import Allocation, PoolNodeServicer
 from sensor.leases import LeaseClient, LeaseFailed
-from sensor.spool import Spool, Spooled
-from sensor.uploader import Uploader
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT))
 from bench.fleet import ControllerProcess, cpu_seconds, issue  # noqa: E402
 from honeyfleet.events import make_event, new_session_id, parse_timestamp, to_proto  # noqa: E402
 from honeyfleet.pki import Role, init_ca  # noqa: E402
+from honeyfleet.spool import Spool  # noqa: E402
 from honeyfleet.tls import TlsFiles, secure_channel  # noqa: E402
+from honeyfleet.uploader import Uploader  # noqa: E402
 from honeyfleet.v1 import events_pb2, events_pb2_grpc, ingest_pb2, ingest_pb2_grpc  # noqa: E402
-from sensor.spool import Spool  # noqa: E402
-from sensor.uploader import Uploader  # noqa: E402
 from tests.postgres import PostgresServer, free_port  # noqa: E402
 
 LATENCY_SENSORS = 10

@@ -1,4 +1,4 @@
-"""Where a sensor's events go: the durable spool first, then the optional JSON lines file.
+"""A sensor's events: one session's emitter on top of the shared event log.
 
 :class:`SessionEvents` binds one session's shared fields (session id, both ends of the
 connection, lease, guest) so call sites name only the event id, Cowrie's message
@@ -6,90 +6,31 @@ template and the event's own fields. Messages are Cowrie's, verbatim, with ``{fi
 placeholders. Like Cowrie (3.0.6 and later) every event carries ``src_port``, ``dst_ip``
 and ``dst_port`` of the connection; an event's own field of that name wins (the
 destination of a ``cowrie.direct-tcpip.request``). ``src_ip`` is plain IPv4 for an
-IPv4-mapped address, as Cowrie writes it.
-
-Attacker-sent strings (passwords, commands, host and variable names) can be any length,
-and the controller refuses an event whose JSON is over ``MAX_EVENT_JSON`` bytes, losing
-it. So every string field (a list of strings counting as one) and the message is cut
-to at most ``MAX_EVENT_STRING`` bytes of UTF-8 JSON (escapes included: what the
-controller counts); an event with more such fields than fit at that size cuts each to
-an equal share of the limit instead. Fields that never need that much are cut shorter
-(``FIELD_LIMITS``: credentials, host names). A cut value is its prefix, with no marker
-added. How many events a session and a source may write is :mod:`sensor.eventbudget`'s.
+IPv4-mapped address, as Cowrie writes it. Strings are cut to the bounds of
+:mod:`honeyfleet.eventbounds`; how many events a session and a source may write is
+:mod:`sensor.eventbudget`'s. The spool and its delivery are the base's
+(:mod:`honeyfleet.eventlog`, :mod:`honeyfleet.spool`, :mod:`honeyfleet.uploader`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from collections.abc import MutableMapping
 from typing import Any
 
-from honeyfleet.events import MAX_EVENT_JSON, Event, make_event, plain_ip
+from honeyfleet import eventlog
+from honeyfleet.eventbounds import bound
+from honeyfleet.events import Event, make_event, plain_ip
+from honeyfleet.spool import Spool
 from sensor.eventbudget import SUMMARY, EventBudget, SessionBudget
 from sensor.metrics import SensorMetrics
 from sensor.recording import RecordingSummary
-from sensor.spool import Spool
 
 log = logging.getLogger(__name__)
 
-# Longest string field or message in an event, in bytes of UTF-8 JSON: long enough for
-# the commands attackers send (base64 droppers), short enough that a message and two
-# fields as long fit in one event.
-MAX_EVENT_STRING = 64 * 1024
-# What an event's keys, numbers and shared fields may take besides its strings.
-EVENT_RESERVE = 16 * 1024
-# Fields with a shorter bound: credentials (OpenSSH's sshd refuses passwords over 1 KiB)
-# and host names (at most 253 bytes in DNS; the rest is an attacker's filler).
-FIELD_LIMITS = {
-    "username": 1024,
-    "password": 1024,
-    "dst_ip": 256,
-    "orig_ip": 256,
-}
 
-
-def json_size(text: str) -> int:
-    """Bytes ``text`` takes as a JSON string in an event (escapes included, quotes not)."""
-    return len(json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass"))
-
-
-def cut(text: str, limit: int) -> str:
-    """``text``, or its longest prefix found that takes at most ``limit`` bytes of JSON."""
-    if len(text) * 6 <= limit:  # no character takes more than six bytes as JSON
-        return text
-    # A character takes at least one byte, so no prefix longer than ``limit`` fits.
-    text = text[:limit]
-    while (over := json_size(text) - limit) > 0:
-        # Dropping one character per byte over surely fits; the share of the limit in the
-        # size may keep more. Either is shorter, so this ends.
-        text = text[: max(len(text) - over, len(text) * limit // (limit + over))]
-    return text
-
-
-def cut_list(items: list[str], limit: int) -> list[str]:
-    """The first of ``items`` that take at most ``limit`` bytes of JSON together."""
-    if sum(len(item) * 6 + 3 for item in items) <= limit:
-        return items
-    kept: list[str] = []
-    for item in items:
-        limit -= json_size(item) + 3  # quotes and a comma
-        if limit < 0:
-            break
-        kept.append(item)
-    return kept
-
-
-def is_strings(value: Any) -> bool:
-    """Whether ``value`` is a string or a list of strings (the values :func:`cut` bounds)."""
-    return isinstance(value, str) or (
-        isinstance(value, list) and all(isinstance(item, str) for item in value)
-    )
-
-
-class EventLog:
-    """Writes events to the spool, durably and first (the spool then mirrors them)."""
+class EventLog(eventlog.EventLog):
+    """The sensor's event log: the shared one, with the sensor's event budget."""
 
     def __init__(
         self,
@@ -99,30 +40,10 @@ class EventLog:
         *,
         sensor_uuid: str,
     ) -> None:
-        self.spool = spool
+        super().__init__(spool, metrics.spool, instance_uuid=sensor_uuid)
         self.budget = budget
         self.sensor_uuid = sensor_uuid
-        """The sensor's identity, the ``uuid`` of every event (see :mod:`sensor.instance`)."""
-        self._metrics = metrics
-        # Read when scraped, so the gauges follow deliveries as well as new events.
-        metrics.spool_bytes.set_function(lambda: spool.bytes)
-        metrics.spool_events.set_function(lambda: spool.count)
-        metrics.spool_near_full.set_function(lambda: int(spool.near_full))
-        metrics.spool_full.set_function(lambda: int(spool.full))
-
-    def emit(self, event: Event) -> None:
-        """Record one event (durable once :meth:`flush` returns)."""
-        if not self.spool.append(event):
-            self._metrics.events_dropped.inc()
-
-    async def flush(self) -> None:
-        """Wait until every event emitted so far is committed to the spool."""
-        await self.spool.flush()
-
-    async def close(self) -> None:
-        """Commit what is pending and close the spool (its blocking part on a thread)."""
-        await self.spool.stop()
-        await asyncio.to_thread(self.spool.close)
+        """The sensor's identity, the ``uuid`` of every event (see :mod:`honeyfleet.instance`)."""
 
 
 class SessionEvents:
@@ -179,40 +100,20 @@ class SessionEvents:
                         first_lost=eventid,
                     )
                 return None
-        args = message_args or {}
-        # Each string (or list of strings) and the message get an equal share of the limit.
-        strings = sum(is_strings(v) for v in fields.values())
-        limit = min(MAX_EVENT_STRING, (MAX_EVENT_JSON - EVENT_RESERVE) // (strings + 1))
-        long: list[str] = []
-
-        def bounded(name: str, value: Any) -> Any:
-            most = min(limit, FIELD_LIMITS.get(name, limit))
-            if isinstance(value, str):
-                short: Any = cut(value, most)
-            elif is_strings(value):
-                short = cut_list(value, most)
-            else:
-                return value
-            if len(short) < len(value):
-                long.append(f"{name} ({len(value)} long)")
-            return short
-
-        fields = self.endpoints | {k: bounded(k, v) for k, v in fields.items()}
-        args = {k: bounded(k, v) for k, v in args.items()}
-        message = template.format(session=self.session, src_ip=self.src_ip, **fields, **args)
-        message = cut(message, limit)
-        if long:
-            self.log.info("%s: cut %s to %d bytes", eventid, ", ".join(long), limit)
+        shared = {"session": self.session, "src_ip": self.src_ip, **self.endpoints}
+        cut = bound(template, fields, message_args, shared)
+        if cut.cut:
+            self.log.info("%s: cut %s to %d bytes", eventid, ", ".join(cut.cut), cut.limit)
         event = make_event(
             eventid,
-            message,
+            cut.message,
             session=self.session,
             src_ip=self.src_ip,
             sensor=self.sensor,
             sensor_uuid=self._events.sensor_uuid,
             protocol=self.protocol,
             context=self.context,
-            **fields,
+            **(self.endpoints | cut.fields),
         )
         self._events.emit(event)
         return event

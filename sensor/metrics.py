@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from honeyfleet.eventlog import SpoolMetrics
+
 
 class SensorMetrics:
     """The sensor's metrics, in a registry of its own (tests run several sensors)."""
@@ -40,31 +42,11 @@ class SensorMetrics:
         self.lease_failures = Counter(
             "honeyfleet_sensor_lease_failures", "Logins that got no guest", registry=r
         )
-        self.spool_bytes = Gauge(
-            "honeyfleet_sensor_spool_bytes", "Undelivered event bytes in the spool", registry=r
-        )
-        self.spool_events = Gauge(
-            "honeyfleet_sensor_spool_events", "Undelivered events in the spool", registry=r
-        )
-        self.spool_near_full = Gauge(
-            "honeyfleet_sensor_spool_near_full",
-            "1 while the spool refuses new sessions (near its bound, or short of disk)",
-            registry=r,
-        )
-        self.spool_full = Gauge(
-            "honeyfleet_sensor_spool_full",
-            "1 while the disk is full: events commit into the spool's reserve, or wait",
-            registry=r,
-        )
+        self.spool = SpoolMetrics("honeyfleet_sensor", r)
         self.events_over_budget = Counter(
             "honeyfleet_sensor_events_over_budget",
             "Events not written because a session or source ran out of event budget",
             ["budget"],
-            registry=r,
-        )
-        self.events_dropped = Counter(
-            "honeyfleet_sensor_events_dropped",
-            "Events dropped because the spool was full",
             registry=r,
         )
         self.artefact_bytes = Gauge(

@@ -8,31 +8,31 @@ from typing import Any
 
 import grpc
 
+from honeyfleet.instance import instance_uuid
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
 from honeyfleet.renewal import Renewer, controller_signer
+from honeyfleet.spool import Spool
 from honeyfleet.systemd import notify
 from honeyfleet.tls import ChannelCache
+from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc
 from sensor.artefacts import ArtefactWriter, DiskBudget, disk_usage
 from sensor.capture import FileStore
 from sensor.config import SensorConfig
 from sensor.eventbudget import EventBudget, EventLimits
 from sensor.events import EventLog
-from sensor.instance import instance_uuid
 from sensor.leases import LeaseClient
 from sensor.metrics import SensorMetrics
 from sensor.recording import Recordings
 from sensor.session.admission import Admission
 from sensor.session.budget import LeaseBudget
 from sensor.session.core import Services
-from sensor.spool import Spool
 from sensor.ssh import SshFrontend, load_or_create, server_options
 from sensor.ssh.connection import Shared
 from sensor.ssh.gex import GroupChooser, load_moduli
 from sensor.telnet import TelnetFrontend
 from sensor.tunnel import TunnelConnector
-from sensor.uploader import Uploader
 from sensor.userdb import UserDB
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import pytest
 from controller.server import Controller
 from honeyfleet.errors import RETRY_AFTER_TRAILER
 from honeyfleet.pki.identity import Role
-from sensor.spool import Spool
-from sensor.uploader import Uploader
+from honeyfleet.spool import Spool
+from honeyfleet.uploader import Uploader
 from tests.conftest import ControllerFactory, FleetPki, until
 from tests.integration.test_events_ingest import (
     ACK_TIMEOUT,

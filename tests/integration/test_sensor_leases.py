@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from honeyfleet.pki.identity import Role
+from honeyfleet.spool import Spool
 from honeyfleet.tls import secure_channel, server_credentials
 from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 from sensor.events import EventLog, SessionEvents
@@ -20,7 +21,6 @@ from sensor.leases import GuestLease, LeaseClient
 from sensor.metrics import SensorMetrics
 from sensor.session.budget import LeaseBudget
 from sensor.session.guest import GuestLink
-from sensor.spool import Spool
 from sensor.tunnel import TunnelConnector
 from tests.conftest import FleetPki, until
 

@@ -20,10 +20,10 @@ import pytest
 from honeyfleet.errors import RETRY_AFTER_TRAILER
 from honeyfleet.events import Event, from_proto, make_event, to_json, to_proto
 from honeyfleet.pki.identity import Role
+from honeyfleet.spool import Spool
 from honeyfleet.tls import server_credentials
+from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
-from sensor.spool import Spool
-from sensor.uploader import Uploader
 from tests.conftest import FleetPki, until
 from tests.tinydisk import TinyDisks, fill
 

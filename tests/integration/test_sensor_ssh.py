@@ -21,7 +21,7 @@ from typing import Any
 import asyncssh
 import pytest
 
-from sensor.events import FIELD_LIMITS
+from honeyfleet.eventbounds import FIELD_LIMITS
 from tests.conftest import require_tool, until
 from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, connect, run, ssh
 from tests.sshd import PASSWORD

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from honeyfleet.spool import Spool
 from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 from sensor.capture import FileStore, SessionFiles
 from sensor.events import EventLog, SessionEvents
 from sensor.metrics import SensorMetrics
-from sensor.spool import Spool
 from sensor.ssh.scp import ScpObserver
 
 

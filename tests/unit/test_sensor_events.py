@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+from honeyfleet.eventbounds import FIELD_LIMITS, MAX_EVENT_STRING, json_size
 from honeyfleet.events import MAX_EVENT_JSON, Event, from_proto, to_proto
+from honeyfleet.spool import Spool
 from sensor.eventbudget import SUMMARY, EventBudget, EventLimits
-from sensor.events import FIELD_LIMITS, MAX_EVENT_STRING, EventLog, SessionEvents, json_size
+from sensor.events import EventLog, SessionEvents
 from sensor.metrics import SensorMetrics
-from sensor.spool import Spool
 
 PEER = ("192.0.2.1", 40000)
 LOCAL = ("198.51.100.1", 22)

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from honeyfleet.spool import Spool
 from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 from sensor.events import EventLog, SessionEvents
 from sensor.metrics import SensorMetrics
 from sensor.recording import Recorder, Recordings
-from sensor.spool import Spool
 
 
 @dataclass

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from honeyfleet.spool import Spool
 from sensor.events import EventLog
 from sensor.metrics import SensorMetrics
 from sensor.session.refusals import RefusalReporter
-from sensor.spool import Spool
 from tests.conftest import until
 
 

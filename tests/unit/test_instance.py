@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from honeyfleet.config import ConfigProblems, parse_section
+from honeyfleet.instance import instance_uuid
 from sensor.config import SensorConfig
-from sensor.instance import instance_uuid
 
 
 def test_a_made_identity_is_kept_across_restarts(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 """Streams spooled events to the controller's EventIngestService, deleting on ack.
 
+Used by every role that writes events (sensors, pool nodes; "sensor" below means the
+writing process, whichever role it is).
+
 One batch is in flight at a time: send it, wait for its acknowledgement, delete exactly
 its events from the spool, send the next. A broken stream or an unreachable controller
 only delays delivery: the uploader reconnects with capped, jittered exponential backoff
@@ -31,9 +34,9 @@ import grpc
 
 from honeyfleet.errors import Unavailable, retry_after
 from honeyfleet.events import MAX_EVENT_JSON, parse_timestamp, to_proto
+from honeyfleet.spool import Spool, Spooled
 from honeyfleet.tls import TlsFiles, secure_channel
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
-from sensor.spool import Spool, Spooled
 
 log = logging.getLogger(__name__)
 

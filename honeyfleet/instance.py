@@ -1,4 +1,6 @@
-"""The sensor instance's identity: Cowrie's ``uuid``, the same on every event it writes.
+"""An instance's identity: Cowrie's ``uuid``, the same on every event it writes.
+
+Sensors and pool nodes each have one (a pool node's events carry its own).
 
 Configured (``uuid``), or made once and kept in ``state_dir/uuid`` so it survives
 restarts and upgrades: consumers (OCSF ``product.uid``, dashboards) key on it.

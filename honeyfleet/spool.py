@@ -1,5 +1,8 @@
 """The durable event spool: every event is written here before anything else happens.
 
+Shared by every role that writes events (sensors, pool nodes): each keeps its own spool
+in its state directory, delivered by :class:`honeyfleet.uploader.Uploader`.
+
 SQLite in WAL mode with ``synchronous=FULL``. All database work runs on one dedicated
 thread holding the only connection, so the event loop never waits for a disk; appends
 made while a commit is running are committed together in the next one (group commit:
@@ -25,7 +28,7 @@ start. Admission reads two truthful flags:
   is made again and the spool is no longer full.
 
 Only past the size bound itself is a new event refused by :meth:`Spool.append` (and
-counted), so the sensor never blocks on a full spool.
+counted), so its writer never blocks on a full spool.
 """
 
 from __future__ import annotations

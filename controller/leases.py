@@ -234,6 +234,7 @@ class LeaseManager:
                     protocol=request.protocol,
                     sensor=sensor,
                     allow_shared=placement.allow_shared,
+                    session=request.session,
                 ),
             )
         except RPCError as e:
@@ -294,9 +295,13 @@ class LeaseManager:
         )
         return lease, response.credentials
 
+    async def get(self, lease_id: str) -> LeaseRecord | None:
+        """A lease, active or ended; None if it was never issued."""
+        return self.active.get(lease_id) or await self._store.get_lease(lease_id)
+
     async def _own(self, sensor: str, lease_id: str) -> LeaseRecord:
         """The calling sensor's lease, active or ended."""
-        lease = self.active.get(lease_id) or await self._store.get_lease(lease_id)
+        lease = await self.get(lease_id)
         # Another sensor's lease looks exactly like a missing one: ids are not secrets
         # we confirm to strangers.
         if lease is None or lease.sensor != sensor:

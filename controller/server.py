@@ -62,7 +62,8 @@ POLICY = {
     "honeyfleet.v1.PoolNodeRegistryService": frozenset({Role.POOLNODE}),
     "honeyfleet.v1.LeaseService": frozenset({Role.SENSOR}),
     "honeyfleet.v1.SensorService": frozenset({Role.SENSOR}),
-    "honeyfleet.v1.EventIngestService": frozenset({Role.SENSOR}),
+    # Pool nodes report their own events, on the sessions of their leases.
+    "honeyfleet.v1.EventIngestService": frozenset({Role.SENSOR, Role.POOLNODE}),
     "honeyfleet.v1.FleetService": frozenset({Role.ADMIN}),
     "honeyfleet.v1.EventQueryService": frozenset({Role.ADMIN}),
     # Members upload what they captured; only operators read it back.
@@ -178,7 +179,7 @@ class Controller:
             FleetServicer(self.registry, self.leases, self.store), server
         )
         ingest_pb2_grpc.add_EventIngestServiceServicer_to_server(
-            EventIngestServicer(self.events, self.registry), server
+            EventIngestServicer(self.events, self.registry, self.leases.get), server
         )
         events_pb2_grpc.add_EventQueryServiceServicer_to_server(
             EventQueryServicer(self.events.store, self.events.broadcaster), server

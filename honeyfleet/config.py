@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -55,6 +56,18 @@ def positive(value: Any) -> str | None:
 def non_negative(value: Any) -> str | None:
     """Check: a number of zero or more."""
     return None if value >= 0 else "must be 0 or more"
+
+
+def fraction(value: float) -> str | None:
+    """Check: a number in (0, 1]."""
+    return None if 0 < value <= 1 else "must be more than 0 and at most 1"
+
+
+def instance_id(value: str) -> str | None:
+    """Check: empty, or 1-128 printable ASCII characters without spaces."""
+    if value == "" or re.fullmatch(r"[\x21-\x7e]{1,128}", value):
+        return None
+    return "must be empty or 1-128 printable ASCII characters without spaces"
 
 
 def host_port(value: Any) -> str | None:

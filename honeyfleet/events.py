@@ -6,9 +6,10 @@ Cowrie's shared fields (``eventid``, ``timestamp``, ``src_ip``, ``session``, ``s
 ``pool_node``, ``guest`` and ``lease``. Event-specific fields follow Cowrie's Output
 Event Code Reference.
 
-``uuid`` keeps Cowrie's meaning: the sending sensor instance's identity, the same on
-every event of a sensor. ``hf_event_id`` is ours: a new id per event, which makes
-delivery idempotent (sensor spool -> controller acknowledgement -> store uniqueness).
+``uuid`` keeps Cowrie's meaning: the writing instance's identity (a sensor, or a pool
+node for its own events), the same on every event it writes. ``hf_event_id`` is ours:
+a new id per event, which makes delivery idempotent (spool -> controller
+acknowledgement -> store uniqueness).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from honeyfleet.v1 import common_pb2, ingest_pb2
 
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 PROTOCOLS = {"ssh": common_pb2.PROTOCOL_SSH, "telnet": common_pb2.PROTOCOL_TELNET}
+PROTOCOL_NAMES: dict[int, str] = {number: name for name, number in PROTOCOLS.items()}
+# The session fields of an event no attacker session is known for (a pool node's event
+# about itself, or about a guest no lease was ever put on).
+NO_SESSION = {"session": "-", "src_ip": "0.0.0.0", "sensor": "-", "protocol": "-"}
 # Shared fields every event must carry (Cowrie's plus ours).
 REQUIRED = (
     "eventid",

@@ -29,9 +29,11 @@ import math
 import random
 import sqlite3
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 
+from honeyfleet.config import non_negative, positive, setting
 from honeyfleet.errors import Unavailable, retry_after
 from honeyfleet.events import MAX_EVENT_JSON, parse_timestamp, to_proto
 from honeyfleet.spool import Spool, Spooled
@@ -48,6 +50,31 @@ BATCH_BYTES = 1024 * 1024
 # Past this a batch is full: the next event might not fit.
 FULL_BYTES = BATCH_BYTES - MAX_EVENT_JSON
 IDLE_POLL = 1.0
+
+
+def batch_setting() -> Any:
+    """The ``upload_batch`` key of every role that uploads events."""
+    return setting(500, "events per batch sent to the controller", check=positive)
+
+
+def linger_setting() -> Any:
+    """The ``upload_linger`` key of every role that uploads events."""
+    return setting(
+        0.1,
+        "seconds a batch that is not full waits after its first event, so the rest of "
+        "their burst goes in the same batch (fewer, fuller batches); 0 sends at once",
+        check=non_negative,
+    )
+
+
+def max_linger_setting() -> Any:
+    """The ``upload_max_linger`` key of every role that uploads events."""
+    return setting(
+        5.0,
+        "most seconds a batch that is not full waits because the controller asks for it "
+        "(a busy controller asks for longer); 0 ignores the request",
+        check=non_negative,
+    )
 
 
 class Uploader:

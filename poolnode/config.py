@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from honeyfleet.config import host_port, non_negative, optional_host_port, positive, setting
+from honeyfleet import uploader
+from honeyfleet.config import (
+    fraction,
+    host_port,
+    instance_id,
+    non_negative,
+    optional_host_port,
+    positive,
+    setting,
+)
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
 
@@ -153,6 +162,35 @@ class PoolNodeConfig:
         check=_gateway,
     )
 
+    # Events (the sensor's keys: the same spool and uploader).
+    uuid: str = setting(
+        "",
+        "this node's identity, the uuid field of its own events; "
+        "empty: made once and kept in state_dir/uuid",
+        check=instance_id,
+    )
+    spool_path: Path | None = setting(
+        None, "the event spool's database (default: state_dir/spool.sqlite3)"
+    )
+    spool_max_bytes: int = setting(
+        64 * 1024 * 1024, "bound on undelivered events in the spool", check=positive
+    )
+    spool_near_full: float = setting(
+        0.9,
+        "spool fill fraction past which the spool counts as near full "
+        "(honeyfleet_poolnode_spool_near_full)",
+        check=fraction,
+    )
+    spool_reserve_bytes: int = setting(
+        16 * 1024 * 1024,
+        "disk the spool holds back for events when the disk fills up",
+        check=non_negative,
+    )
+    upload_batch: int = uploader.batch_setting()
+    upload_linger: float = uploader.linger_setting()
+    upload_max_linger: float = uploader.max_linger_setting()
+    json_log: Path | None = setting(None, "also write the node's events to this JSON lines file")
+
     # static backend.
     static_hosts: tuple[str, ...] = setting(
         factory=tuple, help='hosts of the static backend, "host:ssh_port[:telnet_port]"'
@@ -175,6 +213,11 @@ class PoolNodeConfig:
     def snapshots(self) -> Path:
         """Where saved overlays go."""
         return self.snapshot_path or self.state_dir / "snapshots"
+
+    @property
+    def spool(self) -> Path:
+        """The event spool's database."""
+        return self.spool_path or self.state_dir / "spool.sqlite3"
 
     @property
     def advertised(self) -> str:

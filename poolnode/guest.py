@@ -52,8 +52,13 @@ class LeaseHold:
 
     lease_id: str
     sensor: str
+    """The sensor's identity, "sensor/<name>"."""
     src_ip: str
     since: float
+    session: str = "-"
+    """The sensor's session id ("-" if the controller did not say)."""
+    protocol: str = "-"
+    """"ssh" or "telnet" ("-" if the controller did not say)."""
 
 
 @dataclass

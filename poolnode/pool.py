@@ -22,6 +22,7 @@ from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted, Una
 from honeyfleet.v1 import common_pb2, registry_pb2
 from poolnode.backend import Backend, ssh_banner
 from poolnode.config import PoolNodeConfig
+from poolnode.events import NodeEvents
 from poolnode.guest import Guest, GuestState, LeaseHold
 from poolnode.metrics import PoolMetrics
 from poolnode.service import Allocation
@@ -52,6 +53,8 @@ class GuestPool:
         self._upkeep: asyncio.Task[None] | None = None
         # Tunnels are cut when their lease ends or their guest goes.
         self._tunnels: dict[str, set[asyncio.StreamWriter]] = {}
+        self.events: NodeEvents | None = None
+        """Where the node's events go (set by the node before start; None: not reported)."""
 
     @property
     def capacity(self) -> int:
@@ -95,7 +98,14 @@ class GuestPool:
     # Leases
 
     async def allocate(
-        self, lease_id: str, src_ip: str, sensor: str, *, allow_shared: bool
+        self,
+        lease_id: str,
+        src_ip: str,
+        sensor: str,
+        *,
+        allow_shared: bool,
+        session: str = "-",
+        protocol: str = "-",
     ) -> Allocation:
         """Lease the attacker's own guest, else a pristine one, else (if allowed) a shared one."""
         if lease_id in self._leases:
@@ -110,8 +120,11 @@ class GuestPool:
             guest = min(live, key=lambda g: (len(g.leases), g.created), default=None)
         if guest is None:
             raise ResourceExhausted("no pristine guest left on this node")
-        guest.hold(LeaseHold(lease_id, sensor, src_ip, time.time()))
+        hold = LeaseHold(lease_id, sensor, src_ip, time.time(), session, protocol)
+        guest.hold(hold)
         self._leases[lease_id] = guest
+        if self.events is not None:
+            self.events.leased(guest.id, hold)
         log.info("lease %s: %s from %s on guest %s", lease_id, sensor, src_ip, guest.id)
         self._changed(tell_controller=False)
         return Allocation(
@@ -133,6 +146,8 @@ class GuestPool:
             return self.table_version
         guest.drop(lease_id)
         self._cut_tunnels(lease_id)
+        if self.events is not None:
+            self.events.released(guest.id, lease_id, reason)
         log.info("lease %s released from guest %s: %s", lease_id, guest.id, reason)
         self._changed(tell_controller=False)
         return self.table_version
@@ -383,6 +398,10 @@ class GuestPool:
         for lease_id in list(guest.leases):
             self._leases.pop(lease_id, None)
             self._cut_tunnels(lease_id)
+            if self.events is not None:
+                self.events.released(guest.id, lease_id, reason)
+        if self.events is not None:
+            self.events.destroyed(guest.id, reason, used=bool(guest.history))
         log.info("guest %s destroyed: %s", guest.id, reason)
         self.metrics.destroyed.labels(reason.split(":")[0].split(" (")[0][:40]).inc()
         self._changed()

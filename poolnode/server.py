@@ -11,17 +11,23 @@ import grpc
 
 from honeyfleet import __version__
 from honeyfleet.authz import Authorizer
+from honeyfleet.eventlog import EventLog, SpoolMetrics
 from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving, new_server
+from honeyfleet.instance import instance_uuid
+from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
 from honeyfleet.pki import write_private
 from honeyfleet.pki.identity import Role
 from honeyfleet.renewal import Renewer, controller_signer
+from honeyfleet.spool import Spool
 from honeyfleet.systemd import notify
 from honeyfleet.tls import server_credentials
+from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc, registry_pb2
 from poolnode.backend import Backend
 from poolnode.config import PoolNodeConfig
 from poolnode.controller_link import ControllerLink
+from poolnode.events import NodeEvents
 from poolnode.pool import GuestPool
 from poolnode.service import PoolNodeServicer
 from poolnode.tunnel import TunnelServicer
@@ -55,6 +61,12 @@ class PoolNode:
         self._renewer_task: asyncio.Task[None] | None = None
         self.renewer: Renewer | None = None
         self._metrics: MetricsServer | None = None
+        self.events: NodeEvents | None = None
+        """The node's own events (egress, guests' disks, life cycle); None before start."""
+        self.uploader: Uploader | None = None
+        self._event_log: EventLog | None = None
+        self._jsonlines: JsonLinesLog | None = None
+        self._uploader_task: asyncio.Task[None] | None = None
         # The controller's revocation list, kept in state_dir so that a restarted node
         # refuses revoked certificates from its first RPC, before it reaches the controller.
         self._revoked_path = config.state_dir / REVOKED_FILE
@@ -65,6 +77,7 @@ class PoolNode:
         config = self.config
         identity = config.tls.identity()
         self.authorizer = Authorizer(identity.fleet, POLICY)
+        await self._open_events(identity.name)
         self._revoked = await asyncio.to_thread(_load_revoked, self._revoked_path)
         self.authorizer.update_revoked(self._revoked)
         self._server = server = new_server(self.authorizer)
@@ -90,6 +103,16 @@ class PoolNode:
         self._link_task = asyncio.create_task(self.link.run())
         self.renewer = Renewer(config.tls, controller_signer(config.controller, config.tls))
         self._renewer_task = asyncio.create_task(self.renewer.run())
+        assert self._event_log is not None
+        self.uploader = Uploader(
+            self._event_log.spool,
+            config.controller,
+            config.tls,
+            batch=config.upload_batch,
+            linger=config.upload_linger,
+            max_linger=config.upload_max_linger,
+        )
+        self._uploader_task = asyncio.create_task(self.uploader.run())
         log.info(
             "pool node %s serving on port %d (%s backend, %d guests)",
             identity,
@@ -107,11 +130,36 @@ class PoolNode:
         if self._metrics is not None:
             await self._metrics.stop()
             self._metrics = None
-        for task in (self._link_task, self._renewer_task):
+        for task in (self._link_task, self._renewer_task, self._uploader_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        # After the pool: destroying guests writes their last events.
+        if self._event_log is not None:
+            await self._event_log.flush()
+            await self._event_log.close()
+            self._event_log = None
+        if self._jsonlines is not None:
+            self._jsonlines.close()
+            self._jsonlines = None
+
+    async def _open_events(self, name: str) -> None:
+        """Open the event spool (its database is read off the event loop)."""
+        config = self.config
+        self._jsonlines = JsonLinesLog(config.json_log) if config.json_log is not None else None
+        spool = await asyncio.to_thread(
+            Spool,
+            config.spool,
+            max_bytes=config.spool_max_bytes,
+            near_full=config.spool_near_full,
+            reserve_bytes=config.spool_reserve_bytes,
+            mirror=self._jsonlines.write if self._jsonlines is not None else None,
+        )
+        uuid = await asyncio.to_thread(instance_uuid, config.uuid, config.state_dir)
+        metrics = SpoolMetrics("honeyfleet_poolnode", self.pool.metrics.registry)
+        self._event_log = EventLog(spool, metrics, instance_uuid=uuid)
+        self.events = self.pool.events = NodeEvents(self._event_log, pool_node=name)
 
     def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
         return registry_pb2.RegisterPoolNodeRequest(

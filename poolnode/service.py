@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from honeyfleet.events import PROTOCOL_NAMES
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc, registry_pb2
 
 
@@ -33,10 +34,18 @@ class Pool(Protocol):
         ...
 
     async def allocate(
-        self, lease_id: str, src_ip: str, sensor: str, *, allow_shared: bool
+        self,
+        lease_id: str,
+        src_ip: str,
+        sensor: str,
+        *,
+        allow_shared: bool,
+        session: str = "-",
+        protocol: str = "-",
     ) -> Allocation:
         """Lease a guest (same-address guest first, then pristine, then shared if allowed).
 
+        ``session`` and ``protocol`` are the attacker's session, for the node's events.
         Raises ResourceExhausted when no guest can be had.
         """
         ...
@@ -65,7 +74,12 @@ class PoolNodeServicer(poolnode_pb2_grpc.PoolNodeServiceServicer):
     ) -> poolnode_pb2.AllocateGuestResponse:
         """Put the controller's lease on a guest."""
         allocation = await self._pool.allocate(
-            request.lease_id, request.src_ip, request.sensor, allow_shared=request.allow_shared
+            request.lease_id,
+            request.src_ip,
+            request.sensor,
+            allow_shared=request.allow_shared,
+            session=request.session or "-",
+            protocol=PROTOCOL_NAMES.get(request.protocol, "-"),
         )
         return poolnode_pb2.AllocateGuestResponse(
             guest=allocation.guest,

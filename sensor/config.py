@@ -13,7 +13,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from honeyfleet.config import host_port, non_negative, optional_host_port, positive, setting
+from honeyfleet import uploader
+from honeyfleet.config import (
+    fraction,
+    host_port,
+    instance_id,
+    non_negative,
+    optional_host_port,
+    positive,
+    setting,
+)
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
 
@@ -147,18 +156,6 @@ def _networks(value: tuple[str, ...]) -> str | None:
     return None
 
 
-def _instance_id(value: str) -> str | None:
-    """Check: empty, or 1-128 printable ASCII characters without spaces."""
-    if value == "" or re.fullmatch(r"[\x21-\x7e]{1,128}", value):
-        return None
-    return "must be empty or 1-128 printable ASCII characters without spaces"
-
-
-def _fraction(value: float) -> str | None:
-    """Check: a number in (0, 1]."""
-    return None if 0 < value <= 1 else "must be more than 0 and at most 1"
-
-
 @dataclass(frozen=True)
 class SensorConfig:
     """Settings of a sensor process."""
@@ -171,12 +168,12 @@ class SensorConfig:
         "",
         "this sensor's identity, the uuid field of every event (Cowrie's [honeypot] uuid); "
         "empty: made once and kept in state_dir/uuid",
-        check=_instance_id,
+        check=instance_id,
     )
     guest_arch: str = setting(
         "linux-x64-lsb",
         "the guests' architecture as cowrie.session.params reports it (Cowrie's arch names)",
-        check=_instance_id,
+        check=instance_id,
     )
     tls_ca: Path = setting(Path("tls/ca.pem"), "fleet CA certificate")
     tls_cert: Path = setting(Path("tls/cert.pem"), "the sensor's certificate")
@@ -298,7 +295,7 @@ class SensorConfig:
         256 * 1024 * 1024, "bound on undelivered events in the spool", check=positive
     )
     spool_near_full: float = setting(
-        0.9, "spool fill fraction at which new sessions are refused", check=_fraction
+        0.9, "spool fill fraction at which new sessions are refused", check=fraction
     )
     spool_reserve_bytes: int = setting(
         16 * 1024 * 1024,
@@ -323,19 +320,9 @@ class SensorConfig:
     source_events_per_minute: int = setting(
         6000, "rate at which an address's event budget refills", check=positive
     )
-    upload_batch: int = setting(500, "events per batch sent to the controller", check=positive)
-    upload_linger: float = setting(
-        0.1,
-        "seconds a batch that is not full waits after its first event, so the rest of "
-        "their burst goes in the same batch (fewer, fuller batches); 0 sends at once",
-        check=non_negative,
-    )
-    upload_max_linger: float = setting(
-        5.0,
-        "most seconds a batch that is not full waits because the controller asks for it "
-        "(a busy controller asks sensors to gather events longer); 0 ignores the request",
-        check=non_negative,
-    )
+    upload_batch: int = uploader.batch_setting()
+    upload_linger: float = uploader.linger_setting()
+    upload_max_linger: float = uploader.max_linger_setting()
     json_log: Path | None = setting(None, "also write events to this Cowrie JSON lines file")
 
     # Recordings and captured files.

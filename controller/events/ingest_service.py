@@ -8,7 +8,9 @@ the stream with RESOURCE_EXHAUSTED and a ``retry-after-ms`` trailer; the sensor 
 the unacknowledged batch and sends it again after that.
 Malformed events are dropped, counted and logged, and their batch is still
 acknowledged (a sensor resending them would be refused again and never drain its
-spool). Every stored event's ``sensor`` is the caller's certificate name.
+spool). Every stored event's ``sensor`` is the caller's certificate name, for a sensor;
+pool nodes stream their own events the same way, each placed on the session of its
+lease (:mod:`controller.events.origin`).
 Every acknowledgement carries the linger hint (controller.events.linger): how long the
 sensor should gather events before its next batch, so that batches fill under load.
 """
@@ -24,6 +26,7 @@ from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 
+from controller.events.origin import LeaseLookup, NodeOrigin
 from controller.events.pipeline import EventPipeline
 from controller.events.quota import Overloaded
 from controller.events.rows import EventRow
@@ -31,6 +34,7 @@ from controller.events.validate import to_row
 from controller.registry import Registry
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import InvalidArgument
+from honeyfleet.pki.identity import Role
 from honeyfleet.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,27 +67,35 @@ def _duration(seconds: float) -> Duration | None:
 
 
 class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
-    """Receives sensors' event batches."""
+    """Receives sensors' and pool nodes' event batches."""
 
-    def __init__(self, pipeline: EventPipeline, registry: Registry) -> None:
+    def __init__(self, pipeline: EventPipeline, registry: Registry, leases: LeaseLookup) -> None:
         self._pipeline = pipeline
         self._registry = registry
+        self._origin = NodeOrigin(leases)
 
     async def StreamEvents(
         self, request_iterator: AsyncIterator[ingest_pb2.StreamEventsRequest], context: Any
     ) -> AsyncIterator[ingest_pb2.StreamEventsResponse]:
         """Store each batch, then acknowledge it."""
-        sensor = current_caller().identity.name
+        identity = current_caller().identity
+        node = identity.name if identity.role is Role.POOLNODE else None
+        # Quotas are per sender; a pool node may share its name with a sensor.
+        sensor = identity.name if node is None else str(identity)
         warned_name = False
         try:
             with self._pipeline.stream(sensor):
                 log.info("sensor %s opened an event stream", sensor)
                 async for request in request_iterator:
-                    # A streaming sensor is alive, whether or not it asks for leases.
-                    self._registry.seen(sensor)
+                    if node is None:
+                        # A streaming sensor is alive, whether or not it asks for leases.
+                        self._registry.seen(sensor)
                     self._pipeline.linger.received(len(request.events))
                     with self._pipeline.batch(sensor, request.ByteSize()):
-                        rows, rewritten = self._accept(sensor, request)
+                        if node is None:
+                            rows, rewritten = self._accept(f"sensor {sensor}", request, sensor)
+                        else:
+                            rows, rewritten = await self._accept_node(node, request), 0
                         if rewritten and not warned_name:
                             warned_name = True
                             log.warning(
@@ -107,10 +119,35 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
                 await _first_request(request_iterator)
             raise
 
+    async def _accept_node(
+        self, node: str, request: ingest_pb2.StreamEventsRequest
+    ) -> list[EventRow]:
+        """A pool node's batch: its valid rows, each on the session of its lease."""
+        rows, _ = self._accept(f"pool node {node}", request, None)
+        placed: list[EventRow] = []
+        problems: list[str] = []
+        for row in rows:
+            try:
+                placed.append(await self._origin.place(node, row))
+            except InvalidArgument as e:
+                problems.append(str(e))
+        if problems:
+            self._pipeline.metrics.rejected.labels("origin").inc(len(problems))
+            log.warning(
+                "pool node %s batch %d: dropped %d events of %d not on its own leases, first: %s",
+                node,
+                request.batch_id,
+                len(problems),
+                len(request.events),
+                problems[0],
+            )
+        return placed
+
     def _accept(
-        self, sensor: str, request: ingest_pb2.StreamEventsRequest
+        self, sender: str, request: ingest_pb2.StreamEventsRequest, sensor: str | None
     ) -> tuple[list[EventRow], int]:
-        """The batch's valid rows, and how many had their sensor field replaced."""
+        """The batch's valid rows, and how many had their sensor field replaced by ``sensor``
+        (None: kept, for a pool node's events)."""
         rows: list[EventRow] = []
         rewritten = 0
         problems: list[str] = []
@@ -126,8 +163,8 @@ class EventIngestServicer(ingest_pb2_grpc.EventIngestServiceServicer):
         if problems:
             self._pipeline.metrics.rejected.labels("validation").inc(len(problems))
             log.warning(
-                "sensor %s batch %d: dropped %d malformed events of %d, first: %s",
-                sensor,
+                "%s batch %d: dropped %d malformed events of %d, first: %s",
+                sender,
                 request.batch_id,
                 len(problems),
                 len(request.events),

@@ -4,7 +4,8 @@
 need so that one event can never fail a whole transaction: short printable ids for the
 indexed columns, a real IP address, strict JSON (no NaN or Infinity, no unpaired
 surrogates, which SQLite's and PostgreSQL's JSON functions reject). It also enforces the
-sender's identity: the ``sensor`` field becomes the name in the caller's certificate.
+sender's identity: the ``sensor`` field of a sensor's event becomes the name in the
+caller's certificate (a pool node's events: :mod:`controller.events.origin`).
 
 Each event's JSON and timestamp are parsed once (:func:`honeyfleet.events.decode`, which
 also refuses NaN and Infinity while parsing); this module only checks the parsed values.
@@ -36,12 +37,14 @@ MAX_FUTURE = timedelta(days=1)
 
 
 def to_row(
-    message: ingest_pb2.Event, sensor: str, *, now: datetime | None = None
+    message: ingest_pb2.Event, sensor: str | None, *, now: datetime | None = None
 ) -> tuple[EventRow, bool]:
     """A storable row from a wire event sent by ``sensor``, and whether its sensor was wrong.
 
     Raises InvalidArgument, naming the event and the problem, if it cannot be stored.
     ``now`` is the controller's time (default: the clock), for the future-time check.
+    ``sensor`` None keeps the event's own: its sender is a pool node, whose events
+    :mod:`controller.events.origin` places on their sessions.
     """
     event, moment, upgraded = decode(message)
     ref = f"event {event['hf_event_id']}"
@@ -66,6 +69,8 @@ def to_row(
     text = message.json
     if SURROGATE_HINT.search(text) and _has_surrogate(event):
         raise InvalidArgument(f"{ref}: contains an unpaired UTF-16 surrogate escape")
+    if sensor is None:
+        sensor = event["sensor"]
     rewritten = event["sensor"] != sensor
     if rewritten:
         event["sensor"] = sensor

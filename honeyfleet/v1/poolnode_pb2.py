@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from honeyfleet.v1 import common_pb2 as honeyfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1choneyfleet/v1/poolnode.proto\x12\rhoneyfleet.v1\x1a\x1ahoneyfleet/v1/common.proto\"\x89\x01\n\x14\x41llocateGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06src_ip\x18\x02 \x01(\t\x12)\n\x08protocol\x18\x03 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0e\n\x06sensor\x18\x04 \x01(\t\x12\x14\n\x0c\x61llow_shared\x18\x05 \x01(\x08\"\x99\x01\n\x15\x41llocateGuestResponse\x12#\n\x05guest\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x34\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1f.honeyfleet.v1.GuestCredentials\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x15\n\rtable_version\x18\x04 \x01(\x04\"7\n\x13ReleaseGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x14ReleaseGuestResponse\x12\x15\n\rtable_version\x18\x01 \x01(\x04\"\x16\n\x14GetPoolStatusRequest\"\x82\x01\n\x15GetPoolStatusResponse\x12\x30\n\x0cguest_counts\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.GuestCounts\x12$\n\x06guests\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x11\n\tlease_ids\x18\x03 \x03(\t\"F\n\nTunnelOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x04port\x18\x02 \x01(\x0e\x32\x18.honeyfleet.v1.GuestPort\"\x1d\n\x0cTunnelOpened\x12\r\n\x05guest\x18\x01 \x01(\t\"\x0b\n\tTunnelEof\"|\n\rTunnelRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.honeyfleet.v1.TunnelOpenH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame\"\x81\x01\n\x0eTunnelResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.honeyfleet.v1.TunnelOpenedH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame2\xa2\x02\n\x0fPoolNodeService\x12Z\n\rAllocateGuest\x12#.honeyfleet.v1.AllocateGuestRequest\x1a$.honeyfleet.v1.AllocateGuestResponse\x12W\n\x0cReleaseGuest\x12\".honeyfleet.v1.ReleaseGuestRequest\x1a#.honeyfleet.v1.ReleaseGuestResponse\x12Z\n\rGetPoolStatus\x12#.honeyfleet.v1.GetPoolStatusRequest\x1a$.honeyfleet.v1.GetPoolStatusResponse2Z\n\rTunnelService\x12I\n\x06Tunnel\x12\x1c.honeyfleet.v1.TunnelRequest\x1a\x1d.honeyfleet.v1.TunnelResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1choneyfleet/v1/poolnode.proto\x12\rhoneyfleet.v1\x1a\x1ahoneyfleet/v1/common.proto\"\x9a\x01\n\x14\x41llocateGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06src_ip\x18\x02 \x01(\t\x12)\n\x08protocol\x18\x03 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0e\n\x06sensor\x18\x04 \x01(\t\x12\x14\n\x0c\x61llow_shared\x18\x05 \x01(\x08\x12\x0f\n\x07session\x18\x06 \x01(\t\"\x99\x01\n\x15\x41llocateGuestResponse\x12#\n\x05guest\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x34\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1f.honeyfleet.v1.GuestCredentials\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x15\n\rtable_version\x18\x04 \x01(\x04\"7\n\x13ReleaseGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x14ReleaseGuestResponse\x12\x15\n\rtable_version\x18\x01 \x01(\x04\"\x16\n\x14GetPoolStatusRequest\"\x82\x01\n\x15GetPoolStatusResponse\x12\x30\n\x0cguest_counts\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.GuestCounts\x12$\n\x06guests\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x11\n\tlease_ids\x18\x03 \x03(\t\"F\n\nTunnelOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x04port\x18\x02 \x01(\x0e\x32\x18.honeyfleet.v1.GuestPort\"\x1d\n\x0cTunnelOpened\x12\r\n\x05guest\x18\x01 \x01(\t\"\x0b\n\tTunnelEof\"|\n\rTunnelRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.honeyfleet.v1.TunnelOpenH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame\"\x81\x01\n\x0eTunnelResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.honeyfleet.v1.TunnelOpenedH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame2\xa2\x02\n\x0fPoolNodeService\x12Z\n\rAllocateGuest\x12#.honeyfleet.v1.AllocateGuestRequest\x1a$.honeyfleet.v1.AllocateGuestResponse\x12W\n\x0cReleaseGuest\x12\".honeyfleet.v1.ReleaseGuestRequest\x1a#.honeyfleet.v1.ReleaseGuestResponse\x12Z\n\rGetPoolStatus\x12#.honeyfleet.v1.GetPoolStatusRequest\x1a$.honeyfleet.v1.GetPoolStatusResponse2Z\n\rTunnelService\x12I\n\x06Tunnel\x12\x1c.honeyfleet.v1.TunnelRequest\x1a\x1d.honeyfleet.v1.TunnelResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'honeyfleet.v1.poolnode_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ALLOCATEGUESTREQUEST']._serialized_start=76
-  _globals['_ALLOCATEGUESTREQUEST']._serialized_end=213
-  _globals['_ALLOCATEGUESTRESPONSE']._serialized_start=216
-  _globals['_ALLOCATEGUESTRESPONSE']._serialized_end=369
-  _globals['_RELEASEGUESTREQUEST']._serialized_start=371
-  _globals['_RELEASEGUESTREQUEST']._serialized_end=426
-  _globals['_RELEASEGUESTRESPONSE']._serialized_start=428
-  _globals['_RELEASEGUESTRESPONSE']._serialized_end=473
-  _globals['_GETPOOLSTATUSREQUEST']._serialized_start=475
-  _globals['_GETPOOLSTATUSREQUEST']._serialized_end=497
-  _globals['_GETPOOLSTATUSRESPONSE']._serialized_start=500
-  _globals['_GETPOOLSTATUSRESPONSE']._serialized_end=630
-  _globals['_TUNNELOPEN']._serialized_start=632
-  _globals['_TUNNELOPEN']._serialized_end=702
-  _globals['_TUNNELOPENED']._serialized_start=704
-  _globals['_TUNNELOPENED']._serialized_end=733
-  _globals['_TUNNELEOF']._serialized_start=735
-  _globals['_TUNNELEOF']._serialized_end=746
-  _globals['_TUNNELREQUEST']._serialized_start=748
-  _globals['_TUNNELREQUEST']._serialized_end=872
-  _globals['_TUNNELRESPONSE']._serialized_start=875
-  _globals['_TUNNELRESPONSE']._serialized_end=1004
-  _globals['_POOLNODESERVICE']._serialized_start=1007
-  _globals['_POOLNODESERVICE']._serialized_end=1297
-  _globals['_TUNNELSERVICE']._serialized_start=1299
-  _globals['_TUNNELSERVICE']._serialized_end=1389
+  _globals['_ALLOCATEGUESTREQUEST']._serialized_end=230
+  _globals['_ALLOCATEGUESTRESPONSE']._serialized_start=233
+  _globals['_ALLOCATEGUESTRESPONSE']._serialized_end=386
+  _globals['_RELEASEGUESTREQUEST']._serialized_start=388
+  _globals['_RELEASEGUESTREQUEST']._serialized_end=443
+  _globals['_RELEASEGUESTRESPONSE']._serialized_start=445
+  _globals['_RELEASEGUESTRESPONSE']._serialized_end=490
+  _globals['_GETPOOLSTATUSREQUEST']._serialized_start=492
+  _globals['_GETPOOLSTATUSREQUEST']._serialized_end=514
+  _globals['_GETPOOLSTATUSRESPONSE']._serialized_start=517
+  _globals['_GETPOOLSTATUSRESPONSE']._serialized_end=647
+  _globals['_TUNNELOPEN']._serialized_start=649
+  _globals['_TUNNELOPEN']._serialized_end=719
+  _globals['_TUNNELOPENED']._serialized_start=721
+  _globals['_TUNNELOPENED']._serialized_end=750
+  _globals['_TUNNELEOF']._serialized_start=752
+  _globals['_TUNNELEOF']._serialized_end=763
+  _globals['_TUNNELREQUEST']._serialized_start=765
+  _globals['_TUNNELREQUEST']._serialized_end=889
+  _globals['_TUNNELRESPONSE']._serialized_start=892
+  _globals['_TUNNELRESPONSE']._serialized_end=1021
+  _globals['_POOLNODESERVICE']._serialized_start=1024
+  _globals['_POOLNODESERVICE']._serialized_end=1314
+  _globals['_TUNNELSERVICE']._serialized_start=1316
+  _globals['_TUNNELSERVICE']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)

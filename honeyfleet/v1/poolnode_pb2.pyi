@@ -30,6 +30,7 @@ class AllocateGuestRequest(_message.Message):
     PROTOCOL_FIELD_NUMBER: _builtins.int
     SENSOR_FIELD_NUMBER: _builtins.int
     ALLOW_SHARED_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     src_ip: _builtins.str
     protocol: _common_pb2.Protocol.ValueType
@@ -39,6 +40,10 @@ class AllocateGuestRequest(_message.Message):
     """
     allow_shared: _builtins.bool
     """Whether a shared guest is acceptable when no pristine one is left."""
+    session: _builtins.str
+    """The sensor's session id the lease is for: the node's own events about the guest
+    (egress, files from its disk) are tied to it.
+    """
     def __init__(
         self,
         *,
@@ -47,10 +52,11 @@ class AllocateGuestRequest(_message.Message):
         protocol: _common_pb2.Protocol.ValueType = ...,
         sensor: _builtins.str = ...,
         allow_shared: _builtins.bool = ...,
+        session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_shared", b"allow_shared", "lease_id", b"lease_id", "protocol", b"protocol", "sensor", b"sensor", "src_ip", b"src_ip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_shared", b"allow_shared", "lease_id", b"lease_id", "protocol", b"protocol", "sensor", b"sensor", "session", b"session", "src_ip", b"src_ip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

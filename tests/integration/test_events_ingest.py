@@ -133,8 +133,10 @@ def batches(events: Sequence[Event], size: int = BATCH) -> list[ingest_pb2.Strea
 class SensorStream:
     """A sensor's StreamEvents call over a real mTLS channel: one batch in flight."""
 
-    def __init__(self, fleet_pki: FleetPki, name: str, address: str) -> None:
-        self.channel = secure_channel(address, fleet_pki.files(Role.SENSOR, name))
+    def __init__(
+        self, fleet_pki: FleetPki, name: str, address: str, role: Role = Role.SENSOR
+    ) -> None:
+        self.channel = secure_channel(address, fleet_pki.files(role, name))
         self.call = ingest_pb2_grpc.EventIngestServiceStub(self.channel).StreamEvents()
 
     async def send(

@@ -110,6 +110,30 @@ class PoolNodeConfig:
     snapshot_path: Path | None = setting(
         None, "where saved overlays go (default: state_dir/snapshots)"
     )
+    disk_diff: bool = setting(
+        False,
+        "when a used guest is destroyed, compare its disk with the base image (libguestfs) "
+        "and report every file created or changed as a honeyfleet.guest.file event, keeping "
+        "contents in state_dir/downloads (libvirt backend only)",
+    )
+    disk_diff_max_file_bytes: int = setting(
+        10 * 1024 * 1024,
+        "largest file whose content a disk diff keeps (bigger ones are hashed only)",
+        check=non_negative,
+    )
+    disk_diff_max_total_bytes: int = setting(
+        100 * 1024 * 1024,
+        "content a disk diff keeps per guest, all files together",
+        check=non_negative,
+    )
+    disk_diff_max_files: int = setting(
+        500, "files a disk diff reports per guest (the most recently changed)", check=positive
+    )
+    disk_diff_timeout: float = setting(
+        300.0,
+        "seconds a disk diff may take, its appliance's boot included; then it is killed",
+        check=positive,
+    )
     boot_timeout: float = setting(
         180.0, "seconds a guest may take to answer on its SSH port", check=positive
     )
@@ -201,6 +225,8 @@ class PoolNodeConfig:
             raise ConfigError("backend_pass", "required: the password of backend_user on guests")
         if self.backend == "static" and not self.static_hosts:
             raise ConfigError("static_hosts", "the static backend needs at least one host")
+        if self.disk_diff and self.backend == "static":
+            raise ConfigError("disk_diff", "the static backend has no guest disks to compare")
         if self.guest_initrd is not None and self.guest_kernel is None:
             raise ConfigError("guest_initrd", "only makes sense with guest_kernel")
 

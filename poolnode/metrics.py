@@ -35,3 +35,21 @@ class PoolMetrics:
             ["direction"],
             registry=r,
         )
+        self.disk_diffs = Counter(
+            "honeyfleet_poolnode_disk_diffs",
+            "Disk diffs of destroyed guests, by outcome (done, failed, dropped)",
+            ["outcome"],
+            registry=r,
+        )
+        self.disk_diff_seconds = Histogram(
+            "honeyfleet_poolnode_disk_diff_seconds",
+            "Time a disk diff took, its appliance's boot included",
+            buckets=(5, 10, 20, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.disk_diff_files = Counter(
+            "honeyfleet_poolnode_disk_diff_files",
+            "Files reported by disk diffs: content kept (stored) or hashed only",
+            ["kept"],
+            registry=r,
+        )

@@ -22,6 +22,7 @@ from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted, Una
 from honeyfleet.v1 import common_pb2, registry_pb2
 from poolnode.backend import Backend, ssh_banner
 from poolnode.config import PoolNodeConfig
+from poolnode.diskdiff import DiskDiffer
 from poolnode.events import NodeEvents
 from poolnode.guest import Guest, GuestState, LeaseHold
 from poolnode.metrics import PoolMetrics
@@ -55,6 +56,8 @@ class GuestPool:
         self._tunnels: dict[str, set[asyncio.StreamWriter]] = {}
         self.events: NodeEvents | None = None
         """Where the node's events go (set by the node before start; None: not reported)."""
+        self.disk_diff: DiskDiffer | None = None
+        """Diffs used guests' disks when they are destroyed (set before start; None: off)."""
 
     @property
     def capacity(self) -> int:
@@ -78,6 +81,8 @@ class GuestPool:
     async def start(self) -> None:
         """Prepare the backend and start upkeep."""
         await self._backend.start()
+        if self.disk_diff is not None:
+            await self.disk_diff.start()
         self._upkeep = asyncio.create_task(self._upkeep_loop())
 
     async def stop(self) -> None:
@@ -93,6 +98,8 @@ class GuestPool:
             *(self._destroy(g, "pool node stopping") for g in list(self.guests.values()))
         )
         await asyncio.gather(*self._destroying, return_exceptions=True)
+        if self.disk_diff is not None:
+            await self.disk_diff.stop()
         await self._backend.stop()
 
     # Leases
@@ -406,18 +413,25 @@ class GuestPool:
         self.metrics.destroyed.labels(reason.split(":")[0].split(" (")[0][:40]).inc()
         self._changed()
         keep = self._snapshot_dir(guest, reason) if self.config.save_snapshots else None
+        diff = self.disk_diff if guest.history else None
+        if diff is not None and keep is None:
+            keep = diff.scratch(guest.id)
         # The guest is out of the table already: a cancelled caller (upkeep or a boot,
         # when the node stops) must not stop its VM being freed; stop() awaits the task.
-        task = asyncio.create_task(self._free(guest, keep), name=f"destroy {guest.id}")
+        task = asyncio.create_task(self._free(guest, keep, diff), name=f"destroy {guest.id}")
         self._destroying.add(task)
         task.add_done_callback(self._destroying.discard)
         await asyncio.shield(task)
 
-    async def _free(self, guest: Guest, keep: Path | None) -> None:
+    async def _free(self, guest: Guest, keep: Path | None, diff: DiskDiffer | None) -> None:
+        """Free the guest's VM; hand its disk to the diff, which deletes it unless kept."""
         try:
             await self._backend.destroy(guest.handle, keep)
         except Exception:
             log.exception("guest %s: backend failed to destroy it", guest.id)
+            return
+        if diff is not None and keep is not None:
+            diff.submit(guest.id, keep, delete=not self.config.save_snapshots)
 
     def _snapshot_dir(self, guest: Guest, reason: str) -> Path | None:
         """Write the snapshot's metadata; returns where the backend should keep the disk."""

@@ -27,6 +27,7 @@ from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc, registry_pb2
 from poolnode.backend import Backend
 from poolnode.config import PoolNodeConfig
 from poolnode.controller_link import ControllerLink
+from poolnode.diskdiff import DiskDiffer
 from poolnode.events import NodeEvents
 from poolnode.pool import GuestPool
 from poolnode.service import PoolNodeServicer
@@ -52,6 +53,8 @@ class PoolNode:
     def __init__(self, config: PoolNodeConfig, backend: Backend) -> None:
         self.config = config
         self.pool = GuestPool(config, backend)
+        if config.disk_diff:
+            self.pool.disk_diff = DiskDiffer(config, self.pool.metrics)
         self.draining = False
         self.address = config.advertised
         self.authorizer: Authorizer | None = None
@@ -160,6 +163,8 @@ class PoolNode:
         metrics = SpoolMetrics("honeyfleet_poolnode", self.pool.metrics.registry)
         self._event_log = EventLog(spool, metrics, instance_uuid=uuid)
         self.events = self.pool.events = NodeEvents(self._event_log, pool_node=name)
+        if self.pool.disk_diff is not None:
+            self.pool.disk_diff.events = self.events
 
     def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
         return registry_pb2.RegisterPoolNodeRequest(

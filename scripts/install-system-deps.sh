@@ -18,6 +18,9 @@ packages=(
     openssh-client sshpass iproute2 telnet procps
     # The stealth tests run Debian's own sshd and telnetd next to the sensor
     openssh-server inetutils-telnetd
+    # Disk diffs of destroyed guests (poolnode.diskdiff): libguestfs for Debian's python3,
+    # and a kernel for its appliance (supermin builds it from the host's packages)
+    python3-guestfs linux-image-amd64
 )
 if [ "$#" -gt 0 ]; then
     packages+=("$@")

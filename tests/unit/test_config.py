@@ -82,6 +82,25 @@ def test_cross_field_problems_name_their_key(tmp_path: Path) -> None:
         )
 
 
+def test_disk_diff_is_refused_on_the_static_backend(tmp_path: Path) -> None:
+    with pytest.raises(ConfigProblems, match=r"poolnode\.disk_diff"):
+        parse_section(
+            PoolNodeConfig,
+            "poolnode",
+            {"backend": "static", "backend_pass": "x", "static_hosts": ["h:22"], "disk_diff": True},
+            base_dir=tmp_path,
+            env={},
+        )
+    with pytest.raises(ConfigProblems, match=r"poolnode\.disk_diff_max_files"):
+        parse_section(
+            PoolNodeConfig,
+            "poolnode",
+            {"backend_pass": "x", "disk_diff_max_files": 0},
+            base_dir=tmp_path,
+            env={},
+        )
+
+
 def test_written_toml_reads_back(tmp_path: Path) -> None:
     from honeyfleet.config import read_toml, write_toml
 

@@ -28,8 +28,8 @@ from honeyfleet.tls import TlsFiles
 
 # The persona: what Debian 12's current OpenSSH (9.2p1-2+deb12u10, read from its sshd on
 # loopback: tests/integration/test_stealth_ssh.py compares the two) offers, in its order,
-# so the sensor looks like the most common server. Algorithms asyncssh lacks (sntrup761:
-# asyncssh has it only with liboqs, which Debian 12 does not package) are dropped at start-up.
+# so the sensor looks like the most common server. Algorithms asyncssh lacks are dropped
+# at start-up (sntrup761 it has through sensor/ssh/sntrup.py).
 OPENSSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"
 OPENSSH_KEX = (
     "sntrup761x25519-sha512",

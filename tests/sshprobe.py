@@ -83,10 +83,13 @@ class VerboseLogin:
 
     ext_info: list[str]
     auth_methods: list[str]
+    # The key exchange OpenSSH's client settled on with the server.
+    kex: str
 
 
 async def verbose_login(port: int) -> VerboseLogin:
-    """Run ``ssh -vvv`` with no key and no password; collect ext-info and auth methods."""
+    """Run ``ssh -vvv`` with no key and no password; collect the kex, ext-info and auth
+    methods."""
     ssh = require_tool("ssh", "openssh-client")
     process = await asyncio.create_subprocess_exec(
         ssh, "-vvv", "-p", str(port), "-o", "BatchMode=yes",
@@ -101,7 +104,8 @@ async def verbose_login(port: int) -> VerboseLogin:
     text = err.decode(errors="replace")
     ext_info = re.findall(r"kex_input_ext_info: (\S+)", text)
     methods = re.findall(r"Authentications that can continue: ([^\s]+)", text)
-    return VerboseLogin(ext_info, methods[0].split(",") if methods else [])
+    kex = re.findall(r"kex: algorithm: (\S+)", text)
+    return VerboseLogin(ext_info, methods[0].split(",") if methods else [], kex[0] if kex else "")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from asyncssh.public_key import get_public_key_algs
 
 from honeyfleet.errors import ConfigError
 from sensor.config import SensorConfig
-from sensor.ssh import compression, openssh
+from sensor.ssh import compression, openssh, sntrup
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ def server_options(
     compression; OpenSSH's group exchange: see openssh)."""
     compression.install()
     openssh.install()
+    sntrup.install()
     return asyncssh.SSHServerConnectionOptions(
         config=None,
         server_host_keys=host_keypairs(config.ssh_host_key_algs, host_keys),

@@ -31,12 +31,7 @@ from tests.sshprobe import (
 log = logging.getLogger(__name__)
 
 # (probe, what differs): Debian's sshd's answer on the left, the sensor's on the right.
-KNOWN_DIFFERENCES = {
-    # asyncssh has sntrup761 only through liboqs, which Debian 12 does not package (and
-    # PyPI's liboqs-python downloads and builds liboqs at run time).
-    ("kex", "only OpenSSH offers sntrup761x25519-sha512"),
-    ("kex", "only OpenSSH offers sntrup761x25519-sha512@openssh.com"),
-}
+KNOWN_DIFFERENCES: set[tuple[str, str]] = set()
 # DH group exchange requests (minimum, preferred, maximum bits): ssh-audit's, OpenSSH
 # clients', and the edges of OpenSSH's choice (refusals, clamping, the fallback groups,
 # a size between two of its moduli).
@@ -97,6 +92,8 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
     for name in sensor_login.ext_info:
         if name not in debian_login.ext_info:
             differences.add(("ext_info", f"only the sensor sends {name}"))
+    if debian_login.kex != sensor_login.kex:
+        differences.add(("negotiated kex", f"{debian_login.kex} != {sensor_login.kex}"))
     if debian_login.auth_methods != sensor_login.auth_methods:
         differences.add(("auth", f"{debian_login.auth_methods} != {sensor_login.auth_methods}"))
 

@@ -5,9 +5,9 @@ They take the same durable path as a sensor's (:mod:`honeyfleet.eventlog`, spool
 :class:`honeyfleet.uploader.Uploader`), so they survive restarts and reach the store once.
 
 Each event is tied to the attacker's session on the guest it is about: the guest's
-newest live lease, else the last lease it had (a guest idles, or is destroyed, after its
-session ended: what its disk holds is still that session's), remembered for the last
-``REMEMBER`` guests. Such an event carries ``session``, ``src_ip``, ``sensor``,
+newest live lease, else the lease that ended last (a guest idles, or is destroyed, after
+its session ended: what its disk holds is still that session's), remembered for the
+last ``REMEMBER`` guests. Such an event carries ``session``, ``src_ip``, ``sensor``,
 ``protocol``, ``lease``, ``guest`` and ``pool_node``; the controller checks the lease
 is one of this node's and stores the event on that lease's session. A guest that never
 had a lease (or no guest at all) gives a node-level event: ``session``, ``sensor`` and
@@ -79,6 +79,9 @@ class NodeEvents:
         context = self._live.get(guest_id, {}).pop(lease_id, None)
         if not self._live.get(guest_id):
             self._live.pop(guest_id, None)
+            if context is not None:
+                # The last session to leave the guest owns what it left behind.
+                self._keep(guest_id, context)
         if context is not None:
             self._emit(
                 context,
@@ -101,7 +104,8 @@ class NodeEvents:
             )
 
     def context(self, guest_id: str | None) -> SessionContext | None:
-        """The session a guest's events belong to: its newest live lease, else its last one."""
+        """The session a guest's events belong to: its newest live lease, else the one that
+        ended last; None when it never had one."""
         if guest_id is None:
             return None
         live = self._live.get(guest_id)
@@ -126,6 +130,12 @@ class NodeEvents:
         only); attacker data in values is safe and strings are cut to the bounds.
         """
         return self._emit(self.context(guest_id), guest_id, eventid, template, fields, message_args)
+
+    @property
+    def near_full(self) -> bool:
+        """Whether the spool is near its bound (or the disk short): shed what can be shed
+        (bulky or repeated events) rather than have later events refused."""
+        return self._events.spool.near_full
 
     async def flush(self) -> None:
         """Wait until the events emitted so far are durable."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 from controller.server import Controller
@@ -26,7 +27,13 @@ from tests.integration.test_events_ingest import SensorStream, batches
 
 def stored(controller: Controller, **where: str) -> list[dict[str, Any]]:
     """Events in the controller's SQLite store, oldest first (filtered on columns)."""
-    path = controller.config.state_dir / "events.sqlite3"
+    return stored_in(controller.config.state_dir / "events.sqlite3", **where)
+
+
+def stored_in(path: Path, **where: str) -> list[dict[str, Any]]:
+    """Events in a SQLite event store, oldest first (filtered on columns)."""
+    if not path.exists():
+        return []
     clause = " AND ".join(f"{column} = ?" for column in where) or "1"
     with contextlib.closing(sqlite3.connect(path)) as db:
         rows = db.execute(
@@ -77,6 +84,9 @@ async def test_node_events_are_stored_on_the_session_of_their_lease(
     own = stored(controller, eventid="honeyfleet.test.node")[0]
     assert (own["session"], own["sensor"], own["pool_node"]) == ("-", "-", "pool-1")
     assert "lease" not in own
+    metrics = node.pool.metrics.registry
+    await until(lambda: metrics.get_sample_value("honeyfleet_poolnode_spool_events") == 0)
+    assert metrics.get_sample_value("honeyfleet_poolnode_spool_near_full") == 0
 
     # The lease ends: the node says so on the session, and a destroyed guest's end too.
     await sensor.release(lease.id)

@@ -68,6 +68,14 @@ def _gateway(value: str) -> str | None:
     return None
 
 
+def _host_patterns(value: tuple[str, ...]) -> str | None:
+    """Check: host names, each maybe with ``*`` wildcards (``*.example.com``)."""
+    for pattern in value:
+        if not re.fullmatch(r"[A-Za-z0-9*?_.:-]{1,253}", pattern):
+            return f"{pattern!r} is not a host name or a pattern such as *.example.com"
+    return None
+
+
 @dataclass(frozen=True)
 class PoolNodeConfig:
     """Settings of a pool node process."""
@@ -186,6 +194,63 @@ class PoolNodeConfig:
         check=_gateway,
     )
 
+    # Egress containment (what guests' outbound traffic meets; see poolnode.egress).
+    egress_policy: Literal["drop", "sinkhole", "fetch"] = setting(
+        "sinkhole",
+        "drop (nothing leaves; every attempt is an event), sinkhole (DNS answered with the "
+        "node's own address, whose listener accepts TCP on any port and records what the "
+        "guest sends) or fetch (as sinkhole, but HTTP downloads are fetched through "
+        "egress_fetch_proxy and served to the guest)",
+    )
+    egress_dns_port: int = setting(
+        10053, "port of the node's DNS server on the pool network's address", check=_port
+    )
+    egress_sinkhole_port: int = setting(
+        10080,
+        "port of the node's sinkhole listener on the pool network's address (guests' TCP "
+        "to any address and port is redirected there)",
+        check=_port,
+    )
+    egress_capture_bytes: int = setting(
+        4096, "first bytes of a guest's connection the sinkhole reads and records", check=positive
+    )
+    egress_read_timeout: float = setting(
+        10.0, "seconds the sinkhole waits for a guest to send its request", check=positive
+    )
+    egress_max_connections: int = setting(
+        32, "sinkhole connections a guest may hold open at once (more are closed)", check=positive
+    )
+    egress_events_per_minute: float = setting(
+        120.0,
+        "egress events a guest may cause per minute on average (beyond: counted, not sent)",
+        check=positive,
+    )
+    egress_events_burst: int = setting(
+        30, "egress events a guest may cause at once before the rate applies", check=positive
+    )
+    egress_fetch_proxy: str = setting(
+        "",
+        "host:port of the HTTP proxy downloads are fetched through (required with fetch: "
+        "guests reach nothing real but through it)",
+        check=optional_host_port,
+    )
+    egress_fetch_max_bytes: int = setting(
+        10 * 1024 * 1024, "largest download fetched for a guest", check=positive
+    )
+    egress_fetch_timeout: float = setting(
+        30.0, "seconds a download may take, connecting included", check=positive
+    )
+    egress_fetch_allow: tuple[str, ...] = setting(
+        factory=tuple,
+        help="host names downloads may come from (patterns like *.example.com; empty: any)",
+        check=_host_patterns,
+    )
+    egress_fetch_deny: tuple[str, ...] = setting(
+        factory=tuple,
+        help="host names downloads never come from (checked before egress_fetch_allow)",
+        check=_host_patterns,
+    )
+
     # Events (the sensor's keys: the same spool and uploader).
     uuid: str = setting(
         "",
@@ -227,6 +292,13 @@ class PoolNodeConfig:
             raise ConfigError("static_hosts", "the static backend needs at least one host")
         if self.disk_diff and self.backend == "static":
             raise ConfigError("disk_diff", "the static backend has no guest disks to compare")
+        if self.egress_policy == "fetch" and not self.egress_fetch_proxy:
+            raise ConfigError(
+                "egress_fetch_proxy",
+                'required with egress_policy = "fetch": the proxy downloads go through',
+            )
+        if self.egress_dns_port == self.egress_sinkhole_port:
+            raise ConfigError("egress_sinkhole_port", "must differ from egress_dns_port")
         if self.guest_initrd is not None and self.guest_kernel is None:
             raise ConfigError("guest_initrd", "only makes sense with guest_kernel")
 

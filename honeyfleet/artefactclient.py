@@ -47,14 +47,14 @@ async def upload(
     """Upload one file; ALREADY_STORED or STORED. AioRpcError for the server's refusals."""
     call: UploadCall = stub.Upload(None)
     try:
-        await call.write(artefact_pb2.UploadRequest(metadata=metadata))
+        await _write(call, artefact_pb2.UploadRequest(metadata=metadata))
         answer = await _answer(call)
         if answer.status == artefact_pb2.UPLOAD_STATUS_ALREADY_STORED:
             return answer.status
         if answer.status != artefact_pb2.UPLOAD_STATUS_SEND_CONTENT:
             raise Unavailable(f"unexpected upload answer {answer.status}")
         async for chunk in _chunks(path):
-            await call.write(artefact_pb2.UploadRequest(chunk=chunk))
+            await _write(call, artefact_pb2.UploadRequest(chunk=chunk))
         await call.done_writing()
         final = await _answer(call)
         if final.status != artefact_pb2.UPLOAD_STATUS_STORED:
@@ -67,6 +67,15 @@ async def upload(
 UploadCall = grpc.aio.StreamStreamCall[artefact_pb2.UploadRequest, artefact_pb2.UploadResponse]
 
 
+async def _write(call: UploadCall, request: artefact_pb2.UploadRequest) -> None:
+    """Send one request; the call's own status if the server ended it (unreachable, or
+    refusing the upload)."""
+    try:
+        await call.write(request)
+    except asyncio.InvalidStateError:  # grpc.aio's answer to a write on an ended call
+        raise await _ended(call) from None
+
+
 async def _answer(call: UploadCall) -> artefact_pb2.UploadResponse:
     """The server's next answer; its refusal as AioRpcError (code and trailers kept)."""
     try:
@@ -76,9 +85,15 @@ async def _answer(call: UploadCall) -> artefact_pb2.UploadResponse:
         raise Unavailable(f"no answer to an upload within {ANSWER_TIMEOUT:.0f}s") from None
     if isinstance(answer, artefact_pb2.UploadResponse):
         return answer
-    # The stream ended without an answer: its status says why.
+    raise await _ended(call)
+
+
+async def _ended(call: UploadCall) -> Exception:
+    """Why the call ended: its status as AioRpcError (trailers kept, for retry hints)."""
     code = await call.code()
-    raise grpc.aio.AioRpcError(
+    if code == grpc.StatusCode.OK:
+        return Unavailable("the controller ended the upload without an answer")
+    return grpc.aio.AioRpcError(
         code,
         await call.initial_metadata(),
         await call.trailing_metadata(),

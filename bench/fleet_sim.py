@@ -252,7 +252,14 @@ class SimPool:
         return SimGuest(f"{self._node}-g{next(self._ids)}", state)
 
     async def allocate(
-        self, lease_id: str, src_ip: str, sensor: str, *, allow_shared: bool
+        self,
+        lease_id: str,
+        src_ip: str,
+        sensor: str,
+        *,
+        allow_shared: bool,
+        session: str = "-",
+        protocol: str = "-",
     ) -> Allocation:
         """Lease the first pristine guest, or refuse as a real node does."""
         counts = self._recorder.stats.counts

@@ -175,7 +175,7 @@ class Outbox:
             queued, item = await self._run(
                 self._put, path, kind, session, filename, sha256, capture_time
             )
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, RuntimeError) as e:  # RuntimeError: closed
             log.error("outbox: cannot queue %s for upload: %s", path, e)
             self._metrics.refused.labels("error").inc()
             return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from honeyfleet import uploader
+from honeyfleet import outbox, uploader
 from honeyfleet.config import (
     fraction,
     host_port,
@@ -122,7 +122,8 @@ class PoolNodeConfig:
         False,
         "when a used guest is destroyed, compare its disk with the base image (libguestfs) "
         "and report every file created or changed as a honeyfleet.guest.file event, keeping "
-        "contents in state_dir/downloads (libvirt backend only)",
+        "contents in state_dir/downloads and uploading them to the controller's artefact "
+        "store (libvirt backend only)",
     )
     disk_diff_max_file_bytes: int = setting(
         10 * 1024 * 1024,
@@ -278,6 +279,8 @@ class PoolNodeConfig:
     upload_batch: int = uploader.batch_setting()
     upload_linger: float = uploader.linger_setting()
     upload_max_linger: float = uploader.max_linger_setting()
+    artefact_outbox_max_bytes: int = outbox.max_bytes_setting()
+    artefact_outbox_max_files: int = outbox.max_files_setting()
     json_log: Path | None = setting(None, "also write the node's events to this JSON lines file")
 
     # static backend.

@@ -16,6 +16,7 @@ from honeyfleet.grpcserver import add_health_and_reflection, bind, mark_serving,
 from honeyfleet.instance import instance_uuid
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
+from honeyfleet.outbox import Outbox, OutboxMetrics
 from honeyfleet.pki import write_private
 from honeyfleet.pki.identity import Role
 from honeyfleet.renewal import Renewer, controller_signer
@@ -53,8 +54,6 @@ class PoolNode:
     def __init__(self, config: PoolNodeConfig, backend: Backend) -> None:
         self.config = config
         self.pool = GuestPool(config, backend)
-        if config.disk_diff:
-            self.pool.disk_diff = DiskDiffer(config, self.pool.metrics)
         self.draining = False
         self.address = config.advertised
         self.authorizer: Authorizer | None = None
@@ -67,6 +66,19 @@ class PoolNode:
         self.events: NodeEvents | None = None
         """The node's own events (egress, guests' disks, life cycle); None before start."""
         self.uploader: Uploader | None = None
+        self.outbox = Outbox(
+            config.state_dir / "outbox",
+            config.controller,
+            config.tls,
+            OutboxMetrics("honeyfleet_poolnode", self.pool.metrics.registry),
+            max_bytes=config.artefact_outbox_max_bytes,
+            max_files=config.artefact_outbox_max_files,
+        )
+        """Files from guests' disks on their way to the controller's artefact store."""
+        if config.disk_diff:
+            self.pool.disk_diff = DiskDiffer(config, self.pool.metrics, artefacts=self.outbox)
+        self._outbox_task: asyncio.Task[None] | None = None
+        self._outbox_open = False
         self._event_log: EventLog | None = None
         self._jsonlines: JsonLinesLog | None = None
         self._uploader_task: asyncio.Task[None] | None = None
@@ -81,6 +93,8 @@ class PoolNode:
         identity = config.tls.identity()
         self.authorizer = Authorizer(identity.fleet, POLICY)
         await self._open_events(identity.name)
+        await self.outbox.open()
+        self._outbox_open = True
         self._revoked = await asyncio.to_thread(_load_revoked, self._revoked_path)
         self.authorizer.update_revoked(self._revoked)
         self._server = server = new_server(self.authorizer)
@@ -116,6 +130,7 @@ class PoolNode:
             max_linger=config.upload_max_linger,
         )
         self._uploader_task = asyncio.create_task(self.uploader.run())
+        self._outbox_task = asyncio.create_task(self.outbox.run())
         log.info(
             "pool node %s serving on port %d (%s backend, %d guests)",
             identity,
@@ -133,7 +148,8 @@ class PoolNode:
         if self._metrics is not None:
             await self._metrics.stop()
             self._metrics = None
-        for task in (self._link_task, self._renewer_task, self._uploader_task):
+        tasks = (self._link_task, self._renewer_task, self._uploader_task, self._outbox_task)
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -146,6 +162,9 @@ class PoolNode:
         if self._jsonlines is not None:
             self._jsonlines.close()
             self._jsonlines = None
+        if self._outbox_open:
+            self._outbox_open = False
+            await self.outbox.close()  # what waits is uploaded after the next start
 
     async def _open_events(self, name: str) -> None:
         """Open the event spool (its database is read off the event loop)."""

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from honeyfleet import uploader
+from honeyfleet import outbox, uploader
 from honeyfleet.config import (
     fraction,
     host_port,
@@ -345,6 +345,8 @@ class SensorConfig:
         "bound on captures (downloads/) and recordings (tty/) together; past it none are kept",
         check=positive,
     )
+    artefact_outbox_max_bytes: int = outbox.max_bytes_setting()
+    artefact_outbox_max_files: int = outbox.max_files_setting()
 
     # Bounds on what attackers can make the sensor hold.
     max_connections: int = setting(1024, "connections at once", check=positive)

@@ -122,14 +122,24 @@ class SessionEvents:
         """Wait until the events emitted so far are durable."""
         await self._events.flush()
 
-    def emit_closed(self, recording: RecordingSummary | None, duration: float, reason: str) -> None:
+    def emit_closed(
+        self,
+        recording: RecordingSummary | None,
+        duration: float,
+        reason: str,
+        *,
+        recording_sha256: str | None = None,
+    ) -> None:
         """A session's last events: its recording's ``log.closed``, then ``session.closed``.
 
         Both are Cowrie 3.1's (``duration_ms``, and its message) and keep the older
         ``duration`` (seconds) as an extra for Cowrie 2.x tools. A recording is never a
         ``duplicate``: each is its own file, not stored by content as Cowrie's are.
+        ``recording_sha256`` names the recording in the controller's artefact store
+        (``ttylog_sha256``; Cowrie's ``shasum`` covers the attacker's input only).
         """
         if recording is not None:
+            stored: dict[str, Any] = {"ttylog_sha256": recording_sha256} if recording_sha256 else {}
             self.emit(
                 "cowrie.log.closed",
                 "Closing TTY Log: {ttylog} after {duration_ms} milliseconds",
@@ -140,6 +150,7 @@ class SessionEvents:
                 duration_ms=round(recording.duration * 1000),
                 duration=round(recording.duration, 1),
                 truncated=recording.truncated,
+                **stored,
             )
         lost: dict[str, Any] = (
             {"events_suppressed": self._budget.suppressed} if self._budget else {}

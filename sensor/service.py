@@ -11,6 +11,7 @@ import grpc
 from honeyfleet.instance import instance_uuid
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
+from honeyfleet.outbox import Outbox, OutboxMetrics
 from honeyfleet.renewal import Renewer, controller_signer
 from honeyfleet.spool import Spool
 from honeyfleet.systemd import notify
@@ -63,6 +64,8 @@ class Sensor:
         self._jsonlines: JsonLinesLog | None = None
         self._leases: LeaseClient | None = None
         self._artefact_writer: ArtefactWriter | None = None
+        self.outbox: Outbox | None = None
+        """Captures and recordings on their way to the controller (None before start)."""
         self._stopped = False
 
     async def start(self) -> list[int]:
@@ -113,6 +116,15 @@ class Sensor:
         used = await asyncio.to_thread(disk_usage, config.downloads_dir, config.recordings_dir)
         disk = DiskBudget(config.artefact_max_bytes, used, self.metrics)
         writer = self._artefact_writer = ArtefactWriter()
+        outbox = self.outbox = Outbox(
+            config.state_dir / "outbox",
+            config.controller,
+            config.tls,
+            OutboxMetrics("honeyfleet_sensor", self.metrics.registry),
+            max_bytes=config.artefact_outbox_max_bytes,
+            max_files=config.artefact_outbox_max_files,
+        )
+        await outbox.open()
         recordings = Recordings(
             config.recordings_dir,
             max_bytes=config.recording_max_bytes,
@@ -131,6 +143,7 @@ class Sensor:
             admission=self.admission,
             budget=LeaseBudget(per_source=config.max_leases_per_source, total=config.max_leases),
             recordings=recordings,
+            outbox=outbox,
         )
         self._frontend = SshFrontend(
             Shared(
@@ -169,6 +182,7 @@ class Sensor:
         )
         self._tasks = [
             asyncio.create_task(self.uploader.run()),
+            asyncio.create_task(outbox.run()),
             asyncio.create_task(leases.register(listen)),
             asyncio.create_task(renewer.run()),
             asyncio.create_task(self._follow_revocations()),
@@ -247,6 +261,8 @@ class Sensor:
             await self._metrics_server.stop()
         if self._artefact_writer is not None:
             await asyncio.to_thread(self._artefact_writer.close)  # the sessions' last writes
+        if self.outbox is not None:
+            await self.outbox.close()  # what waits is uploaded after the next start
         if self._events is not None:
             await self._events.flush()
             await self._events.close()

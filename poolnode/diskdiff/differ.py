@@ -11,7 +11,9 @@ when the node stops stay in ``state_dir/diskdiff`` and are diffed after the next
 
 Each file becomes a ``honeyfleet.guest.file`` event on the guest's last session, its
 content (when within bounds) kept in ``state_dir/downloads/<sha256>`` like a sensor's
-captures; each diff ends with a ``honeyfleet.guest.diff`` event with the counts.
+captures; each diff ends with a ``honeyfleet.guest.diff`` event with the counts. Kept
+files are then queued in the node's artefact outbox (:mod:`honeyfleet.outbox`) for the
+controller's store, on the same session and named by sha256 as their events are.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import shutil
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from honeyfleet.errors import ConfigError
+from honeyfleet.outbox import Outbox
+from honeyfleet.v1 import artefact_pb2
 from poolnode.config import PoolNodeConfig
 from poolnode.diskdiff.records import (
     MAX_LINE,
@@ -58,8 +62,10 @@ STDERR_KEEP = 4096
 class GuestEvents(Protocol):
     """Where the node's events about a guest go (the guest's session is found by id)."""
 
-    def emit(self, guest_id: str | None, eventid: str, template: str, **fields: Any) -> object:
-        """Emit an event; ``template`` names fields in braces."""
+    def emit(
+        self, guest_id: str | None, eventid: str, template: str, **fields: Any
+    ) -> Mapping[str, Any]:
+        """Emit an event (``template`` names fields in braces); the event."""
         ...
 
 
@@ -77,12 +83,18 @@ class DiskDiffer:
     """The node's queue of overlays to diff, and its one worker at a time."""
 
     def __init__(
-        self, config: PoolNodeConfig, metrics: PoolMetrics, events: GuestEvents | None = None
+        self,
+        config: PoolNodeConfig,
+        metrics: PoolMetrics,
+        events: GuestEvents | None = None,
+        artefacts: Outbox | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.events = events
         """Where file events go; None: they are only logged."""
+        self.artefacts = artefacts
+        """Where kept files are queued for the controller; None: they stay in downloads/."""
         self.jobs_dir = config.state_dir / "diskdiff"
         self.downloads = config.state_dir / "downloads"
         self._queue: deque[tuple[str, Path, bool]] = deque()
@@ -187,12 +199,27 @@ class DiskDiffer:
             len(outcome.files),
             f" ({outcome.error})" if outcome.error else "",
         )
-        self._emit(
+        event = self._emit(
             guest_id,
             "honeyfleet.guest.diff",
             "Disk of guest {guest} compared with its base image: {reported} files ({outcome})",
             **fields,
         )
+        session = str(event["session"]) if event is not None else "-"
+        await self._upload(session, [f for f in outcome.files if f.stored])
+
+    async def _upload(self, session: str, files: list[GuestFile]) -> None:
+        """Queue kept files for the controller's artefact store, on the guest's session."""
+        if self.artefacts is None:
+            return
+        for file in files:
+            await self.artefacts.put(
+                self.downloads / file.sha256,
+                artefact_pb2.ARTEFACT_KIND_EXTRACTED_FILE,
+                session=session,
+                filename=file.path,
+                sha256=file.sha256,
+            )
 
     async def diff(
         self, guest_id: str, overlay: Path, on_file: Callable[[GuestFile], None] | None = None
@@ -273,11 +300,14 @@ class DiskDiffer:
             **file.fields(),
         )
 
-    def _emit(self, guest_id: str, eventid: str, template: str, **fields: Any) -> None:
+    def _emit(
+        self, guest_id: str, eventid: str, template: str, **fields: Any
+    ) -> Mapping[str, Any] | None:
+        """Emit an event about the guest (only logged without an event log); the event."""
         if self.events is None:
             log.info("guest %s: %s %s", guest_id, eventid, json.dumps(fields))
-            return
-        self.events.emit(guest_id, eventid, template, **fields)
+            return None
+        return self.events.emit(guest_id, eventid, template, **fields)
 
     def _prepare_dirs(self) -> list[Path]:
         """Make the directories; returns overlays an earlier run left undiffed."""

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from honeyfleet.events import new_session_id
+from honeyfleet.outbox import Outbox
 from honeyfleet.v1 import common_pb2
+from honeyfleet.v1.artefact_pb2 import ARTEFACT_KIND_RECORDING as RECORDING
 from sensor.artefacts import ArtefactReport
 from sensor.config import SensorConfig
 from sensor.events import EventLog, SessionEvents
@@ -57,6 +59,7 @@ class Services:
     admission: Admission
     budget: LeaseBudget
     recordings: Recordings
+    outbox: Outbox
 
 
 class SessionAdapter(Protocol):
@@ -328,7 +331,12 @@ class Session:
             await self._adapter.last_words()
             duration = time.monotonic() - self._started
             summary = await self.recording.close() if self.recording is not None else None
-            self.events.emit_closed(summary, duration, reason)
+            uploaded = None
+            if summary is not None:
+                uploaded = await self.services.outbox.put(
+                    summary.path, RECORDING, session=self.events.session, filename=summary.path.name
+                )
+            self.events.emit_closed(summary, duration, reason, recording_sha256=uploaded)
             # Durable before anyone is told the session is over (shutdown closes the spool).
             await self.events.flush()
         finally:

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncssh
 
+from honeyfleet.v1.artefact_pb2 import ARTEFACT_KIND_CAPTURE as CAPTURE
 from sensor.capture import Capture, FileStore
 from sensor.config import SensorConfig
 from sensor.events import SessionEvents
@@ -339,7 +340,8 @@ class AttackerConnection(Adapter):
         task.add_done_callback(self._storing.discard)
 
     async def _store_file(self, how: str, name: str, capture: Capture) -> None:
-        """Keep a captured file under its sha256 and report it the way Cowrie does."""
+        """Keep a captured file under its sha256, report it the way Cowrie does, and queue it
+        for the controller's artefact store."""
         try:
             stored = await capture.finish()
         except OSError as e:
@@ -357,6 +359,9 @@ class AttackerConnection(Adapter):
             shasum=stored.shasum,
             destfile=name,
             size=stored.size,
+        )
+        await self.shared.services.outbox.put(
+            stored.path, CAPTURE, session=self.events.session, filename=name, sha256=stored.shasum
         )
 
     # The end (SessionAdapter).

@@ -6,6 +6,7 @@ Each diff boots a libguestfs appliance under TCG (no guest VM): run these under
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -14,14 +15,21 @@ from typing import Any
 
 import pytest
 
+from honeyfleet.artefactclient import fetch
+from honeyfleet.outbox import Outbox, OutboxMetrics
+from honeyfleet.pki.identity import Role
+from honeyfleet.tls import secure_channel
+from honeyfleet.v1 import artefact_pb2, artefact_pb2_grpc
 from poolnode.config import PoolNodeConfig
 from poolnode.diskdiff import DiskDiffer
 from poolnode.metrics import PoolMetrics
+from tests.conftest import ControllerFactory, FleetPki
 from tests.guestdisk import make_base, make_overlay, require_guestfs
 
 pytestmark = pytest.mark.timeout(600)
 
 ELF = b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"payload\n"
+SESSION = "0a1b2c3d4e5f"
 BIG = b"".join(hashlib.sha256(str(i).encode()).digest() for i in range(10_000))  # 320,000 bytes
 
 
@@ -39,9 +47,11 @@ class RecordedEvents:
     def __init__(self) -> None:
         self.events: list[Emitted] = []
 
-    def emit(self, guest_id: str | None, eventid: str, template: str, **fields: Any) -> object:
+    def emit(
+        self, guest_id: str | None, eventid: str, template: str, **fields: Any
+    ) -> dict[str, Any]:
         self.events.append(Emitted(guest_id, eventid, template, fields))
-        return None
+        return {"eventid": eventid, "session": SESSION, **fields}
 
     def files(self) -> dict[str, dict[str, Any]]:
         return {
@@ -77,7 +87,9 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
     yield base, overlay
 
 
-def differ(base: Path, state: Path, events: RecordedEvents, **limits: Any) -> DiskDiffer:
+def differ(
+    base: Path, state: Path, events: RecordedEvents, outbox: Outbox | None = None, **limits: Any
+) -> DiskDiffer:
     config = PoolNodeConfig(
         state_dir=state,
         backend_pass="pw",
@@ -87,7 +99,7 @@ def differ(base: Path, state: Path, events: RecordedEvents, **limits: Any) -> Di
         disk_diff_max_file_bytes=100_000,
         disk_diff_max_total_bytes=1_000_000,
     )
-    return DiskDiffer(replace(config, **limits), PoolMetrics(), events)
+    return DiskDiffer(replace(config, **limits), PoolMetrics(), events, outbox)
 
 
 async def run(d: DiskDiffer, overlay: Path, *, delete: bool = False) -> None:
@@ -137,6 +149,48 @@ async def test_created_and_changed_files_are_reported_and_kept(
         == 1
     )
     assert not list((tmp_path / "diskdiff").iterdir())  # no job leftovers
+
+
+async def test_kept_files_reach_the_controllers_store_on_the_guests_session(
+    disks: tuple[Path, Path],
+    tmp_path: Path,
+    start_controller: ControllerFactory,
+    fleet_pki: FleetPki,
+) -> None:
+    base, overlay = disks
+    _, address = await start_controller()
+    outbox = Outbox(
+        tmp_path / "outbox",
+        address,
+        fleet_pki.files(Role.POOLNODE, "node1"),
+        OutboxMetrics("test", PoolMetrics().registry),
+        max_bytes=10**8,
+        max_files=100,
+    )
+    await outbox.open()
+    uploading = asyncio.create_task(outbox.run())
+    try:
+        await run(differ(base, tmp_path, RecordedEvents(), outbox), overlay)
+        async with asyncio.timeout(60):
+            await outbox.idle()
+    finally:
+        uploading.cancel()
+        await asyncio.wait([uploading])
+        await outbox.close()
+    async with secure_channel(address, fleet_pki.files(Role.ADMIN, "alice")) as channel:
+        admin = artefact_pb2_grpc.ArtefactServiceStub(channel)  # type: ignore[misc]
+        listed = await admin.ListArtefacts(
+            artefact_pb2.ListArtefactsRequest(session=SESSION), timeout=10
+        )
+        got = {a.metadata.filename: a for a in listed.artefacts}
+        # Kept files only: /tmp/big was over disk_diff_max_file_bytes.
+        assert set(got) == {"/tmp/.x", "/etc/hostname", "/tmp/é x"}
+        x = got["/tmp/.x"]
+        assert x.metadata.sha256 == hashlib.sha256(ELF).hexdigest()
+        assert x.metadata.kind == artefact_pb2.ARTEFACT_KIND_EXTRACTED_FILE
+        assert x.source == "poolnode/node1"
+        await fetch(admin, x.metadata.sha256, tmp_path / "x")
+    assert (tmp_path / "x").read_bytes() == ELF
 
 
 async def test_bounds_on_files_and_bytes(disks: tuple[Path, Path], tmp_path: Path) -> None:

@@ -180,11 +180,21 @@ def render_network(
     return _text(root)
 
 
-def render_nwfilter(name: str, uuid: str | None) -> str:
-    """The guest filter under ``name`` (``uuid`` keeps an existing filter's identity)."""
+def render_nwfilter(name: str, uuid: str | None, egress: tuple[tuple[str, int], ...] = ()) -> str:
+    """The guest filter under ``name`` (``uuid`` keeps an existing filter's identity).
+
+    ``egress`` lists (protocol, port) of the node's egress servers on the gateway
+    address: guests' redirected DNS and TCP arrive there (see poolnode.egress), so the
+    filter lets guests send to them, as to the resolver's port 53.
+    """
     root = _template("nwfilter.xml")
     root.set("name", name)
     _set_uuid(root, uuid)
+    first_drop = next(i for i, rule in enumerate(root) if rule.get("action") == "drop")
+    for offset, (protocol, port) in enumerate(egress):
+        rule = ET.Element("rule", action="accept", direction="out", priority="500")
+        ET.SubElement(rule, protocol, dstipaddr="$DNS_SERVER", dstportstart=str(port))
+        root.insert(first_drop + offset, rule)
     return _text(root)
 
 

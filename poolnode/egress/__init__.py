@@ -1,0 +1,19 @@
+"""Egress containment: what a guest's outbound traffic meets, and the events it makes.
+
+Policies (``egress_policy``), after GQ's containment (Kreibich et al., IMC 2011):
+
+* ``drop``: nothing leaves the pool network; DNS queries are answered REFUSED by the
+  node's DNS server, each one an event (``honeyfleet.egress.dns``).
+* ``sinkhole`` (default): DNS answers point at the node's own address, where the
+  sinkhole accepts TCP on any port, records what the guest sends (HTTP request line and
+  Host, TLS SNI, first bytes: ``honeyfleet.egress.connect``) and answers a dead end.
+* ``fetch``: as ``sinkhole``, but HTTP downloads are fetched through the operator's
+  proxy, stored by sha256 and served to the guest (``cowrie.session.file_download``).
+
+Every event is on the attacker's session of the guest that caused it and bounded per
+guest (:mod:`poolnode.egress.bounds`).
+"""
+
+from poolnode.egress.service import Egress
+
+__all__ = ["Egress"]

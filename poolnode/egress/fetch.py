@@ -1,0 +1,147 @@
+"""Downloads for guests under ``fetch``: through the operator's proxy only, bounded.
+
+The pool node asks the configured HTTP proxy for the URL the guest asked the sinkhole
+for (absolute-form, HTTP/1.0, so the body ends with the connection), keeps at most
+``max_bytes`` within ``timeout`` seconds, and stores the body once under its sha256 in
+``state_dir/downloads`` (where files from guests' disks go too). Hosts are checked
+against the deny list, then the allow list, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 64 * 1024
+PARALLEL = 4
+"""Downloads in flight at once, all guests together."""
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
+
+
+class FetchFailed(Exception):
+    """A download that was refused or did not complete; the message says why."""
+
+
+@dataclass(frozen=True)
+class Download:
+    """A fetched file, stored under its sha256."""
+
+    url: str
+    shasum: str
+    path: Path
+    body: bytes
+
+
+class Fetcher:
+    """Fetches guests' downloads through the operator's proxy."""
+
+    def __init__(
+        self,
+        proxy: str,
+        downloads: Path,
+        *,
+        max_bytes: int,
+        timeout: float,
+        allow: tuple[str, ...] = (),
+        deny: tuple[str, ...] = (),
+    ) -> None:
+        host, _, port = proxy.rpartition(":")
+        self._proxy = (host.strip("[]"), int(port))
+        self.downloads = downloads
+        self._max_bytes = max_bytes
+        self._timeout = timeout
+        self._allow = tuple(p.lower() for p in allow)
+        self._deny = tuple(p.lower() for p in deny)
+        self._slots = asyncio.Semaphore(PARALLEL)
+
+    def refusal(self, url: str) -> str | None:
+        """Why ``url`` may not be fetched (None: it may)."""
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            return f"{parts.scheme or 'no'} scheme: only http:// is fetched"
+        host = (parts.hostname or "").lower()
+        if not host:
+            return "no host in the URL"
+        if any(fnmatch.fnmatchcase(host, p) for p in self._deny):
+            return f"{host} is on egress_fetch_deny"
+        if self._allow and not any(fnmatch.fnmatchcase(host, p) for p in self._allow):
+            return f"{host} is not on egress_fetch_allow"
+        return None
+
+    async def fetch(self, url: str, user_agent: str | None = None) -> Download:
+        """Fetch ``url`` and store it; raises FetchFailed saying why not."""
+        problem = self.refusal(url)
+        if problem is not None:
+            raise FetchFailed(problem)
+        async with self._slots:
+            try:
+                body = await asyncio.wait_for(self._get(url, user_agent), self._timeout)
+            except TimeoutError:
+                raise FetchFailed(f"no complete answer within {self._timeout:g} s") from None
+            except OSError as e:
+                raise FetchFailed(f"proxy {self._proxy[0]}:{self._proxy[1]}: {e}") from None
+        shasum = hashlib.sha256(body).hexdigest()
+        path = self.downloads / shasum
+        await asyncio.to_thread(_store, path, body)
+        return Download(url, shasum, path, body)
+
+    async def _get(self, url: str, user_agent: str | None) -> bytes:
+        """The body of a 200 answer from the proxy to ``GET url``."""
+        reader, writer = await asyncio.open_connection(*self._proxy, limit=MAX_HEADER_BYTES)
+        try:
+            host = urlsplit(url).netloc
+            agent = f"User-Agent: {_clean(user_agent)}\r\n" if user_agent else ""
+            request = f"GET {url} HTTP/1.0\r\nHost: {host}\r\n{agent}Connection: close\r\n\r\n"
+            writer.write(request.encode("ascii", "replace"))
+            await writer.drain()
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                raise FetchFailed("answer headers too long") from None
+            except asyncio.IncompleteReadError:
+                raise FetchFailed("connection closed before the answer's headers") from None
+            status = STATUS_LINE.match(head)
+            if status is None:
+                raise FetchFailed("not an HTTP answer")
+            if status.group(1) != b"200":
+                raise FetchFailed(f"HTTP status {status.group(1).decode()}")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+            if length is not None and int(length.group(1)) > self._max_bytes:
+                raise FetchFailed(f"{int(length.group(1))} bytes, over {self._max_bytes}")
+            body = await reader.read(self._max_bytes + 1)
+            while body and len(body) <= self._max_bytes:
+                more = await reader.read(self._max_bytes + 1 - len(body))
+                if not more:
+                    break
+                body += more
+            if len(body) > self._max_bytes:
+                raise FetchFailed(f"over {self._max_bytes} bytes")
+            return body
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def _clean(value: str) -> str:
+    """A header value from a guest, without anything that could end the header."""
+    return re.sub(r"[\r\n]", " ", value)[:256]
+
+
+def _store(path: Path, body: bytes) -> None:
+    """Write a download once (blocking: run off the event loop)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")
+    partial.write_bytes(body)
+    partial.replace(path)

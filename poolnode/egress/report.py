@@ -1,0 +1,48 @@
+"""Egress events: tied to the guest's session, bounded per guest, shed when the spool fills."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from poolnode.egress.bounds import EventBounds
+from poolnode.events import NodeEvents
+
+log = logging.getLogger(__name__)
+
+DNS = "dns"
+CONNECT = "connect"
+DOWNLOAD = "download"
+
+
+class Reporter:
+    """Turns what a guest did into events on its attacker's session."""
+
+    def __init__(self, bounds: EventBounds, guest_at: Callable[[str], str | None]) -> None:
+        self._bounds = bounds
+        self._guest_at = guest_at
+        self.events: NodeEvents | None = None
+        """Where events go (set before start; None: nothing is reported)."""
+        self.suppressed = 0
+        """Events not sent: over a guest's bound, or shed with the spool near full."""
+
+    def report(
+        self, guest_ip: str, budget: str, eventid: str, template: str, **fields: Any
+    ) -> bool:
+        """Send an event about the guest at ``guest_ip`` within its ``budget`` (DNS,
+        CONNECT, DOWNLOAD); whether it was sent."""
+        events = self.events
+        if events is None:
+            return False
+        if events.near_full:
+            self.suppressed += 1
+            return False
+        before = self._bounds.take(guest_ip, budget)
+        if before is None:
+            self.suppressed += 1
+            return False
+        if before:
+            fields["suppressed"] = before
+        events.emit(self._guest_at(guest_ip), eventid, template, guest_ip=guest_ip, **fields)
+        return True

@@ -1,0 +1,111 @@
+"""Egress containment on a pool node: the policy, its servers and its redirect rules."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+
+from poolnode.config import PoolNodeConfig
+from poolnode.egress.bounds import EventBounds
+from poolnode.egress.dnsserver import serve_dns
+from poolnode.egress.fetch import Fetcher
+from poolnode.egress.netfilter import Redirects
+from poolnode.egress.report import Reporter
+from poolnode.egress.sinkhole import Sinkhole, SinkholeLimits
+from poolnode.events import NodeEvents
+
+log = logging.getLogger(__name__)
+
+
+class Egress:
+    """Applies ``egress_policy`` to the pool network's guests (``start`` then ``stop``).
+
+    Its DNS server and sinkhole listen on the pool network's own address, so only the
+    guests (and the node) can reach them; with ``redirect`` (the default) the node's
+    iptables rules bring the guests' traffic there.
+    """
+
+    def __init__(
+        self,
+        config: PoolNodeConfig,
+        guest_at: Callable[[str], str | None],
+        *,
+        redirect: bool = True,
+    ) -> None:
+        self.config = config
+        self.policy = config.egress_policy
+        self.address = str(ipaddress.ip_interface(config.network_address).ip)
+        """The sinkhole's address, which DNS answers point at: the guests' gateway."""
+        bounds = EventBounds(config.egress_events_per_minute, config.egress_events_burst)
+        self.reporter = Reporter(bounds, guest_at)
+        fetcher = None
+        if self.policy == "fetch":
+            fetcher = Fetcher(
+                config.egress_fetch_proxy,
+                config.state_dir / "downloads",
+                max_bytes=config.egress_fetch_max_bytes,
+                timeout=config.egress_fetch_timeout,
+                allow=config.egress_fetch_allow,
+                deny=config.egress_fetch_deny,
+            )
+        limits = SinkholeLimits(
+            config.egress_capture_bytes, config.egress_read_timeout, config.egress_max_connections
+        )
+        self.sinkhole = Sinkhole(self.reporter, limits, fetcher)
+        self._redirects = (
+            Redirects(
+                config.guest_tag,
+                config.network_bridge,
+                config.egress_dns_port,
+                None if self.policy == "drop" else config.egress_sinkhole_port,
+            )
+            if redirect
+            else None
+        )
+        self._dns: asyncio.DatagramTransport | None = None
+        self._server: asyncio.Server | None = None
+
+    @property
+    def events(self) -> NodeEvents | None:
+        """Where egress events go."""
+        return self.reporter.events
+
+    @events.setter
+    def events(self, events: NodeEvents | None) -> None:
+        self.reporter.events = events
+
+    async def start(self) -> None:
+        """Listen on the pool network's address, then redirect guests' traffic there
+        (call once the network is up: its address must exist)."""
+        answer = None if self.policy == "drop" else self.address
+        self._dns = await serve_dns(
+            self.reporter, self.address, self.config.egress_dns_port, answer
+        )
+        if self.policy != "drop":
+            self._server = await asyncio.start_server(
+                self.sinkhole.handle, self.address, self.config.egress_sinkhole_port
+            )
+        if self._redirects is not None:
+            await self._redirects.install()
+        log.info(
+            "egress policy %s: DNS on %s:%d%s",
+            self.policy,
+            self.address,
+            self.config.egress_dns_port,
+            f", sinkhole on port {self.config.egress_sinkhole_port}" if self._server else "",
+        )
+
+    async def stop(self) -> None:
+        """Remove the redirects and close the listeners."""
+        if self._redirects is not None:
+            await self._redirects.remove()
+        if self._server is not None:
+            self._server.close()
+            await self.sinkhole.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None

@@ -1,0 +1,158 @@
+"""Egress containment's pure parts: DNS answers by policy, naming a connection's first
+bytes, and the per-guest event bounds."""
+
+from __future__ import annotations
+
+import ssl
+import struct
+
+import pytest
+
+from poolnode.egress.bounds import EventBounds
+from poolnode.egress.dns import BadQuery, answer, parse_query
+from poolnode.egress.sniff import complete, sniff
+
+
+def query(name: str, qtype: int = 1, ident: int = 0x1234) -> bytes:
+    """A stub resolver's query (RD set), as busybox nslookup sends it."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return (
+        struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0)
+        + labels
+        + b"\0"
+        + struct.pack("!HH", qtype, 1)
+    )
+
+
+def test_a_question_is_answered_with_the_sinkhole() -> None:
+    q = parse_query(query("Evil.Example.com"))
+    assert (q.name, q.type_name) == ("evil.example.com", "A")
+    reply = answer(q, "10.77.0.1")
+    ident, flags, qd, an, _, _ = struct.unpack_from("!HHHHHH", reply)
+    assert (ident, flags & 0x8000, flags & 0x0100, flags & 0xF, qd, an) == (
+        0x1234,
+        0x8000,
+        0x100,
+        0,
+        1,
+        1,
+    )
+    assert reply.endswith(bytes([10, 77, 0, 1]))
+    assert reply[12 : 12 + len(q.question)] == q.question
+
+
+def test_other_types_get_no_records_and_drop_refuses() -> None:
+    aaaa = parse_query(query("evil.example.com", qtype=28))
+    assert aaaa.type_name == "AAAA"
+    reply = answer(aaaa, "10.77.0.1")
+    assert struct.unpack_from("!H", reply, 6)[0] == 0  # no answers
+    assert struct.unpack_from("!H", reply, 2)[0] & 0xF == 0  # NOERROR
+    refused = answer(parse_query(query("evil.example.com")), None)
+    assert struct.unpack_from("!H", refused, 2)[0] & 0xF == 5
+    assert struct.unpack_from("!H", refused, 6)[0] == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x12\x34",
+        query("a.b")[:-2],  # no class
+        struct.pack("!HHHHHH", 1, 0x8000, 1, 0, 0, 0) + b"\x01a\x00\x00\x01\x00\x01",  # a reply
+        struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c\x00\x01\x00\x01",  # pointer
+        struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x05ab",  # runs past the end
+    ],
+)
+def test_what_is_not_a_query_is_refused(data: bytes) -> None:
+    with pytest.raises(BadQuery):
+        parse_query(data)
+
+
+def test_http_request_gives_its_url_host_and_agent() -> None:
+    data = b"GET /x.sh HTTP/1.1\r\nHost: files.example:8080\r\nUser-Agent: Wget\r\n\r\n"
+    assert complete(data) and not complete(data[:-2])
+    seen = sniff(data, "10.77.0.1", 8080)
+    assert seen.kind == "http"
+    assert seen.fields == {
+        "method": "GET",
+        "url": "http://files.example:8080/x.sh",
+        "host": "files.example:8080",
+        "user_agent": "Wget",
+    }
+    # No Host header: the address and port the guest connected to.
+    bare = sniff(b"GET /a HTTP/1.0\r\n\r\n", "192.0.2.9", 81).fields
+    assert bare["url"] == "http://192.0.2.9:81/a"
+
+
+def client_hello(server_name: str) -> bytes:
+    """A real ClientHello from Python's TLS stack."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_tls_hello_gives_its_server_name() -> None:
+    hello = client_hello("c2.example.net")
+    assert complete(hello) and not complete(hello[:20])
+    assert sniff(hello, "10.77.0.1", 443) == sniff(hello, "x", 1)
+    assert sniff(hello, "10.77.0.1", 443).fields == {"sni": "c2.example.net"}
+    assert sniff(hello, "10.77.0.1", 443).kind == "tls"
+
+
+def test_other_bytes_are_shown_escaped_and_bounded() -> None:
+    seen = sniff(b"\x00\xffSSH-2.0-x\r\n" + b"A" * 1000, "10.77.0.1", 22)
+    assert seen.kind == "data"
+    assert seen.fields["data"].startswith("\\x00\\xffSSH-2.0-x\\r\\n")
+    assert len(seen.fields["data"]) < 300
+    assert sniff(b"", "10.77.0.1", 22).kind == "none"
+
+
+def test_bounds_allow_a_burst_then_the_rate_and_count_what_they_held_back() -> None:
+    now = [0.0]
+    bounds = EventBounds(per_minute=60, burst=2, clock=lambda: now[0])
+    assert [bounds.take("10.0.0.5", "dns") for _ in range(4)] == [0, 0, None, None]
+    # Another guest, and another kind of the same guest, have bounds of their own.
+    assert bounds.take("10.0.0.6", "dns") == 0
+    assert bounds.take("10.0.0.5", "connect") == 0
+    now[0] = 1.0  # one event a second
+    assert bounds.take("10.0.0.5", "dns") == 2  # says two were held back before it
+    assert bounds.take("10.0.0.5", "dns") is None
+
+
+def test_bounds_forget_the_least_recent_guest() -> None:
+    bounds = EventBounds(per_minute=1, burst=1, clock=lambda: 0.0, tracked=2)
+    assert bounds.take("a", "dns") == 0
+    assert bounds.take("a", "dns") is None
+    bounds.take("b", "dns")
+    bounds.take("c", "dns")
+    assert bounds.take("a", "dns") == 0  # forgotten, so a fresh burst
+
+
+def test_guest_filter_lets_guests_reach_the_egress_servers_before_its_drops() -> None:
+    import xml.etree.ElementTree as ET
+
+    from poolnode.backends.libvirt_xml import render_nwfilter
+
+    xml = render_nwfilter("hf-guest", None, (("udp", 10053), ("tcp", 10080)))
+    root = ET.fromstring(xml)  # noqa: S314 - our own rendering
+    rules = list(root.iter("rule"))
+    added = [
+        (
+            r.get("action"),
+            r.get("direction"),
+            child.tag,
+            child.get("dstipaddr"),
+            child.get("dstportstart"),
+        )
+        for r in rules
+        for child in r
+        if child.get("dstportstart") in ("10053", "10080")
+    ]
+    assert added == [
+        ("accept", "out", "udp", "$DNS_SERVER", "10053"),
+        ("accept", "out", "tcp", "$DNS_SERVER", "10080"),
+    ]
+    actions = [r.get("action") for r in rules]
+    assert actions[-2:] == ["drop", "drop"] and actions.count("drop") == 2

@@ -28,7 +28,7 @@ from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.guest import LeaseHold
 from tests.conftest import free_port, until
-from tests.unit.test_poolnode_egress import query
+from tests.unit.test_egress_parts import query
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -23,6 +23,7 @@ from honeyfleet.v1 import common_pb2, registry_pb2
 from poolnode.backend import Backend, ssh_banner
 from poolnode.config import PoolNodeConfig
 from poolnode.diskdiff import DiskDiffer
+from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.guest import Guest, GuestState, LeaseHold
 from poolnode.metrics import PoolMetrics
@@ -58,6 +59,9 @@ class GuestPool:
         """Where the node's events go (set by the node before start; None: not reported)."""
         self.disk_diff: DiskDiffer | None = None
         """Diffs used guests' disks when they are destroyed (set before start; None: off)."""
+        self.egress: Egress | None = None
+        """Applies the egress policy to guests' traffic (set before start; None: the
+        backend's network alone decides)."""
 
     @property
     def capacity(self) -> int:
@@ -81,8 +85,15 @@ class GuestPool:
     async def start(self) -> None:
         """Prepare the backend and start upkeep."""
         await self._backend.start()
-        if self.disk_diff is not None:
-            await self.disk_diff.start()
+        try:
+            # Before the first guest boots: its first DNS query is already contained.
+            if self.egress is not None:
+                await self.egress.start()
+            if self.disk_diff is not None:
+                await self.disk_diff.start()
+        except BaseException:
+            await self._stop_services()
+            raise
         self._upkeep = asyncio.create_task(self._upkeep_loop())
 
     async def stop(self) -> None:
@@ -98,9 +109,22 @@ class GuestPool:
             *(self._destroy(g, "pool node stopping") for g in list(self.guests.values()))
         )
         await asyncio.gather(*self._destroying, return_exceptions=True)
+        await self._stop_services()
+
+    async def _stop_services(self) -> None:
+        """Stop what runs beside the guests, then the backend."""
         if self.disk_diff is not None:
             await self.disk_diff.stop()
+        if self.egress is not None:
+            await self.egress.stop()
         await self._backend.stop()
+
+    def guest_at(self, address: str) -> str | None:
+        """The id of the guest with this network address, if any."""
+        for guest in self.guests.values():
+            if guest.address == address:
+                return guest.id
+        return None
 
     # Leases
 

@@ -29,6 +29,7 @@ from poolnode.backend import Backend
 from poolnode.config import PoolNodeConfig
 from poolnode.controller_link import ControllerLink
 from poolnode.diskdiff import DiskDiffer
+from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.pool import GuestPool
 from poolnode.service import PoolNodeServicer
@@ -54,6 +55,9 @@ class PoolNode:
     def __init__(self, config: PoolNodeConfig, backend: Backend) -> None:
         self.config = config
         self.pool = GuestPool(config, backend)
+        if backend.name == "libvirt":
+            # A static backend's hosts are the operator's own: their network is theirs.
+            self.pool.egress = Egress(config, self.pool.guest_at)
         self.draining = False
         self.address = config.advertised
         self.authorizer: Authorizer | None = None
@@ -184,6 +188,8 @@ class PoolNode:
         self.events = self.pool.events = NodeEvents(self._event_log, pool_node=name)
         if self.pool.disk_diff is not None:
             self.pool.disk_diff.events = self.events
+        if self.pool.egress is not None:
+            self.pool.egress.events = self.events
 
     def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
         return registry_pb2.RegisterPoolNodeRequest(

@@ -385,7 +385,11 @@ class LibvirtBackend:
             uuid: str | None = conn.nwfilterLookupByName(self.nwfilter).UUIDString()
         except libvirt.libvirtError:
             uuid = None
-        conn.nwfilterDefineXML(render_nwfilter(self.nwfilter, uuid))
+        config = self.config
+        egress = [("udp", config.egress_dns_port)]
+        if config.egress_policy != "drop":
+            egress.append(("tcp", config.egress_sinkhole_port))
+        conn.nwfilterDefineXML(render_nwfilter(self.nwfilter, uuid, tuple(egress)))
 
     def _ensure_network(self, conn: Any) -> None:
         """Define and start the pool network; re-create it if it runs with other settings."""

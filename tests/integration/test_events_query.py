@@ -401,7 +401,8 @@ async def test_cli_tails_lists_and_shows(
     assert code == 0, err
     assert "user:     pi after 2 login attempts" in out
     assert "cowrie.command.input CMD: uname -a" in out
-    assert f"recording: none stored on the controller (sensor edge1 keeps {b[7]['ttylog']})" in out
+    kept = f"sensor edge1 keeps {b[7]['ttylog']}"
+    assert f"recording: not in the controller's store ({kept})" in out
     code, out, err = await run(honeyfleet, "sessions", "show", b[0]["session"], *flags, "--json")
     assert [json.loads(line) for line in out.splitlines()] == b
     code, out, err = await run(honeyfleet, "sessions", "show", "unknown", *flags)

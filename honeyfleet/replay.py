@@ -1,4 +1,8 @@
-"""Play an asciicast v2 recording back in a terminal with its original timing."""
+"""Play an asciicast v2 recording back in a terminal with its original timing.
+
+Recordings are made by sensors (:mod:`sensor.recording`) and fetched from the
+controller's artefact store by ``honeyfleet replay SESSION`` (:mod:`honeyfleet.artefactscli`).
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ssh_proxy.py                  # a few minutes; needs root
     .venv/bin/python bench/ssh_proxy.py --setups 20 --repeat 2 --shells 50
+    .venv/bin/python bench/ssh_proxy.py --only-tcg       # only the TCG guest's line
 
 Everything runs on loopback, each role in its own process. The backend is Debian's
 OpenSSH ``sshd`` (bench/openssh.py) with a throwaway account. The peers, each measured
@@ -30,7 +31,9 @@ in turn), each bounded in count and time:
 * memory per held shell: RSS growth of the process serving attackers (Cowrie, the
   sensor) with ``--shells`` pty shells open at once, each proven alive by an echo,
   divided by their number; measured before the transfers, whose freed heap new sessions
-  would reuse unseen. The pool node's growth is shown beside the sensor's.
+  would reuse unseen. The pool node's growth is shown beside the sensor's;
+* a real guest: the pool's image under QEMU's TCG (bench/tcg.py), session setup p50 and
+  p95 direct into it and through a second fleet whose static pool node hands it out.
 
 Latencies suffer from whatever else loads the machine (the load average is printed);
 CPU seconds hold up better. Nothing is asserted.
@@ -61,7 +64,9 @@ sys.path.insert(0, str(ROOT))
 from bench.cowrie import COWRIE_VERSION, CowrieBackend, install_cowrie, start_cowrie  # noqa: E402
 from bench.fleet import Processes, cpu_seconds, rss_bytes, start_fleet  # noqa: E402
 from bench.openssh import require, start_sshd  # noqa: E402
+from bench.tcg import GUEST_MEMORY_MIB, guest_image, start_tcg_guest  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.e2e.fleet import GUEST_PASSWORD, GUEST_USER  # noqa: E402
 
 BACKEND_USER = "hfbench"
 BACKEND_PASSWORD = "bench-backend-password"  # noqa: S105
@@ -276,16 +281,7 @@ async def measure(
                 f"held shells ({peer.name})", memory_per_shell(peer, args.shells)
             )
 
-    async def setups() -> None:
-        for _ in range(args.setups):
-            for peer in peers:
-                seconds = await client.setup(peer)
-                if seconds is None:
-                    figures[peer.name].failures += 1
-                else:
-                    figures[peer.name].setups.append(seconds)
-
-    await bounded("setup", setups())
+    await bounded("setup", time_setups(client, peers, figures, args.setups))
     payload = os.urandom(UPLOAD_BYTES)
 
     async def transfers() -> None:
@@ -308,6 +304,19 @@ async def measure(
         fig.cpu_down = {role: seconds * down for role, seconds in fig.cpu_down.items()}
         fig.cpu_up = {role: seconds * up for role, seconds in fig.cpu_up.items()}
     return figures
+
+
+async def time_setups(
+    client: OpenSshClient, peers: Sequence[Peer], figures: dict[str, Figures], count: int
+) -> None:
+    """``count`` timed setups of each peer, interleaved."""
+    for _ in range(count):
+        for peer in peers:
+            seconds = await client.setup(peer)
+            if seconds is None:
+                figures[peer.name].failures += 1
+            else:
+                figures[peer.name].setups.append(seconds)
 
 
 def _record(fig: Figures, samples: list[float], rate: float | None) -> None:
@@ -431,6 +440,63 @@ async def start_peers(args: argparse.Namespace, workdir: Path, procs: Processes)
     return peers
 
 
+async def start_tcg_peers(workdir: Path, procs: Processes) -> list[Peer]:
+    """A TCG guest and a fleet of its own whose static pool node hands it out; the peers
+    (direct into the guest, the fleet)."""
+    image = await asyncio.to_thread(guest_image)
+    guest_port = free_port()
+    await start_tcg_guest(procs, workdir / "guest", image, guest_port)
+    sensor_port = free_port()
+    sensor = await start_fleet(
+        workdir,
+        procs,
+        f"127.0.0.1:{guest_port}",
+        GUEST_PASSWORD,
+        {"ssh_listen": [f"127.0.0.1:{sensor_port}"], "telnet_listen": []},
+        backend_user=GUEST_USER,
+    )
+    return [
+        Peer("direct into guest", guest_port, GUEST_USER, GUEST_PASSWORD),
+        Peer("fleet", sensor_port, "root", ATTACKER_PASSWORD,
+             {"sensor": sensor.pid, "poolnode": procs.named("poolnode").pid}),
+    ]  # fmt: skip
+
+
+async def measure_tcg(
+    args: argparse.Namespace, client: OpenSshClient, workdir: Path
+) -> tuple[list[Peer], dict[str, Figures]]:
+    """The TCG guest's line: setups direct into it and through the fleet, interleaved
+    (its processes, logs and files under ``workdir``; all stopped at the end)."""
+    await asyncio.to_thread(workdir.mkdir)
+    procs = Processes(workdir)
+    try:
+        peers = await bounded("TCG guest start", start_tcg_peers(workdir, procs))
+        for peer in peers:
+            await bounded(f"TCG {peer.name} start", until_serving(client, peer))
+        figures = {peer.name: Figures() for peer in peers}
+        await bounded("TCG setup", time_setups(client, peers, figures, args.tcg_setups))
+    finally:
+        await procs.stop()
+    return peers, figures
+
+
+def report_tcg(
+    args: argparse.Namespace, peers: Sequence[Peer], figures: dict[str, Figures]
+) -> None:
+    """The TCG guest's line."""
+    print(
+        f"\nSSH setup into a TCG guest (the pool's image: dropbear, QEMU TCG, "
+        f"{GUEST_MEMORY_MIB} MiB; {args.tcg_setups} setups each)"
+    )
+    figs = [figures[peer.name] for peer in peers]
+    table = Table(peers)
+    table.row("setup p50 (ms)", [percentile(f.setups, 0.5) * 1e3 for f in figs], "{:.0f}", True)
+    table.row("setup p95 (ms)", [percentile(f.setups, 0.95) * 1e3 for f in figs], "{:.0f}", True)
+    failures = ", ".join(f"{p.name} {figures[p.name].failures}" for p in peers
+                         if figures[p.name].failures)  # fmt: skip
+    print(f"  failed sessions: {failures or 'none'}")
+
+
 async def run(args: argparse.Namespace) -> None:
     """Start everything, measure, print the figures, stop everything."""
     if os.geteuid() != 0:
@@ -442,11 +508,17 @@ async def run(args: argparse.Namespace) -> None:
         # The throwaway account and Cowrie's user must reach their directories.
         await asyncio.to_thread(workdir.chmod, 0o755)
         procs = Processes(workdir)
+        peers: list[Peer] = []
+        figures: dict[str, Figures] = {}
+        tcg: tuple[list[Peer], dict[str, Figures]] | None = None
         try:
-            peers = await start_peers(args, workdir, procs)
-            for peer in peers:
-                await bounded(f"{peer.name} start", until_serving(client, peer))
-            figures = await measure(args, client, peers)
+            if not args.only_tcg:
+                peers = await start_peers(args, workdir, procs)
+                for peer in peers:
+                    await bounded(f"{peer.name} start", until_serving(client, peer))
+                figures = await measure(args, client, peers)
+            if not args.no_tcg:
+                tcg = await measure_tcg(args, client, workdir / "tcg")
         except BaseException:
             if args.keep:
                 shutil.copytree(workdir, args.keep, dirs_exist_ok=True, symlinks=True)
@@ -455,12 +527,17 @@ async def run(args: argparse.Namespace) -> None:
             await procs.stop()
     load_after = os.getloadavg()
     print(
-        f"\nSSH through proxies vs direct to Debian's sshd (loopback, {os.cpu_count()} CPUs, "
-        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
-        f"{args.setups} setups, {args.repeat} transfers each way, {args.shells} shells; "
-        f"Cowrie {COWRIE_VERSION})"
+        f"\nLoopback, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after"
     )
-    report(args, peers, figures)
+    if peers:
+        print(
+            f"\nSSH through proxies vs direct to Debian's sshd ({args.setups} setups, "
+            f"{args.repeat} transfers each way, {args.shells} shells; Cowrie {COWRIE_VERSION})"
+        )
+        report(args, peers, figures)
+    if tcg is not None:
+        report_tcg(args, *tcg)
 
 
 def main() -> None:
@@ -470,6 +547,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="transfers each way per peer")
     parser.add_argument("--shells", type=int, default=100, help="shells held for memory")
     parser.add_argument("--no-cowrie", action="store_true", help="leave Cowrie out")
+    parser.add_argument("--tcg-setups", type=int, default=10, help="setups timed per TCG peer")
+    tcg = parser.add_mutually_exclusive_group()
+    tcg.add_argument("--no-tcg", action="store_true", help="leave the TCG guest's line out")
+    tcg.add_argument("--only-tcg", action="store_true", help="measure only the TCG guest's line")
     parser.add_argument("--keep", metavar="DIR", help="copy the work directory there on error")
     asyncio.run(run(parser.parse_args()))
 

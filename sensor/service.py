@@ -31,6 +31,7 @@ from sensor.session.budget import LeaseBudget
 from sensor.session.core import Services
 from sensor.ssh import SshFrontend, load_or_create, server_options
 from sensor.ssh.connection import Shared
+from sensor.ssh.faildelay import FailDelay, timing_secret
 from sensor.ssh.gex import GroupChooser, load_moduli
 from sensor.telnet import TelnetFrontend
 from sensor.tunnel import TunnelConnector
@@ -159,6 +160,7 @@ class Sensor:
                 dh_groups=GroupChooser(
                     await asyncio.to_thread(load_moduli, config.ssh_moduli_file)
                 ),
+                fail_delay=FailDelay(timing_secret(host_keys), config.ssh_auth_fail_delay),
             )
         )
         self.ports = await self._frontend.start()

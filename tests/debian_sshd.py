@@ -5,6 +5,11 @@ The stealth tests compare the sensor with it probe for probe. It runs
 /usr/share/openssh, without its ``Include`` of the machine's drop-ins) and host keys of
 its own in a temporary directory. It needs root (privilege separation, PAM) and the
 openssh-server package; a test that cannot have either fails in CI and skips elsewhere.
+
+One account can log in with a password (:data:`USER`, :data:`PASSWORD`), so what sshd
+says after a login can be probed too. The machine's account files are left alone: sshd
+runs in a mount namespace of its own (``unshare -m``) where copies of /etc/passwd and
+/etc/shadow with that account added are mounted over the originals; PAM reads them there.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from tests.conftest import free_port, require_tool, unmet
 
 PRISTINE_CONFIG = Path("/usr/share/openssh/sshd_config")
 KEY_TYPES = ("rsa", "ecdsa", "ed25519")
+USER = "visitor"
+PASSWORD = "visitor-secret"
+# Mount the account files, then become sshd (the same process: ``stop`` ends sshd).
+IN_NAMESPACE = (
+    'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/shadow && shift 2 && exec "$@"'
+)
 
 
 async def package_version(package: str) -> str:
@@ -85,15 +96,14 @@ class DebianSshd:
         ]
         config = self.directory / "sshd_config"
         config.write_text("\n".join(lines) + "\n")
+        passwd, shadow = await self._account_files()
+        unshare = require_tool("unshare", "util-linux")
         self._process = await asyncio.create_subprocess_exec(
-            sshd,
-            "-D",
-            "-e",
-            "-f",
-            str(config),
+            unshare, "--mount", "--propagation", "private", "sh", "-c", IN_NAMESPACE, "sh",
+            str(passwd), str(shadow), sshd, "-D", "-e", "-f", str(config),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
-        )
+        )  # fmt: skip
         async with asyncio.timeout(20):
             while True:
                 with contextlib.suppress(OSError):
@@ -102,6 +112,30 @@ class DebianSshd:
                     break
                 await asyncio.sleep(0.05)
         return self.port
+
+    async def _account_files(self) -> tuple[Path, Path]:
+        """A copy of /etc/passwd with :data:`USER` added (home: here), and a shadow file
+        with its password."""
+        openssl = require_tool("openssl", "openssl")
+        process = await asyncio.create_subprocess_exec(
+            openssl, "passwd", "-6", "-stdin", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        hashed, _ = await process.communicate(PASSWORD.encode())
+        home = self.directory / "home"
+        home.mkdir(exist_ok=True)
+        passwd, shadow = self.directory / "passwd", self.directory / "shadow"
+        passwd.write_text(
+            Path("/etc/passwd").read_text() + f"{USER}:x:4242:4242:Visitor:{home}:/bin/sh\n"
+        )
+        # Only this account's entry: the machine's password hashes are not copied anywhere.
+        shadow.write_text(f"{USER}:{hashed.decode().strip()}:19000:0:99999:7:::\n")
+        shadow.chmod(0o600)
+        return passwd, shadow
+
+    def host_keys(self) -> list[Path]:
+        """The public halves of sshd's host keys."""
+        return [self.directory / f"ssh_host_{key_type}_key.pub" for key_type in KEY_TYPES]
 
     async def stop(self) -> None:
         """Stop sshd (its per-connection children end with their connections)."""

@@ -1,23 +1,27 @@
 """Probes that show what an SSH server says, for comparing the sensor with OpenSSH.
 
 Each probe is what a scanner sends (a version line, a KEXINIT request, an ``ssh -v``
-login, repeated wrong passwords, malformed first lines, DH group exchange requests, an
-early NEWKEYS) and returns what the server sent back, in a form two servers can be
+login, repeated wrong passwords, a right one, malformed first lines, DH group exchange
+requests, an early NEWKEYS, a connection that never logs in, connections past the
+server's limit) and returns what the server sent back, in a form two servers can be
 compared by.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import os
 import re
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncssh
 
-from sensor.ssh.cleartext import parse_kexinit
+from sensor.ssh.cleartext import kexinit_lists
 from tests.conftest import require_tool
 
 MSG_KEXINIT = 20
@@ -49,14 +53,26 @@ async def exchange(port: int, send: bytes, *, quiet_for: float = 1.0) -> bytes:
 
 @dataclass(frozen=True)
 class ServerHello:
-    """The server's identification line and its KEXINIT lists (server to client)."""
+    """The server's identification line and its KEXINIT's ten name-lists, in order."""
 
     banner: str
     kex: list[str]
     host_key: list[str]
-    encryption: list[str]
-    mac: list[str]
-    compression: list[str]
+    encryption_c2s: list[str]
+    encryption_s2c: list[str]
+    mac_c2s: list[str]
+    mac_s2c: list[str]
+    compression_c2s: list[str]
+    compression_s2c: list[str]
+    languages_c2s: list[str]
+    languages_s2c: list[str]
+
+    @property
+    def hassh_server(self) -> str:
+        """hasshServer: md5 of "kex;encryption;mac;compression" (server to client)."""
+        lists = (self.kex, self.encryption_s2c, self.mac_s2c, self.compression_s2c)
+        text = ";".join(",".join(names) for names in lists)
+        return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
 
 
 async def hello(port: int) -> ServerHello:
@@ -65,16 +81,9 @@ async def hello(port: int) -> ServerHello:
     banner, _, packet = data.partition(b"\r\n")
     length = int.from_bytes(packet[:4], "big")
     padding = packet[4]
-    kexinit = parse_kexinit(packet[5 : 4 + length - padding])
-    assert kexinit is not None, data
-    return ServerHello(
-        banner.decode(),
-        kexinit.kex,
-        kexinit.host_key,
-        kexinit.encryption,
-        kexinit.mac,
-        kexinit.compression,
-    )
+    lists = kexinit_lists(packet[5 : 4 + length - padding])
+    assert lists is not None, data
+    return ServerHello(banner.decode(), *lists)
 
 
 @dataclass(frozen=True)
@@ -115,20 +124,24 @@ class Refusal:
     failures: int
     code: int
     reason: str
-    seconds_per_failure: float
+    # Seconds each wrong password took to be refused (the last: to the disconnect).
+    waits: list[float]
+
+    @property
+    def seconds_per_failure(self) -> float:
+        """The mean wait."""
+        return sum(self.waits) / len(self.waits)
 
 
 async def wrong_passwords(port: int, limit: int = 10) -> Refusal:
     """Try wrong passwords (at most ``limit``) until the server disconnects."""
-    tries = 0
+    asked: list[float] = []
 
     class Persistent(asyncssh.SSHClient):
         def password_auth_requested(self) -> str:
-            nonlocal tries
-            tries += 1
-            return "wrong-password" if tries <= limit else ""
+            asked.append(time.monotonic())
+            return "wrong-password" if len(asked) <= limit else ""
 
-    started = time.monotonic()
     try:
         async with asyncio.timeout(60):
             await asyncssh.connect(
@@ -136,8 +149,9 @@ async def wrong_passwords(port: int, limit: int = 10) -> Refusal:
                 agent_path=None, client_factory=Persistent, preferred_auth="password",
             )  # fmt: skip
     except asyncssh.DisconnectError as e:
-        elapsed = time.monotonic() - started
-        return Refusal(tries, e.code, e.reason, elapsed / max(tries, 1))
+        asked.append(time.monotonic())
+        waits = [later - earlier for earlier, later in itertools.pairwise(asked)]
+        return Refusal(len(asked) - 1, e.code, e.reason, waits)
     raise AssertionError("logged in with a wrong password")
 
 
@@ -213,3 +227,117 @@ async def early_newkeys(port: int) -> tuple[list[int], bool]:
         return messages, False
     finally:
         writer.close()
+
+
+@dataclass(frozen=True)
+class Login:
+    """What a server says around a password login that succeeds."""
+
+    # The algorithms of the keys in its hostkeys-00@openssh.com after login, in its order
+    # ("new ..." for one not among the keys the probe was told of).
+    host_keys: list[str]
+    # From connecting to logged in.
+    seconds: float
+
+
+async def password_login(port: int, username: str, password: str, host_keys: list[Path]) -> Login:
+    """Log in with the right password, trusting ``host_keys``; what the server announces."""
+    announced: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+
+    def report(
+        added: list[asyncssh.SSHKey],
+        removed: list[asyncssh.SSHKey],
+        retained: list[asyncssh.SSHKey],
+        revoked: list[asyncssh.SSHKey],
+    ) -> None:
+        names = [key.get_algorithm() for key in retained]
+        announced.set_result(names + [f"new {key.get_algorithm()}" for key in added])
+
+    trusted = [asyncssh.read_public_key(path) for path in host_keys]
+    started = time.monotonic()
+    async with asyncio.timeout(60):
+        conn = await asyncssh.connect(
+            "127.0.0.1", port, username=username, password=password,
+            known_hosts=(trusted, [], []), server_host_keys_handler=report,
+            client_keys=None, agent_path=None, preferred_auth="password",
+        )  # fmt: skip
+    seconds = time.monotonic() - started
+    try:
+        async with asyncio.timeout(READ_TIMEOUT):
+            names = await announced
+    except TimeoutError:
+        names = []
+    finally:
+        conn.close()
+    return Login(names, seconds)
+
+
+async def ending(reader: asyncio.StreamReader) -> tuple[bytes, str]:
+    """The rest of what the server sends, and how it ends: "FIN" or "RST"."""
+    rest = b""
+    try:
+        while chunk := await reader.read(65536):
+            rest += chunk
+    except ConnectionResetError:
+        return rest, "RST"
+    return rest, "FIN"
+
+
+@dataclass(frozen=True)
+class OverLimit:
+    """How a server refuses a connection past its limit of unauthenticated ones."""
+
+    reply: bytes
+    ending: str
+
+
+async def over_limit(port: int, limit: int = 150) -> OverLimit:
+    """Open connections that never log in (at most ``limit``) until one is refused."""
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(limit):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writers.append(writer)
+            try:
+                async with asyncio.timeout(READ_TIMEOUT):
+                    first = await reader.read(256)
+            except ConnectionResetError:
+                return OverLimit(b"", "RST")
+            if first.startswith(b"SSH-"):
+                continue  # admitted: it holds its place while the next one tries
+            rest, end = await ending(reader)
+            return OverLimit(first + rest, end)
+        raise AssertionError(f"{limit} unauthenticated connections and none refused")
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+@dataclass(frozen=True)
+class Grace:
+    """How a server ends a connection that does not log in."""
+
+    # Whole seconds from connecting to the end.
+    seconds: int
+    # Message numbers of the (cleartext) packets the server sent after its banner.
+    messages: list[int]
+    ending: str
+
+
+async def login_grace(port: int, bound: float = 300.0) -> Grace:
+    """Connect, send a version line and nothing more; wait (at most ``bound`` seconds)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(CLIENT_VERSION)
+    try:
+        async with asyncio.timeout(bound):
+            await reader.readline()
+            data, end = await ending(reader)
+    finally:
+        writer.close()
+    messages = []
+    while len(data) >= 5:
+        length = int.from_bytes(data[:4], "big")
+        messages.append(data[5])
+        data = data[4 + length :]
+    return Grace(int(time.monotonic() - started), messages, end)

@@ -137,7 +137,17 @@ class CleartextParser:
 
 
 def parse_kexinit(payload: bytes) -> KexInit | None:
-    """The name-lists of a KEXINIT payload, or None if malformed (asyncssh will say so)."""
+    """The client's name-lists of a KEXINIT payload, or None if malformed (asyncssh will
+    say so)."""
+    lists = kexinit_lists(payload)
+    if lists is None:
+        return None
+    kex, host_key, enc, _, mac, _, comp, _, lang, _ = lists
+    return KexInit(kex, host_key, enc, mac, comp, lang)
+
+
+def kexinit_lists(payload: bytes) -> list[list[str]] | None:
+    """All ten name-lists of a KEXINIT payload in their order, or None if malformed."""
     offset = 17  # message number and 16-byte cookie
     lists: list[list[str]] = []
     for _ in range(KEXINIT_LISTS):
@@ -150,5 +160,4 @@ def parse_kexinit(payload: bytes) -> KexInit | None:
         text = payload[offset : offset + size].decode("ascii", "backslashreplace")
         lists.append(text.split(",") if text else [])
         offset += size
-    kex, host_key, enc, _, mac, _, comp, _, lang, _ = lists
-    return KexInit(kex, host_key, enc, mac, comp, lang)
+    return lists

@@ -34,6 +34,7 @@ from sensor.ssh import openssh
 from sensor.ssh.channels import RefusedForward, RelaySession
 from sensor.ssh.cleartext import CleartextParser, KexInit
 from sensor.ssh.compression import limit_inflation
+from sensor.ssh.faildelay import FailDelay
 from sensor.ssh.gex import GroupChooser
 from sensor.ssh.guest import log_into_guest
 from sensor.ssh.pump import AttackerSide, InnerSide
@@ -48,6 +49,7 @@ class Shared:
     store: FileStore
     options: asyncssh.SSHServerConnectionOptions
     dh_groups: GroupChooser
+    fail_delay: FailDelay
 
 
 # Seconds a connection asyncssh disconnected may take to pass asyncssh's last message on.
@@ -188,14 +190,14 @@ class AttackerConnection(Adapter):
         """Whether another attempt is heard (not once the connection is closing)."""
         return self.session.closing is None and self._auth_failures < self.config.max_auth_attempts
 
-    async def refused(self) -> None:
-        """A failed password: wait as OpenSSH with PAM does, then count it.
+    async def refused(self, started: float, username: str) -> None:
+        """A failed password (asked at ``started``): wait as OpenSSH with PAM does
+        (:mod:`sensor.ssh.faildelay`), then count it.
 
         The wait is a sleep on the event loop, inside asyncssh's auth task (the slot is
         held meanwhile, as OpenSSH holds its MaxStartups slot until auth ends).
         """
-        if self.config.ssh_auth_fail_delay:
-            await asyncio.sleep(self.config.ssh_auth_fail_delay)
+        await self.shared.fail_delay.wait(started, username)
         self.count_failure()
 
     def count_failure(self) -> None:
@@ -224,9 +226,10 @@ class AttackerConnection(Adapter):
         """
         if not self.can_try():
             return False
+        started = asyncio.get_running_loop().time()
         if not self.shared.services.userdb.check(username, password):
             self.session.login_attempt(username, password, accepted=False)
-            await self.refused()
+            await self.refused(started, username)
             return False
         joining = self.session.join(self._open_guest)
         try:
@@ -236,7 +239,7 @@ class AttackerConnection(Adapter):
             raise
         if failure is not None or self.session.closing is not None:
             self.session.login_attempt(username, password, accepted=False, penalise=False)
-            await self.refused()
+            await self.refused(started, username)
             return False
         self.session.login_attempt(username, password, accepted=True)
         self.session.logged_in()

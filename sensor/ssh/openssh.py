@@ -14,6 +14,8 @@ Debian's own sshd) before the pin moves.
   is handled as the ``publickey`` request it extends (the key is still logged and refused).
 * A NEWKEYS before any key exchange: asyncssh disconnects; OpenSSH answers UNIMPLEMENTED
   and waits.
+* After login OpenSSH announces all its host keys (hostkeys-00@openssh.com); asyncssh
+  skips that on connections started as ours are (``wait="auth"``).
 * DH group exchange: asyncssh answers from its own groups, down to 1024 bits; OpenSSH
   picks from its moduli (:mod:`sensor.ssh.gex`), or closes.
 """
@@ -51,6 +53,7 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
     ) -> None:
         super().__init__(loop, options, wait="auth")
         self.dh_groups = dh_groups
+        self._host_keys_sent = False
 
     def _get_extra_kex_algs(self) -> list[bytes]:
         """Replaces asyncssh's ``[ext-info-s, kex-strict-s-v00@openssh.com]``."""
@@ -61,6 +64,17 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         self._extensions_to_send.pop(b"global-requests-ok", None)
         self._extensions_to_send[HOSTBOUND_EXTENSION] = b"0"
         super()._send_ext_info()
+
+    async def send_userauth_success(self) -> None:
+        """Then the host keys, as sshd's ``notify_hostkeys`` right after login."""
+        await super().send_userauth_success()
+        self.send_server_host_keys()
+
+    def send_server_host_keys(self) -> None:
+        """Once (asyncssh sends them itself on connections not waited for)."""
+        if not self._host_keys_sent:
+            self._host_keys_sent = True
+            super().send_server_host_keys()
 
     def _process_newkeys(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
         """A NEWKEYS with no key exchange under way is an unknown message to OpenSSH."""

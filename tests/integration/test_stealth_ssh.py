@@ -9,6 +9,7 @@ fails the test, so the list stays true.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from sensor.config import SensorConfig
+from tests import debian_sshd as debian
 from tests.conftest import bounded
 from tests.debian_sshd import DebianSshd, debian_banner
 from tests.integration.ssh_fleet import FleetFactory
@@ -24,6 +27,9 @@ from tests.sshprobe import (
     exchange,
     gex_group,
     hello,
+    login_grace,
+    over_limit,
+    password_login,
     verbose_login,
     wrong_passwords,
 )
@@ -47,6 +53,9 @@ GEX_REQUESTS = (
     (1024, 16384, 16384),
     (2048, 9000, 8192),
 )
+
+# Seconds a failed password may take with Debian's PAM and sshd's padding.
+PAM_WAITS = (1.0, 6.0)
 
 
 def list_differences(probe: str, debian: list[str], sensor: list[str]) -> set[tuple[str, str]]:
@@ -72,26 +81,33 @@ async def debian_sshd(tmp_path: Path) -> AsyncIterator[DebianSshd]:
 async def test_the_sensor_answers_probes_as_debians_sshd(
     make_fleet: FleetFactory, debian_sshd: DebianSshd
 ) -> None:
-    fleet = await make_fleet(ssh_version=await debian_banner(), ssh_auth_fail_delay=2.0)
+    # The sensor's own defaults where the test fleet shortens them.
+    fleet = await make_fleet(
+        ssh_version=await debian_banner(),
+        ssh_auth_fail_delay=SensorConfig.ssh_auth_fail_delay,
+        login_grace_time=SensorConfig.login_grace_time,
+    )
     differences: set[tuple[str, str]] = set()
+    # A connection that never logs in waits out the grace time (120 s) while the other
+    # probes run.
+    graces = asyncio.gather(login_grace(debian_sshd.port), login_grace(fleet.port))
 
-    debian, sensor = await hello(debian_sshd.port), await hello(fleet.port)
-    for probe, value in asdict(debian).items():
+    debian_hello, sensor_hello = await hello(debian_sshd.port), await hello(fleet.port)
+    for probe, value in asdict(debian_hello).items():
         if isinstance(value, list):
-            differences |= list_differences(probe, value, getattr(sensor, probe))
-        elif value != getattr(sensor, probe):
-            differences.add((probe, f"{value!r} != {getattr(sensor, probe)!r}"))
+            differences |= list_differences(probe, value, getattr(sensor_hello, probe))
+        elif value != getattr(sensor_hello, probe):
+            differences.add((probe, f"{value!r} != {getattr(sensor_hello, probe)!r}"))
+    if debian_hello.hassh_server != sensor_hello.hassh_server:
+        differences.add(
+            ("hasshServer", f"{debian_hello.hassh_server} != {sensor_hello.hassh_server}")
+        )
 
     debian_login, sensor_login = (
         await verbose_login(debian_sshd.port),
         await verbose_login(fleet.port),
     )
-    for name in debian_login.ext_info:
-        if name not in sensor_login.ext_info:
-            differences.add(("ext_info", f"only OpenSSH sends {name}"))
-    for name in sensor_login.ext_info:
-        if name not in debian_login.ext_info:
-            differences.add(("ext_info", f"only the sensor sends {name}"))
+    differences |= list_differences("ext_info", debian_login.ext_info, sensor_login.ext_info)
     if debian_login.kex != sensor_login.kex:
         differences.add(("negotiated kex", f"{debian_login.kex} != {sensor_login.kex}"))
     if debian_login.auth_methods != sensor_login.auth_methods:
@@ -128,10 +144,44 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
                 ("failures", f"{field}: {getattr(debian_refusal, field)!r} != "
                  f"{getattr(sensor_refusal, field)!r}")
             )  # fmt: skip
+    # PAM's 2 s varied by up to half either way, padded by sshd to a per-user time
+    # doubled (at most once more, for a slow first try): sensor/ssh/faildelay.py.
+    theirs_pam, ours_pam = (
+        all(PAM_WAITS[0] <= wait <= PAM_WAITS[1] for wait in refusal.waits)
+        for refusal in (debian_refusal, sensor_refusal)
+    )
+    if theirs_pam != ours_pam:
+        differences.add(("failures", f"waits like PAM's: {theirs_pam} != {ours_pam}"))
+
+    debian_in = await password_login(
+        debian_sshd.port, debian.USER, debian.PASSWORD, debian_sshd.host_keys()
+    )
+    sensor_in = await password_login(
+        fleet.port, "root", "toor", sorted((fleet.state_dir / "keys").glob("ssh_host_*.pub"))
+    )
+    if debian_in.host_keys != sensor_in.host_keys:
+        differences.add(("after login", f"{debian_in.host_keys} != {sensor_in.host_keys}"))
+    # A right password must not stand out: answered sooner than a wrong one, as with PAM.
+    theirs_sooner = debian_in.seconds < debian_refusal.seconds_per_failure
+    ours_sooner = sensor_in.seconds < sensor_refusal.seconds_per_failure
+    if theirs_sooner != ours_sooner:
+        differences.add(
+            ("right password", f"sooner than a wrong one: {theirs_sooner} != {ours_sooner}")
+        )
+
+    theirs_refused, ours_refused = await over_limit(debian_sshd.port), await over_limit(fleet.port)
+    if theirs_refused != ours_refused:
+        differences.add(("over the limit", f"{theirs_refused} != {ours_refused}"))
+
+    theirs_grace, ours_grace = await graces
+    if theirs_grace != ours_grace:
+        differences.add(("login grace", f"{theirs_grace} != {ours_grace}"))
+
     log.info(
-        "seconds per failed password: Debian %.2f, sensor %.2f",
+        "seconds per failed password: Debian %.2f, sensor %.2f; right password: %.2f, %.2f",
         debian_refusal.seconds_per_failure,
         sensor_refusal.seconds_per_failure,
+        debian_in.seconds,
+        sensor_in.seconds,
     )
-
     assert differences == KNOWN_DIFFERENCES

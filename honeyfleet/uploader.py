@@ -26,13 +26,13 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
+from honeyfleet.backoff import Backoff
 from honeyfleet.config import non_negative, positive, setting
 from honeyfleet.errors import Unavailable, retry_after
 from honeyfleet.events import MAX_EVENT_JSON, parse_timestamp, to_proto
@@ -104,7 +104,7 @@ class Uploader:
 
     async def run(self) -> None:
         """Deliver until cancelled."""
-        backoff = BACKOFF_START
+        backoff = Backoff(BACKOFF_START, BACKOFF_MAX)
         while True:
             problem = ""
             hint = 0.0
@@ -120,14 +120,9 @@ class Uploader:
             except sqlite3.Error as e:  # a disk problem: keep trying, the events wait
                 log.error("reading the spool %s: %s", self._spool.path, e)
             if self.connected.is_set():
-                backoff = BACKOFF_START
+                backoff.reset()
             self.connected.clear()
-            # Jitter spreads sensors that failed together (a controller restart); a
-            # controller's hint is never undercut, only stretched by up to half.
-            delay = max(
-                backoff * random.uniform(0.8, 1.2),  # noqa: S311
-                hint * random.uniform(1.0, 1.5),  # noqa: S311
-            )
+            delay = backoff.delay(hint)
             if problem:
                 log.warning(
                     "event ingest at %s: %s; %d events waiting, retrying in %.1fs",
@@ -137,7 +132,6 @@ class Uploader:
                     delay,
                 )
             await asyncio.sleep(delay)
-            backoff = min(backoff * 2, BACKOFF_MAX)
 
     async def _stream(self, stub: ingest_pb2_grpc.EventIngestServiceAsyncStub) -> None:
         """One StreamEvents call: batches out, acks in, until the stream breaks."""

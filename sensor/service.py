@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -33,9 +33,11 @@ from sensor.ssh import SshFrontend, load_or_create, server_options
 from sensor.ssh.connection import Shared
 from sensor.ssh.faildelay import FailDelay, timing_secret
 from sensor.ssh.gex import GroupChooser, load_moduli
-from sensor.telnet import TelnetFrontend
 from sensor.tunnel import TunnelConnector
 from sensor.userdb import UserDB
+
+if TYPE_CHECKING:
+    from sensor.telnet import TelnetFrontend
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,9 @@ class Sensor:
         )
         self.ports = await self._frontend.start()
         if config.telnet_listen:
+            # telnetlib3 and wcwidth are 3 MiB a sensor without Telnet never needs.
+            from sensor.telnet import TelnetFrontend
+
             self._telnet = TelnetFrontend(services)
             self.telnet_ports = await self._telnet.start()
         listen = [f"{a}/ssh" for a in config.ssh_listen]

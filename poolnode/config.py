@@ -68,6 +68,11 @@ def _gateway(value: str) -> str | None:
     return None
 
 
+def _log_group(value: int) -> str | None:
+    """Check: an NFLOG group number."""
+    return None if 0 <= value < 65536 else "must be an NFLOG group (0-65535)"
+
+
 def _host_patterns(value: tuple[str, ...]) -> str | None:
     """Check: host names, each maybe with ``*`` wildcards (``*.example.com``)."""
     for pattern in value:
@@ -211,6 +216,11 @@ class PoolNodeConfig:
         "port of the node's sinkhole listener on the pool network's address (guests' TCP "
         "to any address and port is redirected there)",
         check=_port,
+    )
+    egress_log_group: int = setting(
+        7707,
+        "netfilter NFLOG group the node reads dropped attempts from (unique per host)",
+        check=_log_group,
     )
     egress_capture_bytes: int = setting(
         4096, "first bytes of a guest's connection the sinkhole reads and records", check=positive

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from honeyfleet.errors import FailedPrecondition
 
@@ -28,48 +29,79 @@ def chain_name(tag: str) -> str:
     return f"{tag.upper()}-EGRESS"
 
 
-def rules(dns_port: int, sinkhole_port: int | None) -> list[list[str]]:
-    """The chain's rules: DNS to ``dns_port``, and TCP to ``sinkhole_port`` unless None."""
+def redirects(dns_port: int, sinkhole_port: int | None) -> list[list[str]]:
+    """The nat chain's rules: DNS to ``dns_port``, TCP to ``sinkhole_port`` unless None."""
     chain = [["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-ports", str(dns_port)]]
     if sinkhole_port is not None:
         chain.append(["-p", "tcp", "-j", "REDIRECT", "--to-ports", str(sinkhole_port)])
     return chain
 
 
-class Redirects:
-    """Installs and removes the node's redirect rules for one bridge."""
+def logged(group: int, *, tcp: bool) -> list[list[str]]:
+    """The mangle chain's rules: what is copied to NFLOG ``group`` (new flows only):
+    UDP but DNS (redirected) and DHCP (dnsmasq's), and TCP when ``tcp`` (under drop)."""
+    nflog = ["-j", "NFLOG", "--nflog-group", str(group)]
+    chain = [["-p", "udp", "-m", "multiport", "!", "--dports", "53,67", *nflog]]
+    if tcp:
+        chain.append(["-p", "tcp", "--syn", *nflog])
+    return chain
 
-    def __init__(self, tag: str, bridge: str, dns_port: int, sinkhole_port: int | None) -> None:
-        self.chain = chain_name(tag)
-        self._jump = ["PREROUTING", "-i", bridge, "-j", self.chain]
-        self._rules = rules(dns_port, sinkhole_port)
+
+@dataclass(frozen=True)
+class _Chain:
+    """A chain of ours in one table, jumped to from PREROUTING."""
+
+    table: str
+    name: str
+    jump: tuple[str, ...]
+    rules: list[list[str]]
+
+
+class Redirects:
+    """Installs and removes the node's rules for one bridge."""
+
+    def __init__(
+        self, tag: str, bridge: str, dns_port: int, sinkhole_port: int | None, log_group: int
+    ) -> None:
+        name = chain_name(tag)
+        new = ("-m", "conntrack", "--ctstate", "NEW")
+        self._chains = (
+            _Chain("nat", name, ("-i", bridge), redirects(dns_port, sinkhole_port)),
+            _Chain(
+                "mangle", name, ("-i", bridge, *new), logged(log_group, tcp=sinkhole_port is None)
+            ),
+        )
 
     async def install(self) -> None:
-        """(Re)make the chain with its rules and the jump to it."""
-        if not await _iptables("-L", self.chain, check=False):
-            await _iptables("-N", self.chain)
-        await _iptables("-F", self.chain)
-        for rule in self._rules:
-            await _iptables("-A", self.chain, *rule)
-        if not await _iptables("-C", *self._jump, check=False):
-            await _iptables("-I", *self._jump)
+        """(Re)make the chains with their rules and the jumps to them."""
+        for chain in self._chains:
+            if not await _iptables(chain.table, "-L", chain.name, check=False):
+                await _iptables(chain.table, "-N", chain.name)
+            await _iptables(chain.table, "-F", chain.name)
+            for rule in chain.rules:
+                await _iptables(chain.table, "-A", chain.name, *rule)
+            jump = ("PREROUTING", *chain.jump, "-j", chain.name)
+            if not await _iptables(chain.table, "-C", *jump, check=False):
+                await _iptables(chain.table, "-I", *jump)
 
     async def remove(self) -> None:
-        """Remove the jump and the chain (what is already gone is no error)."""
-        while await _iptables("-D", *self._jump, check=False):
-            pass
-        await _iptables("-F", self.chain, check=False)
-        await _iptables("-X", self.chain, check=False)
+        """Remove the jumps and the chains (what is already gone is no error)."""
+        for chain in self._chains:
+            jump = ("PREROUTING", *chain.jump, "-j", chain.name)
+            while await _iptables(chain.table, "-D", *jump, check=False):
+                pass
+            await _iptables(chain.table, "-F", chain.name, check=False)
+            await _iptables(chain.table, "-X", chain.name, check=False)
 
 
-async def _iptables(*args: str, check: bool = True) -> bool:
-    """Run ``iptables -w -t nat ARGS``; whether it succeeded (failure raises if ``check``)."""
+async def _iptables(table: str, *args: str, check: bool = True) -> bool:
+    """Run ``iptables -w -t TABLE ARGS``; whether it succeeded (failure raises if ``check``)."""
     try:
         proc = await asyncio.create_subprocess_exec(
             IPTABLES,
             "-w",
             "-t",
-            "nat",
+            table,
             *args,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -81,5 +113,5 @@ async def _iptables(*args: str, check: bool = True) -> bool:
     _, err = await proc.communicate()
     if proc.returncode != 0 and check:
         detail = err.decode(errors="replace").strip()
-        raise FailedPrecondition(f"iptables -t nat {' '.join(args)}: {detail}")
+        raise FailedPrecondition(f"iptables -t {table} {' '.join(args)}: {detail}")
     return proc.returncode == 0

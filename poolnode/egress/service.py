@@ -12,7 +12,8 @@ from poolnode.egress.bounds import EventBounds
 from poolnode.egress.dnsserver import serve_dns
 from poolnode.egress.fetch import Fetcher
 from poolnode.egress.netfilter import Redirects
-from poolnode.egress.report import Reporter
+from poolnode.egress.nflog import Attempt, PacketLog
+from poolnode.egress.report import CONNECT, Reporter
 from poolnode.egress.sinkhole import Sinkhole, SinkholeLimits
 from poolnode.events import NodeEvents
 
@@ -60,10 +61,13 @@ class Egress:
                 config.network_bridge,
                 config.egress_dns_port,
                 None if self.policy == "drop" else config.egress_sinkhole_port,
+                config.egress_log_group,
             )
             if redirect
             else None
         )
+        self.dropped = PacketLog(config.egress_log_group, self._dropped) if redirect else None
+        """Reads the attempts the guest filter drops (None: not watched)."""
         self._dns: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
 
@@ -76,6 +80,19 @@ class Egress:
     def events(self, events: NodeEvents | None) -> None:
         self.reporter.events = events
 
+    def _dropped(self, attempt: Attempt) -> None:
+        """Report an attempt the guest filter drops."""
+        self.reporter.report(
+            attempt.src_ip,
+            CONNECT,
+            "honeyfleet.egress.connect",
+            "Guest connection to {dst_ip}:{dst_port}/{transport} dropped",
+            dst_ip=attempt.dst_ip,
+            dst_port=attempt.dst_port,
+            transport=attempt.transport,
+            kind="dropped",
+        )
+
     async def start(self) -> None:
         """Listen on the pool network's address, then redirect guests' traffic there
         (call once the network is up: its address must exist)."""
@@ -87,6 +104,8 @@ class Egress:
             self._server = await asyncio.start_server(
                 self.sinkhole.handle, self.address, self.config.egress_sinkhole_port
             )
+        if self.dropped is not None:
+            self.dropped.start()
         if self._redirects is not None:
             await self._redirects.install()
         log.info(
@@ -101,6 +120,8 @@ class Egress:
         """Remove the redirects and close the listeners."""
         if self._redirects is not None:
             await self._redirects.remove()
+        if self.dropped is not None:
+            self.dropped.stop()
         if self._server is not None:
             self._server.close()
             await self.sinkhole.close()

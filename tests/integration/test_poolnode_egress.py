@@ -53,11 +53,11 @@ MakeEgress = Callable[..., Awaitable[Fleet]]
 
 @pytest.fixture
 async def make_egress(tmp_path: Path) -> AsyncIterator[MakeEgress]:
-    """Start an Egress on loopback with the given settings; the guest 127.0.0.1 is g1,
-    leased to session s1."""
+    """Start an Egress with the given settings (on loopback unless they say otherwise);
+    the guest (127.0.0.1 unless ``guest_ip``) is g1, leased to session s1."""
     started: list[tuple[Egress, EventLog]] = []
 
-    async def make(**settings: Any) -> Fleet:
+    async def make(*, redirect: bool = False, guest_ip: str = GUEST, **settings: Any) -> Fleet:
         table = {
             "backend_pass": "x",
             "state_dir": str(tmp_path / "state"),
@@ -77,7 +77,7 @@ async def make_egress(tmp_path: Path) -> AsyncIterator[MakeEgress]:
         log = EventLog(spool, SpoolMetrics("t", CollectorRegistry()), instance_uuid="node")
         events = NodeEvents(log, pool_node="pool-1")
         events.leased("g1", LeaseHold("L1", "sensor/edge1", "198.51.100.7", 0.0, "s1", "ssh"))
-        egress = Egress(config, {GUEST: "g1"}.get, redirect=False)
+        egress = Egress(config, {guest_ip: "g1"}.get, redirect=redirect)
         egress.events = events
         await egress.start()
         started.append((egress, log))

@@ -41,6 +41,7 @@ def test_sinkhole_is_the_default_and_fetch_is_opt_in(tmp_path: Path) -> None:
         ({"egress_events_per_minute": 0}, "egress_events_per_minute", "greater than 0"),
         ({"egress_fetch_allow": ["ok.example", "bad host"]}, "egress_fetch_allow", "'bad host'"),
         ({"egress_fetch_max_bytes": -1}, "egress_fetch_max_bytes", "greater than 0"),
+        ({"egress_log_group": 70000}, "egress_log_group", "NFLOG group"),
     ],
 )
 def test_bad_egress_settings_name_their_key(

@@ -1,0 +1,190 @@
+"""The egress rules for real: iptables redirects and NFLOG in network namespaces this
+test makes, with a "guest" namespace behind a veth pair standing in for the pool bridge.
+
+The test's event loop thread enters the node's namespace for the test (so the node's
+listeners and its iptables children live there, as the pool node process does); the
+guest's sockets are made by a worker thread inside the guest's namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import socket
+import struct
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.conftest import until
+from tests.integration import test_poolnode_egress as loopback
+from tests.integration.test_poolnode_egress import Fleet, MakeEgress
+from tests.prereq import require_tool, unmet
+from tests.unit.test_egress_parts import query
+
+pytestmark = pytest.mark.timeout(60)
+make_egress = loopback.make_egress  # the same fixture, here with redirect=True
+
+CLONE_NEWNET = 0x40000000
+NODE_IP = "10.99.0.1"
+GUEST_IP = "10.99.0.2"
+BRIDGE = "hfeg0"
+FAR = "192.0.2.80"  # TEST-NET-1: routed to the node, never anywhere else
+
+
+def _setns(path: str) -> None:
+    """Move the calling thread into the network namespace at ``path``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({path})")
+    finally:
+        os.close(fd)
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def namespaces() -> Iterator[tuple[str, str]]:
+    """A node and a guest namespace joined by a veth pair; the guest routes everything
+    to the node. The test's thread is in the node's namespace until the end."""
+    if os.geteuid() != 0:
+        unmet("network namespaces need root")
+    require_tool("ip", "iproute2")
+    require_tool("iptables", "iptables")
+    node, guest = f"hf-egn-{os.getpid()}", f"hf-egg-{os.getpid()}"
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        for ns in (node, guest):
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip(
+            "-n",
+            node,
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "hfeg1",
+            "netns",
+            guest,
+        )
+        _ip("-n", node, "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
+        _ip("-n", node, "link", "set", BRIDGE, "up")
+        _ip("-n", guest, "addr", "add", f"{GUEST_IP}/24", "dev", "hfeg1")
+        _ip("-n", guest, "link", "set", "hfeg1", "up")
+        _ip("-n", guest, "route", "add", "default", "via", NODE_IP)
+        _setns(f"/run/netns/{node}")
+        yield node, guest
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.setns(own, CLONE_NEWNET)
+        os.close(own)
+        for ns in (node, guest):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+async def guest(namespaces: tuple[str, str]) -> AsyncIterator[ThreadPoolExecutor]:
+    """A worker thread in the guest's namespace, to make its sockets."""
+    worker = ThreadPoolExecutor(1, initializer=_setns, initargs=(f"/run/netns/{namespaces[1]}",))
+    yield worker
+    worker.shutdown(wait=True)
+
+
+async def in_guest(worker: ThreadPoolExecutor, kind: int) -> socket.socket:
+    """A non-blocking socket made in the guest's namespace."""
+    sock = await asyncio.get_running_loop().run_in_executor(
+        worker, socket.socket, socket.AF_INET, kind
+    )
+    sock.setblocking(False)
+    return sock
+
+
+def settings(**more: Any) -> dict[str, Any]:
+    return {"network_address": f"{NODE_IP}/24", "network_bridge": BRIDGE, "redirect": True, **more}
+
+
+async def test_guests_dns_and_tcp_to_anywhere_reach_the_node(
+    guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    fleet: Fleet = await make_egress(**settings(), guest_ip=GUEST_IP)
+    loop = asyncio.get_running_loop()
+    # DNS to a resolver somewhere else is answered by the node's server.
+    udp = await in_guest(guest, socket.SOCK_DGRAM)
+    await loop.sock_connect(udp, ("198.51.100.53", 53))
+    await loop.sock_sendall(udp, query("cnc.example.org"))
+    reply = await asyncio.wait_for(loop.sock_recv(udp, 512), 5)
+    udp.close()
+    assert reply.endswith(socket.inet_aton(NODE_IP))
+    # TCP to any address and port meets the sinkhole, which knows where it was going.
+    tcp = await in_guest(guest, socket.SOCK_STREAM)
+    await asyncio.wait_for(loop.sock_connect(tcp, (FAR, 8081)), 5)
+    await loop.sock_sendall(tcp, b"GET /a HTTP/1.1\r\nHost: cnc.example.org:8081\r\n\r\n")
+    answer = await asyncio.wait_for(loop.sock_recv(tcp, 4096), 5)
+    tcp.close()
+    assert answer.startswith(b"HTTP/1.1 404 Not Found")
+    # UDP elsewhere is not answered, but it is an event.
+    stray = await in_guest(guest, socket.SOCK_DGRAM)
+    await loop.sock_sendto(stray, b"hello", (FAR, 9999))
+    stray.close()
+
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) == 2)
+    http, dropped = sorted(
+        fleet.of("honeyfleet.egress.connect"), key=lambda e: e["kind"] == "dropped"
+    )
+    assert (http["dst_ip"], http["dst_port"], http["url"]) == (
+        FAR,
+        8081,
+        "http://cnc.example.org:8081/a",
+    )
+    assert (dropped["dst_ip"], dropped["dst_port"], dropped["transport"]) == (FAR, 9999, "udp")
+    assert {e["guest_ip"] for e in fleet.seen} == {GUEST_IP}
+    assert all(e["session"] == "s1" for e in fleet.seen)
+
+
+async def test_drop_reports_each_tcp_attempt_once(
+    guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    fleet = await make_egress(**settings(egress_policy="drop"), guest_ip=GUEST_IP)
+    loop = asyncio.get_running_loop()
+    tcp = await in_guest(guest, socket.SOCK_STREAM)
+    # No sinkhole and no forwarding: the SYN goes nowhere; the kernel resends it.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(loop.sock_connect(tcp, (FAR, 443)), 3.5)
+    tcp.close()
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) >= 1)
+    await asyncio.sleep(0.5)
+    (event,) = fleet.of("honeyfleet.egress.connect")  # resends are the same attempt
+    assert (event["dst_ip"], event["dst_port"], event["transport"], event["kind"]) == (
+        FAR,
+        443,
+        "tcp",
+        "dropped",
+    )
+    udp = await in_guest(guest, socket.SOCK_DGRAM)
+    await loop.sock_sendto(udp, query("x.example"), ("198.51.100.53", 53))
+    reply = await asyncio.wait_for(loop.sock_recv(udp, 512), 5)
+    udp.close()
+    assert struct.unpack_from("!H", reply, 2)[0] & 0xF == 5  # REFUSED
+
+
+async def test_rules_are_removed_at_stop(
+    namespaces: tuple[str, str], make_egress: MakeEgress
+) -> None:
+    fleet = await make_egress(**settings())
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert "-A PREROUTING -i hfeg0 -j HF-EGRESS" in rules
+    await fleet.egress.stop()
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert "EGRESS" not in rules

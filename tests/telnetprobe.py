@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from telnetlib3.telopt import name_command
 
+from tests.terminal import Terminal
+
 IAC, SB, SE = 255, 250, 240
 WILL, WONT, DO, DONT = 251, 252, 253, 254
 COMMANDS = {WILL: "WILL", WONT: "WONT", DO: "DO", DONT: "DONT"}
@@ -115,3 +117,47 @@ async def _quiet_read(reader: asyncio.StreamReader, quiet: float) -> bytes:
             out += chunk
     except TimeoutError:
         return out
+
+
+async def through_client(port: int, telnet: str, *, login: bytes = b"root\r") -> Negotiation:
+    """What a server sends Debian's telnet client (on a pty) up to its password prompt.
+
+    The client connects through a recording relay on loopback, and ``login`` is typed
+    at the login prompt. The result is one round: every option command and
+    subnegotiation the server sent, in order; the text is everything else it sent,
+    NUL bytes and greeting included.
+    """
+    sent = bytearray()
+    relayed: set[asyncio.Task[None]] = set()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bool) -> None:
+            while data := await src.read(65536):
+                if record:
+                    sent.extend(data)
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pump(reader, server_writer, False), pump(server_reader, writer, True))
+
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(relay(reader, writer))
+        relayed.add(task)
+
+    proxy = await asyncio.start_server(accepted, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    term = await Terminal.spawn(telnet, "127.0.0.1", str(proxy_port))
+    try:
+        await term.expect(rb"login: ")
+        term.send(login)
+        await term.expect(rb"Password: ")
+    finally:
+        await term.close()
+        proxy.close()
+        for task in relayed:
+            task.cancel()
+        await asyncio.gather(*relayed, return_exceptions=True)
+    _, names, text = parse(bytes(sent))
+    return Negotiation([names], text)

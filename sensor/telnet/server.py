@@ -1,19 +1,14 @@
 """The attacker's side: a telnetlib3 server protocol that negotiates like Debian's telnetd.
 
 It sends what inetutils telnetd 2.4 (Debian 12's ``inetutils-telnetd``) sends, in its
-order, round by round, each round once the client answered the one before:
-
-1. ``WILL AUTHENTICATION, WILL ENCRYPT, DO TTYPE, DO TSPEED, DO XDISPLOC,
-   DO NEW-ENVIRON, DO OLD-ENVIRON`` (the terminal, the speed, the environment);
-2. ``WILL SGA, DO ECHO, DO LINEMODE, DO NAWS, WILL STATUS, DO LFLOW``;
-3. ``WILL ECHO, DO BINARY``: character-at-a-time mode, where the guest's login and shell do all
-   the echoing and editing.
+order, round by round, each round once the client answered the one before (the rounds
+are :class:`~sensor.telnet.telnetd.TelnetdWriter`'s), ending in character-at-a-time
+mode, where the guest's login and shell do all the echoing and editing.
 
 Like telnetd, it says nothing more to a client that says nothing: no login prompt
 until the client has answered or, having sent something, waited ``NEGOTIATION_WAIT``.
-It refuses what telnetd does not speak (compression, CHARSET, MUD protocols) and
-LINEMODE, which telnetd also ends up refusing. Bytes travel in binary
-(``encoding=False``): they are the guest's business, not ours to decode.
+It refuses what telnetd does not speak (compression, CHARSET, MUD protocols). Bytes
+travel in binary (``encoding=False``): they are the guest's business, not ours to decode.
 
 Everything a connection learns is handed to its :class:`AttackerPeer` (the session).
 """
@@ -33,10 +28,8 @@ from telnetlib3.telopt import (
     AO,
     ATCP,
     AUTHENTICATION,
-    BINARY,
     CHARSET,
     COM_PORT_OPTION,
-    DO,
     EC,
     ECHO,
     EL,
@@ -45,8 +38,6 @@ from telnetlib3.telopt import (
     EOR,
     GMCP,
     IP,
-    LFLOW,
-    LINEMODE,
     MCCP2_COMPRESS,
     MCCP3_COMPRESS,
     MSDP,
@@ -55,17 +46,14 @@ from telnetlib3.telopt import (
     MXP,
     NAWS,
     NEW_ENVIRON,
-    SGA,
-    STATUS,
     SUSP,
     TSPEED,
     TTYPE,
-    USERVAR,
-    VAR,
-    WILL,
     XDISPLOC,
     ZMP,
 )
+
+from sensor.telnet.telnetd import TelnetdWriter
 
 # A client that has sent something but not answered every request gets its login prompt
 # this long after its first bytes; one that sends nothing never does (the login grace
@@ -73,21 +61,6 @@ from telnetlib3.telopt import (
 NEGOTIATION_WAIT = 2.0
 # No prompt for a silent client: telnetlib3's own wait is made longer than any session.
 SILENT_WAIT = 24 * 3600.0
-OLD_ENVIRON = b"$"  # RFC 1408 (telnetlib3 has no name for it)
-# inetutils telnetd's rounds, in its order (see the module docstring).
-ROUNDS: tuple[tuple[tuple[bytes, bytes], ...], ...] = (
-    (
-        (WILL, AUTHENTICATION),
-        (WILL, ENCRYPT),
-        (DO, TTYPE),
-        (DO, TSPEED),
-        (DO, XDISPLOC),
-        (DO, NEW_ENVIRON),
-        (DO, OLD_ENVIRON),
-    ),
-    ((WILL, SGA), (DO, ECHO), (DO, LINEMODE), (DO, NAWS), (WILL, STATUS), (DO, LFLOW)),
-    ((WILL, ECHO), (DO, BINARY)),
-)
 # Options a Linux telnetd does not speak, refused whoever asks.
 REFUSED = frozenset(
     {CHARSET, EOR, COM_PORT_OPTION, MCCP2_COMPRESS, MCCP3_COMPRESS}
@@ -142,12 +115,12 @@ class TelnetdProtocol(BaseServer):
             shell=self._negotiated,
             encoding=False,
             connect_maxwait=SILENT_WAIT,
+            writer_factory=TelnetdWriter,
             _waiter_connected=self._connected,
         )
         self._accept = accept
         self._write_buffer_high = write_buffer_high
         self._peer: AttackerPeer | None = None
-        self._rounds_sent = 0
         self._spoke: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,7 +141,7 @@ class TelnetdProtocol(BaseServer):
         writer = self.writer
         writer.compression = False
         writer.always_wont |= REFUSED
-        writer.always_dont |= REFUSED | {LINEMODE, ECHO}
+        writer.always_dont |= REFUSED | {ECHO}
         # Offered as telnetd offers them (with nothing to authenticate or encrypt with):
         # a client's DO is taken without a WONT.
         writer.always_will |= {AUTHENTICATION, ENCRYPT}
@@ -178,8 +151,6 @@ class TelnetdProtocol(BaseServer):
         writer.set_ext_callback(TTYPE, lambda value: peer.client_info("ttype", value))
         writer.set_ext_callback(XDISPLOC, lambda value: peer.client_info("xdisploc", value))
         writer.set_ext_callback(TSPEED, lambda rx, tx: peer.client_info("tspeed", f"{rx},{tx}"))
-        # Like telnetd: "send me every variable you have".
-        writer.set_ext_offer_callback(NEW_ENVIRON, lambda: [VAR, USERVAR])
         reader = self.reader
         for command, key in COMMAND_KEYS.items():
             writer.set_iac_callback(command, lambda _, key=key: reader.feed_data(key))
@@ -193,13 +164,8 @@ class TelnetdProtocol(BaseServer):
         """Rounds are ours (:meth:`check_negotiation`), not telnetlib3's."""
 
     def _next_round(self) -> bool:
-        """Send the next round; False when all were sent."""
-        if self._rounds_sent == len(ROUNDS) or self.writer is None:
-            return False
-        for command, option in ROUNDS[self._rounds_sent]:
-            self.writer.iac(command, option)
-        self._rounds_sent += 1
-        return True
+        """Send telnetd's next round; False when all were sent."""
+        return isinstance(self.writer, TelnetdWriter) and self.writer.next_round()
 
     def check_negotiation(self, final: bool = False) -> bool:
         """Done when every round is answered (or, ``final``, given up on).

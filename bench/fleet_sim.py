@@ -287,7 +287,7 @@ class SimPool:
         guest = self._leases.pop(lease_id, None)
         if guest is None:
             return self.table_version
-        self._recorder.stats.counts["node: ReleaseGuest"] += 1
+        self._recorder.stats.counts["node: releases"] += 1
         guest.move(common_pb2.GUEST_STATE_IDLE)
         self.table_version += 1
         asyncio.get_running_loop().call_later(self._idle, self._replace, guest)
@@ -392,9 +392,14 @@ class SimNode:
 
     async def _on_response(self, reply: registry_pb2.HeartbeatResponse) -> None:
         stats = self._recorder.stats
-        if self._sent:
-            stats.record("heartbeat", time.monotonic() - self._sent.popleft())
-        stats.counts["node: heartbeats answered"] += 1
+        if reply.between_heartbeats:
+            stats.counts["node: messages between heartbeats"] += 1
+        else:
+            if self._sent:
+                stats.record("heartbeat", time.monotonic() - self._sent.popleft())
+            stats.counts["node: heartbeats answered"] += 1
+        for ended in reply.ended_leases:
+            await self.pool.release(ended.lease_id, ended.reason)
         for lease_id in reply.stale_lease_ids:
             stats.counts["node: stale lease ids"] += 1
             await self.pool.release(lease_id, "the controller no longer knows this lease")

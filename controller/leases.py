@@ -2,22 +2,26 @@
 
 Every lease is indexed by node and sensor, so a heartbeat is checked against its own
 node's leases only. A lease ends in memory at once (its record is group-committed
-without waiting) and is then told to its node; until the node confirmed, it is
-*ending*, never reported back as stale. Acquires that find no guest wait in a bounded
-queue (controller.waiters); above that, past their wait, or when more than
-max_acquires_in_flight are being placed at once (the controller is saturated: more
-would only queue for the CPU), they are shed with RESOURCE_EXHAUSTED and a retry hint.
+without waiting) and is then told to its node on the node's heartbeat stream (no call
+of its own: every end queued meanwhile rides in one message). Until a table of the
+node's no longer shows it, it is *ending*: never reported back as stale, and told
+again while a table still shows it (the message may have been lost with a stream).
+Acquires that find no guest wait in a bounded queue (controller.waiters); above that,
+past their wait, or when more than max_acquires_in_flight are being placed at once
+(the controller is saturated: more would only queue for the CPU), they are shed with
+RESOURCE_EXHAUSTED and a retry hint.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -34,7 +38,7 @@ from honeyfleet.errors import (
     ResourceExhausted,
     RPCError,
 )
-from honeyfleet.v1 import common_pb2, lease_pb2, poolnode_pb2
+from honeyfleet.v1 import common_pb2, lease_pb2, poolnode_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +83,11 @@ class LeaseManager:
         self._sensor_leases: Counter[str] = Counter()
         self._sensor_acquiring: Counter[str] = Counter()
         self._allocating: set[str] = set()
-        # Ended leases whose node has not confirmed the release yet.
-        self._ending: set[str] = set()
-        self._telling: set[asyncio.Task[None]] = set()
+        # Per node: ended leases its tables still may show, and why they ended.
+        self._ending: dict[str, dict[str, str]] = {}
+        # Per node: ends not yet handed to its heartbeat stream, and the stream's wake-up.
+        self._untold: dict[str, dict[str, str]] = {}
+        self._listeners: dict[str, Callable[[], None]] = {}
         self.metrics = LeaseMetrics(lambda: len(registry.waiters))
 
     async def load(self) -> None:
@@ -342,6 +348,9 @@ class LeaseManager:
     def fail_node(self, node: str, reason: str) -> None:
         """Fail every active lease on a node (it died; nobody to tell)."""
         failed = list(self._by_node.get(node, {}).values())
+        # Nobody hears them now; a table that still shows them on its return is stale.
+        self._ending.pop(node, None)
+        self._untold.pop(node, None)
         for lease in failed:
             self._end(lease, LeaseState.FAILED, reason, tell=False)
         if failed:
@@ -350,22 +359,41 @@ class LeaseManager:
     def reconcile(self, node: PoolNodeRecord) -> list[str]:
         """Compare a node's view after a new table with ours; returns leases it should drop.
 
-        Leases we hold that the node no longer does (it lost the guest) fail.
+        Leases we hold that the node no longer does (it lost the guest) fail. Ended
+        leases the table still shows are told again; those it no longer shows are done.
         """
         held = node.view.lease_ids
         mine = self._by_node.get(node.name, {})
-        stale = [
-            i for i in held if i not in mine and i not in self._allocating and i not in self._ending
-        ]
+        ending = self._ending.get(node.name, {})
+        stale = [i for i in held if i not in mine and i not in self._allocating and i not in ending]
         if stale:
             self.metrics.stale.inc(len(stale))
+        for lease_id in [i for i in ending if i not in held]:
+            del ending[lease_id]
+        if ending:
+            self._untold.setdefault(node.name, {}).update(ending)
+        else:
+            self._ending.pop(node.name, None)
         for lease in [lease for i, lease in mine.items() if i not in held]:
             self._end(lease, LeaseState.FAILED, f"pool node {node.name} no longer holds the guest")
         return stale
 
-    async def close(self) -> None:
-        """Wait for releases being told to nodes (each bounded by the node call timeout)."""
-        await asyncio.gather(*self._telling, return_exceptions=True)
+    @contextlib.contextmanager
+    def listen(self, node: str, wake: Callable[[], None]) -> Iterator[None]:
+        """Call ``wake`` whenever ends for ``node`` are waiting, while its stream lasts."""
+        self._listeners[node] = wake
+        if self._untold.get(node):
+            wake()
+        try:
+            yield
+        finally:
+            if self._listeners.get(node) is wake:
+                del self._listeners[node]
+
+    def take_ended(self, node: str) -> list[registry_pb2.EndedLease]:
+        """The ends to send to ``node`` now (each once, until a table shows it again)."""
+        untold = self._untold.pop(node, {})
+        return [registry_pb2.EndedLease(lease_id=i, reason=r) for i, r in untold.items()]
 
     def _add(self, lease: LeaseRecord) -> None:
         """Index an active lease."""
@@ -391,28 +419,13 @@ class LeaseManager:
         level = logging.DEBUG if state is LeaseState.RELEASED else logging.INFO
         log.log(level, "lease %s %s: %s", lease.id, state.name.lower(), reason)
         if tell:
-            self._ending.add(lease.id)
-            task = asyncio.create_task(self._tell_node(lease, reason))
-            self._telling.add(task)
-            task.add_done_callback(self._telling.discard)
-
-    async def _tell_node(self, lease: LeaseRecord, reason: str) -> None:
-        """Tell a lease's node it ended (best effort: its next table shows it as stale)."""
-        try:
-            node = self._registry.nodes.get(lease.pool_node)
-            if node is None:
-                return
-            try:
-                version = await self._nodes.release(node.name, node.address, lease.id, reason)
-            except RPCError as e:
-                log.info("pool node %s not told of lease %s end yet: %s", node.name, lease.id, e)
-                return
-            # Looked up again: the node may have registered anew meanwhile.
-            node = self._registry.nodes.get(lease.pool_node)
-            if node is not None:
-                node.view.released(version, lease.id)
-        finally:
-            self._ending.discard(lease.id)
+            node = lease.pool_node
+            self._ending.setdefault(node, {})[lease.id] = reason
+            untold = self._untold.setdefault(node, {})
+            untold[lease.id] = reason
+            wake = self._listeners.get(node)
+            if wake is not None and len(untold) == 1:
+                wake()
 
 
 def _validate_acquire(request: lease_pb2.AcquireLeaseRequest) -> None:

@@ -43,18 +43,6 @@ class NodeClients:
             raise RPCError.wrap("AllocateGuest", e) from None
         return response
 
-    async def release(self, node: str, address: str, lease_id: str, reason: str) -> int:
-        """Tell pool node ``node`` at ``address`` a lease ended; returns its table version.
-
-        RPCError if the node cannot be told now.
-        """
-        request = poolnode_pb2.ReleaseGuestRequest(lease_id=lease_id, reason=reason)
-        try:
-            response = await self._stub(node, address).ReleaseGuest(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as e:
-            raise RPCError.wrap("ReleaseGuest", e) from None
-        return response.table_version
-
     async def close(self) -> None:
         """Close every channel."""
         await self.channels.close()

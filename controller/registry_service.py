@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -12,6 +14,25 @@ from controller.leases import LeaseManager
 from controller.registry import Registry
 from honeyfleet.authz import current_caller
 from honeyfleet.v1 import registry_pb2, registry_pb2_grpc
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """A heartbeat and when it arrived (monotonic); no request: the stream ended."""
+
+    request: registry_pb2.HeartbeatRequest | None
+    received: float
+
+
+async def _read(
+    requests: AsyncIterator[registry_pb2.HeartbeatRequest], inbox: asyncio.Queue[_Arrival | None]
+) -> None:
+    """Hand the node's heartbeats to the stream's handler as they arrive, then its end."""
+    try:
+        async for request in requests:
+            inbox.put_nowait(_Arrival(request, time.monotonic()))
+    finally:
+        inbox.put_nowait(_Arrival(None, time.monotonic()))
 
 
 class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer):
@@ -47,21 +68,52 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
     async def Heartbeat(
         self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
     ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
-        """Take heartbeats and answer each with revocations, drain state and stale leases.
+        """Answer each heartbeat with revocations, drain state, stale and ended leases;
+        between heartbeats, send leases that ended as soon as they end.
 
         The arrival time is taken first thing, before any other work; leases are
         compared only when a new table was applied, and only with this node's.
         """
         name = current_caller().identity.name
-        async for request in request_iterator:
-            received = time.monotonic()
-            node, applied = self._registry.heartbeat(name, request, received)
-            stale = self._leases.reconcile(node) if applied else []
-            yield registry_pb2.HeartbeatResponse(
-                revoked_serials=self._revoked_serials(),
-                draining=node.draining,
-                stale_lease_ids=stale,
-            )
+        inbox: asyncio.Queue[_Arrival | None] = asyncio.Queue()
+        reader = asyncio.create_task(_read(request_iterator, inbox))
+        try:
+            with self._leases.listen(name, lambda: inbox.put_nowait(None)):
+                while True:
+                    arrival = await inbox.get()
+                    if arrival is None:
+                        ended = self._leases.take_ended(name)
+                        if ended:
+                            yield self._response(name, ended=ended, between=True)
+                        continue
+                    if arrival.request is None:
+                        break
+                    node, applied = self._registry.heartbeat(
+                        name, arrival.request, arrival.received
+                    )
+                    stale = self._leases.reconcile(node) if applied else []
+                    yield self._response(name, stale=stale, ended=self._leases.take_ended(name))
+        finally:
+            reader.cancel()
+        await reader  # re-raises what ended the node's side of the stream
+
+    def _response(
+        self,
+        name: str,
+        *,
+        stale: list[str] | None = None,
+        ended: list[registry_pb2.EndedLease],
+        between: bool = False,
+    ) -> registry_pb2.HeartbeatResponse:
+        """Every message carries the whole of the node's instructions."""
+        node = self._registry.nodes.get(name)
+        return registry_pb2.HeartbeatResponse(
+            revoked_serials=self._revoked_serials(),
+            draining=node is not None and node.draining,
+            stale_lease_ids=stale,
+            ended_leases=ended,
+            between_heartbeats=between,
+        )
 
     def _revoked_serials(self) -> list[str]:
         """Revoked serials in lower-case hex (formatted once per change of the list)."""

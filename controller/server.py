@@ -266,7 +266,6 @@ class Controller:
         await self.events.stop()
         await self.artefacts.close()
         await self.registry.persist()
-        await self.leases.close()
         await self.nodes.close()
         await self.store.close()
 

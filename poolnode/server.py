@@ -202,7 +202,8 @@ class PoolNode:
         )
 
     async def _on_heartbeat_reply(self, reply: registry_pb2.HeartbeatResponse) -> None:
-        """Apply the controller's revocations, drain state and stale-lease list."""
+        """Apply the controller's revocations, drain state, and the leases it ended or
+        no longer knows (releasing is idempotent: an end may be told twice)."""
         assert self.authorizer is not None
         revoked = frozenset(int(serial, 16) for serial in reply.revoked_serials)
         if revoked != self._revoked:
@@ -212,6 +213,8 @@ class PoolNode:
         if reply.draining != self.draining:
             self.draining = reply.draining
             log.info("controller %s this node", "drained" if reply.draining else "resumed")
+        for ended in reply.ended_leases:
+            await self.pool.release(ended.lease_id, ended.reason or "ended by the controller")
         for lease_id in reply.stale_lease_ids:
             await self.pool.release(lease_id, "the controller no longer knows this lease")
 

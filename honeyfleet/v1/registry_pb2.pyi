@@ -166,15 +166,22 @@ Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 
 @_typing.final
 class HeartbeatResponse(_message.Message):
-    """HeartbeatResponse carries instructions back to the node."""
+    """HeartbeatResponse carries instructions back to the node. The controller answers
+    every heartbeat with one, and sends one between heartbeats when leases ended: a
+    lease's end reaches its node on this stream, not in a call of its own.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REVOKED_SERIALS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     STALE_LEASE_IDS_FIELD_NUMBER: _builtins.int
+    ENDED_LEASES_FIELD_NUMBER: _builtins.int
+    BETWEEN_HEARTBEATS_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """Whether an operator has drained this node."""
+    between_heartbeats: _builtins.bool
+    """True when sent between heartbeats (it answers none of them)."""
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Certificate serials (lower-case hex) that the node must refuse from now on."""
@@ -183,17 +190,50 @@ class HeartbeatResponse(_message.Message):
     def stale_lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Leases the node holds that the controller no longer knows; release them."""
 
+    @_builtins.property
+    def ended_leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndedLease]:
+        """Leases the controller ended (released, expired or failed); release them. Told
+        again while the node's table still shows them, so releasing must be idempotent.
+        """
+
     def __init__(
         self,
         *,
         revoked_serials: _abc.Iterable[_builtins.str] | None = ...,
         draining: _builtins.bool = ...,
         stale_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
+        ended_leases: _abc.Iterable[Global___EndedLease] | None = ...,
+        between_heartbeats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "revoked_serials", b"revoked_serials", "stale_lease_ids", b"stale_lease_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["between_heartbeats", b"between_heartbeats", "draining", b"draining", "ended_leases", b"ended_leases", "revoked_serials", b"revoked_serials", "stale_lease_ids", b"stale_lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class EndedLease(_message.Message):
+    """EndedLease is one lease the controller ended, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    reason: _builtins.str
+    """Why it ended, e.g. the sensor's "session closed" (for the node's events and log)."""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndedLease: _TypeAlias = EndedLease  # noqa: Y015

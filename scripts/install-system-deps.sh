@@ -16,8 +16,9 @@ packages=(
     apt binutils coreutils dpkg e2fsprogs kmod mmdebstrap openssl qemu-utils
     # VM test clients and the network namespace; procps has sysctl and pgrep
     openssh-client sshpass iproute2 telnet procps
-    # The stealth tests run Debian's own sshd and telnetd next to the sensor
-    openssh-server inetutils-telnetd
+    # The stealth tests run Debian's own sshd and telnetd next to the sensor, and nmap -sV
+    # against both
+    openssh-server inetutils-telnetd nmap
     # Disk diffs of destroyed guests (poolnode.diskdiff): libguestfs for Debian's python3,
     # and a kernel for its appliance (supermin builds it from the host's packages)
     python3-guestfs linux-image-amd64

@@ -8,7 +8,9 @@ and subnegotiations, named ("WILL SGA", "SB TTYPE 01"), and whether it showed an
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 from telnetlib3.telopt import name_command
 
@@ -161,3 +163,31 @@ async def through_client(port: int, telnet: str, *, login: bytes = b"root\r") ->
         await asyncio.gather(*relayed, return_exceptions=True)
     _, names, text = parse(bytes(sent))
     return Negotiation([names], text)
+
+
+async def first_read(port: int) -> bytes:
+    """What one read returns as soon as the server sends anything after the connection.
+
+    A blocking read in a thread wakes at the first segment, as nmap's does: a server
+    that writes a round in pieces shows only its first piece here.
+    """
+
+    def read() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as sock:
+            return sock.recv(65536)
+
+    return await asyncio.to_thread(read)
+
+
+async def nmap_service(port: int, nmap: str) -> dict[str, str]:
+    """What ``nmap -sV`` (default intensity) makes of a port: its <service> attributes."""
+    process = await asyncio.create_subprocess_exec(
+        nmap, "-sV", "-Pn", "-n", "-p", str(port), "-oX", "-", "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    # nmap's own report of a scan of our own port, not untrusted input.
+    service = ElementTree.fromstring(out).find("host/ports/port/service")  # noqa: S314
+    assert service is not None, out
+    # The fingerprint nmap would ask to have submitted differs by time and port.
+    return {k: v for k, v in service.attrib.items() if k not in ("servicefp", "conf")}

@@ -16,6 +16,7 @@ Everything a connection learns is handed to its :class:`AttackerPeer` (the sessi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
@@ -184,7 +185,8 @@ class TelnetdProtocol(BaseServer):
     def _stop_waiting(self) -> None:
         """The client spoke NEGOTIATION_WAIT ago and still has not answered everything."""
         if not self._connected.done():
-            self.check_negotiation(final=True)
+            with self._held():
+                self.check_negotiation(final=True)
             self._connected.set_result(None)
 
     def data_received(self, data: bytes) -> None:
@@ -193,7 +195,15 @@ class TelnetdProtocol(BaseServer):
             if self._spoke is None and data:
                 loop = asyncio.get_running_loop()
                 self._spoke = loop.call_later(NEGOTIATION_WAIT, self._stop_waiting)
-            super().data_received(data)
+            # telnetd answers a packet (and sends its next round) in one write.
+            with self._held():
+                super().data_received(data)
+
+    def _held(self) -> contextlib.AbstractContextManager[None]:
+        """The writer's :meth:`TelnetdWriter.held`, once there is a writer."""
+        if isinstance(self.writer, TelnetdWriter):
+            return self.writer.held()
+        return contextlib.nullcontext()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The client is gone (or we closed it)."""

@@ -17,7 +17,10 @@ client has answered everything the one before asked:
    telnetd gives up line mode once ``login`` puts the pty in raw mode, and so do we;
 5. ``WILL SGA`` and ``WILL ECHO`` again, to a client that refused them and line mode.
 
-telnetd ends its LINEMODE MODE and LFLOW subnegotiations with a NUL byte; so do we.
+telnetd ends its LINEMODE MODE and LFLOW subnegotiations with a NUL byte; so do we. It
+sends what it has to say in one write per round (and per client packet it answers); so
+do we (:meth:`TelnetdWriter.held`): a round split over several TCP segments is what
+nmap's "Linux telnetd" pattern matches on (it ends a read at ``DO XDISPLOC``).
 Where telnetlib3 answers differently (``SB STATUS IS`` sent unasked on ``DO STATUS``, a
 ``DONT`` to OLD-ENVIRON, its own variable list), the methods below answer as telnetd.
 """
@@ -25,6 +28,8 @@ Where telnetlib3 answers differently (``SB STATUS IS`` sent unasked on ``DO STAT
 from __future__ import annotations
 
 import collections
+import contextlib
+from collections.abc import Iterator
 
 from telnetlib3.slc import LMODE_MODE, LMODE_SLC
 from telnetlib3.stream_writer import TelnetWriter
@@ -122,10 +127,33 @@ class TelnetdWriter(TelnetWriter):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._rounds = iter((self._first, self._requests, self._third, self._fourth, self._fifth))
         self._slc_reply = b""
+        self._held: bytearray | None = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Everything sent inside goes out in one write at the end (nested: the outermost)."""
+        if self._held is not None:
+            yield
+            return
+        self._held = bytearray()
+        try:
+            yield
+        finally:
+            held, self._held = bytes(self._held), None
+            if held:
+                super().send_iac(held)
+
+    def send_iac(self, buf: bytes) -> None:
+        """Send, or keep for the end of :meth:`held`."""
+        if self._held is None:
+            super().send_iac(buf)
+        else:
+            self._held += buf
 
     def next_round(self) -> bool:
         """Send the next round that has something to say; False when all were sent."""
-        return any(send() for send in self._rounds)
+        with self.held():
+            return any(send() for send in self._rounds)
 
     def _commands(self, commands: tuple[tuple[bytes, bytes], ...]) -> bool:
         """Send option commands; True when there were any."""

@@ -12,6 +12,7 @@ not compared, only whether there is any.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -20,7 +21,14 @@ from tests.conftest import bounded, require_tool
 from tests.debian_telnetd import DebianTelnetd
 from tests.integration.test_sensor_telnet import Fleet
 from tests.integration.test_sensor_telnet import fleet as fleet
-from tests.telnetprobe import AGREE, REFUSE, negotiate, through_client
+from tests.telnetprobe import (
+    AGREE,
+    REFUSE,
+    first_read,
+    negotiate,
+    nmap_service,
+    through_client,
+)
 
 FIRST_ROUND = [
     "WILL AUTHENTICATION", "WILL ENCRYPT", "DO TTYPE", "DO TSPEED", "DO XDISPLOC",
@@ -79,3 +87,23 @@ async def test_debians_telnet_client_sees_the_same_bytes(
     assert ours.rounds == theirs.rounds
     # What comes before the greeting: the NUL bytes telnetd ends some subnegotiations with.
     assert ours.text.partition(b"\r\n")[0] == theirs.text.partition(b"\r\n")[0] == b"\0\0"
+
+
+async def test_the_first_round_comes_in_one_segment(fleet: Fleet, telnetd: DebianTelnetd) -> None:
+    # telnetd writes a round at once; a round in pieces is what nmap's "Linux telnetd"
+    # pattern matches (a read that ends at DO XDISPLOC). Written in pieces, most reads
+    # see only the first piece, so a few tries show it.
+    theirs = await first_read(telnetd.port)
+    assert len(theirs) == 21
+    assert [await first_read(fleet.port) for _ in range(5)] == [theirs] * 5
+
+
+@pytest.mark.timeout(300)
+async def test_nmap_tells_them_apart_by_nothing(fleet: Fleet, telnetd: DebianTelnetd) -> None:
+    nmap = require_tool("nmap", "nmap")
+    theirs, ours = await asyncio.gather(
+        nmap_service(telnetd.port, nmap), nmap_service(fleet.port, nmap)
+    )
+    # Telnet, and no product or OS guess: nmap does not recognise Debian's telnetd.
+    assert theirs == {"name": "telnet", "method": "probed"}
+    assert ours == theirs

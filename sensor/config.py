@@ -25,65 +25,8 @@ from honeyfleet.config import (
 )
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import TlsFiles
+from sensor.ssh_persona import DEBIAN_12, PERSONAS, Persona, persona_name
 
-# The persona: what Debian 12's current OpenSSH (9.2p1-2+deb12u10, read from its sshd on
-# loopback: tests/integration/test_stealth_ssh.py compares the two) offers, in its order,
-# so the sensor looks like the most common server. Algorithms asyncssh lacks are dropped
-# at start-up (sntrup761 it has through sensor/ssh/sntrup.py).
-OPENSSH_VERSION = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"
-OPENSSH_KEX = (
-    "sntrup761x25519-sha512",
-    "sntrup761x25519-sha512@openssh.com",
-    "curve25519-sha256",
-    "curve25519-sha256@libssh.org",
-    "ecdh-sha2-nistp256",
-    "ecdh-sha2-nistp384",
-    "ecdh-sha2-nistp521",
-    "diffie-hellman-group-exchange-sha256",
-    "diffie-hellman-group16-sha512",
-    "diffie-hellman-group18-sha512",
-    "diffie-hellman-group14-sha256",
-)
-OPENSSH_CIPHERS = (
-    "chacha20-poly1305@openssh.com",
-    "aes128-ctr",
-    "aes192-ctr",
-    "aes256-ctr",
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
-)
-OPENSSH_MACS = (
-    "umac-64-etm@openssh.com",
-    "umac-128-etm@openssh.com",
-    "hmac-sha2-256-etm@openssh.com",
-    "hmac-sha2-512-etm@openssh.com",
-    "hmac-sha1-etm@openssh.com",
-    "umac-64@openssh.com",
-    "umac-128@openssh.com",
-    "hmac-sha2-256",
-    "hmac-sha2-512",
-    "hmac-sha1",
-)
-OPENSSH_COMPRESSION = ("none", "zlib@openssh.com")
-# Host key algorithms in the order of Debian's host keys (rsa, ecdsa, ed25519): no SHA-1
-# ssh-rsa, none of the ssh.com names asyncssh would add.
-OPENSSH_HOST_KEY_ALGS = ("rsa-sha2-512", "rsa-sha2-256", "ecdsa-sha2-nistp256", "ssh-ed25519")
-# The server-sig-algs extension OpenSSH 9.2 sends (what it accepts for public key auth).
-OPENSSH_SIGNATURE_ALGS = (
-    "ssh-ed25519",
-    "sk-ssh-ed25519@openssh.com",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-    "webauthn-sk-ecdsa-sha2-nistp256@openssh.com",
-    "ssh-dss",
-    "ssh-rsa",
-    "rsa-sha2-256",
-    "rsa-sha2-512",
-)
-# Debian's PAM (pam_unix) makes a failed password wait about 2 s before it is refused.
-PAM_FAIL_DELAY = 2.0
 # asyncssh refuses packets longer than this whatever we configure (connection.py).
 ASYNCSSH_MAX_PACKET = 256 * 1024
 
@@ -186,30 +129,21 @@ class SensorConfig:
     ssh_listen: tuple[str, ...] = setting(
         factory=lambda: ("0.0.0.0:2222",), help="host:port list for SSH", check=_listen_list
     )
-    ssh_version: str = setting(OPENSSH_VERSION, "the identification string sent to clients")
-    ssh_kex_algs: tuple[str, ...] = setting(factory=lambda: OPENSSH_KEX, help="offered kex")
-    ssh_encryption_algs: tuple[str, ...] = setting(
-        factory=lambda: OPENSSH_CIPHERS, help="offered ciphers"
-    )
-    ssh_mac_algs: tuple[str, ...] = setting(factory=lambda: OPENSSH_MACS, help="offered MACs")
-    ssh_compression_algs: tuple[str, ...] = setting(
-        factory=lambda: OPENSSH_COMPRESSION, help="offered compression"
-    )
-    ssh_host_key_algs: tuple[str, ...] = setting(
-        factory=lambda: OPENSSH_HOST_KEY_ALGS,
-        help="host key algorithms offered, in order (each needs its key: rsa, ecdsa, ed25519)",
-    )
-    ssh_signature_algs: tuple[str, ...] = setting(
-        factory=lambda: OPENSSH_SIGNATURE_ALGS,
-        help="signature algorithms accepted and sent in server-sig-algs",
+    ssh_persona: str = setting(
+        DEBIAN_12.name,
+        "the OpenSSH server the SSH frontend plays, as its distribution ships it "
+        "(sensor/ssh_persona.py; known: debian-12)",
+        check=persona_name,
     )
     ssh_moduli_file: Path | None = setting(
-        Path("/etc/ssh/moduli"),
-        "DH group-exchange primes, as OpenSSH reads them (missing: RFC 3526 groups 14/16/18)",
+        None,
+        "DH group-exchange primes, as OpenSSH reads them (unset: the persona's, "
+        "/etc/ssh/moduli; missing: RFC 3526 groups 14/16/18)",
     )
-    ssh_auth_fail_delay: float = setting(
-        PAM_FAIL_DELAY,
-        "seconds a failed SSH password waits before it is refused (Debian's PAM: 2)",
+    ssh_auth_fail_delay: float | None = setting(
+        None,
+        "seconds PAM makes a failed SSH password wait, varied and padded as Debian's sshd "
+        "does (unset: the persona's, 2)",
         check=non_negative,
     )
     ssh_max_inflated_bytes: int = setting(
@@ -385,12 +319,16 @@ class SensorConfig:
     penalty_exempt: tuple[str, ...] = setting(
         factory=tuple, help="addresses/networks never penalised (CIDR)", check=_networks
     )
+    # The default persona's (for Telnet too): a value of its own gives SSH away.
     login_grace_time: float = setting(
-        120.0, "seconds a connection has to log in (OpenSSH LoginGraceTime)", check=positive
+        DEBIAN_12.login_grace_time,
+        "seconds a connection has to log in (OpenSSH LoginGraceTime; debian-12: 120)",
+        check=positive,
     )
     max_auth_attempts: int = setting(
-        6,
-        "failed logins per connection; the last one disconnects (OpenSSH MaxAuthTries)",
+        DEBIAN_12.max_auth_tries,
+        "failed logins per connection; the last one disconnects (OpenSSH MaxAuthTries; "
+        "debian-12: 6)",
         check=positive,
     )
     max_preauth_bytes: int = setting(
@@ -423,8 +361,23 @@ class SensorConfig:
                 "login_grace_time",
                 "must exceed lease_timeout + guest_login_timeout (a login includes both)",
             )
-        if not self.ssh_version.startswith("SSH-2.0-"):
-            raise ConfigError("ssh_version", 'must start with "SSH-2.0-"')
+
+    @property
+    def persona(self) -> Persona:
+        """The SSH persona ``ssh_persona`` names."""
+        return PERSONAS[self.ssh_persona]
+
+    @property
+    def auth_fail_delay(self) -> float:
+        """PAM's delay for a failed SSH password: ssh_auth_fail_delay or the persona's."""
+        if self.ssh_auth_fail_delay is None:
+            return self.persona.auth_fail_delay
+        return self.ssh_auth_fail_delay
+
+    @property
+    def moduli_file(self) -> Path:
+        """Where the DH group-exchange primes are: ssh_moduli_file or the persona's."""
+        return self.ssh_moduli_file or self.persona.moduli_file
 
     @property
     def max_startups_triple(self) -> tuple[int, int, int]:

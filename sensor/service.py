@@ -86,7 +86,9 @@ class Sensor:
         """The work of :meth:`start`."""
         config = self.config
         identity = config.tls.identity()
-        host_keys = await asyncio.to_thread(load_or_create, config.state_dir / "keys")
+        host_keys = await asyncio.to_thread(
+            load_or_create, config.state_dir / "keys", config.persona.host_keys
+        )
         userdb = UserDB.load(config.userdb)
         self._jsonlines = JsonLinesLog(config.json_log) if config.json_log is not None else None
         # Opening the spool reads its database: off the event loop.
@@ -160,9 +162,10 @@ class Sensor:
                 ),
                 options=server_options(config, host_keys),
                 dh_groups=GroupChooser(
-                    await asyncio.to_thread(load_moduli, config.ssh_moduli_file)
+                    await asyncio.to_thread(load_moduli, config.moduli_file),
+                    config.persona.dh_group_bits,
                 ),
-                fail_delay=FailDelay(timing_secret(host_keys), config.ssh_auth_fail_delay),
+                fail_delay=FailDelay(timing_secret(host_keys), config.auth_fail_delay),
             )
         )
         self.ports = await self._frontend.start()

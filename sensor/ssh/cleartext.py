@@ -17,11 +17,6 @@ MAX_VERSION_LINE = 255
 MSG_KEXINIT = 20
 MSG_NEWKEYS = 21
 KEXINIT_LISTS = 10
-
-
-# What OpenSSH 9.2's sshd writes after its banner to a first line it refuses, then closes.
-PROTOCOL_MISMATCH = b"Protocol major versions differ.\r\n"
-INVALID_IDENTIFICATION = b"Invalid SSH identification string.\r\n"
 # Protocol versions OpenSSH takes as SSH 2.
 SSH2_VERSIONS = (b"2.0", b"1.99")
 
@@ -73,11 +68,19 @@ class CleartextObserver(Protocol):
 
 
 class CleartextParser:
-    """Incremental parser of a client's cleartext phase; :meth:`feed` every byte received."""
+    """Incremental parser of a client's cleartext phase; :meth:`feed` every byte received.
 
-    def __init__(self, observer: CleartextObserver, *, max_packet: int) -> None:
+    A refused first line carries the server's reply (the persona's): ``mismatch`` for
+    another SSH version, ``invalid`` for anything else.
+    """
+
+    def __init__(
+        self, observer: CleartextObserver, *, max_packet: int, mismatch: bytes, invalid: bytes
+    ) -> None:
         self._observer = observer
         self._max_packet = max_packet
+        self._mismatch = mismatch
+        self._invalid = invalid
         self._buffer = bytearray()
         self._stage = self._version
         self.done = False
@@ -97,17 +100,17 @@ class CleartextParser:
         if end < 0:
             if len(self._buffer) > MAX_VERSION_LINE + 1:
                 self.done = True
-                raise BadIdentification("identification line too long", INVALID_IDENTIFICATION)
+                raise BadIdentification("identification line too long", self._invalid)
             return False
         line = bytes(self._buffer[:end]).rstrip(b"\r")
         del self._buffer[: end + 1]
         self._observer.client_version(line.decode("ascii", "backslashreplace"))
         if not line.startswith(b"SSH-"):
             self.done = True
-            raise BadIdentification("not an SSH identification", INVALID_IDENTIFICATION)
+            raise BadIdentification("not an SSH identification", self._invalid)
         if line[4:].split(b"-", 1)[0] not in SSH2_VERSIONS:
             self.done = True
-            raise BadIdentification("not SSH protocol 2", PROTOCOL_MISMATCH)
+            raise BadIdentification("not SSH protocol 2", self._mismatch)
         self._stage = self._packet
         return True
 

@@ -90,7 +90,13 @@ class AttackerConnection(Adapter):
         self.shared = shared
         self.config: SensorConfig = config
         self.write_buffer_high = config.write_buffer_high
-        self.parser = CleartextParser(self, max_packet=config.max_packet_size)
+        self.persona = config.persona
+        self.parser = CleartextParser(
+            self,
+            max_packet=config.max_packet_size,
+            mismatch=self.persona.protocol_mismatch,
+            invalid=self.persona.invalid_identification,
+        )
         self._side = side
         self._inner = DrainedInner(side, config.write_buffer_high)
         side.inner = self._inner
@@ -125,8 +131,9 @@ class AttackerConnection(Adapter):
             await openssh.run_server(
                 theirs,
                 self.shared.options,
+                self.persona,
                 self.shared.dh_groups,
-                server_factory=lambda: AttackerServer(self),
+                server_factory=lambda: AttackerServer(self, self.persona.auth_methods),
             )
         except (asyncssh.Error, OSError) as e:
             self.close(f"ssh: {e}")
@@ -203,14 +210,14 @@ class AttackerConnection(Adapter):
     def count_failure(self) -> None:
         """One more failed attempt; the one that reaches max_auth_attempts disconnects.
 
-        As OpenSSH's ``auth_maxtries_exceeded``: code 2 (protocol error), "Too many
-        authentication failures", in place of a USERAUTH_FAILURE.
+        As OpenSSH's ``auth_maxtries_exceeded``: the persona's code and text (2, "Too many
+        authentication failures"), in place of a USERAUTH_FAILURE.
         """
         self._auth_failures += 1
         if self._auth_failures < self.config.max_auth_attempts or self.session.closing:
             return
         if self._ssh is not None:
-            self._ssh.disconnect(asyncssh.DISC_PROTOCOL_ERROR, "Too many authentication failures")
+            self._ssh.disconnect(*self.persona.too_many_failures)
         # The pump passes asyncssh's disconnect message on before it closes, as OpenSSH
         # says why it hangs up.
         self._drain = self._ssh is not None

@@ -11,16 +11,16 @@ from sensor.session.frontend import Frontend
 from sensor.ssh.connection import AttackerConnection, Shared
 from sensor.ssh.pump import AttackerSide
 
-# What OpenSSH 9.2's sshd writes before it closes a connection past MaxStartups.
-REFUSAL_TEXT = b"Exceeded MaxStartups\r\n"
-
 
 class SshFrontend(Frontend):
     """Accepts attackers on every ``ssh_listen`` address."""
 
     def __init__(self, shared: Shared) -> None:
         services = shared.services
-        super().__init__(services, "ssh", services.config.ssh_listen, refusal_text=REFUSAL_TEXT)
+        config = services.config
+        # What sshd writes before it closes a connection past MaxStartups.
+        refusal = config.persona.max_startups_refusal
+        super().__init__(services, "ssh", config.ssh_listen, refusal_text=refusal)
         self._shared = shared
 
     async def start(self) -> list[int]:

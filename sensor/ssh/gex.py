@@ -2,9 +2,10 @@
 
 OpenSSH (kexgexs.c) refuses a request whose own numbers are inconsistent or whose
 maximum is under 2048 bits (it closes the connection), clamps the rest to 2048..8192
-and picks from ``/etc/ssh/moduli`` (dh.c ``choose_dh``): the smallest size at or above
-the preferred one within the bounds, else the largest below it, a random prime of that
-size. With no usable prime it falls back to RFC 3526 group 14, 16 or 18 by the maximum
+(the persona's ``dh_group_bits``: dh.h's DH_GRP_MIN and DH_GRP_MAX) and picks from
+``/etc/ssh/moduli`` (dh.c ``choose_dh``): the smallest size at or above the preferred
+one within the bounds, else the largest below it, a random prime of that size. With no
+usable prime it falls back to RFC 3526 group 14, 16 or 18 by the maximum
 (``dh_new_group_fallback``). asyncssh instead answers from its fixed groups and goes down
 to 1024 bits, which ssh-audit flags and which no OpenSSH server sends.
 """
@@ -22,8 +23,6 @@ from asyncssh.kex_dh import _dh_gex_groups
 
 log = logging.getLogger(__name__)
 
-DH_GRP_MIN = 2048
-DH_GRP_MAX = 8192
 # moduli(5): type 2 is a safe prime; test bit 0x01 marks a composite; tries must be > 0.
 MODULI_TYPE_SAFE = 2
 MODULI_TESTS_COMPOSITE = 0x01
@@ -79,7 +78,8 @@ def load_moduli(path: Path | None) -> list[Group]:
 class GroupChooser:
     """OpenSSH's answer to DH group-exchange requests, from a list of primes."""
 
-    def __init__(self, groups: Sequence[Group]) -> None:
+    def __init__(self, groups: Sequence[Group], bits: tuple[int, int]) -> None:
+        self.bits = bits
         self._by_size: dict[int, list[Group]] = {}
         for group in groups:
             self._by_size.setdefault(group.bits, []).append(group)
@@ -88,10 +88,11 @@ class GroupChooser:
         """The group for a request, or None where OpenSSH closes the connection."""
         if maximum < minimum or preferred < minimum or maximum < preferred:
             return None
-        if maximum < DH_GRP_MIN:
+        smallest, largest = self.bits
+        if maximum < smallest:
             return None
-        low, high = max(DH_GRP_MIN, minimum), min(DH_GRP_MAX, maximum)
-        want = min(DH_GRP_MAX, max(DH_GRP_MIN, preferred))
+        low, high = max(smallest, minimum), min(largest, maximum)
+        want = min(largest, max(smallest, preferred))
         best = 0
         for size in sorted(self._by_size):
             if size < low or size > high:

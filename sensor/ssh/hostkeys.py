@@ -1,28 +1,26 @@
-"""The sensor's SSH host keys: made on first start in state_dir, then kept."""
+"""The sensor's SSH host keys (the persona's): made on first start in state_dir, then kept."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncssh
 
+from sensor.ssh_persona import HostKey
+
 log = logging.getLogger(__name__)
 
-# (file name, asyncssh algorithm, RSA key size) in the order Debian's sshd loads them.
-KEYS: tuple[tuple[str, str, int | None], ...] = (
-    ("ssh_host_rsa_key", "ssh-rsa", 3072),
-    ("ssh_host_ecdsa_key", "ecdsa-sha2-nistp256", None),
-    ("ssh_host_ed25519_key", "ssh-ed25519", None),
-)
 
-
-def load_or_create(directory: Path) -> list[asyncssh.SSHKey]:
-    """The host keys in ``directory``, generating any that are missing (blocking)."""
+def load_or_create(directory: Path, wanted: Sequence[HostKey]) -> list[asyncssh.SSHKey]:
+    """The ``wanted`` host keys in ``directory``, generating any that are missing
+    (blocking)."""
     directory.mkdir(parents=True, exist_ok=True)
     keys = []
-    for name, algorithm, key_size in KEYS:
+    for spec in wanted:
+        name, algorithm, key_size = spec.file, spec.algorithm, spec.bits
         path = directory / name
         if path.exists():
             keys.append(asyncssh.read_private_key(path))

@@ -1,4 +1,5 @@
-"""Where asyncssh's transport says what OpenSSH 9.2's sshd would not: overridden here.
+"""Where asyncssh's transport says what OpenSSH 9.2's sshd would not: overridden here
+(what the server says comes from its persona, :mod:`sensor.ssh_persona`).
 
 Written against asyncssh 2.24 (pinned in pyproject.toml): each override names the
 asyncssh method it replaces, all of them private, so a new asyncssh release must be
@@ -6,12 +7,14 @@ checked against tests/integration/test_stealth_ssh.py (which compares the sensor
 Debian's own sshd) before the pin moves.
 
 * KEXINIT: asyncssh adds ``ext-info-s`` (an OpenSSH 9.6 name) to the server's kex list;
-  OpenSSH 9.2 with Debian's Terrapin fix adds only ``kex-strict-s-v00@openssh.com``.
+  OpenSSH 9.2 with Debian's Terrapin fix adds only ``kex-strict-s-v00@openssh.com``
+  (the persona's ``extra_kex_algs``).
 * ext-info: asyncssh sends ``global-requests-ok`` and never
   ``publickey-hostbound@openssh.com``; OpenSSH 9.2 sends ``server-sig-algs`` then
-  ``publickey-hostbound@openssh.com=0``. OpenSSH clients then authenticate with
-  ``publickey-hostbound-v00@openssh.com``, which asyncssh does not know: such a request
-  is handled as the ``publickey`` request it extends (the key is still logged and refused).
+  ``publickey-hostbound@openssh.com=0`` (the persona's ``ext_info``). OpenSSH clients
+  then authenticate with ``publickey-hostbound-v00@openssh.com``, which asyncssh does
+  not know: such a request is handled as the ``publickey`` request it extends (the key
+  is still logged and refused).
 * A NEWKEYS before any key exchange: asyncssh disconnects; OpenSSH answers UNIMPLEMENTED
   and waits.
 * After login OpenSSH announces all its host keys (hostkeys-00@openssh.com); asyncssh
@@ -35,10 +38,9 @@ from asyncssh.kex_dh import MSG_KEX_DH_GEX_REQUEST_OLD, _KexDHGex
 from asyncssh.misc import ProtocolError
 from asyncssh.packet import MPInt, SSHPacket, String, UInt32
 
-from sensor.ssh.gex import DH_GRP_MAX, DH_GRP_MIN, GroupChooser
+from sensor.ssh.gex import GroupChooser
+from sensor.ssh_persona import Persona
 
-STRICT_KEX = b"kex-strict-s-v00@openssh.com"
-HOSTBOUND_EXTENSION = b"publickey-hostbound@openssh.com"
 HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"
 
 
@@ -49,20 +51,23 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         self,
         loop: asyncio.AbstractEventLoop,
         options: asyncssh.SSHServerConnectionOptions,
+        persona: Persona,
         dh_groups: GroupChooser,
     ) -> None:
         super().__init__(loop, options, wait="auth")
+        self.persona = persona
         self.dh_groups = dh_groups
         self._host_keys_sent = False
 
     def _get_extra_kex_algs(self) -> list[bytes]:
         """Replaces asyncssh's ``[ext-info-s, kex-strict-s-v00@openssh.com]``."""
-        return [STRICT_KEX]
+        return [name.encode() for name in self.persona.extra_kex_algs]
 
     def _send_ext_info(self) -> None:
-        """OpenSSH 9.2's extensions (asyncssh has filled in server-sig-algs)."""
+        """The persona's extensions (asyncssh has filled in server-sig-algs)."""
         self._extensions_to_send.pop(b"global-requests-ok", None)
-        self._extensions_to_send[HOSTBOUND_EXTENSION] = b"0"
+        for name, value in self.persona.ext_info:
+            self._extensions_to_send[name.encode()] = value.encode()
         super()._send_ext_info()
 
     async def send_userauth_success(self) -> None:
@@ -121,7 +126,7 @@ class OpenSSHGroupExchange(_KexDHGex):
             raise ProtocolError("Kex DH group already requested")
         self._gex_data = packet.get_remaining_payload()
         if pkttype == MSG_KEX_DH_GEX_REQUEST_OLD:
-            minimum, preferred, maximum = DH_GRP_MIN, packet.get_uint32(), DH_GRP_MAX
+            (minimum, maximum), preferred = conn.dh_groups.bits, packet.get_uint32()
         else:
             minimum, preferred, maximum = (packet.get_uint32() for _ in range(3))
         packet.check_end()
@@ -152,6 +157,7 @@ def install() -> None:
 async def run_server(
     sock: socket.socket,
     options: asyncssh.SSHServerConnectionOptions,
+    persona: Persona,
     dh_groups: GroupChooser,
     server_factory: Callable[[], asyncssh.SSHServer],
 ) -> asyncssh.SSHServerConnection:
@@ -162,7 +168,7 @@ async def run_server(
     )
 
     def factory() -> OpenSSHServerConnection:
-        return OpenSSHServerConnection(loop, new_options, dh_groups)
+        return OpenSSHServerConnection(loop, new_options, persona, dh_groups)
 
     connect: Any = _connect  # private and untyped for mypy's purposes
     conn: asyncssh.SSHServerConnection = await asyncio.wait_for(

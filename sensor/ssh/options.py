@@ -1,4 +1,4 @@
-"""asyncssh server options for the frontend: OpenSSH's look, our bounds, no forwarding."""
+"""asyncssh server options for the frontend: the persona's look, our bounds, no forwarding."""
 
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from sensor.ssh import compression, openssh, sntrup
 log = logging.getLogger(__name__)
 
 
-def supported(key: str, wanted: Sequence[str], available: Sequence[bytes]) -> list[str]:
-    """The configured algorithms asyncssh implements, in order; ConfigError if none."""
+def supported(what: str, wanted: Sequence[str], available: Sequence[bytes]) -> list[str]:
+    """The persona's algorithms asyncssh implements, in order; ConfigError if none."""
     names = {name.decode() for name in available}
     kept = [name for name in wanted if name in names]
     dropped = [name for name in wanted if name not in names]
     if dropped:
-        log.info("%s: asyncssh lacks %s; not offered", key, ", ".join(dropped))
+        log.warning("ssh_persona: asyncssh lacks %s %s; not offered", what, ", ".join(dropped))
     if not kept:
-        raise ConfigError(key, "none of these algorithms is supported by asyncssh")
+        raise ConfigError("ssh_persona", f"asyncssh supports none of its {what}")
     return kept
 
 
@@ -49,7 +49,7 @@ def host_keypairs(
         keypair.host_key_algorithms = [name.encode() for name in offered]
         ranked.append((list(wanted).index(offered[0]), keypair))
     if not ranked:
-        raise ConfigError("ssh_host_key_algs", "no host key offers any of these algorithms")
+        raise ConfigError("ssh_persona", "no host key offers any of its host key algorithms")
     return [keypair for _, keypair in sorted(ranked, key=lambda pair: pair[0])]
 
 
@@ -61,22 +61,19 @@ def server_options(
     compression.install()
     openssh.install()
     sntrup.install()
+    persona = config.persona
     return asyncssh.SSHServerConnectionOptions(
         config=None,
-        server_host_keys=host_keypairs(config.ssh_host_key_algs, host_keys),
+        server_host_keys=host_keypairs(persona.host_key_algs, host_keys),
         # OpenSSH's hostkeys-00@openssh.com after login (UpdateHostKeys).
         send_server_host_keys=True,
-        server_version=config.ssh_version.removeprefix("SSH-2.0-"),
-        kex_algs=supported("ssh_kex_algs", config.ssh_kex_algs, get_kex_algs()),
-        encryption_algs=supported(
-            "ssh_encryption_algs", config.ssh_encryption_algs, get_encryption_algs()
-        ),
-        mac_algs=supported("ssh_mac_algs", config.ssh_mac_algs, get_mac_algs()),
-        compression_algs=supported(
-            "ssh_compression_algs", config.ssh_compression_algs, get_compression_algs()
-        ),
+        server_version=persona.banner.removeprefix("SSH-2.0-"),
+        kex_algs=supported("kex algorithms", persona.kex_algs, get_kex_algs()),
+        encryption_algs=supported("ciphers", persona.encryption_algs, get_encryption_algs()),
+        mac_algs=supported("MACs", persona.mac_algs, get_mac_algs()),
+        compression_algs=supported("compression", persona.compression_algs, get_compression_algs()),
         signature_algs=supported(
-            "ssh_signature_algs", config.ssh_signature_algs, get_public_key_algs()
+            "signature algorithms", persona.signature_algs, get_public_key_algs()
         ),
         # asyncssh's own login timer is the login grace time (it ends at a successful
         # login, which for us includes leasing and joining the guest).

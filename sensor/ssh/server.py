@@ -42,10 +42,12 @@ class Connection(Protocol):
 
 
 class AttackerServer(asyncssh.SSHServer):
-    """asyncssh's callbacks for one connection, delegating to its :class:`Connection`."""
+    """asyncssh's callbacks for one connection, delegating to its :class:`Connection`;
+    offering the persona's ``auth_methods``."""
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, auth_methods: tuple[str, ...]) -> None:
         self._c = connection
+        self._methods = auth_methods
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         """asyncssh's side started: the connection can be told to disconnect from now on."""
@@ -60,20 +62,20 @@ class AttackerServer(asyncssh.SSHServer):
         return True
 
     def password_auth_supported(self) -> bool:
-        """Passwords are what we collect."""
-        return True
+        """Passwords are what we collect (if the persona offers them)."""
+        return "password" in self._methods
 
     async def validate_password(self, username: str, password: str) -> bool:
         """Check against the userdb (and join a guest)."""
         return await self._c.login(username, password)
 
     def kbdint_auth_supported(self) -> bool:
-        """Off, as in Debian's sshd_config: OpenSSH offers ``publickey,password``."""
+        """Never (no persona offers it: Debian's sshd_config turns it off)."""
         return False
 
     def public_key_auth_supported(self) -> bool:
         """Offered so keys are logged; every key is refused."""
-        return True
+        return "publickey" in self._methods
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """Log and refuse."""

@@ -81,12 +81,14 @@ async def debian_sshd(tmp_path: Path) -> AsyncIterator[DebianSshd]:
 async def test_the_sensor_answers_probes_as_debians_sshd(
     make_fleet: FleetFactory, debian_sshd: DebianSshd
 ) -> None:
-    # The sensor's own defaults where the test fleet shortens them.
+    # The default persona, with the sensor's own defaults where the test fleet shortens
+    # them; it claims the installed openssh-server's version (bump the persona's banner
+    # with the package).
     fleet = await make_fleet(
-        ssh_version=await debian_banner(),
         ssh_auth_fail_delay=SensorConfig.ssh_auth_fail_delay,
         login_grace_time=SensorConfig.login_grace_time,
     )
+    assert fleet.sensor.config.persona.banner == await debian_banner()
     differences: set[tuple[str, str]] = set()
     # A connection that never logs in waits out the grace time (120 s) while the other
     # probes run.

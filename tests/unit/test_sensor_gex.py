@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from sensor.ssh.gex import FALLBACK, Group, GroupChooser, load_moduli, parse_moduli
+from sensor.ssh_persona import DEBIAN_12
 
 # The sizes of Debian 12's /etc/ssh/moduli (as OpenSSH reads them: the file's field + 1).
 DEBIAN_SIZES = (2048, 3072, 4096, 6144, 7680, 8192)
-DEBIAN = GroupChooser([Group(bits, 2, bits) for bits in DEBIAN_SIZES])
+DEBIAN = GroupChooser([Group(bits, 2, bits) for bits in DEBIAN_SIZES], DEBIAN_12.dh_group_bits)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ def test_the_group_is_the_one_debians_sshd_picks(
 
 
 def test_never_under_2048_bits_even_without_moduli() -> None:
-    bare = GroupChooser([])
+    bare = GroupChooser([], DEBIAN_12.dh_group_bits)
     assert bare.choose(1024, 1024, 2048) == FALLBACK[2048]
     assert bare.choose(1024, 2048, 4096) == FALLBACK[4096]
     assert bare.choose(1024, 2048, 8192) == FALLBACK[8192]

@@ -104,7 +104,9 @@ class Owner:
     write_buffer_high = 65536
 
     def __init__(self) -> None:
-        self.parser = CleartextParser(self, max_packet=35000)  # type: ignore[arg-type]
+        self.parser = CleartextParser(  # type: ignore[arg-type]
+            self, max_packet=35000, mismatch=b"", invalid=b""
+        )
         self.closed = asyncio.Event()
 
     def attacker_bytes(self, count: int) -> str | None:

@@ -158,3 +158,21 @@ async def test_outbox_bounds_refuse_what_does_not_fit_until_there_is_room(
         assert await put(b, CAPTURE, session="s1", filename="b") is not None
         await settled(outbox)
     assert len(await stored(fleet_pki, address)) == 4
+
+
+async def test_an_artefact_refused_for_good_is_dropped_and_the_rest_delivered(
+    start_controller: ControllerFactory, fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    _, address = await start_controller(artefact_max_upload_bytes=1000)
+    files = tmp_path / "captures"
+    files.mkdir()
+    big, _ = make_file(files, b"x" * 2000, "big")
+    small, sha_small = make_file(files, b"small", "small")
+    member = Member(fleet_pki, tmp_path / "outbox", address)
+    async with running(member) as outbox:
+        await outbox.put(big, CAPTURE, session="s1", filename="big")
+        await outbox.put(small, CAPTURE, session="s1", filename="small")
+        await settled(outbox)
+    assert member.metric("failures_total", reason="refused") == 1
+    assert member.metric("uploaded_total", result="stored") == 1
+    assert await stored(fleet_pki, address) == [(sha_small, "s1")]

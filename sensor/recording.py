@@ -40,13 +40,13 @@ import asyncio
 import codecs
 import concurrent.futures
 import hashlib
+import io
 import json
 import logging
 import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import IO
 
 from sensor.artefacts import ArtefactReport, ArtefactWriter, DiskBudget
 
@@ -152,7 +152,7 @@ class _File:
         self.path = path
         self.error: OSError | None = None
         self.written = 0
-        self._handle: IO[str] | None = None
+        self._handle: io.FileIO | None = None
 
     def write(self, lines: list[str], *, last: bool) -> None:
         """Append lines (opening the file first); after an error, do nothing more."""
@@ -160,12 +160,15 @@ class _File:
             try:
                 if self._handle is None:
                     self.path.parent.mkdir(parents=True, exist_ok=True)
-                    self._handle = self.path.open("w", encoding="utf-8")
+                    # Unbuffered: lines come in batches already, and a buffer would be
+                    # 8 KB held by every recorded session however idle.
+                    self._handle = self.path.open("wb", buffering=0)
                 if lines:
-                    text = "".join(lines)
-                    self._handle.write(text)
-                    self._handle.flush()  # the error, if any, belongs to this batch
-                    self.written += len(text.encode("utf-8"))
+                    encoded = "".join(lines).encode("utf-8")
+                    view = memoryview(encoded)
+                    while view:  # a raw write may take part of it
+                        view = view[self._handle.write(view) :]
+                    self.written += len(encoded)
             except OSError as e:
                 self.error = e
         if last or self.error is not None:

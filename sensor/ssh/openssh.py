@@ -28,10 +28,8 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
 
 import asyncssh
-from asyncssh.connection import _connect
 from asyncssh.constants import MSG_NEWKEYS, MSG_UNIMPLEMENTED
 from asyncssh.kex import _kex_handlers
 from asyncssh.kex_dh import MSG_KEX_DH_GEX_REQUEST_OLD, _KexDHGex
@@ -53,8 +51,15 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         options: asyncssh.SSHServerConnectionOptions,
         persona: Persona,
         dh_groups: GroupChooser,
+        server_factory: Callable[[], asyncssh.SSHServer],
+        waiter: asyncio.Future[None],
     ) -> None:
-        super().__init__(loop, options, wait="auth")
+        # ``options`` are the sensor's, shared by every connection as asyncssh's own
+        # listeners share theirs; what is this connection's is set here instead (asyncssh's
+        # run_server would copy the options, about 4 KB a connection, to carry these two).
+        super().__init__(loop, options)
+        self._protocol_factory = server_factory
+        self._wait, self._waiter = "auth", waiter
         self.persona = persona
         self.dh_groups = dh_groups
         self._host_keys_sent = False
@@ -88,6 +93,10 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
             self.send_packet(MSG_UNIMPLEMENTED, UInt32(pktid))
             return
         super()._process_newkeys(pkttype, pktid, packet)
+        # Both KEXINIT payloads served only the exchange hash, which is computed by now;
+        # a later key exchange sends and receives new ones. Kept, they cost a held
+        # session 2-6 KB for nothing.
+        self._client_kexinit = self._server_kexinit = b""
 
     # asyncssh dispatches through this class attribute, not through method lookup.
     _packet_handlers = {
@@ -161,18 +170,21 @@ async def run_server(
     dh_groups: GroupChooser,
     server_factory: Callable[[], asyncssh.SSHServer],
 ) -> asyncssh.SSHServerConnection:
-    """``asyncssh.run_server`` with :class:`OpenSSHServerConnection` connections."""
+    """``asyncssh.run_server`` with :class:`OpenSSHServerConnection` connections, on the
+    shared ``options``; returns the connection once the client has logged in."""
     loop = asyncio.get_running_loop()
-    new_options = await asyncssh.SSHServerConnectionOptions.construct(
-        options, server_factory=server_factory
-    )
+    waiter: asyncio.Future[None] = loop.create_future()
 
     def factory() -> OpenSSHServerConnection:
-        return OpenSSHServerConnection(loop, new_options, persona, dh_groups)
+        return OpenSSHServerConnection(loop, options, persona, dh_groups, server_factory, waiter)
 
-    connect: Any = _connect  # private and untyped for mypy's purposes
-    conn: asyncssh.SSHServerConnection = await asyncio.wait_for(
-        connect(new_options, (), loop, 0, sock, factory, "Starting SSH server on"),
-        timeout=new_options.connect_timeout,
-    )
+    _, conn = await loop.create_connection(factory, sock=sock)
+    try:
+        async with asyncio.timeout(options.connect_timeout):
+            await waiter
+    except BaseException:
+        # As asyncssh's run_server: a connection that failed before login is torn down.
+        conn.abort()
+        await conn.wait_closed()
+        raise
     return conn

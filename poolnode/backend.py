@@ -1,12 +1,9 @@
-"""The interface between the generic pool and a guest backend, and the readiness probe."""
+"""The interface between the generic pool and a guest backend."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Protocol
-
-BANNER_LIMIT = 256
 
 
 class Backend(Protocol):
@@ -50,18 +47,3 @@ class Backend(Protocol):
     def ports(self, handle: object) -> tuple[int, int]:
         """The guest's SSH and Telnet ports."""
         ...
-
-
-async def ssh_banner(host: str, port: int, wait: float) -> str | None:
-    """The SSH identification line a guest sends, or None if it does not answer in time."""
-    try:
-        async with asyncio.timeout(wait):
-            reader, writer = await asyncio.open_connection(host, port)
-            try:
-                line = await reader.readline()
-            finally:
-                writer.close()
-    except (OSError, TimeoutError, ValueError):
-        return None
-    text = line[:BANNER_LIMIT].decode("ascii", "replace").strip()
-    return text if text.startswith("SSH-") else None

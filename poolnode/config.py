@@ -149,7 +149,7 @@ class PoolNodeConfig:
         check=positive,
     )
     boot_timeout: float = setting(
-        180.0, "seconds a guest may take to answer on its SSH port", check=positive
+        180.0, "seconds a guest may take to accept the node's SSH login", check=positive
     )
     boot_silence_timeout: float = setting(
         45.0,

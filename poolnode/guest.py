@@ -2,7 +2,7 @@
 
 ::
 
-    booting ──ssh banner──▶ pristine ──lease──▶ leased ◀──lease (same address)──┐
+    booting ──ssh login───▶ pristine ──lease──▶ leased ◀──lease (same address)──┐
        │                        │                 │                            │
        │                        │                 └──last lease released──▶ idle
        │                        │                                              │
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from honeyfleet.v1 import common_pb2
+from poolnode.guest_login import WarmLogin
 
 
 class GuestState(enum.Enum):
@@ -77,6 +78,8 @@ class Guest:
     history: list[LeaseHold] = field(default_factory=list)
     # Set while a replacement boots for a recycle; cleared if the guest gets leased.
     retiring: bool = False
+    # The node's own SSH login into the guest, from pristine until destroyed.
+    login: WarmLogin | None = None
 
     def move(self, to: GuestState) -> None:
         """Change state, refusing moves the life cycle does not allow."""

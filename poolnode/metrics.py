@@ -14,7 +14,7 @@ class PoolMetrics:
         self.guests = Gauge("honeyfleet_poolnode_guests", "Guests by state", ["state"], registry=r)
         self.boot_seconds = Histogram(
             "honeyfleet_poolnode_boot_seconds",
-            "Time from create to SSH banner",
+            "Time from create to the node's SSH login",
             buckets=(2, 5, 10, 20, 30, 60, 120, 300),
             registry=r,
         )

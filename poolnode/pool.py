@@ -3,7 +3,9 @@
 Upkeep runs every ``health_interval`` (and whenever something changes), in this order:
 time out idle guests, health-check live ones, recycle old ones, replenish to
 ``max_vms``. Booting happens in tasks of its own, at most ``max_parallel_boots`` at
-once; a guest becomes pristine only when its SSH port answers with a banner.
+once; a guest becomes pristine only once the node has logged into it over SSH
+(:mod:`poolnode.guest_login`). That warm login lasts as long as the guest and is its
+health check: a guest whose login is lost is destroyed and replaced.
 All guest state changes happen on the event loop, so allocation needs no locks.
 """
 
@@ -17,21 +19,34 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
+
+import asyncssh
 
 from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from honeyfleet.v1 import common_pb2, registry_pb2
-from poolnode.backend import Backend, ssh_banner
+from poolnode.backend import Backend
 from poolnode.config import PoolNodeConfig
 from poolnode.diskdiff import DiskDiffer
 from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.guest import Guest, GuestState, LeaseHold
+from poolnode.guest_login import LoginRefused, LoginSettings, WarmLogin, log_in
 from poolnode.metrics import PoolMetrics
 from poolnode.service import Allocation
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT = 3.0
+
+class Closable(Protocol):
+    """What a lease's tunnels and sessions are cut with."""
+
+    def close(self) -> None:
+        """Close it now."""
+
+
+# A login into a guest that has just started its SSH server (~2.5 s under TCG).
+LOGIN_TIMEOUT = 20.0
 BOOT_POLL = 1.0
 
 
@@ -48,13 +63,16 @@ class GuestPool:
         # the answers to its own allocations and releases.
         self.table_version = 1
         self.guests: dict[str, Guest] = {}
+        self._login = LoginSettings(
+            config.backend_user, config.backend_pass, keepalive_interval=config.health_interval
+        )
         self._leases: dict[str, Guest] = {}
         self._boots: set[asyncio.Task[None]] = set()
         self._destroying: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._upkeep: asyncio.Task[None] | None = None
-        # Tunnels are cut when their lease ends or their guest goes.
-        self._tunnels: dict[str, set[asyncio.StreamWriter]] = {}
+        # Tunnels and sessions are cut when their lease ends or their guest goes.
+        self._tunnels: dict[str, set[Closable]] = {}
         self.events: NodeEvents | None = None
         """Where the node's events go (set by the node before start; None: not reported)."""
         self.disk_diff: DiskDiffer | None = None
@@ -189,38 +207,51 @@ class GuestPool:
         hold = guest.leases.get(lease_id) if guest else None
         return hold.sensor if hold else None
 
-    def tunnel_target(self, lease_id: str, sensor: str, port: int) -> tuple[str, int]:
-        """Where a tunnel for ``lease_id`` goes, if ``sensor`` holds that lease."""
+    def _held_guest(self, lease_id: str, sensor: str) -> Guest:
+        """The guest of ``lease_id``, if ``sensor`` holds that lease."""
         guest = self._leases.get(lease_id)
         hold = guest.leases.get(lease_id) if guest else None
         if guest is None or hold is None:
             raise NotFound(f"no lease {lease_id[:64]!r} on this node")
         if hold.sensor != sensor:
-            log.warning("%s tried to tunnel into lease %s of %s", sensor, lease_id, hold.sensor)
+            log.warning("%s tried to reach lease %s of %s", sensor, lease_id, hold.sensor)
             raise PermissionDenied(f"lease {lease_id} was not issued to {sensor}")
+        return guest
+
+    def tunnel_target(self, lease_id: str, sensor: str, port: int) -> tuple[str, int]:
+        """Where a tunnel for ``lease_id`` goes, if ``sensor`` holds that lease."""
+        guest = self._held_guest(lease_id, sensor)
         if guest.address is None:
             raise Unavailable(f"guest {guest.id} has no address")
         ssh, telnet = self._backend.ports(guest.handle)
         return guest.address, ssh if port == common_pb2.GUEST_PORT_SSH else telnet
 
-    def track_tunnel(self, lease_id: str, writer: asyncio.StreamWriter) -> Callable[[], None]:
-        """Register a tunnel's guest connection; returns the function that unregisters it.
+    def session_login(self, lease_id: str, sensor: str) -> WarmLogin:
+        """The warm login SSH sessions of ``lease_id`` run on, if ``sensor`` holds it."""
+        guest = self._held_guest(lease_id, sensor)
+        if guest.login is None or guest.login.lost is not None:
+            raise Unavailable(f"guest {guest.id} has lost its SSH login")
+        return guest.login
 
-        The lease may have ended while the connection was being opened: then nothing
-        would ever cut it, so it is closed here and the tunnel refused.
+    def track_tunnel(self, lease_id: str, tunnel: Closable) -> Callable[[], None]:
+        """Register a tunnel's guest connection or session channel; returns the function
+        that unregisters it.
+
+        The lease may have ended while it was being opened: then nothing would ever cut
+        it, so it is closed here and refused.
         """
         if lease_id not in self._leases:
-            writer.close()
+            tunnel.close()
             raise NotFound(f"lease {lease_id[:64]!r} ended while its tunnel was opening")
-        self._tunnels.setdefault(lease_id, set()).add(writer)
+        self._tunnels.setdefault(lease_id, set()).add(tunnel)
         self.metrics.tunnels.inc()
 
         def untrack() -> None:
-            writers = self._tunnels.get(lease_id)
-            if writers is not None and writer in writers:
-                writers.discard(writer)
+            tunnels = self._tunnels.get(lease_id)
+            if tunnels is not None and tunnel in tunnels:
+                tunnels.discard(tunnel)
                 self.metrics.tunnels.dec()
-                if not writers:
+                if not tunnels:
                     del self._tunnels[lease_id]
 
         return untrack
@@ -287,7 +318,7 @@ class GuestPool:
         self._replenish()
 
     async def _health_check(self) -> None:
-        """Destroy guests whose VM died or whose SSH port stopped answering."""
+        """Destroy guests whose VM died or whose warm login was lost."""
         checked = [
             g
             for g in self.guests.values()
@@ -299,11 +330,11 @@ class GuestPool:
                 self.metrics.health_failures.labels("domain").inc()
                 await self._destroy(guest, "health check: its VM is no longer running")
                 return
-            ssh, _ = self._backend.ports(guest.handle)
-            assert guest.address is not None
-            if await ssh_banner(guest.address, ssh, PROBE_TIMEOUT) is None:
+            # Keepalives run on the login, so a guest that hangs loses it too.
+            if guest.login is None or guest.login.lost is not None:
+                why = guest.login.lost if guest.login is not None else "never logged in"
                 self.metrics.health_failures.labels("ssh").inc()
-                await self._destroy(guest, f"health check: SSH port {ssh} stopped answering")
+                await self._destroy(guest, f"health check: its SSH login was lost ({why})")
 
         await asyncio.gather(*(check(g) for g in checked))
 
@@ -377,20 +408,31 @@ class GuestPool:
         await self._retire_one()
 
     async def _wait_ready(self, guest: Guest, started: float) -> str | None:
-        """None once the guest answers with an SSH banner within boot_timeout; else why not.
+        """None once the node is logged into the guest within boot_timeout; else why not.
 
         A guest with no address boot_silence_timeout after its start is asked about once:
         if the backend sees no sign of life at all, waiting out boot_timeout is pointless.
+        Refused credentials end the wait at once: they will not change.
         """
         ssh, _ = self._backend.ports(guest.handle)
         config = self.config
         deadline = started + config.boot_timeout
         silence = started + (config.boot_silence_timeout or config.boot_timeout)
         asked = False
-        while time.monotonic() < deadline:
+        last = "no address"
+        while (left := deadline - time.monotonic()) > 0:
             guest.address = guest.address or await self._backend.address(guest.handle)
-            if guest.address and await ssh_banner(guest.address, ssh, PROBE_TIMEOUT):
-                return None
+            if guest.address:
+                try:
+                    async with asyncio.timeout(min(left, LOGIN_TIMEOUT)):
+                        guest.login = await log_in(
+                            guest.id, guest.address, ssh, self._login, self._wake.set
+                        )
+                    return None
+                except LoginRefused as e:
+                    return f"login refused: {e}"
+                except (asyncssh.Error, OSError, TimeoutError) as e:
+                    last = f"no SSH login at {guest.address}:{ssh} ({str(e) or type(e).__name__})"
             if not await self._backend.alive(guest.handle):
                 break
             if not asked and not guest.address and time.monotonic() >= silence:
@@ -404,7 +446,7 @@ class GuestPool:
                     )
                     return f"hung: {why}"
             await asyncio.sleep(BOOT_POLL)
-        return f"no SSH banner within {config.boot_timeout:.0f}s"
+        return f"{last} within {config.boot_timeout:.0f}s"
 
     async def _retire_one(self) -> None:
         """Once more guests are ready than kept, destroy one being recycled, if unused.
@@ -426,6 +468,8 @@ class GuestPool:
             return
         guest.move(GuestState.DESTROYED)
         self.guests.pop(guest.id, None)
+        if guest.login is not None:
+            guest.login.close()
         for lease_id in list(guest.leases):
             self._leases.pop(lease_id, None)
             self._cut_tunnels(lease_id)
@@ -480,6 +524,6 @@ class GuestPool:
         return base.with_suffix(".qcow2")
 
     def _cut_tunnels(self, lease_id: str) -> None:
-        for writer in self._tunnels.pop(lease_id, set()):
-            writer.close()
+        for tunnel in self._tunnels.pop(lease_id, set()):
+            tunnel.close()
             self.metrics.tunnels.dec()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -28,6 +27,7 @@ from poolnode.server import PoolNode
 from tests.prereq import IN_CI as IN_CI
 from tests.prereq import require_tool as require_tool
 from tests.prereq import unmet as unmet
+from tests.sshd import Sshd
 from tests.tinydisk import TinyDisks
 
 
@@ -156,15 +156,6 @@ async def start_controller(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator
             await controller.stop(grace=0)
 
 
-async def ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A guest's SSH port: answers like an SSH server's first line, which is all the pool's
-    readiness probe reads."""
-    writer.write(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n")
-    with contextlib.suppress(OSError):
-        await writer.drain()
-    writer.close()
-
-
 async def start_static_pool_node(
     fleet_pki: FleetPki,
     name: str,
@@ -213,8 +204,10 @@ GuestHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[
 
 @pytest.fixture
 async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[PoolNodeFactory]:
-    """Start real pool nodes whose static-backend guests are loopback banner servers."""
+    """Start real pool nodes whose static-backend guests are loopback SSH servers (the
+    node logs into each) with, if asked, a Telnet port served by ``telnet``."""
     running: list[PoolNode] = []
+    sshds: list[Sshd] = []
     servers: list[asyncio.Server] = []
 
     async def start(
@@ -224,14 +217,19 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
         guests: int = 3,
         share_guests: bool = False,
         labels: dict[str, str] | None = None,
-        guest: GuestHandler = ssh_banner,
+        telnet: GuestHandler | None = None,
         **overrides: Any,
     ) -> PoolNode:
         hosts = []
-        for _ in range(guests):
-            server = await asyncio.start_server(guest, "127.0.0.1", 0)
-            servers.append(server)
-            hosts.append(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        for i in range(guests):
+            sshd = Sshd(tmp_path / name / f"guest{i}")
+            sshds.append(sshd)
+            host = f"127.0.0.1:{await sshd.start()}"
+            if telnet is not None:
+                server = await asyncio.start_server(telnet, "127.0.0.1", 0)
+                servers.append(server)
+                host += f":{server.sockets[0].getsockname()[1]}"
+            hosts.append(host)
         node = await start_static_pool_node(
             fleet_pki,
             name,
@@ -250,5 +248,7 @@ async def start_pool_node(fleet_pki: FleetPki, tmp_path: Path) -> AsyncIterator[
     yield start
     for node in running:
         await node.stop(grace=0)
+    for sshd in sshds:
+        await sshd.stop()
     for server in servers:
         server.close()

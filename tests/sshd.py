@@ -50,6 +50,7 @@ class Sshd:
         self.bytes_out = 0
         self._server: asyncssh.SSHAcceptor | None = None
         self._procs: set[asyncio.subprocess.Process] = set()
+        self._conns: set[asyncssh.SSHServerConnection] = set()
 
     async def start(self) -> int:
         """Listen on 127.0.0.1; returns the port."""
@@ -59,6 +60,10 @@ class Sshd:
         class Server(asyncssh.SSHServer):
             def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
                 sshd.connections += 1
+                sshd._conns.add(conn)
+
+            def connection_lost(self, exc: Exception | None) -> None:
+                sshd._conns = {c for c in sshd._conns if not c.is_closed()}
 
             def begin_auth(self, username: str) -> bool:
                 return True
@@ -95,12 +100,19 @@ class Sshd:
     async def stop(self) -> None:
         """Stop listening, close every connection and kill what sessions left running."""
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # asyncssh's acceptor leaves connections open
             await self._server.wait_closed()
+        self.disconnect()
         for proc in list(self._procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
+
+    def disconnect(self) -> None:
+        """Close every connection (the server goes on listening)."""
+        for conn in list(self._conns):
+            conn.close()
+        self._conns.clear()
 
     async def _run(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """Run the shell or command of one session."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,39 +25,38 @@ from tests.conftest import (
     ControllerFactory,
     FleetPki,
     free_port,
-    ssh_banner,
     start_static_pool_node,
     until,
 )
+from tests.sshd import PASSWORD, Sshd
 
 
 class Hosts:
-    """Loopback "guests" that answer with an SSH banner; each can be stopped."""
+    """Loopback "guests": SSH servers the pool logs into; each can be stopped."""
 
-    def __init__(self) -> None:
-        self.servers: dict[str, asyncio.Server] = {}
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.servers: dict[str, Sshd] = {}
 
     async def add(self, n: int) -> tuple[str, ...]:
         for _ in range(n):
-            server = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
-            self.servers[f"127.0.0.1:{server.sockets[0].getsockname()[1]}"] = server
+            sshd = Sshd(self.home / f"guest{len(self.servers)}")
+            self.servers[f"127.0.0.1:{await sshd.start()}"] = sshd
         return tuple(self.servers)
 
     async def kill(self, address: str) -> None:
-        server = self.servers.pop(address)
-        server.close()
-        await server.wait_closed()
+        await self.servers.pop(address).stop()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for server in self.servers.values():
-            server.close()
+            await server.stop()
 
 
 @pytest.fixture
-async def hosts() -> AsyncIterator[Hosts]:
-    h = Hosts()
+async def hosts(tmp_path: Path) -> AsyncIterator[Hosts]:
+    h = Hosts(tmp_path / "hosts")
     yield h
-    h.close()
+    await h.close()
 
 
 def config(tmp_path: Path, hosts: tuple[str, ...], **kw: object) -> PoolNodeConfig:
@@ -67,7 +67,7 @@ def config(tmp_path: Path, hosts: tuple[str, ...], **kw: object) -> PoolNodeConf
         max_vms=len(hosts),
         max_parallel_boots=len(hosts),
         health_interval=0.2,
-        backend_pass="pw",
+        backend_pass=PASSWORD,
         boot_timeout=5,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
@@ -88,7 +88,7 @@ async def test_allocation_rules(tmp_path: Path, hosts: Hosts) -> None:
         assert again.guest.id == a.guest.id and not again.shared
         b = await pool.allocate("L3", "10.0.0.2", "sensor/a", allow_shared=False)
         assert b.guest.id != a.guest.id
-        assert b.credentials.password == "pw"
+        assert b.credentials.password == PASSWORD
         # No pristine guest left and the node does not share: refused even if allowed.
         with pytest.raises(ResourceExhausted):
             await pool.allocate("L4", "10.0.0.3", "sensor/a", allow_shared=True)
@@ -163,6 +163,111 @@ async def test_dead_guest_is_replaced(tmp_path: Path, hosts: Hosts) -> None:
         assert pool.metrics.health_failures.labels("ssh")._value.get() >= 1
     finally:
         await pool.stop()
+
+
+async def test_the_node_keeps_one_warm_login_per_guest(tmp_path: Path, hosts: Hosts) -> None:
+    pool = await running_pool(config(tmp_path, await hosts.add(2)))
+    try:
+        await pool.allocate("L1", "10.0.0.1", "sensor/a", allow_shared=False)
+        await pool.release("L1", "done")
+        await pool.allocate("L2", "10.0.0.1", "sensor/a", allow_shared=False)
+        # Upkeep runs every 0.2 s: several health checks pass on the same logins.
+        await asyncio.sleep(1.0)
+        assert [sshd.connections for sshd in hosts.servers.values()] == [1, 1]
+        assert all(g.login is not None and g.login.lost is None for g in pool.guests.values())
+    finally:
+        await pool.stop()
+
+
+async def test_refused_credentials_never_make_a_guest_pristine(
+    tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = GuestPool(
+        config(tmp_path, await hosts.add(1), backend_pass="wrong"),
+        StaticBackend(parse_hosts(tuple(hosts.servers))),
+    )
+    destroyed = "honeyfleet_poolnode_guests_destroyed_total"
+    caplog.set_level(logging.INFO, "poolnode")
+    await pool.start()
+    try:
+        await until(
+            lambda: bool(
+                pool.metrics.registry.get_sample_value(destroyed, {"reason": "login refused"})
+            )
+        )
+        assert pool.snapshot().guest_counts.pristine == 0
+        assert "check backend_user and backend_pass" in caplog.text
+    finally:
+        await pool.stop()
+
+
+async def test_a_leased_guest_whose_login_is_lost_is_replaced(tmp_path: Path, hosts: Hosts) -> None:
+    pool = await running_pool(config(tmp_path, await hosts.add(1)))
+    try:
+        leased = await pool.allocate("L1", "10.0.0.1", "sensor/a", allow_shared=False)
+        (sshd,) = hosts.servers.values()
+        sshd.disconnect()
+        await until(lambda: leased.guest.id not in pool.guests)
+        assert pool.lease_sensor("L1") is None
+        # The static host still answers: a new guest on it, with a login of its own.
+        await until(lambda: pool.snapshot().guest_counts.pristine == 1)
+        assert sshd.connections == 2
+        failures = pool.metrics.registry.get_sample_value(
+            "honeyfleet_poolnode_health_failures_total", {"check": "ssh"}
+        )
+        assert failures == 1
+    finally:
+        await pool.stop()
+
+
+class Freezer:
+    """A TCP relay in front of a guest that can stop passing anything on, as a hung
+    guest whose connections stay open."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.frozen = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    if not self.frozen:
+                        sink.write(data)
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+async def test_a_hung_guest_loses_its_login_and_is_replaced(
+    tmp_path: Path, hosts: Hosts, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "poolnode")
+    (address,) = await hosts.add(1)
+    freezer = Freezer(int(address.rpartition(":")[2]))
+    pool = await running_pool(config(tmp_path, (await freezer.start(),)))
+    try:
+        (hung,) = pool.guests
+        freezer.frozen = True
+        # Keepalives every health_interval (0.2 s) go unanswered.
+        await until(lambda: hung not in pool.guests)
+        assert "not responding to keepalive" in caplog.text
+        freezer.frozen = False
+        await until(lambda: pool.snapshot().guest_counts.pristine == 1)
+    finally:
+        await pool.stop()
+        freezer.close()
 
 
 async def test_recycle_replaces_idle_never_leased(tmp_path: Path, hosts: Hosts) -> None:

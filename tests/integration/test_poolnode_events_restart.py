@@ -2,12 +2,13 @@
 the controller: both run as real processes (`honeyfleet controller|poolnode --config`),
 with real certificates on loopback.
 
-The node's guest is a banner server of the test (static backend). An attacker's lease is
-released while all is up (``honeyfleet.guest.released`` is delivered); then the controller
-is killed with SIGKILL and the guest stops answering, so the node destroys it and spools
-``honeyfleet.guest.destroyed`` with no controller to take it. The node is stopped and
-started again (the event waits in its spool), then the controller is started again: the
-event arrives, on the attacker's session, and every event of the session is stored once.
+The node's guest is an SSH server of the test (static backend) the node logs into. An
+attacker's lease is released while all is up (``honeyfleet.guest.released`` is delivered);
+then the controller is killed with SIGKILL and the guest stops answering, so the node
+destroys it and spools ``honeyfleet.guest.destroyed`` with no controller to take it. The
+node is stopped and started again (the event waits in its spool), then the controller is
+started again: the event arrives, on the attacker's session, and every event of the
+session is stored once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from honeyfleet.pki.identity import Role
-from tests.conftest import FleetPki, free_port, ssh_banner
+from tests.conftest import FleetPki, free_port
 from tests.integration.leasing import Sensor
 from tests.integration.test_events_crash import (
     start_process,
@@ -32,6 +33,7 @@ from tests.integration.test_events_crash import (
 )
 from tests.integration.test_fleet_tools import BIN
 from tests.integration.test_poolnode_events import stored_in
+from tests.sshd import Sshd
 
 POLL = 0.2
 WAIT = 60.0  # seconds any one step may take on a loaded machine
@@ -90,8 +92,8 @@ async def eventually(check: Callable[[], bool], what: str, logs: list[Path]) -> 
 async def test_node_events_reach_the_store_once_across_node_and_controller_restarts(
     fleet_pki: FleetPki, tmp_path: Path
 ) -> None:
-    guest = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
-    guest_address = f"127.0.0.1:{guest.sockets[0].getsockname()[1]}"
+    guest = Sshd(tmp_path / "guest")
+    guest_address = f"127.0.0.1:{await guest.start()}"
     port = free_port()
     address = f"127.0.0.1:{port}"
     ctl_config, ctl_log, ctl_state = tmp_path / "ctl.toml", tmp_path / "ctl.log", tmp_path / "ctl"
@@ -127,8 +129,7 @@ async def test_node_events_reach_the_store_once_across_node_and_controller_resta
         # The controller dies; the guest stops answering, so the node destroys it.
         processes[0].send_signal(signal.SIGKILL)
         await processes[0].wait()
-        guest.close()
-        await guest.wait_closed()
+        await guest.stop()
         await eventually(lambda: spooled(node_state) == 1, "destroyed spooled", logs)
 
         # The node restarts with the event in its spool, then the controller comes back.
@@ -140,7 +141,7 @@ async def test_node_events_reach_the_store_once_across_node_and_controller_resta
     finally:
         for process in processes:
             await stop_process(process)
-        guest.close()
+        await guest.stop()
         await sensor.channel.close()
 
     session = stored_in(events, session="s-restarts")
@@ -159,7 +160,7 @@ async def test_node_events_reach_the_store_once_across_node_and_controller_resta
             lease.guest,
             "pool-1",
         )
-    assert "SSH port" in session[1]["reason"]
+    assert "SSH login was lost" in session[1]["reason"]
     # One instance identity across the node's restart; each event stored once.
     assert session[0]["uuid"] == session[1]["uuid"]
     with contextlib.closing(sqlite3.connect(events)) as db:

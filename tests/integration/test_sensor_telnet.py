@@ -32,10 +32,10 @@ from tests.conftest import (
     FleetPki,
     bounded,
     require_tool,
-    ssh_banner,
     start_one_guest_node,
     until,
 )
+from tests.sshd import Sshd
 from tests.telnetd import PASSWORD, Telnetd
 from tests.terminal import Terminal, Transcript
 
@@ -84,9 +84,10 @@ async def start_fleet(
     async with contextlib.AsyncExitStack() as teardown:
         telnet_port = await guest.start()
         teardown.push_async_callback(bounded, guest.stop)
-        ssh = await asyncio.start_server(ssh_banner, "127.0.0.1", 0)
-        teardown.callback(ssh.close)
-        ssh_port = ssh.sockets[0].getsockname()[1]
+        # The node's warm login (Telnet sessions do not use it, but guests need one).
+        sshd = Sshd(tmp / "guest-home", password=PASSWORD)
+        ssh_port = await sshd.start()
+        teardown.push_async_callback(bounded, sshd.stop)
         controller, address = await start_controller()
         node = await start_one_guest_node(
             fleet_pki,

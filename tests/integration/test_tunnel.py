@@ -15,12 +15,12 @@ from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from tests.conftest import FleetPki, until
 from tests.integration.test_leases import Sensor
 
-BANNER = b"SSH-2.0-OpenSSH_9.2p1\r\n"
+BANNER = b"Debian GNU/Linux 12\r\n"
 READ_TIMEOUT = 30.0  # for the pool node to answer a tunnel frame, or relay to EOF
 
 
 async def echo_guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """A guest that greets like SSH, echoes until EOF, then says goodbye and closes."""
+    """A guest's Telnet port that greets, echoes until EOF, then says goodbye and closes."""
     writer.write(BANNER)
     with contextlib.suppress(OSError):
         while data := await reader.read(65536):
@@ -46,7 +46,7 @@ class Tunnel:
     async def open(
         self,
         lease_id: str,
-        port: int = common_pb2.GUEST_PORT_SSH,
+        port: int = common_pb2.GUEST_PORT_TELNET,
         timeout: float = READ_TIMEOUT,
     ) -> poolnode_pb2.TunnelResponse:
         """Ask for ``port`` of the lease's guest; the first answer, within ``timeout`` s."""
@@ -78,7 +78,7 @@ async def leased(
 ) -> tuple[str, str]:
     """A controller, a pool node of echo guests, a lease for ``sensor``: (lease, node address)."""
     controller, address = await start_controller()
-    node = await start_pool_node("n1", address, guests=2, guest=echo_guest)
+    node = await start_pool_node("n1", address, guests=2, telnet=echo_guest)
     await until(
         lambda: (
             "n1" in controller.registry.nodes
@@ -143,7 +143,7 @@ async def test_releasing_the_lease_cuts_its_tunnel(
     start_controller, start_pool_node, fleet_pki: FleetPki
 ) -> None:
     controller, address = await start_controller()
-    node = await start_pool_node("n1", address, guests=1, guest=echo_guest)
+    node = await start_pool_node("n1", address, guests=1, telnet=echo_guest)
     await until(
         lambda: (
             "n1" in controller.registry.nodes

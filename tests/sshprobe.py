@@ -1,7 +1,7 @@
 """Probes that show what an SSH server says, for comparing the sensor with OpenSSH.
 
 Each probe is what a scanner sends (a version line, a KEXINIT request, an ``ssh -v``
-login, repeated wrong passwords, a right one, malformed first lines, DH group exchange
+login, repeated wrong passwords and keys, a right password, malformed first lines, DH group exchange
 requests, an early NEWKEYS, a connection that never logs in, connections past the
 server's limit) and returns what the server sent back, in a form two servers can be
 compared by.
@@ -142,17 +142,41 @@ async def wrong_passwords(port: int, limit: int = 10) -> Refusal:
             asked.append(time.monotonic())
             return "wrong-password" if len(asked) <= limit else ""
 
+    return await until_disconnected(port, asked, Persistent, "password", client_keys=None)
+
+
+async def wrong_keys(port: int, limit: int = 10) -> Refusal:
+    """Offer fresh Ed25519 keys (at most ``limit``) until the server disconnects."""
+    asked: list[float] = []
+
+    class Persistent(asyncssh.SSHClient):
+        def public_key_auth_requested(self) -> asyncssh.SSHKey | None:
+            asked.append(time.monotonic())
+            return asyncssh.generate_private_key("ssh-ed25519") if len(asked) <= limit else None
+
+    return await until_disconnected(port, asked, Persistent, "publickey")
+
+
+async def until_disconnected(
+    port: int,
+    asked: list[float],
+    client: type[asyncssh.SSHClient],
+    method: str,
+    **options: object,
+) -> Refusal:
+    """Log in as nobody with ``method``, ``client`` noting in ``asked`` when each try was
+    made; how the server's disconnect came."""
     try:
         async with asyncio.timeout(60):
             await asyncssh.connect(
-                "127.0.0.1", port, username="nobody", known_hosts=None, client_keys=None,
-                agent_path=None, client_factory=Persistent, preferred_auth="password",
+                "127.0.0.1", port, username="nobody", known_hosts=None, agent_path=None,
+                client_factory=client, preferred_auth=method, **options,
             )  # fmt: skip
     except asyncssh.DisconnectError as e:
         asked.append(time.monotonic())
         waits = [later - earlier for earlier, later in itertools.pairwise(asked)]
         return Refusal(len(asked) - 1, e.code, e.reason, waits)
-    raise AssertionError("logged in with a wrong password")
+    raise AssertionError(f"logged in by {method} without the right credentials")
 
 
 def cleartext_packet(payload: bytes) -> bytes:

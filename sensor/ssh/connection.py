@@ -256,10 +256,12 @@ class AttackerConnection(Adapter):
         """The guest's SSH login, on the link's tunnel."""
         self._guest = await log_into_guest(link, self.config.guest_login_timeout)
 
-    def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
-        """Log an offered public key and its refusal (a failed login, as Cowrie counts it)."""
+    async def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
+        """Log an offered public key and its refusal (a failed login, as Cowrie counts it),
+        answered after sshd's padding (a few ms: :mod:`sensor.ssh.faildelay`)."""
         if not self.can_try():
             return
+        started = asyncio.get_running_loop().time()
         self.session.auth_failed()
         self.shared.services.metrics.logins.labels("failed").inc()
         # Cowrie puts the same key fields on both events.
@@ -277,6 +279,7 @@ class AttackerConnection(Adapter):
         self.events.emit(
             "cowrie.login.failed", "public key login attempt for [{username}] failed", **fields
         )
+        await self.shared.fail_delay.pad(started, username)
         self.count_failure()
 
     # Channels.

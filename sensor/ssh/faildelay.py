@@ -67,9 +67,13 @@ class FailDelay:
         self._pam_base = pam_base
 
     async def wait(self, started: float, username: str) -> None:
-        """Wait as PAM then sshd would for a request that arrived at ``started``
+        """Wait as PAM then sshd would for a password request that arrived at ``started``
         (the event loop's clock)."""
-        loop = asyncio.get_running_loop()
         if self._pam_base:
             await asyncio.sleep(pam_delay(self._pam_base))
-        await asyncio.sleep(padding(loop.time() - started, user_delay(self._secret, username)))
+        await self.pad(started, username)
+
+    async def pad(self, started: float, username: str) -> None:
+        """Wait as sshd alone does (for any failed request but "none": a refused key)."""
+        elapsed = asyncio.get_running_loop().time() - started
+        await asyncio.sleep(padding(elapsed, user_delay(self._secret, username)))

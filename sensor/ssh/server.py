@@ -29,8 +29,8 @@ class Connection(Protocol):
     async def login(self, username: str, password: str) -> bool:
         """Check a password (and join a guest)."""
 
-    def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
-        """Log an offered key."""
+    async def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
+        """Log an offered key (and refuse it)."""
 
     def session_channel(self) -> RelaySession | bool:
         """A session channel's relay, or False."""
@@ -77,9 +77,9 @@ class AttackerServer(asyncssh.SSHServer):
         """Offered so keys are logged; every key is refused."""
         return "publickey" in self._methods
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         """Log and refuse."""
-        self._c.public_key(username, key)
+        await self._c.public_key(username, key)
         return False
 
     def session_requested(self) -> RelaySession | bool:

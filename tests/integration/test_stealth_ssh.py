@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 
 from sensor.config import SensorConfig
+from sensor.ssh.faildelay import MIN_FAIL_DELAY
 from tests import debian_sshd as debian
 from tests.conftest import bounded
 from tests.debian_sshd import DebianSshd, debian_banner
 from tests.integration.ssh_fleet import FleetFactory
 from tests.sshprobe import (
+    Refusal,
     early_newkeys,
     exchange,
     gex_group,
@@ -31,6 +33,7 @@ from tests.sshprobe import (
     over_limit,
     password_login,
     verbose_login,
+    wrong_keys,
     wrong_passwords,
 )
 
@@ -67,6 +70,15 @@ def list_differences(probe: str, debian: list[str], sensor: list[str]) -> set[tu
     if common_debian != common_sensor:
         found.add((probe, f"order {common_debian} != {common_sensor}"))
     return found
+
+
+def refusal_differences(probe: str, debian: Refusal, sensor: Refusal) -> set[tuple[str, str]]:
+    """What differs in how two servers ended connections that kept failing."""
+    return {
+        (probe, f"{field}: {getattr(debian, field)!r} != {getattr(sensor, field)!r}")
+        for field in ("failures", "code", "reason")
+        if getattr(debian, field) != getattr(sensor, field)
+    }
 
 
 @pytest.fixture
@@ -140,12 +152,7 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
 
     debian_refusal = await wrong_passwords(debian_sshd.port)
     sensor_refusal = await wrong_passwords(fleet.port)
-    for field in ("failures", "code", "reason"):
-        if getattr(debian_refusal, field) != getattr(sensor_refusal, field):
-            differences.add(
-                ("failures", f"{field}: {getattr(debian_refusal, field)!r} != "
-                 f"{getattr(sensor_refusal, field)!r}")
-            )  # fmt: skip
+    differences |= refusal_differences("failures", debian_refusal, sensor_refusal)
     # PAM's 2 s varied by up to half either way, padded by sshd to a per-user time
     # doubled (at most once more, for a slow first try): sensor/ssh/faildelay.py.
     theirs_pam, ours_pam = (
@@ -154,6 +161,16 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
     )
     if theirs_pam != ours_pam:
         differences.add(("failures", f"waits like PAM's: {theirs_pam} != {ours_pam}"))
+
+    debian_keys, sensor_keys = await wrong_keys(debian_sshd.port), await wrong_keys(fleet.port)
+    differences |= refusal_differences("keys", debian_keys, sensor_keys)
+    # sshd pads a refused key to the user's minimum, 5 ms or more (no PAM delay).
+    theirs_padded, ours_padded = (
+        all(MIN_FAIL_DELAY <= wait < PAM_WAITS[0] for wait in refusal.waits)
+        for refusal in (debian_keys, sensor_keys)
+    )
+    if theirs_padded != ours_padded:
+        differences.add(("keys", f"waits padded: {theirs_padded} != {ours_padded}"))
 
     debian_in = await password_login(
         debian_sshd.port, debian.USER, debian.PASSWORD, debian_sshd.host_keys()
@@ -180,10 +197,13 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
         differences.add(("login grace", f"{theirs_grace} != {ours_grace}"))
 
     log.info(
-        "seconds per failed password: Debian %.2f, sensor %.2f; right password: %.2f, %.2f",
+        "seconds per failed password: Debian %.2f, sensor %.2f; right password: %.2f, %.2f; "
+        "per refused key: %.4f, %.4f",
         debian_refusal.seconds_per_failure,
         sensor_refusal.seconds_per_failure,
         debian_in.seconds,
         sensor_in.seconds,
+        debian_keys.seconds_per_failure,
+        sensor_keys.seconds_per_failure,
     )
     assert differences == KNOWN_DIFFERENCES

@@ -81,6 +81,8 @@ class PoolNode:
         """Files from guests' disks on their way to the controller's artefact store."""
         if config.disk_diff:
             self.pool.disk_diff = DiskDiffer(config, self.pool.metrics, artefacts=self.outbox)
+        if self.pool.egress is not None:
+            self.pool.egress.sinkhole.artefacts = self.outbox
         self._outbox_task: asyncio.Task[None] | None = None
         self._outbox_open = False
         self._event_log: EventLog | None = None

@@ -27,6 +27,11 @@ class Reporter:
         self.suppressed = 0
         """Events not sent: over a guest's bound, or shed with the spool near full."""
 
+    def session_of(self, guest_ip: str) -> str:
+        """The session the guest at ``guest_ip`` is on ("-" if none)."""
+        context = self.events.context(self._guest_at(guest_ip)) if self.events else None
+        return context.session if context is not None else "-"
+
     def report(
         self, guest_ip: str, budget: str, eventid: str, template: str, **fields: Any
     ) -> bool:

@@ -21,7 +21,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from poolnode.egress.fetch import Fetcher, FetchFailed
+from honeyfleet.outbox import Outbox
+from honeyfleet.v1 import artefact_pb2
+from poolnode.egress.fetch import Download, Fetcher, FetchFailed
 from poolnode.egress.report import CONNECT, DOWNLOAD, Reporter
 from poolnode.egress.sniff import Sniffed, complete, sniff
 
@@ -52,6 +54,9 @@ class Sinkhole:
         self._fetcher = fetcher
         self._open: Counter[str] = Counter()
         self._handlers: set[asyncio.Task[None]] = set()
+        self.artefacts: Outbox | None = None
+        """Where downloads are queued for the controller's artefact store (None: kept
+        in downloads/ only)."""
         self.refused = 0
         """Connections closed at once: their guest held ``max_connections`` already."""
 
@@ -85,8 +90,18 @@ class Sinkhole:
                 kind=seen.kind,
                 **seen.fields,
             )
-            writer.write(await self._answer(guest_ip, seen))
+            answer, download = await self._answer(guest_ip, seen)
+            writer.write(answer)
             await writer.drain()
+            if download is not None and self.artefacts is not None:
+                # After the guest has its file: the store's copy is no hurry.
+                await self.artefacts.put(
+                    download.path,
+                    artefact_pb2.ARTEFACT_KIND_DOWNLOAD,
+                    session=self._reporter.session_of(guest_ip),
+                    filename=download.url,
+                    sha256=download.shasum,
+                )
         except OSError as e:
             log.debug("guest %s connection: %s", guest_ip, e)
         finally:
@@ -123,12 +138,13 @@ class Sinkhole:
             data += chunk
         return data
 
-    async def _answer(self, guest_ip: str, seen: Sniffed) -> bytes:
-        """What the guest gets back: a download under ``fetch``, else a dead end."""
+    async def _answer(self, guest_ip: str, seen: Sniffed) -> tuple[bytes, Download | None]:
+        """What the guest gets back (a download under ``fetch``, else a dead end), and
+        the download."""
         if seen.kind != "http":
-            return b""
+            return b"", None
         if self._fetcher is None or seen.fields["method"] != "GET":
-            return DEAD_END
+            return DEAD_END, None
         url = seen.fields["url"]
         try:
             download = await self._fetcher.fetch(url, seen.fields.get("user_agent"))
@@ -141,7 +157,7 @@ class Sinkhole:
                 url=url,
                 reason=str(e),
             )
-            return DEAD_END
+            return DEAD_END, None
         self._reporter.report(
             guest_ip,
             DOWNLOAD,
@@ -156,7 +172,7 @@ class Sinkhole:
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
             f"Content-Length: {len(download.body)}\r\nConnection: close\r\n\r\n"
         )
-        return head.encode() + download.body
+        return head.encode() + download.body, download
 
 
 def original_destination(writer: asyncio.StreamWriter) -> tuple[str, int]:

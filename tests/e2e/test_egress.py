@@ -112,3 +112,8 @@ async def test_fetch_gives_the_guest_the_file_and_the_store_its_sha256(
     (download,) = stored(vm_fleet, "cowrie.session.file_download", lease.id)
     assert (download["url"], download["shasum"]) == (URL, shasum)
     assert (vm_fleet.state_dir / "downloads" / shasum).read_bytes() == PAYLOAD
+    # And the file itself reaches the controller's artefact store.
+    assert vm_fleet.controller is not None
+    stored_file = vm_fleet.controller.artefacts.path(shasum)
+    await until(stored_file.exists, 60)
+    assert stored_file.read_bytes() == PAYLOAD

@@ -22,7 +22,9 @@ from prometheus_client import CollectorRegistry
 from honeyfleet.config import parse_section
 from honeyfleet.eventlog import EventLog, SpoolMetrics
 from honeyfleet.events import Event
+from honeyfleet.outbox import Outbox, OutboxMetrics
 from honeyfleet.spool import Spool
+from honeyfleet.tls import TlsFiles
 from poolnode.config import PoolNodeConfig
 from poolnode.egress import Egress
 from poolnode.events import NodeEvents
@@ -235,12 +237,22 @@ class Proxy:
 
 
 async def test_fetch_serves_the_download_stores_it_and_reports_it(
-    make_egress: MakeEgress,
+    make_egress: MakeEgress, tmp_path: Path
 ) -> None:
     url = "http://files.example.org/x.sh"
     proxy = Proxy({url: PAYLOAD})
+    outbox = Outbox(
+        tmp_path / "outbox",
+        "127.0.0.1:1",  # never reached: the test reads the queue
+        TlsFiles(tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"),
+        OutboxMetrics("t", CollectorRegistry()),
+        max_bytes=10_000_000,
+        max_files=10,
+    )
+    await outbox.open()
     async with proxy as address:
         fleet = await make_egress(egress_policy="fetch", egress_fetch_proxy=address)
+        fleet.egress.sinkhole.artefacts = outbox
         answer = await connect(
             fleet, b"GET /x.sh HTTP/1.1\r\nHost: files.example.org\r\nUser-Agent: Wget\r\n\r\n"
         )
@@ -255,6 +267,9 @@ async def test_fetch_serves_the_download_stores_it_and_reports_it(
     download = fleet.of("cowrie.session.file_download")[0]
     assert (download["url"], download["shasum"], download["outfile"]) == (url, shasum, str(stored))
     assert (download["session"], download["size"]) == ("s1", len(PAYLOAD))
+    # Queued for the controller's artefact store too, on the session.
+    await until(lambda: outbox.backlog == 1)
+    await outbox.close()
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,12 @@ def render_network(
     dhcp_range_element = _find(ip, "dhcp/range")
     dhcp_range_element.set("start", start)
     dhcp_range_element.set("end", end)
+    # A default route through the gateway (libvirt gives an isolated network's guests
+    # none: "dhcp-option=3"; dnsmasq takes this later one). Guests' traffic to any
+    # address then reaches the node's egress rules instead of failing in the guest
+    # with "Network unreachable", which an attacker would notice.
+    options = _find(root, f"{{{DNSMASQ_NS}}}options")
+    ET.SubElement(options, f"{{{DNSMASQ_NS}}}option", value=f"dhcp-option=3,{address.ip}")
     return _text(root)
 
 
@@ -211,7 +217,8 @@ def _set_uuid(root: ET.Element, uuid: str | None) -> None:
 
 
 def network_fingerprint(xml: str) -> tuple[str | None, ...]:
-    """What must match for a running network to be reused: bridge, address, DHCP range."""
+    """What must match for a running network to be reused: bridge, address, DHCP range,
+    dnsmasq options (the guests' default route)."""
     root = ET.fromstring(xml)  # noqa: S314 - libvirt's own description of the network
     bridge = root.find("bridge")
     ip = root.find("ip")
@@ -223,4 +230,5 @@ def network_fingerprint(xml: str) -> tuple[str | None, ...]:
         dhcp.get("start") if dhcp is not None else None,
         dhcp.get("end") if dhcp is not None else None,
         "forward" if root.find("forward") is not None else None,
+        *sorted(option.get("value") or "" for option in root.iter(f"{{{DNSMASQ_NS}}}option")),
     )

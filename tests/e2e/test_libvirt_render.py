@@ -102,7 +102,17 @@ def test_network_and_filter_keep_an_existing_uuid() -> None:
     assert network.findtext("uuid") == uuid and network.findtext("name") == "pool"
     assert attribute(network, "bridge", "name") == "hfpool0"
     fingerprint = network_fingerprint(render_network("pool", "hfpool0", address, None))
-    assert fingerprint == ("hfpool0", "10.77.0.1", "24", "10.77.0.2", "10.77.0.254", None)
+    assert fingerprint == (
+        "hfpool0",
+        "10.77.0.1",
+        "24",
+        "10.77.0.2",
+        "10.77.0.254",
+        None,
+        # dnsmasq's options: the guests' default route through the gateway, and no-ping.
+        "dhcp-option=3,10.77.0.1",
+        "no-ping",
+    )
     nwfilter = parse(render_nwfilter("hf-guest", uuid))
     assert nwfilter.get("name") == "hf-guest" and nwfilter.findtext("uuid") == uuid
 

@@ -35,6 +35,18 @@ class PoolMetrics:
             ["direction"],
             registry=r,
         )
+        self.egress_events = Counter(
+            "honeyfleet_poolnode_egress_events",
+            "Egress events by kind (dns, connect, download) and outcome (sent; suppressed: "
+            "over the guest's bound or the spool near full)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.egress_refused = Counter(
+            "honeyfleet_poolnode_egress_refused_connections",
+            "Sinkhole connections closed at once: their guest held egress_max_connections",
+            registry=r,
+        )
         self.disk_diffs = Counter(
             "honeyfleet_poolnode_disk_diffs",
             "Disk diffs of destroyed guests, by outcome (done, failed, dropped)",

@@ -8,6 +8,7 @@ from typing import Any
 
 from poolnode.egress.bounds import EventBounds
 from poolnode.events import NodeEvents
+from poolnode.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +20,15 @@ DOWNLOAD = "download"
 class Reporter:
     """Turns what a guest did into events on its attacker's session."""
 
-    def __init__(self, bounds: EventBounds, guest_at: Callable[[str], str | None]) -> None:
+    def __init__(
+        self,
+        bounds: EventBounds,
+        guest_at: Callable[[str], str | None],
+        metrics: PoolMetrics | None = None,
+    ) -> None:
         self._bounds = bounds
         self._guest_at = guest_at
+        self._metrics = metrics
         self.events: NodeEvents | None = None
         """Where events go (set before start; None: nothing is reported)."""
         self.suppressed = 0
@@ -40,10 +47,10 @@ class Reporter:
         events = self.events
         if events is None:
             return False
-        if events.near_full:
-            self.suppressed += 1
-            return False
-        before = self._bounds.take(guest_ip, budget)
+        before = None if events.near_full else self._bounds.take(guest_ip, budget)
+        if self._metrics is not None:
+            outcome = "suppressed" if before is None else "sent"
+            self._metrics.egress_events.labels(budget, outcome).inc()
         if before is None:
             self.suppressed += 1
             return False

@@ -16,6 +16,7 @@ from poolnode.egress.nflog import Attempt, PacketLog
 from poolnode.egress.report import CONNECT, Reporter
 from poolnode.egress.sinkhole import Sinkhole, SinkholeLimits
 from poolnode.events import NodeEvents
+from poolnode.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,14 @@ class Egress:
         guest_at: Callable[[str], str | None],
         *,
         redirect: bool = True,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self.config = config
         self.policy = config.egress_policy
         self.address = str(ipaddress.ip_interface(config.network_address).ip)
         """The sinkhole's address, which DNS answers point at: the guests' gateway."""
         bounds = EventBounds(config.egress_events_per_minute, config.egress_events_burst)
-        self.reporter = Reporter(bounds, guest_at)
+        self.reporter = Reporter(bounds, guest_at, metrics)
         fetcher = None
         if self.policy == "fetch":
             fetcher = Fetcher(
@@ -54,7 +56,7 @@ class Egress:
         limits = SinkholeLimits(
             config.egress_capture_bytes, config.egress_read_timeout, config.egress_max_connections
         )
-        self.sinkhole = Sinkhole(self.reporter, limits, fetcher)
+        self.sinkhole = Sinkhole(self.reporter, limits, fetcher, metrics)
         self._redirects = (
             Redirects(
                 config.guest_tag,

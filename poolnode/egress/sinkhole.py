@@ -26,6 +26,7 @@ from honeyfleet.v1 import artefact_pb2
 from poolnode.egress.fetch import Download, Fetcher, FetchFailed
 from poolnode.egress.report import CONNECT, DOWNLOAD, Reporter
 from poolnode.egress.sniff import Sniffed, complete, sniff
+from poolnode.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,15 @@ class Sinkhole:
     """Handles redirected guest connections (``handle`` is an asyncio server callback)."""
 
     def __init__(
-        self, reporter: Reporter, limits: SinkholeLimits, fetcher: Fetcher | None = None
+        self,
+        reporter: Reporter,
+        limits: SinkholeLimits,
+        fetcher: Fetcher | None = None,
+        metrics: PoolMetrics | None = None,
     ) -> None:
         self._reporter = reporter
         self._limits = limits
+        self._metrics = metrics
         self._fetcher = fetcher
         self._open: Counter[str] = Counter()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -70,6 +76,8 @@ class Sinkhole:
         dst_ip, dst_port = original_destination(writer)
         if self._open[guest_ip] >= self._limits.max_connections:
             self.refused += 1
+            if self._metrics is not None:
+                self._metrics.egress_refused.inc()
             writer.close()
             return
         self._open[guest_ip] += 1

@@ -29,6 +29,7 @@ from poolnode.config import PoolNodeConfig
 from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.guest import LeaseHold
+from poolnode.metrics import PoolMetrics
 from tests.conftest import free_port, until
 from tests.unit.test_egress_parts import query
 
@@ -41,9 +42,14 @@ PAYLOAD = b"#!/bin/sh\necho pwned\n" * 100
 class Fleet:
     """An egress under test, the events it made, and the session they belong to."""
 
-    def __init__(self, egress: Egress, seen: list[Event]) -> None:
+    def __init__(self, egress: Egress, seen: list[Event], metrics: PoolMetrics) -> None:
         self.egress = egress
         self.seen = seen
+        self.metrics = metrics
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """A metric of the egress's pool metrics."""
+        return self.metrics.registry.get_sample_value(name, labels)
 
     def of(self, eventid: str) -> list[Event]:
         """Events with ``eventid`` made so far (durable ones: the spool's mirror)."""
@@ -79,11 +85,12 @@ async def make_egress(tmp_path: Path) -> AsyncIterator[MakeEgress]:
         log = EventLog(spool, SpoolMetrics("t", CollectorRegistry()), instance_uuid="node")
         events = NodeEvents(log, pool_node="pool-1")
         events.leased("g1", LeaseHold("L1", "sensor/edge1", "198.51.100.7", 0.0, "s1", "ssh"))
-        egress = Egress(config, {guest_ip: "g1"}.get, redirect=redirect)
+        metrics = PoolMetrics()
+        egress = Egress(config, {guest_ip: "g1"}.get, redirect=redirect, metrics=metrics)
         egress.events = events
         await egress.start()
         started.append((egress, log))
-        return Fleet(egress, seen)
+        return Fleet(egress, seen, metrics)
 
     yield make
     for egress, log in started:
@@ -190,6 +197,7 @@ async def test_a_guest_holds_at_most_max_connections(make_egress: MakeEgress) ->
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed at once
     writer.close()
     assert fleet.egress.sinkhole.refused == 1
+    assert fleet.sample("honeyfleet_poolnode_egress_refused_connections_total") == 1
     for _, w in held:
         w.close()
 
@@ -199,6 +207,11 @@ async def test_dns_events_are_bounded_per_guest(make_egress: MakeEgress) -> None
     for i in range(6):
         await ask(fleet, f"n{i}.example.org")  # every query is still answered
     await until(lambda: fleet.egress.reporter.suppressed == 3)
+    assert fleet.sample("honeyfleet_poolnode_egress_events_total", kind="dns", outcome="sent") == 3
+    assert (
+        fleet.sample("honeyfleet_poolnode_egress_events_total", kind="dns", outcome="suppressed")
+        == 3
+    )
     await until(lambda: len(fleet.of("honeyfleet.egress.dns")) == 3)
     assert [e["query"] for e in fleet.of("honeyfleet.egress.dns")] == [
         "n0.example.org",

@@ -3,6 +3,7 @@ bytes, and the per-guest event bounds."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import struct
 
@@ -156,3 +157,45 @@ def test_guest_filter_lets_guests_reach_the_egress_servers_before_its_drops() ->
     ]
     actions = [r.get("action") for r in rules]
     assert actions[-2:] == ["drop", "drop"] and actions.count("drop") == 2
+
+
+def nflog_datagram(*packets: bytes) -> bytes:
+    """NFLOG netlink messages as the kernel sends them: a prefix attribute, then the
+    packet (NFULA_PAYLOAD), each attribute padded to 4 bytes."""
+    out = b""
+    for packet in packets:
+        attrs = b""
+        for kind, value in ((10, b"hf\0"), (9, packet)):
+            size = 4 + len(value)
+            attrs += struct.pack("=HH", size, kind) + value + b"\0" * (-size % 4)
+        body = struct.pack("!BBH", 2, 0, 7707) + attrs
+        out += struct.pack("=IHHII", 16 + len(body), 0x0400, 0, 0, 0) + body
+    return out
+
+
+def ipv4(protocol: int, dst: str, dst_port: int, options: bytes = b"") -> bytes:
+    """An IPv4 header (with ``options``) and the first bytes of a TCP/UDP header."""
+    ihl = (20 + len(options)) // 4
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x40 | ihl, 0, 40, 0, 0, 64, protocol, 0,
+        socket.inet_aton("10.77.0.23"), socket.inet_aton(dst),
+    )  # fmt: skip
+    return header + options + struct.pack("!HH", 40000, dst_port)
+
+
+def test_nflog_packets_become_attempts() -> None:
+    from poolnode.egress.nflog import Attempt, packets, parse_packet
+
+    data = nflog_datagram(
+        ipv4(6, "192.0.2.10", 443),
+        ipv4(17, "192.0.2.11", 9999, options=b"\x01\x01\x01\x00"),  # 4 bytes of options
+        ipv4(1, "192.0.2.12", 0),  # ICMP: not a flow of ours
+    )
+    found = [parse_packet(p) for p in packets(data)]
+    assert found == [
+        Attempt("10.77.0.23", "192.0.2.10", 443, "tcp", 40000),
+        Attempt("10.77.0.23", "192.0.2.11", 9999, "udp", 40000),
+        None,
+    ]
+    assert packets(data[:10]) == []
+    assert parse_packet(b"\x60" + bytes(39)) is None  # IPv6

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from honeyfleet.errors import ConfigError
 from poolnode.config import PoolNodeConfig
 from poolnode.egress.bounds import EventBounds
 from poolnode.egress.dnsserver import serve_dns
@@ -99,17 +101,25 @@ class Egress:
         """Listen on the pool network's address, then redirect guests' traffic there
         (call once the network is up: its address must exist)."""
         answer = None if self.policy == "drop" else self.address
-        self._dns = await serve_dns(
-            self.reporter, self.address, self.config.egress_dns_port, answer
-        )
-        if self.policy != "drop":
-            self._server = await asyncio.start_server(
-                self.sinkhole.handle, self.address, self.config.egress_sinkhole_port
-            )
-        if self.dropped is not None:
-            self.dropped.start()
-        if self._redirects is not None:
-            await self._redirects.install()
+        config = self.config
+        try:
+            with _naming("egress_dns_port"):
+                self._dns = await serve_dns(
+                    self.reporter, self.address, config.egress_dns_port, answer
+                )
+            if self.policy != "drop":
+                with _naming("egress_sinkhole_port"):
+                    self._server = await asyncio.start_server(
+                        self.sinkhole.handle, self.address, config.egress_sinkhole_port
+                    )
+            if self.dropped is not None:
+                with _naming("egress_log_group"):
+                    self.dropped.start()
+            if self._redirects is not None:
+                await self._redirects.install()
+        except BaseException:
+            await self.stop()
+            raise
         log.info(
             "egress policy %s: DNS on %s:%d%s",
             self.policy,
@@ -132,3 +142,16 @@ class Egress:
         if self._dns is not None:
             self._dns.close()
             self._dns = None
+
+
+@contextlib.contextmanager
+def _naming(key: str) -> Iterator[None]:
+    """Turn a failure to bind into a start-up error that names the setting to change."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(
+            key,
+            f"cannot bind it ({e.strerror or e}): another process (another "
+            "pool node on this host?) holds it, or the pool network is down",
+        ) from None

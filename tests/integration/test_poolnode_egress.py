@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from honeyfleet.config import parse_section
+from honeyfleet.errors import ConfigError
 from honeyfleet.eventlog import EventLog, SpoolMetrics
 from honeyfleet.events import Event
 from honeyfleet.outbox import Outbox, OutboxMetrics
@@ -331,3 +332,17 @@ async def test_fetch_gives_up_after_its_timeout(make_egress: MakeEgress) -> None
     await until(lambda: len(fleet.of("cowrie.session.file_download.failed")) == 1)
     assert "within 0.5 s" in fleet.of("cowrie.session.file_download.failed")[0]["reason"]
     server.close()
+
+
+async def test_a_port_already_taken_fails_start_naming_its_key(make_egress: MakeEgress) -> None:
+    with socket.socket() as taken:
+        taken.bind((GUEST, 0))
+        taken.listen()
+        port, dns = taken.getsockname()[1], free_port()
+        with pytest.raises(ConfigError) as e:
+            await make_egress(egress_dns_port=dns, egress_sinkhole_port=port)
+    assert e.value.key == "egress_sinkhole_port"
+    assert "another process" in str(e.value)
+    # What had started (the DNS server) was closed again: its port is free.
+    fleet = await make_egress(egress_dns_port=dns)
+    assert (await ask(fleet, "a.example")).endswith(socket.inet_aton(GUEST))

@@ -142,6 +142,7 @@ class Egress:
         if self._dns is not None:
             self._dns.close()
             self._dns = None
+            await asyncio.sleep(0)  # the transport closes its socket on the next loop turn
 
 
 @contextlib.contextmanager

@@ -112,6 +112,10 @@ class Sinkhole:
                 )
         except OSError as e:
             log.debug("guest %s connection: %s", guest_ip, e)
+        except asyncio.CancelledError:
+            # Only close() cancels a handler; ending quietly spares asyncio's server
+            # callback (Python 3.11) a traceback for a task it did not expect cancelled.
+            pass
         finally:
             self._handlers.discard(task)
             self._open[guest_ip] -= 1

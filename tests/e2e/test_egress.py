@@ -81,7 +81,7 @@ async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
         wget = await run(conn, f"wget -O /tmp/x.sh {URL}; echo rc=$?; ls -l /tmp/x.sh")
         # Literal addresses off the pool network: the guests' default route is the node.
         literal = await run(conn, f"wget -O - http://{FAR}:81/lit")
-        await run(conn, f"echo hi | nc -u -w 1 {FAR} 9999")
+        udp = await run(conn, f"bash -c 'echo hi > /dev/udp/{FAR}/9999'")
     await vm_fleet.sensor().release(lease.id)
     assert f"Address: {GATEWAY}" in str(lookup.stdout), lookup
     assert "rc=0" not in str(wget.stdout), wget
@@ -97,6 +97,7 @@ async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
     assert all(e["answer"] in (GATEWAY, "no records") for e in dns)
     assert not stored(vm_fleet, "cowrie.session.file_download", lease.id)
     assert "404" in str(literal.stderr), literal
+    assert udp.exit_status == 0, udp  # sent; the filter drops it
     await until(lambda: len(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)) == 3, 30)
     by_port = {e["dst_port"]: e for e in stored(vm_fleet, "honeyfleet.egress.connect", lease.id)}
     assert (by_port[81]["dst_ip"], by_port[81]["url"]) == (FAR, f"http://{FAR}:81/lit")

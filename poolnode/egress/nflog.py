@@ -39,8 +39,10 @@ NLMSG_ERROR = 2
 NLA_TYPE_MASK = 0x3FFF
 NLMSG = struct.Struct("=IHHII")
 NLA = struct.Struct("=HH")
-COPY_BYTES = 64
-"""Bytes of each packet copied: the IPv4 header (with options) and the ports."""
+PAYLOAD_BYTES = 256
+"""Bytes of a UDP datagram's payload kept (a TFTP request's file name, say)."""
+COPY_BYTES = 60 + 8 + PAYLOAD_BYTES
+"""Bytes of each packet copied: the IPv4 header (options included), UDP's, payload."""
 REPEAT_WINDOW = 30.0
 REMEMBERED = 4096
 TRANSPORTS = {6: "tcp", 17: "udp"}
@@ -55,6 +57,8 @@ class Attempt:
     dst_port: int
     transport: str
     src_port: int
+    payload: bytes = b""
+    """The start of a UDP datagram's payload (at most PAYLOAD_BYTES; TCP: empty)."""
 
 
 def parse_packet(packet: bytes) -> Attempt | None:
@@ -67,7 +71,8 @@ def parse_packet(packet: bytes) -> Attempt | None:
         return None
     src_port, dst_port = struct.unpack_from("!HH", packet, header)
     src, dst = (str(ipaddress.IPv4Address(packet[i : i + 4])) for i in (12, 16))
-    return Attempt(src, dst, dst_port, transport, src_port)
+    payload = packet[header + 8 : header + 8 + PAYLOAD_BYTES] if transport == "udp" else b""
+    return Attempt(src, dst, dst_port, transport, src_port, payload)
 
 
 def packets(data: bytes) -> list[bytes]:

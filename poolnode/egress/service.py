@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from honeyfleet.errors import ConfigError
 from poolnode.config import PoolNodeConfig
@@ -17,10 +18,13 @@ from poolnode.egress.netfilter import Redirects
 from poolnode.egress.nflog import Attempt, PacketLog
 from poolnode.egress.report import CONNECT, Reporter
 from poolnode.egress.sinkhole import Sinkhole, SinkholeLimits
+from poolnode.egress.sniff import escaped, tftp_request
 from poolnode.events import NodeEvents
 from poolnode.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
+
+TFTP_PORT = 69
 
 
 class Egress:
@@ -85,7 +89,16 @@ class Egress:
         self.reporter.events = events
 
     def _dropped(self, attempt: Attempt) -> None:
-        """Report an attempt the guest filter drops."""
+        """Report an attempt the guest filter drops (a TFTP request with its URL)."""
+        fields: dict[str, Any] = {}
+        tftp = tftp_request(attempt.payload) if attempt.dst_port == TFTP_PORT else None
+        if tftp is not None:
+            fields = {
+                "method": tftp["method"],
+                "url": f"tftp://{attempt.dst_ip}/{tftp['filename']}",
+            }
+        elif attempt.payload:
+            fields = {"data": escaped(attempt.payload)}
         self.reporter.report(
             attempt.src_ip,
             CONNECT,
@@ -95,6 +108,7 @@ class Egress:
             dst_port=attempt.dst_port,
             transport=attempt.transport,
             kind="dropped",
+            **fields,
         )
 
     async def start(self) -> None:

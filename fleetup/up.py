@@ -171,6 +171,8 @@ def prepare_identities(plan: Plan) -> None:
 
 def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, dict[str, Any]]:
     """The one config all three processes read (rewritten on every start)."""
+    from poolnode.image import GuestImageSpec
+    from sensor.config import telnetd_greeting
 
     def tls(role: str) -> dict[str, Any]:
         f = plan.tls(role, NAMES[role])
@@ -217,6 +219,8 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             **tls("sensor"),
             "ssh_listen": [f"0.0.0.0:{plan.ssh_port}"],
             "telnet_listen": [f"0.0.0.0:{plan.telnet_port}"],
+            # telnetd's banner with the guests' own kernel release (what `uname -r` says).
+            "telnet_greeting": telnetd_greeting(image.kernel_version, GuestImageSpec.hostname),
             "json_log": str(plan.logs / "sensor-cowrie.json"),
             # Guests under software emulation on a busy machine can take longer than
             # the default 15s to let the sensor log in; the grace time must cover

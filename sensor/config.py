@@ -30,9 +30,19 @@ from sensor.ssh_persona import DEBIAN_12, PERSONAS, Persona, persona_name
 # asyncssh refuses packets longer than this whatever we configure (connection.py).
 ASYNCSSH_MAX_PACKET = 256 * 1024
 
-# What the shipped guest image (busybox telnetd, /etc/issue.net, host srv04) prints before
-# its login prompt; the sensor shows it itself until a guest is leased.
-TELNET_GREETING = "\r\nDebian GNU/Linux 12\r\nsrv04 login: "
+
+def telnetd_greeting(kernel_release: str, hostname: str) -> str:
+    """What Debian's inetutils telnetd and login print first, ``{peer}`` for the client.
+
+    telnetd's banner names the kernel, the client's host and the pty; login's prompt
+    the host name.
+    """
+    return f"\r\nLinux {kernel_release} ({{peer}}) (pts/0)\r\n\r\n{hostname} login: "
+
+
+# What a Debian 12 guest (host srv04, Debian 12's kernel) prints before its login prompt;
+# the sensor shows it itself until a guest is leased.
+TELNET_GREETING = telnetd_greeting("6.1.0-57-amd64", "srv04")
 # Prompts of busybox, Debian/Ubuntu and OpenWRT logins ("srv04 login: ", "Password: "),
 # searched at the end of what the guest printed since the last answer.
 TELNET_USERNAME_PROMPT = r"(?:^|\n)[^\n]*(?:[Ll]ogin|[Uu]sername): ?$"
@@ -163,7 +173,9 @@ class SensorConfig:
         check=_optional_listen_list,
     )
     telnet_greeting: str = setting(
-        TELNET_GREETING, "banner and login prompt shown before a guest is leased (as guests print)"
+        TELNET_GREETING,
+        "banner and login prompt shown before a guest is leased (as guests print); "
+        "{peer}: the client's address",
     )
     telnet_username_prompt_regex: str = setting(
         TELNET_USERNAME_PROMPT, "what marks the guest's username prompt", check=_regex

@@ -76,7 +76,9 @@ class DialogueHost(Protocol):
 class Dialogue:
     """One connection's login, from the greeting to the guest's shell."""
 
-    def __init__(self, host: DialogueHost, config: SensorConfig, userdb: UserDB) -> None:
+    def __init__(
+        self, host: DialogueHost, config: SensorConfig, userdb: UserDB, peer: str = ""
+    ) -> None:
         self.state = LoginState.LOCAL
         self.attempts = 0
         self.passwords_sent = 0
@@ -84,7 +86,7 @@ class Dialogue:
         self._config = config
         self._userdb = userdb
         self._spoof = config.telnet_spoof_authentication
-        greeting = config.telnet_greeting.encode("utf-8")
+        greeting = config.telnet_greeting.replace("{peer}", peer).encode("utf-8")
         cut = greeting.rfind(b"\n") + 1
         self._banner, self._login_prompt = greeting[:cut], greeting[cut:]
         self._input = LoginInput(

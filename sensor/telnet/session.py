@@ -58,7 +58,7 @@ class TelnetSession(Adapter):
             max_negotiations=config.telnet_max_negotiations,
         )
         self._raw = RawLog(self.events.log, config.log_raw_max_bytes) if config.log_raw else None
-        self._dialogue = Dialogue(self, config, services.userdb)
+        self._dialogue = Dialogue(self, config, services.userdb, peer[0])
         self._early_output = bytearray()
         self._editor: LineEditor | None = None
         self._guest: GuestTelnet | None = None

@@ -270,3 +270,12 @@ def test_attempts_are_bounded() -> None:
     host.dialogue.attacker_data(b"root\r\nroot\r\n")
     assert host.calls[-1] == "too_many_attempts"
     assert len(host.events.logins()) == 2
+
+
+def test_the_default_greeting_is_telnetds_naming_the_client() -> None:
+    host = Host(SensorConfig())
+    host.dialogue = Dialogue(host, SensorConfig(), USERDB, "198.51.100.7")
+    host.dialogue.start(None)
+    assert bytes(host.screen) == (
+        b"\r\nLinux 6.1.0-57-amd64 (198.51.100.7) (pts/0)\r\n\r\nsrv04 login: "
+    )

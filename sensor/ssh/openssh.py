@@ -64,6 +64,11 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         self.dh_groups = dh_groups
         self._host_keys_sent = False
 
+    async def reload_config(self) -> None:
+        """Nothing to re-evaluate: the sensor's options come from no sshd_config, so
+        no Match block can apply. asyncssh would build a copy of them per login (about
+        5 KB held for the session's life, made on a worker thread) to find that out."""
+
     def _get_extra_kex_algs(self) -> list[bytes]:
         """Replaces asyncssh's ``[ext-info-s, kex-strict-s-v00@openssh.com]``."""
         return [name.encode() for name in self.persona.extra_kex_algs]

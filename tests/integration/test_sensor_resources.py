@@ -269,3 +269,29 @@ async def test_a_session_past_its_event_budget_writes_one_summary_and_goes_on(
         )
         == 21
     )
+
+
+async def test_held_sessions_share_the_sensors_ssh_options_and_keep_no_kexinit(
+    make_fleet: FleetFactory,
+) -> None:
+    """What a held session keeps is its own: the asyncssh options (host keys, algorithm
+    lists) are the sensor's one object, not a copy per connection or per login, and the
+    KEXINITs that served only the exchange hash are gone (issue 15: memory per shell)."""
+    fleet = await make_fleet()
+    clients = [await connect(fleet) for _ in range(2)]
+    shells = [await c.create_process(term_type="xterm") for c in clients]
+    for n, shell in enumerate(shells):
+        shell.stdin.write(f"echo held-{n}\n")
+        async with asyncio.timeout(30):
+            await shell.stdout.readuntil(f"held-{n}")
+    assert fleet.sensor.admission is not None
+    # The server side of each attacker connection (a private attribute: no public
+    # surface shows what asyncssh holds).
+    live = fleet.sensor.admission.connections
+    servers = [session._ssh for session in live]  # type: ignore[attr-defined]
+    assert len(servers) == 2
+    assert servers[0]._options is servers[1]._options
+    assert all(s._client_kexinit == s._server_kexinit == b"" for s in servers)
+    for c in clients:
+        c.close()
+    await until(lambda: len(fleet.closed_reasons()) == 2)

@@ -214,7 +214,6 @@ class Recorder:
         self._queued_bytes = 0
         self._flush_timer: asyncio.TimerHandle | None = None
         self._failed = False
-        self._last_job: concurrent.futures.Future[None] | None = None
         header = {
             "version": 2,
             "width": width,
@@ -264,10 +263,11 @@ class Recorder:
             self.discard()
             return None
         self.state = transition(self.state, RecordingState.CLOSED)
-        self._flush(last=True)
-        if self._last_job is not None:
+        # The writer runs jobs in order: the last one done means all are.
+        last_job = self._flush(last=True)
+        if last_job is not None:
             # Shielded: a cancelled teardown still leaves the writer's work alone.
-            await asyncio.shield(asyncio.wrap_future(self._last_job))
+            await asyncio.shield(asyncio.wrap_future(last_job))
         self._check_failure()
         if self._file.error is not None:
             self._recordings.budget.give(self.size - self._file.written)
@@ -316,18 +316,20 @@ class Recorder:
                 loop = asyncio.get_running_loop()
                 self._flush_timer = loop.call_later(FLUSH_SECONDS, self._flush)
 
-    def _flush(self, *, last: bool = False) -> None:
-        """Hand the queued lines to the writer thread."""
+    def _flush(self, *, last: bool = False) -> concurrent.futures.Future[None] | None:
+        """Hand the queued lines to the writer thread; the job, if one was submitted
+        (not kept here: a done future held by every idle session is 1.5 KB for nothing)."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
         lines, self._queued, self._queued_bytes = self._queued, [], 0
         if not lines and not last:
-            return
+            return None
         try:
-            self._last_job = self._recordings.submit(_Job(self._file, lines, last=last))
+            return self._recordings.submit(_Job(self._file, lines, last=last))
         except RuntimeError:  # the writer is shut down: the sensor is stopping
             self._file.error = self._file.error or OSError("recording writer stopped")
+            return None
 
     def _over_budget(self) -> None:
         """The artefact budget is spent: the recording stops here."""

@@ -66,8 +66,8 @@ class Fetcher:
     def refusal(self, url: str) -> str | None:
         """Why ``url`` may not be fetched (None: it may)."""
         parts = urlsplit(url)
-        if parts.scheme != "http":
-            return f"{parts.scheme or 'no'} scheme: only http:// is fetched"
+        if parts.scheme not in ("http", "ftp"):
+            return f"{parts.scheme or 'no'} scheme: only http:// and ftp:// are fetched"
         host = (parts.hostname or "").lower()
         if not host:
             return "no host in the URL"

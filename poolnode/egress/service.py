@@ -12,7 +12,7 @@ from typing import Any
 from honeyfleet.errors import ConfigError
 from poolnode.config import PoolNodeConfig
 from poolnode.egress.bounds import EventBounds
-from poolnode.egress.dnsserver import serve_dns
+from poolnode.egress.dnsserver import RecentNames, serve_dns
 from poolnode.egress.fetch import Fetcher
 from poolnode.egress.netfilter import Redirects
 from poolnode.egress.nflog import Attempt, PacketLog
@@ -62,7 +62,10 @@ class Egress:
         limits = SinkholeLimits(
             config.egress_capture_bytes, config.egress_read_timeout, config.egress_max_connections
         )
-        self.sinkhole = Sinkhole(self.reporter, limits, fetcher, metrics)
+        self.names = RecentNames()
+        self.sinkhole = Sinkhole(
+            self.reporter, limits, fetcher, metrics, names=self.names, address=self.address
+        )
         self._redirects = (
             Redirects(
                 config.guest_tag,
@@ -119,7 +122,7 @@ class Egress:
         try:
             with _naming("egress_dns_port"):
                 self._dns = await serve_dns(
-                    self.reporter, self.address, config.egress_dns_port, answer
+                    self.reporter, self.address, config.egress_dns_port, answer, self.names
                 )
             if self.policy != "drop":
                 with _naming("egress_sinkhole_port"):

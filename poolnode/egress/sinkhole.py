@@ -8,6 +8,8 @@ record are complete, ``capture_bytes``, or ``read_timeout``), names it
 request gets ``404 Not Found``; anything else is closed. Under ``fetch``, an HTTP GET is
 fetched through the operator's proxy instead and the body served to the guest
 (``cowrie.session.file_download``, or ``cowrie.session.file_download.failed`` and 404).
+Port 21 gets an FTP dialogue (:mod:`poolnode.egress.ftp`), whose passive data
+connections come back here and are handed to it.
 """
 
 from __future__ import annotations
@@ -15,22 +17,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import struct
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 from honeyfleet.outbox import Outbox
 from honeyfleet.v1 import artefact_pb2
+from poolnode.egress.dnsserver import RecentNames
 from poolnode.egress.fetch import Download, Fetcher, FetchFailed
+from poolnode.egress.ftp import FtpDialogue
 from poolnode.egress.report import CONNECT, DOWNLOAD, Reporter
-from poolnode.egress.sniff import Sniffed, complete, sniff
+from poolnode.egress.sniff import complete, sniff
 from poolnode.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+FTP_PORT = 21
+DATA_PORTS = (30000, 60000)
+"""Passive FTP data ports announced (any port reaches the sinkhole)."""
+DATA_HOLD = 60.0
+"""Seconds beyond read_timeout a data connection is held for its dialogue."""
 DEAD_END = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
 
@@ -53,13 +64,22 @@ class Sinkhole:
         limits: SinkholeLimits,
         fetcher: Fetcher | None = None,
         metrics: PoolMetrics | None = None,
+        *,
+        names: RecentNames | None = None,
+        address: str = "",
     ) -> None:
+        """``names`` and ``address`` (the sinkhole's, which DNS answers give) name the
+        server of a connection without a Host header: the guest's last lookup."""
         self._reporter = reporter
         self._limits = limits
         self._metrics = metrics
+        self._names = names
+        self._address = address
         self._fetcher = fetcher
         self._open: Counter[str] = Counter()
         self._handlers: set[asyncio.Task[None]] = set()
+        # Passive FTP data ports announced to guests, by (guest address, port).
+        self._data_ports: dict[tuple[str, int], asyncio.Future[asyncio.StreamWriter]] = {}
         self.artefacts: Outbox | None = None
         """Where downloads are queued for the controller's artefact store (None: kept
         in downloads/ only)."""
@@ -85,31 +105,13 @@ class Sinkhole:
         assert task is not None
         self._handlers.add(task)
         try:
-            data = await self._read(reader)
-            seen = sniff(data, dst_ip, dst_port)
-            self._reporter.report(
-                guest_ip,
-                CONNECT,
-                "honeyfleet.egress.connect",
-                "Guest connection to {dst_ip}:{dst_port} ({kind})",
-                dst_ip=dst_ip,
-                dst_port=dst_port,
-                transport="tcp",
-                kind=seen.kind,
-                **seen.fields,
-            )
-            answer, download = await self._answer(guest_ip, seen)
-            writer.write(answer)
-            await writer.drain()
-            if download is not None and self.artefacts is not None:
-                # After the guest has its file: the store's copy is no hurry.
-                await self.artefacts.put(
-                    download.path,
-                    artefact_pb2.ARTEFACT_KIND_DOWNLOAD,
-                    session=self._reporter.session_of(guest_ip),
-                    filename=download.url,
-                    sha256=download.shasum,
-                )
+            data_channel = self._data_ports.pop((guest_ip, dst_port), None)
+            if data_channel is not None:
+                await self._lend(writer, data_channel)
+            elif dst_port == FTP_PORT:
+                await self._ftp(reader, writer, guest_ip, dst_ip)
+            else:
+                await self._sniffed(reader, writer, guest_ip, dst_ip, dst_port)
         except OSError as e:
             log.debug("guest %s connection: %s", guest_ip, e)
         except asyncio.CancelledError:
@@ -150,16 +152,124 @@ class Sinkhole:
             data += chunk
         return data
 
-    async def _answer(self, guest_ip: str, seen: Sniffed) -> tuple[bytes, Download | None]:
-        """What the guest gets back (a download under ``fetch``, else a dead end), and
-        the download."""
+    async def _sniffed(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        guest_ip: str,
+        dst_ip: str,
+        dst_port: int,
+    ) -> None:
+        """A connection where the guest speaks first: read, name, report, answer."""
+        seen = sniff(await self._read(reader), dst_ip, dst_port)
+        self._report_connect(guest_ip, dst_ip, dst_port, seen.kind, seen.fields)
         if seen.kind != "http":
-            return b"", None
-        if self._fetcher is None or seen.fields["method"] != "GET":
-            return DEAD_END, None
-        url = seen.fields["url"]
+            return
+        download = None
+        if self._fetcher is not None and seen.fields["method"] == "GET":
+            download = await self._download(
+                guest_ip, seen.fields["url"], seen.fields.get("user_agent")
+            )
+        if download is None:
+            writer.write(DEAD_END)
+        else:
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(download.body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + download.body)
+        await writer.drain()
+        if download is not None:
+            await self._keep(guest_ip, download)
+
+    async def _ftp(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        guest_ip: str,
+        dst_ip: str,
+    ) -> None:
+        """A connection to port 21: an FTP dialogue, reported once it ends."""
+        announced: list[int] = []
+        downloads: list[Download] = []
+
+        def open_data() -> tuple[int, asyncio.Future[asyncio.StreamWriter]]:
+            port = self._free_data_port(guest_ip)
+            future: asyncio.Future[asyncio.StreamWriter] = (
+                asyncio.get_running_loop().create_future()
+            )
+            self._data_ports[(guest_ip, port)] = future
+            announced.append(port)
+            return port, future
+
+        async def fetch(url: str) -> Download | None:
+            download = await self._download(guest_ip, url, None)
+            if download is not None:
+                downloads.append(download)
+            return download
+
+        looked_up = self._names.last(guest_ip) if self._names is not None else None
+        dialogue = FtpDialogue(
+            reader,
+            writer,
+            host=dst_ip,
+            server=looked_up if looked_up and dst_ip == self._address else dst_ip,
+            timeout=self._limits.read_timeout,
+            open_data=open_data,
+            fetch=fetch if self._fetcher is not None else None,
+        )
         try:
-            download = await self._fetcher.fetch(url, seen.fields.get("user_agent"))
+            seen = await dialogue.run()
+        finally:
+            for port in announced:
+                future = self._data_ports.pop((guest_ip, port), None)
+                if future is not None:
+                    future.cancel()
+        fields: dict[str, Any] = {"username": seen.username, "password": seen.password}
+        if seen.urls:
+            fields["url"] = seen.urls[0]
+        self._report_connect(guest_ip, dst_ip, FTP_PORT, "ftp", fields)
+        for download in downloads:
+            await self._keep(guest_ip, download)
+
+    async def _lend(
+        self, writer: asyncio.StreamWriter, channel: asyncio.Future[asyncio.StreamWriter]
+    ) -> None:
+        """Hand a passive data connection to its FTP dialogue; wait until it is done."""
+        if channel.done():
+            return
+        channel.set_result(writer)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), self._limits.read_timeout + DATA_HOLD)
+
+    def _free_data_port(self, guest_ip: str) -> int:
+        """A passive data port not announced to this guest yet (nor FTP's own)."""
+        while True:
+            port = secrets.randbelow(DATA_PORTS[1] - DATA_PORTS[0]) + DATA_PORTS[0]
+            if (guest_ip, port) not in self._data_ports:
+                return port
+
+    def _report_connect(
+        self, guest_ip: str, dst_ip: str, dst_port: int, kind: str, fields: dict[str, Any]
+    ) -> None:
+        """Report a connection the sinkhole took."""
+        self._reporter.report(
+            guest_ip,
+            CONNECT,
+            "honeyfleet.egress.connect",
+            "Guest connection to {dst_ip}:{dst_port} ({kind})",
+            dst_ip=dst_ip,
+            dst_port=dst_port,
+            transport="tcp",
+            kind=kind,
+            **fields,
+        )
+
+    async def _download(self, guest_ip: str, url: str, user_agent: str | None) -> Download | None:
+        """Fetch ``url`` for a guest and report the download or its failure."""
+        assert self._fetcher is not None
+        try:
+            download = await self._fetcher.fetch(url, user_agent)
         except FetchFailed as e:
             self._reporter.report(
                 guest_ip,
@@ -169,7 +279,7 @@ class Sinkhole:
                 url=url,
                 reason=str(e),
             )
-            return DEAD_END, None
+            return None
         self._reporter.report(
             guest_ip,
             DOWNLOAD,
@@ -180,11 +290,19 @@ class Sinkhole:
             shasum=download.shasum,
             size=len(download.body),
         )
-        head = (
-            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {len(download.body)}\r\nConnection: close\r\n\r\n"
-        )
-        return head.encode() + download.body, download
+        return download
+
+    async def _keep(self, guest_ip: str, download: Download) -> None:
+        """Queue a download for the controller's artefact store (after the guest has it:
+        the store's copy is no hurry)."""
+        if self.artefacts is not None:
+            await self.artefacts.put(
+                download.path,
+                artefact_pb2.ARTEFACT_KIND_DOWNLOAD,
+                session=self._reporter.session_of(guest_ip),
+                filename=download.url,
+                sha256=download.shasum,
+            )
 
 
 def original_destination(writer: asyncio.StreamWriter) -> tuple[str, int]:

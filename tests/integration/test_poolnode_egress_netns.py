@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ftplib
 import os
 import socket
 import struct
@@ -195,3 +196,54 @@ async def test_rules_are_removed_at_stop(
     await fleet.egress.stop()
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
     assert "EGRESS" not in rules
+
+
+BOT_LOGIN = ("bot", "s3cret")  # a bot's login to its own FTP server
+
+
+def ftp_get(host: str, path: str) -> bytes:
+    """What Python's FTP client gets for ``path`` (run in the guest's namespace)."""
+    got = bytearray()
+    with ftplib.FTP(host, timeout=10) as ftp:  # noqa: S321 - the guest's side of the sinkhole
+        ftp.login(*BOT_LOGIN)
+        folder, _, name = path.rpartition("/")
+        if folder:
+            ftp.cwd(folder)
+        ftp.retrbinary(f"RETR {name}", got.extend)
+    return bytes(got)
+
+
+async def test_ftp_under_sinkhole_reports_login_and_file_and_gives_nothing(
+    guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    fleet = await make_egress(**settings(), guest_ip=GUEST_IP)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ftplib.error_perm, match="550"):
+        await loop.run_in_executor(guest, ftp_get, FAR, "bins/x86")
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) == 1)
+    (event,) = fleet.of("honeyfleet.egress.connect")
+    assert (event["kind"], event["dst_ip"], event["dst_port"]) == ("ftp", FAR, 21)
+    assert (event["username"], event["password"]) == BOT_LOGIN
+    assert event["url"] == f"ftp://{FAR}/bins/x86"
+
+
+async def test_ftp_under_fetch_serves_the_file_by_the_name_the_guest_looked_up(
+    guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    url = "ftp://files.example.org/bins/x86"
+    proxy = loopback.Proxy({url: loopback.PAYLOAD})
+    async with proxy as address:
+        fleet = await make_egress(
+            **settings(egress_policy="fetch", egress_fetch_proxy=address), guest_ip=GUEST_IP
+        )
+        loop = asyncio.get_running_loop()
+        udp = await in_guest(guest, socket.SOCK_DGRAM)
+        await loop.sock_sendto(udp, query("files.example.org"), (NODE_IP, 53))
+        await asyncio.wait_for(loop.sock_recv(udp, 512), 5)
+        udp.close()
+        got = await loop.run_in_executor(guest, ftp_get, NODE_IP, "bins/x86")
+    assert got == loopback.PAYLOAD
+    assert proxy.requests[0].startswith(f"GET {url} HTTP/1.0".encode())
+    await until(lambda: len(fleet.of("cowrie.session.file_download")) == 1)
+    (download,) = fleet.of("cowrie.session.file_download")
+    assert (download["url"], download["size"]) == (url, len(loopback.PAYLOAD))

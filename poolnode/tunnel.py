@@ -1,8 +1,10 @@
-"""TunnelService: relays a sensor's byte stream to a leased guest's SSH or Telnet port.
+"""TunnelService: a sensor's SSH sessions and byte tunnels into its leased guests.
 
-Guest ports are never exposed: only this node reaches the pool network. Flow control
-comes from awaiting each write (gRPC's window on one side, TCP's drain on the other);
-each direction half-closes with an ``eof`` frame.
+``Session`` runs one SSH session channel on the guest's warm login
+(:mod:`poolnode.sessions`). ``Tunnel`` relays a byte stream to a guest's Telnet (or SSH)
+port; its flow control comes from awaiting each write (gRPC's window on one side, TCP's
+drain on the other); each direction half-closes with an ``eof`` frame.
+Guest ports are never exposed: only this node reaches the pool network.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import InvalidArgument, Unavailable
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from poolnode.pool import GuestPool
+from poolnode.sessions import SessionRelay
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,8 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
         """Open the guest connection named by the first frame, then relay both ways."""
         sensor = str(current_caller().identity)
         requests = aiter(request_iterator)
-        try:
-            async with asyncio.timeout(OPEN_TIMEOUT):
-                first = await anext(requests)
-        except (StopAsyncIteration, TimeoutError):
-            raise InvalidArgument("a tunnel must start with an open frame") from None
-        if first.WhichOneof("frame") != "open" or first.open.port not in PORTS:
+        first = await _first_frame(requests, "a tunnel")
+        if first.open.port not in PORTS:
             raise InvalidArgument("a tunnel must start with an open frame naming SSH or Telnet")
         lease_id = first.open.lease_id
         host, port = self._pool.tunnel_target(lease_id, sensor, first.open.port)
@@ -79,6 +78,43 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
             writer.close()
             log.info("tunnel for lease %s closed", lease_id)
 
+    async def Session(
+        self, request_iterator: AsyncIterator[poolnode_pb2.SessionRequest], context: Any
+    ) -> AsyncIterator[poolnode_pb2.SessionResponse]:
+        """Open the session channel the first frame names, then relay frames both ways."""
+        sensor = str(current_caller().identity)
+        requests = aiter(request_iterator)
+        first = await _first_frame(requests, "a session")
+        lease_id = first.open.lease_id
+        login = self._pool.session_login(lease_id, sensor)
+        relay = SessionRelay(f"{lease_id}/{login.guest}")
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await relay.open(login.conn, first.open)
+        except TimeoutError:
+            raise Unavailable(f"guest {login.guest} did not open a session channel") from None
+        untrack = self._pool.track_tunnel(lease_id, relay)
+        upstream = asyncio.create_task(relay.run_requests(requests))
+        log.info("session for lease %s (%s) on guest %s opened", lease_id, sensor, login.guest)
+        try:
+            yield relay.opened()
+            async for frame in relay.frames():
+                yield frame
+            if relay.error is not None:
+                raise relay.error
+            if login.lost is not None:
+                raise Unavailable(f"guest {login.guest} lost its SSH login: {login.lost}")
+        finally:
+            upstream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await upstream
+            untrack()
+            relay.close()
+            metrics = self._pool.metrics.tunnel_bytes
+            metrics.labels("to_guest").inc(relay.bytes_in)
+            metrics.labels("to_sensor").inc(relay.bytes_out)
+            log.info("session for lease %s closed", lease_id)
+
     async def _upstream(
         self, requests: AsyncIterator[poolnode_pb2.TunnelRequest], writer: asyncio.StreamWriter
     ) -> None:
@@ -101,3 +137,18 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
         except OSError:
             pass
         writer.close()
+
+
+Frame = TypeVar("Frame", poolnode_pb2.TunnelRequest, poolnode_pb2.SessionRequest)
+
+
+async def _first_frame(requests: AsyncIterator[Frame], what: str) -> Frame:
+    """The first frame of a stream, which must be ``open`` and come within OPEN_TIMEOUT."""
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            first = await anext(requests)
+    except (StopAsyncIteration, TimeoutError):
+        raise InvalidArgument(f"{what} must start with an open frame") from None
+    if first.WhichOneof("frame") != "open":
+        raise InvalidArgument(f"{what} must start with an open frame")
+    return first

@@ -100,9 +100,11 @@ class Sshd:
     async def stop(self) -> None:
         """Stop listening, close every connection and kill what sessions left running."""
         if self._server is not None:
-            self._server.close()  # asyncssh's acceptor leaves connections open
+            self._server.close()
+            # asyncssh's acceptor leaves connections open, and waiting for it to close
+            # may wait for them.
+            self.disconnect()
             await self._server.wait_closed()
-        self.disconnect()
         for proc in list(self._procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from honeyfleet.v1 import common_pb2 as honeyfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1choneyfleet/v1/poolnode.proto\x12\rhoneyfleet.v1\x1a\x1ahoneyfleet/v1/common.proto\"\x9a\x01\n\x14\x41llocateGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06src_ip\x18\x02 \x01(\t\x12)\n\x08protocol\x18\x03 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0e\n\x06sensor\x18\x04 \x01(\t\x12\x14\n\x0c\x61llow_shared\x18\x05 \x01(\x08\x12\x0f\n\x07session\x18\x06 \x01(\t\"\x99\x01\n\x15\x41llocateGuestResponse\x12#\n\x05guest\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x34\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1f.honeyfleet.v1.GuestCredentials\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x15\n\rtable_version\x18\x04 \x01(\x04\"7\n\x13ReleaseGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x14ReleaseGuestResponse\x12\x15\n\rtable_version\x18\x01 \x01(\x04\"\x16\n\x14GetPoolStatusRequest\"\x82\x01\n\x15GetPoolStatusResponse\x12\x30\n\x0cguest_counts\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.GuestCounts\x12$\n\x06guests\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x11\n\tlease_ids\x18\x03 \x03(\t\"F\n\nTunnelOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x04port\x18\x02 \x01(\x0e\x32\x18.honeyfleet.v1.GuestPort\"\x1d\n\x0cTunnelOpened\x12\r\n\x05guest\x18\x01 \x01(\t\"\x0b\n\tTunnelEof\"|\n\rTunnelRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.honeyfleet.v1.TunnelOpenH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame\"\x81\x01\n\x0eTunnelResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.honeyfleet.v1.TunnelOpenedH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame2\xa2\x02\n\x0fPoolNodeService\x12Z\n\rAllocateGuest\x12#.honeyfleet.v1.AllocateGuestRequest\x1a$.honeyfleet.v1.AllocateGuestResponse\x12W\n\x0cReleaseGuest\x12\".honeyfleet.v1.ReleaseGuestRequest\x1a#.honeyfleet.v1.ReleaseGuestResponse\x12Z\n\rGetPoolStatus\x12#.honeyfleet.v1.GetPoolStatusRequest\x1a$.honeyfleet.v1.GetPoolStatusResponse2Z\n\rTunnelService\x12I\n\x06Tunnel\x12\x1c.honeyfleet.v1.TunnelRequest\x1a\x1d.honeyfleet.v1.TunnelResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1choneyfleet/v1/poolnode.proto\x12\rhoneyfleet.v1\x1a\x1ahoneyfleet/v1/common.proto\"\x9a\x01\n\x14\x41llocateGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06src_ip\x18\x02 \x01(\t\x12)\n\x08protocol\x18\x03 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0e\n\x06sensor\x18\x04 \x01(\t\x12\x14\n\x0c\x61llow_shared\x18\x05 \x01(\x08\x12\x0f\n\x07session\x18\x06 \x01(\t\"\x99\x01\n\x15\x41llocateGuestResponse\x12#\n\x05guest\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x34\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1f.honeyfleet.v1.GuestCredentials\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x15\n\rtable_version\x18\x04 \x01(\x04\"7\n\x13ReleaseGuestRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"-\n\x14ReleaseGuestResponse\x12\x15\n\rtable_version\x18\x01 \x01(\x04\"\x16\n\x14GetPoolStatusRequest\"\x82\x01\n\x15GetPoolStatusResponse\x12\x30\n\x0cguest_counts\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.GuestCounts\x12$\n\x06guests\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x11\n\tlease_ids\x18\x03 \x03(\t\"F\n\nTunnelOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x04port\x18\x02 \x01(\x0e\x32\x18.honeyfleet.v1.GuestPort\"\x1d\n\x0cTunnelOpened\x12\r\n\x05guest\x18\x01 \x01(\t\"\x0b\n\tTunnelEof\"|\n\rTunnelRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.honeyfleet.v1.TunnelOpenH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame\"\x81\x01\n\x0eTunnelResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.honeyfleet.v1.TunnelOpenedH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\'\n\x03\x65of\x18\x03 \x01(\x0b\x32\x18.honeyfleet.v1.TunnelEofH\x00\x42\x07\n\x05\x66rame\"\xc7\x01\n\nSessionPty\x12\x0c\n\x04term\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x13\n\x0bpixel_width\x18\x04 \x01(\r\x12\x14\n\x0cpixel_height\x18\x05 \x01(\r\x12\x33\n\x05modes\x18\x06 \x03(\x0b\x32$.honeyfleet.v1.SessionPty.ModesEntry\x1a,\n\nModesEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\")\n\nSessionEnv\x12\x0c\n\x04name\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x0e\n\x0cSessionShell\"\xd9\x01\n\x0bSessionOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x03pty\x18\x02 \x01(\x0b\x32\x19.honeyfleet.v1.SessionPty\x12&\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x19.honeyfleet.v1.SessionEnv\x12,\n\x05shell\x18\x04 \x01(\x0b\x32\x1b.honeyfleet.v1.SessionShellH\x00\x12\x0e\n\x04\x65xec\x18\x05 \x01(\x0cH\x00\x12\x13\n\tsubsystem\x18\x06 \x01(\tH\x00\x12\x0e\n\x06window\x18\x07 \x01(\rB\x05\n\x03run\"\x1f\n\rSessionOpened\x12\x0e\n\x06window\x18\x01 \x01(\r\"I\n\x0bSessionData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12,\n\x06stream\x18\x02 \x01(\x0e\x32\x1c.honeyfleet.v1.SessionStream\"_\n\x13SessionWindowChange\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x13\n\x0bpixel_width\x18\x03 \x01(\r\x12\x14\n\x0cpixel_height\x18\x04 \x01(\r\"[\n\x11SessionExitSignal\x12\x0e\n\x06signal\x18\x01 \x01(\t\x12\x13\n\x0b\x63ore_dumped\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x10\n\x08language\x18\x04 \x01(\t\"\x0c\n\nSessionEof\"\x0e\n\x0cSessionClose\"\xc5\x02\n\x0eSessionRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.SessionOpenH\x00\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.honeyfleet.v1.SessionDataH\x00\x12(\n\x03\x65of\x18\x03 \x01(\x0b\x32\x19.honeyfleet.v1.SessionEofH\x00\x12;\n\rwindow_change\x18\x04 \x01(\x0b\x32\".honeyfleet.v1.SessionWindowChangeH\x00\x12\x10\n\x06signal\x18\x05 \x01(\tH\x00\x12\x12\n\x08\x62reak_ms\x18\x06 \x01(\rH\x00\x12\x17\n\rwindow_adjust\x18\x07 \x01(\rH\x00\x12,\n\x05\x63lose\x18\x08 \x01(\x0b\x32\x1b.honeyfleet.v1.SessionCloseH\x00\x42\x07\n\x05\x66rame\"\x89\x02\n\x0fSessionResponse\x12.\n\x06opened\x18\x01 \x01(\x0b\x32\x1c.honeyfleet.v1.SessionOpenedH\x00\x12*\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1a.honeyfleet.v1.SessionDataH\x00\x12(\n\x03\x65of\x18\x03 \x01(\x0b\x32\x19.honeyfleet.v1.SessionEofH\x00\x12\x15\n\x0b\x65xit_status\x18\x04 \x01(\rH\x00\x12\x37\n\x0b\x65xit_signal\x18\x05 \x01(\x0b\x32 .honeyfleet.v1.SessionExitSignalH\x00\x12\x17\n\rwindow_adjust\x18\x06 \x01(\rH\x00\x42\x07\n\x05\x66rame*e\n\rSessionStream\x12\x1e\n\x1aSESSION_STREAM_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STREAM_STDOUT\x10\x01\x12\x19\n\x15SESSION_STREAM_STDERR\x10\x02\x32\xa2\x02\n\x0fPoolNodeService\x12Z\n\rAllocateGuest\x12#.honeyfleet.v1.AllocateGuestRequest\x1a$.honeyfleet.v1.AllocateGuestResponse\x12W\n\x0cReleaseGuest\x12\".honeyfleet.v1.ReleaseGuestRequest\x1a#.honeyfleet.v1.ReleaseGuestResponse\x12Z\n\rGetPoolStatus\x12#.honeyfleet.v1.GetPoolStatusRequest\x1a$.honeyfleet.v1.GetPoolStatusResponse2\xa8\x01\n\rTunnelService\x12I\n\x06Tunnel\x12\x1c.honeyfleet.v1.TunnelRequest\x1a\x1d.honeyfleet.v1.TunnelResponse(\x01\x30\x01\x12L\n\x07Session\x12\x1d.honeyfleet.v1.SessionRequest\x1a\x1e.honeyfleet.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'honeyfleet.v1.poolnode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SESSIONPTY_MODESENTRY']._loaded_options = None
+  _globals['_SESSIONPTY_MODESENTRY']._serialized_options = b'8\001'
+  _globals['_SESSIONSTREAM']._serialized_start=2428
+  _globals['_SESSIONSTREAM']._serialized_end=2529
   _globals['_ALLOCATEGUESTREQUEST']._serialized_start=76
   _globals['_ALLOCATEGUESTREQUEST']._serialized_end=230
   _globals['_ALLOCATEGUESTRESPONSE']._serialized_start=233
@@ -54,8 +58,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TUNNELREQUEST']._serialized_end=889
   _globals['_TUNNELRESPONSE']._serialized_start=892
   _globals['_TUNNELRESPONSE']._serialized_end=1021
-  _globals['_POOLNODESERVICE']._serialized_start=1024
-  _globals['_POOLNODESERVICE']._serialized_end=1314
-  _globals['_TUNNELSERVICE']._serialized_start=1316
-  _globals['_TUNNELSERVICE']._serialized_end=1406
+  _globals['_SESSIONPTY']._serialized_start=1024
+  _globals['_SESSIONPTY']._serialized_end=1223
+  _globals['_SESSIONPTY_MODESENTRY']._serialized_start=1179
+  _globals['_SESSIONPTY_MODESENTRY']._serialized_end=1223
+  _globals['_SESSIONENV']._serialized_start=1225
+  _globals['_SESSIONENV']._serialized_end=1266
+  _globals['_SESSIONSHELL']._serialized_start=1268
+  _globals['_SESSIONSHELL']._serialized_end=1282
+  _globals['_SESSIONOPEN']._serialized_start=1285
+  _globals['_SESSIONOPEN']._serialized_end=1502
+  _globals['_SESSIONOPENED']._serialized_start=1504
+  _globals['_SESSIONOPENED']._serialized_end=1535
+  _globals['_SESSIONDATA']._serialized_start=1537
+  _globals['_SESSIONDATA']._serialized_end=1610
+  _globals['_SESSIONWINDOWCHANGE']._serialized_start=1612
+  _globals['_SESSIONWINDOWCHANGE']._serialized_end=1707
+  _globals['_SESSIONEXITSIGNAL']._serialized_start=1709
+  _globals['_SESSIONEXITSIGNAL']._serialized_end=1800
+  _globals['_SESSIONEOF']._serialized_start=1802
+  _globals['_SESSIONEOF']._serialized_end=1814
+  _globals['_SESSIONCLOSE']._serialized_start=1816
+  _globals['_SESSIONCLOSE']._serialized_end=1830
+  _globals['_SESSIONREQUEST']._serialized_start=1833
+  _globals['_SESSIONREQUEST']._serialized_end=2158
+  _globals['_SESSIONRESPONSE']._serialized_start=2161
+  _globals['_SESSIONRESPONSE']._serialized_end=2426
+  _globals['_POOLNODESERVICE']._serialized_start=2532
+  _globals['_POOLNODESERVICE']._serialized_end=2822
+  _globals['_TUNNELSERVICE']._serialized_start=2825
+  _globals['_TUNNELSERVICE']._serialized_end=2993
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from honeyfleet.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,24 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SessionStream:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionStream.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_STREAM_UNSPECIFIED: _SessionStream.ValueType  # 0
+    SESSION_STREAM_STDOUT: _SessionStream.ValueType  # 1
+    SESSION_STREAM_STDERR: _SessionStream.ValueType  # 2
+
+class SessionStream(_SessionStream, metaclass=_SessionStreamEnumTypeWrapper):
+    """SessionStream names the guest's output stream data belongs to."""
+
+SESSION_STREAM_UNSPECIFIED: SessionStream.ValueType  # 0
+SESSION_STREAM_STDOUT: SessionStream.ValueType  # 1
+SESSION_STREAM_STDERR: SessionStream.ValueType  # 2
+Global___SessionStream: _TypeAlias = SessionStream  # noqa: Y015
 
 @_typing.final
 class AllocateGuestRequest(_message.Message):
@@ -316,3 +335,386 @@ class TunnelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
 Global___TunnelResponse: _TypeAlias = TunnelResponse  # noqa: Y015
+
+@_typing.final
+class SessionPty(_message.Message):
+    """SessionPty is the pseudo-terminal a session channel asks for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ModesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TERM_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    PIXEL_WIDTH_FIELD_NUMBER: _builtins.int
+    PIXEL_HEIGHT_FIELD_NUMBER: _builtins.int
+    MODES_FIELD_NUMBER: _builtins.int
+    term: _builtins.str
+    width: _builtins.int
+    height: _builtins.int
+    pixel_width: _builtins.int
+    pixel_height: _builtins.int
+    @_builtins.property
+    def modes(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
+        """Terminal modes: opcode to value, as RFC 4254 section 8 numbers them."""
+
+    def __init__(
+        self,
+        *,
+        term: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        pixel_width: _builtins.int = ...,
+        pixel_height: _builtins.int = ...,
+        modes: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "modes", b"modes", "pixel_height", b"pixel_height", "pixel_width", b"pixel_width", "term", b"term", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionPty: _TypeAlias = SessionPty  # noqa: Y015
+
+@_typing.final
+class SessionEnv(_message.Message):
+    """SessionEnv is one environment variable the attacker's client sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.bytes
+    value: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        name: _builtins.bytes = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEnv: _TypeAlias = SessionEnv  # noqa: Y015
+
+@_typing.final
+class SessionShell(_message.Message):
+    """SessionShell asks for the account's login shell."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionShell: _TypeAlias = SessionShell  # noqa: Y015
+
+@_typing.final
+class SessionOpen(_message.Message):
+    """SessionOpen is the first frame of a session: the lease and what to run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    PTY_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    SHELL_FIELD_NUMBER: _builtins.int
+    EXEC_FIELD_NUMBER: _builtins.int
+    SUBSYSTEM_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    exec: _builtins.bytes
+    subsystem: _builtins.str
+    window: _builtins.int
+    """Bytes of output the sensor takes before it grants more (window_adjust)."""
+    @_builtins.property
+    def pty(self) -> Global___SessionPty:
+        """Absent: no pseudo-terminal."""
+
+    @_builtins.property
+    def env(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionEnv]: ...
+    @_builtins.property
+    def shell(self) -> Global___SessionShell: ...
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        pty: Global___SessionPty | None = ...,
+        env: _abc.Iterable[Global___SessionEnv] | None = ...,
+        shell: Global___SessionShell | None = ...,
+        exec: _builtins.bytes = ...,
+        subsystem: _builtins.str = ...,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exec", b"exec", "pty", b"pty", "run", b"run", "shell", b"shell", "subsystem", b"subsystem"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "exec", b"exec", "lease_id", b"lease_id", "pty", b"pty", "run", b"run", "shell", b"shell", "subsystem", b"subsystem", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_run: _TypeAlias = _typing.Literal["shell", "exec", "subsystem"]  # noqa: Y015
+    _WhichOneofArgType_run: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_run) -> _WhichOneofReturnType_run | None: ...
+
+Global___SessionOpen: _TypeAlias = SessionOpen  # noqa: Y015
+
+@_typing.final
+class SessionOpened(_message.Message):
+    """SessionOpened confirms the guest's channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    window: _builtins.int
+    """Bytes of input the node takes before it grants more (window_adjust)."""
+    def __init__(
+        self,
+        *,
+        window: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionOpened: _TypeAlias = SessionOpened  # noqa: Y015
+
+@_typing.final
+class SessionData(_message.Message):
+    """SessionData is a piece of a data stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    stream: Global___SessionStream.ValueType
+    """Output only; input is always the channel's standard input."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        stream: Global___SessionStream.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionData: _TypeAlias = SessionData  # noqa: Y015
+
+@_typing.final
+class SessionWindowChange(_message.Message):
+    """SessionWindowChange is the attacker's new terminal size."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    PIXEL_WIDTH_FIELD_NUMBER: _builtins.int
+    PIXEL_HEIGHT_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    height: _builtins.int
+    pixel_width: _builtins.int
+    pixel_height: _builtins.int
+    def __init__(
+        self,
+        *,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        pixel_width: _builtins.int = ...,
+        pixel_height: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "pixel_height", b"pixel_height", "pixel_width", b"pixel_width", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionWindowChange: _TypeAlias = SessionWindowChange  # noqa: Y015
+
+@_typing.final
+class SessionExitSignal(_message.Message):
+    """SessionExitSignal is how the guest's command died."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    CORE_DUMPED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    signal: _builtins.str
+    core_dumped: _builtins.bool
+    message: _builtins.str
+    language: _builtins.str
+    def __init__(
+        self,
+        *,
+        signal: _builtins.str = ...,
+        core_dumped: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        language: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["core_dumped", b"core_dumped", "language", b"language", "message", b"message", "signal", b"signal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionExitSignal: _TypeAlias = SessionExitSignal  # noqa: Y015
+
+@_typing.final
+class SessionEof(_message.Message):
+    """SessionEof says the sender will send no more data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionEof: _TypeAlias = SessionEof  # noqa: Y015
+
+@_typing.final
+class SessionClose(_message.Message):
+    """SessionClose asks the node to close the guest's channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionClose: _TypeAlias = SessionClose  # noqa: Y015
+
+@_typing.final
+class SessionRequest(_message.Message):
+    """SessionRequest is a frame from the sensor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    WINDOW_CHANGE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    BREAK_MS_FIELD_NUMBER: _builtins.int
+    WINDOW_ADJUST_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    signal: _builtins.str
+    """A signal name without "SIG", e.g. "INT"."""
+    break_ms: _builtins.int
+    """A break of this many milliseconds."""
+    window_adjust: _builtins.int
+    """More bytes of output the sensor takes."""
+    @_builtins.property
+    def open(self) -> Global___SessionOpen: ...
+    @_builtins.property
+    def data(self) -> Global___SessionData: ...
+    @_builtins.property
+    def eof(self) -> Global___SessionEof: ...
+    @_builtins.property
+    def window_change(self) -> Global___SessionWindowChange: ...
+    @_builtins.property
+    def close(self) -> Global___SessionClose: ...
+    def __init__(
+        self,
+        *,
+        open: Global___SessionOpen | None = ...,
+        data: Global___SessionData | None = ...,
+        eof: Global___SessionEof | None = ...,
+        window_change: Global___SessionWindowChange | None = ...,
+        signal: _builtins.str = ...,
+        break_ms: _builtins.int = ...,
+        window_adjust: _builtins.int = ...,
+        close: Global___SessionClose | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["break_ms", b"break_ms", "close", b"close", "data", b"data", "eof", b"eof", "frame", b"frame", "open", b"open", "signal", b"signal", "window_adjust", b"window_adjust", "window_change", b"window_change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_ms", b"break_ms", "close", b"close", "data", b"data", "eof", b"eof", "frame", b"frame", "open", b"open", "signal", b"signal", "window_adjust", b"window_adjust", "window_change", b"window_change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "data", "eof", "window_change", "signal", "break_ms", "window_adjust", "close"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class SessionResponse(_message.Message):
+    """SessionResponse is a frame from the pool node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPENED_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    EXIT_STATUS_FIELD_NUMBER: _builtins.int
+    EXIT_SIGNAL_FIELD_NUMBER: _builtins.int
+    WINDOW_ADJUST_FIELD_NUMBER: _builtins.int
+    exit_status: _builtins.int
+    window_adjust: _builtins.int
+    """More bytes of input the node takes."""
+    @_builtins.property
+    def opened(self) -> Global___SessionOpened: ...
+    @_builtins.property
+    def data(self) -> Global___SessionData: ...
+    @_builtins.property
+    def eof(self) -> Global___SessionEof: ...
+    @_builtins.property
+    def exit_signal(self) -> Global___SessionExitSignal: ...
+    def __init__(
+        self,
+        *,
+        opened: Global___SessionOpened | None = ...,
+        data: Global___SessionData | None = ...,
+        eof: Global___SessionEof | None = ...,
+        exit_status: _builtins.int = ...,
+        exit_signal: Global___SessionExitSignal | None = ...,
+        window_adjust: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "data", "eof", "exit_status", "exit_signal", "window_adjust"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015

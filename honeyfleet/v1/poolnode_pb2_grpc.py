@@ -208,6 +208,11 @@ class TunnelServiceStub:
                 request_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelRequest.SerializeToString,
                 response_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/honeyfleet.v1.TunnelService/Session',
+                request_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionRequest.SerializeToString,
+                response_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class TunnelServiceServicer:
@@ -226,6 +231,23 @@ class TunnelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Session runs one SSH session channel on the pool node's warm login into the
+        lease's guest: the guest's credentials never leave the node, and no session pays
+        a key exchange or a login. The first request must be `open` (a lease issued to
+        the calling sensor, what to run); the node answers `opened` once the guest's
+        channel is open. Then the sensor sends input and requests, the node the guest's
+        output, EOF and exit status; the node ends the stream when the guest's channel
+        closes. Data flows within credit windows: each side sends at most the bytes the
+        other has granted (`window` in open/opened, then `window_adjust`).
+        PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
+        UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
+        the channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TunnelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +255,11 @@ def add_TunnelServiceServicer_to_server(servicer, server):
                     servicer.Tunnel,
                     request_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelRequest.FromString,
                     response_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionRequest.FromString,
+                    response_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +291,33 @@ class TunnelService:
             '/honeyfleet.v1.TunnelService/Tunnel',
             honeyfleet_dot_v1_dot_poolnode__pb2.TunnelRequest.SerializeToString,
             honeyfleet_dot_v1_dot_poolnode__pb2.TunnelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/honeyfleet.v1.TunnelService/Session',
+            honeyfleet_dot_v1_dot_poolnode__pb2.SessionRequest.SerializeToString,
+            honeyfleet_dot_v1_dot_poolnode__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

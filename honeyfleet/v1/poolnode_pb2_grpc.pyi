@@ -112,6 +112,19 @@ class TunnelServiceStub:
     (half-close). PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an
     unknown one, UNAVAILABLE when the guest does not answer.
     """
+    Session: _grpc.StreamStreamMultiCallable[_poolnode_pb2.SessionRequest, _poolnode_pb2.SessionResponse]
+    """Session runs one SSH session channel on the pool node's warm login into the
+    lease's guest: the guest's credentials never leave the node, and no session pays
+    a key exchange or a login. The first request must be `open` (a lease issued to
+    the calling sensor, what to run); the node answers `opened` once the guest's
+    channel is open. Then the sensor sends input and requests, the node the guest's
+    output, EOF and exit status; the node ends the stream when the guest's channel
+    closes. Data flows within credit windows: each side sends at most the bytes the
+    other has granted (`window` in open/opened, then `window_adjust`).
+    PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
+    UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
+    the channel.
+    """
 
 @_typing.type_check_only
 class TunnelServiceAsyncStub(TunnelServiceStub):
@@ -126,6 +139,19 @@ class TunnelServiceAsyncStub(TunnelServiceStub):
     `opened` once connected, then both sides send `data` and finally `eof`
     (half-close). PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an
     unknown one, UNAVAILABLE when the guest does not answer.
+    """
+    Session: _aio.StreamStreamMultiCallable[_poolnode_pb2.SessionRequest, _poolnode_pb2.SessionResponse]  # type: ignore[assignment]
+    """Session runs one SSH session channel on the pool node's warm login into the
+    lease's guest: the guest's credentials never leave the node, and no session pays
+    a key exchange or a login. The first request must be `open` (a lease issued to
+    the calling sensor, what to run); the node answers `opened` once the guest's
+    channel is open. Then the sensor sends input and requests, the node the guest's
+    output, EOF and exit status; the node ends the stream when the guest's channel
+    closes. Data flows within credit windows: each side sends at most the bytes the
+    other has granted (`window` in open/opened, then `window_adjust`).
+    PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
+    UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
+    the channel.
     """
 
 class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -144,6 +170,25 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         `opened` once connected, then both sides send `data` and finally `eof`
         (half-close). PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an
         unknown one, UNAVAILABLE when the guest does not answer.
+        """
+
+    @_abc_1.abstractmethod
+    def Session(
+        self,
+        request_iterator: _MaybeAsyncIterator[_poolnode_pb2.SessionRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_poolnode_pb2.SessionResponse], _abc.AsyncIterator[_poolnode_pb2.SessionResponse]]:
+        """Session runs one SSH session channel on the pool node's warm login into the
+        lease's guest: the guest's credentials never leave the node, and no session pays
+        a key exchange or a login. The first request must be `open` (a lease issued to
+        the calling sensor, what to run); the node answers `opened` once the guest's
+        channel is open. Then the sensor sends input and requests, the node the guest's
+        output, EOF and exit status; the node ends the stream when the guest's channel
+        closes. Data flows within credit windows: each side sends at most the bytes the
+        other has granted (`window` in open/opened, then `window_adjust`).
+        PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
+        UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
+        the channel.
         """
 
 def add_TunnelServiceServicer_to_server(servicer: TunnelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -298,8 +298,9 @@ class SensorConfig:
     max_connections: int = setting(1024, "connections at once", check=positive)
     max_connections_per_ip: int = setting(16, "connections at once per address", check=positive)
     max_startups: str = setting(
-        "10:30:100",
-        "unauthenticated connections per protocol, start:rate:full (OpenSSH MaxStartups)",
+        DEBIAN_12.max_startups,
+        "unauthenticated connections per protocol, start:rate:full (OpenSSH MaxStartups; "
+        "debian-12: 10:30:100)",
         check=_startups,
     )
     max_startups_per_source: int = setting(
@@ -331,7 +332,8 @@ class SensorConfig:
     penalty_exempt: tuple[str, ...] = setting(
         factory=tuple, help="addresses/networks never penalised (CIDR)", check=_networks
     )
-    # The default persona's (for Telnet too): a value of its own gives SSH away.
+    # The default persona's (for Telnet too, as max_startups): a value of its own gives
+    # SSH away.
     login_grace_time: float = setting(
         DEBIAN_12.login_grace_time,
         "seconds a connection has to log in (OpenSSH LoginGraceTime; debian-12: 120)",

@@ -71,6 +71,8 @@ class Persona:
     invalid_identification: bytes
     """Written after the banner to a first line that is no SSH identification (or too
     long), then close."""
+    max_startups: str
+    """Unauthenticated connections, start:rate:full (MaxStartups)."""
     max_startups_refusal: bytes
     """Written to a connection past MaxStartups, then a FIN."""
     dh_group_bits: tuple[int, int]
@@ -148,6 +150,7 @@ DEBIAN_12 = Persona(
     login_grace_time=120.0,
     protocol_mismatch=b"Protocol major versions differ.\r\n",
     invalid_identification=b"Invalid SSH identification string.\r\n",
+    max_startups="10:30:100",
     max_startups_refusal=b"Exceeded MaxStartups\r\n",
     dh_group_bits=(2048, 8192),  # dh.h DH_GRP_MIN, DH_GRP_MAX
     moduli_file=Path("/etc/ssh/moduli"),

@@ -365,3 +365,23 @@ async def login_grace(port: int, bound: float = 300.0) -> Grace:
         messages.append(data[5])
         data = data[4 + length :]
     return Grace(int(time.monotonic() - started), messages, end)
+
+
+async def first_refused(port: int, count: int = 8) -> int | None:
+    """Connect ``count`` times, one after another, each trying one wrong password (as a
+    brute-forcer does): the number of the first connection turned away before its banner,
+    or None."""
+    for number in range(1, count + 1):
+        try:
+            async with asyncio.timeout(60):
+                await asyncssh.connect(
+                    "127.0.0.1", port, username="nobody", password="wrong-password",
+                    known_hosts=None, client_keys=None, agent_path=None,
+                    preferred_auth="password",
+                )  # fmt: skip
+        except asyncssh.PermissionDenied:
+            continue  # refused after a try: the server heard it
+        except (asyncssh.Error, OSError):
+            return number
+        raise AssertionError("logged in with a wrong password")
+    return None

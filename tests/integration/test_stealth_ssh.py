@@ -27,6 +27,7 @@ from tests.sshprobe import (
     Refusal,
     early_newkeys,
     exchange,
+    first_refused,
     gex_group,
     hello,
     login_grace,
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 
 # (probe, what differs): Debian's sshd's answer on the left, the sensor's on the right.
 KNOWN_DIFFERENCES: set[tuple[str, str]] = set()
+# What the sensor's own bounds add, with its defaults, to what Debian 12's sshd does:
+# OpenSSH 9.8's PerSourcePenalties (which 9.2 lacks) turn a brute-forcing address away
+# after a few failed connections (5 s each, refused from 15 s). Kept on by default: a
+# sensor's sessions lease real guests, and one address must not hold them all; a
+# patient prober can tell, and `per_source_penalties = false` removes the difference.
+BOUNDS_DIFFERENCES = {("penalties", "a brute-forcer turned away: False != True")}
 # DH group exchange requests (minimum, preferred, maximum bits): ssh-audit's, OpenSSH
 # clients', and the edges of OpenSSH's choice (refusals, clamping, the fallback groups,
 # a size between two of its moduli).
@@ -207,3 +214,16 @@ async def test_the_sensor_answers_probes_as_debians_sshd(
         sensor_keys.seconds_per_failure,
     )
     assert differences == KNOWN_DIFFERENCES
+
+
+async def test_the_sensors_own_bounds_are_its_only_other_difference(
+    make_fleet: FleetFactory, debian_sshd: DebianSshd
+) -> None:
+    # Failed passwords answered at once: penalties run down while PAM's delay passes.
+    fleet = await make_fleet(per_source_penalties=SensorConfig.per_source_penalties)
+    differences: set[tuple[str, str]] = set()
+    theirs = await first_refused(debian_sshd.port) is not None
+    ours = await first_refused(fleet.port) is not None
+    if theirs != ours:
+        differences.add(("penalties", f"a brute-forcer turned away: {theirs} != {ours}"))
+    assert differences == BOUNDS_DIFFERENCES

@@ -64,6 +64,7 @@ def test_debian_12_is_the_default_and_fixes_the_session_defaults() -> None:
     assert config.persona is DEBIAN_12
     assert config.login_grace_time == DEBIAN_12.login_grace_time == 120
     assert config.max_auth_attempts == DEBIAN_12.max_auth_tries == 6
+    assert config.max_startups == DEBIAN_12.max_startups == "10:30:100"
     assert config.auth_fail_delay == DEBIAN_12.auth_fail_delay
     assert config.moduli_file == Path("/etc/ssh/moduli")
     assert parse({"ssh_auth_fail_delay": 0.5}).auth_fail_delay == 0.5

@@ -4,7 +4,7 @@ A pool node serves the real PoolNodeService (``poolnode.service.PoolNodeServicer
 mTLS on loopback in front of pretend guests (:class:`SimPool`), and keeps the real
 ``ControllerLink``: it registers, heartbeats every interval (with its guest table only
 when that changed) and is nudged when guests change by themselves, as a real node is.
-A sensor has the real ``LeaseClient`` on one channel and the real ``Uploader`` on
+A sensor has the real ``LeaseClient`` (its lease stream) on one channel and the real ``Uploader`` on
 another, fed from an in-memory spool instead of SQLite so that the simulator's disk does
 not cap the event rate.
 
@@ -502,6 +502,7 @@ class SimSensor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.leases.abandon_retries()
+        self.leases.close()
         await self._channel.close(None)
 
     def emit(self) -> None:
@@ -526,14 +527,24 @@ class SimSensor:
         """An attacker session: acquire a lease, hold it, release it."""
         counts = self._recorder.stats.counts
         src_ip = f"198.18.{random.randrange(256)}.{random.randrange(1, 255)}"
+        stats = self._recorder.stats
+        started = time.monotonic()
         try:
             lease = await self.leases.acquire(src_ip, new_session_id(), common_pb2.PROTOCOL_SSH)
-        except LeaseFailed:
+        except LeaseFailed as e:
+            # Its text names the code, as "AcquireLease: RESOURCE_EXHAUSTED: ..."
+            code = next((w for w in str(e).replace(":", " ").split() if w in CODE_NAMES), None)
+            stats.codes[f"AcquireLease {code or 'failed'}"] += 1
             counts["sensor: leases failed"] += 1
             return
+        stats.record("AcquireLease", time.monotonic() - started)
+        stats.codes["AcquireLease OK"] += 1
         counts["sensor: leases granted"] += 1
         await asyncio.sleep(self._plan.hold)
+        started = time.monotonic()
         await self.leases.release(lease, "bench session ended")
+        stats.record("ReleaseLease", time.monotonic() - started)
+        stats.codes["ReleaseLease OK"] += 1
 
 
 class Worker:

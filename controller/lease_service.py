@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from controller.leases import LeaseManager
 from controller.registry import Registry
 from honeyfleet.authz import current_caller
-from honeyfleet.errors import InvalidArgument
+from honeyfleet.errors import HoneyfleetError, InvalidArgument, ResourceExhausted
 from honeyfleet.intake import queued_seconds
 from honeyfleet.v1 import lease_pb2, lease_pb2_grpc, sensor_pb2, sensor_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 MAX_LISTEN_ADDRESSES = 64
 MAX_TEXT = 256
@@ -37,13 +43,8 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         """Place the session on a guest."""
         sensor = _calling_sensor(self._registry)
         # The caller's deadline bounds the wait, so it hears our answer, not its timeout.
-        lease, credentials = await self._leases.acquire(
+        return await self._acquire(
             sensor, request, context.time_remaining(), queued=queued_seconds(context)
-        )
-        ttl = Duration()
-        ttl.FromMilliseconds(int(self._leases.ttl * 1000))
-        return lease_pb2.AcquireLeaseResponse(
-            lease=lease.to_proto(), credentials=credentials, ttl=ttl
         )
 
     async def RenewLease(
@@ -61,6 +62,111 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         sensor = _calling_sensor(self._registry)
         lease = await self._leases.release(sensor, request.lease_id, request.reason)
         return lease_pb2.ReleaseLeaseResponse(lease=lease.to_proto())
+
+    async def Leases(
+        self, request_iterator: AsyncIterator[lease_pb2.LeasesRequest], context: Any
+    ) -> AsyncIterator[lease_pb2.LeasesResponse]:
+        """Serve each call on the stream in a task of its own; answer each as it ends.
+
+        Calls still running when the sensor's side of the stream ends are answered
+        before the stream closes; a stream that breaks cancels them (as it would calls
+        of their own).
+        """
+        caller = current_caller().identity
+        sensor = str(caller)
+        answers: asyncio.Queue[lease_pb2.LeasesResponse | None] = asyncio.Queue()
+        calls: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    self._registry.seen(caller.name)
+                    call = asyncio.create_task(self._answer(sensor, request, answers))
+                    calls.add(call)
+                    call.add_done_callback(calls.discard)
+                await asyncio.gather(*calls)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for call in list(calls):
+                call.cancel()
+        await reader  # re-raises what broke the sensor's side of the stream
+
+    async def _answer(
+        self,
+        sensor: str,
+        request: lease_pb2.LeasesRequest,
+        answers: asyncio.Queue[lease_pb2.LeasesResponse | None],
+    ) -> None:
+        """Run one call of the Leases stream and queue its answer (or its error)."""
+        timeout = (
+            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+        )
+        try:
+            match request.WhichOneof("call"):
+                case "acquire":
+                    acquired = await self._acquire(sensor, request.acquire, timeout)
+                    answer = lease_pb2.LeasesResponse(id=request.id, acquire=acquired)
+                case "renew":
+                    lease = await self._leases.renew(sensor, request.renew.lease_id)
+                    answer = lease_pb2.LeasesResponse(
+                        id=request.id, renew=lease_pb2.RenewLeaseResponse(lease=lease.to_proto())
+                    )
+                case "release":
+                    lease = await self._leases.release(
+                        sensor, request.release.lease_id, request.release.reason
+                    )
+                    answer = lease_pb2.LeasesResponse(
+                        id=request.id,
+                        release=lease_pb2.ReleaseLeaseResponse(lease=lease.to_proto()),
+                    )
+                case _:
+                    raise InvalidArgument(
+                        "a Leases request names no call (acquire, renew, release)"
+                    )
+        except HoneyfleetError as e:
+            answer = lease_pb2.LeasesResponse(id=request.id, error=_error(e))
+        except Exception:
+            log.exception("lease call %d of %s failed", request.id, sensor)
+            answer = lease_pb2.LeasesResponse(
+                id=request.id,
+                error=lease_pb2.LeasesError(
+                    code=grpc.StatusCode.INTERNAL.value[0], message="internal error"
+                ),
+            )
+        answers.put_nowait(answer)
+
+    async def _acquire(
+        self,
+        sensor: str,
+        request: lease_pb2.AcquireLeaseRequest,
+        time_remaining: float | None,
+        *,
+        queued: float | None = None,
+    ) -> lease_pb2.AcquireLeaseResponse:
+        """Place a session on a guest for ``sensor``; the answer to send."""
+        lease, credentials = await self._leases.acquire(
+            sensor, request, time_remaining, queued=queued
+        )
+        ttl = Duration()
+        ttl.FromMilliseconds(int(self._leases.ttl * 1000))
+        return lease_pb2.AcquireLeaseResponse(
+            lease=lease.to_proto(), credentials=credentials, ttl=ttl
+        )
+
+
+def _error(error: HoneyfleetError) -> lease_pb2.LeasesError:
+    """A call's error as the Leases stream answers it."""
+    answer = lease_pb2.LeasesError(code=error.code.value[0], message=str(error))
+    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+        answer.retry_after.FromMilliseconds(round(error.retry_after * 1000))
+    return answer
 
 
 class SensorServicer(sensor_pb2_grpc.SensorServiceServicer):

@@ -8,6 +8,9 @@ within the grace it gives them. A lease request the controller shed (RESOURCE_EX
 with a retry hint) makes every request of this sensor fail at once, without a call, for
 the hinted time stretched by a random half: a saturated controller sees its load fall
 instead of its gRPC queues fill.
+
+Lease calls ride one stream (:mod:`sensor.leasestream`); a controller without it is
+called one call per request.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -26,6 +30,7 @@ from honeyfleet import __version__
 from honeyfleet.errors import HoneyfleetError, RPCError, retry_after
 from honeyfleet.intake import timeout_metadata
 from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc, sensor_pb2, sensor_pb2_grpc
+from sensor.leasestream import LeaseStream
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +78,14 @@ class LeaseClient:
     def __init__(
         self, channel: grpc.aio.Channel, *, timeout: float, labels: Mapping[str, str]
     ) -> None:
+        self._stream: LeaseStream | None = None
         self.use(channel)
         self._timeout = timeout
         self._labels = dict(labels)
         self._abandoned: set[asyncio.Task[None]] = set()
         self._releasing: set[asyncio.Task[None]] = set()
         self._retries: set[asyncio.Task[None]] = set()
+        self._streaming = True
         # Until this time.monotonic() value, lease requests fail without a call.
         self._hold_until = 0.0
 
@@ -86,6 +93,31 @@ class LeaseClient:
         """Make later calls on ``channel`` (a new one, after a certificate renewal)."""
         self._leases = lease_pb2_grpc.LeaseServiceStub(channel)
         self._sensors = sensor_pb2_grpc.SensorServiceStub(channel)
+        if self._stream is not None:
+            self._stream.use(self._leases)
+
+    async def _call(self, kind: str, request: Any, seconds: float, **options: Any) -> Any:
+        """One lease call (``kind``: acquire, renew, release) on the stream, else on its own.
+
+        Raises grpc.aio.AioRpcError either way.
+        """
+        if self._stream is None:
+            self._stream = LeaseStream(self._leases)
+        if self._streaming:
+            try:
+                return await self._stream.call(kind, request, seconds)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self._streaming = False
+                log.info("the controller has no lease stream: one call per lease request")
+        method = getattr(self._leases, f"{kind.capitalize()}Lease")
+        return await method(request, timeout=seconds, **options)
+
+    def close(self) -> None:
+        """End the lease stream (after the last call)."""
+        if self._stream is not None:
+            self._stream.close()
 
     async def register(self, listen: list[str]) -> None:
         """Announce this sensor, retrying with backoff until the controller answers."""
@@ -161,8 +193,8 @@ class LeaseClient:
                 f"the controller is shedding lease requests; asking again in {hold:.0f}s"
             )
         try:
-            reply = await self._leases.AcquireLease(
-                request, timeout=self._timeout, metadata=timeout_metadata(self._timeout)
+            reply = await self._call(
+                "acquire", request, self._timeout, metadata=timeout_metadata(self._timeout)
             )
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -190,9 +222,10 @@ class LeaseClient:
         while True:
             await asyncio.sleep(delay)
             try:
-                await self._leases.RenewLease(
+                await self._call(
+                    "renew",
                     lease_pb2.RenewLeaseRequest(lease_id=lease.id),
-                    timeout=min(RENEW_TIMEOUT, period),
+                    min(RENEW_TIMEOUT, period),
                 )
             except grpc.aio.AioRpcError as e:
                 if e.code() in FINAL:
@@ -234,9 +267,10 @@ class LeaseClient:
             task.add_done_callback(self._retries.discard)
 
     async def _release(self, lease: GuestLease, reason: str) -> None:
-        await self._leases.ReleaseLease(
+        await self._call(
+            "release",
             lease_pb2.ReleaseLeaseRequest(lease_id=lease.id, reason=reason),
-            timeout=RELEASE_TIMEOUT,
+            RELEASE_TIMEOUT,
         )
 
     async def _retry_release(self, lease: GuestLease, reason: str) -> None:

@@ -263,6 +263,7 @@ class Sensor:
             # (bounded: every call has a deadline).
             await self._leases.drain()
             await self._leases.abandon_retries()
+            self._leases.close()
         if self._tunnels is not None:
             await self._tunnels.close()
         if self._controller is not None:

@@ -51,6 +51,118 @@ LEASE_STATE_FAILED: LeaseState.ValueType  # 4
 Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
 @_typing.final
+class LeasesRequest(_message.Message):
+    """LeasesRequest is one call on the Leases stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the sensor, unique among its calls in flight; the answer carries it."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long the sensor waits for the answer: the controller answers within it."""
+
+    @_builtins.property
+    def acquire(self) -> Global___AcquireLeaseRequest: ...
+    @_builtins.property
+    def renew(self) -> Global___RenewLeaseRequest: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseLeaseRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        acquire: Global___AcquireLeaseRequest | None = ...,
+        renew: Global___RenewLeaseRequest | None = ...,
+        release: Global___ReleaseLeaseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "release", b"release", "renew", b"renew", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "id", b"id", "release", b"release", "renew", b"renew", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["acquire", "renew", "release"]  # noqa: Y015
+    _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_call) -> _WhichOneofReturnType_call | None: ...
+
+Global___LeasesRequest: _TypeAlias = LeasesRequest  # noqa: Y015
+
+@_typing.final
+class LeasesResponse(_message.Message):
+    """LeasesResponse answers the call with the same id: its response, or its error."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    RENEW_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    @_builtins.property
+    def acquire(self) -> Global___AcquireLeaseResponse: ...
+    @_builtins.property
+    def renew(self) -> Global___RenewLeaseResponse: ...
+    @_builtins.property
+    def release(self) -> Global___ReleaseLeaseResponse: ...
+    @_builtins.property
+    def error(self) -> Global___LeasesError: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        acquire: Global___AcquireLeaseResponse | None = ...,
+        renew: Global___RenewLeaseResponse | None = ...,
+        release: Global___ReleaseLeaseResponse | None = ...,
+        error: Global___LeasesError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error", b"error", "release", b"release", "renew", b"renew", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error", b"error", "id", b"id", "release", b"release", "renew", b"renew", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["acquire", "renew", "release", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___LeasesResponse: _TypeAlias = LeasesResponse  # noqa: Y015
+
+@_typing.final
+class LeasesError(_message.Message):
+    """LeasesError is the status the call would have ended with as a call of its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code value, e.g. 8 for RESOURCE_EXHAUSTED."""
+    message: _builtins.str
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration:
+        """When to ask again, for a shed request (the retry-after-ms trailer of a call)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "retry_after", b"retry_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeasesError: _TypeAlias = LeasesError  # noqa: Y015
+
+@_typing.final
 class Lease(_message.Message):
     """Lease is one session's hold on a guest."""
 

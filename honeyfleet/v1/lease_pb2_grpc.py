@@ -51,6 +51,11 @@ class LeaseServiceStub:
                 request_serializer=honeyfleet_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=honeyfleet_dot_v1_dot_lease__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.Leases = channel.stream_stream(
+                '/honeyfleet.v1.LeaseService/Leases',
+                request_serializer=honeyfleet_dot_v1_dot_lease__pb2.LeasesRequest.SerializeToString,
+                response_deserializer=honeyfleet_dot_v1_dot_lease__pb2.LeasesResponse.FromString,
+                _registered_method=True)
 
 
 class LeaseServiceServicer:
@@ -85,6 +90,16 @@ class LeaseServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leases(self, request_iterator, context):
+        """Leases carries the three calls above as messages on one long-lived stream, each
+        answered (in any order) under its request's id. A controller accepts new calls
+        one per turn of its event loop; a fleet's sessions ride its sensors' streams
+        instead, so they never queue for that.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaseServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +117,11 @@ def add_LeaseServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=honeyfleet_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=honeyfleet_dot_v1_dot_lease__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'Leases': grpc.stream_stream_rpc_method_handler(
+                    servicer.Leases,
+                    request_deserializer=honeyfleet_dot_v1_dot_lease__pb2.LeasesRequest.FromString,
+                    response_serializer=honeyfleet_dot_v1_dot_lease__pb2.LeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +207,33 @@ class LeaseService:
             '/honeyfleet.v1.LeaseService/ReleaseLease',
             honeyfleet_dot_v1_dot_lease__pb2.ReleaseLeaseRequest.SerializeToString,
             honeyfleet_dot_v1_dot_lease__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leases(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/honeyfleet.v1.LeaseService/Leases',
+            honeyfleet_dot_v1_dot_lease__pb2.LeasesRequest.SerializeToString,
+            honeyfleet_dot_v1_dot_lease__pb2.LeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,12 @@ class LeaseServiceStub:
     """ReleaseLease ends a lease at the end of its session. Releasing an ended lease
     succeeds, so a retried release is harmless.
     """
+    Leases: _grpc.StreamStreamMultiCallable[_lease_pb2.LeasesRequest, _lease_pb2.LeasesResponse]
+    """Leases carries the three calls above as messages on one long-lived stream, each
+    answered (in any order) under its request's id. A controller accepts new calls
+    one per turn of its event loop; a fleet's sessions ride its sensors' streams
+    instead, so they never queue for that.
+    """
 
 @_typing.type_check_only
 class LeaseServiceAsyncStub(LeaseServiceStub):
@@ -72,6 +78,12 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     ReleaseLease: _aio.UnaryUnaryMultiCallable[_lease_pb2.ReleaseLeaseRequest, _lease_pb2.ReleaseLeaseResponse]  # type: ignore[assignment]
     """ReleaseLease ends a lease at the end of its session. Releasing an ended lease
     succeeds, so a retried release is harmless.
+    """
+    Leases: _aio.StreamStreamMultiCallable[_lease_pb2.LeasesRequest, _lease_pb2.LeasesResponse]  # type: ignore[assignment]
+    """Leases carries the three calls above as messages on one long-lived stream, each
+    answered (in any order) under its request's id. A controller accepts new calls
+    one per turn of its event loop; a fleet's sessions ride its sensors' streams
+    instead, so they never queue for that.
     """
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,6 +122,18 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lease_pb2.ReleaseLeaseResponse, _abc.Awaitable[_lease_pb2.ReleaseLeaseResponse]]:
         """ReleaseLease ends a lease at the end of its session. Releasing an ended lease
         succeeds, so a retried release is harmless.
+        """
+
+    @_abc_1.abstractmethod
+    def Leases(
+        self,
+        request_iterator: _MaybeAsyncIterator[_lease_pb2.LeasesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lease_pb2.LeasesResponse], _abc.AsyncIterator[_lease_pb2.LeasesResponse]]:
+        """Leases carries the three calls above as messages on one long-lived stream, each
+        answered (in any order) under its request's id. A controller accepts new calls
+        one per turn of its event loop; a fleet's sessions ride its sensors' streams
+        instead, so they never queue for that.
         """
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -437,6 +437,9 @@ async def run(plan: Plan, console: Console) -> int:
   attack it:  ssh -p {plan.ssh_port} root@127.0.0.1   (any password but "root")
               telnet 127.0.0.1 {plan.telnet_port}
   fleet:      honeyfleet status --config {plan.config}
+  sessions:   honeyfleet sessions list --config {plan.config}
+              honeyfleet replay SESSION --config {plan.config}
+              honeyfleet artefacts list --config {plan.config}   (captured files)
   grpcurl:    grpcurl -cacert {admin.ca} -cert {admin.cert} -key {admin.key} \\
                 127.0.0.1:{PORTS["controller"]} honeyfleet.v1.FleetService/ListPoolNodes
   logs:       {plan.logs}/  (processes; sensor-cowrie.json has the sensor's events)

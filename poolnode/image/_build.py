@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import _debian, _debs, _rootfs
+from . import _debian, _debs, _logins, _rootfs
 from ._cpio import write_gzip_cpio
 from ._errors import ImageBuildError
 from ._host import check_host_tools, run
@@ -45,6 +45,10 @@ def _data_digest(distro: Distro) -> str:
     """Digest of the data files the builder ships for ``distro``, so editing one rebuilds."""
     h = hashlib.sha256()
     data = _debian.DATA_DIR if distro is Distro.DEBIAN else _rootfs.DATA_DIR
+    if distro is Distro.DEBIAN:
+        # Code dresses the Debian image as much as data does: editing it rebuilds too.
+        for module in (_debian, _logins):
+            h.update(Path(str(module.__file__)).read_bytes() + b"\0")
     for base in (data, INITRAMFS_DIR):
         for path in sorted(p for p in base.rglob("*") if p.is_file()):
             if "__pycache__" in path.parts:
@@ -198,7 +202,7 @@ def _build(
     root = work / "rootfs"
     busybox = unpacked[_debs.BUSYBOX_PACKAGE] / "bin/busybox"
     if spec.distro is Distro.DEBIAN:
-        _debian.install(root, spec)
+        _debian.install(root, spec, release)
     else:
         _busybox_root(root, spec, unpacked)
 

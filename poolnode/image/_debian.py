@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import time
 from pathlib import Path
 
-from . import _rootfs
+from . import _logins, _rootfs
 from ._host import run
 from ._spec import GuestImageSpec
 
@@ -95,7 +96,7 @@ def _is_source_line(line: str) -> bool:
     return text.startswith(("deb ", "URIs:"))
 
 
-def install(root: Path, spec: GuestImageSpec) -> None:
+def install(root: Path, spec: GuestImageSpec, kernel_release: str) -> None:
     """Install Debian into ``root`` (which must not exist yet) and dress it as the persona."""
     sources = _host_sources() or ["http://deb.debian.org/debian"]
     argv: list[str | Path] = [
@@ -110,6 +111,9 @@ def install(root: Path, spec: GuestImageSpec) -> None:
     argv += [f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES]
     run([*argv, SUITE, root, *sources], timeout=1800.0)
     _dress(root, spec)
+    # The administrator's logins of the last two weeks (`last`, sshd's "Last login").
+    admins = sorted({spec.backend_user, _rootfs.admin_user(spec)})
+    _logins.seed(root, admins, int(time.time()), kernel_release, spec.hostname)
 
 
 def _chroot(root: Path, *argv: str, stdin: str | None = None) -> str:

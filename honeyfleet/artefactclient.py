@@ -20,7 +20,8 @@ from honeyfleet.errors import InvalidArgument, Unavailable
 from honeyfleet.v1 import artefact_pb2, artefact_pb2_grpc
 
 CHUNK = 256 * 1024
-# Seconds to wait for the server's answer to the metadata, and for its final word.
+# Seconds to wait for the server's answer to the metadata, for its final word, and for
+# it to take each chunk.
 ANSWER_TIMEOUT = 60.0
 
 
@@ -71,9 +72,14 @@ async def _write(call: UploadCall, request: artefact_pb2.UploadRequest) -> None:
     """Send one request; the call's own status if the server ended it (unreachable, or
     refusing the upload)."""
     try:
-        await call.write(request)
+        # Bounded: a controller that stops reading (flow control) must not hold the
+        # uploader for ever.
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            await call.write(request)
     except asyncio.InvalidStateError:  # grpc.aio's answer to a write on an ended call
         raise await _ended(call) from None
+    except TimeoutError:
+        raise Unavailable(f"the controller took no data for {ANSWER_TIMEOUT:.0f}s") from None
 
 
 async def _answer(call: UploadCall) -> artefact_pb2.UploadResponse:

@@ -3,8 +3,9 @@
 The "internet" is an HTTP server this test runs inside the namespace (on its
 loopback): under ``sinkhole`` a guest's wget reaches only the node's sinkhole, which
 reports the URL; under ``fetch`` the node fetches the file through that server (as the
-operator's proxy) and the guest gets it. The guests' DNS lookups are events too. Every
-event is read back from the controller's store, on the lease's session.
+operator's proxy) and the guest gets it; under ``drop`` nothing answers and each attempt
+is an event. The guests' DNS lookups are events too. Every event is read back from the
+controller's store, on the lease's session.
 """
 
 from __future__ import annotations
@@ -136,3 +137,22 @@ async def test_fetch_gives_the_guest_the_file_and_the_store_its_sha256(
     stored_file = vm_fleet.controller.artefacts.path(shasum)
     await until(stored_file.exists, 60)
     assert stored_file.read_bytes() == PAYLOAD
+
+
+async def test_drop_refuses_lookups_and_reports_each_attempt(vm_fleet: VmFleet) -> None:
+    await vm_fleet.ensure_node(pristine=1, egress_policy="drop")
+    lease = await vm_fleet.lease("203.0.113.62")
+    async with vm_fleet.shell(lease.id) as conn:
+        named = await run(conn, f"timeout 10 wget -O /tmp/x.sh {URL}")
+        literal = await run(conn, f"timeout 5 wget -O /tmp/y.sh http://{FAR}:81/lit")
+    await vm_fleet.sensor().release(lease.id)
+    assert named.exit_status != 0 and literal.exit_status != 0
+    assert "404" not in str(literal.stderr)  # nothing answered: the filter dropped it
+
+    await until(lambda: bool(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)), 30)
+    (dropped,) = stored(vm_fleet, "honeyfleet.egress.connect", lease.id)  # resends: one
+    assert (dropped["dst_ip"], dropped["dst_port"], dropped["transport"]) == (FAR, 81, "tcp")
+    assert dropped["kind"] == "dropped"
+    dns = stored(vm_fleet, "honeyfleet.egress.dns", lease.id)
+    assert dns and {e["query"] for e in dns} == {HOST}
+    assert {e["answer"] for e in dns} == {"REFUSED"}

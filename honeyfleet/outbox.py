@@ -28,7 +28,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -120,8 +120,11 @@ class Outbox:
         *,
         max_bytes: int,
         max_files: int,
+        on_delivered: Callable[[Item], Awaitable[None]] | None = None,
     ) -> None:
         self.controller = controller
+        self._on_delivered = on_delivered
+        """Told of each artefact the controller took (e.g. to free the role's own copy)."""
         self._tls = tls
         self._metrics = metrics
         self._queue = OutboxQueue(directory, max_bytes=max_bytes, max_items=max_files)
@@ -264,6 +267,8 @@ class Outbox:
                 await self._forget(item)
                 continue
             await self._forget(item)
+            if self._on_delivered is not None:
+                await self._on_delivered(item)
             self._metrics.uploaded.labels(
                 "stored" if status == artefact_pb2.UPLOAD_STATUS_STORED else "already_stored"
             ).inc()

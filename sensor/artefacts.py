@@ -9,11 +9,15 @@ recording that reaches it ends where it is), and say so: one
 ``honeyfleet.artefact.budget`` event per session that lost something to it, and the
 ``honeyfleet_sensor_artefact_*`` metrics. An I/O error ends only the artefact it hit,
 with a ``honeyfleet.artefact.failed`` event; the session goes on. Both kinds are written
-by one :class:`ArtefactWriter` thread, never on the event loop.
+by one :class:`ArtefactWriter` thread, never on the event loop. Both are also queued
+for the controller's artefact store (:mod:`honeyfleet.outbox`); with
+``artefact_keep_local = false``, :class:`LocalCopies` removes each once the controller
+stored it and gives its bytes back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -21,6 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from honeyfleet.outboxqueue import Item
+from honeyfleet.v1 import artefact_pb2
+from sensor.config import SensorConfig
 from sensor.metrics import SensorMetrics
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,37 @@ class DiskBudget:
         self.used = max(0, self.used - size)
         if self.used <= self.max_bytes * RESUME_FRACTION:
             self._refused = False
+
+
+class LocalCopies:
+    """Frees the sensor's own copy of what the controller stored (``artefact_keep_local``
+    false), giving its bytes back to the budget."""
+
+    def __init__(self, config: SensorConfig, budget: DiskBudget) -> None:
+        self._downloads = config.downloads_dir
+        self._recordings = config.recordings_dir
+        self._budget = budget
+
+    async def free(self, item: Item) -> None:
+        """Remove the local file of a delivered artefact (a capture or a recording)."""
+        if item.kind == artefact_pb2.ARTEFACT_KIND_CAPTURE:
+            path = self._downloads / item.sha256
+        elif item.kind == artefact_pb2.ARTEFACT_KIND_RECORDING and "/" not in item.filename:
+            path = self._recordings / item.filename
+        else:
+            return
+        freed = await asyncio.to_thread(_remove, path)
+        self._budget.give(freed)
+
+
+def _remove(path: Path) -> int:
+    """Delete a file; the bytes it held (0 if it was gone already)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 class Emitter(Protocol):

@@ -293,6 +293,11 @@ class SensorConfig:
     )
     artefact_outbox_max_bytes: int = outbox.max_bytes_setting()
     artefact_outbox_max_files: int = outbox.max_files_setting()
+    artefact_keep_local: bool = setting(
+        True,
+        "keep captures and recordings on the sensor once the controller stored them; false "
+        "removes them then, giving their bytes back to artefact_max_bytes",
+    )
 
     # Bounds on what attackers can make the sensor hold.
     max_connections: int = setting(1024, "connections at once", check=positive)

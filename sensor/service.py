@@ -18,7 +18,7 @@ from honeyfleet.systemd import notify
 from honeyfleet.tls import ChannelCache
 from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc
-from sensor.artefacts import ArtefactWriter, DiskBudget, disk_usage
+from sensor.artefacts import ArtefactWriter, DiskBudget, LocalCopies, disk_usage
 from sensor.capture import FileStore
 from sensor.config import SensorConfig
 from sensor.eventbudget import EventBudget, EventLimits
@@ -128,6 +128,7 @@ class Sensor:
             OutboxMetrics("honeyfleet_sensor", self.metrics.registry),
             max_bytes=config.artefact_outbox_max_bytes,
             max_files=config.artefact_outbox_max_files,
+            on_delivered=None if config.artefact_keep_local else LocalCopies(config, disk).free,
         )
         await outbox.open()
         recordings = Recordings(

@@ -10,13 +10,25 @@ import json
 import os
 from pathlib import Path
 
+from controller.artefacts.index import RefQuery
 from honeyfleet.pki.identity import Role
 from tests.conftest import FleetPki, require_tool, until
-from tests.integration.ssh_fleet import SSH_OPTIONS, FleetFactory, run, ssh
+from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, run, ssh
 from tests.integration.test_fleet_tools import BIN
 from tests.integration.test_fleet_tools import run as run_cli
 
 DELIVERY_TIMEOUT = 60
+
+
+async def sftp_put(fleet: Fleet, local: Path, scratch: Path) -> None:
+    """Upload ``local`` as dropper.bin with OpenSSH's sftp through the sensor."""
+    batch = scratch / "batch"
+    batch.write_text(f"put {local} dropper.bin\n")
+    code, _, err = await run(
+        require_tool("sftp", "openssh-client"), "-o", "BatchMode=no", *SSH_OPTIONS,
+        "-P", str(fleet.port), "-b", str(batch), "root@127.0.0.1", password="toor",
+    )  # fmt: skip
+    assert code == 0, err
 
 
 async def test_an_sftp_upload_and_a_recording_fetched_with_the_cli_match(
@@ -27,13 +39,7 @@ async def test_an_sftp_upload_and_a_recording_fetched_with_the_cli_match(
     local = tmp_path / "dropper.bin"
     local.write_bytes(payload)
     digest = hashlib.sha256(payload).hexdigest()
-    batch = tmp_path / "batch"
-    batch.write_text(f"put {local} dropper.bin\n")
-    code, _, err = await run(
-        require_tool("sftp", "openssh-client"), "-o", "BatchMode=no", *SSH_OPTIONS,
-        "-P", str(fleet.port), "-b", str(batch), "root@127.0.0.1", password="toor",
-    )  # fmt: skip
-    assert code == 0, err
+    await sftp_put(fleet, local, tmp_path)
     code, out, err = await ssh(fleet, "-tt", stdin=b"echo hello world\nexit\n")
     assert code == 0 and b"hello world" in out, err
     await until(lambda: len(fleet.closed_reasons()) == 2)
@@ -87,3 +93,29 @@ async def test_an_sftp_upload_and_a_recording_fetched_with_the_cli_match(
         honeyfleet, "artefacts", "get", "0" * 64, "-o", str(tmp_path / "none"), *flags
     )
     assert code == 2 and "NOT_FOUND" in err and not (tmp_path / "none").exists()
+
+
+async def test_without_keep_local_the_sensor_frees_what_the_controller_stored(
+    make_fleet: FleetFactory, tmp_path: Path
+) -> None:
+    fleet = await make_fleet(artefact_keep_local=False)
+    local = tmp_path / "dropper.bin"
+    local.write_bytes(os.urandom(50_000))
+    await sftp_put(fleet, local, tmp_path)
+    code, _, err = await ssh(fleet, "-tt", stdin=b"echo hi\nexit\n")
+    assert code == 0, err
+    await until(lambda: len(fleet.closed_reasons()) == 2)
+    outbox = fleet.sensor.outbox
+    assert outbox is not None
+    async with asyncio.timeout(DELIVERY_TIMEOUT):
+        await outbox.idle()
+    (upload,) = fleet.events("cowrie.session.file_upload")
+    (closed,) = fleet.events("cowrie.log.closed")
+    # The controller has both; the sensor kept neither, and its budget has the bytes back.
+    await until(
+        lambda: not Path(upload["outfile"]).exists() and not Path(closed["ttylog"]).exists()
+    )
+    registry = fleet.sensor.metrics.registry
+    await until(lambda: registry.get_sample_value("honeyfleet_sensor_artefact_bytes") == 0)
+    stored = await fleet.controller.artefacts.references(RefQuery(limit=10))
+    assert {r.sha256 for r in stored} == {upload["shasum"], closed["ttylog_sha256"]}

@@ -87,6 +87,15 @@ async def test_an_sftp_upload_and_a_recording_fetched_with_the_cli_match(
     )
     assert out == shown and "hello world" in out
 
+    # `sessions show` names the recording (once the session's last events are stored).
+    named = f"recording: sha256 {closed['ttylog_sha256']} (honeyfleet replay {closed['session']})"
+    for _ in range(60):
+        code, out, err = await run_cli(honeyfleet, "sessions", "show", closed["session"], *flags)
+        if named in out:
+            break
+        await asyncio.sleep(0.5)
+    assert named in out, (out, err)
+
     code, out, err = await run_cli(honeyfleet, "replay", "no-such-session", *flags)
     assert code == 2 and "no recording of session 'no-such-session'" in err
     code, out, err = await run_cli(

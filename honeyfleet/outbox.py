@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,7 @@ BACKOFF_MOST = 30.0
 # Seconds an idle outbox waits before looking at its queue again (a put wakes it sooner).
 IDLE_POLL = 5.0
 # The controller's answers that no retry will change: the artefact is dropped.
+SHA256 = re.compile(r"[0-9a-f]{64}")
 REFUSED_FOR_GOOD = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
 
 
@@ -174,6 +176,11 @@ class Outbox:
 
         ``sha256`` is computed unless given; the file must not change afterwards.
         """
+        if sha256 is not None and not SHA256.fullmatch(sha256):
+            # It names a file in the outbox: never let it be a path.
+            log.error("outbox: %s not queued: %r is not a sha256", path, sha256[:80])
+            self._metrics.refused.labels("error").inc()
+            return None
         try:
             queued, item = await self._run(
                 self._put, path, kind, session, filename, sha256, capture_time

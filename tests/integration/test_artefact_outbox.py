@@ -149,8 +149,10 @@ async def test_outbox_bounds_refuse_what_does_not_fit_until_there_is_room(
         assert await put(a, CAPTURE, session="s2", filename="a") == sha_a  # queued already
         assert await put(c, CAPTURE, session="s1", filename="c") == sha_c
         assert await put(c, CAPTURE, session="s2", filename="c") is None  # over the count
+        assert await put(c, CAPTURE, session="s3", filename="c", sha256="../../x") is None
         assert member.metric("refused_total", reason="over_bytes") == 1
         assert member.metric("refused_total", reason="over_items") == 1
+        assert member.metric("refused_total", reason="error") == 1
         assert outbox.backlog == 3 and member.metric("bytes") == 610
         # Once delivered, the room is there again.
         await start_controller(listen=address)

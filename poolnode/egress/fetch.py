@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ MAX_HEADER_BYTES = 64 * 1024
 PARALLEL = 4
 """Downloads in flight at once, all guests together."""
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
+REDIRECTS = (b"301", b"302", b"303", b"307", b"308")
+MAX_REDIRECTS = 3
 
 
 class FetchFailed(Exception):
@@ -39,6 +41,16 @@ class Download:
     shasum: str
     path: Path
     body: bytes
+    final_url: str = ""
+    """Where the file came from after redirects ("" when not redirected)."""
+
+
+class _Redirected(Exception):
+    """The proxy's answer sends us elsewhere."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
 
 
 class Fetcher:
@@ -79,12 +91,9 @@ class Fetcher:
 
     async def fetch(self, url: str, user_agent: str | None = None) -> Download:
         """Fetch ``url`` and store it; raises FetchFailed saying why not."""
-        problem = self.refusal(url)
-        if problem is not None:
-            raise FetchFailed(problem)
         async with self._slots:
             try:
-                body = await asyncio.wait_for(self._get(url, user_agent), self._timeout)
+                final, body = await asyncio.wait_for(self._follow(url, user_agent), self._timeout)
             except TimeoutError:
                 raise FetchFailed(f"no complete answer within {self._timeout:g} s") from None
             except OSError as e:
@@ -92,7 +101,20 @@ class Fetcher:
         shasum = hashlib.sha256(body).hexdigest()
         path = self.downloads / shasum
         await asyncio.to_thread(_store, path, body)
-        return Download(url, shasum, path, body)
+        return Download(url, shasum, path, body, final if final != url else "")
+
+    async def _follow(self, url: str, user_agent: str | None) -> tuple[str, bytes]:
+        """The URL the body came from and the body, following up to MAX_REDIRECTS
+        redirects, each target checked like the first URL."""
+        for _ in range(MAX_REDIRECTS + 1):
+            problem = self.refusal(url)
+            if problem is not None:
+                raise FetchFailed(problem)
+            try:
+                return url, await self._get(url, user_agent)
+            except _Redirected as e:
+                url = urljoin(url, e.location)
+        raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
 
     async def _get(self, url: str, user_agent: str | None) -> bytes:
         """The body of a 200 answer from the proxy to ``GET url``."""
@@ -112,6 +134,9 @@ class Fetcher:
             status = STATUS_LINE.match(head)
             if status is None:
                 raise FetchFailed("not an HTTP answer")
+            location = re.search(rb"(?im)^location:\s*(\S+)\s*$", head)
+            if status.group(1) in REDIRECTS and location is not None:
+                raise _Redirected(location.group(1).decode("ascii", "replace"))
             if status.group(1) != b"200":
                 raise FetchFailed(f"HTTP status {status.group(1).decode()}")
             length = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)

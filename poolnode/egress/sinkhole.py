@@ -289,6 +289,7 @@ class Sinkhole:
             outfile=str(download.path),
             shasum=download.shasum,
             size=len(download.body),
+            **({"final_url": download.final_url} if download.final_url else {}),
         )
         return download
 

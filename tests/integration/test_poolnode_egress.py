@@ -224,7 +224,8 @@ async def test_dns_events_are_bounded_per_guest(make_egress: MakeEgress) -> None
 class Proxy:
     """The test's "internet": an HTTP proxy on loopback serving files by URL."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes | str]) -> None:
+        """``files`` maps URLs to contents, or to a URL they redirect to."""
         self.files = files
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
@@ -236,6 +237,8 @@ class Proxy:
         body = self.files.get(url)
         if body is None:
             writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
+        elif isinstance(body, str):
+            writer.write(b"HTTP/1.0 302 Found\r\nLocation: %s\r\n\r\n" % body.encode())
         else:
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
@@ -346,3 +349,31 @@ async def test_a_port_already_taken_fails_start_naming_its_key(make_egress: Make
     # What had started (the DNS server) was closed again: its port is free.
     fleet = await make_egress(egress_dns_port=dns)
     assert (await ask(fleet, "a.example")).endswith(socket.inet_aton(GUEST))
+
+
+async def test_fetch_follows_redirects_checking_each_target(make_egress: MakeEgress) -> None:
+    proxy = Proxy(
+        {
+            "http://files.example.org/x.sh": "http://cdn.example.net/real/x.sh",
+            "http://cdn.example.net/real/x.sh": PAYLOAD,
+            "http://files.example.org/denied": "http://evil.gov/x",
+            "http://files.example.org/loop": "/loop",
+        }
+    )
+    async with proxy as address:
+        fleet = await make_egress(
+            egress_policy="fetch", egress_fetch_proxy=address, egress_fetch_deny=["*.gov"]
+        )
+        for path in (b"/x.sh", b"/denied", b"/loop"):
+            await connect(fleet, b"GET %s HTTP/1.1\r\nHost: files.example.org\r\n\r\n" % path)
+    await until(lambda: len(fleet.of("cowrie.session.file_download.failed")) == 2)
+    (download,) = fleet.of("cowrie.session.file_download")
+    assert download["url"] == "http://files.example.org/x.sh"
+    assert download["final_url"] == "http://cdn.example.net/real/x.sh"
+    assert download["shasum"] == hashlib.sha256(PAYLOAD).hexdigest()
+    reasons = {e["url"]: e["reason"] for e in fleet.of("cowrie.session.file_download.failed")}
+    assert reasons == {
+        "http://files.example.org/denied": "evil.gov is on egress_fetch_deny",
+        "http://files.example.org/loop": "more than 3 redirects",
+    }
+    assert not any(b"evil.gov" in r for r in proxy.requests)  # refused before asking

@@ -398,6 +398,19 @@ def report(args: argparse.Namespace, peers: Sequence[Peer], figures: dict[str, F
     print(f"  failed sessions or transfers: {failures or 'none'}")
 
 
+def sensor_settings(port: int, shells: int) -> dict[str, object]:
+    """The benchmark sensor's settings: SSH on 127.0.0.1:``port``, no Telnet, and room
+    for ``shells`` held sessions, all from 127.0.0.1."""
+    return {
+        "ssh_listen": [f"127.0.0.1:{port}"],
+        "telnet_listen": [],
+        "max_connections_per_ip": shells + 16,
+        "max_connections": shells + 64,
+        "max_leases": shells + 16,
+        "max_leases_per_source": shells + 16,
+    }
+
+
 async def start_peers(args: argparse.Namespace, workdir: Path, procs: Processes) -> list[Peer]:
     """The backend sshd, the Cowrie instances and the fleet; the peers in column order."""
     backend_port = free_port()
@@ -423,15 +436,7 @@ async def start_peers(args: argparse.Namespace, workdir: Path, procs: Processes)
         procs,
         f"127.0.0.1:{backend_port}",
         BACKEND_PASSWORD,
-        {
-            "ssh_listen": [f"127.0.0.1:{sensor_port}"],
-            "telnet_listen": [],
-            "max_connections_per_ip": args.shells + 16,
-            "max_connections": args.shells + 64,
-            # Every session comes from 127.0.0.1: room for all the held shells.
-            "max_leases": args.shells + 16,
-            "max_leases_per_source": args.shells + 16,
-        },
+        sensor_settings(sensor_port, args.shells),
         backend_user=BACKEND_USER,
     )
     fleet = Peer("fleet", sensor_port, "root", ATTACKER_PASSWORD,

@@ -29,14 +29,15 @@ class _Stream:
     """One Leases stream: the calls it carries, the requests still to send."""
 
     def __init__(self, stub: lease_pb2_grpc.LeaseServiceAsyncStub) -> None:
-        self.outbox: asyncio.Queue[lease_pb2.LeasesRequest] = asyncio.Queue()
+        # None ends the requests (and so gRPC's task that sends them).
+        self.outbox: asyncio.Queue[lease_pb2.LeasesRequest | None] = asyncio.Queue()
         self.waiting: dict[int, asyncio.Future[lease_pb2.LeasesResponse]] = {}
         self._call = stub.Leases(self._requests())
         self.task = asyncio.create_task(self._read())
 
     async def _requests(self) -> AsyncIterator[lease_pb2.LeasesRequest]:
-        while True:
-            yield await self.outbox.get()
+        while (request := await self.outbox.get()) is not None:
+            yield request
 
     async def _read(self) -> None:
         """Hand each answer to its call; when the stream ends, fail the calls left."""
@@ -50,6 +51,8 @@ class _Stream:
             error = e
         except asyncio.CancelledError:
             error = _aio_error(grpc.StatusCode.CANCELLED, "the lease stream was closed")
+        # Left waiting, gRPC's sending task would be destroyed pending with the stream.
+        self.outbox.put_nowait(None)
         for waiter in self.waiting.values():
             if not waiter.done():
                 waiter.set_exception(error)

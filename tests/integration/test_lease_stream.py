@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import pytest
 
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import secure_channel
-from honeyfleet.v1 import common_pb2
+from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 from sensor.leases import LeaseClient, LeaseFailed
+from sensor.leasestream import LeaseStream
 from tests.conftest import until
 from tests.integration.leasing import fleet_with_nodes
 
@@ -66,3 +72,39 @@ async def test_a_closed_stream_cancels_the_calls_it_carried(
     finally:
         client.close()
         await channel.close(None)
+
+
+class FailingLeases(lease_pb2_grpc.LeaseServiceServicer):
+    """Ends every Leases stream with INTERNAL at its first request."""
+
+    async def Leases(
+        self, request_iterator: AsyncIterator[lease_pb2.LeasesRequest], context: Any
+    ) -> AsyncIterator[lease_pb2.LeasesResponse]:
+        async for _ in request_iterator:
+            await context.abort(grpc.StatusCode.INTERNAL, "broken")
+        yield lease_pb2.LeasesResponse()
+
+
+async def test_a_broken_stream_fails_its_calls_and_leaves_no_task_behind(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = grpc.aio.server()
+    lease_pb2_grpc.add_LeaseServiceServicer_to_server(FailingLeases(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stream = LeaseStream(lease_pb2_grpc.LeaseServiceStub(channel))
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    try:
+        for _ in range(3):  # each call on a new stream, as the last one broke
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stream.call("renew", lease_pb2.RenewLeaseRequest(lease_id="x"), 5.0)
+            assert e.value.code() == grpc.StatusCode.INTERNAL
+            await asyncio.sleep(0.1)
+            gc.collect()
+        # gRPC's task sending a broken stream's requests ended with it, not destroyed pending.
+        assert not [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    finally:
+        stream.close()
+        await channel.close(None)
+        await server.stop(None)

@@ -202,7 +202,8 @@ def _build(
     root = work / "rootfs"
     busybox = unpacked[_debs.BUSYBOX_PACKAGE] / "bin/busybox"
     if spec.distro is Distro.DEBIAN:
-        _debian.install(root, spec, release)
+        kernel_debs = [deb for name, deb in sorted(debs.items()) if name.startswith("linux-image")]
+        _debian.install(root, spec, release, kernel_debs)
     else:
         _busybox_root(root, spec, unpacked)
 

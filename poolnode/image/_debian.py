@@ -49,6 +49,9 @@ PACKAGES: tuple[str, ...] = (
     "bash-completion",
     "locales",
     "tzdata",
+    # What the kernel package (installed from the builder's own .debs) depends on.
+    "linux-base",
+    "initramfs-tools",
 )
 
 # Units that would only slow the boot or fail in a guest with no route out: timers
@@ -67,9 +70,9 @@ _MASKED = (
 )
 _BACKUP_SCRIPT = "usr/local/sbin/backup.sh"
 _ENABLED = ("systemd-networkd.service", "telnet.socket", "ssh.service", "cron.service")
-# Left out of the image: documentation, translations and apt's package lists (a real
-# server has lists, but these would be stale and 40 MB; `apt update` in the guest fails
-# like any server's without a route out).
+# Left out of the image: documentation and translations. apt's package lists stay (about
+# 40 MB, as of the build): `apt install` in the guest finds its package and then fails to
+# fetch it, like any server's without a route out, rather than not knowing it.
 _DPKG_EXCLUDES = (
     "path-exclude=/usr/share/doc/*",
     "path-include=/usr/share/doc/*/copyright",
@@ -96,8 +99,11 @@ def _is_source_line(line: str) -> bool:
     return text.startswith(("deb ", "URIs:"))
 
 
-def install(root: Path, spec: GuestImageSpec, kernel_release: str) -> None:
-    """Install Debian into ``root`` (which must not exist yet) and dress it as the persona."""
+def install(root: Path, spec: GuestImageSpec, kernel_release: str, kernel_debs: list[Path]) -> None:
+    """Install Debian into ``root`` (which must not exist yet) and dress it as the persona.
+
+    ``kernel_debs`` are the kernel packages the guest boots (``kernel_release``).
+    """
     sources = _host_sources() or ["http://deb.debian.org/debian"]
     argv: list[str | Path] = [
         "mmdebstrap",
@@ -107,13 +113,32 @@ def install(root: Path, spec: GuestImageSpec, kernel_release: str) -> None:
         f"--include={','.join(PACKAGES)}",
         # No recommends: a cloud image's lean install, and no stray daemons.
         "--aptopt=APT::Install-Recommends false",
+        "--skip=cleanup/apt/lists",
     ]
     argv += [f"--dpkgopt={opt}" for opt in _DPKG_EXCLUDES]
     run([*argv, SUITE, root, *sources], timeout=1800.0)
+    _install_kernel(root, kernel_debs)
     _dress(root, spec)
     # The administrator's logins of the last two weeks (`last`, sshd's "Last login").
     admins = sorted({spec.backend_user, _rootfs.admin_user(spec)})
     _logins.seed(root, admins, int(time.time()), kernel_release, spec.hostname)
+
+
+def _install_kernel(root: Path, debs: list[Path]) -> None:
+    """Install the very kernel .debs the guest boots from, as on any installed server.
+
+    dpkg then lists the running kernel's package, ``/usr/lib/modules`` holds all its
+    modules and ``/boot`` its initrd; from mmdebstrap's mirror it could be a newer
+    release than the one booted.
+    """
+    staged = root / "var/cache/apt/archives"
+    for deb in debs:
+        shutil.copy2(deb, staged / deb.name)
+    try:
+        _chroot(root, "dpkg", "--install", *(f"/var/cache/apt/archives/{d.name}" for d in debs))
+    finally:
+        for deb in debs:
+            (staged / deb.name).unlink(missing_ok=True)
 
 
 def _chroot(root: Path, *argv: str, stdin: str | None = None) -> str:

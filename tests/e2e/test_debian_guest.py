@@ -81,6 +81,12 @@ async def test_a_debian_guest_is_a_real_debian_server(
         meminfo = await run(conn, "cat /proc/meminfo")
         who = await run(conn, "hostname; id -un; grep -c . /var/lib/dpkg/status")
         tools = await run(conn, "ls --version | head -1; apt list --installed 2>/dev/null | wc -l")
+        kernel = await run(
+            conn,
+            "dpkg-query -W -f '${Status}\\n' linux-image-$(uname -r);"
+            " find /lib/modules/$(uname -r) -name '*.ko*' | wc -l; ls /boot/initrd.img-$(uname -r);"
+            " apt-cache policy nmap | grep -c Candidate:",
+        )
         disk = await run(conn, "df -B1M --output=size,used / | tail -1")
         persona = await run(conn, "cat /etc/motd; getent passwd deploy; wc -l < ~/.bash_history")
         logins = await run(conn, "last -w -n 50")
@@ -122,6 +128,13 @@ async def test_a_debian_guest_is_a_real_debian_server(
     coreutils, apt_lines = str(tools.stdout).splitlines()
     assert coreutils.startswith("ls (GNU coreutils)"), tools.stdout
     assert int(apt_lines) > 100  # apt reads the same database: every package installed
+
+    # The running kernel is an installed package with all its modules and an initrd, and
+    # apt knows what it could install (its package lists are there).
+    status, modules, initrd, candidates = str(kernel.stdout).splitlines()
+    assert status == "install ok installed", kernel.stdout
+    assert int(modules) > 1000 and initrd.startswith("/boot/initrd.img-"), kernel.stdout
+    assert candidates == "1", kernel.stdout
 
     # A small cloud VM's disk: its size as built, a few hundred MB of it used.
     size, used = (int(n) for n in str(disk.stdout).split())

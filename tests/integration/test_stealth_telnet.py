@@ -7,7 +7,9 @@ both, except for ``KNOWN_DIFFERENCES``, each with why it remains; a new differen
 one that went away) fails the test. Debian's own telnet client (line mode, flow control,
 window size, the special characters) must see byte for byte the same negotiation, up to
 the greeting. The greeting itself is the persona's business (``telnet_greeting``) and
-not compared, only whether there is any.
+not compared, only whether there is any; telnetd's names the client by its reverse DNS
+name where it has one (here "localhost"), the sensor's by its address (no lookups on
+the attacker's behalf), and telnetd's pty number counts up with the sessions open.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from sensor.recording import Recorder, Recordings
 from sensor.session.admission import Admission, Slot
 from sensor.session.budget import LeaseBudget
 from sensor.session.guest import GuestFailed, GuestLink
+from sensor.session.latch import Latch
 from sensor.session.penalties import Outcome
 from sensor.session.state import SessionState, transition
 from sensor.session.timers import Timers
@@ -92,7 +93,7 @@ class Adapter:
         return self.session.state
 
     @property
-    def closed(self) -> asyncio.Event:
+    def closed(self) -> Latch:
         """Set once the session's last event is written."""
         return self.session.closed
 
@@ -128,7 +129,7 @@ class Session:
             protocol=protocol,
         )
         self.state = SessionState.CONNECTED
-        self.closed = asyncio.Event()
+        self.closed = Latch()
         self.closing: str | None = None
         self.timers = Timers()
         self.link = GuestLink(

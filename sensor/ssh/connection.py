@@ -29,6 +29,7 @@ from sensor.recording import Recorder
 from sensor.session.admission import Slot
 from sensor.session.core import Adapter, Services, Session
 from sensor.session.guest import GuestLink
+from sensor.session.latch import Latch
 from sensor.session.state import SessionState
 from sensor.ssh import openssh
 from sensor.ssh.channels import RefusedForward, RelaySession
@@ -61,7 +62,7 @@ class DrainedInner(InnerSide):
 
     def __init__(self, attacker: AttackerSide, high_water: int) -> None:
         super().__init__(attacker, high_water)
-        self.drained = asyncio.Event()
+        self.drained = Latch()
 
     def eof_received(self) -> bool:
         """asyncssh closed its end: everything it sent is on its way to the attacker."""

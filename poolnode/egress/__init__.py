@@ -3,14 +3,18 @@
 Policies (``egress_policy``), after GQ's containment (Kreibich et al., IMC 2011):
 
 * ``drop``: nothing leaves the pool network; DNS queries are answered REFUSED by the
-  node's DNS server, each one an event (``honeyfleet.egress.dns``).
+  node's DNS server, each one an event (``honeyfleet.egress.dns``), and each TCP attempt
+  the guest filter drops is an event too (read from NFLOG: :mod:`poolnode.egress.nflog`).
 * ``sinkhole`` (default): DNS answers point at the node's own address, where the
   sinkhole accepts TCP on any port, records what the guest sends (HTTP request line and
-  Host, TLS SNI, first bytes: ``honeyfleet.egress.connect``) and answers a dead end.
-* ``fetch``: as ``sinkhole``, but HTTP downloads are fetched through the operator's
-  proxy, stored by sha256 and served to the guest (``cowrie.session.file_download``).
+  Host, TLS SNI, an FTP login and RETR, first bytes: ``honeyfleet.egress.connect``) and
+  answers a dead end.
+* ``fetch``: as ``sinkhole``, but HTTP and FTP downloads are fetched through the
+  operator's proxy, stored by sha256 and served to the guest
+  (``cowrie.session.file_download``).
 
-Every event is on the attacker's session of the guest that caused it and bounded per
+Under every policy, UDP other than DNS and DHCP is dropped and reported (a TFTP request
+with its URL). Every event is on the attacker's session of the guest that caused it and bounded per
 guest (:mod:`poolnode.egress.bounds`).
 """
 

@@ -206,8 +206,15 @@ class Session:
         The task's result is None once the guest's login is open, else why not (the
         session is CONNECTED again, the guest given back, the reason an event).
         """
-        self._joining = asyncio.create_task(self._join(opener))
-        return self._joining
+        task = self._joining = asyncio.create_task(self._join(opener))
+        # A finished join is not kept: its task would stay with every held session.
+        task.add_done_callback(self._joined)
+        return task
+
+    def _joined(self, task: asyncio.Task[str | None]) -> None:
+        """Forget a join that is over (unless another has started since)."""
+        if self._joining is task:
+            self._joining = None
 
     @property
     def joining(self) -> bool:

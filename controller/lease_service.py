@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from controller.leases import LeaseManager
+from controller.leases import SHED_RETRY_AFTER, LeaseManager
 from controller.registry import Registry
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import HoneyfleetError, InvalidArgument, ResourceExhausted
@@ -33,9 +33,12 @@ def _calling_sensor(registry: Registry) -> str:
 class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     """Leases for sensors; a sensor only ever sees and changes its own leases."""
 
-    def __init__(self, registry: Registry, leases: LeaseManager) -> None:
+    def __init__(self, registry: Registry, leases: LeaseManager, *, max_calls: int) -> None:
         self._registry = registry
         self._leases = leases
+        # Calls in flight on one Leases stream (as many as calls of their own on one
+        # connection): more are refused at once, not given a task each.
+        self._max_calls = max_calls
 
     async def AcquireLease(
         self, request: lease_pb2.AcquireLeaseRequest, context: Any
@@ -81,6 +84,9 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
             try:
                 async for request in request_iterator:
                     self._registry.seen(caller.name)
+                    if len(calls) >= self._max_calls:
+                        answers.put_nowait(self._refuse(request.id))
+                        continue
                     call = asyncio.create_task(self._answer(sensor, request, answers))
                     calls.add(call)
                     call.add_done_callback(calls.discard)
@@ -97,6 +103,16 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
             for call in list(calls):
                 call.cancel()
         await reader  # re-raises what broke the sensor's side of the stream
+
+    def _refuse(self, call_id: int) -> lease_pb2.LeasesResponse:
+        """The answer to a call beyond the stream's bound."""
+        self._leases.metrics.shed.labels("stream_calls").inc()
+        error = ResourceExhausted(
+            f"{self._max_calls} lease calls of this sensor are in flight already "
+            "(max_concurrent_streams)",
+            retry_after=SHED_RETRY_AFTER,
+        )
+        return lease_pb2.LeasesResponse(id=call_id, error=_error(error))
 
     async def _answer(
         self,

@@ -173,7 +173,8 @@ class Controller:
             server,
         )
         lease_pb2_grpc.add_LeaseServiceServicer_to_server(
-            LeaseServicer(self.registry, self.leases), server
+            LeaseServicer(self.registry, self.leases, max_calls=config.max_concurrent_streams),
+            server,
         )
         sensor_pb2_grpc.add_SensorServiceServicer_to_server(SensorServicer(self.registry), server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(

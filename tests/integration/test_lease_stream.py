@@ -17,7 +17,7 @@ from honeyfleet.v1 import common_pb2, lease_pb2, lease_pb2_grpc
 from sensor.leases import LeaseClient, LeaseFailed
 from sensor.leasestream import LeaseStream
 from tests.conftest import until
-from tests.integration.leasing import fleet_with_nodes
+from tests.integration.leasing import fleet_with_nodes, store_held
 
 
 async def test_calls_on_the_stream_are_answered_each_under_its_own_id(
@@ -71,6 +71,45 @@ async def test_a_closed_stream_cancels_the_calls_it_carried(
         assert not controller.leases.active
     finally:
         client.close()
+        await channel.close(None)
+
+
+async def test_calls_beyond_the_streams_bound_are_refused_at_once(
+    start_controller, fleet_pki
+) -> None:
+    controller, address = await start_controller(max_concurrent_streams=3)
+    channel = secure_channel(address, fleet_pki.files(Role.SENSOR, "s1"))
+    outbox: asyncio.Queue[lease_pb2.LeasesRequest] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[lease_pb2.LeasesRequest]:
+        while True:
+            yield await outbox.get()
+
+    call = lease_pb2_grpc.LeaseServiceStub(channel).Leases(requests())
+    try:
+        # Releases of leases the controller must look up on disk, which is busy: the
+        # first three wait there, the other two are refused without waiting.
+        async with store_held(controller):
+            for i in range(1, 6):
+                outbox.put_nowait(
+                    lease_pb2.LeasesRequest(
+                        id=i, release=lease_pb2.ReleaseLeaseRequest(lease_id=f"gone-{i}")
+                    )
+                )
+            refused = [await call.read(), await call.read()]
+            assert {a.id for a in refused} == {4, 5}
+            for answer in refused:
+                assert answer.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                assert answer.error.retry_after.ToMilliseconds() > 0
+        answered = [await call.read() for _ in range(3)]
+        assert {a.id for a in answered} == {1, 2, 3}
+        assert all(a.error.code == grpc.StatusCode.NOT_FOUND.value[0] for a in answered)
+        shed = controller.events.metrics_registry.get_sample_value(
+            "honeyfleet_leases_shed_total", {"reason": "stream_calls"}
+        )
+        assert shed == 2
+    finally:
+        call.cancel()
         await channel.close(None)
 
 

@@ -104,6 +104,9 @@ DEFAULT_MEMORY = {"busybox": 128, "debian": 512}
 # What /proc/cpuinfo of many KVM cloud VMs says: "Intel Xeon Processor (Skylake, IBRS)".
 DEBIAN_CPU_MODEL = "Skylake-Server-IBRS"
 DEFAULT_CPU = {"busybox": "", "debian": DEBIAN_CPU_MODEL}
+# TCG's translated-code cache (MiB): a Debian guest's systemd, udev and modules outgrow
+# busybox's 32 and boot about twice as fast with 128 (unused under KVM).
+TB_CACHE = {"busybox": 32, "debian": 128}
 PORTS = {"controller": 7300, "enroll": 7301, "poolnode": 7310, "poolnode metrics": 7311}
 
 
@@ -202,6 +205,7 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "libvirt_uri": plan.libvirt_uri,
             "guest_memory": plan.guest_memory,
             "guest_cpu_model": plan.cpu_model,
+            "guest_tb_cache": TB_CACHE[plan.distro],
             "guest_image": str(image.disk),
             "guest_kernel": str(image.kernel),
             "guest_initrd": str(image.initrd),

@@ -191,6 +191,7 @@ class LibvirtBackend:
                 memory_mib=config.guest_memory,
                 vcpus=config.guest_vcpus,
                 cpu_model=config.guest_cpu_model,
+                tb_cache_mib=config.guest_tb_cache,
                 disk=guest.overlay,
                 mac=mac,
                 network=config.network_name,

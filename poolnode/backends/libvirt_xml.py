@@ -48,6 +48,8 @@ class DomainSpec:
     tag: str
     cpu_model: str = ""
     """Named QEMU CPU model (guest_cpu_model); empty: the hypervisor's default."""
+    tb_cache_mib: int = 32
+    """TCG's translation cache (guest_tb_cache); unused under KVM."""
 
 
 def _template(name: str) -> ET.Element:
@@ -93,6 +95,8 @@ def render_domain(spec: DomainSpec) -> str:
     if spec.hypervisor != "qemu":
         # The translation-cache setting exists only for TCG; KVM refuses it.
         features.remove(_find(features, "tcg"))
+    else:
+        _find(features, "tcg/tb-cache").text = str(spec.tb_cache_mib)
     if spec.cpu_model:
         # A named model sets what /proc/cpuinfo says (instead of "QEMU Virtual CPU
         # version 2.5+"). check='none': libvirt leaves the features to QEMU, which under

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from fleetup.up import DEBIAN_CPU_MODEL, DEFAULT_MEMORY
+from fleetup.up import DEBIAN_CPU_MODEL, DEFAULT_MEMORY, TB_CACHE
 from poolnode.image import DEBIAN_DISK_MIB, GuestImage, build_image
 from poolnode.image._logins import ADMIN_HOSTS
 from tests.e2e.conftest import check_prerequisites
@@ -70,6 +70,7 @@ async def test_a_debian_guest_is_a_real_debian_server(
         guest_cmdline=debian_image.cmdline,
         guest_memory=MEMORY_MIB,
         guest_cpu_model=CPU_MODEL,
+        guest_tb_cache=TB_CACHE["debian"],
     )
     log.info("pool node started, Debian guest pristine in %.1f s", time.monotonic() - started)
     lease = await vm_fleet.lease("203.0.113.77")
@@ -114,6 +115,8 @@ async def test_a_debian_guest_is_a_real_debian_server(
 
     models = set(re.findall(r"^model name\s*: (.*)$", str(cpuinfo.stdout), flags=re.MULTILINE))
     assert models == {qemu_model_name(CPU_MODEL)}, cpuinfo.stdout
+    # As many CPUs as the domain's vcpus (guest_vcpus, 1 by default).
+    assert len(re.findall(r"^processor\s*:", str(cpuinfo.stdout), flags=re.MULTILINE)) == 1
 
     # MemTotal is the domain's memory less what the kernel keeps for itself.
     total = re.search(r"^MemTotal:\s+(\d+) kB$", str(meminfo.stdout), flags=re.MULTILINE)

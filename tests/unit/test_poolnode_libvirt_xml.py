@@ -89,3 +89,10 @@ def test_a_cpu_model_is_rendered_only_when_configured() -> None:
     # libvirt's schema puts <cpu> after <features>.
     tags = [child.tag for child in root]
     assert tags.index("cpu") == tags.index("features") + 1
+
+
+def test_the_tcg_translation_cache_is_the_configured_size() -> None:
+    assert ET.fromstring(render_domain(GUEST)).findtext("features/tcg/tb-cache") == "32"  # noqa: S314
+    root = ET.fromstring(render_domain(replace(GUEST, tb_cache_mib=128)))  # noqa: S314
+    assert root.findtext("features/tcg/tb-cache") == "128"
+    assert root.find("features/tcg/tb-cache").get("unit") == "MiB"  # type: ignore[union-attr]

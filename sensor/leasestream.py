@@ -6,7 +6,8 @@ stream each sensor keeps open, they do not. Each call is sent with an id and its
 timeout and answered under that id, in any order. A call fails as the same call of
 its own would (``grpc.aio.AioRpcError`` with the controller's code, message and retry
 hint), so callers handle both alike; a stream that breaks fails the calls it carried
-with its status, and the next call opens a new stream.
+with its status, and the next call opens a new stream. After a certificate renewal
+new calls go over the new channel, and the old stream ends once it answered its own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class _Stream:
         self.waiting: dict[int, asyncio.Future[lease_pb2.LeasesResponse]] = {}
         self._call = stub.Leases(self._requests())
         self.task = asyncio.create_task(self._read())
+        self._retiring = False
 
     async def _requests(self) -> AsyncIterator[lease_pb2.LeasesRequest]:
         while (request := await self.outbox.get()) is not None:
@@ -63,6 +65,18 @@ class _Stream:
         self._call.cancel()
         self.task.cancel()
 
+    def retire(self) -> None:
+        """End the stream once the calls in flight on it are answered."""
+        self._retiring = True
+        self.done_with(None)
+
+    def done_with(self, call_id: int | None) -> None:
+        """Forget call ``call_id``; a retired stream with no call left ends."""
+        if call_id is not None:
+            self.waiting.pop(call_id, None)
+        if self._retiring and not self.waiting:
+            self.close()
+
 
 class LeaseStream:
     """Acquire, renew and release as messages on one stream, opened when first needed."""
@@ -73,9 +87,12 @@ class LeaseStream:
         self._stream: _Stream | None = None
 
     def use(self, stub: lease_pb2_grpc.LeaseServiceAsyncStub) -> None:
-        """Send later calls on a new stream through ``stub`` (a new channel)."""
+        """Send later calls on a new stream through ``stub`` (a new channel); the calls
+        in flight are answered on the old one, which then ends."""
         self._stub = stub
-        self.close()
+        if self._stream is not None:
+            self._stream.retire()
+            self._stream = None
 
     def close(self) -> None:
         """End the current stream, if any."""
@@ -108,7 +125,7 @@ class LeaseStream:
         except TimeoutError:
             raise _aio_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         finally:
-            stream.waiting.pop(call_id, None)
+            stream.done_with(call_id)
         if answer.HasField("error"):
             raise _rpc_error(answer.error)
         return getattr(answer, kind)

@@ -74,6 +74,37 @@ async def test_a_closed_stream_cancels_the_calls_it_carried(
         await channel.close(None)
 
 
+async def test_a_new_channel_takes_new_calls_and_the_old_stream_answers_its_own(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    # As after a certificate renewal: a request waiting for a guest on the old channel
+    # still gets its lease; new calls go over the new channel.
+    controller, address, _ = await fleet_with_nodes(
+        start_controller,
+        start_pool_node,
+        {"n1": 1},
+        node_options={"unused_timeout": 0.3},  # the released guest is soon pristine again
+        lease_wait=20.0,
+    )
+    files = fleet_pki.files(Role.SENSOR, "s1")
+    old, new = secure_channel(address, files), secure_channel(address, files)
+    client = LeaseClient(old, timeout=30.0, labels={})
+    try:
+        held = await client.acquire("192.0.2.1", "a", common_pb2.PROTOCOL_SSH)
+        waiting = asyncio.ensure_future(client.acquire("192.0.2.2", "b", common_pb2.PROTOCOL_SSH))
+        await until(lambda: len(controller.registry.waiters) == 1)
+        client.use(new)
+        await client.release(held, "session closed")
+        granted = await waiting
+        assert set(controller.leases.active) == {granted.id}
+        await client.release(granted, "session closed")
+        assert not controller.leases.active
+    finally:
+        client.close()
+        await old.close(None)
+        await new.close(None)
+
+
 async def test_calls_beyond_the_streams_bound_are_refused_at_once(
     start_controller, fleet_pki
 ) -> None:

@@ -161,7 +161,9 @@ class PoolNodeConfig:
         10.0, "seconds between health checks and pool upkeep", check=positive
     )
     max_parallel_boots: int = setting(2, "guests booting at once", check=positive)
-    backend_user: str = setting("root", "the guests' login account (handed to sensors in leases)")
+    backend_user: str = setting(
+        "root", "the guests' login account (the node's own SSH login; Telnet leases carry it)"
+    )
     backend_pass: str = setting("", "its password (required)")
 
     # libvirt backend.

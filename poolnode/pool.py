@@ -176,11 +176,17 @@ class GuestPool:
             self.events.leased(guest.id, hold)
         log.info("lease %s: %s from %s on guest %s", lease_id, sensor, src_ip, guest.id)
         self._changed(tell_controller=False)
+        # SSH runs on the node's own login: only a Telnet client needs the credentials.
+        credentials = (
+            common_pb2.GuestCredentials(
+                username=self.config.backend_user, password=self.config.backend_pass
+            )
+            if protocol == "telnet"
+            else common_pb2.GuestCredentials()
+        )
         return Allocation(
             guest=guest.to_proto(),
-            credentials=common_pb2.GuestCredentials(
-                username=self.config.backend_user, password=self.config.backend_pass
-            ),
+            credentials=credentials,
             shared=len(guest.src_ips) > 1,
             table_version=self.table_version,
         )

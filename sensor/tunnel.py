@@ -1,6 +1,9 @@
-"""The client side of TunnelService: a leased guest's port as a local socket.
+"""The client side of TunnelService: SSH session streams, and a guest's port as a socket.
 
-The pool node relays bytes over a gRPC stream. asyncssh's client wants a socket, so each
+:meth:`TunnelConnector.open_session` opens a ``Session`` stream: one SSH session channel
+the pool node runs on its warm login into the guest (the sensor's end is
+:mod:`sensor.ssh.guest`). :meth:`TunnelConnector.open` opens a byte tunnel (Telnet): the
+pool node relays bytes over a gRPC stream. asyncssh's client wants a socket, so each
 tunnel is a socketpair: asyncssh runs on one end, two pumps move bytes between the other
 end and the stream. Flow control is end to end: a pump awaits each gRPC write and each
 socket drain, so neither side queues more than one chunk. Each direction half-closes
@@ -16,7 +19,7 @@ import socket
 
 import grpc
 
-from honeyfleet.errors import Unavailable
+from honeyfleet.errors import FailedPrecondition, Unavailable
 from honeyfleet.pki.errors import PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
 from honeyfleet.tls import ChannelCache, Peer, TlsFiles, presented_certificate
@@ -27,10 +30,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 TunnelCall = grpc.aio.StreamStreamCall[poolnode_pb2.TunnelRequest, poolnode_pb2.TunnelResponse]
+SessionCall = grpc.aio.StreamStreamCall[poolnode_pb2.SessionRequest, poolnode_pb2.SessionResponse]
 
 
 class TunnelFailed(Unavailable):
     """The pool node could not open (or lost) the tunnel to a guest."""
+
+
+class SessionRefused(FailedPrecondition):
+    """The guest refused a session channel (the pool node said why)."""
 
 
 class Tunnel:
@@ -81,8 +89,9 @@ class TunnelConnector:
         self._serials.clear()
         self.channels.retire()
 
-    async def _check(self, address: str, node: str) -> None:
-        """Look at the certificate of the pool node at ``address`` before the first tunnel."""
+    async def check(self, lease: GuestLease) -> None:
+        """Look at the certificate of the lease's pool node before its first stream."""
+        address, node = lease.pool_node_address, lease.pool_node
         key = (address, node)
         if key not in self._serials:
             try:
@@ -108,7 +117,7 @@ class TunnelConnector:
     ) -> Tunnel:
         """A tunnel to a guest port of the lease (SSH unless told), opened within ``wait``."""
         address = lease.pool_node_address
-        await self._check(address, lease.pool_node)
+        await self.check(lease)
         # Only the pool node the lease names may answer at that address.
         channel = self.channels.get(address, Peer(Role.POOLNODE, lease.pool_node))
         call: TunnelCall = poolnode_pb2_grpc.TunnelServiceStub(channel).Tunnel(None)
@@ -139,6 +148,41 @@ class TunnelConnector:
         pumps.append(asyncio.create_task(_upstream(reader, call)))
         pumps.append(asyncio.create_task(_downstream(call, writer, tunnel)))
         return tunnel
+
+    async def open_session(
+        self, lease: GuestLease, wait: float, request: poolnode_pb2.SessionOpen
+    ) -> tuple[SessionCall, int]:
+        """A Session stream on the lease's guest, opened within ``wait``; returns the call
+        and the bytes of input the node takes before it grants more.
+
+        Raises SessionRefused when the guest refuses the channel, TunnelFailed otherwise.
+        """
+        address = lease.pool_node_address
+        await self.check(lease)
+        channel = self.channels.get(address, Peer(Role.POOLNODE, lease.pool_node))
+        call: SessionCall = poolnode_pb2_grpc.TunnelServiceStub(channel).Session(None)
+        try:
+            async with asyncio.timeout(wait):
+                await call.write(poolnode_pb2.SessionRequest(open=request))
+                first = await call.read()
+        except TimeoutError:
+            call.cancel()
+            raise TunnelFailed(
+                f"pool node {address} did not open a session in {wait:.0f}s"
+            ) from None
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise SessionRefused(e.details() or "the guest refused the channel") from None
+            raise TunnelFailed(
+                f"pool node {address}: {e.code().name}: {e.details() or ''}"
+            ) from None
+        except asyncio.CancelledError:
+            call.cancel()  # the attacker's channel closed while the session opened
+            raise
+        if not isinstance(first, poolnode_pb2.SessionResponse) or not first.HasField("opened"):
+            call.cancel()
+            raise TunnelFailed(f"pool node {address} answered without opening the session")
+        return call, first.opened.window
 
     async def close(self) -> None:
         """Close every channel."""

@@ -1,13 +1,14 @@
-"""The guest behind one session: its lease (within the budget), the tunnel and what runs on it.
+"""The guest behind one session: its lease (within the budget), its pool node and what runs there.
 
 A lease is asked for only once the attacker's login deserves a guest, renewed while the
-session lasts and released when it ends. The protocol adapter opens its client (SSH or
-Telnet) on :attr:`GuestLink.tunnel` and hands over what must be closed and watched.
-The guest's credentials come with the lease and go only to that client: they are never
-logged, recorded or put into an event.
+session lasts and released when it ends. The protocol adapter reaches the guest through
+the lease's pool node (SSH: session streams on the node's own login into the guest;
+Telnet: a byte tunnel, :meth:`GuestLink.open_tunnel`) and hands over what must be closed
+and watched. Telnet leases carry the guest's credentials for the Telnet client, which
+alone sees them: they are never logged, recorded or put into an event.
 
 The link's moments are Cowrie's proxy events: ``cowrie.proxy.backend_connected`` when
-the tunnel to the guest's pool node is open, ``cowrie.proxy.backend_disconnected`` and
+the guest's pool node is reached, ``cowrie.proxy.backend_disconnected`` and
 ``cowrie.proxy.client_disconnect`` (naming the guest, as Cowrie's pool mode names its
 VM) when it closes. The backend is the pool node's tunnel address: the guest's own is
 never exposed.
@@ -83,10 +84,27 @@ class GuestLink:
         self._tasks.append(asyncio.create_task(self._leases.keep(lease, self._lease_lost)))
         return lease
 
+    @property
+    def tunnels(self) -> TunnelConnector:
+        """How the pool nodes are reached."""
+        return self._tunnels
+
+    async def reach_node(self) -> None:
+        """Check the lease's pool node (SSH sessions open on it later, one per channel)."""
+        assert self.lease is not None
+        await self._tunnels.check(self.lease)
+        self._connected()
+
     async def open_tunnel(self, wait: float, port: common_pb2.GuestPort.ValueType) -> Tunnel:
         """A tunnel to the leased guest's ``port``."""
         assert self.lease is not None
         self.tunnel = await self._tunnels.open(self.lease, wait, port=port)
+        self._connected()
+        return self.tunnel
+
+    def _connected(self) -> None:
+        """The guest's pool node answered: Cowrie's backend_connected."""
+        assert self.lease is not None
         host, _, number = self.lease.pool_node_address.rpartition(":")
         self._backend = {
             "backend_ip": host.strip("[]"),
@@ -97,16 +115,18 @@ class GuestLink:
             "Connected to honeypot backend {backend_ip}:{backend_port}",
             **self._backend,
         )
-        return self.tunnel
 
-    def hold(self, task: asyncio.Task[None], close: Callable[[], None] | None = None) -> None:
+    def hold(
+        self, task: asyncio.Task[None] | None, close: Callable[[], None] | None = None
+    ) -> None:
         """A task of the guest's client (cancelled at drop) and how to close the client."""
-        self._tasks.append(task)
+        if task is not None:
+            self._tasks.append(task)
         if close is not None:
             self._closers.append(close)
 
     def lost(self, reason: str, *, report: bool) -> None:
-        """The guest (or the tunnel) went away under the session: end it.
+        """The guest (or the tunnel, or a session stream) went away under the session: end it.
 
         A broken tunnel is always an event; a guest that just closed only when ``report``
         (for Telnet that is an ordinary logout).

@@ -26,8 +26,10 @@ from sensor.capture import Capture, SessionFiles
 from sensor.events import SessionEvents
 from sensor.lineinput import LineEditor
 from sensor.recording import Recorder
+from sensor.ssh.guest import GuestChannel, GuestSessions, Pty
 from sensor.ssh.scp import ScpObserver, is_scp_upload, scp_target
 from sensor.ssh.sftp import SftpObserver
+from sensor.tunnel import SessionRefused, TunnelFailed
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,8 @@ class ChannelHost(Protocol):
     write_buffer_high: int
 
     @property
-    def guest(self) -> asyncssh.SSHClientConnection:
-        """The logged-in guest connection."""
+    def guest(self) -> GuestSessions:
+        """The guest's sessions."""
 
     def recorder(self, width: int, height: int, term: str) -> Recorder:
         """The connection's recording (made on first use)."""
@@ -100,7 +102,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
     def __init__(self, host: ChannelHost) -> None:
         self._host = host
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
-        self._guest: asyncssh.SSHClientChannel[bytes] | None = None
+        self._guest: GuestChannel | None = None
         self._kind = Kind.SHELL
         self._command = ""
         self._pty: tuple[str, tuple[int, int, int, int], Any] | None = None
@@ -274,20 +276,16 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         """Open the matching guest channel, then let the attacker's input through."""
         assert self._chan is not None and self.reading is not None
         env = self._log_environment()
-        term_type, term_size, term_modes = self._pty or (None, None, None)
+        pty = Pty(*self._pty) if self._pty else None
         try:
-            guest, _ = await self._host.guest.create_session(
-                lambda: GuestSession(self),
+            guest = await self._host.guest.open(
+                GuestSession(self),
                 command=self._command if self._kind is Kind.EXEC else None,
                 subsystem="sftp" if self._kind is Kind.SFTP else None,
                 env=env,
-                request_pty="force" if self._pty else False,
-                term_type=term_type,
-                term_size=term_size,
-                term_modes=term_modes,
-                encoding=None,
+                pty=pty,
             )
-        except (asyncssh.Error, OSError) as e:
+        except (SessionRefused, TunnelFailed, OSError) as e:
             self._host.events.log.warning("guest refused a %s channel: %s", self._kind.value, e)
             self._chan.exit(1)
             return
@@ -342,8 +340,8 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._from_client.append(editor.feed)
 
 
-class GuestSession(asyncssh.SSHClientSession[bytes]):
-    """The guest's side of one relayed channel."""
+class GuestSession:
+    """The guest's side of one relayed channel (a :class:`sensor.ssh.guest.GuestReceiver`)."""
 
     def __init__(self, relay: RelaySession) -> None:
         self._relay = relay
@@ -352,10 +350,9 @@ class GuestSession(asyncssh.SSHClientSession[bytes]):
         """Guest output."""
         self._relay.guest_data(data, datatype)
 
-    def eof_received(self) -> bool:
-        """Guest EOF; keep the channel for the exit status."""
+    def eof_received(self) -> None:
+        """Guest EOF; the channel stays for the exit status."""
         self._relay.guest_eof()
-        return True
 
     def exit_status_received(self, status: int) -> None:
         """Remember the exit status."""
@@ -366,11 +363,11 @@ class GuestSession(asyncssh.SSHClientSession[bytes]):
         self._relay.exit_signal = (signal, core_dumped, msg, lang)
 
     def pause_writing(self) -> None:
-        """The guest's window is full."""
+        """The guest takes no more input for now."""
         self._relay.pause_reading_client(True)
 
     def resume_writing(self) -> None:
-        """The guest's window opened."""
+        """The guest takes input again."""
         self._relay.pause_reading_client(False)
 
     def connection_lost(self, exc: BaseException | None) -> None:

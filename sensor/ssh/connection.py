@@ -37,7 +37,7 @@ from sensor.ssh.cleartext import CleartextParser, KexInit
 from sensor.ssh.compression import limit_inflation
 from sensor.ssh.faildelay import FailDelay
 from sensor.ssh.gex import GroupChooser
-from sensor.ssh.guest import log_into_guest
+from sensor.ssh.guest import GuestSessions
 from sensor.ssh.pump import AttackerSide, InnerSide
 from sensor.ssh.server import AttackerServer
 
@@ -106,7 +106,7 @@ class AttackerConnection(Adapter):
         self._forwards = 0
         self._refused_a_channel = False
         self._ssh: asyncssh.SSHServerConnection | None = None
-        self._guest: asyncssh.SSHClientConnection | None = None
+        self._guest: GuestSessions | None = None
         self._storing: set[asyncio.Task[None]] = set()
         self._drain = False
         self.session = Session(shared.services, self, slot, protocol="ssh", peer=peer, local=local)
@@ -254,8 +254,10 @@ class AttackerConnection(Adapter):
         return True
 
     async def _open_guest(self, link: GuestLink) -> None:
-        """The guest's SSH login, on the link's tunnel."""
-        self._guest = await log_into_guest(link, self.config.guest_login_timeout)
+        """Reach the guest's pool node; each channel is a session on its login there."""
+        await link.reach_node()
+        self._guest = GuestSessions(link, self.config.guest_login_timeout)
+        link.hold(None, self._guest.close)
 
     async def public_key(self, username: str, key: asyncssh.SSHKey) -> None:
         """Log an offered public key and its refusal (a failed login, as Cowrie counts it),
@@ -334,8 +336,8 @@ class AttackerConnection(Adapter):
         return False
 
     @property
-    def guest(self) -> asyncssh.SSHClientConnection:
-        """The guest connection (only asked for while proxying)."""
+    def guest(self) -> GuestSessions:
+        """The guest's sessions (only asked for while proxying)."""
         assert self._guest is not None
         return self._guest
 

@@ -86,9 +86,10 @@ async def test_allocation_rules(tmp_path: Path, hosts: Hosts) -> None:
         a = await pool.allocate("L1", "10.0.0.1", "sensor/a", allow_shared=False)
         again = await pool.allocate("L2", "10.0.0.1", "sensor/b", allow_shared=False)
         assert again.guest.id == a.guest.id and not again.shared
-        b = await pool.allocate("L3", "10.0.0.2", "sensor/a", allow_shared=False)
+        b = await pool.allocate("L3", "10.0.0.2", "sensor/a", allow_shared=False, protocol="telnet")
         assert b.guest.id != a.guest.id
-        assert b.credentials.password == PASSWORD
+        # The guest's credentials go to Telnet clients only: SSH runs on the node's login.
+        assert b.credentials.password == PASSWORD and not a.credentials.password
         # No pristine guest left and the node does not share: refused even if allowed.
         with pytest.raises(ResourceExhausted):
             await pool.allocate("L4", "10.0.0.3", "sensor/a", allow_shared=True)

@@ -435,3 +435,41 @@ async def test_an_upload_that_cannot_be_stored_is_relayed_all_the_same(
     await until(lambda: len(fleet.closed_reasons()) == 2)
     assert fleet.closed_reasons() == ["client logged out"] * 2
     assert not fleet.events("cowrie.session.file_upload")
+
+
+async def test_env_window_changes_and_signals_run_on_the_nodes_one_warm_login(
+    fleet: Fleet,
+) -> None:
+    conn = await connect(fleet)
+    result = await conn.run("echo $GREETING", env={"GREETING": "hello"}, check=False)
+    assert result.stdout == "hello\n"
+    sized = await conn.create_process(
+        "stty size; read line; stty size", term_type="xterm", term_size=(80, 24)
+    )
+    assert (await sized.stdout.readline()).strip() == "24 80"
+    sized.change_terminal_size(120, 40)
+    sized.stdin.write("go\n")
+    assert "40 120" in await sized.stdout.read()
+    sleeper = await conn.create_process("echo started; exec sleep 60")
+    assert await sleeper.stdout.readline() == "started\n"
+    sleeper.send_signal("TERM")
+    done = await sleeper.wait()
+    assert done.exit_signal is not None and done.exit_signal[0] == "TERM"
+    conn.close()
+    # The attacker comes back: still the node's one login into the guest.
+    code, out, _ = await ssh(fleet, "echo again")
+    assert (code, out) == (0, b"again\n")
+    assert fleet.guest.connections == 1
+
+
+async def test_a_guest_that_drops_the_nodes_login_ends_the_session(fleet: Fleet) -> None:
+    conn = await connect(fleet)
+    process = await conn.create_process("echo started; exec sleep 60")
+    assert await process.stdout.readline() == "started\n"
+    fleet.guest.disconnect()  # the guest's SSH server drops the pool node's login
+    async with asyncio.timeout(30):
+        await conn.wait_closed()
+    await until(lambda: bool(fleet.closed_reasons()))
+    (lost,) = fleet.events("honeyfleet.guest.lost")
+    assert "lost its SSH login" in lost["reason"], lost
+    assert fleet.closed_reasons() == [lost["reason"]]

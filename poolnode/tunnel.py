@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 OPEN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
+# How long a session's stream stays for the sensor's half-close after the last frame.
+HALF_CLOSE_WAIT = 10.0
 PORTS = (common_pb2.GUEST_PORT_SSH, common_pb2.GUEST_PORT_TELNET)
 
 
@@ -102,8 +104,11 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
                 yield frame
             if relay.error is not None:
                 raise relay.error
-            if login.lost is not None:
-                raise Unavailable(f"guest {login.guest} lost its SSH login: {login.lost}")
+            lost = f"guest {login.guest} lost its SSH login: {login.lost}" if login.lost else ""
+            yield poolnode_pb2.SessionResponse(closed=poolnode_pb2.SessionClosed(lost=lost))
+            # Ending the call under a write of the sensor's would turn its status into
+            # INTERNAL on the sensor's side (grpc/grpc#36066): wait for its half-close.
+            await asyncio.wait({upstream}, timeout=HALF_CLOSE_WAIT)
         finally:
             upstream.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -625,6 +625,30 @@ class SessionClose(_message.Message):
 Global___SessionClose: _TypeAlias = SessionClose  # noqa: Y015
 
 @_typing.final
+class SessionClosed(_message.Message):
+    """SessionClosed says the guest's channel is closed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOST_FIELD_NUMBER: _builtins.int
+    lost: _builtins.str
+    """Empty, or why the guest is gone (its login into the guest was lost): the
+    attacker's session cannot go on.
+    """
+    def __init__(
+        self,
+        *,
+        lost: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionClosed: _TypeAlias = SessionClosed  # noqa: Y015
+
+@_typing.final
 class SessionRequest(_message.Message):
     """SessionRequest is a frame from the sensor."""
 
@@ -688,6 +712,7 @@ class SessionResponse(_message.Message):
     EXIT_STATUS_FIELD_NUMBER: _builtins.int
     EXIT_SIGNAL_FIELD_NUMBER: _builtins.int
     WINDOW_ADJUST_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
     exit_status: _builtins.int
     window_adjust: _builtins.int
     """More bytes of input the node takes."""
@@ -699,6 +724,10 @@ class SessionResponse(_message.Message):
     def eof(self) -> Global___SessionEof: ...
     @_builtins.property
     def exit_signal(self) -> Global___SessionExitSignal: ...
+    @_builtins.property
+    def closed(self) -> Global___SessionClosed:
+        """The last frame: the guest's channel is closed."""
+
     def __init__(
         self,
         *,
@@ -708,12 +737,13 @@ class SessionResponse(_message.Message):
         exit_status: _builtins.int = ...,
         exit_signal: Global___SessionExitSignal | None = ...,
         window_adjust: _builtins.int = ...,
+        closed: Global___SessionClosed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "data", "eof", "exit_status", "exit_signal", "window_adjust"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "data", "eof", "exit_status", "exit_signal", "window_adjust", "closed"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 

@@ -118,12 +118,13 @@ class TunnelServiceStub:
     a key exchange or a login. The first request must be `open` (a lease issued to
     the calling sensor, what to run); the node answers `opened` once the guest's
     channel is open. Then the sensor sends input and requests, the node the guest's
-    output, EOF and exit status; the node ends the stream when the guest's channel
-    closes. Data flows within credit windows: each side sends at most the bytes the
+    output, EOF and exit status. When the guest's channel closes the node sends
+    `closed`; the sensor then half-closes its side and the node ends the stream (so no
+    write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
     other has granted (`window` in open/opened, then `window_adjust`).
     PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
     UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-    the channel.
+    the channel, INVALID_ARGUMENT for frames that break these rules.
     """
 
 @_typing.type_check_only
@@ -146,12 +147,13 @@ class TunnelServiceAsyncStub(TunnelServiceStub):
     a key exchange or a login. The first request must be `open` (a lease issued to
     the calling sensor, what to run); the node answers `opened` once the guest's
     channel is open. Then the sensor sends input and requests, the node the guest's
-    output, EOF and exit status; the node ends the stream when the guest's channel
-    closes. Data flows within credit windows: each side sends at most the bytes the
+    output, EOF and exit status. When the guest's channel closes the node sends
+    `closed`; the sensor then half-closes its side and the node ends the stream (so no
+    write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
     other has granted (`window` in open/opened, then `window_adjust`).
     PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
     UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-    the channel.
+    the channel, INVALID_ARGUMENT for frames that break these rules.
     """
 
 class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -183,12 +185,13 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         a key exchange or a login. The first request must be `open` (a lease issued to
         the calling sensor, what to run); the node answers `opened` once the guest's
         channel is open. Then the sensor sends input and requests, the node the guest's
-        output, EOF and exit status; the node ends the stream when the guest's channel
-        closes. Data flows within credit windows: each side sends at most the bytes the
+        output, EOF and exit status. When the guest's channel closes the node sends
+        `closed`; the sensor then half-closes its side and the node ends the stream (so no
+        write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
         other has granted (`window` in open/opened, then `window_adjust`).
         PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
         UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-        the channel.
+        the channel, INVALID_ARGUMENT for frames that break these rules.
         """
 
 def add_TunnelServiceServicer_to_server(servicer: TunnelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -158,7 +158,7 @@ class GuestChannel:
         self._credit = window  # input bytes the node still takes
         self._held: deque[Request] = deque()  # input past the credit, and an EOF behind it
         self._blocked = False
-        self._outbox: deque[Request] = deque()
+        self._outbox: deque[Request | None] = deque()  # None: half-close
         self._ready = asyncio.Event()
         self._paused = False  # the attacker is not taking output
         self._owed = 0  # output delivered, not yet granted back
@@ -214,7 +214,7 @@ class GuestChannel:
         self._grant(at_least=1)
 
     def close(self) -> None:
-        """Close the guest's channel (the node ends the stream once it is closed)."""
+        """Close the guest's channel (the node says ``closed`` once it is)."""
         if not self._closing:
             self._closing = True
             self._held.clear()
@@ -227,7 +227,7 @@ class GuestChannel:
 
     # Input credit.
 
-    def _post(self, frame: Request) -> None:
+    def _post(self, frame: Request | None) -> None:
         """Hand a frame to the writer."""
         self._outbox.append(frame)
         self._ready.set()
@@ -267,11 +267,11 @@ class GuestChannel:
                 await self._ready.wait()
                 self._ready.clear()
                 while self._outbox:
-                    frame = self._merge(self._outbox.popleft())
-                    await call.write(frame)
-                    if frame.HasField("close"):
+                    frame = self._outbox.popleft()
+                    if frame is None:
                         await call.done_writing()
                         return
+                    await call.write(self._merge(frame))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the stream ended: the reader says why
 
@@ -281,10 +281,11 @@ class GuestChannel:
             return first
         parts = [first.data.data]
         size = len(parts[0])
-        while self._outbox and self._outbox[0].HasField("data"):
-            if size + len(self._outbox[0].data.data) > MAX_DATA:
+        while (nxt := self._outbox[0] if self._outbox else None) is not None:
+            if not nxt.HasField("data") or size + len(nxt.data.data) > MAX_DATA:
                 break
-            parts.append(self._outbox.popleft().data.data)
+            parts.append(nxt.data.data)
+            self._outbox.popleft()
             size += len(parts[-1])
         if len(parts) == 1:
             return first
@@ -314,6 +315,12 @@ class GuestChannel:
                     receiver.exit_signal_received(
                         signal.signal, signal.core_dumped, signal.message, signal.language
                     )
+                elif kind == "closed":
+                    # The node ends the stream once we are done writing.
+                    self._held.clear()
+                    self._post(None)
+                    if frame.closed.lost:
+                        self._on_broken(f"guest lost: {frame.closed.lost}")
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.CANCELLED:
                 self._on_broken(f"tunnel broke: {e.code().name}: {e.details() or ''}")

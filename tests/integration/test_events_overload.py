@@ -240,3 +240,54 @@ async def test_a_sensor_refused_a_stream_waits_for_the_hint_then_delivers_once(
     assert waits and all("RESOURCE_EXHAUSTED" in w for w in waits), waits
     assert all(float(w.rpartition("retrying in ")[2].rstrip("s")) >= 1.5 for w in waits)
     assert await counts(controller, {"store": "sqlite"}) == (4, 4)
+
+
+async def test_a_fleet_shed_by_a_full_queue_backs_off_with_jitter_and_loses_nothing(
+    start_controller: ControllerFactory,
+    fleet_pki: FleetPki,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Many real uploaders against a queue with room for one batch: refusals are counted,
+    each carries the hint, sensors wait at least that long (not all alike), and every
+    event ends up stored exactly once, none resent after its acknowledgement."""
+    controller, address = await start_controller(
+        ingest_queue_batches=1,
+        ingest_shed_after=0.2,
+        ingest_retry_after=1.0,
+        store_commit_window=0.0,
+    )
+    names = [f"edge{n}" for n in range(12)]
+    spools = []
+    for name in names:
+        spool = Spool(tmp_path / f"{name}.sqlite3", max_bytes=10_000_000, near_full=0.9)
+        for event in bulk_events(40, name):
+            assert spool.append(event)
+        await spool.flush()
+        spools.append(spool)
+    uploaders = [
+        asyncio.create_task(
+            Uploader(spool, address, fleet_pki.files(Role.SENSOR, name), batch=5).run()
+        )
+        for name, spool in zip(names, spools, strict=True)
+    ]
+    try:
+        # The held store fills the queue; every other sensor's batch is refused.
+        async with store_held(controller, {"store": "sqlite"}):
+            await until(lambda: shed(controller, "queue") >= 3)
+        await until(lambda: all(spool.count == 0 for spool in spools), timeout=60)
+    finally:
+        for task in uploaders:
+            task.cancel()
+        for task in uploaders:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for spool in spools:
+            spool.close()
+    waits = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert waits and all("RESOURCE_EXHAUSTED" in w for w in waits), waits
+    delays = [float(w.rpartition("retrying in ")[2].rstrip("s")) for w in waits]
+    assert min(delays) >= 1.0
+    assert len(set(delays)) > 1, "refused sensors must not all come back at once"
+    assert await counts(controller, {"store": "sqlite"}) == (480, 480)
+    assert controller.events.metrics.duplicates._value.get() == 0

@@ -15,6 +15,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
+import asyncssh
+
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import InvalidArgument, Unavailable
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
@@ -92,10 +94,19 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
         relay = SessionRelay(f"{lease_id}/{login.guest}")
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                await relay.open(login.conn, first.open)
+                host = await login.room()
+        except (asyncssh.Error, OSError, TimeoutError) as e:
+            raise Unavailable(f"guest {login.guest} took no further login: {e}") from None
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await relay.open(host.conn, first.open)
+            untrack = self._pool.track_tunnel(lease_id, relay)
         except TimeoutError:
+            host.release()
             raise Unavailable(f"guest {login.guest} did not open a session channel") from None
-        untrack = self._pool.track_tunnel(lease_id, relay)
+        except BaseException:
+            host.release()
+            raise
         upstream = asyncio.create_task(relay.run_requests(requests))
         log.info("session for lease %s (%s) on guest %s opened", lease_id, sensor, login.guest)
         try:
@@ -104,7 +115,8 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
                 yield frame
             if relay.error is not None:
                 raise relay.error
-            lost = f"guest {login.guest} lost its SSH login: {login.lost}" if login.lost else ""
+            why = login.lost or host.lost
+            lost = f"guest {login.guest} lost its SSH login: {why}" if why else ""
             yield poolnode_pb2.SessionResponse(closed=poolnode_pb2.SessionClosed(lost=lost))
             # Ending the call under a write of the sensor's would turn its status into
             # INTERNAL on the sensor's side (grpc/grpc#36066): wait for its half-close.
@@ -115,6 +127,7 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
                 await upstream
             untrack()
             relay.close()
+            host.release()
             metrics = self._pool.metrics.tunnel_bytes
             metrics.labels("to_guest").inc(relay.bytes_in)
             metrics.labels("to_sensor").inc(relay.bytes_out)

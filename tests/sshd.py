@@ -110,6 +110,10 @@ class Sshd:
                 os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
 
+    def live(self) -> list[asyncssh.SSHServerConnection]:
+        """The connections still open."""
+        return [conn for conn in self._conns if not conn.is_closed()]
+
     def disconnect(self) -> None:
         """Close every connection (the server goes on listening)."""
         for conn in list(self._conns):

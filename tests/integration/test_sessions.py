@@ -18,8 +18,9 @@ import pytest
 from honeyfleet.pki.identity import Role
 from honeyfleet.tls import Peer, TlsFiles, secure_channel
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc
+from poolnode.guest_login import SESSIONS_PER_LOGIN
 from poolnode.server import PoolNode
-from tests.conftest import ControllerFactory, FleetPki, start_one_guest_node
+from tests.conftest import ControllerFactory, FleetPki, start_one_guest_node, until
 from tests.integration.leasing import Sensor
 from tests.sshd import Sshd
 
@@ -294,3 +295,22 @@ async def test_input_past_the_window_is_refused(guest_node: GuestNode, fleet_pki
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await s.until_end()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_sessions_past_openssh_maxsessions_get_a_further_login(
+    guest_node: GuestNode, fleet_pki: FleetPki
+) -> None:
+    lease = (await guest_node.sensor.acquire("203.0.113.5")).lease
+    held = []
+    for _ in range(SESSIONS_PER_LOGIN + 1):
+        s = session(fleet_pki, guest_node.node)
+        await s.open(lease.id, exec=b"cat")
+        held.append(s)
+    assert guest_node.sshd.connections == 2  # the warm login and one more
+    for s in held:
+        await s.send(b"alive\n")
+        await s.outbox.put(Request(eof=poolnode_pb2.SessionEof()))
+        await s.until_end()
+        assert (s.stdout(), s.exit_status) == (b"alive\n", 0)
+    # The extra login went with its last session; the warm one stays.
+    await until(lambda: len(guest_node.sshd.live()) == 1)

@@ -2,11 +2,13 @@
 
 For each session channel the attacker opens, :class:`RelaySession` opens the same kind
 on the guest (shell, exec or the sftp subsystem, with the attacker's pty, environment
-and terminal size) and relays data, EOF, window changes, signals, breaks and the exit
+and terminal size), as a session the pool node runs on its own login into the guest
+(:mod:`sensor.ssh.guest`), and relays data, EOF, window changes, signals, breaks and the exit
 status or signal. Observers watch the data as it passes: the command-line editor and
 the recording for terminals, the SCP and SFTP parsers for uploads.
 
-Flow control is asyncssh's: when one side's write buffer is full, the other side's
+Flow control: when the attacker's write buffer is full, the guest's channel grants the
+pool node no more output credit; when the node's input credit is spent, the attacker's
 channel stops reading (and so stops opening its SSH window). Pauses are tracked by
 reason, so a channel resumes only when nothing holds it.
 """

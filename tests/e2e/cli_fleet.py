@@ -49,6 +49,8 @@ class NodePlan:
     network: str
     bridge: str
     subnet: str
+    # Each node reads its own NFLOG group: the two share one host (network namespace).
+    log_group: int
 
     @property
     def address(self) -> str:
@@ -64,8 +66,8 @@ class SensorPlan:
 
 
 NODES = (
-    NodePlan("pool-a", 7410, "hfa", "hf-e2e-a", "hfe2ea0", "10.79.1.1/24"),
-    NodePlan("pool-b", 7411, "hfb", "hf-e2e-b", "hfe2eb0", "10.79.2.1/24"),
+    NodePlan("pool-a", 7410, "hfa", "hf-e2e-a", "hfe2ea0", "10.79.1.1/24", 7707),
+    NodePlan("pool-b", 7411, "hfb", "hf-e2e-b", "hfe2eb0", "10.79.2.1/24", 7708),
 )
 SENSORS = (SensorPlan("sensor-1", "127.0.1.1"), SensorPlan("sensor-2", "127.0.1.2"))
 
@@ -219,6 +221,7 @@ class CliFleet:
             "network_name": node.network,
             "network_bridge": node.bridge,
             "network_address": node.subnet,
+            "egress_log_group": node.log_group,
         }
 
     def _sensor_section(self, sensor: SensorPlan) -> dict[str, Any]:

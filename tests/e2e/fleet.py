@@ -149,6 +149,9 @@ class VmFleet:
             "network_name": NETWORK,
             "network_bridge": BRIDGE,
             "network_address": NETWORK_ADDRESS,
+            # This node outlives single tests; the fleets other tests start in the same
+            # namespace read the default NFLOG group, which only one process may bind.
+            "egress_log_group": 7709,
         }
         return base | overrides
 

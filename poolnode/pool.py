@@ -144,6 +144,13 @@ class GuestPool:
                 return guest.id
         return None
 
+    def address_of_mac(self, mac: str) -> str | None:
+        """The network address of the guest with this MAC (the libvirt backend's), if any."""
+        for guest in self.guests.values():
+            if getattr(guest.handle, "mac", None) == mac:
+                return guest.address
+        return None
+
     # Leases
 
     async def allocate(

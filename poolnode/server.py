@@ -57,7 +57,12 @@ class PoolNode:
         self.pool = GuestPool(config, backend)
         if backend.name == "libvirt":
             # A static backend's hosts are the operator's own: their network is theirs.
-            self.pool.egress = Egress(config, self.pool.guest_at, metrics=self.pool.metrics)
+            self.pool.egress = Egress(
+                config,
+                self.pool.guest_at,
+                metrics=self.pool.metrics,
+                address_of_mac=self.pool.address_of_mac,
+            )
         self.draining = False
         self.address = config.advertised
         self.authorizer: Authorizer | None = None

@@ -9,6 +9,13 @@ replies and the node's own connections into guests (SSH, Telnet) are untouched. 
 guest nwfilter then sees the redirected packets addressed to the node's own ports
 (see ``render_nwfilter``). Rules are made with iptables (iptables-nft on Debian 12,
 the tool libvirt itself uses), replaced whole at start and removed at stop.
+
+IPv6 never reaches iptables: libvirt's clean-traffic filter drops every frame but IPv4
+and ARP on the bridge, in ebtables' nat PREROUTING, which it appends to. The node's
+ebtables rules go first in that chain and copy guests' IPv6 TCP and UDP to the same
+NFLOG group (a watcher: the frame goes on to libvirt's drop). They match libvirt's tap
+devices (``vnet+``) rather than one bridge (this kernel's ebtables cannot match the
+bridge name), so each node keeps only what its own guests' MACs sent.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from honeyfleet.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 IPTABLES = "iptables"
+EBTABLES = "ebtables"
+GUEST_TAPS = "vnet+"
+"""libvirt's names for guests' tap devices."""
 
 
 def chain_name(tag: str) -> str:
@@ -45,6 +55,14 @@ def logged(group: int, *, tcp: bool) -> list[list[str]]:
     if tcp:
         chain.append(["-p", "tcp", "--syn", *nflog])
     return chain
+
+
+def logged_ipv6(group: int) -> list[list[str]]:
+    """The ebtables nat PREROUTING rules copying guests' IPv6 TCP and UDP to ``group``."""
+    return [
+        ["-i", GUEST_TAPS, "-p", "IPv6", "--ip6-proto", proto, "--nflog-group", str(group)]
+        for proto in ("tcp", "udp")
+    ]
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,7 @@ class Redirects:
                 "mangle", name, ("-i", bridge, *new), logged(log_group, tcp=sinkhole_port is None)
             ),
         )
+        self._ipv6 = logged_ipv6(log_group)
 
     async def install(self) -> None:
         """(Re)make the chains with their rules and the jumps to them."""
@@ -83,6 +102,9 @@ class Redirects:
             jump = ("PREROUTING", *chain.jump, "-j", chain.name)
             if not await _iptables(chain.table, "-C", *jump, check=False):
                 await _iptables(chain.table, "-I", *jump)
+        for rule in self._ipv6:
+            if not await _ebtables("--check", "PREROUTING", *rule, check=False):
+                await _ebtables("-I", "PREROUTING", *rule)
 
     async def remove(self) -> None:
         """Remove the jumps and the chains (what is already gone is no error)."""
@@ -92,26 +114,33 @@ class Redirects:
                 pass
             await _iptables(chain.table, "-F", chain.name, check=False)
             await _iptables(chain.table, "-X", chain.name, check=False)
+        for rule in self._ipv6:
+            while await _ebtables("-D", "PREROUTING", *rule, check=False):
+                pass
 
 
 async def _iptables(table: str, *args: str, check: bool = True) -> bool:
     """Run ``iptables -w -t TABLE ARGS``; whether it succeeded (failure raises if ``check``)."""
+    return await _run(IPTABLES, "iptables", "-w", "-t", table, *args, check=check)
+
+
+async def _ebtables(*args: str, check: bool = True) -> bool:
+    """Run ``ebtables --concurrent -t nat ARGS``; whether it succeeded."""
+    return await _run(EBTABLES, "ebtables", "--concurrent", "-t", "nat", *args, check=check)
+
+
+async def _run(tool: str, package: str, *args: str, check: bool) -> bool:
+    """Run a netfilter tool; whether it succeeded (failure raises if ``check``)."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            IPTABLES,
-            "-w",
-            "-t",
-            table,
-            *args,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            tool, *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
     except FileNotFoundError:
         raise FailedPrecondition(
-            "egress containment needs iptables (Debian: apt-get install iptables)"
+            f"egress containment needs {tool} (Debian: apt-get install {package})"
         ) from None
     _, err = await proc.communicate()
     if proc.returncode != 0 and check:
         detail = err.decode(errors="replace").strip()
-        raise FailedPrecondition(f"iptables -t {table} {' '.join(args)}: {detail}")
+        raise FailedPrecondition(f"{tool} {' '.join(args)}: {detail}")
     return proc.returncode == 0

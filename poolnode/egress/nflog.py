@@ -2,9 +2,11 @@
 
 The node's rules (:mod:`poolnode.egress.netfilter`) copy the first packet of each new
 guest flow that nothing of ours answers (TCP under ``drop``, UDP other than DNS and
-DHCP under every policy) to an NFLOG group; the guest nwfilter then drops it as before.
+DHCP under every policy, and every IPv6 TCP or UDP packet, seen on the bridge before
+libvirt's filter drops it) to an NFLOG group; the guest nwfilter then drops it as before.
 This module binds that group on a netlink socket (``NETLINK_NETFILTER``, the protocol
-of ``libnetfilter_log``), reads the packets' IPv4 headers and hands each attempt on
+of ``libnetfilter_log``), reads the packets' IPv4 or IPv6 headers (and, for IPv6, the
+sender's MAC: a guest's IPv6 source address is its own choice) and hands each attempt on
 once: a SYN or datagram sent again (a dropped flow is never confirmed, so each resend is
 "new" again) within ``REPEAT_WINDOW`` seconds counts as the same attempt.
 """
@@ -32,6 +34,7 @@ NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
+NFULA_HWADDR = 8
 NFULA_PAYLOAD = 9
 NLM_F_REQUEST = 1
 NLM_F_ACK = 4
@@ -41,11 +44,14 @@ NLMSG = struct.Struct("=IHHII")
 NLA = struct.Struct("=HH")
 PAYLOAD_BYTES = 256
 """Bytes of a UDP datagram's payload kept (a TFTP request's file name, say)."""
-COPY_BYTES = 60 + 8 + PAYLOAD_BYTES
-"""Bytes of each packet copied: the IPv4 header (options included), UDP's, payload."""
+COPY_BYTES = 128 + 8 + PAYLOAD_BYTES
+"""Bytes of each packet copied: the IP header (IPv4 options, or IPv6's 40 bytes and up to
+88 of extension headers), UDP's, payload."""
 REPEAT_WINDOW = 30.0
 REMEMBERED = 4096
 TRANSPORTS = {6: "tcp", 17: "udp"}
+IPV6_EXTENSIONS = (0, 43, 60)
+"""Hop-by-hop, routing and destination options: skipped to reach TCP or UDP."""
 
 
 @dataclass(frozen=True)
@@ -59,24 +65,46 @@ class Attempt:
     src_port: int
     payload: bytes = b""
     """The start of a UDP datagram's payload (at most PAYLOAD_BYTES; TCP: empty)."""
+    mac: str = ""
+    """The sender's MAC address, for IPv6 ("" for IPv4: its source address names the guest)."""
 
 
-def parse_packet(packet: bytes) -> Attempt | None:
-    """The attempt an IPv4 TCP/UDP packet starts (None for anything else)."""
+def parse_packet(packet: bytes, mac: str = "") -> Attempt | None:
+    """The attempt an IPv4 or IPv6 TCP/UDP packet starts (None for anything else);
+    ``mac`` (the frame's sender) is kept for IPv6."""
+    if len(packet) >= 40 and packet[0] >> 4 == 6:
+        return _ipv6(packet, mac)
     if len(packet) < 20 or packet[0] >> 4 != 4:
         return None
     header = (packet[0] & 0x0F) * 4
-    transport = TRANSPORTS.get(packet[9])
+    src, dst = (str(ipaddress.IPv4Address(packet[i : i + 4])) for i in (12, 16))
+    return _transport(packet, header, packet[9], src, dst, "")
+
+
+def _ipv6(packet: bytes, mac: str) -> Attempt | None:
+    """An IPv6 packet's attempt, past the extension headers that may precede TCP/UDP."""
+    protocol, header = packet[6], 40
+    while protocol in IPV6_EXTENSIONS and len(packet) >= header + 2:
+        protocol, header = packet[header], header + (packet[header + 1] + 1) * 8
+    src, dst = (str(ipaddress.IPv6Address(packet[i : i + 16])) for i in (8, 24))
+    return _transport(packet, header, protocol, src, dst, mac)
+
+
+def _transport(
+    packet: bytes, header: int, protocol: int, src: str, dst: str, mac: str
+) -> Attempt | None:
+    """The attempt of a TCP or UDP header at ``header`` (None for other protocols)."""
+    transport = TRANSPORTS.get(protocol)
     if transport is None or len(packet) < header + 4:
         return None
     src_port, dst_port = struct.unpack_from("!HH", packet, header)
-    src, dst = (str(ipaddress.IPv4Address(packet[i : i + 4])) for i in (12, 16))
     payload = packet[header + 8 : header + 8 + PAYLOAD_BYTES] if transport == "udp" else b""
-    return Attempt(src, dst, dst_port, transport, src_port, payload)
+    return Attempt(src, dst, dst_port, transport, src_port, payload, mac)
 
 
-def packets(data: bytes) -> list[bytes]:
-    """The packets (NFULA_PAYLOAD) in a datagram of NFLOG netlink messages."""
+def packets(data: bytes) -> list[tuple[bytes, str]]:
+    """The packets (NFULA_PAYLOAD) in a datagram of NFLOG netlink messages, each with its
+    sender's MAC address (NFULA_HWADDR; "" when the kernel gave none)."""
     found = []
     offset = 0
     while offset + NLMSG.size <= len(data):
@@ -86,15 +114,27 @@ def packets(data: bytes) -> list[bytes]:
         if kind == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
             attr = offset + NLMSG.size + 4  # after the nfgenmsg
             end = offset + length
+            packet, mac = None, ""
             while attr + NLA.size <= end:
                 size, kind_ = NLA.unpack_from(data, attr)
                 if size < NLA.size:
                     break
+                value = data[attr + NLA.size : attr + size]
                 if kind_ & NLA_TYPE_MASK == NFULA_PAYLOAD:
-                    found.append(data[attr + NLA.size : attr + size])
+                    packet = value
+                elif kind_ & NLA_TYPE_MASK == NFULA_HWADDR and len(value) >= 4:
+                    mac = _mac(value)
                 attr += (size + 3) & ~3
+            if packet is not None:
+                found.append((packet, mac))
         offset += (length + 3) & ~3
     return found
+
+
+def _mac(hwaddr: bytes) -> str:
+    """A MAC address from an NFULA_HWADDR (length, padding, address)."""
+    (length,) = struct.unpack_from("!H", hwaddr)
+    return ":".join(f"{b:02x}" for b in hwaddr[4 : 4 + min(length, 8)])
 
 
 def config_message(group: int, *attrs: tuple[int, bytes]) -> bytes:
@@ -165,8 +205,8 @@ class PacketLog:
             except OSError as e:  # ENOBUFS: the kernel dropped some; go on with the rest
                 log.warning("NFLOG group %d: %s", self.group, e)
                 return
-            for packet in packets(data):
-                attempt = parse_packet(packet)
+            for packet, mac in packets(data):
+                attempt = parse_packet(packet, mac)
                 if attempt is not None and self._first(attempt):
                     self._on_attempt(attempt)
 

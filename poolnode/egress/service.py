@@ -42,8 +42,12 @@ class Egress:
         *,
         redirect: bool = True,
         metrics: PoolMetrics | None = None,
+        address_of_mac: Callable[[str], str | None] = lambda _: None,
     ) -> None:
+        """``guest_at`` names the guest at an IPv4 address; ``address_of_mac`` gives the
+        IPv4 address of the guest with a MAC (None: not this node's guest), for IPv6."""
         self.config = config
+        self._address_of_mac = address_of_mac
         self.policy = config.egress_policy
         self.address = str(ipaddress.ip_interface(config.network_address).ip)
         """The sinkhole's address, which DNS answers point at: the guests' gateway."""
@@ -92,18 +96,27 @@ class Egress:
         self.reporter.events = events
 
     def _dropped(self, attempt: Attempt) -> None:
-        """Report an attempt the guest filter drops (a TFTP request with its URL)."""
+        """Report an attempt the guest filter drops (a TFTP request with its URL). An
+        IPv6 one is the guest's whose MAC sent it (the source address is the guest's
+        choice), reported under its IPv4 address with ``src_ip6``; other nodes' guests'
+        are not ours to report."""
+        guest_ip = attempt.src_ip
         fields: dict[str, Any] = {}
+        if attempt.mac:
+            found = self._address_of_mac(attempt.mac)
+            if found is None:
+                return
+            guest_ip = found
+            fields["src_ip6"] = attempt.src_ip
         tftp = tftp_request(attempt.payload) if attempt.dst_port == TFTP_PORT else None
         if tftp is not None:
-            fields = {
-                "method": tftp["method"],
-                "url": f"tftp://{attempt.dst_ip}/{tftp['filename']}",
-            }
+            fields["method"] = tftp["method"]
+            host = f"[{attempt.dst_ip}]" if ":" in attempt.dst_ip else attempt.dst_ip
+            fields["url"] = f"tftp://{host}/{tftp['filename']}"
         elif attempt.payload:
-            fields = {"data": escaped(attempt.payload)}
+            fields["data"] = escaped(attempt.payload)
         self.reporter.report(
-            attempt.src_ip,
+            guest_ip,
             CONNECT,
             "honeyfleet.egress.connect",
             "Guest connection to {dst_ip}:{dst_port}/{transport} dropped",

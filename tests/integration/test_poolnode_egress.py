@@ -66,7 +66,13 @@ async def make_egress(tmp_path: Path) -> AsyncIterator[MakeEgress]:
     the guest (127.0.0.1 unless ``guest_ip``) is g1, leased to session s1."""
     started: list[tuple[Egress, EventLog]] = []
 
-    async def make(*, redirect: bool = False, guest_ip: str = GUEST, **settings: Any) -> Fleet:
+    async def make(
+        *,
+        redirect: bool = False,
+        guest_ip: str = GUEST,
+        address_of_mac: Callable[[str], str | None] = lambda _: None,
+        **settings: Any,
+    ) -> Fleet:
         table = {
             "backend_pass": "x",
             "state_dir": str(tmp_path / "state"),
@@ -87,7 +93,13 @@ async def make_egress(tmp_path: Path) -> AsyncIterator[MakeEgress]:
         events = NodeEvents(log, pool_node="pool-1")
         events.leased("g1", LeaseHold("L1", "sensor/edge1", "198.51.100.7", 0.0, "s1", "ssh"))
         metrics = PoolMetrics()
-        egress = Egress(config, {guest_ip: "g1"}.get, redirect=redirect, metrics=metrics)
+        egress = Egress(
+            config,
+            {guest_ip: "g1"}.get,
+            redirect=redirect,
+            metrics=metrics,
+            address_of_mac=address_of_mac,
+        )
         egress.events = events
         await egress.start()
         started.append((egress, log))

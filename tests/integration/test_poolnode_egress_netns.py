@@ -9,6 +9,7 @@ guest's sockets are made by a worker thread inside the guest's namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ftplib
 import os
@@ -35,6 +36,10 @@ NODE_IP = "10.99.0.1"
 GUEST_IP = "10.99.0.2"
 BRIDGE = "hfeg0"
 FAR = "192.0.2.80"  # TEST-NET-1: routed to the node, never anywhere else
+NODE_IP6 = "fd00:99::1"
+GUEST_IP6 = "fd00:99::2"
+GUEST_MAC = "52:54:00:12:34:56"
+FAR6 = "2001:db8::80"  # the IPv6 documentation prefix: routed to the node, never beyond
 
 
 def _setns(path: str) -> None:
@@ -52,39 +57,40 @@ def _ip(*argv: str) -> None:
     subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def namespaces() -> Iterator[tuple[str, str]]:
-    """A node and a guest namespace joined by a veth pair; the guest routes everything
-    to the node. The test's thread is in the node's namespace until the end."""
+@contextlib.contextmanager
+def _joined(*, bridged: bool) -> Iterator[tuple[str, str]]:
+    """A node and a guest namespace joined by a veth pair (with ``bridged``, the node's
+    end is a port of a bridge named like the pool's, and named like libvirt's taps); the
+    guest routes everything to the node. The caller's thread is in the node's namespace
+    until the end."""
     if os.geteuid() != 0:
         unmet("network namespaces need root")
     require_tool("ip", "iproute2")
     require_tool("iptables", "iptables")
+    if bridged:
+        require_tool("ebtables", "ebtables")
     node, guest = f"hf-egn-{os.getpid()}", f"hf-egg-{os.getpid()}"
     own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    port = "vnethf0" if bridged else BRIDGE
     try:
         for ns in (node, guest):
             _ip("netns", "add", ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-        _ip(
-            "-n",
-            node,
-            "link",
-            "add",
-            BRIDGE,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "hfeg1",
-            "netns",
-            guest,
-        )
+        veth = ("type", "veth", "peer", "name", "hfeg1", "netns", guest)
+        _ip("-n", node, "link", "add", port, *veth)
+        if bridged:
+            _ip("-n", node, "link", "add", BRIDGE, "type", "bridge")
+            _ip("-n", node, "link", "set", port, "master", BRIDGE, "up")
+            _ip("-n", node, "addr", "add", f"{NODE_IP6}/64", "dev", BRIDGE, "nodad")
+            _ip("-n", guest, "link", "set", "hfeg1", "address", GUEST_MAC)
+            _ip("-n", guest, "addr", "add", f"{GUEST_IP6}/64", "dev", "hfeg1", "nodad")
         _ip("-n", node, "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
         _ip("-n", node, "link", "set", BRIDGE, "up")
         _ip("-n", guest, "addr", "add", f"{GUEST_IP}/24", "dev", "hfeg1")
         _ip("-n", guest, "link", "set", "hfeg1", "up")
         _ip("-n", guest, "route", "add", "default", "via", NODE_IP)
+        if bridged:
+            _ip("-n", guest, "-6", "route", "add", "default", "via", NODE_IP6)
         _setns(f"/run/netns/{node}")
         yield node, guest
     finally:
@@ -96,18 +102,43 @@ def namespaces() -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture
-async def guest(namespaces: tuple[str, str]) -> AsyncIterator[ThreadPoolExecutor]:
+def namespaces() -> Iterator[tuple[str, str]]:
+    """Node and guest joined by a veth pair alone."""
+    with _joined(bridged=False) as pair:
+        yield pair
+
+
+@pytest.fixture
+def bridged() -> Iterator[tuple[str, str]]:
+    """Node and guest joined through a bridge, as libvirt joins guests, with IPv6."""
+    with _joined(bridged=True) as pair:
+        yield pair
+
+
+def _worker(guest_ns: str) -> ThreadPoolExecutor:
     """A worker thread in the guest's namespace, to make its sockets."""
-    worker = ThreadPoolExecutor(1, initializer=_setns, initargs=(f"/run/netns/{namespaces[1]}",))
+    return ThreadPoolExecutor(1, initializer=_setns, initargs=(f"/run/netns/{guest_ns}",))
+
+
+@pytest.fixture
+async def guest(namespaces: tuple[str, str]) -> AsyncIterator[ThreadPoolExecutor]:
+    worker = _worker(namespaces[1])
     yield worker
     worker.shutdown(wait=True)
 
 
-async def in_guest(worker: ThreadPoolExecutor, kind: int) -> socket.socket:
+@pytest.fixture
+async def bridged_guest(bridged: tuple[str, str]) -> AsyncIterator[ThreadPoolExecutor]:
+    worker = _worker(bridged[1])
+    yield worker
+    worker.shutdown(wait=True)
+
+
+async def in_guest(
+    worker: ThreadPoolExecutor, kind: int, family: int = socket.AF_INET
+) -> socket.socket:
     """A non-blocking socket made in the guest's namespace."""
-    sock = await asyncio.get_running_loop().run_in_executor(
-        worker, socket.socket, socket.AF_INET, kind
-    )
+    sock = await asyncio.get_running_loop().run_in_executor(worker, socket.socket, family, kind)
     sock.setblocking(False)
     return sock
 
@@ -187,15 +218,72 @@ async def test_drop_reports_each_tcp_attempt_once(
     assert struct.unpack_from("!H", reply, 2)[0] & 0xF == 5  # REFUSED
 
 
+async def test_guests_ipv6_attempts_are_events_of_the_guest_with_that_mac(
+    bridged_guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    fleet = await make_egress(
+        **settings(), guest_ip=GUEST_IP, address_of_mac={GUEST_MAC: GUEST_IP}.get
+    )
+    loop = asyncio.get_running_loop()
+    udp = await in_guest(bridged_guest, socket.SOCK_DGRAM, socket.AF_INET6)
+    await loop.sock_sendto(udp, b"\0\1bins/x86\0octet\0", (FAR6, 69))
+    udp.close()
+    tcp = await in_guest(bridged_guest, socket.SOCK_STREAM, socket.AF_INET6)
+    with contextlib.suppress(OSError, TimeoutError):  # nothing answers; the node may refuse
+        await asyncio.wait_for(loop.sock_connect(tcp, (FAR6, 443)), 2)
+    tcp.close()
+
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) >= 2)
+    by_port = {e["dst_port"]: e for e in fleet.of("honeyfleet.egress.connect")}
+    tftp, syn = by_port[69], by_port[443]
+    assert (tftp["url"], tftp["transport"], tftp["kind"]) == (
+        f"tftp://[{FAR6}]/bins/x86",
+        "udp",
+        "dropped",
+    )
+    assert (syn["dst_ip"], syn["transport"], syn["kind"]) == (FAR6, "tcp", "dropped")
+    for event in (tftp, syn):
+        assert (event["guest_ip"], event["src_ip6"], event["session"]) == (
+            GUEST_IP,
+            GUEST_IP6,
+            "s1",
+        )
+
+
+async def test_ipv6_of_a_mac_not_the_nodes_is_not_reported(
+    bridged_guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    fleet = await make_egress(**settings(), guest_ip=GUEST_IP, address_of_mac={}.get)
+    loop = asyncio.get_running_loop()
+    udp = await in_guest(bridged_guest, socket.SOCK_DGRAM, socket.AF_INET6)
+    await loop.sock_sendto(udp, b"six", (FAR6, 9999))
+    udp.close()
+    udp4 = await in_guest(bridged_guest, socket.SOCK_DGRAM)
+    await loop.sock_sendto(udp4, b"four", (FAR, 9999))  # sent after: seen after
+    udp4.close()
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) >= 1)
+    await asyncio.sleep(0.3)
+    (event,) = fleet.of("honeyfleet.egress.connect")
+    assert event["data"] == "four"
+
+
 async def test_rules_are_removed_at_stop(
     namespaces: tuple[str, str], make_egress: MakeEgress
 ) -> None:
     fleet = await make_egress(**settings())
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
     assert "-A PREROUTING -i hfeg0 -j HF-EGRESS" in rules
+    assert "--nflog-group" in _ebtables_nat()
     await fleet.egress.stop()
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
     assert "EGRESS" not in rules
+    assert "--nflog-group" not in _ebtables_nat()
+
+
+def _ebtables_nat() -> str:
+    return subprocess.run(
+        ["ebtables", "-t", "nat", "-L", "PREROUTING"], capture_output=True, text=True, check=True
+    ).stdout
 
 
 BOT_LOGIN = ("bot", "s3cret")  # a bot's login to its own FTP server

@@ -159,13 +159,15 @@ def test_guest_filter_lets_guests_reach_the_egress_servers_before_its_drops() ->
     assert actions[-2:] == ["drop", "drop"] and actions.count("drop") == 2
 
 
-def nflog_datagram(*packets: bytes) -> bytes:
-    """NFLOG netlink messages as the kernel sends them: a prefix attribute, then the
-    packet (NFULA_PAYLOAD), each attribute padded to 4 bytes."""
+def nflog_datagram(*packets: bytes, mac: bytes = b"") -> bytes:
+    """NFLOG netlink messages as the kernel sends them: a prefix attribute, the sender's
+    MAC (NFULA_HWADDR) if given, then the packet (NFULA_PAYLOAD), each attribute padded
+    to 4 bytes."""
     out = b""
     for packet in packets:
         attrs = b""
-        for kind, value in ((10, b"hf\0"), (9, packet)):
+        hwaddr = ((8, struct.pack("!HH", len(mac), 0) + mac.ljust(8, b"\0")),) if mac else ()
+        for kind, value in ((10, b"hf\0"), *hwaddr, (9, packet)):
             size = 4 + len(value)
             attrs += struct.pack("=HH", size, kind) + value + b"\0" * (-size % 4)
         body = struct.pack("!BBH", 2, 0, 7707) + attrs
@@ -191,14 +193,54 @@ def test_nflog_packets_become_attempts() -> None:
         ipv4(17, "192.0.2.11", 9999, options=b"\x01\x01\x01\x00"),  # 4 bytes of options
         ipv4(1, "192.0.2.12", 0),  # ICMP: not a flow of ours
     )
-    found = [parse_packet(p) for p in packets(data)]
+    found = [parse_packet(*p) for p in packets(data)]
     assert found == [
         Attempt("10.77.0.23", "192.0.2.10", 443, "tcp", 40000),
         Attempt("10.77.0.23", "192.0.2.11", 9999, "udp", 40000),
         None,
     ]
     assert packets(data[:10]) == []
-    assert parse_packet(b"\x60" + bytes(39)) is None  # IPv6
+    assert parse_packet(b"\x60" + bytes(39)) is None  # IPv6 with no next header
+
+
+def ipv6(protocol: int, dst: str, dst_port: int, extension: bytes = b"") -> bytes:
+    """An IPv6 header (then a hop-by-hop ``extension`` if given) and the first bytes of a
+    TCP/UDP header, from the link-local address a guest's MAC 52:54:00:12:34:56 makes."""
+    first = 0 if extension else protocol
+    header = struct.pack("!IHBB", 0x60000000, 8 + len(extension), first, 64)
+    header += socket.inet_pton(socket.AF_INET6, "fe80::5054:ff:fe12:3456")
+    header += socket.inet_pton(socket.AF_INET6, dst)
+    if extension:
+        extension = bytes([protocol]) + extension[1:]
+    return header + extension + struct.pack("!HH", 40000, dst_port) + b"\0\0\0\0hi"
+
+
+def test_nflog_ipv6_packets_become_attempts_with_their_senders_mac() -> None:
+    from poolnode.egress.nflog import Attempt, packets, parse_packet
+
+    hop_by_hop = bytes([0, 0, 5, 2, 0, 0, 1, 0])  # next header (set), length 0, options
+    data = nflog_datagram(
+        ipv6(6, "2001:db8::80", 443),
+        ipv6(17, "2001:db8::53", 53, extension=hop_by_hop),
+        ipv6(58, "ff02::2", 0),  # ICMPv6 (a router solicitation): not an attempt
+        mac=bytes.fromhex("525400123456"),
+    )
+    found = [parse_packet(*p) for p in packets(data)]
+    guest, mac = "fe80::5054:ff:fe12:3456", "52:54:00:12:34:56"
+    assert found == [
+        Attempt(guest, "2001:db8::80", 443, "tcp", 40000, b"", mac),
+        Attempt(guest, "2001:db8::53", 53, "udp", 40000, b"hi", mac),
+        None,
+    ]
+
+
+def test_ipv6_is_logged_from_guests_taps_to_the_nflog_group() -> None:
+    from poolnode.egress.netfilter import logged_ipv6
+
+    assert logged_ipv6(7707) == [
+        ["-i", "vnet+", "-p", "IPv6", "--ip6-proto", "tcp", "--nflog-group", "7707"],
+        ["-i", "vnet+", "-p", "IPv6", "--ip6-proto", "udp", "--nflog-group", "7707"],
+    ]
 
 
 @pytest.mark.parametrize(

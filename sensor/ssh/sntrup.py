@@ -29,11 +29,19 @@ class Sntrup761:
     secret_bytes: int = sntrup_761.SHARED_SECRET_SIZE
 
     def __init__(self, alg_name: bytes) -> None:
-        self._public, self._secret = sntrup_761.keygen()
+        # asyncssh makes one per key exchange, a server's too, which only encapsulates
+        # to the client's key: its key pair (12 ms of CPU) is made when first needed.
+        self._pair: tuple[bytes, bytes] | None = None
+
+    def _keys(self) -> tuple[bytes, bytes]:
+        """Our key pair (public, secret), made on first use (a client's side)."""
+        if self._pair is None:
+            self._pair = sntrup_761.keygen()
+        return self._pair
 
     def get_public(self) -> bytes:
         """Our public key (a client's side)."""
-        return bytes(self._public)
+        return bytes(self._keys()[0])
 
     def encaps(self, peer_public: bytes) -> tuple[bytes, bytes]:
         """A fresh secret encrypted to the client's key: (secret, ciphertext)."""
@@ -46,7 +54,7 @@ class Sntrup761:
         """The secret in a server's ciphertext (a client's side)."""
         if len(ciphertext) != self.ciphertext_bytes:
             raise ValueError("Invalid ciphertext")
-        return bytes(sntrup_761.decaps(self._secret, ciphertext))
+        return bytes(sntrup_761.decaps(self._keys()[1], ciphertext))
 
 
 def install() -> None:

@@ -23,3 +23,14 @@ def test_asyncssh_offers_openssh_names_once_installed() -> None:
     sntrup.install()  # idempotent
     names = [name for name in get_kex_algs() if name in NAMES]
     assert sorted(names) == sorted(NAMES)
+
+
+def test_a_server_side_makes_no_key_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    client_public = Sntrup761(b"sntrup761").get_public()
+
+    def keygen() -> tuple[bytes, bytes]:
+        raise AssertionError("a server only encapsulates")
+
+    monkeypatch.setattr(sntrup.sntrup_761, "keygen", keygen)
+    secret, ciphertext = Sntrup761(b"sntrup761").encaps(client_public)
+    assert (len(secret), len(ciphertext)) == (32, 1039)

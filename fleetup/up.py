@@ -110,6 +110,21 @@ TB_CACHE = {"busybox": 32, "debian": 128}
 PORTS = {"controller": 7300, "enroll": 7301, "poolnode": 7310, "poolnode metrics": 7311}
 
 
+def port_taken(port: int) -> bool:
+    """Whether something listens on a loopback port that one of `up`'s roles will bind.
+
+    SO_REUSEADDR as the roles' own servers set it: connections of a fleet just stopped
+    linger in TIME_WAIT on its ports, and they must not keep the next `up` from starting.
+    """
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def check_prerequisites(plan: Plan) -> None:
     """Refuse to start, saying what to do, when something is missing.
 
@@ -124,19 +139,16 @@ def check_prerequisites(plan: Plan) -> None:
         ("Telnet", plan.telnet_port),
         *((name, p) for name, p in PORTS.items()),
     ):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                raise PrerequisiteMissing(
-                    f"port {port} ({what}) is taken: stop whatever uses it "
-                    f"(`ss -ltnp 'sport = :{port}'`)"
-                    + (
-                        " or pick another with --ssh-port/--telnet-port"
-                        if what in ("SSH", "Telnet")
-                        else ""
-                    )
-                ) from None
+        if port_taken(port):
+            raise PrerequisiteMissing(
+                f"port {port} ({what}) is taken: stop whatever uses it "
+                f"(`ss -ltnp 'sport = :{port}'`)"
+                + (
+                    " or pick another with --ssh-port/--telnet-port"
+                    if what in ("SSH", "Telnet")
+                    else ""
+                )
+            )
     if plan.hypervisor == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         raise PrerequisiteMissing("/dev/kvm is not usable here: pass --hypervisor qemu")
     try:

@@ -5,7 +5,8 @@ on the guest (shell, exec or the sftp subsystem, with the attacker's pty, enviro
 and terminal size), as a session the pool node runs on its own login into the guest
 (:mod:`sensor.ssh.guest`), and relays data, EOF, window changes, signals, breaks and the exit
 status or signal. Observers watch the data as it passes: the command-line editor and
-the recording for terminals, the SCP and SFTP parsers for uploads.
+the recording for terminals, the SCP and SFTP parsers for uploads, the stdin capture
+for a command run without a terminal (whose output is recorded).
 
 Flow control: when the attacker's write buffer is full, the guest's channel grants the
 pool node no more output credit; when the node's input credit is spent, the attacker's
@@ -31,6 +32,7 @@ from sensor.recording import Recorder
 from sensor.ssh.guest import GuestChannel, GuestSessions, Pty
 from sensor.ssh.scp import ScpObserver, is_scp_upload, scp_target
 from sensor.ssh.sftp import SftpObserver
+from sensor.ssh.stdin import STDIN, StdinObserver
 from sensor.tunnel import SessionRefused, TunnelFailed
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class ChannelHost(Protocol):
         """A relayed channel ended."""
 
     def file_captured(self, how: str, name: str, capture: Capture) -> None:
-        """A complete upload (``how`` is "SCP" or "SFTP") to store and report."""
+        """A complete upload (``how`` is "SCP", "SFTP" or "stdin") to store and report."""
 
 
 class Pauses:
@@ -331,8 +333,14 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             self._closers.append(scp.close)
             return
         recorder = self._recorder = host.recorder(size[0] or 80, size[1] or 24, term)
-        self._from_client.append(recorder.input)
         self._from_guest.append(recorder.output)
+        if self._kind is Kind.EXEC and self._pty is None:
+            # Piped input, not typing: kept whole as a file (sensor.ssh.stdin).
+            stdin = StdinObserver(host.files, functools.partial(host.file_captured, STDIN, STDIN))
+            self._from_client.append(stdin.feed)
+            self._closers.append(stdin.close)
+            return
+        self._from_client.append(recorder.input)
         if self._kind is Kind.SHELL:
 
             def typed(line: str) -> None:

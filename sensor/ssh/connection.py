@@ -40,6 +40,7 @@ from sensor.ssh.gex import GroupChooser
 from sensor.ssh.guest import GuestSessions
 from sensor.ssh.pump import AttackerSide, InnerSide
 from sensor.ssh.server import AttackerServer
+from sensor.ssh.stdin import STDIN
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,8 @@ class AttackerConnection(Adapter):
         self._channels.discard(relay)
 
     def file_captured(self, how: str, name: str, capture: Capture) -> None:
-        """A complete upload: store it (hashed on a thread), then report it."""
+        """A complete upload (``how``: "SCP", "SFTP" or STDIN): store it (hashed on a
+        thread), then report it."""
         task = asyncio.create_task(self._store_file(how, name, capture))
         self._storing.add(task)
         task.add_done_callback(self._storing.discard)
@@ -365,17 +367,29 @@ class AttackerConnection(Adapter):
             return
         if stored is None:
             return
-        self.events.emit(
-            "cowrie.session.file_upload",
-            how + ' Uploaded file "{filename}" to {outfile}',
-            filename=name.rsplit("/", 1)[-1],
-            duplicate=stored.duplicate,
-            url=name,
-            outfile=str(stored.path),
-            shasum=stored.shasum,
-            destfile=name,
-            size=stored.size,
-        )
+        if how == STDIN:
+            # Cowrie's event for a command's saved stdin: no file name, an empty destfile.
+            self.events.emit(
+                "cowrie.session.file_upload",
+                "Saved stdin contents with SHA-256 {shasum} to {outfile}",
+                duplicate=stored.duplicate,
+                outfile=str(stored.path),
+                shasum=stored.shasum,
+                destfile="",
+                size=stored.size,
+            )
+        else:
+            self.events.emit(
+                "cowrie.session.file_upload",
+                how + ' Uploaded file "{filename}" to {outfile}',
+                filename=name.rsplit("/", 1)[-1],
+                duplicate=stored.duplicate,
+                url=name,
+                outfile=str(stored.path),
+                shasum=stored.shasum,
+                destfile=name,
+                size=stored.size,
+            )
         await self.shared.services.outbox.put(
             stored.path, CAPTURE, session=self.events.session, filename=name, sha256=stored.shasum
         )

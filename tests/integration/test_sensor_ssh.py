@@ -128,6 +128,31 @@ async def test_shell_lines_become_commands_and_the_recording_replays_them(
     assert out_file.read_bytes().decode() == shown
 
 
+async def test_piped_stdin_of_a_command_is_captured_whole_and_its_output_recorded(
+    fleet: Fleet,
+) -> None:
+    payload = os.urandom(200_000)
+    digest = hashlib.sha256(payload).hexdigest()
+    code, out, err = await ssh(fleet, "cat >dropped.bin; echo stored; exit 5", stdin=payload)
+    assert (code, out) == (5, b"stored\n"), err
+    assert (fleet.guest.home / "dropped.bin").read_bytes() == payload
+    await until(lambda: bool(fleet.events("cowrie.log.closed")))
+    upload = fleet.events("cowrie.session.file_upload")[0]
+    stored = fleet.state_dir / "downloads" / digest
+    assert upload["message"] == f"Saved stdin contents with SHA-256 {digest} to {stored}"
+    assert (upload["shasum"], upload["size"], upload["destfile"]) == (digest, len(payload), "")
+    assert stored.read_bytes() == payload
+    # The recording has the command's output; its input is the file above.
+    cast = Path(fleet.events("cowrie.log.closed")[0]["ttylog"])
+    events = [json.loads(line) for line in cast.read_text().splitlines()[1:]]
+    assert [(kind, text) for _, kind, text in events] == [("o", "stored\n")]
+    # A command that reads nothing captures nothing.
+    code, _, _ = await ssh(fleet, "true")
+    assert code == 0
+    await until(lambda: len(fleet.events("cowrie.session.closed")) == 2)
+    assert len(fleet.events("cowrie.session.file_upload")) == 1
+
+
 async def test_scp_and_sftp_uploads_are_captured_once_by_sha256(
     fleet: Fleet, tmp_path: Path
 ) -> None:

@@ -143,6 +143,10 @@ class Outbox:
         """Artefacts waiting for upload."""
         return self._queue.items
 
+    def queued(self, sha256: str) -> bool:
+        """Whether the content ``sha256`` waits for upload (safe from any thread)."""
+        return SHA256.fullmatch(sha256) is not None and self._queue.path(sha256).exists()
+
     async def open(self) -> None:
         """Open the queue (content left by a crash is removed)."""
         orphans = await self._run(self._queue.open)

@@ -297,6 +297,17 @@ class PoolNodeConfig:
     upload_batch: int = uploader.batch_setting()
     upload_linger: float = uploader.linger_setting()
     upload_max_linger: float = uploader.max_linger_setting()
+    downloads_max_bytes: int = setting(
+        1024**3,
+        "bytes state_dir/downloads (fetched downloads, files from disk diffs) may hold; "
+        "beyond, the oldest are pruned (never one being served or waiting for upload)",
+        check=non_negative,
+    )
+    downloads_max_age: float = setting(
+        30 * 86400.0,
+        "seconds a file stays in state_dir/downloads (0: no age limit)",
+        check=non_negative,
+    )
     artefact_outbox_max_bytes: int = outbox.max_bytes_setting()
     artefact_outbox_max_files: int = outbox.max_files_setting()
     json_log: Path | None = setting(None, "also write the node's events to this JSON lines file")

@@ -47,6 +47,23 @@ class PoolMetrics:
             "Sinkhole connections closed at once: their guest held egress_max_connections",
             registry=r,
         )
+        self.downloads_bytes = Gauge(
+            "honeyfleet_poolnode_downloads_bytes",
+            "Bytes in state_dir/downloads after the last pruning pass",
+            registry=r,
+        )
+        self.downloads_pruned_files = Counter(
+            "honeyfleet_poolnode_downloads_pruned_files",
+            "Files pruned from state_dir/downloads, by reason (age, budget)",
+            ["reason"],
+            registry=r,
+        )
+        self.downloads_pruned_bytes = Counter(
+            "honeyfleet_poolnode_downloads_pruned_bytes",
+            "Bytes pruned from state_dir/downloads, by reason (age, budget)",
+            ["reason"],
+            registry=r,
+        )
         self.disk_diffs = Counter(
             "honeyfleet_poolnode_disk_diffs",
             "Disk diffs of destroyed guests, by outcome (done, failed, dropped)",

@@ -29,6 +29,7 @@ from poolnode.backend import Backend
 from poolnode.config import PoolNodeConfig
 from poolnode.controller_link import ControllerLink
 from poolnode.diskdiff import DiskDiffer
+from poolnode.downloads import Downloads
 from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.pool import GuestPool
@@ -84,11 +85,21 @@ class PoolNode:
             max_files=config.artefact_outbox_max_files,
         )
         """Files from guests' disks on their way to the controller's artefact store."""
+        self.downloads = Downloads(
+            config.state_dir / "downloads",
+            max_bytes=config.downloads_max_bytes,
+            max_age=config.downloads_max_age,
+            queued=self.outbox.queued,
+            metrics=self.pool.metrics,
+        )
+        """Prunes what fetches and disk diffs keep in state_dir/downloads."""
         if config.disk_diff:
             self.pool.disk_diff = DiskDiffer(config, self.pool.metrics, artefacts=self.outbox)
         if self.pool.egress is not None:
             self.pool.egress.sinkhole.artefacts = self.outbox
+            self.pool.egress.sinkhole.downloads = self.downloads
         self._outbox_task: asyncio.Task[None] | None = None
+        self._downloads_task: asyncio.Task[None] | None = None
         self._outbox_open = False
         self._event_log: EventLog | None = None
         self._jsonlines: JsonLinesLog | None = None
@@ -142,6 +153,7 @@ class PoolNode:
         )
         self._uploader_task = asyncio.create_task(self.uploader.run())
         self._outbox_task = asyncio.create_task(self.outbox.run())
+        self._downloads_task = asyncio.create_task(self.downloads.run())
         log.info(
             "pool node %s serving on port %d (%s backend, %d guests)",
             identity,
@@ -159,7 +171,13 @@ class PoolNode:
         if self._metrics is not None:
             await self._metrics.stop()
             self._metrics = None
-        tasks = (self._link_task, self._renewer_task, self._uploader_task, self._outbox_task)
+        tasks = (
+            self._link_task,
+            self._renewer_task,
+            self._uploader_task,
+            self._outbox_task,
+            self._downloads_task,
+        )
         for task in tasks:
             if task is not None:
                 task.cancel()

@@ -14,6 +14,7 @@ import contextlib
 import fnmatch
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +164,12 @@ def _clean(value: str) -> str:
 
 
 def _store(path: Path, body: bytes) -> None:
-    """Write a download once (blocking: run off the event loop)."""
+    """Write a download once (blocking: run off the event loop); one fetched again is
+    marked new, so pruning (:mod:`poolnode.downloads`) counts its age from now."""
     if path.exists():
-        return
+        with contextlib.suppress(FileNotFoundError):  # pruned meanwhile: written below
+            os.utime(path)
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part")
     partial.write_bytes(body)

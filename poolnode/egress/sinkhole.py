@@ -27,6 +27,7 @@ from typing import Any
 
 from honeyfleet.outbox import Outbox
 from honeyfleet.v1 import artefact_pb2
+from poolnode.downloads import Downloads
 from poolnode.egress.dnsserver import RecentNames
 from poolnode.egress.fetch import Download, Fetcher, FetchFailed
 from poolnode.egress.ftp import FtpDialogue
@@ -83,6 +84,8 @@ class Sinkhole:
         self.artefacts: Outbox | None = None
         """Where downloads are queued for the controller's artefact store (None: kept
         in downloads/ only)."""
+        self.downloads: Downloads | None = None
+        """The downloads directory's pruner, told which files are being served."""
         self.refused = 0
         """Connections closed at once: their guest held ``max_connections`` already."""
 
@@ -172,14 +175,15 @@ class Sinkhole:
             )
         if download is None:
             writer.write(DEAD_END)
-        else:
+            await writer.drain()
+            return
+        with self._holding(download):
             head = (
                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                 f"Content-Length: {len(download.body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + download.body)
-        await writer.drain()
-        if download is not None:
+            await writer.drain()
             await self._keep(guest_ip, download)
 
     async def _ftp(
@@ -192,6 +196,7 @@ class Sinkhole:
         """A connection to port 21: an FTP dialogue, reported once it ends."""
         announced: list[int] = []
         downloads: list[Download] = []
+        holds = contextlib.ExitStack()
 
         def open_data() -> tuple[int, asyncio.Future[asyncio.StreamWriter]]:
             port = self._free_data_port(guest_ip)
@@ -205,6 +210,7 @@ class Sinkhole:
         async def fetch(url: str) -> Download | None:
             download = await self._download(guest_ip, url, None)
             if download is not None:
+                holds.enter_context(self._holding(download))
                 downloads.append(download)
             return download
 
@@ -218,19 +224,20 @@ class Sinkhole:
             open_data=open_data,
             fetch=fetch if self._fetcher is not None else None,
         )
-        try:
-            seen = await dialogue.run()
-        finally:
-            for port in announced:
-                future = self._data_ports.pop((guest_ip, port), None)
-                if future is not None:
-                    future.cancel()
-        fields: dict[str, Any] = {"username": seen.username, "password": seen.password}
-        if seen.urls:
-            fields["url"] = seen.urls[0]
-        self._report_connect(guest_ip, dst_ip, FTP_PORT, "ftp", fields)
-        for download in downloads:
-            await self._keep(guest_ip, download)
+        with holds:
+            try:
+                seen = await dialogue.run()
+            finally:
+                for port in announced:
+                    future = self._data_ports.pop((guest_ip, port), None)
+                    if future is not None:
+                        future.cancel()
+            fields: dict[str, Any] = {"username": seen.username, "password": seen.password}
+            if seen.urls:
+                fields["url"] = seen.urls[0]
+            self._report_connect(guest_ip, dst_ip, FTP_PORT, "ftp", fields)
+            for download in downloads:
+                await self._keep(guest_ip, download)
 
     async def _lend(
         self, writer: asyncio.StreamWriter, channel: asyncio.Future[asyncio.StreamWriter]
@@ -292,6 +299,12 @@ class Sinkhole:
             **({"final_url": download.final_url} if download.final_url else {}),
         )
         return download
+
+    def _holding(self, download: Download) -> contextlib.AbstractContextManager[None]:
+        """Keep ``download``'s file from pruning while it is served and queued."""
+        if self.downloads is None:
+            return contextlib.nullcontext()
+        return self.downloads.hold(download.shasum)
 
     async def _keep(self, guest_ip: str, download: Download) -> None:
         """Queue a download for the controller's artefact store (after the guest has it:

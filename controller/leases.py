@@ -229,6 +229,9 @@ class LeaseManager:
         # Promised before the call: a concurrent acquire counts this guest as taken.
         if placement.takes_pristine:
             view.reserve()
+        # Counted with the promise: a table arriving during the call may already show
+        # the allocation, so only this count tells how many guests the answer frees.
+        free = view.free
         self._allocating.add(lease_id)
         try:
             response = await self._nodes.allocate(
@@ -251,15 +254,25 @@ class LeaseManager:
                 self.metrics.allocate_calls.labels("refused").inc()
                 view.refused()
             else:
+                # Asking it again at once would fail again: its next heartbeat says
+                # when it is worth asking, and wakes waiters for its guests.
                 self.metrics.allocate_calls.labels("failed").inc()
+                view.unreachable = True
             log.info(
                 "pool node %s could not allocate (%s): %s", node.name, placement.reason, e.details
             )
             return None
+        except asyncio.CancelledError:
+            # The caller left mid-call. Were the guest kept, nobody would be woken for
+            # it; if the node did allocate, its next table reports the lease as stale.
+            self._allocating.discard(lease_id)
+            if placement.takes_pristine:
+                view.unreserve()
+                self._registry.freed(node, free)
+            raise
         self.metrics.allocate_calls.labels("granted").inc()
         if placement.takes_pristine:
             view.unreserve()
-        free = view.free
         view.allocated(response.table_version, lease_id, response.guest)
         self._registry.index_guest(node, response.guest)
         self._registry.refreshed(node, free, reindex=False)

@@ -11,7 +11,8 @@ table does not include yet:
   laid over every table older than them, so a heartbeat sent before an allocation never
   undoes it, and one sent before a release never reports its lease as still held;
 * ``refused`` records the node's "no guest left": no pristine guest is counted on it
-  until a newer table arrives.
+  until a newer table arrives; ``unreachable`` (a failed call) counts none until the
+  node's next heartbeat.
 
 A reported table is capped at the node's capacity as the controller knows it, so a
 node cannot attract leases by the guests it claims. A node that versions nothing (an
@@ -54,6 +55,8 @@ class NodeView:
     reserved: int = 0
     # The node said it has no guest left; cleared by a newer table.
     refused_at: int | None = None
+    # A call to the node failed; cleared by its next heartbeat.
+    unreachable: bool = False
     _reported_guests: dict[str, common_pb2.Guest] = field(default_factory=dict)
     _reported_leases: set[str] = field(default_factory=set)
     _pending: list[_Pending] = field(default_factory=list)
@@ -62,7 +65,7 @@ class NodeView:
     @property
     def free(self) -> int:
         """Pristine guests no acquire has been promised."""
-        if self.refused_at is not None:
+        if self.refused_at is not None or self.unreachable:
             return 0
         return max(self.counts.pristine - self.reserved, 0)
 

@@ -120,25 +120,32 @@ class Registry:
         node.state = NodeState.ALIVE
         node.last_seen_monotonic = max(node.last_seen_monotonic, received)
         node.last_heartbeat_time = time.time()
-        if request.table_unchanged:
-            return node, False
         free = node.view.free
-        applied = node.view.apply_table(request.table_version, request.guests, request.lease_ids)
+        # It heartbeats: a failed call to it is worth trying again.
+        node.view.unreachable = False
+        applied = not request.table_unchanged and node.view.apply_table(
+            request.table_version, request.guests, request.lease_ids
+        )
         if applied:
             self.refreshed(node, free, reindex=True)
+        else:
+            self.freed(node, free)
         return node, applied
 
     def refreshed(self, node: PoolNodeRecord, free_before: int, *, reindex: bool) -> None:
         """A node's view changed: update the affinity index, wake waiters for new guests."""
         if reindex:
             self._index(node)
-        gained = node.view.free - free_before
-        if not node.schedulable:
-            return
-        if gained > 0:
-            self.waiters.offer(node.labels, gained)
-        elif node.share_guests and node.view.shareable:
+        if node.view.free > free_before:
+            self.freed(node, free_before)
+        elif node.schedulable and node.share_guests and node.view.shareable:
             self.waiters.offer(node.labels, None)
+
+    def freed(self, node: PoolNodeRecord, free_before: int) -> None:
+        """Wake a waiter for each guest of ``node`` counted free since ``free_before``."""
+        gained = node.view.free - free_before
+        if gained > 0 and node.schedulable:
+            self.waiters.offer(node.labels, gained)
 
     def index_guest(self, node: PoolNodeRecord, guest: common_pb2.Guest) -> None:
         """Add one allocated guest's attacker addresses to the affinity index."""

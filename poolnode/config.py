@@ -213,8 +213,8 @@ class PoolNodeConfig:
         "sinkhole",
         "drop (nothing leaves; every attempt is an event), sinkhole (DNS answered with the "
         "node's own address, whose listener accepts TCP on any port and records what the "
-        "guest sends) or fetch (as sinkhole, but HTTP downloads are fetched through "
-        "egress_fetch_proxy and served to the guest)",
+        "guest sends) or fetch (as sinkhole, but HTTP and FTP downloads are fetched through "
+        "egress_fetch_proxy, TFTP ones from egress_fetch_tftp_source, and served to the guest)",
     )
     egress_dns_port: int = setting(
         10053, "port of the node's DNS server on the pool network's address", check=_port
@@ -223,6 +223,12 @@ class PoolNodeConfig:
         10080,
         "port of the node's sinkhole listener on the pool network's address (guests' TCP "
         "to any address and port is redirected there)",
+        check=_port,
+    )
+    egress_tftp_port: int = setting(
+        10069,
+        "port of the node's TFTP server on the pool network's address (fetch only: guests' "
+        "UDP to port 69 anywhere is redirected there)",
         check=_port,
     )
     egress_log_group: int = setting(
@@ -252,6 +258,11 @@ class PoolNodeConfig:
         "host:port of the HTTP proxy downloads are fetched through (required with fetch: "
         "guests reach nothing real but through it)",
         check=optional_host_port,
+    )
+    egress_fetch_tftp_source: str = setting(
+        "",
+        "local address TFTP downloads are fetched from under fetch (the operator's way out; "
+        "no HTTP proxy carries TFTP); empty: whatever the node's routes choose",
     )
     egress_fetch_max_bytes: int = setting(
         10 * 1024 * 1024, "largest download fetched for a guest", check=positive
@@ -331,6 +342,8 @@ class PoolNodeConfig:
             )
         if self.egress_dns_port == self.egress_sinkhole_port:
             raise ConfigError("egress_sinkhole_port", "must differ from egress_dns_port")
+        if self.egress_tftp_port == self.egress_dns_port:
+            raise ConfigError("egress_tftp_port", "must differ from egress_dns_port (both UDP)")
         if self.guest_initrd is not None and self.guest_kernel is None:
             raise ConfigError("guest_initrd", "only makes sense with guest_kernel")
 

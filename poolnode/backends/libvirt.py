@@ -390,6 +390,8 @@ class LibvirtBackend:
         egress = [("udp", config.egress_dns_port)]
         if config.egress_policy != "drop":
             egress.append(("tcp", config.egress_sinkhole_port))
+        if config.egress_policy == "fetch":
+            egress.append(("udp", config.egress_tftp_port))
         conn.nwfilterDefineXML(render_nwfilter(self.nwfilter, uuid, tuple(egress)))
 
     def _ensure_network(self, conn: Any) -> None:

@@ -10,11 +10,13 @@ Policies (``egress_policy``), after GQ's containment (Kreibich et al., IMC 2011)
   Host, TLS SNI, an FTP login and RETR, first bytes: ``honeyfleet.egress.connect``) and
   answers a dead end.
 * ``fetch``: as ``sinkhole``, but HTTP and FTP downloads are fetched through the
-  operator's proxy, stored by sha256 and served to the guest
-  (``cowrie.session.file_download``).
+  operator's proxy, and TFTP ones (redirected to the node's TFTP server,
+  :mod:`poolnode.egress.tftpserver`) from the operator's egress address, stored by
+  sha256 and served to the guest (``cowrie.session.file_download``).
 
-Under every policy, UDP other than DNS and DHCP is dropped and reported (a TFTP request
-with its URL). Every event is on the attacker's session of the guest that caused it and bounded per
+Under every policy, other UDP but DNS and DHCP (and, under ``fetch``, TFTP) is dropped
+and reported (a TFTP request with its URL), and so is IPv6.
+Every event is on the attacker's session of the guest that caused it and bounded per
 guest (:mod:`poolnode.egress.bounds`).
 """
 

@@ -1,7 +1,9 @@
-"""Downloads for guests under ``fetch``: through the operator's proxy only, bounded.
+"""Downloads for guests under ``fetch``: through the operator's egress only, bounded.
 
 The pool node asks the configured HTTP proxy for the URL the guest asked the sinkhole
-for (absolute-form, HTTP/1.0, so the body ends with the connection), keeps at most
+for (absolute-form, HTTP/1.0, so the body ends with the connection); a ``tftp://`` URL
+(which no HTTP proxy carries) is read with the node's own TFTP client from a socket
+bound to ``egress_fetch_tftp_source``, the operator's way out. Either keeps at most
 ``max_bytes`` within ``timeout`` seconds, and stores the body once under its sha256 in
 ``state_dir/downloads`` (where files from guests' disks go too). Hosts are checked
 against the deny list, then the allow list, before anything is sent.
@@ -16,9 +18,12 @@ import hashlib
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
+
+from poolnode.egress import tftp
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,7 @@ PARALLEL = 4
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 REDIRECTS = (b"301", b"302", b"303", b"307", b"308")
 MAX_REDIRECTS = 3
+TFTP_PORT = 69
 
 
 class FetchFailed(Exception):
@@ -66,7 +72,9 @@ class Fetcher:
         timeout: float,
         allow: tuple[str, ...] = (),
         deny: tuple[str, ...] = (),
+        tftp_source: str = "",
     ) -> None:
+        """``tftp_source``: the local address TFTP downloads leave from ("" any)."""
         host, _, port = proxy.rpartition(":")
         self._proxy = (host.strip("[]"), int(port))
         self.downloads = downloads
@@ -74,13 +82,14 @@ class Fetcher:
         self._timeout = timeout
         self._allow = tuple(p.lower() for p in allow)
         self._deny = tuple(p.lower() for p in deny)
+        self._tftp_source = tftp_source
         self._slots = asyncio.Semaphore(PARALLEL)
 
     def refusal(self, url: str) -> str | None:
         """Why ``url`` may not be fetched (None: it may)."""
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "ftp"):
-            return f"{parts.scheme or 'no'} scheme: only http:// and ftp:// are fetched"
+        if parts.scheme not in ("http", "ftp", "tftp"):
+            return f"{parts.scheme or 'no'} scheme: only http://, ftp:// and tftp:// are fetched"
         host = (parts.hostname or "").lower()
         if not host:
             return "no host in the URL"
@@ -97,7 +106,11 @@ class Fetcher:
                 final, body = await asyncio.wait_for(self._follow(url, user_agent), self._timeout)
             except TimeoutError:
                 raise FetchFailed(f"no complete answer within {self._timeout:g} s") from None
+            except tftp.TftpFailed as e:
+                raise FetchFailed(f"TFTP: {e}") from None
             except OSError as e:
+                if urlsplit(url).scheme == "tftp":
+                    raise FetchFailed(f"TFTP: {e}") from None
                 raise FetchFailed(f"proxy {self._proxy[0]}:{self._proxy[1]}: {e}") from None
         shasum = hashlib.sha256(body).hexdigest()
         path = self.downloads / shasum
@@ -111,11 +124,29 @@ class Fetcher:
             problem = self.refusal(url)
             if problem is not None:
                 raise FetchFailed(problem)
+            if urlsplit(url).scheme == "tftp":
+                return url, await self._tftp(url)
             try:
                 return url, await self._get(url, user_agent)
             except _Redirected as e:
                 url = urljoin(url, e.location)
         raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
+
+    async def _tftp(self, url: str) -> bytes:
+        """A ``tftp://`` URL's file, read directly (no proxy carries TFTP)."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, parts.port or TFTP_PORT, family=family, type=socket.SOCK_DGRAM
+        )
+        address = str(infos[0][4][0]), int(infos[0][4][1])
+        return await tftp.fetch(
+            address,
+            parts.path.lstrip("/"),
+            source=self._tftp_source,
+            max_bytes=self._max_bytes,
+        )
 
     async def _get(self, url: str, user_agent: str | None) -> bytes:
         """The body of a 200 answer from the proxy to ``GET url``."""

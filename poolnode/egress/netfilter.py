@@ -2,7 +2,8 @@
 
 One chain of our own in the ``nat`` table, jumped to from PREROUTING for packets that
 come in on the pool bridge: guests' DNS (UDP 53, to any address) goes to the DNS
-server, and under ``sinkhole``/``fetch`` every new TCP connection (any address, any
+server, under ``fetch`` TFTP (UDP 69) to the node's TFTP server, and under
+``sinkhole``/``fetch`` every new TCP connection (any address, any
 port) to the sinkhole listener, which reads the original destination back from
 conntrack (SO_ORIGINAL_DST). Only a connection's first packet meets the nat table, so
 replies and the node's own connections into guests (SSH, Telnet) are untouched. The
@@ -39,9 +40,14 @@ def chain_name(tag: str) -> str:
     return f"{tag.upper()}-EGRESS"
 
 
-def redirects(dns_port: int, sinkhole_port: int | None) -> list[list[str]]:
-    """The nat chain's rules: DNS to ``dns_port``, TCP to ``sinkhole_port`` unless None."""
+def redirects(
+    dns_port: int, sinkhole_port: int | None, tftp_port: int | None = None
+) -> list[list[str]]:
+    """The nat chain's rules: DNS to ``dns_port``, TCP to ``sinkhole_port`` and TFTP to
+    ``tftp_port`` unless None."""
     chain = [["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-ports", str(dns_port)]]
+    if tftp_port is not None:
+        chain.append(["-p", "udp", "--dport", "69", "-j", "REDIRECT", "--to-ports", str(tftp_port)])
     if sinkhole_port is not None:
         chain.append(["-p", "tcp", "-j", "REDIRECT", "--to-ports", str(sinkhole_port)])
     return chain
@@ -79,12 +85,18 @@ class Redirects:
     """Installs and removes the node's rules for one bridge."""
 
     def __init__(
-        self, tag: str, bridge: str, dns_port: int, sinkhole_port: int | None, log_group: int
+        self,
+        tag: str,
+        bridge: str,
+        dns_port: int,
+        sinkhole_port: int | None,
+        log_group: int,
+        tftp_port: int | None = None,
     ) -> None:
         name = chain_name(tag)
         new = ("-m", "conntrack", "--ctstate", "NEW")
         self._chains = (
-            _Chain("nat", name, ("-i", bridge), redirects(dns_port, sinkhole_port)),
+            _Chain("nat", name, ("-i", bridge), redirects(dns_port, sinkhole_port, tftp_port)),
             _Chain(
                 "mangle", name, ("-i", bridge, *new), logged(log_group, tcp=sinkhole_port is None)
             ),

@@ -32,6 +32,7 @@ NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
 NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
+NFULA_CFG_QTHRESH = 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 NFULA_HWADDR = 8
@@ -179,6 +180,10 @@ class PacketLog:
             _request(sock, config_message(self.group, bind))
             mode = struct.pack("!IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0)
             _request(sock, config_message(self.group, (NFULA_CFG_MODE, mode)))
+            # Each packet at once: the kernel's default batches up to 100 packets or a
+            # second, and the TFTP server waits for a request's copy to learn its address.
+            threshold = (NFULA_CFG_QTHRESH, struct.pack("!I", 1))
+            _request(sock, config_message(self.group, threshold))
         except BaseException:
             sock.close()
             raise

@@ -19,6 +19,7 @@ from poolnode.egress.nflog import Attempt, PacketLog
 from poolnode.egress.report import CONNECT, Reporter
 from poolnode.egress.sinkhole import Sinkhole, SinkholeLimits
 from poolnode.egress.sniff import escaped, tftp_request
+from poolnode.egress.tftpserver import Origins, TftpServer
 from poolnode.events import NodeEvents
 from poolnode.metrics import PoolMetrics
 
@@ -62,6 +63,7 @@ class Egress:
                 timeout=config.egress_fetch_timeout,
                 allow=config.egress_fetch_allow,
                 deny=config.egress_fetch_deny,
+                tftp_source=config.egress_fetch_tftp_source,
             )
         limits = SinkholeLimits(
             config.egress_capture_bytes, config.egress_read_timeout, config.egress_max_connections
@@ -70,6 +72,8 @@ class Egress:
         self.sinkhole = Sinkhole(
             self.reporter, limits, fetcher, metrics, names=self.names, address=self.address
         )
+        self.origins = Origins()
+        """Where guests' TFTP requests were going (fetch: they are redirected)."""
         self._redirects = (
             Redirects(
                 config.guest_tag,
@@ -77,6 +81,7 @@ class Egress:
                 config.egress_dns_port,
                 None if self.policy == "drop" else config.egress_sinkhole_port,
                 config.egress_log_group,
+                config.egress_tftp_port if self.policy == "fetch" else None,
             )
             if redirect
             else None
@@ -85,6 +90,7 @@ class Egress:
         """Reads the attempts the guest filter drops (None: not watched)."""
         self._dns: asyncio.DatagramTransport | None = None
         self._server: asyncio.Server | None = None
+        self._tftp: tuple[asyncio.DatagramTransport, TftpServer] | None = None
 
     @property
     def events(self) -> NodeEvents | None:
@@ -109,6 +115,10 @@ class Egress:
             guest_ip = found
             fields["src_ip6"] = attempt.src_ip
         tftp = tftp_request(attempt.payload) if attempt.dst_port == TFTP_PORT else None
+        if self.policy == "fetch" and attempt.dst_port == TFTP_PORT and not attempt.mac:
+            # Redirected to the TFTP server, which reports it: it needs the destination.
+            self.origins.seen(attempt.src_ip, attempt.src_port, attempt.dst_ip)
+            return
         if tftp is not None:
             fields["method"] = tftp["method"]
             host = f"[{attempt.dst_ip}]" if ":" in attempt.dst_ip else attempt.dst_ip
@@ -142,6 +152,14 @@ class Egress:
                     self._server = await asyncio.start_server(
                         self.sinkhole.handle, self.address, config.egress_sinkhole_port
                     )
+            if self.policy == "fetch":
+                with _naming("egress_tftp_port"):
+                    self._tftp = await asyncio.get_running_loop().create_datagram_endpoint(
+                        lambda: TftpServer(
+                            self.sinkhole, self.origins, address=self.address, names=self.names
+                        ),
+                        local_addr=(self.address, config.egress_tftp_port),
+                    )
             if self.dropped is not None:
                 with _naming("egress_log_group"):
                     self.dropped.start()
@@ -164,6 +182,11 @@ class Egress:
             await self._redirects.remove()
         if self.dropped is not None:
             self.dropped.stop()
+        if self._tftp is not None:
+            transport, server = self._tftp
+            transport.close()
+            await server.close()
+            self._tftp = None
         if self._server is not None:
             self._server.close()
             await self.sinkhole.close()

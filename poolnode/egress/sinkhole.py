@@ -71,7 +71,7 @@ class Sinkhole:
     ) -> None:
         """``names`` and ``address`` (the sinkhole's, which DNS answers give) name the
         server of a connection without a Host header: the guest's last lookup."""
-        self._reporter = reporter
+        self.reporter = reporter
         self._limits = limits
         self._metrics = metrics
         self._names = names
@@ -170,21 +170,21 @@ class Sinkhole:
             return
         download = None
         if self._fetcher is not None and seen.fields["method"] == "GET":
-            download = await self._download(
+            download = await self.download(
                 guest_ip, seen.fields["url"], seen.fields.get("user_agent")
             )
         if download is None:
             writer.write(DEAD_END)
             await writer.drain()
             return
-        with self._holding(download):
+        with self.holding(download):
             head = (
                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                 f"Content-Length: {len(download.body)}\r\nConnection: close\r\n\r\n"
             )
             writer.write(head.encode() + download.body)
             await writer.drain()
-            await self._keep(guest_ip, download)
+            await self.keep(guest_ip, download)
 
     async def _ftp(
         self,
@@ -208,9 +208,9 @@ class Sinkhole:
             return port, future
 
         async def fetch(url: str) -> Download | None:
-            download = await self._download(guest_ip, url, None)
+            download = await self.download(guest_ip, url, None)
             if download is not None:
-                holds.enter_context(self._holding(download))
+                holds.enter_context(self.holding(download))
                 downloads.append(download)
             return download
 
@@ -237,7 +237,7 @@ class Sinkhole:
                 fields["url"] = seen.urls[0]
             self._report_connect(guest_ip, dst_ip, FTP_PORT, "ftp", fields)
             for download in downloads:
-                await self._keep(guest_ip, download)
+                await self.keep(guest_ip, download)
 
     async def _lend(
         self, writer: asyncio.StreamWriter, channel: asyncio.Future[asyncio.StreamWriter]
@@ -260,7 +260,7 @@ class Sinkhole:
         self, guest_ip: str, dst_ip: str, dst_port: int, kind: str, fields: dict[str, Any]
     ) -> None:
         """Report a connection the sinkhole took."""
-        self._reporter.report(
+        self.reporter.report(
             guest_ip,
             CONNECT,
             "honeyfleet.egress.connect",
@@ -272,13 +272,13 @@ class Sinkhole:
             **fields,
         )
 
-    async def _download(self, guest_ip: str, url: str, user_agent: str | None) -> Download | None:
+    async def download(self, guest_ip: str, url: str, user_agent: str | None) -> Download | None:
         """Fetch ``url`` for a guest and report the download or its failure."""
         assert self._fetcher is not None
         try:
             download = await self._fetcher.fetch(url, user_agent)
         except FetchFailed as e:
-            self._reporter.report(
+            self.reporter.report(
                 guest_ip,
                 DOWNLOAD,
                 "cowrie.session.file_download.failed",
@@ -287,7 +287,7 @@ class Sinkhole:
                 reason=str(e),
             )
             return None
-        self._reporter.report(
+        self.reporter.report(
             guest_ip,
             DOWNLOAD,
             "cowrie.session.file_download",
@@ -300,20 +300,20 @@ class Sinkhole:
         )
         return download
 
-    def _holding(self, download: Download) -> contextlib.AbstractContextManager[None]:
+    def holding(self, download: Download) -> contextlib.AbstractContextManager[None]:
         """Keep ``download``'s file from pruning while it is served and queued."""
         if self.downloads is None:
             return contextlib.nullcontext()
         return self.downloads.hold(download.shasum)
 
-    async def _keep(self, guest_ip: str, download: Download) -> None:
+    async def keep(self, guest_ip: str, download: Download) -> None:
         """Queue a download for the controller's artefact store (after the guest has it:
         the store's copy is no hurry)."""
         if self.artefacts is not None:
             await self.artefacts.put(
                 download.path,
                 artefact_pb2.ARTEFACT_KIND_DOWNLOAD,
-                session=self._reporter.session_of(guest_ip),
+                session=self.reporter.session_of(guest_ip),
                 filename=download.url,
                 sha256=download.shasum,
             )

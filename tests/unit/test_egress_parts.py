@@ -234,6 +234,15 @@ def test_nflog_ipv6_packets_become_attempts_with_their_senders_mac() -> None:
     ]
 
 
+def test_fetch_redirects_tftp_to_the_nodes_tftp_server() -> None:
+    from poolnode.egress.netfilter import redirects
+
+    assert ["-p", "udp", "--dport", "69", "-j", "REDIRECT", "--to-ports", "10069"] in (
+        redirects(10053, 10080, 10069)
+    )
+    assert not any("69" in rule for rule in redirects(10053, 10080))
+
+
 def test_ipv6_is_logged_from_guests_taps_to_the_nflog_group() -> None:
     from poolnode.egress.netfilter import logged_ipv6
 

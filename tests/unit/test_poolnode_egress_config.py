@@ -42,6 +42,7 @@ def test_sinkhole_is_the_default_and_fetch_is_opt_in(tmp_path: Path) -> None:
         ({"egress_fetch_allow": ["ok.example", "bad host"]}, "egress_fetch_allow", "'bad host'"),
         ({"egress_fetch_max_bytes": -1}, "egress_fetch_max_bytes", "greater than 0"),
         ({"egress_log_group": 70000}, "egress_log_group", "NFLOG group"),
+        ({"egress_dns_port": 9000, "egress_tftp_port": 9000}, "egress_tftp_port", "both UDP"),
     ],
 )
 def test_bad_egress_settings_name_their_key(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from honeyfleet.events import (
     decode,
     from_proto,
     make_event,
+    new_event_id,
     new_session_id,
     parse_timestamp,
     to_proto,
@@ -84,6 +86,20 @@ def test_a_long_bad_timestamp_is_refused_without_being_quoted() -> None:
 
 def test_session_ids_are_unique() -> None:
     assert len({new_session_id() for _ in range(10_000)}) == 10_000
+
+
+def test_event_ids_are_version_7_uuids_in_the_order_they_were_made() -> None:
+    millisecond = 1_700_000_000_000_000_000
+    same_moment = [new_event_id(millisecond) for _ in range(1000)]
+    later = new_event_id(millisecond + 1_000_000)
+    assert len(set(same_moment)) == 1000
+    for text in [*same_moment, later]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text  # canonical: stored and compared as sent
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+    # Text order is time order, so the stores' unique index grows at one end.
+    assert max(same_moment) < later
+    assert uuid.UUID(str(login()["hf_event_id"])).version == 7
 
 
 def test_json_lines_rotate_daily_and_prune(tmp_path: Path) -> None:

@@ -259,6 +259,25 @@ class PoolNodeConfig:
         "guests reach nothing real but through it)",
         check=optional_host_port,
     )
+    egress_intercept_tls: bool = setting(
+        True,
+        "under sinkhole and fetch, answer guests' TLS with a leaf of the interception CA "
+        "(egress_tls_ca_cert) for the server name they ask, so the HTTPS request inside is "
+        "recorded (and fetched under fetch); false: TLS is recorded by server name only",
+    )
+    egress_tls_ca_cert: Path | None = setting(
+        None,
+        "the interception CA's certificate (default state_dir/egress-ca.pem, made with its "
+        "key on first start); it goes into guest images' trust stores, the key never does",
+    )
+    egress_tls_ca_key: Path | None = setting(
+        None, "the interception CA's private key (default state_dir/egress-ca.key)"
+    )
+    egress_fetch_ca_bundle: Path | None = setting(
+        None,
+        "CA certificates (PEM) HTTPS origins are checked against under fetch (default: the "
+        "system's trust store)",
+    )
     egress_fetch_tftp_source: str = setting(
         "",
         "local address TFTP downloads are fetched from under fetch (the operator's way out; "
@@ -346,6 +365,14 @@ class PoolNodeConfig:
             raise ConfigError("egress_tftp_port", "must differ from egress_dns_port (both UDP)")
         if self.guest_initrd is not None and self.guest_kernel is None:
             raise ConfigError("guest_initrd", "only makes sense with guest_kernel")
+
+    @property
+    def egress_ca(self) -> tuple[Path, Path]:
+        """The interception CA's certificate and key files."""
+        return (
+            self.egress_tls_ca_cert or self.state_dir / "egress-ca.pem",
+            self.egress_tls_ca_key or self.state_dir / "egress-ca.key",
+        )
 
     @property
     def tls(self) -> TlsFiles:

@@ -8,8 +8,10 @@ Policies (``egress_policy``), after GQ's containment (Kreibich et al., IMC 2011)
 * ``sinkhole`` (default): DNS answers point at the node's own address, where the
   sinkhole accepts TCP on any port, records what the guest sends (HTTP request line and
   Host, TLS SNI, an FTP login and RETR, first bytes: ``honeyfleet.egress.connect``) and
-  answers a dead end.
-* ``fetch``: as ``sinkhole``, but HTTP and FTP downloads are fetched through the
+  answers a dead end. TLS is answered with a leaf of the deployment's interception CA
+  for the name asked (:mod:`poolnode.egress.intercept`), so an HTTPS request is
+  recorded with its ``https://`` URL.
+* ``fetch``: as ``sinkhole``, but HTTP, HTTPS and FTP downloads are fetched through the
   operator's proxy, and TFTP ones (redirected to the node's TFTP server,
   :mod:`poolnode.egress.tftpserver`) from the operator's egress address, stored by
   sha256 and served to the guest (``cowrie.session.file_download``).

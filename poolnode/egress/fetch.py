@@ -1,7 +1,9 @@
 """Downloads for guests under ``fetch``: through the operator's egress only, bounded.
 
 The pool node asks the configured HTTP proxy for the URL the guest asked the sinkhole
-for (absolute-form, HTTP/1.0, so the body ends with the connection); a ``tftp://`` URL
+for (absolute-form, HTTP/1.0, so the body ends with the connection; an ``https://`` URL
+through a CONNECT tunnel, the origin's certificate checked against the system's trust
+store or ``egress_fetch_ca_bundle``); a ``tftp://`` URL
 (which no HTTP proxy carries) is read with the node's own TFTP client from a socket
 bound to ``egress_fetch_tftp_source``, the operator's way out. Either keeps at most
 ``max_bytes`` within ``timeout`` seconds, and stores the body once under its sha256 in
@@ -19,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -34,6 +37,7 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})")
 REDIRECTS = (b"301", b"302", b"303", b"307", b"308")
 MAX_REDIRECTS = 3
 TFTP_PORT = 69
+SCHEMES = ("http", "https", "ftp", "tftp")
 
 
 class FetchFailed(Exception):
@@ -73,8 +77,10 @@ class Fetcher:
         allow: tuple[str, ...] = (),
         deny: tuple[str, ...] = (),
         tftp_source: str = "",
+        ca_bundle: Path | None = None,
     ) -> None:
-        """``tftp_source``: the local address TFTP downloads leave from ("" any)."""
+        """``tftp_source``: the local address TFTP downloads leave from ("" any);
+        ``ca_bundle``: the CAs HTTPS origins are checked against (None: the system's)."""
         host, _, port = proxy.rpartition(":")
         self._proxy = (host.strip("[]"), int(port))
         self.downloads = downloads
@@ -83,13 +89,14 @@ class Fetcher:
         self._allow = tuple(p.lower() for p in allow)
         self._deny = tuple(p.lower() for p in deny)
         self._tftp_source = tftp_source
+        self._tls = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
         self._slots = asyncio.Semaphore(PARALLEL)
 
     def refusal(self, url: str) -> str | None:
         """Why ``url`` may not be fetched (None: it may)."""
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "ftp", "tftp"):
-            return f"{parts.scheme or 'no'} scheme: only http://, ftp:// and tftp:// are fetched"
+        if parts.scheme not in SCHEMES:
+            return f"{parts.scheme or 'no'} scheme: only {', '.join(SCHEMES)} URLs are fetched"
         host = (parts.hostname or "").lower()
         if not host:
             return "no host in the URL"
@@ -108,6 +115,8 @@ class Fetcher:
                 raise FetchFailed(f"no complete answer within {self._timeout:g} s") from None
             except tftp.TftpFailed as e:
                 raise FetchFailed(f"TFTP: {e}") from None
+            except ssl.SSLError as e:
+                raise FetchFailed(f"TLS with {urlsplit(url).hostname}: {e.reason or e}") from None
             except OSError as e:
                 if urlsplit(url).scheme == "tftp":
                     raise FetchFailed(f"TFTP: {e}") from None
@@ -152,9 +161,14 @@ class Fetcher:
         """The body of a 200 answer from the proxy to ``GET url``."""
         reader, writer = await asyncio.open_connection(*self._proxy, limit=MAX_HEADER_BYTES)
         try:
-            host = urlsplit(url).netloc
+            parts = urlsplit(url)
+            host = parts.netloc
+            target = url
+            if parts.scheme == "https":
+                await self._tunnel(reader, writer, parts.hostname or "", parts.port or 443)
+                target = parts.path + (f"?{parts.query}" if parts.query else "") or "/"
             agent = f"User-Agent: {_clean(user_agent)}\r\n" if user_agent else ""
-            request = f"GET {url} HTTP/1.0\r\nHost: {host}\r\n{agent}Connection: close\r\n\r\n"
+            request = f"GET {target} HTTP/1.0\r\nHost: {host}\r\n{agent}Connection: close\r\n\r\n"
             writer.write(request.encode("ascii", "replace"))
             await writer.drain()
             try:
@@ -187,6 +201,23 @@ class Fetcher:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _tunnel(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
+        """Ask the proxy for a tunnel to ``host:port``, then speak TLS to the origin in it."""
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        writer.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        await writer.drain()
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+            raise FetchFailed("no answer to CONNECT from the proxy") from None
+        status = STATUS_LINE.match(head)
+        if status is None or status.group(1) != b"200":
+            line = head.split(b"\r\n", 1)[0].decode("ascii", "replace")
+            raise FetchFailed(f"the proxy refused CONNECT {authority}: {line}")
+        await writer.start_tls(self._tls, server_hostname=host)
 
 
 def _clean(value: str) -> str:

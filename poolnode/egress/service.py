@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from honeyfleet.errors import ConfigError
+from honeyfleet.pki.errors import PkiError
 from poolnode.config import PoolNodeConfig
 from poolnode.egress.bounds import EventBounds
 from poolnode.egress.dnsserver import RecentNames, serve_dns
 from poolnode.egress.fetch import Fetcher
+from poolnode.egress.intercept import Leaves, load_or_make_ca
 from poolnode.egress.netfilter import Redirects
 from poolnode.egress.nflog import Attempt, PacketLog
 from poolnode.egress.report import CONNECT, Reporter
@@ -64,6 +66,7 @@ class Egress:
                 allow=config.egress_fetch_allow,
                 deny=config.egress_fetch_deny,
                 tftp_source=config.egress_fetch_tftp_source,
+                ca_bundle=config.egress_fetch_ca_bundle,
             )
         limits = SinkholeLimits(
             config.egress_capture_bytes, config.egress_read_timeout, config.egress_max_connections
@@ -147,6 +150,12 @@ class Egress:
                 self._dns = await serve_dns(
                     self.reporter, self.address, config.egress_dns_port, answer, self.names
                 )
+            if self.policy != "drop" and config.egress_intercept_tls:
+                try:
+                    ca = await asyncio.to_thread(load_or_make_ca, *config.egress_ca)
+                except (PkiError, OSError) as e:
+                    raise ConfigError("egress_tls_ca_cert", f"interception CA: {e}") from None
+                self.sinkhole.leaves = Leaves(*ca)
             if self.policy != "drop":
                 with _naming("egress_sinkhole_port"):
                     self._server = await asyncio.start_server(

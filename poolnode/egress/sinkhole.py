@@ -19,9 +19,11 @@ import contextlib
 import logging
 import secrets
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +33,9 @@ from poolnode.downloads import Downloads
 from poolnode.egress.dnsserver import RecentNames
 from poolnode.egress.fetch import Download, Fetcher, FetchFailed
 from poolnode.egress.ftp import FtpDialogue
+from poolnode.egress.intercept import Leaves, TlsStream
 from poolnode.egress.report import CONNECT, DOWNLOAD, Reporter
-from poolnode.egress.sniff import complete, sniff
+from poolnode.egress.sniff import Sniffed, complete, sniff
 from poolnode.metrics import PoolMetrics
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ class Sinkhole:
         self.artefacts: Outbox | None = None
         """Where downloads are queued for the controller's artefact store (None: kept
         in downloads/ only)."""
+        self.leaves: Leaves | None = None
+        """Leaves of the interception CA (None: TLS is recorded by its server name only)."""
         self.downloads: Downloads | None = None
         """The downloads directory's pruner, told which files are being served."""
         self.refused = 0
@@ -136,8 +141,8 @@ class Sinkhole:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
 
-    async def _read(self, reader: asyncio.StreamReader) -> bytes:
-        """The connection's prefix: bounded in bytes and time."""
+    async def _read(self, read: Callable[[int], Awaitable[bytes]]) -> bytes:
+        """The connection's prefix (``read`` is a stream's): bounded in bytes and time."""
         data = b""
         deadline = time.monotonic() + self._limits.read_timeout
         while len(data) < self._limits.capture_bytes and not complete(data):
@@ -145,9 +150,7 @@ class Sinkhole:
             if left <= 0:
                 break
             try:
-                chunk = await asyncio.wait_for(
-                    reader.read(self._limits.capture_bytes - len(data)), left
-                )
+                chunk = await asyncio.wait_for(read(self._limits.capture_bytes - len(data)), left)
             except TimeoutError:
                 break
             if not chunk:
@@ -164,26 +167,65 @@ class Sinkhole:
         dst_port: int,
     ) -> None:
         """A connection where the guest speaks first: read, name, report, answer."""
-        seen = sniff(await self._read(reader), dst_ip, dst_port)
-        self._report_connect(guest_ip, dst_ip, dst_port, seen.kind, seen.fields)
-        if seen.kind != "http":
+        prefix = await self._read(reader.read)
+        seen = sniff(prefix, dst_ip, dst_port)
+        if seen.kind == "tls" and self.leaves is not None:
+            await self._intercepted(reader, writer, guest_ip, (dst_ip, dst_port), prefix, seen)
             return
+        self._report_connect(guest_ip, dst_ip, dst_port, seen.kind, seen.fields)
+        if seen.kind == "http":
+            await self._answer(guest_ip, seen.fields, _sender(writer))
+
+    async def _intercepted(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        guest_ip: str,
+        dst: tuple[str, int],
+        prefix: bytes,
+        hello: Sniffed,
+    ) -> None:
+        """TLS a guest opened: answered with a leaf for its server name, then the request
+        inside read, reported and answered like plain HTTP (``https://`` URLs). A guest
+        that refuses the leaf (its trust store lacks the CA) is reported as before, by
+        server name."""
+        assert self.leaves is not None
+        sni = hello.fields.get("sni") or ""
+        context = await self.leaves.context(sni or dst[0])
+        tls = TlsStream(context, reader.read, writer.write, writer.drain, prefix)
+        try:
+            await asyncio.wait_for(tls.handshake(), self._limits.read_timeout)
+        except (ssl.SSLError, TimeoutError) as e:
+            reason = e.reason if isinstance(e, ssl.SSLError) else "no handshake in time"
+            fields = {**hello.fields, "tls_error": str(reason or e)}
+            self._report_connect(guest_ip, *dst, "tls", fields)
+            return
+        seen = sniff(await self._read(tls.read), *dst, scheme="https")
+        fields = {**seen.fields, **({"sni": sni} if sni else {})}
+        self._report_connect(guest_ip, *dst, "https" if seen.kind == "http" else seen.kind, fields)
+        if seen.kind == "http":
+            await self._answer(guest_ip, seen.fields, tls.write)
+        await tls.close()
+
+    async def _answer(
+        self,
+        guest_ip: str,
+        request: dict[str, Any],
+        send: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Answer an HTTP request: a dead end, or under fetch a GET's download."""
         download = None
-        if self._fetcher is not None and seen.fields["method"] == "GET":
-            download = await self.download(
-                guest_ip, seen.fields["url"], seen.fields.get("user_agent")
-            )
+        if self._fetcher is not None and request["method"] == "GET":
+            download = await self.download(guest_ip, request["url"], request.get("user_agent"))
         if download is None:
-            writer.write(DEAD_END)
-            await writer.drain()
+            await send(DEAD_END)
             return
         with self.holding(download):
             head = (
                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
                 f"Content-Length: {len(download.body)}\r\nConnection: close\r\n\r\n"
             )
-            writer.write(head.encode() + download.body)
-            await writer.drain()
+            await send(head.encode() + download.body)
             await self.keep(guest_ip, download)
 
     async def _ftp(
@@ -317,6 +359,16 @@ class Sinkhole:
                 filename=download.url,
                 sha256=download.shasum,
             )
+
+
+def _sender(writer: asyncio.StreamWriter) -> Callable[[bytes], Awaitable[None]]:
+    """Send bytes on a plain stream: write, then wait until they are on their way."""
+
+    async def send(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
+    return send
 
 
 def original_destination(writer: asyncio.StreamWriter) -> tuple[str, int]:

@@ -43,11 +43,12 @@ def complete(data: bytes) -> bool:
     return True
 
 
-def sniff(data: bytes, dst: str, port: int) -> Sniffed:
-    """Name the prefix ``data`` of a connection to ``dst:port``."""
+def sniff(data: bytes, dst: str, port: int, scheme: str = "http") -> Sniffed:
+    """Name the prefix ``data`` of a connection to ``dst:port`` (``scheme`` "https" for
+    what a guest sent inside TLS)."""
     if not data:
         return Sniffed("none")
-    http = _http(data, dst, port)
+    http = _http(data, dst, port, scheme)
     if http is not None:
         return Sniffed("http", http)
     sni = _sni(data)
@@ -61,7 +62,7 @@ def _looks_http(data: bytes) -> bool:
     return re.match(rb"[A-Z]{3,10} ", data[:11]) is not None
 
 
-def _http(data: bytes, dst: str, port: int) -> dict[str, Any] | None:
+def _http(data: bytes, dst: str, port: int, scheme: str) -> dict[str, Any] | None:
     """An HTTP request's method, URL, Host and User-Agent; None if ``data`` is not one."""
     line = REQUEST_LINE.match(data)
     if line is None:
@@ -69,8 +70,9 @@ def _http(data: bytes, dst: str, port: int) -> dict[str, Any] | None:
     method, target = line.group(1).decode(), line.group(2).decode("ascii", "backslashreplace")
     end = HEADER_END.search(data)
     headers = _headers(data[line.end() : end.start() if end else len(data)])
-    host = headers.get("host") or (dst if port == 80 else f"{dst}:{port}")
-    url = target if "://" in target or method == "CONNECT" else f"http://{host}{target}"
+    default = 443 if scheme == "https" else 80
+    host = headers.get("host") or (dst if port == default else f"{dst}:{port}")
+    url = target if "://" in target or method == "CONNECT" else f"{scheme}://{host}{target}"
     fields: dict[str, Any] = {"method": method, "url": url, "host": host}
     if "user-agent" in headers:
         fields["user_agent"] = headers["user-agent"]

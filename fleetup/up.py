@@ -411,6 +411,7 @@ def leftovers(plan: Plan) -> list[str]:
 
 async def run(plan: Plan, console: Console) -> int:
     """Bring the fleet up, wait for Ctrl-C/SIGTERM, bring it down."""
+    from poolnode.egress.intercept import load_or_make_ca
     from poolnode.image import Distro, GuestImageSpec, build_image
     from poolnode.image._cli import default_disk_mib
 
@@ -429,11 +430,16 @@ async def run(plan: Plan, console: Console) -> int:
             report.step("guest image", index, total, name)
 
         distro = Distro(plan.distro)
+        # The pool node's egress interception CA (its default files), made now so that
+        # the image trusts it: guests' HTTPS then meets the node's leaves.
+        ca_cert = plan.directory / "state" / "poolnode" / "egress-ca.pem"
+        await asyncio.to_thread(load_or_make_ca, ca_cert, ca_cert.with_suffix(".key"))
         spec = GuestImageSpec(
             out_dir=plan.image_dir,
             backend_pass=password,
             distro=distro,
             disk_size_mib=default_disk_mib(distro),
+            trust_ca=ca_cert.read_text(),
         )
         image = await asyncio.to_thread(build_image, spec, step)
 

@@ -63,6 +63,8 @@ def _fingerprint(spec: GuestImageSpec, packages: dict[str, str]) -> str:
     fields = dataclasses.asdict(spec)
     if spec.distro is Distro.BUSYBOX:
         del fields["distro"]  # busybox images built before there was a choice stay valid
+    if not spec.trust_ca:
+        del fields["trust_ca"]  # nor does an image without one change its fingerprint
     for where in ("out_dir", "cache_dir"):
         fields.pop(where)  # where the files go does not change what is in them
     doc = {
@@ -314,4 +316,6 @@ def _busybox_root(root: Path, spec: GuestImageSpec, unpacked: dict[str, Path]) -
         [d for n, d in unpacked.items() if n not in _debs.DYNAMIC_PACKAGES],
     )
     _rootfs.install_terminfo(root, unpacked[_debs.TERMINFO_PACKAGE])
+    if spec.trust_ca:
+        _rootfs.trust_bundle(root, spec.trust_ca)
     _rootfs.finish(root)

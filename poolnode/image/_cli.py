@@ -26,6 +26,14 @@ def default_disk_mib(distro: Distro) -> int:
     return DEBIAN_DISK_MIB if distro is Distro.DEBIAN else GuestImageSpec.disk_size_mib
 
 
+def _read_ca(path: Path) -> str:
+    """The certificate file's text (ImageBuildError naming it if unreadable)."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageBuildError(f"--trust-ca {path}: {e}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``build [--out DIR] ...``, build the image and print its paths."""
     parser = argparse.ArgumentParser(prog="honeyfleet image", description=__doc__)
@@ -47,10 +55,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help=f"root file system size (default 2048, {DEBIAN_DISK_MIB} for debian; sparse)",
     )
+    build.add_argument(
+        "--trust-ca",
+        type=Path,
+        default=None,
+        help="PEM certificate the guest trusts: the pool node's egress interception CA "
+        "(state_dir/egress-ca.pem), so guests' HTTPS meets the node's leaves",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     distro = Distro(args.distro)
     try:
+        trust_ca = _read_ca(args.trust_ca) if args.trust_ca is not None else ""
         spec = GuestImageSpec(
             out_dir=args.out,
             distro=distro,
@@ -58,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hostname=args.hostname,
             backend_user=args.backend_user,
             backend_pass=args.backend_pass,
+            trust_ca=trust_ca,
         )
         image = build_image(spec, print_progress)
     except ImageBuildError as exc:

@@ -82,6 +82,10 @@ _DPKG_EXCLUDES = (
 )
 
 
+LOCAL_CA = "usr/local/share/ca-certificates/honeyfleet-egress.crt"
+"""The egress interception CA's certificate, as a local CA (update-ca-certificates)."""
+
+
 def _host_sources() -> list[str]:
     """The host's apt source files, passed to mmdebstrap in place of a mirror URL."""
     apt = Path("/etc/apt")
@@ -119,6 +123,8 @@ def install(root: Path, spec: GuestImageSpec, kernel_release: str, kernel_debs: 
     run([*argv, SUITE, root, *sources], timeout=1800.0)
     _install_kernel(root, kernel_debs)
     _dress(root, spec)
+    if spec.trust_ca:
+        _trust(root, spec.trust_ca)
     # The administrator's logins of the last two weeks (`last`, sshd's "Last login").
     admins = sorted({spec.backend_user, _rootfs.admin_user(spec)})
     _logins.seed(root, admins, int(time.time()), kernel_release, spec.hostname)
@@ -139,6 +145,15 @@ def _install_kernel(root: Path, debs: list[Path]) -> None:
     finally:
         for deb in debs:
             (staged / deb.name).unlink(missing_ok=True)
+
+
+def _trust(root: Path, pem: str) -> None:
+    """Add the egress interception CA the way an administrator adds a local CA."""
+    local = root / LOCAL_CA
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text(pem.strip() + "\n")
+    local.chmod(0o644)
+    _chroot(root, "update-ca-certificates", "--fresh")
 
 
 def _chroot(root: Path, *argv: str, stdin: str | None = None) -> str:

@@ -304,6 +304,19 @@ def write_accounts(root: Path, spec: GuestImageSpec) -> None:
         home.chmod(0o750)
 
 
+TRUST_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+"""Where Debian's ca-certificates keeps the bundle, and where TLS clients look."""
+
+
+def trust_bundle(root: Path, pem: str) -> None:
+    """Make the guest's CA bundle hold ``pem`` (busybox's wget checks nothing, but a
+    client an attacker brings reads the usual bundle)."""
+    bundle = root / TRUST_BUNDLE
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    bundle.write_text(pem.strip() + "\n")
+    bundle.chmod(0o644)
+
+
 def finish(root: Path) -> None:
     """Add the fixed symlinks, log files and modes the data files cannot express."""
     for link, target in _SYMLINKS.items():

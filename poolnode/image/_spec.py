@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from ._errors import ImageBuildError
 
 # A conservative subset of what useradd accepts: short, lower-case, no ':' or spaces,
@@ -18,6 +20,19 @@ _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 #: Kernel command line the image is made for: the serial console carries boot logs
 #: to libvirt's console log; the initramfs finds the root disk itself.
 DEFAULT_CMDLINE = "console=ttyS0,115200 panic=10"
+
+
+def _check_certificate(pem: str) -> None:
+    """Refuse anything but one PEM CA certificate (a private key above all)."""
+    if "PRIVATE KEY" in pem:
+        raise ImageBuildError("trust_ca holds a private key: give the CA's certificate only")
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (ValueError, x509.ExtensionNotFound):
+        raise ImageBuildError("trust_ca is not a PEM CA certificate") from None
+    if not is_ca:
+        raise ImageBuildError("trust_ca is a leaf certificate, not a CA's")
 
 
 class Distro(enum.StrEnum):
@@ -75,6 +90,11 @@ class GuestImageSpec:
     cache_dir: Path | None = None
     """Where downloaded ``.deb`` files are kept; ``out_dir / "cache"`` when None."""
 
+    trust_ca: str = ""
+    """PEM certificate of the pool node's egress interception CA, added to the guest's
+    trust store so the leaves the node presents for guests' HTTPS are accepted ("" none).
+    A certificate only: the CA's key never goes into an image."""
+
     modules: tuple[str, ...] = ("virtio_pci", "virtio_blk", "virtio_net", "ext4")
     """Kernel modules the initramfs loads (with their dependencies) before mounting
     the root disk."""
@@ -96,6 +116,8 @@ class GuestImageSpec:
             raise ImageBuildError("disk_size_mib must be at least 64")
         if self.distro is Distro.DEBIAN and self.disk_size_mib < 1024:
             raise ImageBuildError("a debian image needs disk_size_mib of at least 1024")
+        if self.trust_ca:
+            _check_certificate(self.trust_ca)
 
     @property
     def package_cache(self) -> Path:

@@ -28,3 +28,36 @@ def test_distro_defaults() -> None:
     assert DEBIAN_DISK_MIB >= 4096  # a small cloud VM's disk, not busybox's 2 GiB
     with pytest.raises(ImageBuildError):
         GuestImageSpec(out_dir=Path("x"), distro=Distro.DEBIAN, disk_size_mib=512)
+
+
+def test_trust_ca_takes_a_ca_certificate_and_nothing_else(tmp_path: Path) -> None:
+    from poolnode.egress.intercept import load_or_make_ca
+    from poolnode.image._build import _fingerprint
+
+    cert, key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    load_or_make_ca(cert, key)
+    plain = GuestImageSpec(out_dir=tmp_path)
+    trusting = GuestImageSpec(out_dir=tmp_path, trust_ca=cert.read_text())
+    # One with a CA is another image (and one without keeps the fingerprint it had).
+    assert _fingerprint(plain, {}) != _fingerprint(trusting, {})
+    with pytest.raises(ImageBuildError, match="private key"):
+        GuestImageSpec(out_dir=tmp_path, trust_ca=cert.read_text() + key.read_text())
+    with pytest.raises(ImageBuildError, match="not a PEM CA certificate"):
+        GuestImageSpec(out_dir=tmp_path, trust_ca="hello")
+
+
+def test_a_busybox_root_gets_the_ca_as_its_bundle(tmp_path: Path) -> None:
+    from poolnode.image import _rootfs
+
+    _rootfs.trust_bundle(tmp_path, "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    bundle = tmp_path / "etc/ssl/certs/ca-certificates.crt"
+    assert bundle.read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert bundle.stat().st_mode & 0o777 == 0o644
+
+
+def test_build_reads_the_ca_file_it_is_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["build", "--trust-ca", str(tmp_path / "missing.pem"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert "--trust-ca" in capsys.readouterr().err

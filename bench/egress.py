@@ -1,13 +1,16 @@
 """Egress benchmark: what a guest's DNS queries and sinkhole connections cost the node.
 
     .venv/bin/python bench/egress.py                     # a few seconds
-    .venv/bin/python bench/egress.py --queries 20000 --connections 5000
+    .venv/bin/python bench/egress.py --queries 20000 --connections 5000 --https 2000
 
 The node's DNS server and sinkhole run in this process on loopback (no redirect rules:
 the "guest" talks to them directly), each event spooled to a real SQLite spool as on a
 pool node, with the per-guest bound lifted so every event is made. ``--queries`` DNS
 queries are sent one at a time (query, answer, next), then ``--connections`` HTTP
-requests, ``--parallel`` connections at once. Printed: rate, and this process's CPU
+requests, ``--parallel`` connections at once, then ``--https`` HTTPS requests the same way
+(each a TLS handshake with a leaf of the node's interception CA, which the client trusts
+as a guest image does; server names cycle over ``--names``, so leaves are minted once
+each and then served from the cache). Printed: rate, and this process's CPU
 per item (the client's share included: it runs here too, so the figure is an upper
 bound). Run under ``flock /tmp/hf-bench.lock``; other load on the machine shows.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -83,6 +87,27 @@ async def connections(port: int, count: int, parallel: int) -> float:
     return time.perf_counter() - started
 
 
+async def https(port: int, count: int, parallel: int, ca: Path, names: int) -> float:
+    """Make ``count`` HTTPS requests to the sinkhole, ``parallel`` at once; seconds taken."""
+    context = ssl.create_default_context(cafile=str(ca))
+    left = iter(range(count))
+
+    async def worker() -> None:
+        for i in left:
+            host = f"h{i % names}.example.org"
+            reader, writer = await asyncio.open_connection(
+                GUEST, port, ssl=context, server_hostname=host
+            )
+            writer.write(REQUEST.replace(b"cnc.example.org", host.encode()))
+            answer = await asyncio.wait_for(reader.read(), 10)
+            assert answer.startswith(b"HTTP/1.1 404"), answer
+            writer.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(parallel)))
+    return time.perf_counter() - started
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         table = {
@@ -108,6 +133,17 @@ async def main(args: argparse.Namespace) -> None:
                     connections(config.egress_sinkhole_port, args.connections, args.parallel),
                     args.connections,
                 ),
+                (
+                    "sinkhole HTTPS connections (intercepted)",
+                    https(
+                        config.egress_sinkhole_port,
+                        args.https,
+                        args.parallel,
+                        config.egress_ca[0],
+                        args.names,
+                    ),
+                    args.https,
+                ),
             ):
                 cpu = time.process_time()
                 seconds = await run
@@ -128,5 +164,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=5000)
     parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--https", type=int, default=1000)
+    parser.add_argument("--names", type=int, default=8, help="server names HTTPS cycles over")
     parser.add_argument("--parallel", type=int, default=16)
     asyncio.run(main(parser.parse_args()))

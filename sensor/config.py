@@ -357,7 +357,10 @@ class SensorConfig:
         35000, "largest SSH packet length a client may declare in the clear", check=positive
     )
     write_buffer_high: int = setting(
-        1024 * 1024, "bytes buffered for a client that does not read", check=positive
+        1024 * 1024,
+        "bytes buffered for a client that does not read (past it, a channel's output in "
+        "flight still arrives: up to 1 MiB, the pool node's credit)",
+        check=positive,
     )
     idle_timeout: float = setting(
         300.0, "seconds without client input before a session is closed", check=positive

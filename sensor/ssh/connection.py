@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,22 +58,15 @@ DISCONNECT_LINGER = 5.0
 
 
 class DrainedInner(InnerSide):
-    """The pump's asyncssh end, saying when asyncssh's last bytes have been passed on."""
+    """asyncssh's transport, saying when asyncssh's last bytes have been passed on."""
 
-    def __init__(self, attacker: AttackerSide, high_water: int) -> None:
-        super().__init__(attacker, high_water)
-        self.drained = Latch()
+    def __init__(self, attacker: AttackerSide) -> None:
+        super().__init__(attacker)
+        self.drained_latch = Latch()
 
-    def eof_received(self) -> bool:
+    def drained(self) -> None:
         """asyncssh closed its end: everything it sent is on its way to the attacker."""
-        keep_open = super().eof_received()
-        self.drained.set()
-        return keep_open
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Our end is closed."""
-        super().connection_lost(exc)
-        self.drained.set()
+        self.drained_latch.set()
 
 
 class AttackerConnection(Adapter):
@@ -100,7 +92,7 @@ class AttackerConnection(Adapter):
             invalid=self.persona.invalid_identification,
         )
         self._side = side
-        self._inner = DrainedInner(side, config.write_buffer_high)
+        self._inner = DrainedInner(side)
         side.inner = self._inner
         self._auth_failures = 0
         self._channels: set[RelaySession] = set()
@@ -120,18 +112,15 @@ class AttackerConnection(Adapter):
         """Bytes waiting to be sent to the attacker (bounded by write_buffer_high)."""
         return self._side.buffered
 
-    # Start-up: asyncssh on our end of a socketpair, the pump on the other.
+    # Start-up: asyncssh on the pump's transport.
 
     async def _serve(self) -> None:
         """Run asyncssh's server side of this connection."""
-        ours, theirs = socket.socketpair()
-        loop = asyncio.get_running_loop()
-        await loop.create_connection(lambda: self._inner, sock=ours)
-        # asyncssh's transport inherits this task's context, where the bound is kept.
+        # asyncssh runs in this task's context (the pump keeps it), where the bound is kept.
         limit_inflation(self.config.ssh_max_inflated_bytes, self.close)
         try:
             await openssh.run_server(
-                theirs,
+                self._inner,
                 self.shared.options,
                 self.persona,
                 self.shared.dh_groups,
@@ -406,7 +395,7 @@ class AttackerConnection(Adapter):
         if self._drain:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(DISCONNECT_LINGER):
-                    await self._inner.drained.wait()
+                    await self._inner.drained_latch.wait()
             self.hang_up()
         if self._ssh is not None:
             self._ssh.close()

@@ -26,7 +26,6 @@ Debian's own sshd) before the pin moves.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 import asyncssh
@@ -37,6 +36,7 @@ from asyncssh.misc import ProtocolError
 from asyncssh.packet import MPInt, SSHPacket, String, UInt32
 
 from sensor.ssh.gex import GroupChooser
+from sensor.ssh.pump import InnerSide
 from sensor.ssh_persona import Persona
 
 HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"
@@ -169,21 +169,19 @@ def install() -> None:
 
 
 async def run_server(
-    sock: socket.socket,
+    transport: InnerSide,
     options: asyncssh.SSHServerConnectionOptions,
     persona: Persona,
     dh_groups: GroupChooser,
     server_factory: Callable[[], asyncssh.SSHServer],
 ) -> asyncssh.SSHServerConnection:
-    """``asyncssh.run_server`` with :class:`OpenSSHServerConnection` connections, on the
-    shared ``options``; returns the connection once the client has logged in."""
+    """``asyncssh.run_server`` with an :class:`OpenSSHServerConnection` on the pump's
+    ``transport``, on the shared ``options``; returns the connection once the client has
+    logged in."""
     loop = asyncio.get_running_loop()
     waiter: asyncio.Future[None] = loop.create_future()
-
-    def factory() -> OpenSSHServerConnection:
-        return OpenSSHServerConnection(loop, options, persona, dh_groups, server_factory, waiter)
-
-    _, conn = await loop.create_connection(factory, sock=sock)
+    conn = OpenSSHServerConnection(loop, options, persona, dh_groups, server_factory, waiter)
+    transport.attach(conn)
     try:
         async with asyncio.timeout(options.connect_timeout):
             await waiter

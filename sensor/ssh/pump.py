@@ -1,18 +1,18 @@
 """The byte pump between an attacker's TCP connection and asyncssh.
 
-asyncssh runs on one end of a socketpair (``asyncssh.run_server(sock=...)``); the pump
-moves bytes between the attacker's socket and the other end. That gives the sensor what
-asyncssh's public API does not: a count of bytes before login, the client's cleartext
-version line and KEXINIT (for hassh) with a bound on declared packet lengths, and the
-attacker's backlog (a client that stops reading pauses the guest instead of growing
-buffers). Each direction's backpressure pauses the other side's reads.
-"""
+asyncssh's connection runs on :class:`InnerSide`, a transport of ours: the pump hands it
+the attacker's bytes and passes what it writes to the attacker's socket. That gives the
+sensor what asyncssh's public API does not: a count of bytes before login, the client's
+cleartext version line and KEXINIT (for hassh) with a bound on declared packet lengths,
+and the attacker's backlog (a client that stops reading pauses the guest instead of
+growing buffers)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from sensor.linger import close_with_linger
 from sensor.ssh.cleartext import BadIdentification, CleartextParser, CleartextViolation
@@ -79,8 +79,8 @@ class AttackerSide(asyncio.Protocol):
         if reason is not None:
             self._owner.pump_closed(reason)
             return
-        if self.inner is not None and self.inner.transport is not None:
-            self.inner.transport.write(data)
+        if self.inner is not None:
+            self.inner.feed(data)
 
     def last_words(self) -> None:
         """After our banner: OpenSSH's reply to a refused first line, then the end."""
@@ -92,8 +92,8 @@ class AttackerSide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """Half-close towards asyncssh."""
-        if self.inner is not None and self.inner.transport is not None:
-            self.inner.transport.write_eof()
+        if self.inner is not None:
+            self.inner.feed_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -102,16 +102,13 @@ class AttackerSide(asyncio.Protocol):
             self._owner.pump_closed("client disconnected")
 
     def pause_writing(self) -> None:
-        """The attacker is not reading: stop taking asyncssh's output."""
-        if self.inner is not None and self.inner.transport is not None:
-            self.inner.transport.pause_reading()
+        """The attacker is not reading: the guests' output waits (asyncssh itself ignores
+        a transport's pause)."""
         if self._owner is not None:
             self._owner.attacker_backlog(True)
 
     def resume_writing(self) -> None:
         """The attacker reads again."""
-        if self.inner is not None and self.inner.transport is not None:
-            self.inner.transport.resume_reading()
         if self._owner is not None:
             self._owner.attacker_backlog(False)
 
@@ -128,55 +125,108 @@ class AttackerSide(asyncio.Protocol):
         close_with_linger(transport)
 
 
-class InnerSide(asyncio.Protocol):
-    """Protocol on our end of the socketpair (asyncssh holds the other end)."""
+class InnerSide(asyncio.Transport):
+    """The transport asyncssh's connection runs on: the attacker's bytes are handed to it
+    directly and what it writes goes straight to the attacker's transport (no socketpair:
+    that cost a second send and receive per chunk, and two descriptors per connection).
 
-    def __init__(self, attacker: AttackerSide, high_water: int) -> None:
+    asyncssh is called in the context it was attached in (:meth:`attach`), as a transport
+    of its own would call it: the connection's inflation bound lives there
+    (:mod:`sensor.ssh.compression`).
+    """
+
+    def __init__(self, attacker: AttackerSide) -> None:
+        super().__init__()
         self._attacker = attacker
-        self._high_water = high_water
-        self.transport: asyncio.Transport | None = None
+        self._ssh: asyncio.Protocol | None = None
+        self._context: contextvars.Context | None = None
+        self._closing = False
         self.banner_relayed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Start reading the attacker now that asyncssh can take bytes."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=self._high_water)
+    def attach(self, ssh: asyncio.Protocol) -> None:
+        """Start asyncssh's connection on this transport, then read the attacker."""
+        self._ssh = ssh
+        self._context = contextvars.copy_context()
+        self._context.run(ssh.connection_made, self)
         if self._attacker.transport is not None:
             self._attacker.transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    # The attacker's side calls these.
+
+    def feed(self, data: bytes) -> None:
+        """The attacker's bytes, to asyncssh."""
+        if self._ssh is not None and self._context is not None and not self._closing:
+            self._context.run(self._ssh.data_received, data)
+
+    def feed_eof(self) -> None:
+        """The attacker half-closed (asyncssh then ends the connection)."""
+        if self._ssh is not None and self._context is not None and not self._closing:
+            self._context.run(self._ssh.eof_received)
+
+    # asyncio.Transport, as asyncssh uses it.
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """asyncssh's output goes to the attacker."""
-        if self._attacker.transport is not None:
-            self._attacker.transport.write(data)
+        attacker = self._attacker.transport
+        if self._closing or attacker is None or attacker.is_closing():
+            return
+        attacker.write(data)
         if not self.banner_relayed and b"\n" in data:
             # asyncssh's KEXINIT follows only the client's version: nothing after it yet.
             self.banner_relayed = True
             self._attacker.last_words()
 
-    def eof_received(self) -> bool:
+    def write_eof(self) -> None:
         """asyncssh is done sending."""
-        if self._attacker.transport is not None and self._attacker.transport.can_write_eof():
-            self._attacker.transport.write_eof()
+        attacker = self._attacker.transport
+        if attacker is not None and not attacker.is_closing() and attacker.can_write_eof():
+            attacker.write_eof()
+        self.drained()
+
+    def can_write_eof(self) -> bool:
+        """Whether :meth:`write_eof` half-closes (as the attacker's transport can)."""
         return True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        """asyncssh closed the connection (logout, timeout, protocol error)."""
+    def close(self) -> None:
+        """asyncssh's connection ends (closed by asyncssh, or by us): the attacker's is
+        closed after what is queued for it, and asyncssh hears of it as from a transport."""
+        if self._closing:
+            return
+        self._closing = True
+        self.drained()
         # Through the attacker side's close, so a client that never reads is still
         # aborted (a plain close here would make its later close() a no-op).
         self._attacker.close()
+        if self._ssh is not None and self._context is not None:
+            asyncio.get_running_loop().call_soon(
+                self._ssh.connection_lost, None, context=self._context
+            )
 
-    def pause_writing(self) -> None:
-        """asyncssh is not keeping up: stop reading the attacker."""
+    def abort(self) -> None:
+        """As :meth:`close`: the attacker's transport bounds its own flush."""
+        self.close()
+
+    def is_closing(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Nothing: asyncssh learns no socket or addresses (the session has them)."""
+        return default
+
+    def pause_reading(self) -> None:
+        """Stop reading the attacker."""
         if self._attacker.transport is not None:
             self._attacker.transport.pause_reading()
 
-    def resume_writing(self) -> None:
-        """asyncssh caught up."""
+    def resume_reading(self) -> None:
+        """Read the attacker again."""
         if self._attacker.transport is not None:
             self._attacker.transport.resume_reading()
 
-    def close(self) -> None:
-        """Close asyncssh's connection."""
-        if self.transport is not None:
-            self.transport.close()
+    def get_write_buffer_size(self) -> int:
+        """Bytes queued for the attacker."""
+        return self._attacker.buffered
+
+    def drained(self) -> None:
+        """asyncssh sent its last bytes (a subclass may want to know)."""

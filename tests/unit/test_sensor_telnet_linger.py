@@ -118,6 +118,27 @@ class Owner:
     def pump_closed(self, reason: str) -> None:
         self.closed.set()
 
+    def client_version(self, version: str) -> None:
+        self.version = version
+
+
+class Ssh(asyncio.Protocol):
+    """asyncssh's connection, reduced to what the pump calls on it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+        self.received = b""
+        self.lost = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
 
 async def test_the_pump_aborts_a_client_that_never_reads_when_asyncssh_goes(
     clients: list[socket.socket],
@@ -131,26 +152,30 @@ async def test_the_pump_aborts_a_client_that_never_reads_when_asyncssh_goes(
         return owner
 
     server = await loop.create_server(lambda: AttackerSide(accept), "127.0.0.1", 0)
-    clients.append(await silent_client(server.sockets[0].getsockname()[1]))
+    client = await silent_client(server.sockets[0].getsockname()[1])
+    clients.append(client)
     async with asyncio.timeout(10):
         while not sides:
             await asyncio.sleep(0.01)
     (side,) = sides
-    # asyncssh's end of the socketpair (theirs) and the pump's (ours).
-    ours, theirs = socket.socketpair()
-    inner = InnerSide(side, owner.write_buffer_high)
+    inner = InnerSide(side)
     side.inner = inner
-    await loop.create_connection(lambda: inner, sock=ours)
-    assert side.transport is not None and inner.transport is not None
-    fill(side.transport)  # asyncssh's output, which the client never reads
-    # asyncssh's connection breaks: closed with input unread, which resets ours.
-    inner.transport.write(b"unread")
-    assert inner.transport.get_write_buffer_size() == 0
-    theirs.close()
+    ssh = Ssh()
+    inner.attach(ssh)
+    assert ssh.transport is inner and side.transport is not None
+    # The attacker's bytes reach asyncssh once it is attached.
+    await loop.sock_sendall(client, b"SSH-2.0-OpenSSH_9.2\r\n")
     async with asyncio.timeout(10):
-        while inner.transport is not None and not inner.transport.is_closing():
+        while not ssh.received:
             await asyncio.sleep(0.01)
-    side.close()  # what the connection does when asyncssh says it is gone
+    assert ssh.received == b"SSH-2.0-OpenSSH_9.2\r\n" and owner.version == "SSH-2.0-OpenSSH_9.2"
+    fill(side.transport)  # asyncssh's output, which the client never reads
+    # asyncssh's connection ends: it hears so, and the client is aborted after the linger.
+    inner.abort()
+    assert inner.is_closing()
     async with asyncio.timeout(10):
+        await ssh.lost.wait()
+        while not side.transport.is_closing() or side.transport.get_write_buffer_size():
+            await asyncio.sleep(0.01)
         await owner.closed.wait()
     server.close()

@@ -43,6 +43,7 @@ CA_DAYS = 3650
 LEAF_DAYS = 90
 SKEW = timedelta(days=1)
 READ_SIZE = 65536
+CIPHERS = "ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:@SECLEVEL=0"
 
 
 def load_or_make_ca(cert: Path, key: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -119,6 +120,11 @@ class Leaves:
         )
         self.minted += 1
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # Bots' clients are old: busybox wget's own TLS sends no signature_algorithms,
+        # which in TLS 1.2 means SHA-1 signatures, refused by OpenSSL's default security
+        # level (NO_SHARED_CIPHER). Level 0 takes whatever an ECDHE client offers: what
+        # this protects is a dead end.
+        context.set_ciphers(CIPHERS)
         # ssl loads certificates from files only: a private temporary one, gone at once.
         with tempfile.TemporaryDirectory() as folder:
             chain = Path(folder) / "leaf.pem"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from poolnode.egress.intercept import CACHED, Leaves, load_or_make_ca
 from tests.conftest import until
 from tests.integration import test_poolnode_egress as loopback
 from tests.integration.test_poolnode_egress import GUEST, PAYLOAD, Fleet, MakeEgress
+from tests.prereq import require_tool
 
 pytestmark = pytest.mark.timeout(30)
 make_egress = loopback.make_egress
@@ -214,6 +216,26 @@ async def test_a_guest_that_refuses_the_leaf_is_recorded_by_server_name(
     (connect,) = fleet.of("honeyfleet.egress.connect")
     assert (connect["kind"], connect["sni"]) == ("tls", HOST)
     assert "url" not in connect and connect["tls_error"]
+
+
+async def test_busybox_wgets_own_tls_is_intercepted(
+    make_egress: MakeEgress, tmp_path: Path
+) -> None:
+    require_tool("busybox", "busybox")
+    fleet = await make_egress()
+    port = fleet.egress.config.egress_sinkhole_port
+    url = f"https://localhost:{port}/bins/x.sh"
+    # No openssl on its PATH: busybox speaks TLS itself, as in the busybox guest image.
+    proc = await asyncio.create_subprocess_exec(
+        str(shutil.which("busybox")), "wget", "-O", str(tmp_path / "x.sh"), url,
+        env={"PATH": str(tmp_path)},
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert b"404 Not Found" in err, err  # the dead end's answer, read inside TLS
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) == 1)
+    (connect,) = fleet.of("honeyfleet.egress.connect")
+    assert (connect["kind"], connect["url"], connect["sni"]) == ("https", url, "localhost")
 
 
 async def test_leaves_are_minted_once_per_name_and_bounded(tmp_path: Path) -> None:

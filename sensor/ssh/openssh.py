@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import asyncssh
 from asyncssh.constants import MSG_NEWKEYS, MSG_UNIMPLEMENTED
@@ -40,6 +41,8 @@ from sensor.ssh.pump import InnerSide
 from sensor.ssh_persona import Persona
 
 HOSTBOUND_METHOD = b"publickey-hostbound-v00@openssh.com"
+# Shared by every server connection in place of sets only a client fills.
+_NEVER_FILLED: set[Any] = set()
 
 
 class OpenSSHServerConnection(asyncssh.SSHServerConnection):
@@ -58,6 +61,12 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         # listeners share theirs; what is this connection's is set here instead (asyncssh's
         # run_server would copy the options, about 4 KB a connection, to carry these two).
         super().__init__(loop, options)
+        # A client's host key checks: asyncssh makes five empty sets per connection, a
+        # server never fills or reads them (about 1 KB a held session). A client's
+        # ext-info replaces ``_server_sig_algs`` rather than adding to it.
+        self._trusted_host_keys = self._trusted_ca_keys = None
+        self._revoked_host_keys = self._x509_revoked_certs = _NEVER_FILLED
+        self._server_sig_algs = _NEVER_FILLED
         self._protocol_factory = server_factory
         self._wait, self._waiter = "auth", waiter
         self.persona = persona

@@ -275,8 +275,9 @@ async def test_held_sessions_share_the_sensors_ssh_options_and_keep_no_kexinit(
     make_fleet: FleetFactory,
 ) -> None:
     """What a held session keeps is its own: the asyncssh options (host keys, algorithm
-    lists) are the sensor's one object, not a copy per connection or per login, and the
-    KEXINITs that served only the exchange hash are gone (issue 15: memory per shell)."""
+    lists) are the sensor's one object, not a copy per connection or per login, the
+    KEXINITs that served only the exchange hash are gone, and the host key sets only a
+    client fills are not made per connection (issue 15: memory per shell)."""
     fleet = await make_fleet()
     clients = [await connect(fleet) for _ in range(2)]
     shells = [await c.create_process(term_type="xterm") for c in clients]
@@ -292,6 +293,9 @@ async def test_held_sessions_share_the_sensors_ssh_options_and_keep_no_kexinit(
     assert len(servers) == 2
     assert servers[0]._options is servers[1]._options
     assert all(s._client_kexinit == s._server_kexinit == b"" for s in servers)
+    # A client's host key sets: one empty object for all, never one per connection.
+    assert servers[0]._revoked_host_keys is servers[1]._server_sig_algs == set()
+    assert servers[0]._trusted_host_keys is None
     for c in clients:
         c.close()
     await until(lambda: len(fleet.closed_reasons()) == 2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -42,7 +43,7 @@ from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import common_pb2, poolnode_pb2_grpc, registry_pb2
 from poolnode.controller_link import ControllerLink
 from poolnode.server import POLICY as NODE_POLICY
-from poolnode.service import Allocation, PoolNodeServicer
+from poolnode.service import Allocation, PoolNodeServicer, allocate_guest
 from sensor.leases import LeaseClient, LeaseFailed
 
 log = logging.getLogger(__name__)
@@ -363,8 +364,9 @@ class SimNode:
             snapshot=self.pool.snapshot,
             table_version=self._table_version,
             on_response=self._on_response,
+            allocate=functools.partial(allocate_guest, self.pool),
         )
-        self.pool.on_change = self.link.nudge.set
+        self.pool.on_change = self.link.nudge
         self._task = asyncio.create_task(self.link.run())
 
     async def stop(self) -> None:

@@ -65,6 +65,8 @@ class PoolNodeRecord:
     last_heartbeat_time: float | None = None
     # Monotonic clock of the last sign of life, for the liveness check.
     last_seen_monotonic: float = field(default_factory=time.monotonic)
+    # Takes allocations on its heartbeat stream (as registered; not stored).
+    stream_allocations: bool = False
     view: NodeView = field(init=False)
 
     def __post_init__(self) -> None:

@@ -90,6 +90,7 @@ class Registry:
                 register_time=time.time(),
                 draining=previous.draining if previous else False,
                 last_heartbeat_time=previous.last_heartbeat_time if previous else None,
+                stream_allocations=request.stream_allocations,
             )
         )
         self.nodes[name] = node

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -11,9 +12,10 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 
 from controller.leases import LeaseManager
+from controller.nodeclient import NodeClients
 from controller.registry import Registry
 from honeyfleet.authz import current_caller
-from honeyfleet.v1 import registry_pb2, registry_pb2_grpc
+from honeyfleet.v1 import poolnode_pb2, registry_pb2, registry_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,14 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         self,
         registry: Registry,
         leases: LeaseManager,
+        nodes: NodeClients,
         *,
         heartbeat_interval: float,
         revoked_serials: Callable[[], frozenset[int]],
     ) -> None:
         self._registry = registry
         self._leases = leases
+        self._nodes = nodes
         self._interval = heartbeat_interval
         self._revoked = revoked_serials
         # The revocation list as sent, rebuilt only when the list changes.
@@ -69,7 +73,8 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
     ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
         """Answer each heartbeat with revocations, drain state, stale and ended leases;
-        between heartbeats, send leases that ended as soon as they end.
+        between heartbeats, send leases that ended as soon as they end, and allocations
+        (to nodes that take them here) as soon as they are asked.
 
         The arrival time is taken first thing, before any other work; leases are
         compared only when a new table was applied, and only with this node's.
@@ -77,22 +82,39 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         name = current_caller().identity.name
         inbox: asyncio.Queue[_Arrival | None] = asyncio.Queue()
         reader = asyncio.create_task(_read(request_iterator, inbox))
+        node = self._registry.nodes.get(name)
+        streams = node is not None and node.stream_allocations
         try:
-            with self._leases.listen(name, lambda: inbox.put_nowait(None)):
+            with contextlib.ExitStack() as attached:
+
+                def wake() -> None:
+                    inbox.put_nowait(None)
+
+                attached.enter_context(self._leases.listen(name, wake))
+                if streams:
+                    attached.enter_context(self._nodes.stream(name, wake))
                 while True:
                     arrival = await inbox.get()
                     if arrival is None:
                         ended = self._leases.take_ended(name)
-                        if ended:
-                            yield self._response(name, ended=ended, between=True)
+                        allocate = self._nodes.take_requests(name)
+                        if ended or allocate:
+                            yield self._response(name, ended=ended, allocate=allocate, between=True)
                         continue
-                    if arrival.request is None:
+                    request = arrival.request
+                    if request is None:
                         break
-                    node, applied = self._registry.heartbeat(
-                        name, arrival.request, arrival.received
-                    )
+                    self._nodes.answered(name, request.allocations)
+                    if request.answers_only:
+                        continue
+                    node, applied = self._registry.heartbeat(name, request, arrival.received)
                     stale = self._leases.reconcile(node) if applied else []
-                    yield self._response(name, stale=stale, ended=self._leases.take_ended(name))
+                    yield self._response(
+                        name,
+                        stale=stale,
+                        ended=self._leases.take_ended(name),
+                        allocate=self._nodes.take_requests(name),
+                    )
         finally:
             reader.cancel()
         await reader  # re-raises what ended the node's side of the stream
@@ -103,6 +125,7 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         *,
         stale: list[str] | None = None,
         ended: list[registry_pb2.EndedLease],
+        allocate: list[poolnode_pb2.AllocateGuestRequest] | None = None,
         between: bool = False,
     ) -> registry_pb2.HeartbeatResponse:
         """Every message carries the whole of the node's instructions."""
@@ -113,6 +136,7 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
             stale_lease_ids=stale,
             ended_leases=ended,
             between_heartbeats=between,
+            allocate=allocate,
         )
 
     def _revoked_serials(self) -> list[str]:

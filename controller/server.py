@@ -167,6 +167,7 @@ class Controller:
             PoolNodeRegistryServicer(
                 self.registry,
                 self.leases,
+                self.nodes,
                 heartbeat_interval=config.heartbeat_interval,
                 revoked_serials=self._revoked,
             ),

@@ -6,6 +6,9 @@ serving them and keeps retrying with capped, jittered exponential backoff.
 A heartbeat carries the guest table only when its version moved since the previous
 heartbeat on the stream; otherwise just the version. Early heartbeats (nudges) are
 spaced at least NUDGE_GAP heartbeat intervals apart, so a burst of boots costs one.
+
+The controller asks for allocations on the same stream (cheaper than a call each):
+every one is answered on it as soon as it is made, in a message of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from honeyfleet.errors import HoneyfleetError
 from honeyfleet.tls import TlsFiles, secure_channel
-from honeyfleet.v1 import registry_pb2, registry_pb2_grpc
+from honeyfleet.v1 import poolnode_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,9 @@ NUDGE_GAP = 0.1
 class ControllerLink:
     """Keeps a pool node registered and heartbeating."""
 
+    # Announced at registration: the controller then asks for guests on the stream.
+    stream_allocations = True
+
     def __init__(
         self,
         controller: str,
@@ -42,6 +49,9 @@ class ControllerLink:
         snapshot: Callable[[], registry_pb2.HeartbeatRequest],
         table_version: Callable[[], int],
         on_response: Callable[[registry_pb2.HeartbeatResponse], Awaitable[None]],
+        allocate: Callable[
+            [poolnode_pb2.AllocateGuestRequest], Awaitable[poolnode_pb2.AllocateGuestResponse]
+        ],
     ) -> None:
         self._controller = controller
         self._tls = tls
@@ -49,9 +59,22 @@ class ControllerLink:
         self._snapshot = snapshot
         self._table_version = table_version
         self._on_response = on_response
+        self._allocate = allocate
         self.connected = asyncio.Event()
-        # Set to send a heartbeat at once (e.g. after a guest changed state).
-        self.nudge = asyncio.Event()
+        # When a nudge asked for an early heartbeat (e.g. a guest changed state).
+        self._nudged_at: float | None = None
+        # Allocation answers not yet handed to the stream, and the stream's wake-up.
+        self._answers: list[registry_pb2.AllocationAnswer] = []
+        self._wake = asyncio.Event()
+        # Allocations being made. One that outlives its stream is answered on the next;
+        # the controller ignores the answer and reports the lease as stale.
+        self._allocations: set[asyncio.Task[None]] = set()
+
+    def nudge(self) -> None:
+        """Send a heartbeat soon (at most NUDGE_GAP intervals after the last one)."""
+        if self._nudged_at is None:
+            self._nudged_at = asyncio.get_running_loop().time()
+            self._wake.set()
 
     async def run(self) -> None:
         """Register and heartbeat until cancelled."""
@@ -88,20 +111,44 @@ class ControllerLink:
         """One registration and heartbeat stream, until the stream breaks."""
         # wait_for_ready: a controller coming back is found as soon as the channel
         # reconnects, not at the next attempt after this link's own backoff.
+        registration = self._registration()
+        registration.stream_allocations = self.stream_allocations
         response = await stub.RegisterPoolNode(
-            self._registration(), timeout=REGISTER_TIMEOUT, wait_for_ready=True
+            registration, timeout=REGISTER_TIMEOUT, wait_for_ready=True
         )
         interval = response.heartbeat_interval.ToTimedelta().total_seconds() or 5.0
         log.info(
             "registered with controller %s (heartbeat every %.1fs)", self._controller, interval
         )
         self.connected.set()
+        self._answers.clear()
         call = stub.Heartbeat(self._heartbeats(interval))
         async for reply in call:
+            for request in reply.allocate:
+                task = asyncio.create_task(self._answer(request))
+                self._allocations.add(task)
+                task.add_done_callback(self._allocations.discard)
             await self._on_response(reply)
 
+    async def _answer(self, request: poolnode_pb2.AllocateGuestRequest) -> None:
+        """Allocate as the AllocateGuest call would, and queue the answer for the stream."""
+        answer = registry_pb2.AllocationAnswer(lease_id=request.lease_id)
+        try:
+            answer.granted.CopyFrom(await self._allocate(request))
+        except HoneyfleetError as e:
+            answer.status_code = e.code.value[0]
+            answer.status_message = str(e)
+        except Exception as e:
+            log.exception("allocation of lease %s failed", request.lease_id)
+            answer.status_code = grpc.StatusCode.INTERNAL.value[0]
+            answer.status_message = f"the node failed to allocate: {e!r}"
+        self._answers.append(answer)
+        self._wake.set()
+
     async def _heartbeats(self, interval: float) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        """Yield a heartbeat every interval, or sooner when nudged; the table only if changed."""
+        """Yield a heartbeat every interval, or sooner when nudged (the table only if
+        changed), and allocation answers as soon as they are ready."""
+        loop = asyncio.get_running_loop()
         sent = 0  # a new stream always starts with the whole table
         while True:
             version = self._table_version()
@@ -111,8 +158,19 @@ class ControllerLink:
                 heartbeat = self._snapshot()
                 sent = heartbeat.table_version
                 yield heartbeat
-            self.nudge.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self.nudge.wait()
-                    await asyncio.sleep(interval * NUDGE_GAP)
+            due = loop.time() + interval
+            self._nudged_at = None
+            while True:
+                if self._answers:
+                    answers, self._answers = self._answers, []
+                    yield registry_pb2.HeartbeatRequest(allocations=answers, answers_only=True)
+                    continue
+                send_at = due
+                if self._nudged_at is not None:
+                    send_at = min(due, self._nudged_at + interval * NUDGE_GAP)
+                if loop.time() >= send_at:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(send_at):
+                        await self._wake.wait()

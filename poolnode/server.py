@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from poolnode.downloads import Downloads
 from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.pool import GuestPool
-from poolnode.service import PoolNodeServicer
+from poolnode.service import PoolNodeServicer, allocate_guest
 from poolnode.tunnel import TunnelServicer
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,9 @@ class PoolNode:
             snapshot=self.pool.snapshot,
             table_version=lambda: self.pool.table_version,
             on_response=self._on_heartbeat_reply,
+            allocate=functools.partial(allocate_guest, self.pool),
         )
-        self.pool.set_on_change(self.link.nudge.set)
+        self.pool.set_on_change(self.link.nudge)
         self._metrics = serve_metrics(config.metrics_listen, self.pool.metrics.registry)
         await self.pool.start()
         self._link_task = asyncio.create_task(self.link.run())

@@ -63,6 +63,26 @@ class Pool(Protocol):
         ...
 
 
+async def allocate_guest(
+    pool: Pool, request: poolnode_pb2.AllocateGuestRequest
+) -> poolnode_pb2.AllocateGuestResponse:
+    """Put the controller's lease on a guest (asked by a call or on the heartbeat stream)."""
+    allocation = await pool.allocate(
+        request.lease_id,
+        request.src_ip,
+        request.sensor,
+        allow_shared=request.allow_shared,
+        session=request.session or "-",
+        protocol=PROTOCOL_NAMES.get(request.protocol, "-"),
+    )
+    return poolnode_pb2.AllocateGuestResponse(
+        guest=allocation.guest,
+        credentials=allocation.credentials,
+        shared=allocation.shared,
+        table_version=allocation.table_version,
+    )
+
+
 class PoolNodeServicer(poolnode_pb2_grpc.PoolNodeServiceServicer):
     """Allocate, release and status, for the controller."""
 
@@ -73,20 +93,7 @@ class PoolNodeServicer(poolnode_pb2_grpc.PoolNodeServiceServicer):
         self, request: poolnode_pb2.AllocateGuestRequest, context: Any
     ) -> poolnode_pb2.AllocateGuestResponse:
         """Put the controller's lease on a guest."""
-        allocation = await self._pool.allocate(
-            request.lease_id,
-            request.src_ip,
-            request.sensor,
-            allow_shared=request.allow_shared,
-            session=request.session or "-",
-            protocol=PROTOCOL_NAMES.get(request.protocol, "-"),
-        )
-        return poolnode_pb2.AllocateGuestResponse(
-            guest=allocation.guest,
-            credentials=allocation.credentials,
-            shared=allocation.shared,
-            table_version=allocation.table_version,
-        )
+        return await allocate_guest(self._pool, request)
 
     async def ReleaseGuest(
         self, request: poolnode_pb2.ReleaseGuestRequest, context: Any

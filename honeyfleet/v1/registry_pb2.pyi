@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from honeyfleet.v1 import common_pb2 as _common_pb2
+from honeyfleet.v1 import poolnode_pb2 as _poolnode_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -52,6 +53,7 @@ class RegisterPoolNodeRequest(_message.Message):
     SHARE_GUESTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
+    STREAM_ALLOCATIONS_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """host:port where the controller and sensors reach the node's gRPC services."""
     capacity: _builtins.int
@@ -62,6 +64,10 @@ class RegisterPoolNodeRequest(_message.Message):
     """Software version of the node."""
     backend: _builtins.str
     """Backend kind: "libvirt" or "static"."""
+    stream_allocations: _builtins.bool
+    """Whether the node takes allocations on its heartbeat stream
+    (HeartbeatResponse.allocate); without it the controller calls AllocateGuest.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Image labels offered by this node, e.g. {"image": "busybox"}."""
@@ -75,10 +81,11 @@ class RegisterPoolNodeRequest(_message.Message):
         share_guests: _builtins.bool = ...,
         version: _builtins.str = ...,
         backend: _builtins.str = ...,
+        stream_allocations: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "capacity", b"capacity", "labels", b"labels", "share_guests", b"share_guests", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backend", b"backend", "capacity", b"capacity", "labels", b"labels", "share_guests", b"share_guests", "stream_allocations", b"stream_allocations", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -125,6 +132,8 @@ class HeartbeatRequest(_message.Message):
     LEASE_IDS_FIELD_NUMBER: _builtins.int
     TABLE_VERSION_FIELD_NUMBER: _builtins.int
     TABLE_UNCHANGED_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    ANSWERS_ONLY_FIELD_NUMBER: _builtins.int
     table_version: _builtins.int
     """Goes up with every change of the node's guests or leases, starting at 1 when the
     node registers. AllocateGuest and ReleaseGuest answer with the version their change
@@ -133,6 +142,10 @@ class HeartbeatRequest(_message.Message):
     """
     table_unchanged: _builtins.bool
     """True when the table is the one sent last on this stream (only the version is set)."""
+    answers_only: _builtins.bool
+    """True when the message carries only allocation answers: it is no heartbeat (the
+    controller neither reads a table from it nor replies to it).
+    """
     @_builtins.property
     def guest_counts(self) -> _common_pb2.GuestCounts:
         """Unset when table_unchanged."""
@@ -147,6 +160,10 @@ class HeartbeatRequest(_message.Message):
         Unset when table_unchanged.
         """
 
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___AllocationAnswer]:
+        """Answers to allocations the controller asked on this stream, sent as soon as made."""
+
     def __init__(
         self,
         *,
@@ -155,14 +172,52 @@ class HeartbeatRequest(_message.Message):
         lease_ids: _abc.Iterable[_builtins.str] | None = ...,
         table_version: _builtins.int = ...,
         table_unchanged: _builtins.bool = ...,
+        allocations: _abc.Iterable[Global___AllocationAnswer] | None = ...,
+        answers_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guest_counts", b"guest_counts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guest_counts", b"guest_counts", "guests", b"guests", "lease_ids", b"lease_ids", "table_unchanged", b"table_unchanged", "table_version", b"table_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "answers_only", b"answers_only", "guest_counts", b"guest_counts", "guests", b"guests", "lease_ids", b"lease_ids", "table_unchanged", b"table_unchanged", "table_version", b"table_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class AllocationAnswer(_message.Message):
+    """AllocationAnswer is a node's answer to one allocation asked on its heartbeat stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    status_code: _builtins.int
+    """When no guest was given: the gRPC status code AllocateGuest would have ended
+    with (8, RESOURCE_EXHAUSTED: no guest left) and its message.
+    """
+    status_message: _builtins.str
+    @_builtins.property
+    def granted(self) -> _poolnode_pb2.AllocateGuestResponse:
+        """The guest given; unset when none was."""
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        granted: _poolnode_pb2.AllocateGuestResponse | None = ...,
+        status_code: _builtins.int = ...,
+        status_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "lease_id", b"lease_id", "status_code", b"status_code", "status_message", b"status_message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AllocationAnswer: _TypeAlias = AllocationAnswer  # noqa: Y015
 
 @_typing.final
 class HeartbeatResponse(_message.Message):
@@ -178,6 +233,7 @@ class HeartbeatResponse(_message.Message):
     STALE_LEASE_IDS_FIELD_NUMBER: _builtins.int
     ENDED_LEASES_FIELD_NUMBER: _builtins.int
     BETWEEN_HEARTBEATS_FIELD_NUMBER: _builtins.int
+    ALLOCATE_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """Whether an operator has drained this node."""
     between_heartbeats: _builtins.bool
@@ -196,6 +252,12 @@ class HeartbeatResponse(_message.Message):
         again while the node's table still shows them, so releasing must be idempotent.
         """
 
+    @_builtins.property
+    def allocate(self) -> _containers.RepeatedCompositeFieldContainer[_poolnode_pb2.AllocateGuestRequest]:
+        """Leases to place on this node's guests, sent only to nodes registered with
+        stream_allocations; each is answered in HeartbeatRequest.allocations.
+        """
+
     def __init__(
         self,
         *,
@@ -204,10 +266,11 @@ class HeartbeatResponse(_message.Message):
         stale_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
         ended_leases: _abc.Iterable[Global___EndedLease] | None = ...,
         between_heartbeats: _builtins.bool = ...,
+        allocate: _abc.Iterable[_poolnode_pb2.AllocateGuestRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["between_heartbeats", b"between_heartbeats", "draining", b"draining", "ended_leases", b"ended_leases", "revoked_serials", b"revoked_serials", "stale_lease_ids", b"stale_lease_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate", b"allocate", "between_heartbeats", b"between_heartbeats", "draining", b"draining", "ended_leases", b"ended_leases", "revoked_serials", b"revoked_serials", "stale_lease_ids", b"stale_lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

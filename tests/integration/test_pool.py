@@ -14,7 +14,7 @@ import pytest
 
 from honeyfleet.errors import NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from honeyfleet.pki.identity import Role
-from honeyfleet.v1 import common_pb2, registry_pb2
+from honeyfleet.v1 import common_pb2, poolnode_pb2, registry_pb2
 from poolnode.backends.static import StaticBackend, parse_hosts
 from poolnode.config import PoolNodeConfig
 from poolnode.controller_link import ControllerLink
@@ -424,6 +424,13 @@ async def test_tunnel_for_a_lease_that_ended_while_it_connected_is_cut(
         await pool.stop()
 
 
+async def no_guest(
+    request: poolnode_pb2.AllocateGuestRequest,
+) -> poolnode_pb2.AllocateGuestResponse:
+    """A link's allocations where the test places no lease."""
+    raise ResourceExhausted("this test's node has no guest")
+
+
 async def test_controller_link_survives_a_reply_it_cannot_apply(
     start_controller: ControllerFactory, fleet_pki: FleetPki
 ) -> None:
@@ -447,6 +454,7 @@ async def test_controller_link_survives_a_reply_it_cannot_apply(
         snapshot=registry_pb2.HeartbeatRequest,
         table_version=lambda: 1,
         on_response=on_response,
+        allocate=no_guest,
     )
     task = asyncio.create_task(link.run())
     try:
@@ -483,6 +491,7 @@ async def test_heartbeats_carry_the_guest_table_only_when_it_changed(
         snapshot=snapshot,
         table_version=lambda: version,
         on_response=on_response,
+        allocate=no_guest,
     )
     task = asyncio.create_task(link.run())
     try:

@@ -34,7 +34,7 @@ make_egress = loopback.make_egress
 HOST = "files.example.org"
 
 
-def _certificate(
+def certificate(
     subject: str,
     issuer: x509.Name | None,
     key: ec.EllipticCurvePrivateKey,
@@ -42,6 +42,7 @@ def _certificate(
     *,
     ca: bool,
 ) -> x509.Certificate:
+    """A CA certificate (self-signed when ``issuer`` is None) or a leaf for ``subject``."""
     now = datetime.now(UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
@@ -68,8 +69,8 @@ class Internet:
         self.files = files
         self.connects: list[bytes] = []
         ca_key, key = generate_key(), generate_key()
-        ca = _certificate("test internet CA", None, ca_key, ca_key, ca=True)
-        leaf = _certificate(HOST, ca.subject, key, ca_key, ca=False)
+        ca = certificate("test internet CA", None, ca_key, ca_key, ca=True)
+        leaf = certificate(HOST, ca.subject, key, ca_key, ca=False)
         self.ca_bundle = folder / "internet-ca.pem"
         self.ca_bundle.write_bytes(ca.public_bytes(Encoding.PEM))
         chain = folder / "origin.pem"

@@ -13,10 +13,11 @@ the tool libvirt itself uses), replaced whole at start and removed at stop.
 
 IPv6 never reaches iptables: libvirt's clean-traffic filter drops every frame but IPv4
 and ARP on the bridge, in ebtables' nat PREROUTING, which it appends to. The node's
-ebtables rules go first in that chain and copy guests' IPv6 TCP and UDP to the same
-NFLOG group (a watcher: the frame goes on to libvirt's drop). They match libvirt's tap
-devices (``vnet+``) rather than one bridge (this kernel's ebtables cannot match the
-bridge name), so each node keeps only what its own guests' MACs sent.
+ebtables rules go first in that chain and copy guests' IPv6 TCP and UDP (and neighbour
+solicitations: see :mod:`poolnode.egress.nflog`) to the same NFLOG group (a watcher:
+the frame goes on to libvirt's drop). They match libvirt's tap devices (``vnet+``)
+rather than one bridge (this kernel's ebtables cannot match the bridge name), so each
+node keeps only what its own guests' MACs sent.
 """
 
 from __future__ import annotations
@@ -64,10 +65,13 @@ def logged(group: int, *, tcp: bool) -> list[list[str]]:
 
 
 def logged_ipv6(group: int) -> list[list[str]]:
-    """The ebtables nat PREROUTING rules copying guests' IPv6 TCP and UDP to ``group``."""
+    """The ebtables nat PREROUTING rules copying guests' IPv6 TCP and UDP, and neighbour
+    solicitations (how a guest's try to reach an on-link address starts), to ``group``."""
+    ipv6 = ["-i", GUEST_TAPS, "-p", "IPv6"]
+    nflog = ["--nflog-group", str(group)]
     return [
-        ["-i", GUEST_TAPS, "-p", "IPv6", "--ip6-proto", proto, "--nflog-group", str(group)]
-        for proto in ("tcp", "udp")
+        *([*ipv6, "--ip6-proto", proto, *nflog] for proto in ("tcp", "udp")),
+        [*ipv6, "--ip6-proto", "ipv6-icmp", "--ip6-icmp-type", "neighbour-solicitation", *nflog],
     ]
 
 

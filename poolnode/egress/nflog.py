@@ -51,6 +51,9 @@ COPY_BYTES = 128 + 8 + PAYLOAD_BYTES
 REPEAT_WINDOW = 30.0
 REMEMBERED = 4096
 TRANSPORTS = {6: "tcp", 17: "udp"}
+ICMPV6 = 58
+SOLICITATION = 135
+"""ICMPv6 neighbour solicitation."""
 IPV6_EXTENSIONS = (0, 43, 60)
 """Hop-by-hop, routing and destination options: skipped to reach TCP or UDP."""
 
@@ -83,11 +86,23 @@ def parse_packet(packet: bytes, mac: str = "") -> Attempt | None:
 
 
 def _ipv6(packet: bytes, mac: str) -> Attempt | None:
-    """An IPv6 packet's attempt, past the extension headers that may precede TCP/UDP."""
+    """An IPv6 packet's attempt, past the extension headers that may precede TCP/UDP.
+
+    A neighbour solicitation is one too (transport ``icmpv6``, the address asked for as
+    destination): with no IPv6 router on the pool network, anything a guest sends to an
+    on-link address starts with one, and libvirt's filter drops it, so the TCP or UDP
+    behind it never leaves the guest. Duplicate address detection's (from ``::``) is the
+    guest's own housekeeping, not an attempt.
+    """
     protocol, header = packet[6], 40
     while protocol in IPV6_EXTENSIONS and len(packet) >= header + 2:
         protocol, header = packet[header], header + (packet[header + 1] + 1) * 8
     src, dst = (str(ipaddress.IPv6Address(packet[i : i + 16])) for i in (8, 24))
+    if protocol == ICMPV6 and len(packet) >= header + 24 and packet[header] == SOLICITATION:
+        if src == "::":
+            return None
+        target = str(ipaddress.IPv6Address(packet[header + 8 : header + 24]))
+        return Attempt(src, target, 0, "icmpv6", 0, b"", mac)
     return _transport(packet, header, protocol, src, dst, mac)
 
 

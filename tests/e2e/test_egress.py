@@ -42,6 +42,7 @@ URL = f"http://{HOST}:{PORT}/bins/x.sh"
 FTP_URL = f"ftp://{HOST}/bins/x.sh"
 HTTPS_URL = f"https://{HOST}/bins/x.sh"
 FAR = "192.0.2.10"  # TEST-NET-1: nothing real, and nothing leaves the namespace anyway
+ON_LINK6 = "fe80::99"  # nobody: a guest asking for it is dropped at the bridge
 TFTP_SERVER = "192.0.2.69"  # on the namespace's loopback while the fetch test runs
 TFTP_URL = f"tftp://{TFTP_SERVER}/bins/x86"
 
@@ -265,14 +266,22 @@ async def test_drop_refuses_lookups_and_reports_each_attempt(vm_fleet: VmFleet) 
     async with vm_fleet.shell(lease.id) as conn:
         named = await run(conn, f"timeout 10 wget -O /tmp/x.sh {URL}")
         literal = await run(conn, f"timeout 5 wget -O /tmp/y.sh http://{FAR}:81/lit")
+        # IPv6 to an on-link address: its neighbour solicitation is all that leaves.
+        six = await run(conn, f"timeout 5 wget -O /tmp/z.sh 'http://[{ON_LINK6}%eth0]/six'")
     await vm_fleet.sensor().release(lease.id)
-    assert named.exit_status != 0 and literal.exit_status != 0
+    assert named.exit_status != 0 and literal.exit_status != 0 and six.exit_status != 0
     assert "404" not in str(literal.stderr)  # nothing answered: the filter dropped it
 
-    await until(lambda: bool(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)), 30)
-    (dropped,) = stored(vm_fleet, "honeyfleet.egress.connect", lease.id)  # resends: one
+    await until(lambda: len(stored(vm_fleet, "honeyfleet.egress.connect", lease.id)) >= 2, 30)
+    attempts = stored(vm_fleet, "honeyfleet.egress.connect", lease.id)
+    (dropped,) = [e for e in attempts if e["transport"] == "tcp"]  # resends: one
     assert (dropped["dst_ip"], dropped["dst_port"], dropped["transport"]) == (FAR, 81, "tcp")
     assert dropped["kind"] == "dropped"
+    (solicited,) = [e for e in attempts if e["transport"] == "icmpv6"]
+    assert (solicited["dst_ip"], solicited["kind"]) == (ON_LINK6, "dropped")
+    assert (
+        solicited["src_ip6"].startswith("fe80::") and solicited["guest_ip"] == dropped["guest_ip"]
+    )
     dns = stored(vm_fleet, "honeyfleet.egress.dns", lease.id)
     assert dns and {e["query"] for e in dns} == {HOST}
     assert {e["answer"] for e in dns} == {"REFUSED"}

@@ -250,6 +250,29 @@ async def test_guests_ipv6_attempts_are_events_of_the_guest_with_that_mac(
         )
 
 
+async def test_a_guests_try_to_reach_an_on_link_ipv6_address_is_its_solicitation(
+    bridged_guest: ThreadPoolExecutor, make_egress: MakeEgress
+) -> None:
+    fleet = await make_egress(
+        **settings(), guest_ip=GUEST_IP, address_of_mac={GUEST_MAC: GUEST_IP}.get
+    )
+    loop = asyncio.get_running_loop()
+    tcp = await in_guest(bridged_guest, socket.SOCK_STREAM, socket.AF_INET6)
+    # Nobody has fd00:99::99: the guest asks for it (neighbour solicitation), no SYN leaves.
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(loop.sock_connect(tcp, ("fd00:99::99", 80)), 4)
+    tcp.close()
+    await until(lambda: len(fleet.of("honeyfleet.egress.connect")) >= 1)
+    await asyncio.sleep(0.3)
+    (event,) = fleet.of("honeyfleet.egress.connect")  # re-solicitations: the same attempt
+    assert (event["dst_ip"], event["transport"], event["kind"], event["guest_ip"]) == (
+        "fd00:99::99",
+        "icmpv6",
+        "dropped",
+        GUEST_IP,
+    )
+
+
 async def test_ipv6_of_a_mac_not_the_nodes_is_not_reported(
     bridged_guest: ThreadPoolExecutor, make_egress: MakeEgress
 ) -> None:

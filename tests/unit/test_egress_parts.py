@@ -246,10 +246,30 @@ def test_fetch_redirects_tftp_to_the_nodes_tftp_server() -> None:
 def test_ipv6_is_logged_from_guests_taps_to_the_nflog_group() -> None:
     from poolnode.egress.netfilter import logged_ipv6
 
+    ipv6, nflog = ["-i", "vnet+", "-p", "IPv6"], ["--nflog-group", "7707"]
     assert logged_ipv6(7707) == [
-        ["-i", "vnet+", "-p", "IPv6", "--ip6-proto", "tcp", "--nflog-group", "7707"],
-        ["-i", "vnet+", "-p", "IPv6", "--ip6-proto", "udp", "--nflog-group", "7707"],
+        [*ipv6, "--ip6-proto", "tcp", *nflog],
+        [*ipv6, "--ip6-proto", "udp", *nflog],
+        [*ipv6, "--ip6-proto", "ipv6-icmp", "--ip6-icmp-type", "neighbour-solicitation", *nflog],
     ]
+
+
+def test_a_neighbour_solicitation_is_an_attempt_on_its_target_but_dad_is_not() -> None:
+    from poolnode.egress.nflog import Attempt, parse_packet
+
+    def solicitation(src: str, target: str) -> bytes:
+        header = struct.pack("!IHBB", 0x60000000, 24, 58, 255)
+        header += socket.inet_pton(socket.AF_INET6, src)
+        header += socket.inet_pton(socket.AF_INET6, "ff02::1:ff00:99")
+        return (
+            header + bytes([135, 0, 0, 0, 0, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, target)
+        )
+
+    mac = "52:54:00:12:34:56"
+    assert parse_packet(solicitation("fe80::5054:ff:fe12:3456", "fe80::99"), mac) == (
+        Attempt("fe80::5054:ff:fe12:3456", "fe80::99", 0, "icmpv6", 0, b"", mac)
+    )
+    assert parse_packet(solicitation("::", "fe80::5054:ff:fe12:3456"), mac) is None
 
 
 @pytest.mark.parametrize(

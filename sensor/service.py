@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from honeyfleet.heap import release_periodically
 from honeyfleet.instance import instance_uuid
 from honeyfleet.jsonlines import JsonLinesLog
 from honeyfleet.metrics_http import MetricsServer, serve_metrics
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # How long stop() waits for the uploader and registration tasks after cancelling them.
 STOP_TIMEOUT = 10.0
+# Seconds between handing freed C heap back to the system (honeyfleet.heap).
+HEAP_RELEASE_INTERVAL = 60.0
 
 
 class Sensor:
@@ -197,6 +200,7 @@ class Sensor:
             asyncio.create_task(leases.register(listen)),
             asyncio.create_task(renewer.run()),
             asyncio.create_task(self._follow_revocations()),
+            asyncio.create_task(release_periodically(HEAP_RELEASE_INTERVAL)),
         ]
         self._metrics_server = serve_metrics(config.metrics_listen, self.metrics.registry)
         log.info("sensor %s: SSH on %s, Telnet on %s", identity, self.ports, self.telnet_ports)

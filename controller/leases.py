@@ -181,10 +181,10 @@ class LeaseManager:
         woken = False
         while True:
             placement = choose(
-                self._registry.nodes.values(),
+                self._registry.nodes,
                 self._registry.nodes_for(request.src_ip),
                 labels,
-                {name: len(leases) for name, leases in self._by_node.items()},
+                self._by_node,
                 tried,
             )
             if placement is not None:

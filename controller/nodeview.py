@@ -81,15 +81,17 @@ class NodeView:
     def apply_table(
         self, version: int, guests: Iterable[common_pb2.Guest], lease_ids: Iterable[str]
     ) -> bool:
-        """Take a reported table; False if it is older than the last one applied."""
+        """Take a reported table; False if it is older than the last one applied.
+
+        The guests are kept as they are (stamped with the node's name), not copied:
+        the caller hands them over.
+        """
         if version < self.table_version:
             return False
         table: dict[str, common_pb2.Guest] = {}
-        for reported in guests:
+        for guest in guests:
             if len(table) >= self.capacity:
                 break
-            guest = common_pb2.Guest()
-            guest.CopyFrom(reported)
             guest.pool_node = self.node
             table[guest.id] = guest
         self._reported_guests = table

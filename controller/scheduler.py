@@ -10,7 +10,7 @@ Draining, dead, label-mismatched and already-tried nodes are never candidates.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping, Sized
 from dataclasses import dataclass
 
 from controller.models import PoolNodeRecord
@@ -31,29 +31,40 @@ class Placement:
 
 
 def choose(
-    nodes: Iterable[PoolNodeRecord],
+    nodes: Mapping[str, PoolNodeRecord],
     affinity: Collection[str],
     labels: Mapping[str, str],
-    active_leases: Mapping[str, int],
+    active_leases: Mapping[str, Sized],
     tried: Collection[str],
 ) -> Placement | None:
-    """The best node to ask now, or None when no node can take the lease."""
+    """The best node to ask now, or None when no node can take the lease.
+
+    Runs for every placement over every node: nodes that have nothing to give are
+    passed over before anything else about them is looked at.
+    """
+
+    def eligible(node: PoolNodeRecord) -> bool:
+        return node.name not in tried and node.schedulable and (not labels or node.offers(labels))
+
+    for name in sorted(affinity):
+        node = nodes.get(name)
+        if node is not None and eligible(node):
+            return Placement(node, False, "affinity")
     best_pristine: PoolNodeRecord | None = None
     best_shared: PoolNodeRecord | None = None
     pristine_key: tuple[int, int, str] | None = None
     shared_key: tuple[float, str] | None = None
-    for node in nodes:
-        if node.name in tried or not node.schedulable or not node.offers(labels):
-            continue
-        if node.name in affinity:
-            return Placement(node, False, "affinity")
+    for node in nodes.values():
         view = node.view
-        leases = active_leases.get(node.name, 0)
-        if view.free > 0:
-            key = (-view.free, leases, node.name)
+        free = view.free
+        if free > 0:
+            if not eligible(node):
+                continue
+            key = (-free, len(active_leases.get(node.name, ())), node.name)
             if pristine_key is None or key < pristine_key:
                 best_pristine, pristine_key = node, key
-        elif node.share_guests and view.shareable:
+        elif best_pristine is None and node.share_guests and view.shareable and eligible(node):
+            leases = len(active_leases.get(node.name, ()))
             skey = (leases / max(view.capacity, 1), node.name)
             if shared_key is None or skey < shared_key:
                 best_shared, shared_key = node, skey

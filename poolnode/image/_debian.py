@@ -38,6 +38,9 @@ PACKAGES: tuple[str, ...] = (
     "iproute2",
     "iputils-ping",
     "netbase",
+    # The resolver networkd's DHCP lease names: without it nothing writes resolv.conf and
+    # the guest resolves no name at all (the node's DNS, and so egress, never hears).
+    "systemd-resolved",
     "sudo",
     "cron",
     "less",
@@ -69,7 +72,13 @@ _MASKED = (
     "inetutils-syslogd.service",
 )
 _BACKUP_SCRIPT = "usr/local/sbin/backup.sh"
-_ENABLED = ("systemd-networkd.service", "telnet.socket", "ssh.service", "cron.service")
+_ENABLED = (
+    "systemd-networkd.service",
+    "systemd-resolved.service",
+    "telnet.socket",
+    "ssh.service",
+    "cron.service",
+)
 # Left out of the image: documentation and translations. apt's package lists stay (about
 # 40 MB, as of the build): `apt install` in the guest finds its package and then fails to
 # fetch it, like any server's without a route out, rather than not knowing it.
@@ -209,5 +218,10 @@ def _dress(root: Path, spec: GuestImageSpec) -> None:
     _chroot(root, "systemctl", "enable", *_ENABLED)
     # The image is built once and copied for every guest: host keys stay (as after a
     # provider's image build); logs of the installation are kept, as on a real box.
+    # resolv.conf points at resolved's stub (as systemd-resolved's installation makes it),
+    # not at anything of the build; the persona's domain is searched, as before.
     (root / "etc/resolv.conf").unlink(missing_ok=True)
-    (root / "etc/resolv.conf").write_text(f"domain {spec.domain}\nsearch {spec.domain}\n")
+    (root / "etc/resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+    dropin = root / "etc/systemd/resolved.conf.d/domain.conf"
+    dropin.parent.mkdir(parents=True, exist_ok=True)
+    dropin.write_text(f"[Resolve]\nDomains={spec.domain}\n")

@@ -7,7 +7,6 @@ through the test's proxy (CONNECT) from an HTTPS origin with a CA of its own.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -15,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from fleetup.up import TB_CACHE
-from poolnode.egress.intercept import load_or_make_ca
 from poolnode.image import GuestImage, build_image
 from tests.conftest import until
 from tests.e2e.conftest import check_prerequisites
 from tests.e2e.fleet import VmFleet, run
-from tests.e2e.image import DEBIAN_IMAGE_DIR, debian_image_spec
+from tests.e2e.image import EGRESS_CA, trusting_debian_image_spec
 from tests.e2e.test_debian_guest import CPU_MODEL, MEMORY_MIB
 from tests.e2e.test_egress import (
     HTTPS_URL,
@@ -35,23 +33,13 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
 log = logging.getLogger(__name__)
 __all__ = ["https_origin", "internet"]  # fixtures this module uses
 
-# Kept beside the tests' Debian image: the CA is made once, so the image is built once.
-TRUSTING_DIR = DEBIAN_IMAGE_DIR.with_name(DEBIAN_IMAGE_DIR.name + "-egress-ca")
-CA_CERT = TRUSTING_DIR / "egress-ca.pem"
-CA_KEY = TRUSTING_DIR / "egress-ca.key"
-
 
 @pytest.fixture(scope="module")
 def trusting_image() -> GuestImage:
-    """The tests' Debian image with the interception CA in its trust store."""
+    """The tests' Debian image with the interception CA in its trust store (normally
+    already built by `make test`)."""
     check_prerequisites()
-    load_or_make_ca(CA_CERT, CA_KEY)
-    spec = dataclasses.replace(
-        debian_image_spec(),
-        out_dir=TRUSTING_DIR,
-        cache_dir=DEBIAN_IMAGE_DIR / "cache",  # the packages the tests' image has fetched
-        trust_ca=CA_CERT.read_text(),
-    )
+    spec = trusting_debian_image_spec()
     return build_image(spec, lambda step, i, n: log.info("image [%d/%d] %s", i, n, step))
 
 
@@ -76,8 +64,8 @@ async def test_debians_wget_and_curl_take_the_nodes_leaf_and_get_the_https_file(
         egress_policy="fetch",
         egress_fetch_proxy=address,
         egress_fetch_ca_bundle=str(https_origin),
-        egress_tls_ca_cert=str(CA_CERT),
-        egress_tls_ca_key=str(CA_KEY),
+        egress_tls_ca_cert=str(EGRESS_CA[0]),
+        egress_tls_ca_key=str(EGRESS_CA[1]),
     )
     lease = await vm_fleet.lease("203.0.113.78")
     async with vm_fleet.shell(lease.id) as conn:

@@ -117,6 +117,13 @@ class Registry:
         if node is None:
             raise FailedPrecondition(f"pool node {name} must register before heartbeating")
         if node.state is NodeState.DEAD:
+            if request.table_unchanged:
+                # Its guests were forgotten when it was marked dead (a controller too busy
+                # to read its stream): only a new stream, which starts with the whole
+                # table, brings them back.
+                raise FailedPrecondition(
+                    f"pool node {name} was marked dead: register again to send its guest table"
+                )
             log.info("pool node %s is alive again", name)
         node.state = NodeState.ALIVE
         node.last_seen_monotonic = max(node.last_seen_monotonic, received)

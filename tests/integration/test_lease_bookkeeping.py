@@ -195,3 +195,18 @@ async def test_a_lease_granted_after_its_sensor_gave_up_is_released_at_once(
         await until(lambda: not pool.snapshot().lease_ids)
     # The same attacker comes back to the guest, now idle.
     assert (await sensor.acquire("192.0.2.70")).lease.pool_node == "n1"
+
+
+async def test_a_node_marked_dead_while_it_heartbeats_has_its_guests_counted_again(
+    start_controller, start_pool_node, fleet_pki
+) -> None:
+    controller, address, _ = await fleet_with_nodes(start_controller, start_pool_node, {"n1": 2})
+    node = controller.registry.nodes["n1"]
+    # As after a stall the controller did not notice: the node's stream stays open and
+    # its table does not change, so its heartbeats carry only the version.
+    node.last_seen_monotonic -= 3600.0
+    assert controller.registry.find_dead(0.0) == [node]
+    assert controller.registry.nodes["n1"].counts.pristine == 0
+    await until(lambda: controller.registry.nodes["n1"].counts.pristine == 2)
+    lease = (await Sensor(fleet_pki, "s1", address).acquire("192.0.2.80")).lease
+    assert lease.pool_node == "n1"

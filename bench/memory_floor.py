@@ -12,7 +12,8 @@ process of its own on loopback, measured with ``--shells`` held at once:
   terminates SSH with asyncssh holds per shell (connection, channel, ciphers, kex state);
 * **gRPC stream**: a grpc.aio client holding open bidirectional streams (one message
   each way) to a generic echo server: what the sensor's relay holds per SSH session
-  channel in gRPC (sensor.ssh.guest opens one TunnelService.Session stream each).
+  channel in gRPC (sensor.ssh.guest opens one TunnelService.Session stream each);
+  once on a default channel, once with the tunnels' ``NO_RETRY_STATE``.
 
 Each is run twice: once for RSS growth per shell, once under tracemalloc for the Python
 part of it (by line for asyncssh); for gRPC also the growth of the C heap's main arena
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import functools
 import gc
 import json
 import os
 import signal
 import sys
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ssh_proxy import Peer, bounded, held_shells  # noqa: E402
+from honeyfleet.tls import NO_RETRY_STATE  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 TRACE_FRAMES = 1
@@ -204,9 +208,11 @@ async def serve_grpc(port: int) -> None:
     await server.wait_for_termination()
 
 
-async def hold_streams(port: int, streams: int) -> None:
-    """Open ``streams`` streams on one channel, one round trip each; print the growth."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+async def hold_streams(port: int, streams: int, retries: bool) -> None:
+    """Open ``streams`` streams on one channel, one round trip each; print the growth.
+    Without ``retries``, the channel has the sensor's tunnels' NO_RETRY_STATE."""
+    options = () if retries else NO_RETRY_STATE
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
         method = channel.stream_stream(METHOD)
         held = [method()]
         await held[0].write(b"warm-up")
@@ -223,7 +229,7 @@ async def hold_streams(port: int, streams: int) -> None:
             call.cancel()
 
 
-async def grpc_floor(streams: int, trace: bool) -> dict[str, Any]:
+async def grpc_floor(streams: int, trace: bool, retries: bool = True) -> dict[str, Any]:
     """The echo server and a client child; the client's growth per held stream."""
     port = free_port()
     server = await asyncio.create_subprocess_exec(
@@ -234,6 +240,7 @@ async def grpc_floor(streams: int, trace: bool) -> dict[str, Any]:
         await bounded("gRPC server start", server.stdout.readline())
         client = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--hold-streams", str(port), "--shells", str(streams),
+            *([] if retries else ["--no-retries"]),
             stdout=asyncio.subprocess.PIPE, env={**os.environ, "FLOOR_TRACE": str(int(trace))},
         )  # fmt: skip
         out, _ = await bounded("gRPC streams", client.communicate())
@@ -259,7 +266,12 @@ def report(name: str, plain: dict[str, Any], traced: dict[str, Any]) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     """Both floors, each untraced then traced."""
-    for name, floor in (("bare asyncssh shell", ssh_floor), ("gRPC aio stream", grpc_floor)):
+    floors: tuple[tuple[str, Callable[..., Awaitable[dict[str, Any]]]], ...] = (
+        ("bare asyncssh shell", ssh_floor),
+        ("gRPC aio stream", grpc_floor),
+        ("gRPC aio stream, NO_RETRY_STATE", functools.partial(grpc_floor, retries=False)),
+    )
+    for name, floor in floors:
         plain = await floor(args.shells, trace=False)
         traced = await floor(args.shells, trace=True)
         report(name, plain, traced)
@@ -273,6 +285,7 @@ def main() -> None:
     roles.add_argument("--serve-ssh", type=int, metavar="PORT", help=argparse.SUPPRESS)
     roles.add_argument("--serve-grpc", type=int, metavar="PORT", help=argparse.SUPPRESS)
     roles.add_argument("--hold-streams", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--no-retries", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.environ.get("FLOOR_TRACE") == "1":
         tracemalloc.start(TRACE_FRAMES)
@@ -281,7 +294,7 @@ def main() -> None:
     elif args.serve_grpc:
         asyncio.run(serve_grpc(args.serve_grpc))
     elif args.hold_streams:
-        asyncio.run(hold_streams(args.hold_streams, args.shells))
+        asyncio.run(hold_streams(args.hold_streams, args.shells, retries=not args.no_retries))
     else:
         asyncio.run(run(args))
 

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 # tunnel frames and event batches, which senders chunk well below this.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_RECONNECT_BACKOFF_MS = 5000
+# For channels with one long stream per session (the sensor's tunnels): gRPC's retry
+# filter keeps about 6 KB of C state per call, held for the stream's life, only for
+# transparent retries of streams that never reached the server (none of our calls has
+# a retry policy). Without it such a stream fails UNAVAILABLE, as any broken one does.
+NO_RETRY_STATE: tuple[tuple[str, int], ...] = (("grpc.enable_retries", 0),)
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -162,10 +167,12 @@ def secure_channel(
     peer: Peer = CONTROLLER,
     *,
     interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    extra_options: Sequence[tuple[str, int]] = (),
 ) -> grpc.aio.Channel:
     """An mTLS channel to ``peer`` at ``target``: every handshake checks the server's identity.
 
-    ``interceptors`` (e.g. ones that record calls) wrap every call.
+    ``interceptors`` (e.g. ones that record calls) wrap every call; ``extra_options``
+    are further gRPC channel arguments (e.g. NO_RETRY_STATE).
 
     gRPC Python offers no certificate callback on the client, and checks only DNS and IP
     SANs. So instead of the host name, the handshake checks the identity DNS name the fleet
@@ -182,6 +189,7 @@ def secure_channel(
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *extra_options,
     ]
     return grpc.aio.secure_channel(
         target, channel_credentials(files), options=options, interceptors=interceptors
@@ -195,10 +203,12 @@ class ChannelCache:
     makes later ``get`` calls build new channels with the new files. Retired channels are
     not closed until ``close``: streams on them (tunnels of running sessions) carry on,
     since an established TLS connection outlives the certificate it started with.
+    ``extra_options`` go to every channel made (:func:`secure_channel`).
     """
 
-    def __init__(self, files: TlsFiles) -> None:
+    def __init__(self, files: TlsFiles, extra_options: Sequence[tuple[str, int]] = ()) -> None:
         self._files = files
+        self._extra_options = tuple(extra_options)
         self._channels: dict[tuple[str, Peer], grpc.aio.Channel] = {}
         self._retired: list[grpc.aio.Channel] = []
 
@@ -207,7 +217,9 @@ class ChannelCache:
         key = (target, peer)
         channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[key] = secure_channel(target, self._files, peer)
+            channel = self._channels[key] = secure_channel(
+                target, self._files, peer, extra_options=self._extra_options
+            )
         return channel
 
     def retire(self) -> None:

@@ -22,7 +22,7 @@ import grpc
 from honeyfleet.errors import FailedPrecondition, Unavailable
 from honeyfleet.pki.errors import PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
-from honeyfleet.tls import ChannelCache, Peer, TlsFiles, presented_certificate
+from honeyfleet.tls import NO_RETRY_STATE, ChannelCache, Peer, TlsFiles, presented_certificate
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from sensor.leases import GuestLease
 
@@ -66,7 +66,8 @@ class TunnelConnector:
     """Opens tunnels through pool nodes, one mTLS channel per node."""
 
     def __init__(self, tls: TlsFiles) -> None:
-        self.channels = ChannelCache(tls)
+        # One Session stream per held SSH channel: no per-call retry state (honeyfleet.tls).
+        self.channels = ChannelCache(tls, NO_RETRY_STATE)
         self._tls = tls
         self._revoked: frozenset[int] = frozenset()
         # The serial each pool node presented when its channel was made.

@@ -184,6 +184,12 @@ def prepare_identities(plan: Plan) -> None:
             )
 
 
+def egress_ca_files(image_dir: Path) -> tuple[Path, Path]:
+    """The egress interception CA `up` uses (certificate, key): kept with the images, so
+    every fleet built from them shares it and an image that trusts it is built once."""
+    return image_dir / "egress-ca.pem", image_dir / "egress-ca.key"
+
+
 def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, dict[str, Any]]:
     """The one config all three processes read (rewritten on every start)."""
     from poolnode.image import GuestImageSpec
@@ -219,6 +225,8 @@ def fleet_config(plan: Plan, image: GuestImage, backend_pass: str) -> dict[str, 
             "guest_cpu_model": plan.cpu_model,
             "guest_tb_cache": TB_CACHE[plan.distro],
             "guest_image": str(image.disk),
+            "egress_tls_ca_cert": str(egress_ca_files(plan.image_dir)[0]),
+            "egress_tls_ca_key": str(egress_ca_files(plan.image_dir)[1]),
             "guest_kernel": str(image.kernel),
             "guest_initrd": str(image.initrd),
             "guest_cmdline": image.cmdline,
@@ -430,16 +438,16 @@ async def run(plan: Plan, console: Console) -> int:
             report.step("guest image", index, total, name)
 
         distro = Distro(plan.distro)
-        # The pool node's egress interception CA (its default files), made now so that
-        # the image trusts it: guests' HTTPS then meets the node's leaves.
-        ca_cert = plan.directory / "state" / "poolnode" / "egress-ca.pem"
-        await asyncio.to_thread(load_or_make_ca, ca_cert, ca_cert.with_suffix(".key"))
+        # The pool node's egress interception CA, made before the image so that a Debian
+        # image trusts it (its wget and curl check certificates; busybox's do not).
+        ca_cert, ca_key = egress_ca_files(plan.image_dir)
+        await asyncio.to_thread(load_or_make_ca, ca_cert, ca_key)
         spec = GuestImageSpec(
             out_dir=plan.image_dir,
             backend_pass=password,
             distro=distro,
             disk_size_mib=default_disk_mib(distro),
-            trust_ca=ca_cert.read_text(),
+            trust_ca=ca_cert.read_text() if distro is Distro.DEBIAN else "",
         )
         image = await asyncio.to_thread(build_image, spec, step)
 

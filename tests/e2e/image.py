@@ -4,18 +4,18 @@
 packages are fetched from the Debian mirror by the set-up, and the tests themselves send
 nothing off the machine: the fixture finds the image built, and test_up's variant (another
 password) is made from the same package cache. The Debian image (test_debian_guest)
-is built here too: about 80 s once, then reused until a package or the builder changes;
-and its variant that trusts an egress interception CA kept beside it
-(test_egress_debian).
+is built here too: about 80 s once, then reused until a package or the builder changes.
+It trusts the egress interception CA kept in its directory, as `up` makes it
+(test_egress_debian, test_up).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from fleetup.up import egress_ca_files
 from poolnode.egress.intercept import load_or_make_ca
 from poolnode.image import DEBIAN_DISK_MIB, Distro, GuestImage, GuestImageSpec, build_image
 from poolnode.image._cli import print_progress
@@ -28,10 +28,6 @@ DEBIAN_IMAGE_DIR = Path(
     os.environ.get("HONEYFLEET_TEST_DEBIAN_IMAGE_DIR", "/var/tmp/honeyfleet-test-debian-image")
 )
 
-DEBIAN_CA_IMAGE_DIR = DEBIAN_IMAGE_DIR.with_name(DEBIAN_IMAGE_DIR.name + "-egress-ca")
-EGRESS_CA = (DEBIAN_CA_IMAGE_DIR / "egress-ca.pem", DEBIAN_CA_IMAGE_DIR / "egress-ca.key")
-"""The interception CA the trusting Debian image trusts (certificate, key)."""
-
 
 def image_spec(**changes: str) -> GuestImageSpec:
     """The tests' image, with the tests' backend account (``changes`` override)."""
@@ -40,25 +36,17 @@ def image_spec(**changes: str) -> GuestImageSpec:
 
 
 def debian_image_spec() -> GuestImageSpec:
-    """The real Debian guest, with the tests' backend account, as `up --distro debian` makes it."""
+    """The real Debian guest, with the tests' backend account, as `up --distro debian` makes
+    it: trusting the egress interception CA `up` keeps with the image (made once)."""
+    ca_cert, ca_key = egress_ca_files(DEBIAN_IMAGE_DIR)
+    load_or_make_ca(ca_cert, ca_key)
     return GuestImageSpec(
         out_dir=DEBIAN_IMAGE_DIR,
         distro=Distro.DEBIAN,
         disk_size_mib=DEBIAN_DISK_MIB,
         backend_user=GUEST_USER,
         backend_pass=GUEST_PASSWORD,
-    )
-
-
-def trusting_debian_image_spec() -> GuestImageSpec:
-    """The Debian guest with an egress interception CA (made once, kept beside the image,
-    so the image is built once) in its trust store."""
-    load_or_make_ca(*EGRESS_CA)
-    return dataclasses.replace(
-        debian_image_spec(),
-        out_dir=DEBIAN_CA_IMAGE_DIR,
-        cache_dir=DEBIAN_IMAGE_DIR / "cache",  # the same packages as the tests' Debian image
-        trust_ca=EGRESS_CA[0].read_text(),
+        trust_ca=ca_cert.read_text(),
     )
 
 
@@ -67,7 +55,7 @@ def main() -> int:
     if os.geteuid() != 0 and not IN_CI:
         sys.stderr.write("not root: the VM tests' image is not built (they will skip)\n")
         return 0
-    for spec in (image_spec(), debian_image_spec(), trusting_debian_image_spec()):
+    for spec in (image_spec(), debian_image_spec()):
         image: GuestImage = build_image(spec, print_progress)
         sys.stderr.write(f"VM tests' {spec.distro} image: {image.disk.parent}\n")
     return 0

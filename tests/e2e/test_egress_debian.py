@@ -1,8 +1,9 @@
-"""HTTPS from the real Debian guest (TCG) under ``fetch``: an image built with
-``trust_ca`` (the interception CA's certificate in Debian's trust store, by
-update-ca-certificates) lets Debian's own wget and curl, which check certificates,
-accept the leaf the node mints for the name they asked; the node fetches the URL
-through the test's proxy (CONNECT) from an HTTPS origin with a CA of its own.
+"""HTTPS from the real Debian guest (TCG) under ``fetch``: the tests' Debian image is
+built with ``trust_ca`` as `up` builds it (the interception CA kept with the image, its
+certificate in Debian's trust store by update-ca-certificates), so Debian's own wget and
+curl, which check certificates, accept the leaf the node mints for the name they asked;
+the node fetches the URL through the test's proxy (CONNECT) from an HTTPS origin with a
+CA of its own.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from fleetup.up import TB_CACHE
+from fleetup.up import TB_CACHE, egress_ca_files
 from poolnode.image import GuestImage, build_image
 from tests.conftest import until
 from tests.e2e.conftest import check_prerequisites
 from tests.e2e.fleet import VmFleet, run
-from tests.e2e.image import EGRESS_CA, trusting_debian_image_spec
+from tests.e2e.image import DEBIAN_IMAGE_DIR, debian_image_spec
 from tests.e2e.test_debian_guest import CPU_MODEL, MEMORY_MIB
 from tests.e2e.test_egress import (
     HTTPS_URL,
@@ -30,16 +31,17 @@ from tests.e2e.test_egress import (
 )
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1200)]
+EGRESS_CA = egress_ca_files(DEBIAN_IMAGE_DIR)
 log = logging.getLogger(__name__)
 __all__ = ["https_origin", "internet"]  # fixtures this module uses
 
 
 @pytest.fixture(scope="module")
 def trusting_image() -> GuestImage:
-    """The tests' Debian image with the interception CA in its trust store (normally
-    already built by `make test`)."""
+    """The tests' Debian image, which trusts the interception CA (normally already built
+    by `make test`)."""
     check_prerequisites()
-    spec = trusting_debian_image_spec()
+    spec = debian_image_spec()
     return build_image(spec, lambda step, i, n: log.info("image [%d/%d] %s", i, n, step))
 
 
@@ -65,7 +67,7 @@ async def test_debians_wget_and_curl_take_the_nodes_leaf_and_get_the_https_file(
         egress_fetch_proxy=address,
         egress_fetch_ca_bundle=str(https_origin),
         egress_tls_ca_cert=str(EGRESS_CA[0]),
-        egress_tls_ca_key=str(EGRESS_CA[1]),
+        egress_tls_ca_key=str(EGRESS_CA[1]),  # as `up` configures its node
     )
     lease = await vm_fleet.lease("203.0.113.78")
     async with vm_fleet.shell(lease.id) as conn:

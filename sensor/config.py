@@ -359,7 +359,7 @@ class SensorConfig:
     write_buffer_high: int = setting(
         1024 * 1024,
         "bytes buffered for a client that does not read (past it, a channel's output in "
-        "flight still arrives: up to 1 MiB, the pool node's credit)",
+        "flight still arrives: up to 4 MiB, the pool node's credit)",
         check=positive,
     )
     idle_timeout: float = setting(

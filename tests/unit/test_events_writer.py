@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from controller.events.metrics import EventMetrics
+from controller.events.rows import EventRow
 from controller.events.sqlite_store import SqliteEventStore
 from controller.events.writer import Ack, BatchWriter
 from tests.unit.test_events_store import commands, rows
@@ -72,3 +73,44 @@ async def test_a_batch_that_arrives_within_the_window_shares_the_transaction(
 
 async def test_without_a_window_each_batch_commits_at_once(store: SqliteEventStore) -> None:
     assert await _commits(store, 0.0) == 2
+
+
+async def test_a_batch_is_acknowledged_before_the_sinks_have_its_events(
+    store: SqliteEventStore,
+) -> None:
+    sink_may_finish = asyncio.Event()
+    sunk: list[int] = []
+
+    async def slow_sink(new: list[EventRow]) -> None:
+        """A sink that holds its write until the test lets it go."""
+        await sink_may_finish.wait()
+        sunk.append(len(new))
+
+    writer = BatchWriter(
+        store,
+        EventMetrics(CollectorRegistry()),
+        max_pending=8,
+        max_commit_events=1000,
+        commit_window=0.0,
+        shed_after=10.0,
+        retry_after=1.0,
+        on_stored=slow_sink,
+        on_state=_nothing,
+    )
+    runner = asyncio.create_task(writer.run())
+    try:
+        async with asyncio.timeout(ACK_TIMEOUT):
+            first = await writer.write(rows(commands(3)))
+        assert first == Ack(3, 0)
+        assert sunk == []  # durable and acknowledged; the sink is still writing
+        second = asyncio.create_task(writer.write(rows(commands(2))))
+        sink_may_finish.set()
+        async with asyncio.timeout(ACK_TIMEOUT):
+            assert await second == Ack(2, 0)
+        async with asyncio.timeout(ACK_TIMEOUT):
+            while len(sunk) < 2:
+                await asyncio.sleep(0.01)
+        assert sunk == [3, 2]  # every stored event reached the sink once, in order
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)

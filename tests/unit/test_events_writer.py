@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -34,11 +34,14 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
     await opened.close()
 
 
-async def _commits(store: SqliteEventStore, window: float) -> float:
-    """Transactions a writer with ``window`` uses for two one-event batches, the second
-    arriving once the writer has taken the first (a fleet's trickle)."""
-    registry = CollectorRegistry()
-    writer = BatchWriter(
+def _writer(
+    store: SqliteEventStore,
+    registry: CollectorRegistry,
+    window: float,
+    on_stored: Callable[[list[EventRow]], Awaitable[None]],
+) -> BatchWriter:
+    """A writer on ``store`` with room for 8 batches and the given commit window and sink."""
+    return BatchWriter(
         store,
         EventMetrics(registry),
         max_pending=8,
@@ -46,9 +49,16 @@ async def _commits(store: SqliteEventStore, window: float) -> float:
         commit_window=window,
         shed_after=10.0,
         retry_after=1.0,
-        on_stored=_nothing,
+        on_stored=on_stored,
         on_state=_nothing,
     )
+
+
+async def _commits(store: SqliteEventStore, window: float) -> float:
+    """Transactions a writer with ``window`` uses for two one-event batches, the second
+    arriving once the writer has taken the first (a fleet's trickle)."""
+    registry = CollectorRegistry()
+    writer = _writer(store, registry, window, _nothing)
     runner = asyncio.create_task(writer.run())
     try:
         first = asyncio.create_task(writer.write(rows(commands(1))))
@@ -86,17 +96,7 @@ async def test_a_batch_is_acknowledged_before_the_sinks_have_its_events(
         await sink_may_finish.wait()
         sunk.append(len(new))
 
-    writer = BatchWriter(
-        store,
-        EventMetrics(CollectorRegistry()),
-        max_pending=8,
-        max_commit_events=1000,
-        commit_window=0.0,
-        shed_after=10.0,
-        retry_after=1.0,
-        on_stored=slow_sink,
-        on_state=_nothing,
-    )
+    writer = _writer(store, CollectorRegistry(), 0.0, slow_sink)
     runner = asyncio.create_task(writer.run())
     try:
         async with asyncio.timeout(ACK_TIMEOUT):

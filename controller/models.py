@@ -67,6 +67,8 @@ class PoolNodeRecord:
     last_seen_monotonic: float = field(default_factory=time.monotonic)
     # Takes allocations on its heartbeat stream (as registered; not stored).
     stream_allocations: bool = False
+    # Its guest table was forgotten (marked dead): asked for in heartbeat answers.
+    wants_table: bool = False
     view: NodeView = field(init=False)
 
     def __post_init__(self) -> None:

@@ -117,13 +117,6 @@ class Registry:
         if node is None:
             raise FailedPrecondition(f"pool node {name} must register before heartbeating")
         if node.state is NodeState.DEAD:
-            if request.table_unchanged:
-                # Its guests were forgotten when it was marked dead (a controller too busy
-                # to read its stream): only a new stream, which starts with the whole
-                # table, brings them back.
-                raise FailedPrecondition(
-                    f"pool node {name} was marked dead: register again to send its guest table"
-                )
             log.info("pool node %s is alive again", name)
         node.state = NodeState.ALIVE
         node.last_seen_monotonic = max(node.last_seen_monotonic, received)
@@ -135,6 +128,7 @@ class Registry:
             request.table_version, request.guests, request.lease_ids
         )
         if applied:
+            node.wants_table = False
             self.refreshed(node, free, reindex=True)
         else:
             self.freed(node, free)
@@ -175,6 +169,8 @@ class Registry:
             if node.state is NodeState.ALIVE and now - node.last_seen_monotonic > self._dead_after:
                 node.state = NodeState.DEAD
                 node.view.clear()
+                # Should it heartbeat again on the same stream, its table must come along.
+                node.wants_table = True
                 self._index(node)
                 dead.append(node)
         return dead

@@ -137,6 +137,7 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
             ended_leases=ended,
             between_heartbeats=between,
             allocate=allocate,
+            send_table=node is not None and node.wants_table,
         )
 
     def _revoked_serials(self) -> list[str]:

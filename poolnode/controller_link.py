@@ -69,6 +69,8 @@ class ControllerLink:
         # Allocations being made. One that outlives its stream is answered on the next;
         # the controller ignores the answer and reports the lease as stale.
         self._allocations: set[asyncio.Task[None]] = set()
+        # The controller asked for the whole table (it had lost it).
+        self._table_wanted = False
 
     def nudge(self) -> None:
         """Send a heartbeat soon (at most NUDGE_GAP intervals after the last one)."""
@@ -124,6 +126,9 @@ class ControllerLink:
         self._answers.clear()
         call = stub.Heartbeat(self._heartbeats(interval))
         async for reply in call:
+            if reply.send_table:
+                self._table_wanted = True
+                self.nudge()
             for request in reply.allocate:
                 task = asyncio.create_task(self._answer(request))
                 self._allocations.add(task)
@@ -152,6 +157,9 @@ class ControllerLink:
         sent = 0  # a new stream always starts with the whole table
         while True:
             version = self._table_version()
+            if self._table_wanted:
+                self._table_wanted = False
+                sent = 0
             if version == sent:
                 yield registry_pb2.HeartbeatRequest(table_version=version, table_unchanged=True)
             else:

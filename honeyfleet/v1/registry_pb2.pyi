@@ -234,10 +234,15 @@ class HeartbeatResponse(_message.Message):
     ENDED_LEASES_FIELD_NUMBER: _builtins.int
     BETWEEN_HEARTBEATS_FIELD_NUMBER: _builtins.int
     ALLOCATE_FIELD_NUMBER: _builtins.int
+    SEND_TABLE_FIELD_NUMBER: _builtins.int
     draining: _builtins.bool
     """Whether an operator has drained this node."""
     between_heartbeats: _builtins.bool
     """True when sent between heartbeats (it answers none of them)."""
+    send_table: _builtins.bool
+    """The controller lost the node's guest table (it had marked the node dead): send the
+    whole table in the next heartbeat, even if unchanged.
+    """
     @_builtins.property
     def revoked_serials(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Certificate serials (lower-case hex) that the node must refuse from now on."""
@@ -267,10 +272,11 @@ class HeartbeatResponse(_message.Message):
         ended_leases: _abc.Iterable[Global___EndedLease] | None = ...,
         between_heartbeats: _builtins.bool = ...,
         allocate: _abc.Iterable[_poolnode_pb2.AllocateGuestRequest] | None = ...,
+        send_table: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate", b"allocate", "between_heartbeats", b"between_heartbeats", "draining", b"draining", "ended_leases", b"ended_leases", "revoked_serials", b"revoked_serials", "stale_lease_ids", b"stale_lease_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocate", b"allocate", "between_heartbeats", b"between_heartbeats", "draining", b"draining", "ended_leases", b"ended_leases", "revoked_serials", b"revoked_serials", "send_table", b"send_table", "stale_lease_ids", b"stale_lease_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

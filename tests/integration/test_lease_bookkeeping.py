@@ -208,5 +208,7 @@ async def test_a_node_marked_dead_while_it_heartbeats_has_its_guests_counted_aga
     assert controller.registry.find_dead(0.0) == [node]
     assert controller.registry.nodes["n1"].counts.pristine == 0
     await until(lambda: controller.registry.nodes["n1"].counts.pristine == 2)
+    # On the same stream, at once: it did not have to register again.
+    assert controller.registry.nodes["n1"] is node
     lease = (await Sensor(fleet_pki, "s1", address).acquire("192.0.2.80")).lease
     assert lease.pool_node == "n1"

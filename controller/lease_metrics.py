@@ -38,6 +38,11 @@ class LeaseMetrics:
             "Leases a pool node reported that the controller no longer knows",
             registry=r,
         )
+        self.nodes_dead = Counter(
+            "honeyfleet_pool_nodes_marked_dead",
+            "Pool nodes marked dead for missed heartbeats (each time)",
+            registry=r,
+        )
         waiting_gauge = Gauge(
             "honeyfleet_leases_waiting", "Lease requests waiting for a guest", registry=r
         )

@@ -105,6 +105,12 @@ class Registry:
         )
         return node
 
+    def heard_from(self, name: str, received: float) -> None:
+        """A message from the node arrived at ``received`` (monotonic): it is alive then."""
+        node = self.nodes.get(name)
+        if node is not None and node.last_seen_monotonic < received:
+            node.last_seen_monotonic = received
+
     def heartbeat(
         self, name: str, request: registry_pb2.HeartbeatRequest, received: float
     ) -> tuple[PoolNodeRecord, bool]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,12 +28,20 @@ class _Arrival:
 
 
 async def _read(
-    requests: AsyncIterator[registry_pb2.HeartbeatRequest], inbox: asyncio.Queue[_Arrival | None]
+    requests: AsyncIterator[registry_pb2.HeartbeatRequest],
+    inbox: asyncio.Queue[_Arrival | None],
+    heard: Callable[[float], None],
 ) -> None:
-    """Hand the node's heartbeats to the stream's handler as they arrive, then its end."""
+    """Hand the node's heartbeats to the stream's handler as they arrive, then its end.
+
+    Each message shows the node alive (``heard``) here, as it arrives: the handler may
+    be held up sending to a slow node, and that must not let a heartbeating node die.
+    """
     try:
         async for request in requests:
-            inbox.put_nowait(_Arrival(request, time.monotonic()))
+            received = time.monotonic()
+            heard(received)
+            inbox.put_nowait(_Arrival(request, received))
     finally:
         inbox.put_nowait(_Arrival(None, time.monotonic()))
 
@@ -81,7 +90,9 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         """
         name = current_caller().identity.name
         inbox: asyncio.Queue[_Arrival | None] = asyncio.Queue()
-        reader = asyncio.create_task(_read(request_iterator, inbox))
+        reader = asyncio.create_task(
+            _read(request_iterator, inbox, functools.partial(self._registry.heard_from, name))
+        )
         node = self._registry.nodes.get(name)
         streams = node is not None and node.stream_allocations
         try:

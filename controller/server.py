@@ -290,6 +290,7 @@ class Controller:
             for node in self.registry.find_dead(stall.stalled()):
                 missed = self.config.missed_heartbeats
                 log.warning("pool node %s missed %d heartbeats: marked dead", node.name, missed)
+                self.leases.metrics.nodes_dead.inc()
                 self.leases.fail_node(
                     node.name, f"pool node {node.name} stopped heartbeating (missed {missed})"
                 )

@@ -18,10 +18,10 @@ import pytest
 from controller.leases import LeaseManager
 from controller.registry import Registry
 from controller.statestore import StateStore
-from controller.waiters import CapacityWaiters
 from honeyfleet.errors import RPCError
 from honeyfleet.v1 import common_pb2, lease_pb2, poolnode_pb2, registry_pb2
 from tests.conftest import until
+from tests.unit.bookkeeping import bookkeeping
 
 PRISTINE = common_pb2.GUEST_STATE_PRISTINE
 LEASED = common_pb2.GUEST_STATE_LEASED
@@ -107,19 +107,8 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
     """One node of two guests; acquires wait up to an hour (only a wake-up ends a wait)."""
     store = StateStore(tmp_path / "controller.sqlite3")
     await store.open()
-    registry = Registry(store, CapacityWaiters(16), dead_after=3600.0, max_node_guests=16)
     node = HeldNode()
-    leases = LeaseManager(
-        registry,
-        store,
-        node,  # type: ignore[arg-type]
-        ttl=3600.0,
-        wait=3600.0,
-        max_per_sensor=16,
-        max_in_flight=16,
-        loop_lag=lambda: 0.0,
-        max_loop_lag=3600.0,
-    )
+    registry, leases = bookkeeping(store, node, dead_after=3600.0)
     await registry.register_node(
         "n1", registry_pb2.RegisterPoolNodeRequest(address="127.0.0.1:1", capacity=2)
     )

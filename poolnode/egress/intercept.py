@@ -173,9 +173,12 @@ class TlsStream:
         await self._pump(lambda: self._tls.write(data))
 
     async def close(self) -> None:
-        """Send close_notify (best effort: the guest may be gone)."""
+        """Send close_notify, without waiting for the guest's (a guest that never sends
+        one must not hold the connection open); best effort: the guest may be gone."""
         with contextlib.suppress(ssl.SSLError, OSError):
-            await self._pump(self._tls.unwrap)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self._tls.unwrap()
+            await self._flush()
 
     async def _pump(self, operation: Callable[[], T]) -> T:
         """Run ``operation``, moving ciphertext both ways until it completes."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import shutil
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -205,6 +206,32 @@ async def test_sinkhole_records_the_https_url_and_answers_a_dead_end(
     )
     # The CA's key stays on the node: readable by its owner only.
     assert fleet.egress.config.egress_ca[1].stat().st_mode & 0o077 == 0
+
+
+async def test_the_sinkhole_closes_after_answering_a_guest_that_stays(
+    make_egress: MakeEgress,
+) -> None:
+    fleet = await make_egress()
+    context = ssl.create_default_context(cafile=str(fleet.egress.config.egress_ca[0]))
+    port = fleet.egress.config.egress_sinkhole_port
+
+    def guest() -> tuple[bytes, bytes]:
+        """A client that reads the answer to its end but never sends close_notify."""
+        with socket.create_connection((GUEST, port), timeout=5) as raw:
+            wire = raw.dup()  # the TCP connection itself, once TLS has said goodbye
+            tls = context.wrap_socket(raw, server_hostname=HOST)
+            tls.sendall(GET)
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+            try:
+                return answer, wire.recv(1)  # b"": the node closed; a timeout: it waits
+            finally:
+                wire.close()
+
+    answer, after = await asyncio.to_thread(guest)
+    assert answer.startswith(b"HTTP/1.1 404 Not Found")
+    assert after == b""
 
 
 async def test_a_guest_that_refuses_the_leaf_is_recorded_by_server_name(

@@ -66,7 +66,8 @@ def certificate(
 class Internet:
     """An HTTPS origin for HOST (its own CA) and an HTTP proxy that tunnels CONNECT to it."""
 
-    def __init__(self, folder: Path, files: dict[str, bytes]) -> None:
+    def __init__(self, folder: Path, files: dict[str, bytes | str]) -> None:
+        """``files`` maps paths to contents, or to a URL they redirect to."""
         self.files = files
         self.connects: list[bytes] = []
         ca_key, key = generate_key(), generate_key()
@@ -86,6 +87,8 @@ class Internet:
         body = self.files.get(path)
         if body is None:
             writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
+        elif isinstance(body, str):
+            writer.write(b"HTTP/1.0 302 Found\r\nLocation: %s\r\n\r\n" % body.encode())
         else:
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         await writer.drain()
@@ -142,7 +145,7 @@ GET = f"GET /x.sh HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: curl/7.88\r\n\r\n".enc
 
 @pytest.fixture
 async def internet(tmp_path: Path) -> AsyncIterator[tuple[Internet, str]]:
-    world = Internet(tmp_path, {"/x.sh": PAYLOAD})
+    world = Internet(tmp_path, {"/x.sh": PAYLOAD, "/moved": "https://cnc.example.net/x.sh"})
     async with world as proxy:
         yield world, proxy
 
@@ -188,6 +191,24 @@ async def test_an_origin_the_egress_does_not_trust_is_a_failed_download(
     (failed,) = fleet.of("cowrie.session.file_download.failed")
     assert failed["url"] == f"https://{HOST}/x.sh"
     assert "TLS with files.example.org: CERTIFICATE_VERIFY_FAILED" in failed["reason"]
+
+
+async def test_an_https_redirect_is_checked_like_the_first_url(
+    make_egress: MakeEgress, internet: tuple[Internet, str]
+) -> None:
+    world, proxy = internet
+    fleet = await make_egress(
+        egress_policy="fetch",
+        egress_fetch_proxy=proxy,
+        egress_fetch_ca_bundle=str(world.ca_bundle),
+        egress_fetch_deny=["*.example.net"],
+    )
+    moved = GET.replace(b"/x.sh", b"/moved")
+    assert (await guest_https(fleet, moved)).startswith(b"HTTP/1.1 404 Not Found")
+    await until(lambda: len(fleet.of("cowrie.session.file_download.failed")) == 1)
+    (failed,) = fleet.of("cowrie.session.file_download.failed")
+    assert failed["reason"] == "cnc.example.net is on egress_fetch_deny"
+    assert len(world.connects) == 1  # the redirect's target was never asked for
 
 
 async def test_sinkhole_records_the_https_url_and_answers_a_dead_end(

@@ -14,8 +14,9 @@ packages=(
     qemu-system-x86 dnsmasq-base iptables ebtables libvirt-dev
     # The guest image builder (poolnode.image.HOST_PACKAGES)
     apt binutils coreutils dpkg e2fsprogs kmod mmdebstrap openssl qemu-utils
-    # VM test clients and the network namespace; procps has sysctl and pgrep
-    openssh-client sshpass iproute2 telnet procps
+    # VM test clients and the network namespace; procps has sysctl and pgrep; busybox's
+    # tftp and wget are the egress tests' guest clients outside VMs
+    openssh-client sshpass iproute2 telnet procps busybox
     # The stealth tests run Debian's own sshd and telnetd next to the sensor, and nmap -sV
     # against both
     openssh-server inetutils-telnetd nmap

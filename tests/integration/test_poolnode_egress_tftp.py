@@ -69,6 +69,7 @@ async def guest_tftp(guest_ns: str, remote: str, local: Path) -> int:
 
 @pytest.fixture
 async def fleet(internet: Path, make_egress: MakeEgress) -> AsyncIterator[loopback.Fleet]:
+    require_tool("busybox", "busybox")  # the guest's tftp client
     yield await make_egress(
         **netns.settings(egress_policy="fetch", egress_fetch_proxy="127.0.0.1:9"),
         guest_ip=netns.GUEST_IP,

@@ -126,6 +126,7 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self._task: asyncio.Task[None] | None = None
         self._early: list[bytes] = []
         self._early_eof = False
+        self._env: dict[bytes | str, bytes | str] | None = None
 
     # asyncssh callbacks, attacker side.
 
@@ -240,10 +241,15 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return None
         env = self._chan.get_environment_bytes()  # a live view, not a copy
         if len(env) > ENV_KEPT_MAX:
-            return f"more than {ENV_KEPT_MAX} environment variables"
-        if sum(len(k) + len(v) for k, v in env.items()) > ENV_KEPT_MAX_BYTES:
-            return f"more than {ENV_KEPT_MAX_BYTES} bytes of environment variables"
-        return None
+            reason = f"more than {ENV_KEPT_MAX} environment variables"
+        elif sum(len(k) + len(v) for k, v in env.items()) > ENV_KEPT_MAX_BYTES:
+            reason = f"more than {ENV_KEPT_MAX_BYTES} bytes of environment variables"
+        else:
+            return None
+        # The flood and the request it precedes can arrive in one read, and the
+        # connection ends before the guest channel would log them: log them now.
+        self._log_environment()
+        return reason
 
     # Guest side, called by GuestSession.
 
@@ -311,16 +317,18 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
         self.reading.release("opening")
 
     def _log_environment(self) -> dict[bytes | str, bytes | str]:
-        """The attacker's environment (bounded), each variable an event."""
+        """The attacker's environment (bounded), each variable an event, once."""
         assert self._chan is not None
-        env: dict[bytes | str, bytes | str] = {}
+        if self._env is not None:
+            return self._env
+        self._env = {}
         for name, value in list(self._chan.get_environment().items())[:MAX_ENV]:
             value = value[:MAX_ENV_VALUE]
-            env[name] = value
+            self._env[name] = value
             self._host.events.emit(
                 "cowrie.client.var", "request_env: {name}={value}", name=name, value=value
             )
-        return env
+        return self._env
 
     def _observe(self, term: str, size: tuple[int, int, int, int]) -> None:
         """Attach the observers this kind of channel gets."""

@@ -158,9 +158,11 @@ class GuestChannel:
         self._on_broken = on_broken
         self._on_done = on_done
         self._credit = window  # input bytes the node still takes
-        self._held: deque[Request] = deque()  # input past the credit, and an EOF behind it
+        # Input past the credit (raw bytes, as in the outbox), and an EOF behind it.
+        self._held: deque[Request | bytes] = deque()
         self._blocked = False
-        self._outbox: deque[Request | None] = deque()  # None: half-close
+        # Input stays raw bytes until the writer merges it into one frame; None: half-close.
+        self._outbox: deque[Request | bytes | None] = deque()
         # What the writer waits on when the outbox is empty: a future made only then
         # (an asyncio.Event would hold its own deque, 0.76 KB per held channel).
         self._wakeup: asyncio.Future[None] | None = None
@@ -174,13 +176,12 @@ class GuestChannel:
 
     def write(self, data: bytes) -> None:
         """Input for the guest, within the node's credit."""
-        frame = Request(data=poolnode_pb2.SessionData(data=data))
         if self._held or len(data) > self._credit:
-            self._held.append(frame)
+            self._held.append(data)
             self._flush_held()
         else:
             self._credit -= len(data)
-            self._post(frame)
+            self._post(data)
 
     def write_eof(self) -> None:
         """No more input (after what is held)."""
@@ -231,7 +232,7 @@ class GuestChannel:
 
     # Input credit.
 
-    def _post(self, frame: Request | None) -> None:
+    def _post(self, frame: Request | bytes | None) -> None:
         """Hand a frame to the writer."""
         self._outbox.append(frame)
         if self._wakeup is not None and not self._wakeup.done():
@@ -239,15 +240,17 @@ class GuestChannel:
 
     def _flush_held(self) -> None:
         """Send held input within the credit; pause the attacker while any is held."""
-        while self._held and (self._credit or not self._held[0].HasField("data")):
+        while self._held and (self._credit or not isinstance(self._held[0], bytes)):
             frame = self._held[0]
-            if frame.HasField("data") and len(frame.data.data) > self._credit:
-                data = frame.data.data
-                frame.data.data = data[self._credit :]
-                frame = Request(data=poolnode_pb2.SessionData(data=data[: self._credit]))
+            if isinstance(frame, bytes):
+                if len(frame) > self._credit:
+                    self._held[0] = frame[self._credit :]
+                    frame = frame[: self._credit]
+                else:
+                    self._held.popleft()
+                self._credit -= len(frame)
             else:
                 self._held.popleft()
-            self._credit -= len(frame.data.data)
             self._post(frame)
         if bool(self._held) != self._blocked:
             self._blocked = bool(self._held)
@@ -282,21 +285,20 @@ class GuestChannel:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the stream ended: the reader says why
 
-    def _merge(self, first: Request) -> Request:
-        """``first`` with the input frames queued right behind it, up to MAX_DATA."""
-        if not first.HasField("data"):
+    def _merge(self, first: Request | bytes) -> Request:
+        """``first``, or the input queued from it on (up to MAX_DATA) as one frame."""
+        if not isinstance(first, bytes):
             return first
-        parts = [first.data.data]
-        size = len(parts[0])
-        while (nxt := self._outbox[0] if self._outbox else None) is not None:
-            if not nxt.HasField("data") or size + len(nxt.data.data) > MAX_DATA:
+        parts = [first]
+        size = len(first)
+        while self._outbox and isinstance(nxt := self._outbox[0], bytes):
+            if size + len(nxt) > MAX_DATA:
                 break
-            parts.append(nxt.data.data)
+            parts.append(nxt)
             self._outbox.popleft()
-            size += len(parts[-1])
-        if len(parts) == 1:
-            return first
-        return Request(data=poolnode_pb2.SessionData(data=b"".join(parts)))
+            size += len(nxt)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return Request(data=poolnode_pb2.SessionData(data=data))
 
     async def _read_loop(self) -> None:
         """Frames from the node, to the receiver, until the stream ends."""

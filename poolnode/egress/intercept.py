@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import ssl
 import tempfile
 from collections import OrderedDict
@@ -51,8 +50,13 @@ def load_or_make_ca(cert: Path, key: Path) -> tuple[x509.Certificate, ec.Ellipti
     if not cert.exists() and not key.exists():
         ca_key = generate_key()
         now = datetime.now(UTC)
+        # Guests see this name (in their trust store, in every intercepted chain): it
+        # reads as the TLS-inspection CA of a company network, never as ours.
         name = x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, f"honeyfleet egress CA {os.urandom(4).hex()}")]
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "IT Services"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "Internal Root CA"),
+            ]
         )
         ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
         ca = (

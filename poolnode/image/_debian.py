@@ -91,7 +91,7 @@ _DPKG_EXCLUDES = (
 )
 
 
-LOCAL_CA = "usr/local/share/ca-certificates/honeyfleet-egress.crt"
+LOCAL_CA = "usr/local/share/ca-certificates/internal-root-ca.crt"
 """The egress interception CA's certificate, as a local CA (update-ca-certificates)."""
 
 

@@ -61,3 +61,16 @@ def test_build_reads_the_ca_file_it_is_given(
     argv = ["build", "--trust-ca", str(tmp_path / "missing.pem"), "--out", str(tmp_path / "o")]
     assert main(argv) == 1
     assert "--trust-ca" in capsys.readouterr().err
+
+
+def test_what_a_guest_sees_of_the_interception_ca_names_no_honeypot(tmp_path: Path) -> None:
+    # An attacker can list the guest's local CAs and read any intercepted chain.
+    from cryptography.x509.oid import NameOID
+
+    from poolnode.egress.intercept import load_or_make_ca
+    from poolnode.image._debian import LOCAL_CA
+
+    ca, _ = load_or_make_ca(tmp_path / "ca.pem", tmp_path / "ca.key")
+    names = [a.value for a in ca.subject] + [LOCAL_CA]
+    assert not [n for n in names if "honey" in str(n).lower() or "egress" in str(n).lower()]
+    assert ca.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "Internal Root CA"

@@ -233,6 +233,24 @@ async def test_dns_events_are_bounded_per_guest(make_egress: MakeEgress) -> None
     ]
 
 
+async def answer(
+    files: dict[str, bytes | str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> bytes:
+    """Answer one HTTP request from ``files`` (by its target: contents, or a URL they
+    redirect to; 404 otherwise), close, and return the request's head."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    body = files.get(head.split(b" ")[1].decode())
+    if body is None:
+        writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
+    elif isinstance(body, str):
+        writer.write(b"HTTP/1.0 302 Found\r\nLocation: %s\r\n\r\n" % body.encode())
+    else:
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    writer.close()
+    return head
+
+
 class Proxy:
     """The test's "internet": an HTTP proxy on loopback serving files by URL."""
 
@@ -243,18 +261,7 @@ class Proxy:
         self.server: asyncio.Server | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        self.requests.append(head)
-        url = head.split(b" ")[1].decode()
-        body = self.files.get(url)
-        if body is None:
-            writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
-        elif isinstance(body, str):
-            writer.write(b"HTTP/1.0 302 Found\r\nLocation: %s\r\n\r\n" % body.encode())
-        else:
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        await writer.drain()
-        writer.close()
+        self.requests.append(await answer(self.files, reader, writer))
 
     async def __aenter__(self) -> str:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)

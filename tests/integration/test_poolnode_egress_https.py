@@ -82,17 +82,7 @@ class Internet:
         self._servers: list[asyncio.Server] = []
 
     async def _origin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        path = head.split(b" ")[1].decode()
-        body = self.files.get(path)
-        if body is None:
-            writer.write(b"HTTP/1.0 404 Not Found\r\n\r\n")
-        elif isinstance(body, str):
-            writer.write(b"HTTP/1.0 302 Found\r\nLocation: %s\r\n\r\n" % body.encode())
-        else:
-            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        await writer.drain()
-        writer.close()
+        await loopback.answer(self.files, reader, writer)
 
     async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")

@@ -185,8 +185,11 @@ async def test_pty_shell_with_window_change_and_interrupt(
 
     await seen(b"43 132")
     await seen(b"/dev/pts/")
-    await s.send(b"sleep 60\n")
-    await asyncio.sleep(0.5)  # let the shell start sleep before it is interrupted
+    # Interrupt only once the command runs: a ^C that the terminal sees while the line
+    # still waits for the shell flushes it instead (no time given would be long enough
+    # on a loaded machine). The sum tells the output from the echoed line.
+    await s.send(b"echo sleeping-$((6*7)); sleep 60\n")
+    await seen(b"sleeping-42")
     await s.send(b"\x03")  # ^C through the guest's terminal
     await s.send(b"echo after-$?\n")
     await seen(b"after-130")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from honeyfleet.adminconfig import AdminConfig
-from honeyfleet.roles import load_role
+from honeyfleet.roles import ADMIN_SECTION, load_role
 
 
 def add_admin_flags(p: argparse.ArgumentParser) -> None:
@@ -26,4 +26,4 @@ def admin_config(args: argparse.Namespace) -> AdminConfig:
         "tls_cert": args.cert,
         "tls_key": args.key,
     }
-    return load_role(AdminConfig, "admin", args.config, overrides)
+    return load_role(AdminConfig, ADMIN_SECTION, args.config, overrides)

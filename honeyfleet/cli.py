@@ -16,7 +16,14 @@ from honeyfleet.admincli import add_admin_flags, admin_config
 from honeyfleet.config import ConfigProblems, parse_section, read_toml
 from honeyfleet.errors import ConfigError, HoneyfleetError
 from honeyfleet.pki.cli import add_address_flags
-from honeyfleet.roles import RolePlugin, extra_commands, load_role, roles, sections
+from honeyfleet.roles import (
+    RolePlugin,
+    extra_commands,
+    find_role,
+    load_role,
+    roles,
+    sections,
+)
 from honeyfleet.systemd import notify
 from honeyfleet.tls import TlsFiles
 
@@ -210,7 +217,10 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     if role is not None:
-        _add_role(commands, roles()[role], tools=False)
+        plugin = find_role(role)
+        if plugin is None:
+            raise ValueError(f"no role {role!r} is registered")
+        _add_role(commands, plugin, tools=False)
         return parser
 
     from honeyfleet import artefactscli, eventscli
@@ -274,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `honeyfleet` console script."""
     argv = sys.argv[1:] if argv is None else argv
     command = _command(argv)
-    args = build_parser(command if command in roles() else None).parse_args(argv)
+    # A role's command loads only that role (honeyfleet.roles.find_role).
+    is_role = command is not None and find_role(command) is not None
+    args = build_parser(command if is_role else None).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -14,7 +14,7 @@ import asyncio
 import functools
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +26,7 @@ from honeyfleet.pki import Role
 T = TypeVar("T")
 ROLES_GROUP = "honeyfleet.roles"
 COMMANDS_GROUP = "honeyfleet.commands"
+ADMIN_SECTION = "admin"
 
 AddCommands = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
@@ -63,21 +64,40 @@ class NoRoles(FailedPrecondition):
     """No role is registered: the package metadata is missing or stale."""
 
 
-@functools.cache
-def roles() -> dict[str, RolePlugin]:
-    """Config section -> the role registered for it (in a stable order)."""
-    found: dict[str, RolePlugin] = {}
-    for point in sorted(entry_points(group=ROLES_GROUP), key=lambda p: p.name):
-        plugin = point.load()
-        if not isinstance(plugin, RolePlugin) or plugin.section != point.name:
-            raise NoRoles(f"entry point {point.name} = {point.value} is not a RolePlugin for it")
-        found[point.name] = plugin
-    if not found:
+def _points() -> dict[str, EntryPoint]:
+    """The registered roles' entry points by name, none of them loaded."""
+    points = {p.name: p for p in entry_points(group=ROLES_GROUP)}
+    if not points:
         raise NoRoles(
             f"no roles registered under the {ROLES_GROUP!r} entry points: "
             "reinstall honeyfleet (pip install -e .) so its metadata is current"
         )
-    return found
+    return points
+
+
+@functools.cache
+def find_role(section: str) -> RolePlugin | None:
+    """The role registered for a config section (None if there is none), loading only it:
+    a role's process runs for months, and the other roles' configs it would import stay
+    in its memory for nothing."""
+    point = _points().get(section)
+    if point is None:
+        return None
+    plugin = point.load()
+    if not isinstance(plugin, RolePlugin) or plugin.section != point.name:
+        raise NoRoles(f"entry point {point.name} = {point.value} is not a RolePlugin for it")
+    return plugin
+
+
+def role_sections() -> set[str]:
+    """The registered roles' config sections, without loading any of them."""
+    return set(_points())
+
+
+@functools.cache
+def roles() -> dict[str, RolePlugin]:
+    """Config section -> the role registered for it (in a stable order), all loaded."""
+    return {name: plugin for name in sorted(_points()) if (plugin := find_role(name)) is not None}
 
 
 def extra_commands() -> list[AddCommands]:
@@ -87,7 +107,7 @@ def extra_commands() -> list[AddCommands]:
 
 def sections() -> dict[str, type[Any]]:
     """Every known config section -> its dataclass (the roles' and the operator tools')."""
-    return {**{s: r.config for s, r in roles().items()}, "admin": AdminConfig}
+    return {**{s: r.config for s, r in roles().items()}, ADMIN_SECTION: AdminConfig}
 
 
 def load_role(
@@ -98,7 +118,8 @@ def load_role(
     base = Path.cwd()
     if path is not None:
         data = read_toml(path)
-        unknown = sorted(set(data) - set(sections()))
+        # Only the names: checking them must not load every role.
+        unknown = sorted(set(data) - role_sections() - {ADMIN_SECTION})
         if unknown:
             raise ConfigProblems([ConfigError(k, "unknown section") for k in unknown])
         table = data.get(section, {})

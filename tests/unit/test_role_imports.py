@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # What only the operator tools (and Telnet) need.
 TOOLS = ("rich", "fleetup.up", "honeyfleet.eventscli", "honeyfleet.artefactscli")
 TELNET = ("telnetlib3", "wcwidth", "sensor.telnet")
+# The other roles' modules: loading every role's plugin imported their configs.
+OTHER_ROLES = ("poolnode.role", "poolnode.config", "controller.role", "controller.config")
 
 
 def imported_after(code: str) -> set[str]:
-    """Which of TOOLS and TELNET a fresh interpreter has imported after ``code``."""
-    names = TOOLS + TELNET
+    """Which of TOOLS, TELNET and OTHER_ROLES a fresh interpreter has imported after ``code``."""
+    names = TOOLS + TELNET + OTHER_ROLES
     probe = f"{code}\nimport sys\nprint(' '.join(m for m in {names!r} if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True

@@ -34,8 +34,10 @@ Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 KIND = "capture"
 WHAT = "an upload"
-# Queued bytes of one file are handed to the writer thread in batches of this size...
-BATCH_BYTES = 64 * 1024
+# Queued bytes of one file are handed to the writer thread in batches of this size (each
+# hand-over wakes the thread: with 64 KiB, capturing 32 MiB of piped stdin cost the loop
+# and the writer 0.085 s of CPU, with 256 KiB 0.058 s, hashing included)...
+BATCH_BYTES = 256 * 1024
 # ...and a file whose unwritten bytes exceed this is given up (the disk cannot keep up).
 MAX_IN_FLIGHT = 8 * 1024 * 1024
 

@@ -158,7 +158,7 @@ class ControllerConfig:
         check=non_negative,
     )
     ingest_target_batches_per_second: float = setting(
-        250.0,
+        100.0,
         "event batches a second the controller aims at from all sensors together: once "
         "the fleet sends more events a second than this, every acknowledgement asks its "
         "sensor to gather new events for a while before sending (fewer, fuller batches, "
@@ -166,7 +166,7 @@ class ControllerConfig:
         check=positive,
     )
     ingest_max_linger: float = setting(
-        2.5,
+        5.0,
         "most seconds the controller asks a sensor to gather events before sending (the "
         "delay added to delivery at full load); 0: never ask",
         check=non_negative,

@@ -3,9 +3,14 @@ a burst of sessions)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from honeyfleet import heap
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,3 +40,14 @@ def test_freed_heap_is_returned_to_the_system() -> None:
     )
     before, after = (int(kb) for kb in result.stdout.split())
     assert before - after > 20_000, (before, after)
+
+
+async def test_the_first_release_comes_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    released = asyncio.Event()
+    monkeypatch.setattr(heap, "release_free_heap", released.set)
+    task = asyncio.create_task(heap.release_periodically(3600))
+    try:
+        async with asyncio.timeout(10):  # far below the interval
+            await released.wait()
+    finally:
+        task.cancel()

@@ -152,9 +152,9 @@ class ControllerConfig:
     )
     store_commit_window: float = setting(
         0.02,
-        "seconds the writer waits after a batch for more batches to share its transaction "
-        "(fewer commits per event under a fleet's trickle, at most this much added to an "
-        "acknowledgement); 0: commit at once",
+        "seconds a batch may wait, from its arrival, for more batches to share its "
+        "transaction (fewer commits per event under a fleet's trickle, at most this much "
+        "added to an acknowledgement); 0: commit at once",
         check=non_negative,
     )
     ingest_target_batches_per_second: float = setting(

@@ -1,8 +1,8 @@
 """Further destinations for stored events, beside the store: a Cowrie JSON lines file.
 
 Sinks receive each event once, right after the transaction that stored it and its
-batches' acknowledgements (and before the next transaction), so resent events never reach
-them twice. A controller
+batches' acknowledgements (one transaction's events at a time, in commit order, while
+the next transaction is written), so resent events never reach them twice. A controller
 crash between the commit and the sink write can lose those lines from the file (never
 from the store); every line carries the event's ``hf_event_id`` for downstream de-duplication.
 """

@@ -4,9 +4,17 @@ Streams hand their batches to :meth:`BatchWriter.write` and wait for the result;
 writer takes whatever batches are queued (up to ``max_commit_events``) and writes them
 in one transaction (group commit), so many streams cost few transactions. Under a fleet's
 steady trickle (a thousand sensors, each sending an event or two at a time) the queue
-is rarely more than one batch deep when the writer looks, so after the first batch it
-waits up to ``commit_window`` for others to join: a commit (and its fsync) then serves
-many sensors instead of one, for a few milliseconds more on each acknowledgement.
+is rarely more than one batch deep when the writer looks, so it lets others join the
+oldest queued batch until ``commit_window`` after that batch arrived: a commit (and its
+fsync) then serves many sensors instead of one, for a few milliseconds more on each
+acknowledgement. The window counts from the oldest batch's arrival, not from when the
+writer got to it, so a batch that already waited behind the previous commit (a slow
+disk, a busy event loop) waits no longer than the window in all.
+
+After a commit the batches are acknowledged, then the new events go to the sinks and
+live watchers while the next group gathers and commits: one fan-out at a time, in
+commit order, so a slow sink still holds the writer back (it cannot fall behind without
+bound) but a fast one adds nothing to the next acknowledgement.
 
 Overload: the queue of batches is bounded. When the store is slow, streams wait to
 enqueue (they stop reading requests, and gRPC flow control slows the sensors down), but
@@ -28,9 +36,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from controller.events.metrics import EventMetrics
 from controller.events.quota import Overloaded
@@ -58,6 +67,8 @@ class _Pending:
 
     rows: Sequence[EventRow]
     done: asyncio.Future[Ack]
+    queued: float
+    """When it was queued (time.monotonic)."""
 
 
 @dataclass
@@ -82,7 +93,7 @@ class BatchWriter:
         commit_window: float,
         shed_after: float,
         retry_after: float,
-        on_stored: Callable[[list[EventRow]], Awaitable[None]],
+        on_stored: Callable[[list[EventRow]], Coroutine[Any, Any, None]],
         on_state: Callable[[bool], Awaitable[None]],
     ) -> None:
         self._store = store
@@ -97,6 +108,7 @@ class BatchWriter:
         self.up = True
         self.retrying = False
         self._down_since = 0.0
+        self._fan_out: asyncio.Task[None] | None = None
 
     async def write(self, rows: Sequence[EventRow]) -> Ack:
         """Store a batch durably and say how; Overloaded if it cannot even be queued in time.
@@ -106,7 +118,7 @@ class BatchWriter:
         """
         if not rows:
             return Ack(0, 0)
-        pending = _Pending(rows, asyncio.get_running_loop().create_future())
+        pending = _Pending(rows, asyncio.get_running_loop().create_future(), time.monotonic())
         try:
             if self._queue.full():
                 async with asyncio.timeout(self._shed_after):
@@ -125,25 +137,28 @@ class BatchWriter:
         return await pending.done
 
     async def run(self) -> None:
-        """Write queued batches until cancelled."""
-        while True:
-            group = await self._gather()
-            self._metrics.queue.set(self._queue.qsize())
-            try:
-                await self._commit(group)
-            except Exception as e:
-                # A bug, not an outage: fail these batches (their sensors resend) and
-                # keep the writer alive for everyone else.
-                log.exception("event writer failed on %d batches", len(group))
-                for pending in group:
-                    if not pending.done.done():
-                        pending.done.set_exception(Unavailable(f"event write failed: {e}"))
+        """Write queued batches until cancelled (the last fan-out still completes)."""
+        try:
+            while True:
+                group = await self._gather()
+                self._metrics.queue.set(self._queue.qsize())
+                try:
+                    await self._commit(group)
+                except Exception as e:
+                    # A bug, not an outage: fail these batches (their sensors resend) and
+                    # keep the writer alive for everyone else.
+                    log.exception("event writer failed on %d batches", len(group))
+                    for pending in group:
+                        if not pending.done.done():
+                            pending.done.set_exception(Unavailable(f"event write failed: {e}"))
+        finally:
+            await self._fanned_out()
 
     async def _gather(self) -> list[_Pending]:
         """The next group to commit: the first batch, and those that join it in the window."""
         group = [await self._queue.get()]
         events = len(group[0].rows)
-        deadline = time.monotonic() + self._commit_window
+        deadline = group[0].queued + self._commit_window
         while events < self._max_commit_events:
             if self._queue.empty():
                 left = deadline - time.monotonic()
@@ -196,9 +211,23 @@ class BatchWriter:
             rejected = sum(row.hf_event_id in outcome.rejected for row in pending.rows)
             if not pending.done.done():
                 pending.done.set_result(Ack(stored, len(pending.rows) - stored - rejected))
-        # Before the next group: a slow sink still slows the writer, so it cannot fall
-        # behind without bound.
-        await self._on_stored(new)
+        # One fan-out at a time, in order: a slow sink still slows the writer, so it
+        # cannot fall behind without bound; a fast one overlaps the next commit.
+        await self._fanned_out()
+        if new:
+            self._fan_out = asyncio.create_task(self._on_stored(new), name="event-fan-out")
+
+    async def _fanned_out(self) -> None:
+        """Wait for the previous group's fan-out to end; log it if it failed."""
+        task = self._fan_out
+        if task is None:
+            return
+        # wait() neither raises the task's error nor cancels it if the writer is cancelled.
+        await asyncio.wait([task])
+        self._fan_out = None
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # A bug: its events are stored and acknowledged; only sinks or watchers miss them.
+            log.error("event fan-out to sinks and watchers failed", exc_info=error)
 
     async def _write(self, rows: Sequence[EventRow], outcome: _Outcome) -> None:
         """Write rows not settled yet; isolate and reject rows the store refuses."""

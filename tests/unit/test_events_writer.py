@@ -34,6 +34,19 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteEventStore]:
     await opened.close()
 
 
+class HeldSink:
+    """A sink that holds its writes until the test releases it, and counts their events."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.sunk: list[int] = []
+
+    async def write(self, new: list[EventRow]) -> None:
+        """Wait for the release, then record how many events came."""
+        await self.release.wait()
+        self.sunk.append(len(new))
+
+
 def _writer(
     store: SqliteEventStore,
     registry: CollectorRegistry,
@@ -88,29 +101,78 @@ async def test_without_a_window_each_batch_commits_at_once(store: SqliteEventSto
 async def test_a_batch_is_acknowledged_before_the_sinks_have_its_events(
     store: SqliteEventStore,
 ) -> None:
-    sink_may_finish = asyncio.Event()
-    sunk: list[int] = []
-
-    async def slow_sink(new: list[EventRow]) -> None:
-        """A sink that holds its write until the test lets it go."""
-        await sink_may_finish.wait()
-        sunk.append(len(new))
-
-    writer = _writer(store, CollectorRegistry(), 0.0, slow_sink)
+    sink = HeldSink()
+    writer = _writer(store, CollectorRegistry(), 0.0, sink.write)
     runner = asyncio.create_task(writer.run())
     try:
         async with asyncio.timeout(ACK_TIMEOUT):
             first = await writer.write(rows(commands(3)))
         assert first == Ack(3, 0)
-        assert sunk == []  # durable and acknowledged; the sink is still writing
+        assert sink.sunk == []  # durable and acknowledged; the sink is still writing
         second = asyncio.create_task(writer.write(rows(commands(2))))
-        sink_may_finish.set()
+        sink.release.set()
         async with asyncio.timeout(ACK_TIMEOUT):
             assert await second == Ack(2, 0)
         async with asyncio.timeout(ACK_TIMEOUT):
-            while len(sunk) < 2:
+            while len(sink.sunk) < 2:
                 await asyncio.sleep(0.01)
-        assert sunk == [3, 2]  # every stored event reached the sink once, in order
+        assert sink.sunk == [3, 2]  # every stored event reached the sink once, in order
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_the_window_counts_from_when_the_batch_was_queued(store: SqliteEventStore) -> None:
+    # A batch that already waited a window (here: before the writer ran; in production,
+    # behind a slow commit or a busy event loop) is committed as the writer gets to it,
+    # not held a further window: a batch arriving soon after goes in a transaction of
+    # its own.
+    registry = CollectorRegistry()
+    writer = _writer(store, registry, WINDOW, _nothing)
+    old = asyncio.create_task(writer.write(rows(commands(1))))
+    await asyncio.sleep(WINDOW + 0.5)
+    runner = asyncio.create_task(writer.run())
+    try:
+        await asyncio.sleep(WINDOW / 3)
+        late = asyncio.create_task(writer.write(rows(commands(1))))
+        async with asyncio.timeout(ACK_TIMEOUT):
+            assert await asyncio.gather(old, late) == [Ack(1, 0), Ack(1, 0)]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert registry.get_sample_value("honeyfleet_store_write_seconds_count") == 2
+
+
+async def test_the_next_batch_commits_while_the_sinks_still_write_the_last(
+    store: SqliteEventStore,
+) -> None:
+    sink = HeldSink()
+    writer = _writer(store, CollectorRegistry(), 0.0, sink.write)
+    runner = asyncio.create_task(writer.run())
+    try:
+        async with asyncio.timeout(ACK_TIMEOUT):
+            assert await writer.write(rows(commands(3))) == Ack(3, 0)
+            assert await writer.write(rows(commands(2))) == Ack(2, 0)
+        assert sink.sunk == []  # both durable and acknowledged; the sink still has the first
+        sink.release.set()
+        async with asyncio.timeout(ACK_TIMEOUT):
+            while len(sink.sunk) < 2:
+                await asyncio.sleep(0.01)
+        assert sink.sunk == [3, 2]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_stopping_the_writer_lets_the_last_fan_out_finish(store: SqliteEventStore) -> None:
+    sink = HeldSink()
+    writer = _writer(store, CollectorRegistry(), 0.0, sink.write)
+    runner = asyncio.create_task(writer.run())
+    async with asyncio.timeout(ACK_TIMEOUT):
+        assert await writer.write(rows(commands(3))) == Ack(3, 0)
+    runner.cancel()
+    await asyncio.sleep(0)
+    assert not runner.done()  # waiting for the sink, which has the stored events
+    sink.release.set()
+    await asyncio.gather(runner, return_exceptions=True)
+    assert sink.sunk == [3]

@@ -22,7 +22,7 @@ import logging
 import random
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -345,8 +345,6 @@ class SimNode:
         self.link: ControllerLink | None = None
         self._server: grpc.aio.Server | None = None
         self._task: asyncio.Task[None] | None = None
-        # When each unanswered heartbeat was handed to the stream (answers come in order).
-        self._sent: deque[float] = deque()
 
     async def start(self) -> None:
         """Serve the pool and start the link."""
@@ -362,9 +360,10 @@ class SimNode:
             self._member.tls,
             registration=self._registration,
             snapshot=self.pool.snapshot,
-            table_version=self._table_version,
+            table_version=lambda: self.pool.table_version,
             on_response=self._on_response,
             allocate=functools.partial(allocate_guest, self.pool),
+            on_round_trip=self._round_trip,
         )
         self.pool.on_change = self.link.nudge
         self._task = asyncio.create_task(self.link.run())
@@ -379,7 +378,6 @@ class SimNode:
             await self._server.stop(1)
 
     def _registration(self) -> registry_pb2.RegisterPoolNodeRequest:
-        self._sent.clear()  # a new stream: answers to the old one will not come
         return registry_pb2.RegisterPoolNodeRequest(
             address=self.address,
             capacity=self.pool.capacity,
@@ -387,18 +385,14 @@ class SimNode:
             backend=SimPool.backend,
         )
 
-    def _table_version(self) -> int:
-        # The link asks for the version once per heartbeat, table or not.
-        self._sent.append(time.monotonic())
-        return self.pool.table_version
+    def _round_trip(self, seconds: float) -> None:
+        self._recorder.stats.record("heartbeat", seconds)
 
     async def _on_response(self, reply: registry_pb2.HeartbeatResponse) -> None:
         stats = self._recorder.stats
         if reply.between_heartbeats:
             stats.counts["node: messages between heartbeats"] += 1
         else:
-            if self._sent:
-                stats.record("heartbeat", time.monotonic() - self._sent.popleft())
             stats.counts["node: heartbeats answered"] += 1
         for ended in reply.ended_leases:
             await self.pool.release(ended.lease_id, ended.reason)

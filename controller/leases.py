@@ -3,9 +3,10 @@
 Every lease is indexed by node and sensor, so a heartbeat is checked against its own
 node's leases only. A lease ends in memory at once (its record is group-committed
 without waiting) and is then told to its node on the node's heartbeat stream (no call
-of its own: every end queued meanwhile rides in one message). Until a table of the
-node's no longer shows it, it is *ending*: never reported back as stale, and told
-again while a table still shows it (the message may have been lost with a stream).
+of its own: it rides along with the next allocation to the node or, after END_LINGER,
+in a message with every end queued meanwhile). Until a table of the node's no longer
+shows it, it is *ending*: never reported back as stale, and told again while a table
+still shows it (the message may have been lost with a stream).
 Acquires that find no guest wait in a bounded queue (controller.waiters); above that,
 past their wait, or when more than max_acquires_in_flight are being placed at once
 (the controller is saturated: more would only queue for the CPU), they are shed with
@@ -49,6 +50,9 @@ MAX_LABEL_TEXT = 128
 SHED_RETRY_AFTER = 5.0
 # Seconds kept back from the caller's deadline so it hears the answer, not its timeout.
 ANSWER_MARGIN = 0.5
+# Most seconds a lease's end waits to ride along with an allocation to its node before
+# it is sent in a message of its own. Nothing waits for it: the session is over.
+END_LINGER = 0.5
 
 
 class LeaseManager:
@@ -438,7 +442,9 @@ class LeaseManager:
             untold[lease.id] = reason
             wake = self._listeners.get(node)
             if wake is not None and len(untold) == 1:
-                wake()
+                # Not at once: an allocation to the node within the linger takes it
+                # along (and every end meanwhile rides in one message).
+                asyncio.get_running_loop().call_later(END_LINGER, wake)
 
 
 def _validate_acquire(request: lease_pb2.AcquireLeaseRequest) -> None:

@@ -61,13 +61,15 @@ class NodeView:
     _reported_leases: set[str] = field(default_factory=set)
     _pending: list[_Pending] = field(default_factory=list)
     _newest: int = 0
+    # counts.pristine as a plain int: placement reads it for every node, every time.
+    _pristine: int = 0
 
     @property
     def free(self) -> int:
         """Pristine guests no acquire has been promised."""
         if self.refused_at is not None or self.unreachable:
             return 0
-        return max(self.counts.pristine - self.reserved, 0)
+        return max(self._pristine - self.reserved, 0)
 
     @property
     def shareable(self) -> bool:
@@ -162,3 +164,4 @@ class NodeView:
                 case _:
                     pass
         self.guests, self.lease_ids, self.counts = guests, leases, counts
+        self._pristine = counts.pristine

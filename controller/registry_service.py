@@ -81,9 +81,10 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
     async def Heartbeat(
         self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
     ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
-        """Answer each heartbeat with revocations, drain state, stale and ended leases;
-        between heartbeats, send leases that ended as soon as they end, and allocations
-        (to nodes that take them here) as soon as they are asked.
+        """Answer each heartbeat with revocations, drain state, stale and ended leases
+        (an early one only when there is something to tell); between heartbeats, send
+        allocations (to nodes that take them here) as soon as they are asked, and leases
+        that ended with them or shortly after they end.
 
         The arrival time is taken first thing, before any other work; leases are
         compared only when a new table was applied, and only with this node's.
@@ -120,11 +121,12 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
                         continue
                     node, applied = self._registry.heartbeat(name, request, arrival.received)
                     stale = self._leases.reconcile(node) if applied else []
+                    ended = self._leases.take_ended(name)
+                    allocate = self._nodes.take_requests(name)
+                    if request.early and not (stale or ended or allocate or node.wants_table):
+                        continue  # a nudge: nothing to tell, and no reply is waited for
                     yield self._response(
-                        name,
-                        stale=stale,
-                        ended=self._leases.take_ended(name),
-                        allocate=self._nodes.take_requests(name),
+                        name, stale=stale, ended=ended, allocate=allocate, between=request.early
                     )
         finally:
             reader.cancel()

@@ -52,17 +52,25 @@ def choose(
             return Placement(node, False, "affinity")
     best_pristine: PoolNodeRecord | None = None
     best_shared: PoolNodeRecord | None = None
-    pristine_key: tuple[int, int, str] | None = None
+    # The best pristine candidate's free guests and active leases.
+    most_free, fewest = 0, 0
     shared_key: tuple[float, str] | None = None
     for node in nodes.values():
         view = node.view
         free = view.free
         if free > 0:
-            if not eligible(node):
+            # Compared first, cheapest first: most nodes lose on their free guests.
+            if free < most_free:
                 continue
-            key = (-free, len(active_leases.get(node.name, ())), node.name)
-            if pristine_key is None or key < pristine_key:
-                best_pristine, pristine_key = node, key
+            leases = len(active_leases.get(node.name, ()))
+            if (
+                best_pristine is not None
+                and free == most_free
+                and (leases, node.name) >= (fewest, best_pristine.name)
+            ):
+                continue
+            if eligible(node):
+                best_pristine, most_free, fewest = node, free, leases
         elif best_pristine is None and node.share_guests and view.shareable and eligible(node):
             leases = len(active_leases.get(node.name, ()))
             skey = (leases / max(view.capacity, 1), node.name)

@@ -5,15 +5,19 @@ serving them and keeps retrying with capped, jittered exponential backoff.
 
 A heartbeat carries the guest table only when its version moved since the previous
 heartbeat on the stream; otherwise just the version. Early heartbeats (nudges) are
-spaced at least NUDGE_GAP heartbeat intervals apart, so a burst of boots costs one.
+spaced at least NUDGE_GAP heartbeat intervals apart, so a burst of boots costs one; the
+controller replies to them only when it has something to say. They do not move the
+next heartbeat at the interval, which it always answers.
 
 The controller asks for allocations on the same stream (cheaper than a call each):
-every one is answered on it as soon as it is made, in a message of its own.
+every one is answered on it as soon as it is made, in a message of its own, or in an
+early heartbeat when a changed table is waiting to be sent (it goes along at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -52,7 +56,10 @@ class ControllerLink:
         allocate: Callable[
             [poolnode_pb2.AllocateGuestRequest], Awaitable[poolnode_pb2.AllocateGuestResponse]
         ],
+        on_round_trip: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_round_trip`` is given the seconds each heartbeat sent at the interval
+        took to be answered."""
         self._controller = controller
         self._tls = tls
         self._registration = registration
@@ -60,6 +67,9 @@ class ControllerLink:
         self._table_version = table_version
         self._on_response = on_response
         self._allocate = allocate
+        self._on_round_trip = on_round_trip
+        # When each heartbeat sent at the interval and not answered yet was sent.
+        self._unanswered: collections.deque[float] = collections.deque()
         self.connected = asyncio.Event()
         # When a nudge asked for an early heartbeat (e.g. a guest changed state).
         self._nudged_at: float | None = None
@@ -124,8 +134,14 @@ class ControllerLink:
         )
         self.connected.set()
         self._answers.clear()
+        self._unanswered.clear()
+        loop = asyncio.get_running_loop()
         call = stub.Heartbeat(self._heartbeats(interval))
         async for reply in call:
+            if not reply.between_heartbeats and self._unanswered:
+                sent = self._unanswered.popleft()
+                if self._on_round_trip is not None:
+                    self._on_round_trip(loop.time() - sent)
             if reply.send_table:
                 self._table_wanted = True
                 self.nudge()
@@ -151,32 +167,50 @@ class ControllerLink:
         self._wake.set()
 
     async def _heartbeats(self, interval: float) -> AsyncIterator[registry_pb2.HeartbeatRequest]:
-        """Yield a heartbeat every interval, or sooner when nudged (the table only if
-        changed), and allocation answers as soon as they are ready."""
+        """Yield a heartbeat every interval, and early ones when nudged (the table only
+        if changed); allocation answers as soon as they are ready, in an early heartbeat
+        if a nudge waits."""
         loop = asyncio.get_running_loop()
+        gap = interval * NUDGE_GAP
         sent = 0  # a new stream always starts with the whole table
+        early = False
+        due = loop.time()
         while True:
             version = self._table_version()
             if self._table_wanted:
                 self._table_wanted = False
                 sent = 0
             if version == sent:
-                yield registry_pb2.HeartbeatRequest(table_version=version, table_unchanged=True)
+                heartbeat = registry_pb2.HeartbeatRequest(
+                    table_version=version, table_unchanged=True
+                )
             else:
                 heartbeat = self._snapshot()
                 sent = heartbeat.table_version
-                yield heartbeat
-            due = loop.time() + interval
+            heartbeat.early = early
+            if self._answers:
+                heartbeat.allocations.extend(self._answers)
+                self._answers = []
+            now = loop.time()
+            if not early:
+                self._unanswered.append(now)
+                due = now + interval
             self._nudged_at = None
+            yield heartbeat
             while True:
+                nudged = self._nudged_at
                 if self._answers:
+                    if nudged is not None:
+                        # The changed table goes along with the answers: no message
+                        # of its own (the gap spaces messages, not tables).
+                        early = True
+                        break
                     answers, self._answers = self._answers, []
                     yield registry_pb2.HeartbeatRequest(allocations=answers, answers_only=True)
                     continue
-                send_at = due
-                if self._nudged_at is not None:
-                    send_at = min(due, self._nudged_at + interval * NUDGE_GAP)
+                send_at = due if nudged is None else min(due, nudged + gap)
                 if loop.time() >= send_at:
+                    early = send_at < due
                     break
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -27,7 +27,7 @@ from honeyfleet.v1 import common_pb2 as honeyfleet_dot_v1_dot_common__pb2
 from honeyfleet.v1 import poolnode_pb2 as honeyfleet_dot_v1_dot_poolnode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1choneyfleet/v1/registry.proto\x12\rhoneyfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ahoneyfleet/v1/common.proto\x1a\x1choneyfleet/v1/poolnode.proto\"\x83\x02\n\x17RegisterPoolNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.honeyfleet.v1.RegisterPoolNodeRequest.LabelsEntry\x12\x14\n\x0cshare_guests\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x1a\n\x12stream_allocations\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x18RegisterPoolNodeResponse\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\xf9\x01\n\x10HeartbeatRequest\x12\x30\n\x0cguest_counts\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.GuestCounts\x12$\n\x06guests\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x11\n\tlease_ids\x18\x03 \x03(\t\x12\x15\n\rtable_version\x18\x04 \x01(\x04\x12\x17\n\x0ftable_unchanged\x18\x05 \x01(\x08\x12\x34\n\x0b\x61llocations\x18\x06 \x03(\x0b\x32\x1f.honeyfleet.v1.AllocationAnswer\x12\x14\n\x0c\x61nswers_only\x18\x07 \x01(\x08\"\x88\x01\n\x10\x41llocationAnswer\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x35\n\x07granted\x18\x02 \x01(\x0b\x32$.honeyfleet.v1.AllocateGuestResponse\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\x16\n\x0estatus_message\x18\x04 \x01(\t\"\xef\x01\n\x11HeartbeatResponse\x12\x17\n\x0frevoked_serials\x18\x01 \x03(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x17\n\x0fstale_lease_ids\x18\x03 \x03(\t\x12/\n\x0c\x65nded_leases\x18\x04 \x03(\x0b\x32\x19.honeyfleet.v1.EndedLease\x12\x1a\n\x12\x62\x65tween_heartbeats\x18\x05 \x01(\x08\x12\x35\n\x08\x61llocate\x18\x06 \x03(\x0b\x32#.honeyfleet.v1.AllocateGuestRequest\x12\x12\n\nsend_table\x18\x07 \x01(\x08\".\n\nEndedLease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xd2\x01\n\x17PoolNodeRegistryService\x12\x63\n\x10RegisterPoolNode\x12&.honeyfleet.v1.RegisterPoolNodeRequest\x1a\'.honeyfleet.v1.RegisterPoolNodeResponse\x12R\n\tHeartbeat\x12\x1f.honeyfleet.v1.HeartbeatRequest\x1a .honeyfleet.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1choneyfleet/v1/registry.proto\x12\rhoneyfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ahoneyfleet/v1/common.proto\x1a\x1choneyfleet/v1/poolnode.proto\"\x83\x02\n\x17RegisterPoolNodeRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x42\n\x06labels\x18\x03 \x03(\x0b\x32\x32.honeyfleet.v1.RegisterPoolNodeRequest.LabelsEntry\x12\x14\n\x0cshare_guests\x18\x04 \x01(\x08\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x1a\n\x12stream_allocations\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x18RegisterPoolNodeResponse\x12\x35\n\x12heartbeat_interval\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\"\x88\x02\n\x10HeartbeatRequest\x12\x30\n\x0cguest_counts\x18\x01 \x01(\x0b\x32\x1a.honeyfleet.v1.GuestCounts\x12$\n\x06guests\x18\x02 \x03(\x0b\x32\x14.honeyfleet.v1.Guest\x12\x11\n\tlease_ids\x18\x03 \x03(\t\x12\x15\n\rtable_version\x18\x04 \x01(\x04\x12\x17\n\x0ftable_unchanged\x18\x05 \x01(\x08\x12\x34\n\x0b\x61llocations\x18\x06 \x03(\x0b\x32\x1f.honeyfleet.v1.AllocationAnswer\x12\x14\n\x0c\x61nswers_only\x18\x07 \x01(\x08\x12\r\n\x05\x65\x61rly\x18\x08 \x01(\x08\"\x88\x01\n\x10\x41llocationAnswer\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x35\n\x07granted\x18\x02 \x01(\x0b\x32$.honeyfleet.v1.AllocateGuestResponse\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\x16\n\x0estatus_message\x18\x04 \x01(\t\"\xef\x01\n\x11HeartbeatResponse\x12\x17\n\x0frevoked_serials\x18\x01 \x03(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x17\n\x0fstale_lease_ids\x18\x03 \x03(\t\x12/\n\x0c\x65nded_leases\x18\x04 \x03(\x0b\x32\x19.honeyfleet.v1.EndedLease\x12\x1a\n\x12\x62\x65tween_heartbeats\x18\x05 \x01(\x08\x12\x35\n\x08\x61llocate\x18\x06 \x03(\x0b\x32#.honeyfleet.v1.AllocateGuestRequest\x12\x12\n\nsend_table\x18\x07 \x01(\x08\".\n\nEndedLease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xd2\x01\n\x17PoolNodeRegistryService\x12\x63\n\x10RegisterPoolNode\x12&.honeyfleet.v1.RegisterPoolNodeRequest\x1a\'.honeyfleet.v1.RegisterPoolNodeResponse\x12R\n\tHeartbeat\x12\x1f.honeyfleet.v1.HeartbeatRequest\x1a .honeyfleet.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,13 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERPOOLNODERESPONSE']._serialized_start=399
   _globals['_REGISTERPOOLNODERESPONSE']._serialized_end=498
   _globals['_HEARTBEATREQUEST']._serialized_start=501
-  _globals['_HEARTBEATREQUEST']._serialized_end=750
-  _globals['_ALLOCATIONANSWER']._serialized_start=753
-  _globals['_ALLOCATIONANSWER']._serialized_end=889
-  _globals['_HEARTBEATRESPONSE']._serialized_start=892
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1131
-  _globals['_ENDEDLEASE']._serialized_start=1133
-  _globals['_ENDEDLEASE']._serialized_end=1179
-  _globals['_POOLNODEREGISTRYSERVICE']._serialized_start=1182
-  _globals['_POOLNODEREGISTRYSERVICE']._serialized_end=1392
+  _globals['_HEARTBEATREQUEST']._serialized_end=765
+  _globals['_ALLOCATIONANSWER']._serialized_start=768
+  _globals['_ALLOCATIONANSWER']._serialized_end=904
+  _globals['_HEARTBEATRESPONSE']._serialized_start=907
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1146
+  _globals['_ENDEDLEASE']._serialized_start=1148
+  _globals['_ENDEDLEASE']._serialized_end=1194
+  _globals['_POOLNODEREGISTRYSERVICE']._serialized_start=1197
+  _globals['_POOLNODEREGISTRYSERVICE']._serialized_end=1407
 # @@protoc_insertion_point(module_scope)

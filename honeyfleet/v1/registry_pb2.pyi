@@ -134,6 +134,7 @@ class HeartbeatRequest(_message.Message):
     TABLE_UNCHANGED_FIELD_NUMBER: _builtins.int
     ALLOCATIONS_FIELD_NUMBER: _builtins.int
     ANSWERS_ONLY_FIELD_NUMBER: _builtins.int
+    EARLY_FIELD_NUMBER: _builtins.int
     table_version: _builtins.int
     """Goes up with every change of the node's guests or leases, starting at 1 when the
     node registers. AllocateGuest and ReleaseGuest answer with the version their change
@@ -145,6 +146,12 @@ class HeartbeatRequest(_message.Message):
     answers_only: _builtins.bool
     """True when the message carries only allocation answers: it is no heartbeat (the
     controller neither reads a table from it nor replies to it).
+    """
+    early: _builtins.bool
+    """True when sent before the heartbeat interval was up, to report a changed table
+    (a nudge): the controller replies to it only when it has something for the node
+    (stale or ended leases, allocations, a request for the whole table). Heartbeats
+    sent at the interval are always answered.
     """
     @_builtins.property
     def guest_counts(self) -> _common_pb2.GuestCounts:
@@ -174,10 +181,11 @@ class HeartbeatRequest(_message.Message):
         table_unchanged: _builtins.bool = ...,
         allocations: _abc.Iterable[Global___AllocationAnswer] | None = ...,
         answers_only: _builtins.bool = ...,
+        early: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["guest_counts", b"guest_counts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "answers_only", b"answers_only", "guest_counts", b"guest_counts", "guests", b"guests", "lease_ids", b"lease_ids", "table_unchanged", b"table_unchanged", "table_version", b"table_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "answers_only", b"answers_only", "early", b"early", "guest_counts", b"guest_counts", "guests", b"guests", "lease_ids", b"lease_ids", "table_unchanged", b"table_unchanged", "table_version", b"table_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,8 +230,10 @@ Global___AllocationAnswer: _TypeAlias = AllocationAnswer  # noqa: Y015
 @_typing.final
 class HeartbeatResponse(_message.Message):
     """HeartbeatResponse carries instructions back to the node. The controller answers
-    every heartbeat with one, and sends one between heartbeats when leases ended: a
-    lease's end reaches its node on this stream, not in a call of its own.
+    every heartbeat sent at the interval with one, and sends one between heartbeats
+    when it has allocations or leases that ended for the node: a lease's end reaches its
+    node on this stream, not in a call of its own, riding along with the next allocation
+    to the node or else sent within a fraction of a second.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -238,7 +248,9 @@ class HeartbeatResponse(_message.Message):
     draining: _builtins.bool
     """Whether an operator has drained this node."""
     between_heartbeats: _builtins.bool
-    """True when sent between heartbeats (it answers none of them)."""
+    """True when it answers no heartbeat sent at the interval (it was sent between
+    them, or in reply to an early heartbeat).
+    """
     send_table: _builtins.bool
     """The controller lost the node's guest table (it had marked the node dead): send the
     whole table in the next heartbeat, even if unchanged.

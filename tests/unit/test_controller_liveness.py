@@ -5,33 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from controller import registry_service
-from controller.nodeclient import NodeClients
-from controller.registry_service import PoolNodeRegistryServicer
-from controller.statestore import StateStore
-from honeyfleet.tls import TlsFiles
 from honeyfleet.v1 import registry_pb2
 from tests.conftest import until
-from tests.unit.bookkeeping import bookkeeping
+from tests.unit.bookkeeping import heartbeat_service
 
 
 async def test_a_node_is_alive_while_its_answers_wait_to_be_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = StateStore(tmp_path / "controller.sqlite3")
-    await store.open()
-    nowhere = TlsFiles(tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem")
-    nodes = NodeClients(nowhere, timeout=10.0)
-    registry, leases = bookkeeping(store, nodes, dead_after=15.0)
-    servicer = PoolNodeRegistryServicer(
-        registry, leases, nodes, heartbeat_interval=5.0, revoked_serials=frozenset
-    )
-    caller = SimpleNamespace(identity=SimpleNamespace(name="n1"))
-    monkeypatch.setattr(registry_service, "current_caller", lambda: caller)
+    store, registry, _, servicer = await heartbeat_service(tmp_path, monkeypatch, dead_after=15.0)
     node = await registry.register_node(
         "n1", registry_pb2.RegisterPoolNodeRequest(address="127.0.0.1:1", capacity=2)
     )

@@ -11,8 +11,9 @@ process of its own on loopback, measured with ``--shells`` held at once:
   shells opened by asyncssh clients in this process: the least any sensor that
   terminates SSH with asyncssh holds per shell (connection, channel, ciphers, kex state);
 * **gRPC stream**: a grpc.aio client holding open bidirectional streams (one message
-  each way) to a generic echo server: what the sensor's relay holds per SSH session
-  channel in gRPC (sensor.ssh.guest opens one TunnelService.Session stream each);
+  each way) to a generic echo server: what the sensor's relay held per SSH session
+  channel in gRPC when each had its own stream (now one TunnelService.Sessions stream
+  per pool node carries them all, sensor.tunnel.SessionMux);
   once on a default channel, once with the tunnels' ``NO_RETRY_STATE``.
 
 Each is run twice: once for RSS growth per shell, once under tracemalloc for the Python

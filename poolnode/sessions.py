@@ -1,29 +1,43 @@
-"""One SSH session channel on a guest's warm login, relayed as protobuf frames.
+"""A sensor's SSH session channels on guests' warm logins, multiplexed on one stream.
 
-The sensor holds the attacker's SSH connection, the node the guest's
-(:mod:`poolnode.guest_login`). :class:`SessionRelay` opens the channel the sensor's
-``open`` frame describes on the warm login, then turns the sensor's frames into channel
-operations and the channel's callbacks into frames for the sensor.
+The sensor holds the attacker's SSH connections, the node the guests'
+(:mod:`poolnode.guest_login`). One ``Sessions`` stream carries every session a sensor
+runs on this node: :class:`SessionMux` is the node's end of it. Each ``open`` frame
+becomes a :class:`SessionRelay`, which opens the channel the frame describes on the
+warm login of its lease's guest, then turns the sensor's frames into channel operations
+and the channel's callbacks into frames for the sensor.
 
-Flow control is credit-based on the node's leg, as SSH windows are on the others: the
-node sends the sensor at most the output bytes it was granted and stops reading the
-guest's channel when the credit is spent (so the guest's SSH window closes); it grants
-input credit back only once the guest's channel has taken the data. Nothing queues
-without bound anywhere between the attacker and the guest.
+Flow control is credit-based per session on the node's leg, as SSH windows are on the
+others: the node sends the sensor at most the output bytes it was granted and stops
+reading the guest's channel when the credit is spent (so the guest's SSH window closes);
+it grants input credit back only once the guest's channel has taken the data. Nothing
+queues without bound anywhere between the attacker and the guest, and since neither end
+ever waits on one session to take a frame, no session holds up another: the stream's
+writer takes one frame from each session with something to send in turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TypeAlias
 
 import asyncssh
+import grpc
 
-from honeyfleet.errors import FailedPrecondition, HoneyfleetError, InvalidArgument
+from honeyfleet.errors import (
+    FailedPrecondition,
+    HoneyfleetError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from honeyfleet.v1 import poolnode_pb2
+from poolnode.guest_login import WarmLogin
+from poolnode.pool import GuestPool
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +47,26 @@ MAX_DATA = 256 * 1024
 WINDOW = 1024 * 1024
 # Input credit is granted back in steps of at least this much (fewer frames).
 GRANT_STEP = WINDOW // 4
+# Sessions one stream holds at once: what the node allowed a sensor's connection as
+# concurrent streams when each session had one (honeyfleet.grpcserver).
+MAX_SESSIONS = 1000
+# How long the guest's login and channel may take to open.
+OPEN_TIMEOUT = 10.0
 
 STREAMS = {
     None: poolnode_pb2.SESSION_STREAM_STDOUT,
     asyncssh.EXTENDED_DATA_STDERR: poolnode_pb2.SESSION_STREAM_STDERR,
 }
-Response = poolnode_pb2.SessionResponse
+# What a session's closed frame says for the errors that end it.
+ERROR_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: poolnode_pb2.SESSION_ERROR_CODE_INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND: poolnode_pb2.SESSION_ERROR_CODE_NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED: poolnode_pb2.SESSION_ERROR_CODE_PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: poolnode_pb2.SESSION_ERROR_CODE_RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION: poolnode_pb2.SESSION_ERROR_CODE_FAILED_PRECONDITION,
+    grpc.StatusCode.UNAVAILABLE: poolnode_pb2.SESSION_ERROR_CODE_UNAVAILABLE,
+}
+Response = poolnode_pb2.SessionsResponse
 Stream: TypeAlias = poolnode_pb2.SessionStream.ValueType
 
 
@@ -80,28 +108,38 @@ class GuestChannel(asyncssh.SSHClientSession[bytes]):
         self._relay.input_blocked(False)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        """The guest's channel is closed: the stream ends."""
+        """The guest's channel is closed: the session ends."""
         self._relay.finish()
 
 
 class SessionRelay:
-    """One Session stream: the guest's channel and the frames both ways."""
+    """One session of a stream: the guest's channel and its frames both ways."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, mux: SessionMux, session_id: int, lease_id: str) -> None:
+        self.id = session_id
+        self.lease_id = lease_id
+        self._mux = mux
         self._chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._outbox: deque[Response | None] = deque()  # for the stream now
-        self._ready = asyncio.Event()
+        self.login: WarmLogin | None = None
+        """The lease's guest login (its loss is what ``closed`` reports)."""
+        self.host: WarmLogin | None = None
+        """The login the channel runs on, counted until the session ends."""
+        self.untrack: Callable[[], None] | None = None
+        self._outbox: deque[Response | None] = deque()  # for the stream now; None: the end
+        self.scheduled = False  # in the stream's queue of sessions with frames to send
         self._credit = 0  # output bytes the sensor still takes
         # Output past the credit, and the frames behind it (None: the end).
         self._held: deque[Response | None] = deque()
         self._input_credit = WINDOW  # input bytes the sensor may still send
         self._owed = 0  # input taken by the guest's channel, not yet granted back
         self._blocked = False
+        self._close_asked = False  # the sensor asked to close while the channel opened
+        self._ended = False  # the end is queued: nothing more is sent
         self.bytes_in = 0
         self.bytes_out = 0
         self.error: HoneyfleetError | None = None
-        """Why the sensor's frames ended the session, if they broke the protocol."""
+        """Why the session ended on an error (its open refused, or its frames broke
+        the rules)."""
 
     async def open(
         self, conn: asyncssh.SSHClientConnection, request: poolnode_pb2.SessionOpen
@@ -132,6 +170,12 @@ class SessionRelay:
         except asyncssh.Error as e:
             raise FailedPrecondition(f"the guest refused the session: {e}") from None
 
+    def opened(self) -> None:
+        """The channel is open: tell the sensor (and close it if the sensor gave up)."""
+        self._post(Response(opened=poolnode_pb2.SessionOpened(window=WINDOW)))
+        if self._close_asked:
+            self.close()
+
     # Guest -> sensor.
 
     def send(self, frame: Response | None) -> None:
@@ -142,9 +186,12 @@ class SessionRelay:
             self._post(frame)
 
     def _post(self, frame: Response | None) -> None:
-        """Hand a frame to the stream now."""
+        """Hand a frame to the stream now (nothing once the end is queued)."""
+        if self._ended:
+            return
+        self._ended = frame is None
         self._outbox.append(frame)
-        self._ready.set()
+        self._mux.schedule(self)
 
     def output(self, data: bytes, stream: Stream) -> None:
         """Guest output: send what the credit allows, hold the rest and stop reading."""
@@ -184,23 +231,32 @@ class SessionRelay:
                 self._chan.resume_reading()
 
     def finish(self) -> None:
-        """The guest's channel closed: end the stream after what is queued."""
+        """The guest's channel closed: end the session after what is queued."""
         self.send(None)
 
-    async def frames(self) -> AsyncIterator[Response]:
-        """The frames for the sensor, consecutive output of one stream merged, until the
-        guest's channel closes."""
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._outbox:
-                frame = self._outbox.popleft()
-                if frame is None:
-                    return
-                if frame.WhichOneof("frame") == "data":
-                    frame = self._merge(frame)
-                    self.bytes_out += len(frame.data.data)
-                yield frame
+    def fail(self, error: HoneyfleetError) -> None:
+        """End the session now on ``error`` (what is queued and held is dropped)."""
+        if self._ended:
+            return
+        self.error = error
+        self._held.clear()
+        self._outbox.clear()
+        self._post(None)
+        if self._chan is not None:
+            self._chan.close()
+
+    def has_frames(self) -> bool:
+        """Whether frames wait for the stream."""
+        return bool(self._outbox)
+
+    def next_frame(self) -> Response | None:
+        """The next frame for the stream, consecutive output of one stream merged, or
+        None for the end (then :meth:`closed` is the frame to send)."""
+        frame = self._outbox.popleft()
+        if frame is not None and frame.WhichOneof("frame") == "data":
+            frame = self._merge(frame)
+            self.bytes_out += len(frame.data.data)
+        return frame
 
     def _merge(self, first: Response) -> Response:
         """``first`` with the output frames of the same stream queued right behind it."""
@@ -220,26 +276,32 @@ class SessionRelay:
             return first
         return Response(data=poolnode_pb2.SessionData(data=b"".join(parts), stream=stream))
 
+    def closed(self) -> Response:
+        """The session's last frame: its error, or whether the guest's login was lost."""
+        if self.error is not None:
+            code = ERROR_CODES.get(self.error.code, poolnode_pb2.SESSION_ERROR_CODE_INTERNAL)
+            return Response(
+                closed=poolnode_pb2.SessionClosed(
+                    error=poolnode_pb2.SessionError(code=code, message=str(self.error))
+                )
+            )
+        why = (self.login.lost if self.login else None) or (self.host.lost if self.host else None)
+        lost = f"guest {self.login.guest} lost its SSH login: {why}" if why and self.login else ""
+        return Response(closed=poolnode_pb2.SessionClosed(lost=lost))
+
     # Sensor -> guest.
 
-    async def run_requests(self, requests: AsyncIterator[poolnode_pb2.SessionRequest]) -> None:
-        """Apply the sensor's frames to the guest's channel until it closes or the sensor
-        stops sending (then the channel is closed)."""
-        try:
-            async for request in requests:
-                if not self._apply(request):
-                    break
-        except HoneyfleetError as e:
-            self.error = e
-            self._post(None)
-        finally:
-            self.close()
-
-    def _apply(self, request: poolnode_pb2.SessionRequest) -> bool:
-        """One frame from the sensor; False once the channel is to be closed."""
+    def apply(self, request: poolnode_pb2.SessionsRequest) -> None:
+        """One frame from the sensor. Raises InvalidArgument for a frame that breaks the
+        rules."""
         chan = self._chan
-        assert chan is not None
-        match request.WhichOneof("frame"):
+        kind = request.WhichOneof("frame")
+        if chan is None:
+            if kind != "close":
+                raise InvalidArgument(f"unexpected {kind} frame in a session still opening")
+            self._close_asked = True
+            return
+        match kind:
             case "data":
                 data = request.data.data
                 if len(data) > self._input_credit:
@@ -264,10 +326,12 @@ class SessionRelay:
                 self._credit += request.window_adjust
                 self._flush_held()
             case "close":
-                return False
+                # The sensor wants nothing more: output held for its credit would hold
+                # up the closed frame for ever.
+                self._held.clear()
+                chan.close()
             case other:
                 raise InvalidArgument(f"unexpected {other} frame in an open session")
-        return True
 
     def input_blocked(self, blocked: bool) -> None:
         """The guest's channel is (or no longer is) full: hold back input credit."""
@@ -284,11 +348,173 @@ class SessionRelay:
         self._post(Response(window_adjust=self._owed))
         self._owed = 0
 
-    def opened(self) -> Response:
-        """The answer to the open frame."""
-        return Response(opened=poolnode_pb2.SessionOpened(window=WINDOW))
-
     def close(self) -> None:
-        """Close the guest's channel (the lease ended, or the sensor is done)."""
+        """Close the guest's channel (the lease ended); ``closed`` follows once it is."""
         if self._chan is not None:
             self._chan.close()
+        else:
+            self._close_asked = True
+
+    def abandon(self) -> None:
+        """The sensor is gone: drop what waits for its credit and close the channel."""
+        self._held.clear()
+        self.close()
+
+    def release(self, pool: GuestPool) -> None:
+        """Give back what the session held (once it ended)."""
+        if self.untrack is not None:
+            self.untrack()
+            self.untrack = None
+        if self._chan is not None:
+            self._chan.close()
+        if self.host is not None:
+            self.host.release()
+            self.host = None
+            metrics = pool.metrics.tunnel_bytes
+            metrics.labels("to_guest").inc(self.bytes_in)
+            metrics.labels("to_sensor").inc(self.bytes_out)
+            log.info("session %d for lease %s closed", self.id, self.lease_id)
+
+
+class SessionMux:
+    """The node's end of one ``Sessions`` stream: a sensor's sessions and their frames."""
+
+    def __init__(self, pool: GuestPool, sensor: str) -> None:
+        self._pool = pool
+        self._sensor = sensor
+        self._sessions: dict[int, SessionRelay] = {}
+        self._last_id = 0
+        self._opening: set[asyncio.Task[None]] = set()
+        # Sessions with frames to send, each once, taken in turn.
+        self._ready: deque[SessionRelay] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._requests_done = False
+        self.error: HoneyfleetError | None = None
+        """Why the sensor's frames broke the stream's own rules (it ends)."""
+
+    def schedule(self, relay: SessionRelay) -> None:
+        """``relay`` has frames to send."""
+        if not relay.scheduled:
+            relay.scheduled = True
+            self._ready.append(relay)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def frames(self) -> AsyncIterator[Response]:
+        """The frames for the sensor, one session's at a time in turn, until the sensor
+        has half-closed and every session has ended (or the stream broke a rule)."""
+        ready = self._ready
+        while True:
+            if not ready:
+                if self.error is not None or (self._requests_done and not self._sessions):
+                    return
+                self._wakeup = asyncio.get_running_loop().create_future()
+                await self._wakeup
+                self._wakeup = None
+                continue
+            relay = ready.popleft()
+            frame = relay.next_frame()
+            if relay.has_frames():
+                ready.append(relay)
+            else:
+                relay.scheduled = False
+            if frame is None:
+                frame = relay.closed()
+                self._end(relay)
+            frame.session_id = relay.id
+            yield frame
+
+    def _end(self, relay: SessionRelay) -> None:
+        """The session's last frame is going out: forget it."""
+        if self._sessions.get(relay.id) is relay:
+            del self._sessions[relay.id]
+        relay.release(self._pool)
+
+    async def run_requests(self, requests: AsyncIterator[poolnode_pb2.SessionsRequest]) -> None:
+        """Apply the sensor's frames until it half-closes (then its sessions are closed).
+
+        A frame that breaks a session's rules ends that session; one that breaks the
+        stream's (an id not above every earlier one) ends the stream.
+        """
+        try:
+            async for request in requests:
+                if request.WhichOneof("frame") == "open":
+                    self._open(request.session_id, request.open)
+                    continue
+                relay = self._sessions.get(request.session_id)
+                if relay is None:
+                    continue  # ended while the frame was in flight
+                try:
+                    relay.apply(request)
+                except HoneyfleetError as e:
+                    log.warning("session %d of %s: %s", relay.id, self._sensor, e)
+                    relay.fail(e)
+        except HoneyfleetError as e:
+            self.error = e
+        finally:
+            self._requests_done = True
+            for relay in list(self._sessions.values()):
+                relay.abandon()
+            self._wake()
+
+    def _open(self, session_id: int, request: poolnode_pb2.SessionOpen) -> None:
+        """Start opening a session; its ``opened`` or ``closed`` frame follows."""
+        if session_id <= self._last_id:
+            raise InvalidArgument(f"session id {session_id} is not above every earlier one")
+        self._last_id = session_id
+        relay = self._sessions[session_id] = SessionRelay(self, session_id, request.lease_id)
+        if len(self._sessions) > MAX_SESSIONS:
+            relay.fail(ResourceExhausted(f"more than {MAX_SESSIONS} sessions on one stream"))
+            return
+        try:
+            relay.login = self._pool.session_login(request.lease_id, self._sensor)
+        except HoneyfleetError as e:
+            relay.fail(e)
+            return
+        task = asyncio.create_task(self._open_channel(relay, relay.login, request))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _open_channel(
+        self, relay: SessionRelay, login: WarmLogin, request: poolnode_pb2.SessionOpen
+    ) -> None:
+        """Open the guest's channel of ``relay`` on ``login`` (or one more login)."""
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                relay.host = await login.room()
+        except (asyncssh.Error, OSError, TimeoutError) as e:
+            relay.fail(Unavailable(f"guest {login.guest} took no further login: {e}"))
+            return
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                await relay.open(relay.host.conn, request)
+            relay.untrack = self._pool.track_tunnel(request.lease_id, relay)
+        except TimeoutError:
+            relay.fail(Unavailable(f"guest {login.guest} did not open a session channel"))
+            return
+        except HoneyfleetError as e:
+            relay.fail(e)
+            return
+        log.info(
+            "session %d for lease %s (%s) on guest %s opened",
+            relay.id,
+            request.lease_id,
+            self._sensor,
+            login.guest,
+        )
+        relay.opened()
+
+    async def close(self) -> None:
+        """The stream is over: stop opening, close every session and give back what
+        they held."""
+        for task in list(self._opening):
+            task.cancel()
+        for task in list(self._opening):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sessions, self._sessions = self._sessions, {}
+        for relay in sessions.values():
+            relay.release(self._pool)

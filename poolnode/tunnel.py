@@ -1,7 +1,7 @@
 """TunnelService: a sensor's SSH sessions and byte tunnels into its leased guests.
 
-``Session`` runs one SSH session channel on the guest's warm login
-(:mod:`poolnode.sessions`). ``Tunnel`` relays a byte stream to a guest's Telnet (or SSH)
+``Sessions`` runs a sensor's SSH session channels on the guests' warm logins, all on
+one stream (:mod:`poolnode.sessions`). ``Tunnel`` relays a byte stream to a guest's Telnet (or SSH)
 port; its flow control comes from awaiting each write (gRPC's window on one side, TCP's
 drain on the other); each direction half-closes with an ``eof`` frame.
 Guest ports are never exposed: only this node reaches the pool network.
@@ -13,23 +13,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
-
-import asyncssh
+from typing import Any
 
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import InvalidArgument, Unavailable
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from poolnode.pool import GuestPool
-from poolnode.sessions import SessionRelay
+from poolnode.sessions import SessionMux
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 OPEN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
-# How long a session's stream stays for the sensor's half-close after the last frame.
-HALF_CLOSE_WAIT = 10.0
 PORTS = (common_pb2.GUEST_PORT_SSH, common_pb2.GUEST_PORT_TELNET)
 
 
@@ -82,56 +78,25 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
             writer.close()
             log.info("tunnel for lease %s closed", lease_id)
 
-    async def Session(
-        self, request_iterator: AsyncIterator[poolnode_pb2.SessionRequest], context: Any
-    ) -> AsyncIterator[poolnode_pb2.SessionResponse]:
-        """Open the session channel the first frame names, then relay frames both ways."""
+    async def Sessions(
+        self, request_iterator: AsyncIterator[poolnode_pb2.SessionsRequest], context: Any
+    ) -> AsyncIterator[poolnode_pb2.SessionsResponse]:
+        """Run the sensor's sessions the stream's frames open, relaying frames both ways."""
         sensor = str(current_caller().identity)
-        requests = aiter(request_iterator)
-        first = await _first_frame(requests, "a session")
-        lease_id = first.open.lease_id
-        login = self._pool.session_login(lease_id, sensor)
-        relay = SessionRelay(f"{lease_id}/{login.guest}")
+        mux = SessionMux(self._pool, sensor)
+        reader = asyncio.create_task(mux.run_requests(request_iterator))
+        log.info("sessions stream of %s opened", sensor)
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                host = await login.room()
-        except (asyncssh.Error, OSError, TimeoutError) as e:
-            raise Unavailable(f"guest {login.guest} took no further login: {e}") from None
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await relay.open(host.conn, first.open)
-            untrack = self._pool.track_tunnel(lease_id, relay)
-        except TimeoutError:
-            host.release()
-            raise Unavailable(f"guest {login.guest} did not open a session channel") from None
-        except BaseException:
-            host.release()
-            raise
-        upstream = asyncio.create_task(relay.run_requests(requests))
-        log.info("session for lease %s (%s) on guest %s opened", lease_id, sensor, login.guest)
-        try:
-            yield relay.opened()
-            async for frame in relay.frames():
+            async for frame in mux.frames():
                 yield frame
-            if relay.error is not None:
-                raise relay.error
-            why = login.lost or host.lost
-            lost = f"guest {login.guest} lost its SSH login: {why}" if why else ""
-            yield poolnode_pb2.SessionResponse(closed=poolnode_pb2.SessionClosed(lost=lost))
-            # Ending the call under a write of the sensor's would turn its status into
-            # INTERNAL on the sensor's side (grpc/grpc#36066): wait for its half-close.
-            await asyncio.wait({upstream}, timeout=HALF_CLOSE_WAIT)
+            if mux.error is not None:
+                raise mux.error
         finally:
-            upstream.cancel()
+            reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await upstream
-            untrack()
-            relay.close()
-            host.release()
-            metrics = self._pool.metrics.tunnel_bytes
-            metrics.labels("to_guest").inc(relay.bytes_in)
-            metrics.labels("to_sensor").inc(relay.bytes_out)
-            log.info("session for lease %s closed", lease_id)
+                await reader
+            await mux.close()
+            log.info("sessions stream of %s closed", sensor)
 
     async def _upstream(
         self, requests: AsyncIterator[poolnode_pb2.TunnelRequest], writer: asyncio.StreamWriter
@@ -157,10 +122,9 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
         writer.close()
 
 
-Frame = TypeVar("Frame", poolnode_pb2.TunnelRequest, poolnode_pb2.SessionRequest)
-
-
-async def _first_frame(requests: AsyncIterator[Frame], what: str) -> Frame:
+async def _first_frame(
+    requests: AsyncIterator[poolnode_pb2.TunnelRequest], what: str
+) -> poolnode_pb2.TunnelRequest:
     """The first frame of a stream, which must be ``open`` and come within OPEN_TIMEOUT."""
     try:
         async with asyncio.timeout(OPEN_TIMEOUT):

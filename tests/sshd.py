@@ -114,6 +114,10 @@ class Sshd:
         """The connections still open."""
         return [conn for conn in self._conns if not conn.is_closed()]
 
+    def running(self) -> int:
+        """Sessions whose command still runs."""
+        return len(self._procs)
+
     def disconnect(self) -> None:
         """Close every connection (the server goes on listening)."""
         for conn in list(self._conns):

@@ -38,6 +38,34 @@ SESSION_STREAM_STDOUT: SessionStream.ValueType  # 1
 SESSION_STREAM_STDERR: SessionStream.ValueType  # 2
 Global___SessionStream: _TypeAlias = SessionStream  # noqa: Y015
 
+class _SessionErrorCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionErrorCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_ERROR_CODE_UNSPECIFIED: _SessionErrorCode.ValueType  # 0
+    SESSION_ERROR_CODE_INVALID_ARGUMENT: _SessionErrorCode.ValueType  # 1
+    SESSION_ERROR_CODE_NOT_FOUND: _SessionErrorCode.ValueType  # 2
+    SESSION_ERROR_CODE_PERMISSION_DENIED: _SessionErrorCode.ValueType  # 3
+    SESSION_ERROR_CODE_RESOURCE_EXHAUSTED: _SessionErrorCode.ValueType  # 4
+    SESSION_ERROR_CODE_FAILED_PRECONDITION: _SessionErrorCode.ValueType  # 5
+    SESSION_ERROR_CODE_UNAVAILABLE: _SessionErrorCode.ValueType  # 6
+    SESSION_ERROR_CODE_INTERNAL: _SessionErrorCode.ValueType  # 7
+
+class SessionErrorCode(_SessionErrorCode, metaclass=_SessionErrorCodeEnumTypeWrapper):
+    """SessionErrorCode is why a session ended on an error (named as gRPC status codes)."""
+
+SESSION_ERROR_CODE_UNSPECIFIED: SessionErrorCode.ValueType  # 0
+SESSION_ERROR_CODE_INVALID_ARGUMENT: SessionErrorCode.ValueType  # 1
+SESSION_ERROR_CODE_NOT_FOUND: SessionErrorCode.ValueType  # 2
+SESSION_ERROR_CODE_PERMISSION_DENIED: SessionErrorCode.ValueType  # 3
+SESSION_ERROR_CODE_RESOURCE_EXHAUSTED: SessionErrorCode.ValueType  # 4
+SESSION_ERROR_CODE_FAILED_PRECONDITION: SessionErrorCode.ValueType  # 5
+SESSION_ERROR_CODE_UNAVAILABLE: SessionErrorCode.ValueType  # 6
+SESSION_ERROR_CODE_INTERNAL: SessionErrorCode.ValueType  # 7
+Global___SessionErrorCode: _TypeAlias = SessionErrorCode  # noqa: Y015
+
 @_typing.final
 class AllocateGuestRequest(_message.Message):
     """AllocateGuestRequest names the lease the controller issues."""
@@ -438,7 +466,7 @@ Global___SessionShell: _TypeAlias = SessionShell  # noqa: Y015
 
 @_typing.final
 class SessionOpen(_message.Message):
-    """SessionOpen is the first frame of a session: the lease and what to run."""
+    """SessionOpen opens a session: the lease and what to run."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -625,35 +653,68 @@ class SessionClose(_message.Message):
 Global___SessionClose: _TypeAlias = SessionClose  # noqa: Y015
 
 @_typing.final
+class SessionError(_message.Message):
+    """SessionError is why the node ended a session (or refused to open it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: Global___SessionErrorCode.ValueType
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: Global___SessionErrorCode.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionError: _TypeAlias = SessionError  # noqa: Y015
+
+@_typing.final
 class SessionClosed(_message.Message):
-    """SessionClosed says the guest's channel is closed."""
+    """SessionClosed says the guest's channel is closed (or was never opened)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LOST_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     lost: _builtins.str
     """Empty, or why the guest is gone (its login into the guest was lost): the
     attacker's session cannot go on.
     """
+    @_builtins.property
+    def error(self) -> Global___SessionError:
+        """Absent unless the session ended on an error: its open was refused, or its frames
+        broke the rules. The stream's other sessions go on.
+        """
+
     def __init__(
         self,
         *,
         lost: _builtins.str = ...,
+        error: Global___SessionError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lost", b"lost"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lost", b"lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SessionClosed: _TypeAlias = SessionClosed  # noqa: Y015
 
 @_typing.final
-class SessionRequest(_message.Message):
-    """SessionRequest is a frame from the sensor."""
+class SessionsRequest(_message.Message):
+    """SessionsRequest is a frame from the sensor."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     OPEN_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     EOF_FIELD_NUMBER: _builtins.int
@@ -662,6 +723,8 @@ class SessionRequest(_message.Message):
     BREAK_MS_FIELD_NUMBER: _builtins.int
     WINDOW_ADJUST_FIELD_NUMBER: _builtins.int
     CLOSE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.int
+    """The session the frame belongs to."""
     signal: _builtins.str
     """A signal name without "SIG", e.g. "INT"."""
     break_ms: _builtins.int
@@ -681,6 +744,7 @@ class SessionRequest(_message.Message):
     def __init__(
         self,
         *,
+        session_id: _builtins.int = ...,
         open: Global___SessionOpen | None = ...,
         data: Global___SessionData | None = ...,
         eof: Global___SessionEof | None = ...,
@@ -692,20 +756,21 @@ class SessionRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["break_ms", b"break_ms", "close", b"close", "data", b"data", "eof", b"eof", "frame", b"frame", "open", b"open", "signal", b"signal", "window_adjust", b"window_adjust", "window_change", b"window_change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_ms", b"break_ms", "close", b"close", "data", b"data", "eof", b"eof", "frame", b"frame", "open", b"open", "signal", b"signal", "window_adjust", b"window_adjust", "window_change", b"window_change"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["break_ms", b"break_ms", "close", b"close", "data", b"data", "eof", b"eof", "frame", b"frame", "open", b"open", "session_id", b"session_id", "signal", b"signal", "window_adjust", b"window_adjust", "window_change", b"window_change"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["open", "data", "eof", "window_change", "signal", "break_ms", "window_adjust", "close"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
-Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+Global___SessionsRequest: _TypeAlias = SessionsRequest  # noqa: Y015
 
 @_typing.final
-class SessionResponse(_message.Message):
-    """SessionResponse is a frame from the pool node."""
+class SessionsResponse(_message.Message):
+    """SessionsResponse is a frame from the pool node."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     OPENED_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     EOF_FIELD_NUMBER: _builtins.int
@@ -713,6 +778,8 @@ class SessionResponse(_message.Message):
     EXIT_SIGNAL_FIELD_NUMBER: _builtins.int
     WINDOW_ADJUST_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.int
+    """The session the frame belongs to."""
     exit_status: _builtins.int
     window_adjust: _builtins.int
     """More bytes of input the node takes."""
@@ -726,11 +793,12 @@ class SessionResponse(_message.Message):
     def exit_signal(self) -> Global___SessionExitSignal: ...
     @_builtins.property
     def closed(self) -> Global___SessionClosed:
-        """The last frame: the guest's channel is closed."""
+        """The last frame of the session: the guest's channel is closed."""
 
     def __init__(
         self,
         *,
+        session_id: _builtins.int = ...,
         opened: Global___SessionOpened | None = ...,
         data: Global___SessionData | None = ...,
         eof: Global___SessionEof | None = ...,
@@ -741,10 +809,10 @@ class SessionResponse(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "window_adjust", b"window_adjust"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "data", b"data", "eof", b"eof", "exit_signal", b"exit_signal", "exit_status", b"exit_status", "frame", b"frame", "opened", b"opened", "session_id", b"session_id", "window_adjust", b"window_adjust"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["opened", "data", "eof", "exit_status", "exit_signal", "window_adjust", "closed"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
-Global___SessionResponse: _TypeAlias = SessionResponse  # noqa: Y015
+Global___SessionsResponse: _TypeAlias = SessionsResponse  # noqa: Y015

@@ -208,10 +208,10 @@ class TunnelServiceStub:
                 request_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelRequest.SerializeToString,
                 response_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelResponse.FromString,
                 _registered_method=True)
-        self.Session = channel.stream_stream(
-                '/honeyfleet.v1.TunnelService/Session',
-                request_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionRequest.SerializeToString,
-                response_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionResponse.FromString,
+        self.Sessions = channel.stream_stream(
+                '/honeyfleet.v1.TunnelService/Sessions',
+                request_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionsRequest.SerializeToString,
+                response_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionsResponse.FromString,
                 _registered_method=True)
 
 
@@ -231,19 +231,25 @@ class TunnelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Session(self, request_iterator, context):
-        """Session runs one SSH session channel on the pool node's warm login into the
-        lease's guest: the guest's credentials never leave the node, and no session pays
-        a key exchange or a login. The first request must be `open` (a lease issued to
-        the calling sensor, what to run); the node answers `opened` once the guest's
-        channel is open. Then the sensor sends input and requests, the node the guest's
-        output, EOF and exit status. When the guest's channel closes the node sends
-        `closed`; the sensor then half-closes its side and the node ends the stream (so no
-        write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
-        other has granted (`window` in open/opened, then `window_adjust`).
-        PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
-        UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-        the channel, INVALID_ARGUMENT for frames that break these rules.
+    def Sessions(self, request_iterator, context):
+        """Sessions carries every SSH session channel a sensor runs on this node's guests,
+        multiplexed on one long-lived stream per (sensor, node) channel. Each session is a
+        channel on the node's warm login into its lease's guest: the guest's credentials
+        never leave the node, and no session pays a key exchange or a login. Every frame
+        names its session by `session_id`, which the sensor picks: each `open` takes an id
+        greater than every earlier one on the stream. An `open` names a lease issued to the
+        calling sensor and what to run; the node answers `opened` once the guest's channel
+        is open, or `closed` with an error (PERMISSION_DENIED for another sensor's lease,
+        NOT_FOUND for an unknown one, UNAVAILABLE when the guest has no login,
+        FAILED_PRECONDITION when it refuses the channel, RESOURCE_EXHAUSTED past the
+        stream's sessions). Then the sensor sends input and requests, the node the guest's
+        output, EOF and exit status. The node's last frame of a session is `closed`: the
+        guest's channel is closed, or the session broke the rules (INVALID_ARGUMENT); the
+        node drops frames for sessions it has closed (they may be in flight). A session's
+        errors end that session only; a stream that ends ends all of its sessions. Data flows
+        within credit windows per session: each side sends at most the bytes the other has
+        granted (`window` in open/opened, then `window_adjust`), so no session can hold up
+        another. The sensor half-closes the stream once it holds no session on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,10 +263,10 @@ def add_TunnelServiceServicer_to_server(servicer, server):
                     request_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelRequest.FromString,
                     response_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.TunnelResponse.SerializeToString,
             ),
-            'Session': grpc.stream_stream_rpc_method_handler(
-                    servicer.Session,
-                    request_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionRequest.FromString,
-                    response_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionResponse.SerializeToString,
+            'Sessions': grpc.stream_stream_rpc_method_handler(
+                    servicer.Sessions,
+                    request_deserializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionsRequest.FromString,
+                    response_serializer=honeyfleet_dot_v1_dot_poolnode__pb2.SessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,7 +309,7 @@ class TunnelService:
             _registered_method=True)
 
     @staticmethod
-    def Session(request_iterator,
+    def Sessions(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -316,9 +322,9 @@ class TunnelService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/honeyfleet.v1.TunnelService/Session',
-            honeyfleet_dot_v1_dot_poolnode__pb2.SessionRequest.SerializeToString,
-            honeyfleet_dot_v1_dot_poolnode__pb2.SessionResponse.FromString,
+            '/honeyfleet.v1.TunnelService/Sessions',
+            honeyfleet_dot_v1_dot_poolnode__pb2.SessionsRequest.SerializeToString,
+            honeyfleet_dot_v1_dot_poolnode__pb2.SessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

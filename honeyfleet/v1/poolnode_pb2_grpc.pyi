@@ -112,19 +112,25 @@ class TunnelServiceStub:
     (half-close). PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an
     unknown one, UNAVAILABLE when the guest does not answer.
     """
-    Session: _grpc.StreamStreamMultiCallable[_poolnode_pb2.SessionRequest, _poolnode_pb2.SessionResponse]
-    """Session runs one SSH session channel on the pool node's warm login into the
-    lease's guest: the guest's credentials never leave the node, and no session pays
-    a key exchange or a login. The first request must be `open` (a lease issued to
-    the calling sensor, what to run); the node answers `opened` once the guest's
-    channel is open. Then the sensor sends input and requests, the node the guest's
-    output, EOF and exit status. When the guest's channel closes the node sends
-    `closed`; the sensor then half-closes its side and the node ends the stream (so no
-    write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
-    other has granted (`window` in open/opened, then `window_adjust`).
-    PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
-    UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-    the channel, INVALID_ARGUMENT for frames that break these rules.
+    Sessions: _grpc.StreamStreamMultiCallable[_poolnode_pb2.SessionsRequest, _poolnode_pb2.SessionsResponse]
+    """Sessions carries every SSH session channel a sensor runs on this node's guests,
+    multiplexed on one long-lived stream per (sensor, node) channel. Each session is a
+    channel on the node's warm login into its lease's guest: the guest's credentials
+    never leave the node, and no session pays a key exchange or a login. Every frame
+    names its session by `session_id`, which the sensor picks: each `open` takes an id
+    greater than every earlier one on the stream. An `open` names a lease issued to the
+    calling sensor and what to run; the node answers `opened` once the guest's channel
+    is open, or `closed` with an error (PERMISSION_DENIED for another sensor's lease,
+    NOT_FOUND for an unknown one, UNAVAILABLE when the guest has no login,
+    FAILED_PRECONDITION when it refuses the channel, RESOURCE_EXHAUSTED past the
+    stream's sessions). Then the sensor sends input and requests, the node the guest's
+    output, EOF and exit status. The node's last frame of a session is `closed`: the
+    guest's channel is closed, or the session broke the rules (INVALID_ARGUMENT); the
+    node drops frames for sessions it has closed (they may be in flight). A session's
+    errors end that session only; a stream that ends ends all of its sessions. Data flows
+    within credit windows per session: each side sends at most the bytes the other has
+    granted (`window` in open/opened, then `window_adjust`), so no session can hold up
+    another. The sensor half-closes the stream once it holds no session on it.
     """
 
 @_typing.type_check_only
@@ -141,19 +147,25 @@ class TunnelServiceAsyncStub(TunnelServiceStub):
     (half-close). PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an
     unknown one, UNAVAILABLE when the guest does not answer.
     """
-    Session: _aio.StreamStreamMultiCallable[_poolnode_pb2.SessionRequest, _poolnode_pb2.SessionResponse]  # type: ignore[assignment]
-    """Session runs one SSH session channel on the pool node's warm login into the
-    lease's guest: the guest's credentials never leave the node, and no session pays
-    a key exchange or a login. The first request must be `open` (a lease issued to
-    the calling sensor, what to run); the node answers `opened` once the guest's
-    channel is open. Then the sensor sends input and requests, the node the guest's
-    output, EOF and exit status. When the guest's channel closes the node sends
-    `closed`; the sensor then half-closes its side and the node ends the stream (so no
-    write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
-    other has granted (`window` in open/opened, then `window_adjust`).
-    PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
-    UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-    the channel, INVALID_ARGUMENT for frames that break these rules.
+    Sessions: _aio.StreamStreamMultiCallable[_poolnode_pb2.SessionsRequest, _poolnode_pb2.SessionsResponse]  # type: ignore[assignment]
+    """Sessions carries every SSH session channel a sensor runs on this node's guests,
+    multiplexed on one long-lived stream per (sensor, node) channel. Each session is a
+    channel on the node's warm login into its lease's guest: the guest's credentials
+    never leave the node, and no session pays a key exchange or a login. Every frame
+    names its session by `session_id`, which the sensor picks: each `open` takes an id
+    greater than every earlier one on the stream. An `open` names a lease issued to the
+    calling sensor and what to run; the node answers `opened` once the guest's channel
+    is open, or `closed` with an error (PERMISSION_DENIED for another sensor's lease,
+    NOT_FOUND for an unknown one, UNAVAILABLE when the guest has no login,
+    FAILED_PRECONDITION when it refuses the channel, RESOURCE_EXHAUSTED past the
+    stream's sessions). Then the sensor sends input and requests, the node the guest's
+    output, EOF and exit status. The node's last frame of a session is `closed`: the
+    guest's channel is closed, or the session broke the rules (INVALID_ARGUMENT); the
+    node drops frames for sessions it has closed (they may be in flight). A session's
+    errors end that session only; a stream that ends ends all of its sessions. Data flows
+    within credit windows per session: each side sends at most the bytes the other has
+    granted (`window` in open/opened, then `window_adjust`), so no session can hold up
+    another. The sensor half-closes the stream once it holds no session on it.
     """
 
 class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -175,23 +187,29 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def Session(
+    def Sessions(
         self,
-        request_iterator: _MaybeAsyncIterator[_poolnode_pb2.SessionRequest],
+        request_iterator: _MaybeAsyncIterator[_poolnode_pb2.SessionsRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_poolnode_pb2.SessionResponse], _abc.AsyncIterator[_poolnode_pb2.SessionResponse]]:
-        """Session runs one SSH session channel on the pool node's warm login into the
-        lease's guest: the guest's credentials never leave the node, and no session pays
-        a key exchange or a login. The first request must be `open` (a lease issued to
-        the calling sensor, what to run); the node answers `opened` once the guest's
-        channel is open. Then the sensor sends input and requests, the node the guest's
-        output, EOF and exit status. When the guest's channel closes the node sends
-        `closed`; the sensor then half-closes its side and the node ends the stream (so no
-        write of the sensor's ever races the end of the call). Data flows within credit windows: each side sends at most the bytes the
-        other has granted (`window` in open/opened, then `window_adjust`).
-        PERMISSION_DENIED for another sensor's lease, NOT_FOUND for an unknown one,
-        UNAVAILABLE when the guest has no login, FAILED_PRECONDITION when it refuses
-        the channel, INVALID_ARGUMENT for frames that break these rules.
+    ) -> _typing.Union[_abc.Iterator[_poolnode_pb2.SessionsResponse], _abc.AsyncIterator[_poolnode_pb2.SessionsResponse]]:
+        """Sessions carries every SSH session channel a sensor runs on this node's guests,
+        multiplexed on one long-lived stream per (sensor, node) channel. Each session is a
+        channel on the node's warm login into its lease's guest: the guest's credentials
+        never leave the node, and no session pays a key exchange or a login. Every frame
+        names its session by `session_id`, which the sensor picks: each `open` takes an id
+        greater than every earlier one on the stream. An `open` names a lease issued to the
+        calling sensor and what to run; the node answers `opened` once the guest's channel
+        is open, or `closed` with an error (PERMISSION_DENIED for another sensor's lease,
+        NOT_FOUND for an unknown one, UNAVAILABLE when the guest has no login,
+        FAILED_PRECONDITION when it refuses the channel, RESOURCE_EXHAUSTED past the
+        stream's sessions). Then the sensor sends input and requests, the node the guest's
+        output, EOF and exit status. The node's last frame of a session is `closed`: the
+        guest's channel is closed, or the session broke the rules (INVALID_ARGUMENT); the
+        node drops frames for sessions it has closed (they may be in flight). A session's
+        errors end that session only; a stream that ends ends all of its sessions. Data flows
+        within credit windows per session: each side sends at most the bytes the other has
+        granted (`window` in open/opened, then `window_adjust`), so no session can hold up
+        another. The sensor half-closes the stream once it holds no session on it.
         """
 
 def add_TunnelServiceServicer_to_server(servicer: TunnelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

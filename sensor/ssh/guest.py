@@ -1,13 +1,15 @@
 """The leased guest's SSH sessions, run by the pool node on its warm login.
 
 The sensor never logs into the guest (its credentials stay on the pool node): each
-session channel the attacker opens becomes one ``TunnelService.Session`` stream, which
-the pool node runs as a channel on the login it keeps into the guest.
-:class:`GuestChannel` is the sensor's end of one stream: what the relay writes becomes
+session channel the attacker opens becomes one session on the sensor's
+``TunnelService.Sessions`` stream to the lease's pool node (:class:`sensor.tunnel.SessionMux`),
+which the pool node runs as a channel on the login it keeps into the guest.
+:class:`GuestChannel` is the sensor's end of one session: what the relay writes becomes
 frames, the node's frames become the relay's callbacks (the names are asyncssh's, so
-:mod:`sensor.ssh.channels` reads the same for either end).
+:mod:`sensor.ssh.channels` reads the same for either end). It has no task of its own:
+the stream's writer takes its frames, the stream's reader hands it the node's.
 
-Flow control is credit on the stream and asyncssh's windows on the attacker's side:
+Flow control is credit per session and asyncssh's windows on the attacker's side:
 input beyond the node's credit is held and the attacker's channel paused until the node
 grants more; output credit is granted only while the attacker's channel takes what is
 written to it. Consecutive data frames are merged up to MAX_DATA.
@@ -15,20 +17,17 @@ written to it. Consecutive data frames are merged up to MAX_DATA.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncssh
-import grpc
 
 from honeyfleet.v1 import poolnode_pb2
 from sensor.session.guest import GuestLink
-from sensor.tunnel import SessionCall, TunnelFailed
+from sensor.tunnel import SessionMux, TunnelFailed
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ GRANT_STEP = WINDOW // 4
 # Input bytes one frame carries at most.
 MAX_DATA = 256 * 1024
 
-Request = poolnode_pb2.SessionRequest
+Request = poolnode_pb2.SessionsRequest
 
 
 class GuestReceiver(Protocol):
@@ -123,12 +122,12 @@ class GuestSessions:
             request.pty.width, request.pty.height = width, height
             request.pty.pixel_width, request.pty.pixel_height = pixel_width, pixel_height
             request.pty.modes.update(dict(pty.modes or {}))
+        channel = GuestChannel(self, receiver)
         try:
-            call, window = await self._link.tunnels.open_session(lease, self._wait, request)
+            await self._link.tunnels.open_session(lease, self._wait, request, channel)
         except TunnelFailed as e:
-            self._broken(f"tunnel broke: {e}")
+            self.channel_broken(f"tunnel broke: {e}")
             raise
-        channel = GuestChannel(call, window, receiver, self._broken, self._channels.discard)
         self._channels.add(channel)
         return channel
 
@@ -137,47 +136,126 @@ class GuestSessions:
         for channel in list(self._channels):
             channel.abort()
 
-    def _broken(self, reason: str) -> None:
+    def channel_broken(self, reason: str) -> None:
         """A stream broke: the guest (or its pool node) is gone, and the session with it."""
         self._link.lost(reason, report=True)
 
+    def channel_done(self, channel: GuestChannel) -> None:
+        """A channel ended."""
+        self._channels.discard(channel)
+
 
 class GuestChannel:
-    """The sensor's end of one Session stream."""
+    """The sensor's end of one session on its pool node's sessions stream."""
 
-    def __init__(
-        self,
-        call: SessionCall,
-        window: int,
-        receiver: GuestReceiver,
-        on_broken: Callable[[str], None],
-        on_done: Callable[[GuestChannel], None],
-    ) -> None:
-        self._call = call
+    # One per held channel: no __dict__, and the queues only while something waits.
+    __slots__ = (
+        "_blocked",
+        "_closing",
+        "_credit",
+        "_held",
+        "_mux",
+        "_outbox",
+        "_owed",
+        "_paused",
+        "_receiver",
+        "_sessions",
+        "scheduled",
+        "session_id",
+    )
+
+    def __init__(self, sessions: GuestSessions, receiver: GuestReceiver) -> None:
+        self._sessions: GuestSessions | None = sessions  # None once ended
         self._receiver = receiver
-        self._on_broken = on_broken
-        self._on_done = on_done
-        self._credit = window  # input bytes the node still takes
+        self._mux: SessionMux | None = None
+        self.session_id = 0
+        self.scheduled = False
+        self._credit = 0  # input bytes the node still takes
         # Input past the credit (raw bytes, as in the outbox), and an EOF behind it.
-        self._held: deque[Request | bytes] = deque()
+        self._held: deque[Request | bytes] | None = None
         self._blocked = False
-        # Input stays raw bytes until the writer merges it into one frame; None: half-close.
-        self._outbox: deque[Request | bytes | None] = deque()
-        # What the writer waits on when the outbox is empty: a future made only then
-        # (an asyncio.Event would hold its own deque, 0.76 KB per held channel).
-        self._wakeup: asyncio.Future[None] | None = None
+        # Input stays raw bytes until the stream's writer merges it into one frame.
+        self._outbox: deque[Request | bytes] | None = None
         self._paused = False  # the attacker is not taking output
         self._owed = 0  # output delivered, not yet granted back
         self._closing = False
-        self._writer = asyncio.create_task(self._write_loop())
-        self._reader = asyncio.create_task(self._read_loop())
+
+    # The stream's side (sensor.tunnel.MuxSession).
+
+    def opened(self, mux: SessionMux, window: int) -> None:
+        """The node opened the session with ``window`` bytes of input credit."""
+        self._mux = mux
+        self._credit = window
+
+    def has_frames(self) -> bool:
+        """Whether frames wait for the stream."""
+        return bool(self._outbox)
+
+    def next_frame(self) -> Request:
+        """The next frame: a request, or the input queued from here on (up to MAX_DATA)
+        as one frame."""
+        outbox = self._outbox
+        assert outbox
+        first = outbox.popleft()
+        if not isinstance(first, bytes):
+            frame = first
+        else:
+            parts = [first]
+            size = len(first)
+            while outbox and isinstance(nxt := outbox[0], bytes):
+                if size + len(nxt) > MAX_DATA:
+                    break
+                parts.append(nxt)
+                outbox.popleft()
+                size += len(nxt)
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            frame = Request(session_id=self.session_id, data=poolnode_pb2.SessionData(data=data))
+        if not outbox:
+            self._outbox = None
+        return frame
+
+    def frame_received(self, frame: poolnode_pb2.SessionsResponse) -> None:
+        """A frame of the node's, to the receiver."""
+        receiver = self._receiver
+        kind = frame.WhichOneof("frame")
+        if kind == "data":
+            stderr = frame.data.stream == poolnode_pb2.SESSION_STREAM_STDERR
+            data = frame.data.data
+            receiver.data_received(data, asyncssh.EXTENDED_DATA_STDERR if stderr else None)
+            self._owed += len(data)
+            self._grant()
+        elif kind == "window_adjust":
+            self._credit += frame.window_adjust
+            self._flush_held()
+        elif kind == "eof":
+            receiver.eof_received()
+        elif kind == "exit_status":
+            receiver.exit_status_received(frame.exit_status)
+        elif kind == "exit_signal":
+            signal = frame.exit_signal
+            receiver.exit_signal_received(
+                signal.signal, signal.core_dumped, signal.message, signal.language
+            )
+        elif kind == "closed":
+            closed = frame.closed
+            if closed.lost:
+                self._end(f"guest lost: {closed.lost}")
+            elif closed.HasField("error"):
+                code = poolnode_pb2.SessionErrorCode.Name(closed.error.code)
+                self._end(f"session ended by the pool node: {code}: {closed.error.message}")
+            else:
+                self._end(None)
+
+    def stream_lost(self, reason: str) -> None:
+        """The stream broke under the session."""
+        self._end(reason)
 
     # The relay's side (asyncssh's channel methods).
 
     def write(self, data: bytes) -> None:
         """Input for the guest, within the node's credit."""
         if self._held or len(data) > self._credit:
-            self._held.append(data)
+            self._hold(data)
             self._flush_held()
         else:
             self._credit -= len(data)
@@ -185,29 +263,26 @@ class GuestChannel:
 
     def write_eof(self) -> None:
         """No more input (after what is held)."""
-        frame = Request(eof=poolnode_pb2.SessionEof())
+        frame = Request(session_id=self.session_id, eof=poolnode_pb2.SessionEof())
         if self._held:
-            self._held.append(frame)
+            self._hold(frame)
         else:
             self._post(frame)
 
     def change_terminal_size(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
         """The attacker's terminal changed size."""
-        self._post(
-            Request(
-                window_change=poolnode_pb2.SessionWindowChange(
-                    width=width, height=height, pixel_width=pixwidth, pixel_height=pixheight
-                )
-            )
+        size = poolnode_pb2.SessionWindowChange(
+            width=width, height=height, pixel_width=pixwidth, pixel_height=pixheight
         )
+        self._post(Request(session_id=self.session_id, window_change=size))
 
     def send_signal(self, signal: str) -> None:
         """A signal for the guest's command."""
-        self._post(Request(signal=signal))
+        self._post(Request(session_id=self.session_id, signal=signal))
 
     def send_break(self, msec: int) -> None:
         """A break."""
-        self._post(Request(break_ms=msec))
+        self._post(Request(session_id=self.session_id, break_ms=msec))
 
     def pause_reading(self) -> None:
         """The attacker is not taking output: grant no more credit."""
@@ -222,38 +297,64 @@ class GuestChannel:
         """Close the guest's channel (the node says ``closed`` once it is)."""
         if not self._closing:
             self._closing = True
-            self._held.clear()
-            self._post(Request(close=poolnode_pb2.SessionClose()))
+            self._held = None
+            self._post(Request(session_id=self.session_id, close=poolnode_pb2.SessionClose()))
 
     def abort(self) -> None:
-        """Drop the stream now (the session is over)."""
-        self._call.cancel()
-        self._writer.cancel()
+        """The session is over: close the guest's channel and hear no more of it."""
+        if self._mux is not None and self._sessions is not None:
+            self._outbox = self._held = None
+            self._closing = True
+            self._post(Request(session_id=self.session_id, close=poolnode_pb2.SessionClose()))
+        self._end(None)
+
+    def _end(self, broken: str | None) -> None:
+        """The session is over (``broken``: the guest or its stream went away)."""
+        sessions, self._sessions = self._sessions, None
+        if sessions is None:
+            return
+        if self._mux is not None:
+            self._mux.forget(self)
+        if broken is not None:
+            sessions.channel_broken(broken)
+        sessions.channel_done(self)
+        self._receiver.connection_lost(None)
 
     # Input credit.
 
-    def _post(self, frame: Request | bytes | None) -> None:
-        """Hand a frame to the writer."""
+    def _post(self, frame: Request | bytes) -> None:
+        """Hand a frame to the stream (nothing once the session is over)."""
+        if self._sessions is None or self._mux is None:
+            return
+        if self._outbox is None:
+            self._outbox = deque()
         self._outbox.append(frame)
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+        self._mux.schedule(self)
+
+    def _hold(self, frame: Request | bytes) -> None:
+        if self._held is None:
+            self._held = deque()
+        self._held.append(frame)
 
     def _flush_held(self) -> None:
         """Send held input within the credit; pause the attacker while any is held."""
-        while self._held and (self._credit or not isinstance(self._held[0], bytes)):
-            frame = self._held[0]
+        held = self._held
+        while held and (self._credit or not isinstance(held[0], bytes)):
+            frame = held[0]
             if isinstance(frame, bytes):
                 if len(frame) > self._credit:
-                    self._held[0] = frame[self._credit :]
+                    held[0] = frame[self._credit :]
                     frame = frame[: self._credit]
                 else:
-                    self._held.popleft()
+                    held.popleft()
                 self._credit -= len(frame)
             else:
-                self._held.popleft()
+                held.popleft()
             self._post(frame)
-        if bool(self._held) != self._blocked:
-            self._blocked = bool(self._held)
+        if held is not None and not held:
+            self._held = held = None
+        if bool(held) != self._blocked:
+            self._blocked = bool(held)
             (self._receiver.pause_writing if self._blocked else self._receiver.resume_writing)()
 
     # Output credit.
@@ -262,83 +363,8 @@ class GuestChannel:
         """Grant the node the output the attacker's channel has taken."""
         if self._paused or self._owed < at_least:
             return
-        self._post(Request(window_adjust=self._owed))
+        self._post(Request(session_id=self.session_id, window_adjust=self._owed))
         self._owed = 0
-
-    # The stream.
-
-    async def _write_loop(self) -> None:
-        """Frames to the node, consecutive input merged, until the close frame."""
-        call = self._call
-        try:
-            while True:
-                if not self._outbox:
-                    self._wakeup = asyncio.get_running_loop().create_future()
-                    await self._wakeup
-                    self._wakeup = None
-                while self._outbox:
-                    frame = self._outbox.popleft()
-                    if frame is None:
-                        await call.done_writing()
-                        return
-                    await call.write(self._merge(frame))
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            return  # the stream ended: the reader says why
-
-    def _merge(self, first: Request | bytes) -> Request:
-        """``first``, or the input queued from it on (up to MAX_DATA) as one frame."""
-        if not isinstance(first, bytes):
-            return first
-        parts = [first]
-        size = len(first)
-        while self._outbox and isinstance(nxt := self._outbox[0], bytes):
-            if size + len(nxt) > MAX_DATA:
-                break
-            parts.append(nxt)
-            self._outbox.popleft()
-            size += len(nxt)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        return Request(data=poolnode_pb2.SessionData(data=data))
-
-    async def _read_loop(self) -> None:
-        """Frames from the node, to the receiver, until the stream ends."""
-        receiver = self._receiver
-        try:
-            while isinstance(frame := await self._call.read(), poolnode_pb2.SessionResponse):
-                kind = frame.WhichOneof("frame")
-                if kind == "data":
-                    stderr = frame.data.stream == poolnode_pb2.SESSION_STREAM_STDERR
-                    data = frame.data.data
-                    receiver.data_received(data, asyncssh.EXTENDED_DATA_STDERR if stderr else None)
-                    self._owed += len(data)
-                    self._grant()
-                elif kind == "window_adjust":
-                    self._credit += frame.window_adjust
-                    self._flush_held()
-                elif kind == "eof":
-                    receiver.eof_received()
-                elif kind == "exit_status":
-                    receiver.exit_status_received(frame.exit_status)
-                elif kind == "exit_signal":
-                    signal = frame.exit_signal
-                    receiver.exit_signal_received(
-                        signal.signal, signal.core_dumped, signal.message, signal.language
-                    )
-                elif kind == "closed":
-                    # The node ends the stream once we are done writing.
-                    self._held.clear()
-                    self._post(None)
-                    if frame.closed.lost:
-                        self._on_broken(f"guest lost: {frame.closed.lost}")
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.CANCELLED:
-                self._on_broken(f"tunnel broke: {e.code().name}: {e.details() or ''}")
-        finally:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._on_done(self)
-            receiver.connection_lost(None)
 
 
 def _raw(text: str | bytes) -> bytes:

@@ -20,9 +20,11 @@ from typing import Any
 
 import asyncssh
 import pytest
+from cryptography import x509
 
 from honeyfleet.eventbounds import FIELD_LIMITS
-from tests.conftest import require_tool, until
+from honeyfleet.pki.identity import Role
+from tests.conftest import FleetPki, require_tool, until
 from tests.integration.ssh_fleet import SSH_OPTIONS, Fleet, FleetFactory, connect, run, ssh
 from tests.sshd import PASSWORD
 from tests.sshprobe import hello, wrong_passwords
@@ -498,3 +500,29 @@ async def test_a_guest_that_drops_the_nodes_login_ends_the_session(fleet: Fleet)
     (lost,) = fleet.events("honeyfleet.guest.lost")
     assert "lost its SSH login" in lost["reason"], lost
     assert fleet.closed_reasons() == [lost["reason"]]
+
+
+async def test_a_broken_sessions_stream_ends_each_session_on_it(
+    fleet: Fleet, fleet_pki: FleetPki
+) -> None:
+    first, second = await connect(fleet), await connect(fleet)
+    procs = [await conn.create_process("echo started; exec sleep 60") for conn in (first, second)]
+    for proc in procs:
+        assert await proc.stdout.readline() == "started\n"
+    # Another session on the same stream comes and goes: the held ones stay.
+    result = await first.run("echo third", check=False)
+    assert (result.stdout, result.exit_status) == ("third\n", 0)
+    assert all(proc.exit_status is None for proc in procs)
+    # Cutting the sensor's stream on the node (as revoking its certificate does) ends
+    # both held sessions, each saying why.
+    assert fleet.node.authorizer is not None
+    files = fleet_pki.files(Role.SENSOR, "sensor-1")
+    serial = x509.load_pem_x509_certificate(files.cert.read_bytes()).serial_number
+    fleet.node.authorizer.update_revoked({serial})
+    async with asyncio.timeout(30):
+        for conn in (first, second):
+            await conn.wait_closed()
+    await until(lambda: len(fleet.closed_reasons()) == 2)
+    reasons = fleet.closed_reasons()
+    assert all(reason.startswith("tunnel broke") for reason in reasons), reasons
+    assert sorted(e["reason"] for e in fleet.events("honeyfleet.guest.lost")) == sorted(reasons)

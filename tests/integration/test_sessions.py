@@ -1,14 +1,15 @@
-"""TunnelService.Session: SSH session channels on the pool node's warm guest login.
+"""TunnelService.Sessions: SSH session channels on the pool node's warm guest login,
+multiplexed on one stream per sensor.
 
 A real controller and pool node over mTLS on loopback; the guests are real SSH servers
-(tests/sshd.py: /bin/sh under a real pty or pipes). The client here speaks the Session
+(tests/sshd.py: /bin/sh under a real pty or pipes). The client here speaks the Sessions
 frames directly, as the sensor's relay does.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,17 +26,66 @@ from tests.integration.leasing import Sensor
 from tests.sshd import Sshd
 
 WAIT = 30.0  # for any one answer of the pool node
-Request = poolnode_pb2.SessionRequest
+Request = poolnode_pb2.SessionsRequest
+Response = poolnode_pb2.SessionsResponse
+Code = poolnode_pb2.SessionErrorCode
 
 
-class Session:
-    """A Session call with an outbox; keeps to the node's input window (a sender waiting
-    for credit needs another task reading frames)."""
+class Mux:
+    """A Sessions call with an outbox, handing each session the frames of its id."""
 
     def __init__(self, files: TlsFiles, address: str) -> None:
         self.channel = secure_channel(address, files, Peer(Role.POOLNODE))
         self.outbox: asyncio.Queue[Request | None] = asyncio.Queue()
-        self.call = poolnode_pb2_grpc.TunnelServiceStub(self.channel).Session(self._requests())
+        self.call = poolnode_pb2_grpc.TunnelServiceStub(self.channel).Sessions(self._requests())
+        self.sessions: dict[int, asyncio.Queue[Response | None]] = {}
+        self.last_id = 0
+        self.ended: grpc.aio.AioRpcError | None = None  # how the stream ended, once it has
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[Request]:
+        while (item := await self.outbox.get()) is not None:
+            yield item
+
+    async def _read(self) -> None:
+        try:
+            while isinstance(frame := await self.call.read(), Response):
+                queue = self.sessions.get(frame.session_id)
+                assert queue is not None, f"a frame for session {frame.session_id} never opened"
+                queue.put_nowait(frame)
+        except grpc.aio.AioRpcError as e:
+            self.ended = e
+        finally:
+            for queue in self.sessions.values():
+                queue.put_nowait(None)
+
+    def session(self) -> Session:
+        self.last_id += 1
+        self.sessions[self.last_id] = asyncio.Queue()
+        return Session(self, self.last_id)
+
+    async def close(self) -> None:
+        await self.outbox.put(None)
+        async with asyncio.timeout(WAIT):
+            await self._reader
+        await self.channel.close()
+
+
+class Refused(Exception):
+    """The node answered an open with ``closed`` and an error."""
+
+    def __init__(self, error: poolnode_pb2.SessionError) -> None:
+        super().__init__(error.message)
+        self.code = error.code
+
+
+class Session:
+    """One session of a Mux; keeps to the node's input window (a sender waiting for
+    credit needs another task reading frames)."""
+
+    def __init__(self, mux: Mux, session_id: int) -> None:
+        self.mux = mux
+        self.id = session_id
         self.input_window = 0
         self.credit = asyncio.Event()
         self.output: dict[int, bytearray] = {}
@@ -43,21 +93,24 @@ class Session:
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
         self.lost: str | None = None  # set by the closed frame
+        self.error: poolnode_pb2.SessionError | None = None  # set by a closed frame's error
         self.granted = 0  # output credit given so far
         self.received = 0  # output bytes received
 
-    async def _requests(self) -> AsyncIterator[Request]:
-        while (item := await self.outbox.get()) is not None:
-            yield item
+    async def put(self, **frame: object) -> None:
+        """Send a frame of this session's."""
+        await self.mux.outbox.put(Request(session_id=self.id, **frame))
 
     async def open(self, lease_id: str, window: int = 1 << 20, **run: object) -> None:
-        """Open a session (``shell=...``, ``exec=b"..."`` or ``subsystem=...``, ``pty=``...)."""
+        """Open the session (``shell=...``, ``exec=b"..."`` or ``subsystem=...``, ``pty=``...);
+        Refused if the node closes it instead."""
         self.granted = window
-        await self.outbox.put(
-            Request(open=poolnode_pb2.SessionOpen(lease_id=lease_id, window=window, **run))
-        )
+        await self.put(open=poolnode_pb2.SessionOpen(lease_id=lease_id, window=window, **run))
         async with asyncio.timeout(WAIT):
-            first = await self.call.read()
+            first = await self.mux.sessions[self.id].get()
+        assert first is not None, self.mux.ended
+        if first.WhichOneof("frame") == "closed":
+            raise Refused(first.closed.error)
         assert first.WhichOneof("frame") == "opened", first
         self.input_window = first.opened.window
 
@@ -70,13 +123,15 @@ class Session:
                     await self.credit.wait()
             part, data = data[: self.input_window], data[self.input_window :]
             self.input_window -= len(part)
-            await self.outbox.put(Request(data=poolnode_pb2.SessionData(data=part)))
+            await self.put(data=poolnode_pb2.SessionData(data=part))
 
-    async def next_frame(self) -> poolnode_pb2.SessionResponse | None:
-        """Read and apply one frame; None at the end of the stream."""
+    async def next_frame(self) -> Response | None:
+        """Read and apply one frame; None once the session (or the stream) ended."""
+        if self.lost is not None or self.error is not None:
+            return None
         async with asyncio.timeout(WAIT):
-            frame = await self.call.read()
-        if frame is grpc.aio.EOF:
+            frame = await self.mux.sessions[self.id].get()
+        if frame is None:
             return None
         kind = frame.WhichOneof("frame")
         self.frames.append(kind)
@@ -95,18 +150,25 @@ class Session:
                 self.exit_signal = frame.exit_signal.signal
             case "closed":
                 self.lost = frame.closed.lost
-                await self.outbox.put(None)  # half-close: the node then ends the stream
+                if frame.closed.HasField("error"):
+                    self.error = frame.closed.error
         return frame
 
     async def grant(self, count: int) -> None:
         self.granted += count
-        await self.outbox.put(Request(window_adjust=count))
+        await self.put(window_adjust=count)
 
     async def until_end(self, *, keep_granting: bool = True) -> None:
-        """Read to the end of the stream, granting credit back as output arrives."""
+        """Read to the session's end, granting credit back as output arrives."""
         while (frame := await self.next_frame()) is not None:
             if keep_granting and frame.WhichOneof("frame") == "data":
                 await self.grant(len(frame.data.data))
+
+    async def seen(self, text: bytes) -> None:
+        """Read until ``text`` is in the output (granting nothing back)."""
+        while text not in self.stdout():
+            frame = await self.next_frame()
+            assert frame is not None, self.stdout()
 
     def stdout(self) -> bytes:
         return bytes(self.output.get(poolnode_pb2.SESSION_STREAM_STDOUT, b""))
@@ -139,29 +201,48 @@ async def guest_node(
     await sshd.stop()
 
 
-def session(fleet_pki: FleetPki, node: PoolNode, sensor: str = "s1") -> Session:
-    return Session(fleet_pki.files(Role.SENSOR, sensor), node.address)
+@pytest.fixture
+async def muxes(guest_node: GuestNode, fleet_pki: FleetPki) -> AsyncIterator[MuxFactory]:
+    """Sessions streams to the node, as sensor "s1" unless told; cut at the end."""
+    made: list[Mux] = []
+
+    def make(sensor: str = "s1") -> Mux:
+        made.append(Mux(fleet_pki.files(Role.SENSOR, sensor), guest_node.node.address))
+        return made[-1]
+
+    yield make
+    for mux in made:
+        mux.call.cancel()
+        await mux.channel.close()
 
 
-async def opened(guest_node: GuestNode, fleet_pki: FleetPki, **run: object) -> Session:
+MuxFactory = Callable[..., Mux]
+
+
+def tunnels(node: PoolNode) -> float:
+    """The node's gauge of open tunnels and sessions."""
+    return node.pool.metrics.registry.get_sample_value("honeyfleet_poolnode_tunnels") or 0.0
+
+
+async def opened(guest_node: GuestNode, mux: Mux, **run: object) -> Session:
     """A session on a new lease of 203.0.113.5, opened with ``run`` (see Session.open)."""
     lease = (await guest_node.sensor.acquire("203.0.113.5")).lease
-    s = session(fleet_pki, guest_node.node)
+    s = mux.session()
     await s.open(lease.id, **run)
     return s
 
 
 async def test_exec_relays_output_streams_and_exit_status(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
     s = await opened(
         guest_node,
-        fleet_pki,
+        muxes(),
         exec=b"cat; echo out-$GREETING; echo err >&2; exit 3",
         env=[poolnode_pb2.SessionEnv(name=b"GREETING", value=b"hello")],
     )
     await s.send(b"from stdin\n")
-    await s.outbox.put(Request(eof=poolnode_pb2.SessionEof()))
+    await s.put(eof=poolnode_pb2.SessionEof())
     await s.until_end()
     assert s.stdout() == b"from stdin\nout-hello\n"
     assert s.stderr() == b"err\n"
@@ -169,52 +250,43 @@ async def test_exec_relays_output_streams_and_exit_status(
 
 
 async def test_pty_shell_with_window_change_and_interrupt(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
     pty = poolnode_pb2.SessionPty(term="xterm", width=80, height=24)
-    s = await opened(guest_node, fleet_pki, shell=poolnode_pb2.SessionShell(), pty=pty)
-    await s.outbox.put(
-        Request(window_change=poolnode_pb2.SessionWindowChange(width=132, height=43))
-    )
+    s = await opened(guest_node, muxes(), shell=poolnode_pb2.SessionShell(), pty=pty)
+    await s.put(window_change=poolnode_pb2.SessionWindowChange(width=132, height=43))
     await s.send(b"stty size; tty\n")
-
-    async def seen(text: bytes) -> None:
-        while text not in s.stdout():
-            frame = await s.next_frame()
-            assert frame is not None, s.stdout()
-
-    await seen(b"43 132")
-    await seen(b"/dev/pts/")
+    await s.seen(b"43 132")
+    await s.seen(b"/dev/pts/")
     # Interrupt only once the command runs: a ^C that the terminal sees while the line
     # still waits for the shell flushes it instead (no time given would be long enough
     # on a loaded machine). The sum tells the output from the echoed line.
     await s.send(b"echo sleeping-$((6*7)); sleep 60\n")
-    await seen(b"sleeping-42")
+    await s.seen(b"sleeping-42")
     await s.send(b"\x03")  # ^C through the guest's terminal
     await s.send(b"echo after-$?\n")
-    await seen(b"after-130")
+    await s.seen(b"after-130")
     await s.send(b"exit 7\n")
     await s.until_end()
     assert s.exit_status == 7
 
 
 async def test_a_signal_ends_a_command_with_its_exit_signal(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
-    s = await opened(guest_node, fleet_pki, exec=b"echo started; exec sleep 60")
-    while b"started" not in s.stdout():
-        assert await s.next_frame() is not None
-    await s.outbox.put(Request(signal="TERM"))
+    s = await opened(guest_node, muxes(), exec=b"echo started; exec sleep 60")
+    await s.seen(b"started")
+    await s.put(signal="TERM")
     await s.until_end()
     assert s.exit_signal == "TERM" and s.exit_status is None
 
 
 async def test_output_never_passes_the_sensors_credit_and_backpressure_reaches_the_guest(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
     size = 16 << 20
     s = await opened(
-        guest_node, fleet_pki, window=256 * 1024, exec=f"head -c {size} /dev/zero".encode()
+        guest_node, muxes(), window=256 * 1024, exec=f"head -c {size} /dev/zero".encode()
     )
     # No credit granted back: the node stops at 256 KiB, and the guest soon stops too.
     while s.received < 256 * 1024:
@@ -230,90 +302,162 @@ async def test_output_never_passes_the_sensors_credit_and_backpressure_reaches_t
 
 
 async def test_input_is_taken_within_the_nodes_window(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
-    s = await opened(guest_node, fleet_pki, exec=b"wc -c")
+    s = await opened(guest_node, muxes(), exec=b"wc -c")
     payload = bytes(range(256)) * (32 * 1024)  # 8 MiB: eight times the node's window
     reading = asyncio.create_task(s.until_end())
     await s.send(payload)
-    await s.outbox.put(Request(eof=poolnode_pb2.SessionEof()))
+    await s.put(eof=poolnode_pb2.SessionEof())
     await reading
     assert s.stdout().strip() == str(len(payload)).encode()
     assert s.frames.count("window_adjust") >= 7
 
 
 async def test_sessions_of_one_lease_reuse_the_warm_login(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
-    node, sensor = guest_node.node, guest_node.sensor
+    sensor = guest_node.sensor
+    mux = muxes()
     first = (await sensor.acquire("203.0.113.5")).lease
     for _ in range(3):
-        s = session(fleet_pki, node)
+        s = mux.session()
         await s.open(first.id, exec=b"true")
         await s.until_end()
         assert s.exit_status == 0
     await sensor.release(first.id)
     again = (await sensor.acquire("203.0.113.5")).lease  # the attacker comes back
     assert again.guest == first.guest
-    s = session(fleet_pki, node)
+    s = muxes().session()  # another stream of the same sensor's: the same login too
     await s.open(again.id, exec=b"true")
     await s.until_end()
     assert guest_node.sshd.connections == 1
 
 
-async def test_sessions_need_the_sensors_own_live_lease(
-    guest_node: GuestNode, fleet_pki: FleetPki
+async def test_sessions_need_the_sensors_own_live_lease_and_a_refusal_ends_only_that_session(
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
-    node, sensor = guest_node.node, guest_node.sensor
+    sensor = guest_node.sensor
     lease = (await sensor.acquire("203.0.113.5")).lease
+    mine, theirs = muxes(), muxes("s2")
+    held = mine.session()
+    await held.open(lease.id, exec=b"cat")
     refused = {
-        "another sensor's lease": (lease.id, "s2", grpc.StatusCode.PERMISSION_DENIED),
-        "an unknown lease": ("no-such-lease", "s1", grpc.StatusCode.NOT_FOUND),
+        "another sensor's lease": (theirs, lease.id, Code.SESSION_ERROR_CODE_PERMISSION_DENIED),
+        "an unknown lease": (mine, "no-such-lease", Code.SESSION_ERROR_CODE_NOT_FOUND),
     }
-    for what, (lease_id, who, code) in refused.items():
-        with pytest.raises(grpc.aio.AioRpcError) as e:
-            await session(fleet_pki, node, who).open(lease_id, exec=b"true")
-        assert e.value.code() == code, what
-    s = session(fleet_pki, node)
+    for what, (mux, lease_id, code) in refused.items():
+        with pytest.raises(Refused) as e:
+            await mux.session().open(lease_id, exec=b"true")
+        assert e.value.code == code, what
+    # Both streams go on, and the session held on one of them.
+    await held.send(b"still here\n")
+    await held.seen(b"still here\n")
+    s = mine.session()
     await s.open(lease.id, shell=poolnode_pb2.SessionShell())
     await sensor.release(lease.id)
     await s.until_end()  # releasing the lease closes its sessions
     assert s.exit_status is None and s.lost == ""
+    await held.until_end()
+    assert mine.ended is None and theirs.ended is None
 
 
 async def test_losing_the_guest_ends_its_sessions_saying_why(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
-    s = await opened(guest_node, fleet_pki, shell=poolnode_pb2.SessionShell())
+    s = await opened(guest_node, muxes(), shell=poolnode_pb2.SessionShell())
     guest_node.sshd.disconnect()
     await s.until_end()
     assert s.lost is not None and "lost its SSH login" in s.lost
     assert s.exit_status is None
 
 
-async def test_input_past_the_window_is_refused(guest_node: GuestNode, fleet_pki: FleetPki) -> None:
-    s = await opened(guest_node, fleet_pki, exec=b"cat")
+async def test_input_past_the_window_ends_only_that_session(
+    guest_node: GuestNode, muxes: MuxFactory
+) -> None:
+    mux = muxes()
+    other = await opened(guest_node, mux, exec=b"cat")
+    s = await opened(guest_node, mux, exec=b"cat")
     too_much = b"x" * (s.input_window + 1)
-    await s.outbox.put(Request(data=poolnode_pb2.SessionData(data=too_much)))
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await s.until_end()
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await s.put(data=poolnode_pb2.SessionData(data=too_much))
+    await s.until_end()
+    assert s.error is not None
+    assert s.error.code == poolnode_pb2.SESSION_ERROR_CODE_INVALID_ARGUMENT
+    # The other session on the stream carries on, and frames of the ended one are dropped.
+    await s.put(data=poolnode_pb2.SessionData(data=b"late\n"))
+    await other.send(b"alive\n")
+    await other.put(eof=poolnode_pb2.SessionEof())
+    await other.until_end()
+    assert (other.stdout(), other.exit_status) == (b"alive\n", 0)
+    assert mux.ended is None
+
+
+async def test_a_session_flooding_without_credit_holds_up_no_other_on_the_stream(
+    guest_node: GuestNode, muxes: MuxFactory
+) -> None:
+    mux = muxes()
+    size = 8 << 20
+    flood = await opened(guest_node, mux, exec=f"head -c {size} /dev/zero".encode())
+    # The flood is granted no credit back for now: its guest channel soon stops, the
+    # stream does not.
+    while flood.received < flood.granted:
+        await flood.next_frame()
+    shell = await opened(guest_node, mux, exec=b"cat")
+    for n in range(20):
+        await shell.send(b"line %d\n" % n)
+        await shell.seen(b"line %d\n" % n)
+    await shell.put(eof=poolnode_pb2.SessionEof())
+    await shell.until_end()
+    await flood.grant(flood.received)
+    await flood.until_end()
+    assert (flood.received, flood.exit_status) == (size, 0)
+    assert shell.exit_status == 0 and mux.ended is None
+
+
+async def test_session_ids_must_increase_on_a_stream(
+    guest_node: GuestNode, muxes: MuxFactory
+) -> None:
+    mux = muxes()
+    s = await opened(guest_node, mux, exec=b"cat")
+    mux.last_id -= 1  # the next session takes the same id again
+    again = mux.session()
+    await mux.outbox.put(
+        Request(session_id=again.id, open=poolnode_pb2.SessionOpen(lease_id="x", window=1))
+    )
+    await s.until_end()  # the stream ends, and every session on it
+    assert mux.ended is not None
+    assert mux.ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_stream_that_breaks_closes_all_its_sessions_on_the_guest(
+    guest_node: GuestNode, muxes: MuxFactory
+) -> None:
+    mux = muxes()
+    for _ in range(3):
+        await opened(guest_node, mux, exec=b"cat")
+    await until(lambda: guest_node.sshd.running() == 3)
+    mux.call.cancel()  # the sensor went away
+    await until(lambda: guest_node.sshd.running() == 0)
+    await until(lambda: tunnels(guest_node.node) == 0)
 
 
 async def test_sessions_past_openssh_maxsessions_get_a_further_login(
-    guest_node: GuestNode, fleet_pki: FleetPki
+    guest_node: GuestNode, muxes: MuxFactory
 ) -> None:
     lease = (await guest_node.sensor.acquire("203.0.113.5")).lease
+    mux = muxes()
     held = []
     for _ in range(SESSIONS_PER_LOGIN + 1):
-        s = session(fleet_pki, guest_node.node)
+        s = mux.session()
         await s.open(lease.id, exec=b"cat")
         held.append(s)
     assert guest_node.sshd.connections == 2  # the warm login and one more
     for s in held:
         await s.send(b"alive\n")
-        await s.outbox.put(Request(eof=poolnode_pb2.SessionEof()))
+        await s.put(eof=poolnode_pb2.SessionEof())
         await s.until_end()
         assert (s.stdout(), s.exit_status) == (b"alive\n", 0)
     # The extra login went with its last session; the warm one stays.
     await until(lambda: len(guest_node.sshd.live()) == 1)
+    await mux.close()  # the sensor half-closes an idle stream: the node ends it
+    assert mux.ended is None

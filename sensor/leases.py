@@ -214,29 +214,14 @@ class LeaseClient:
             password=reply.credentials.password,
         )
 
-    async def keep(self, lease: GuestLease, on_lost: Callable[[str], None]) -> None:
-        """Renew until cancelled; call ``on_lost(reason)`` if the lease ends under us."""
-        period = lease.ttl / RENEW_FRACTION
-        delay = period
-        retry = RENEW_RETRY_START
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                await self._call(
-                    "renew",
-                    lease_pb2.RenewLeaseRequest(lease_id=lease.id),
-                    min(RENEW_TIMEOUT, period),
-                )
-            except grpc.aio.AioRpcError as e:
-                if e.code() in FINAL:
-                    on_lost(e.details() or e.code().name)
-                    return
-                # A controller outage: keep the session and renew as soon as it is back.
-                log.warning("renewing lease %s: %s", lease.id, e.code().name)
-                delay = min(retry, period) * random.uniform(0.5, 1.0)  # noqa: S311
-                retry = min(retry * 2, RENEW_RETRY_MAX)
-                continue
-            delay, retry = period, RENEW_RETRY_START
+    def keep(self, lease: GuestLease, on_lost: Callable[[str], None]) -> LeaseKeeper:
+        """Renew ``lease`` until the keeper is cancelled; call ``on_lost(reason)`` if the
+        lease ends under us."""
+        return LeaseKeeper(self, lease, on_lost)
+
+    async def renew(self, lease: GuestLease, within: float) -> None:
+        """One renewal of ``lease``, answered ``within`` seconds."""
+        await self._call("renew", lease_pb2.RenewLeaseRequest(lease_id=lease.id), within)
 
     async def release(self, lease: GuestLease, reason: str) -> None:
         """End the lease.
@@ -295,3 +280,60 @@ class LeaseClient:
         for task in self._retries:
             task.cancel()
         await asyncio.gather(*self._retries, return_exceptions=True)
+
+
+class LeaseKeeper:
+    """Renews one lease every ttl/RENEW_FRACTION until cancelled, sooner after a renewal
+    the controller could not take (an outage).
+
+    One per held session: between renewals it is a timer, and a task only while a
+    renewal runs (a task waiting all along held about 1.4 KB per session).
+    """
+
+    __slots__ = ("_client", "_lease", "_on_lost", "_period", "_retry", "_task", "_timer")
+
+    def __init__(
+        self, client: LeaseClient, lease: GuestLease, on_lost: Callable[[str], None]
+    ) -> None:
+        self._client = client
+        self._lease = lease
+        self._on_lost = on_lost
+        self._period = lease.ttl / RENEW_FRACTION
+        self._retry = RENEW_RETRY_START
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wait(self._period)
+
+    def cancel(self) -> None:
+        """Renew no more."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _wait(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        self._task = asyncio.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        period = self._period
+        try:
+            await self._client.renew(self._lease, min(RENEW_TIMEOUT, period))
+        except grpc.aio.AioRpcError as e:
+            if e.code() in FINAL:
+                self._task = None
+                self._on_lost(e.details() or e.code().name)
+                return
+            # A controller outage: keep the session and renew as soon as it is back.
+            log.warning("renewing lease %s: %s", self._lease.id, e.code().name)
+            delay = min(self._retry, period) * random.uniform(0.5, 1.0)  # noqa: S311
+            self._retry = min(self._retry * 2, RENEW_RETRY_MAX)
+        else:
+            delay, self._retry = period, RENEW_RETRY_START
+        self._task = None
+        self._wait(delay)

@@ -81,7 +81,7 @@ class GuestLink:
             raise
         self.lease = lease
         self._events.context.update(lease.context)
-        self._tasks.append(asyncio.create_task(self._leases.keep(lease, self._lease_lost)))
+        self._closers.append(self._leases.keep(lease, self._lease_lost).cancel)
         return lease
 
     @property

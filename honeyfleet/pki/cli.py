@@ -342,13 +342,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
         identity = identity_from_certificate(cert).uri
     except IdentityError as exc:
         identity = f"none ({exc})"
-    san = _sans(cert)
+    dns, ips = _sans(cert)
     _out(f"identity:   {identity}")
     _out(f"serial:     {cert.serial_number:x}")
     _out(f"subject:    {cert.subject.rfc4514_string()}")
     _out(f"issuer:     {cert.issuer.rfc4514_string()}")
-    _out(f"dns:        {', '.join(san.get_values_for_type(x509.DNSName)) or '-'}")
-    _out(f"ip:         {', '.join(str(a) for a in san.get_values_for_type(x509.IPAddress)) or '-'}")
+    _out(f"dns:        {', '.join(dns) or '-'}")
+    _out(f"ip:         {', '.join(ips) or '-'}")
     _out(f"not before: {cert.not_valid_before_utc.isoformat()}")
     _out(f"not after:  {cert.not_valid_after_utc.isoformat()}")
     _out(f"sha256:     {certs.fingerprint(cert)}")
@@ -375,9 +375,16 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _sans(cert: x509.Certificate) -> x509.SubjectAlternativeName:
-    """The certificate's SAN extension, or an empty one."""
+def _sans(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses in the certificate's SANs (empty when it has none).
+
+    Newer cryptography refuses to build an empty SubjectAlternativeName, so a CA certificate
+    (which carries none) cannot be described through a stand-in extension.
+    """
     try:
-        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return x509.SubjectAlternativeName([])
+        return [], []
+    return san.get_values_for_type(x509.DNSName), [
+        str(a) for a in san.get_values_for_type(x509.IPAddress)
+    ]

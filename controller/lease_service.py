@@ -69,8 +69,11 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
     async def Leases(
         self, request_iterator: AsyncIterator[lease_pb2.LeasesRequest], context: Any
     ) -> AsyncIterator[lease_pb2.LeasesResponse]:
-        """Serve each call on the stream in a task of its own; answer each as it ends.
+        """Take each message's releases as it is read, serve its call in a task of its
+        own and answer each call as it ends.
 
+        Every answer confirms the releases read before it (releases_through), so a
+        release costs the stream one message, or none when it rides along with a call.
         Calls still running when the sensor's side of the stream ends are answered
         before the stream closes; a stream that breaks cancels them (as it would calls
         of their own).
@@ -79,11 +82,20 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         sensor = str(caller)
         answers: asyncio.Queue[lease_pb2.LeasesResponse | None] = asyncio.Queue()
         calls: set[asyncio.Task[None]] = set()
+        # The id of the last message whose releases were taken.
+        taken = 0
 
         async def read() -> None:
+            nonlocal taken
             try:
                 async for request in request_iterator:
                     self._registry.seen(caller.name)
+                    if request.releases:
+                        for release in request.releases:
+                            self._leases.release_held(sensor, release.lease_id, release.reason)
+                        taken = request.id
+                        if not request.HasField("call"):
+                            continue  # releases only: nothing to answer
                     if len(calls) >= self._max_calls:
                         answers.put_nowait(self._refuse(request.id))
                         continue
@@ -97,6 +109,7 @@ class LeaseServicer(lease_pb2_grpc.LeaseServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
+                answer.releases_through = taken
                 yield answer
         finally:
             reader.cancel()

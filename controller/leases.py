@@ -349,6 +349,13 @@ class LeaseManager:
             self._end(lease, LeaseState.RELEASED, reason[:200] or "session ended")
         return lease
 
+    def release_held(self, sensor: str, lease_id: str, reason: str) -> None:
+        """End ``sensor``'s active lease ``lease_id`` now, without an answer: any other
+        id (ended, unknown, another sensor's) is passed over, as nobody hears of it."""
+        lease = self.active.get(lease_id)
+        if lease is not None and lease.sensor == sensor:
+            self._end(lease, LeaseState.RELEASED, reason[:200] or "session ended")
+
     def expire_due(self, stalled: float) -> None:
         """Expire leases whose sensor stopped renewing them.
 

@@ -101,11 +101,9 @@ class LeaseClient:
 
         Raises grpc.aio.AioRpcError either way.
         """
-        if self._stream is None:
-            self._stream = LeaseStream(self._leases)
         if self._streaming:
             try:
-                return await self._stream.call(kind, request, seconds)
+                return await self._lease_stream().call(kind, request, seconds)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -113,6 +111,12 @@ class LeaseClient:
                 log.info("the controller has no lease stream: one call per lease request")
         method = getattr(self._leases, f"{kind.capitalize()}Lease")
         return await method(request, timeout=seconds, **options)
+
+    def _lease_stream(self) -> LeaseStream:
+        """The lease stream, made when first needed."""
+        if self._stream is None:
+            self._stream = LeaseStream(self._leases, unimplemented=self._release_by_call)
+        return self._stream
 
     def close(self) -> None:
         """End the lease stream (after the last call)."""
@@ -167,10 +171,13 @@ class LeaseClient:
     async def drain(self) -> None:
         """Wait for abandoned requests to be answered and their leases released.
 
-        Releases whose callers were cancelled are waited for too (each is bounded).
+        Releases whose callers were cancelled are waited for too, and the controller's
+        confirmation of releases on the stream (each is bounded).
         """
         while self._abandoned or self._releasing:
             await asyncio.gather(*self._abandoned, *self._releasing, return_exceptions=True)
+        if self._stream is not None and self._streaming:
+            await self._stream.settle(RELEASE_TIMEOUT)
 
     async def _release_when_granted(
         self, answer: asyncio.Future[GuestLease], settled: Callable[[], None] | None
@@ -226,54 +233,62 @@ class LeaseClient:
     async def release(self, lease: GuestLease, reason: str) -> None:
         """End the lease.
 
-        If the controller cannot be reached, keep trying in the background (the session
-        does not wait) until the lease would have expired anyway: the controller's
-        record then ends as released with the session's reason, and the guest is back
-        in the pool sooner, instead of both waiting for the lease's TTL.
+        On the lease stream the release is sent without waiting for an answer, and
+        sent again until the controller confirms it or the lease would have expired
+        anyway (see :mod:`sensor.leasestream`).
 
-        A caller cancelled meanwhile (its session is being torn down) does not cancel the
-        release: it runs on, within RELEASE_TIMEOUT, and is retried as above if it fails.
+        Without the stream (one call per request), if the controller cannot be
+        reached, keep trying in the background (the session does not wait) until the
+        lease would have expired anyway: the controller's record then ends as released
+        with the session's reason, and the guest is back in the pool sooner, instead of
+        both waiting for the lease's TTL. A caller cancelled meanwhile (its session is
+        being torn down) does not cancel the release: it runs on, within
+        RELEASE_TIMEOUT, and is retried as above if it fails.
         """
-        task = asyncio.create_task(self._release_or_retry(lease, reason))
+        request = lease_pb2.ReleaseLeaseRequest(lease_id=lease.id, reason=reason)
+        if self._streaming:
+            self._lease_stream().release(request, lease.ttl)
+            return
+        await asyncio.shield(self._release_by_call(request, lease.ttl))
+
+    def _release_by_call(
+        self, request: lease_pb2.ReleaseLeaseRequest, ttl: float
+    ) -> asyncio.Task[None]:
+        """Release in a call of its own (drain waits for it), retried if it fails."""
+        self._streaming = False
+        task = asyncio.create_task(self._release_or_retry(request, ttl))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
-        await asyncio.shield(task)
+        return task
 
-    async def _release_or_retry(self, lease: GuestLease, reason: str) -> None:
+    async def _release_or_retry(self, request: lease_pb2.ReleaseLeaseRequest, ttl: float) -> None:
         """One release; retried in the background if the controller could not take it."""
         try:
-            await self._release(lease, reason)
+            await self._call("release", request, RELEASE_TIMEOUT)
         except grpc.aio.AioRpcError as e:
             if e.code() in FINAL:
                 return  # already over (expired, or its pool node failed)
-            log.warning("releasing lease %s: %s; retrying", lease.id, e.code().name)
-            task = asyncio.create_task(self._retry_release(lease, reason))
+            log.warning("releasing lease %s: %s; retrying", request.lease_id, e.code().name)
+            task = asyncio.create_task(self._retry_release(request, ttl))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
 
-    async def _release(self, lease: GuestLease, reason: str) -> None:
-        await self._call(
-            "release",
-            lease_pb2.ReleaseLeaseRequest(lease_id=lease.id, reason=reason),
-            RELEASE_TIMEOUT,
-        )
-
-    async def _retry_release(self, lease: GuestLease, reason: str) -> None:
+    async def _retry_release(self, request: lease_pb2.ReleaseLeaseRequest, ttl: float) -> None:
         """Retry a release with backoff, for as long as the lease could still be alive."""
-        deadline = time.monotonic() + lease.ttl
+        deadline = time.monotonic() + ttl
         backoff = 1.0
         while time.monotonic() + backoff < deadline:
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))  # noqa: S311
             try:
-                await self._release(lease, reason)
+                await self._call("release", request, RELEASE_TIMEOUT)
             except grpc.aio.AioRpcError as e:
                 if e.code() in FINAL:
                     return
                 backoff = min(backoff * 2, RELEASE_BACKOFF_MAX)
                 continue
-            log.info("released lease %s once the controller answered", lease.id)
+            log.info("released lease %s once the controller answered", request.lease_id)
             return
-        log.warning("lease %s not released: the controller expires it", lease.id)
+        log.warning("lease %s not released: the controller expires it", request.lease_id)
 
     async def abandon_retries(self) -> None:
         """Stop retrying releases (on shutdown: the controller expires those leases)."""

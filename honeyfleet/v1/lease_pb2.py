@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from honeyfleet.v1 import common_pb2 as honeyfleet_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19honeyfleet/v1/lease.proto\x12\rhoneyfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahoneyfleet/v1/common.proto\"\xf0\x01\n\rLeasesRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x07\x61\x63quire\x18\x03 \x01(\x0b\x32\".honeyfleet.v1.AcquireLeaseRequestH\x00\x12\x31\n\x05renew\x18\x04 \x01(\x0b\x32 .honeyfleet.v1.RenewLeaseRequestH\x00\x12\x35\n\x07release\x18\x05 \x01(\x0b\x32\".honeyfleet.v1.ReleaseLeaseRequestH\x00\x42\x06\n\x04\x63\x61ll\"\xf7\x01\n\x0eLeasesResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x36\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32#.honeyfleet.v1.AcquireLeaseResponseH\x00\x12\x32\n\x05renew\x18\x03 \x01(\x0b\x32!.honeyfleet.v1.RenewLeaseResponseH\x00\x12\x36\n\x07release\x18\x04 \x01(\x0b\x32#.honeyfleet.v1.ReleaseLeaseResponseH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.honeyfleet.v1.LeasesErrorH\x00\x42\x08\n\x06result\"\\\n\x0bLeasesError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8a\x03\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpool_node\x18\x02 \x01(\t\x12\x19\n\x11pool_node_address\x18\x03 \x01(\t\x12\r\n\x05guest\x18\x04 \x01(\t\x12\x0e\n\x06sensor\x18\x05 \x01(\t\x12\x0e\n\x06src_ip\x18\x06 \x01(\t\x12)\n\x08protocol\x18\x07 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0f\n\x07session\x18\x08 \x01(\t\x12(\n\x05state\x18\t \x01(\x0e\x32\x19.honeyfleet.v1.LeaseState\x12\x0e\n\x06shared\x18\n \x01(\x08\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nend_reason\x18\x0e \x01(\t\"\xd0\x01\n\x13\x41\x63quireLeaseRequest\x12\x0e\n\x06src_ip\x18\x01 \x01(\t\x12)\n\x08protocol\x18\x02 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0f\n\x07session\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..honeyfleet.v1.AcquireLeaseRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\x14\x41\x63quireLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Lease\x12\x34\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1f.honeyfleet.v1.GuestCredentials\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"%\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"9\n\x12RenewLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Lease\"7\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x14ReleaseLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Lease*\x8c\x01\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x03\x12\x16\n\x12LEASE_STATE_FAILED\x10\x04\x32\xde\x02\n\x0cLeaseService\x12W\n\x0c\x41\x63quireLease\x12\".honeyfleet.v1.AcquireLeaseRequest\x1a#.honeyfleet.v1.AcquireLeaseResponse\x12Q\n\nRenewLease\x12 .honeyfleet.v1.RenewLeaseRequest\x1a!.honeyfleet.v1.RenewLeaseResponse\x12W\n\x0cReleaseLease\x12\".honeyfleet.v1.ReleaseLeaseRequest\x1a#.honeyfleet.v1.ReleaseLeaseResponse\x12I\n\x06Leases\x12\x1c.honeyfleet.v1.LeasesRequest\x1a\x1d.honeyfleet.v1.LeasesResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19honeyfleet/v1/lease.proto\x12\rhoneyfleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ahoneyfleet/v1/common.proto\"\xa6\x02\n\rLeasesRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x07\x61\x63quire\x18\x03 \x01(\x0b\x32\".honeyfleet.v1.AcquireLeaseRequestH\x00\x12\x31\n\x05renew\x18\x04 \x01(\x0b\x32 .honeyfleet.v1.RenewLeaseRequestH\x00\x12\x35\n\x07release\x18\x05 \x01(\x0b\x32\".honeyfleet.v1.ReleaseLeaseRequestH\x00\x12\x34\n\x08releases\x18\x06 \x03(\x0b\x32\".honeyfleet.v1.ReleaseLeaseRequestB\x06\n\x04\x63\x61ll\"\x91\x02\n\x0eLeasesResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x36\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32#.honeyfleet.v1.AcquireLeaseResponseH\x00\x12\x32\n\x05renew\x18\x03 \x01(\x0b\x32!.honeyfleet.v1.RenewLeaseResponseH\x00\x12\x36\n\x07release\x18\x04 \x01(\x0b\x32#.honeyfleet.v1.ReleaseLeaseResponseH\x00\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1a.honeyfleet.v1.LeasesErrorH\x00\x12\x18\n\x10releases_through\x18\x06 \x01(\x04\x42\x08\n\x06result\"\\\n\x0bLeasesError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8a\x03\n\x05Lease\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tpool_node\x18\x02 \x01(\t\x12\x19\n\x11pool_node_address\x18\x03 \x01(\t\x12\r\n\x05guest\x18\x04 \x01(\t\x12\x0e\n\x06sensor\x18\x05 \x01(\t\x12\x0e\n\x06src_ip\x18\x06 \x01(\t\x12)\n\x08protocol\x18\x07 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0f\n\x07session\x18\x08 \x01(\t\x12(\n\x05state\x18\t \x01(\x0e\x32\x19.honeyfleet.v1.LeaseState\x12\x0e\n\x06shared\x18\n \x01(\x08\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nend_reason\x18\x0e \x01(\t\"\xd0\x01\n\x13\x41\x63quireLeaseRequest\x12\x0e\n\x06src_ip\x18\x01 \x01(\t\x12)\n\x08protocol\x18\x02 \x01(\x0e\x32\x17.honeyfleet.v1.Protocol\x12\x0f\n\x07session\x18\x03 \x01(\t\x12>\n\x06labels\x18\x04 \x03(\x0b\x32..honeyfleet.v1.AcquireLeaseRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\x14\x41\x63quireLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Lease\x12\x34\n\x0b\x63redentials\x18\x02 \x01(\x0b\x32\x1f.honeyfleet.v1.GuestCredentials\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"%\n\x11RenewLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"9\n\x12RenewLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Lease\"7\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\";\n\x14ReleaseLeaseResponse\x12#\n\x05lease\x18\x01 \x01(\x0b\x32\x14.honeyfleet.v1.Lease*\x8c\x01\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12LEASE_STATE_ACTIVE\x10\x01\x12\x18\n\x14LEASE_STATE_RELEASED\x10\x02\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x03\x12\x16\n\x12LEASE_STATE_FAILED\x10\x04\x32\xde\x02\n\x0cLeaseService\x12W\n\x0c\x41\x63quireLease\x12\".honeyfleet.v1.AcquireLeaseRequest\x1a#.honeyfleet.v1.AcquireLeaseResponse\x12Q\n\nRenewLease\x12 .honeyfleet.v1.RenewLeaseRequest\x1a!.honeyfleet.v1.RenewLeaseResponse\x12W\n\x0cReleaseLease\x12\".honeyfleet.v1.ReleaseLeaseRequest\x1a#.honeyfleet.v1.ReleaseLeaseResponse\x12I\n\x06Leases\x12\x1c.honeyfleet.v1.LeasesRequest\x1a\x1d.honeyfleet.v1.LeasesResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ACQUIRELEASEREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_ACQUIRELEASEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LEASESTATE']._serialized_start=1705
-  _globals['_LEASESTATE']._serialized_end=1845
+  _globals['_LEASESTATE']._serialized_start=1785
+  _globals['_LEASESTATE']._serialized_end=1925
   _globals['_LEASESREQUEST']._serialized_start=138
-  _globals['_LEASESREQUEST']._serialized_end=378
-  _globals['_LEASESRESPONSE']._serialized_start=381
-  _globals['_LEASESRESPONSE']._serialized_end=628
-  _globals['_LEASESERROR']._serialized_start=630
-  _globals['_LEASESERROR']._serialized_end=722
-  _globals['_LEASE']._serialized_start=725
-  _globals['_LEASE']._serialized_end=1119
-  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1122
-  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1330
-  _globals['_ACQUIRELEASEREQUEST_LABELSENTRY']._serialized_start=1285
-  _globals['_ACQUIRELEASEREQUEST_LABELSENTRY']._serialized_end=1330
-  _globals['_ACQUIRELEASERESPONSE']._serialized_start=1333
-  _globals['_ACQUIRELEASERESPONSE']._serialized_end=1486
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1488
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1525
-  _globals['_RENEWLEASERESPONSE']._serialized_start=1527
-  _globals['_RENEWLEASERESPONSE']._serialized_end=1584
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1586
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1641
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1643
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1702
-  _globals['_LEASESERVICE']._serialized_start=1848
-  _globals['_LEASESERVICE']._serialized_end=2198
+  _globals['_LEASESREQUEST']._serialized_end=432
+  _globals['_LEASESRESPONSE']._serialized_start=435
+  _globals['_LEASESRESPONSE']._serialized_end=708
+  _globals['_LEASESERROR']._serialized_start=710
+  _globals['_LEASESERROR']._serialized_end=802
+  _globals['_LEASE']._serialized_start=805
+  _globals['_LEASE']._serialized_end=1199
+  _globals['_ACQUIRELEASEREQUEST']._serialized_start=1202
+  _globals['_ACQUIRELEASEREQUEST']._serialized_end=1410
+  _globals['_ACQUIRELEASEREQUEST_LABELSENTRY']._serialized_start=1365
+  _globals['_ACQUIRELEASEREQUEST_LABELSENTRY']._serialized_end=1410
+  _globals['_ACQUIRELEASERESPONSE']._serialized_start=1413
+  _globals['_ACQUIRELEASERESPONSE']._serialized_end=1566
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1568
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1605
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1607
+  _globals['_RENEWLEASERESPONSE']._serialized_end=1664
+  _globals['_RELEASELEASEREQUEST']._serialized_start=1666
+  _globals['_RELEASELEASEREQUEST']._serialized_end=1721
+  _globals['_RELEASELEASERESPONSE']._serialized_start=1723
+  _globals['_RELEASELEASERESPONSE']._serialized_end=1782
+  _globals['_LEASESERVICE']._serialized_start=1928
+  _globals['_LEASESERVICE']._serialized_end=2278
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
 @_typing.final
 class LeasesRequest(_message.Message):
-    """LeasesRequest is one call on the Leases stream."""
+    """LeasesRequest is one message on the Leases stream: a call, releases, or both."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -61,8 +61,9 @@ class LeasesRequest(_message.Message):
     ACQUIRE_FIELD_NUMBER: _builtins.int
     RENEW_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    RELEASES_FIELD_NUMBER: _builtins.int
     id: _builtins.int
-    """Chosen by the sensor, unique among its calls in flight; the answer carries it."""
+    """Chosen by the sensor, increasing on a stream; the answer carries it."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """How long the sensor waits for the answer: the controller answers within it."""
@@ -73,6 +74,15 @@ class LeasesRequest(_message.Message):
     def renew(self) -> Global___RenewLeaseRequest: ...
     @_builtins.property
     def release(self) -> Global___ReleaseLeaseRequest: ...
+    @_builtins.property
+    def releases(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleaseLeaseRequest]:
+        """Leases the sensor's sessions are done with, taken as the message is read, before
+        its call. They get no answer of their own (one for a lease the caller does not
+        hold would be NOT_FOUND, for an ended one success): the controller confirms them
+        in releases_through of the answers it sends after it, and the sensor sends those
+        it did not see confirmed again on its next stream (releasing twice is harmless).
+        """
+
     def __init__(
         self,
         *,
@@ -81,10 +91,11 @@ class LeasesRequest(_message.Message):
         acquire: Global___AcquireLeaseRequest | None = ...,
         renew: Global___RenewLeaseRequest | None = ...,
         release: Global___ReleaseLeaseRequest | None = ...,
+        releases: _abc.Iterable[Global___ReleaseLeaseRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "release", b"release", "renew", b"renew", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "id", b"id", "release", b"release", "renew", b"renew", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "call", b"call", "id", b"id", "release", b"release", "releases", b"releases", "renew", b"renew", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_call: _TypeAlias = _typing.Literal["acquire", "renew", "release"]  # noqa: Y015
     _WhichOneofArgType_call: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
@@ -103,7 +114,10 @@ class LeasesResponse(_message.Message):
     RENEW_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RELEASES_THROUGH_FIELD_NUMBER: _builtins.int
     id: _builtins.int
+    releases_through: _builtins.int
+    """The releases of every request up to this id on this stream have been taken."""
     @_builtins.property
     def acquire(self) -> Global___AcquireLeaseResponse: ...
     @_builtins.property
@@ -120,10 +134,11 @@ class LeasesResponse(_message.Message):
         renew: Global___RenewLeaseResponse | None = ...,
         release: Global___ReleaseLeaseResponse | None = ...,
         error: Global___LeasesError | None = ...,
+        releases_through: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error", b"error", "release", b"release", "renew", b"renew", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error", b"error", "id", b"id", "release", b"release", "renew", b"renew", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "error", b"error", "id", b"id", "release", b"release", "releases_through", b"releases_through", "renew", b"renew", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["acquire", "renew", "release", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015

@@ -92,9 +92,10 @@ class LeaseServiceServicer:
 
     def Leases(self, request_iterator, context):
         """Leases carries the three calls above as messages on one long-lived stream, each
-        answered (in any order) under its request's id. A controller accepts new calls
-        one per turn of its event loop; a fleet's sessions ride its sensors' streams
-        instead, so they never queue for that.
+        answered (in any order) under its request's id, and releases that need no answer
+        of their own (LeasesRequest.releases). A controller accepts new calls one per
+        turn of its event loop; a fleet's sessions ride its sensors' streams instead, so
+        they never queue for that.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

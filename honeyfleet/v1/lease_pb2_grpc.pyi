@@ -52,9 +52,10 @@ class LeaseServiceStub:
     """
     Leases: _grpc.StreamStreamMultiCallable[_lease_pb2.LeasesRequest, _lease_pb2.LeasesResponse]
     """Leases carries the three calls above as messages on one long-lived stream, each
-    answered (in any order) under its request's id. A controller accepts new calls
-    one per turn of its event loop; a fleet's sessions ride its sensors' streams
-    instead, so they never queue for that.
+    answered (in any order) under its request's id, and releases that need no answer
+    of their own (LeasesRequest.releases). A controller accepts new calls one per
+    turn of its event loop; a fleet's sessions ride its sensors' streams instead, so
+    they never queue for that.
     """
 
 @_typing.type_check_only
@@ -81,9 +82,10 @@ class LeaseServiceAsyncStub(LeaseServiceStub):
     """
     Leases: _aio.StreamStreamMultiCallable[_lease_pb2.LeasesRequest, _lease_pb2.LeasesResponse]  # type: ignore[assignment]
     """Leases carries the three calls above as messages on one long-lived stream, each
-    answered (in any order) under its request's id. A controller accepts new calls
-    one per turn of its event loop; a fleet's sessions ride its sensors' streams
-    instead, so they never queue for that.
+    answered (in any order) under its request's id, and releases that need no answer
+    of their own (LeasesRequest.releases). A controller accepts new calls one per
+    turn of its event loop; a fleet's sessions ride its sensors' streams instead, so
+    they never queue for that.
     """
 
 class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -131,9 +133,10 @@ class LeaseServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lease_pb2.LeasesResponse], _abc.AsyncIterator[_lease_pb2.LeasesResponse]]:
         """Leases carries the three calls above as messages on one long-lived stream, each
-        answered (in any order) under its request's id. A controller accepts new calls
-        one per turn of its event loop; a fleet's sessions ride its sensors' streams
-        instead, so they never queue for that.
+        answered (in any order) under its request's id, and releases that need no answer
+        of their own (LeasesRequest.releases). A controller accepts new calls one per
+        turn of its event loop; a fleet's sessions ride its sensors' streams instead, so
+        they never queue for that.
         """
 
 def add_LeaseServiceServicer_to_server(servicer: LeaseServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

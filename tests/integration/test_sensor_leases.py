@@ -107,11 +107,29 @@ async def test_a_lease_granted_after_its_session_ended_is_released(fleet_pki: Fl
             await client.drain()
 
 
+async def test_a_release_sent_on_the_stream_reaches_a_controller_without_one(
+    fleet_pki: FleetPki,
+) -> None:
+    # The release is sent on the lease stream, which this controller lacks: it is made
+    # again as a call of its own.
+    leases = SlowLeases()
+    lease = GuestLease("lease-4", "pool-1", "", "g1", 60.0, "root", "guest-secret")
+    async with lease_client(fleet_pki, leases) as client:
+        await client.release(lease, "client logged out")
+        await until(lambda: bool(leases.released))
+        async with asyncio.timeout(20):
+            await client.drain()
+        assert leases.released == [("lease-4", "client logged out")]
+
+
 async def test_a_release_whose_caller_is_cancelled_still_happens(fleet_pki: FleetPki) -> None:
     leases = SlowLeases()
-    leases.answer_release.clear()
+    leases.grant.set()
     lease = GuestLease("lease-2", "pool-1", "", "g1", 60.0, "root", "guest-secret")
     async with lease_client(fleet_pki, leases) as client:
+        # A first call finds that the controller has no lease stream: calls of their own.
+        await client.acquire("192.0.2.7", "session-1", common_pb2.PROTOCOL_SSH)
+        leases.answer_release.clear()
         releasing = asyncio.create_task(client.release(lease, "client logged out"))
         async with asyncio.timeout(20):
             await leases.release_asked.wait()

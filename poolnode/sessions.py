@@ -14,6 +14,13 @@ it grants input credit back only once the guest's channel has taken the data. No
 queues without bound anywhere between the attacker and the guest, and since neither end
 ever waits on one session to take a frame, no session holds up another: the stream's
 writer takes one frame from each session with something to send in turn.
+
+Guest output is carried as the raw pieces asyncssh hands over (OpenSSH's sshd sends
+32 KiB packets whatever packet size we offer) and joined into one frame of up to
+MAX_DATA only when the writer takes it. The writer holds a frame that is still filling
+for as long as each turn of the event loop brings more of the guest's output, and sends
+it as soon as a turn brings none: a bulk transfer goes out in few large frames (each
+costs gRPC and both ends far more than its bytes do), a keystroke's echo at once.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TypeAlias
 
 import asyncssh
@@ -68,6 +76,21 @@ ERROR_CODES = {
 }
 Response = poolnode_pb2.SessionsResponse
 Stream: TypeAlias = poolnode_pb2.SessionStream.ValueType
+STDOUT = poolnode_pb2.SESSION_STREAM_STDOUT
+
+
+@dataclass(slots=True)
+class Output:
+    """Guest output of one stream for one frame, in the pieces it came in (joined only
+    once, when the frame is sent)."""
+
+    stream: Stream
+    parts: list[bytes]
+    size: int
+
+
+# A session's frames for the stream: output, another frame, or None for the end.
+Outgoing: TypeAlias = Output | Response | None
 
 
 class GuestChannel(asyncssh.SSHClientSession[bytes]):
@@ -78,7 +101,7 @@ class GuestChannel(asyncssh.SSHClientSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         """Guest output."""
-        self._relay.output(data, STREAMS.get(datatype, poolnode_pb2.SESSION_STREAM_STDOUT))
+        self._relay.output(data, STDOUT if datatype is None else STREAMS.get(datatype, STDOUT))
 
     def eof_received(self) -> bool:
         """The guest is done sending; the channel stays open for the exit status."""
@@ -125,11 +148,11 @@ class SessionRelay:
         self.host: WarmLogin | None = None
         """The login the channel runs on, counted until the session ends."""
         self.untrack: Callable[[], None] | None = None
-        self._outbox: deque[Response | None] = deque()  # for the stream now; None: the end
+        self._outbox: deque[Outgoing] = deque()  # for the stream now
         self.scheduled = False  # in the stream's queue of sessions with frames to send
         self._credit = 0  # output bytes the sensor still takes
-        # Output past the credit, and the frames behind it (None: the end).
-        self._held: deque[Response | None] = deque()
+        # Output past the credit, and the frames behind it.
+        self._held: deque[Outgoing] = deque()
         self._input_credit = WINDOW  # input bytes the sensor may still send
         self._owed = 0  # input taken by the guest's channel, not yet granted back
         self._blocked = False
@@ -195,37 +218,53 @@ class SessionRelay:
 
     def output(self, data: bytes, stream: Stream) -> None:
         """Guest output: send what the credit allows, hold the rest and stop reading."""
-        frame = Response(data=poolnode_pb2.SessionData(data=data, stream=stream))
         if self._held or len(data) > self._credit:
-            self._held.append(frame)
+            self._held.append(Output(stream, [data], len(data)))
             self._flush_held()
             return
         self._credit -= len(data)
-        self._post(frame)
+        self._post_output(stream, data)
+
+    def _post_output(self, stream: Stream, data: bytes) -> None:
+        """Hand output within the credit to the stream, joining the frame still filling."""
+        if self._ended:
+            return
+        outbox = self._outbox
+        if outbox:
+            last = outbox[-1]
+            if (
+                isinstance(last, Output)
+                and last.stream == stream
+                and last.size + len(data) <= MAX_DATA
+            ):
+                last.parts.append(data)
+                last.size += len(data)
+                return  # already scheduled
+        outbox.append(Output(stream, [data], len(data)))
+        self._mux.schedule(self)
 
     def _flush_held(self) -> None:
         """Send held frames in order, output within the credit; read the guest only once
         nothing is held."""
-        while self._held:
-            frame = self._held[0]
-            if frame is not None and frame.WhichOneof("frame") == "data":
+        held = self._held
+        while held:
+            item = held[0]
+            if isinstance(item, Output):
                 if not self._credit:
                     break
-                data = frame.data.data
+                data = item.parts[0]  # held output is one piece per item
                 if len(data) > self._credit:
-                    part, rest = data[: self._credit], data[self._credit :]
-                    frame.data.data = rest
-                    frame = Response(
-                        data=poolnode_pb2.SessionData(data=part, stream=frame.data.stream)
-                    )
+                    data, item.parts[0] = data[: self._credit], data[self._credit :]
+                    item.size -= len(data)
                 else:
-                    self._held.popleft()
-                self._credit -= len(frame.data.data)
+                    held.popleft()
+                self._credit -= len(data)
+                self._post_output(item.stream, data)
             else:
-                self._held.popleft()
-            self._post(frame)
+                held.popleft()
+                self._post(item)
         if self._chan is not None:
-            if self._held:
+            if held:
                 self._chan.pause_reading()
             else:
                 self._chan.resume_reading()
@@ -249,32 +288,29 @@ class SessionRelay:
         """Whether frames wait for the stream."""
         return bool(self._outbox)
 
-    def next_frame(self) -> Response | None:
-        """The next frame for the stream, consecutive output of one stream merged, or
-        None for the end (then :meth:`closed` is the frame to send)."""
-        frame = self._outbox.popleft()
-        if frame is not None and frame.WhichOneof("frame") == "data":
-            frame = self._merge(frame)
-            self.bytes_out += len(frame.data.data)
-        return frame
+    def filling(self) -> int | None:
+        """The size of the next frame if it is output more may still join, else None."""
+        outbox = self._outbox
+        if len(outbox) == 1:
+            only = outbox[0]
+            if isinstance(only, Output) and only.size < MAX_DATA:
+                return only.size
+        return None
 
-    def _merge(self, first: Response) -> Response:
-        """``first`` with the output frames of the same stream queued right behind it."""
-        stream = first.data.stream
-        parts = [first.data.data]
-        size = len(parts[0])
-        while self._outbox and size < MAX_DATA:
-            nxt = self._outbox[0]
-            if nxt is None or nxt.WhichOneof("frame") != "data" or nxt.data.stream != stream:
-                break
-            if size + len(nxt.data.data) > MAX_DATA:
-                break
-            self._outbox.popleft()
-            parts.append(nxt.data.data)
-            size += len(parts[-1])
-        if len(parts) == 1:
-            return first
-        return Response(data=poolnode_pb2.SessionData(data=b"".join(parts), stream=stream))
+    def next_frame(self) -> Response | None:
+        """The next frame for the stream, or None for the end (then :meth:`closed` is
+        the frame to send)."""
+        item = self._outbox.popleft()
+        if not isinstance(item, Output):
+            return item
+        parts = item.parts
+        self.bytes_out += item.size
+        # Set field by field: a SessionData passed to Response() would be serialised and
+        # parsed again (upb merges sub-messages), two more copies of the data.
+        frame = Response()
+        frame.data.data = parts[0] if len(parts) == 1 else b"".join(parts)
+        frame.data.stream = item.stream
+        return frame
 
     def closed(self) -> Response:
         """The session's last frame: its error, or whether the guest's login was lost."""
@@ -407,6 +443,8 @@ class SessionMux:
         """The frames for the sensor, one session's at a time in turn, until the sensor
         has half-closed and every session has ended (or the stream broke a rule)."""
         ready = self._ready
+        # The frame last held back to fill: its session and size then.
+        watched: tuple[SessionRelay, int] | None = None
         while True:
             if not ready:
                 if self.error is not None or (self._requests_done and not self._sessions):
@@ -415,6 +453,14 @@ class SessionMux:
                 await self._wakeup
                 self._wakeup = None
                 continue
+            size = ready[0].filling()
+            if size is not None and watched != (ready[0], size):
+                # Output that arrived in the last turn of the loop may have more behind
+                # it: one more turn (no timer), then send what there is.
+                watched = (ready[0], size)
+                await asyncio.sleep(0)
+                continue
+            watched = None
             relay = ready.popleft()
             frame = relay.next_frame()
             if relay.has_frames():

@@ -21,6 +21,7 @@ from honeyfleet.tls import Peer, TlsFiles, secure_channel
 from honeyfleet.v1 import poolnode_pb2, poolnode_pb2_grpc
 from poolnode.guest_login import SESSIONS_PER_LOGIN
 from poolnode.server import PoolNode
+from poolnode.sessions import MAX_DATA
 from tests.conftest import ControllerFactory, FleetPki, start_one_guest_node, until
 from tests.integration.leasing import Sensor
 from tests.sshd import Sshd
@@ -90,6 +91,7 @@ class Session:
         self.credit = asyncio.Event()
         self.output: dict[int, bytearray] = {}
         self.frames: list[str] = []
+        self.data_sizes: list[int] = []  # of each data frame
         self.exit_status: int | None = None
         self.exit_signal: str | None = None
         self.lost: str | None = None  # set by the closed frame
@@ -138,6 +140,7 @@ class Session:
         match kind:
             case "data":
                 stream = frame.data.stream
+                self.data_sizes.append(len(frame.data.data))
                 self.output.setdefault(stream, bytearray()).extend(frame.data.data)
                 self.received += len(frame.data.data)
                 assert self.received <= self.granted, "the node sent past its credit"
@@ -299,6 +302,25 @@ async def test_output_never_passes_the_sensors_credit_and_backpressure_reaches_t
     await s.grant(s.received)
     await s.until_end()
     assert s.received == size and s.exit_status == 0
+
+
+async def test_output_that_waited_for_credit_goes_out_in_large_frames(
+    guest_node: GuestNode, muxes: MuxFactory
+) -> None:
+    size = 8 << 20
+    window = 256 * 1024
+    s = await opened(guest_node, muxes(), window=window, exec=f"head -c {size} /dev/zero".encode())
+    while s.received < window:
+        await s.next_frame()
+    # The guest goes on sending into the node's channel window (asyncssh's 2 MiB).
+    await until(lambda: guest_node.sshd.bytes_out >= window + (1 << 20))
+    before = len(s.data_sizes)
+    await s.grant(size)
+    await s.until_end(keep_granting=False)
+    assert s.received == size and s.exit_status == 0
+    # What waited arrives joined into frames of the node's limit, not packet by packet.
+    assert max(s.data_sizes) <= MAX_DATA
+    assert all(part > MAX_DATA // 2 for part in s.data_sizes[before : before + 4])
 
 
 async def test_input_is_taken_within_the_nodes_window(

@@ -213,8 +213,9 @@ class GuestChannel:
                 parts.append(nxt)
                 outbox.popleft()
                 size += len(nxt)
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            frame = Request(session_id=self.session_id, data=poolnode_pb2.SessionData(data=data))
+            frame = Request(session_id=self.session_id)
+            # Set, not SessionData(...) passed in: upb would serialise and parse it again.
+            frame.data.data = parts[0] if len(parts) == 1 else b"".join(parts)
         if not outbox:
             self._outbox = None
         return frame

@@ -35,7 +35,7 @@ from poolnode.egress import Egress
 from poolnode.events import NodeEvents
 from poolnode.pool import GuestPool
 from poolnode.service import PoolNodeServicer, allocate_guest
-from poolnode.tunnel import TunnelServicer
+from poolnode.tunnel import TunnelServicer, add_tunnel_service
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class PoolNode:
         self.authorizer.update_revoked(self._revoked)
         self._server = server = new_server(self.authorizer)
         poolnode_pb2_grpc.add_PoolNodeServiceServicer_to_server(PoolNodeServicer(self.pool), server)
-        poolnode_pb2_grpc.add_TunnelServiceServicer_to_server(TunnelServicer(self.pool), server)
+        add_tunnel_service(TunnelServicer(self.pool), server)
         health = add_health_and_reflection(server, SERVICES)
         port = bind(server, config.listen, server_credentials(config.tls))
         await server.start()

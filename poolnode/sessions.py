@@ -17,10 +17,11 @@ writer takes one frame from each session with something to send in turn.
 
 Guest output is carried as the raw pieces asyncssh hands over (OpenSSH's sshd sends
 32 KiB packets whatever packet size we offer) and joined into one frame of up to
-MAX_DATA only when the writer takes it. The writer holds a frame that is still filling
-for as long as each turn of the event loop brings more of the guest's output, and sends
-it as soon as a turn brings none: a bulk transfer goes out in few large frames (each
-costs gRPC and both ends far more than its bytes do), a keystroke's echo at once.
+MAX_DATA only when the writer takes it, encoded by hand (:mod:`honeyfleet.sessionwire`).
+The writer holds a frame that is still filling for as long as each turn of the event
+loop brings more of the guest's output, and sends it as soon as a turn brings none: a
+bulk transfer goes out in few large frames (each costs gRPC and both ends far more than
+its bytes do), a keystroke's echo at once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from honeyfleet.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from honeyfleet.sessionwire import data_frame
 from honeyfleet.v1 import poolnode_pb2
 from poolnode.guest_login import WarmLogin
 from poolnode.pool import GuestPool
@@ -297,20 +299,15 @@ class SessionRelay:
                 return only.size
         return None
 
-    def next_frame(self) -> Response | None:
-        """The next frame for the stream, or None for the end (then :meth:`closed` is
-        the frame to send)."""
+    def next_frame(self) -> Response | bytes | None:
+        """The next frame for the stream: a message, output already encoded (its
+        session id in it), or None for the end (then :meth:`closed` is the frame to
+        send)."""
         item = self._outbox.popleft()
         if not isinstance(item, Output):
             return item
-        parts = item.parts
         self.bytes_out += item.size
-        # Set field by field: a SessionData passed to Response() would be serialised and
-        # parsed again (upb merges sub-messages), two more copies of the data.
-        frame = Response()
-        frame.data.data = parts[0] if len(parts) == 1 else b"".join(parts)
-        frame.data.stream = item.stream
-        return frame
+        return data_frame(self.id, item.stream, item.parts)
 
     def closed(self) -> Response:
         """The session's last frame: its error, or whether the guest's login was lost."""
@@ -439,7 +436,7 @@ class SessionMux:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def frames(self) -> AsyncIterator[Response]:
+    async def frames(self) -> AsyncIterator[Response | bytes]:
         """The frames for the sensor, one session's at a time in turn, until the sensor
         has half-closed and every session has ended (or the stream broke a rule)."""
         ready = self._ready
@@ -470,7 +467,8 @@ class SessionMux:
             if frame is None:
                 frame = relay.closed()
                 self._end(relay)
-            frame.session_id = relay.id
+            if not isinstance(frame, bytes):
+                frame.session_id = relay.id
             yield frame
 
     def _end(self, relay: SessionRelay) -> None:

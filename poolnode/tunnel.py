@@ -15,9 +15,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+
 from honeyfleet.authz import current_caller
 from honeyfleet.errors import InvalidArgument, Unavailable
-from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
+from honeyfleet.sessionwire import serialize
+from honeyfleet.v1 import common_pb2, poolnode_pb2
 from poolnode.pool import GuestPool
 from poolnode.sessions import SessionMux
 
@@ -27,10 +30,31 @@ CHUNK = 64 * 1024
 OPEN_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 PORTS = (common_pb2.GUEST_PORT_SSH, common_pb2.GUEST_PORT_TELNET)
+SERVICE = poolnode_pb2.DESCRIPTOR.services_by_name["TunnelService"].full_name
 
 
-class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
-    """Tunnels for sensors, each into a guest leased to that very sensor."""
+def add_tunnel_service(servicer: TunnelServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer`` on ``server``: the generated registration, except that the
+    Sessions stream also sends frames encoded already (honeyfleet.sessionwire)."""
+    handlers = {
+        "Tunnel": grpc.stream_stream_rpc_method_handler(
+            servicer.Tunnel,
+            request_deserializer=poolnode_pb2.TunnelRequest.FromString,
+            response_serializer=poolnode_pb2.TunnelResponse.SerializeToString,
+        ),
+        "Sessions": grpc.stream_stream_rpc_method_handler(
+            servicer.Sessions,
+            request_deserializer=poolnode_pb2.SessionsRequest.FromString,
+            response_serializer=serialize,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+class TunnelServicer:
+    """Tunnels for sensors, each into a guest leased to that very sensor (served by
+    :func:`add_tunnel_service`: ``Sessions`` yields encoded frames too, which the
+    generated servicer's types do not allow)."""
 
     def __init__(self, pool: GuestPool) -> None:
         self._pool = pool
@@ -80,7 +104,7 @@ class TunnelServicer(poolnode_pb2_grpc.TunnelServiceServicer):
 
     async def Sessions(
         self, request_iterator: AsyncIterator[poolnode_pb2.SessionsRequest], context: Any
-    ) -> AsyncIterator[poolnode_pb2.SessionsResponse]:
+    ) -> AsyncIterator[poolnode_pb2.SessionsResponse | bytes]:
         """Run the sensor's sessions the stream's frames open, relaying frames both ways."""
         sensor = str(current_caller().identity)
         mux = SessionMux(self._pool, sensor)

@@ -95,12 +95,13 @@ class AttackerConnection(Adapter):
         self._inner = DrainedInner(side)
         side.inner = self._inner
         self._auth_failures = 0
-        self._channels: set[RelaySession] = set()
+        # Lists, not sets: an empty set is 216 bytes, held by every session.
+        self._channels: list[RelaySession] = []
         self._forwards = 0
         self._refused_a_channel = False
         self._ssh: asyncssh.SSHServerConnection | None = None
         self._guest: GuestSessions | None = None
-        self._storing: set[asyncio.Task[None]] = set()
+        self._storing: list[asyncio.Task[None]] = []
         self._drain = False
         self.session = Session(shared.services, self, slot, protocol="ssh", peer=peer, local=local)
         self.events: SessionEvents = self.session.events
@@ -282,7 +283,7 @@ class AttackerConnection(Adapter):
         if self.state is not SessionState.PROXYING or not self._channel_room():
             return False
         relay = RelaySession(self)
-        self._channels.add(relay)
+        self._channels.append(relay)
         return relay
 
     def direct_tcpip(
@@ -337,14 +338,15 @@ class AttackerConnection(Adapter):
 
     def channel_closed(self, relay: RelaySession) -> None:
         """A relayed channel ended."""
-        self._channels.discard(relay)
+        if relay in self._channels:
+            self._channels.remove(relay)
 
     def file_captured(self, how: str, name: str, capture: Capture) -> None:
         """A complete upload (``how``: "SCP", "SFTP" or STDIN): store it (hashed on a
         thread), then report it."""
         task = asyncio.create_task(self._store_file(how, name, capture))
-        self._storing.add(task)
-        task.add_done_callback(self._storing.discard)
+        self._storing.append(task)
+        task.add_done_callback(self._storing.remove)
 
     async def _store_file(self, how: str, name: str, capture: Capture) -> None:
         """Keep a captured file under its sha256, report it the way Cowrie does, and queue it

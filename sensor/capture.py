@@ -90,6 +90,8 @@ class FileStore:
 class SessionFiles:
     """One session's captures: a bounded number open at once, all within the budget."""
 
+    __slots__ = ("log", "open", "report", "store")
+
     def __init__(self, store: FileStore, report: ArtefactReport, logger: Logger) -> None:
         self.store = store
         self.report = report

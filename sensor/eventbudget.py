@@ -79,6 +79,8 @@ class EventLimits:
 class Bucket:
     """A token bucket: ``capacity`` events at once, refilled at ``per_minute``."""
 
+    __slots__ = ("_at", "_capacity", "_per_second", "_tokens")
+
     def __init__(self, capacity: int, per_minute: int, now: float) -> None:
         self._capacity = float(capacity)
         self._per_second = per_minute / 60.0
@@ -138,6 +140,8 @@ class EventBudget:
 
 class SessionBudget:
     """One session's share of the event budget."""
+
+    __slots__ = ("_budget", "_rate", "suppressed", "written")
 
     def __init__(self, budget: EventBudget, rate: Bucket) -> None:
         self._budget = budget

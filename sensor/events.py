@@ -49,6 +49,18 @@ class EventLog(eventlog.EventLog):
 class SessionEvents:
     """One session's event emitter and log context."""
 
+    __slots__ = (
+        "_budget",
+        "_events",
+        "context",
+        "endpoints",
+        "log",
+        "protocol",
+        "sensor",
+        "session",
+        "src_ip",
+    )
+
     def __init__(
         self,
         events: EventLog,

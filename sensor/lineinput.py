@@ -23,6 +23,8 @@ ENTER = frozenset("\r\n")
 class LineEditor:
     """Feeds keystrokes in, calls ``on_line(text)`` for every non-empty line entered."""
 
+    __slots__ = ("_decoder", "_escape", "_last_enter", "_line", "_max_line", "_on_line")
+
     def __init__(self, on_line: Callable[[str], None], *, max_line: int = MAX_LINE) -> None:
         self._on_line = on_line
         self._max_line = max_line

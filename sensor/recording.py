@@ -151,6 +151,8 @@ class _Job:
 class _File:
     """The file side of a recording: touched only on the writer thread."""
 
+    __slots__ = ("_handle", "error", "path", "written")
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.error: OSError | None = None
@@ -189,6 +191,23 @@ class _File:
 
 class Recorder:
     """One asciicast v2 recording (use from the event loop)."""
+
+    __slots__ = (
+        "_decoders",
+        "_failed",
+        "_file",
+        "_flush_timer",
+        "_input_hash",
+        "_queued",
+        "_queued_bytes",
+        "_recordings",
+        "_report",
+        "_start",
+        "path",
+        "size",
+        "state",
+        "truncated",
+    )
 
     def __init__(
         self,

@@ -52,6 +52,17 @@ class LiveSession(Protocol):
 class Slot:
     """One admitted connection's place; given back once, by :meth:`release`."""
 
+    __slots__ = (
+        "_admission",
+        "authenticated",
+        "protocol",
+        "released",
+        "session",
+        "source",
+        "src_ip",
+        "started",
+    )
+
     def __init__(self, admission: Admission, protocol: str, src_ip: str, started: float) -> None:
         self._admission = admission
         self.protocol = protocol

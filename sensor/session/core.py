@@ -85,6 +85,8 @@ GuestOpener = Callable[[GuestLink], Awaitable[None]]
 class Adapter:
     """What every protocol adapter offers of its session: its state, its end, close()."""
 
+    __slots__ = ()
+
     session: Session
 
     @property
@@ -104,6 +106,30 @@ class Adapter:
 
 class Session:
     """One attacker session's protocol-neutral state, bounds and end."""
+
+    __slots__ = (
+        "_adapter",
+        "_failed_logins",
+        "_grace_exceeded",
+        "_joining",
+        "_last_input",
+        "_preauth_bytes",
+        "_slot",
+        "_started",
+        "_tasks",
+        "artefacts",
+        "closed",
+        "closing",
+        "config",
+        "events",
+        "link",
+        "protocol",
+        "recording",
+        "services",
+        "src_ip",
+        "state",
+        "timers",
+    )
 
     def __init__(
         self,

@@ -35,6 +35,23 @@ class GuestFailed(HoneyfleetError):
 class GuestLink:
     """Lease, tunnel and guest client of one session; :meth:`drop` gives them all back."""
 
+    __slots__ = (
+        "_backend",
+        "_budget",
+        "_budgeted",
+        "_closers",
+        "_dropped",
+        "_events",
+        "_leases",
+        "_on_lost",
+        "_protocol",
+        "_src_ip",
+        "_tasks",
+        "_tunnels",
+        "lease",
+        "tunnel",
+    )
+
     def __init__(
         self,
         *,

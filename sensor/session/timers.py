@@ -10,6 +10,8 @@ from typing import Any
 class Timers:
     """A session's timers (``grace``, ``idle``, ``session``, and the adapter's own)."""
 
+    __slots__ = ("_handles", "_stopped")
+
     def __init__(self) -> None:
         self._handles: dict[str, asyncio.TimerHandle] = {}
         self._stopped = False

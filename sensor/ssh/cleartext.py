@@ -74,6 +74,17 @@ class CleartextParser:
     another SSH version, ``invalid`` for anything else.
     """
 
+    __slots__ = (
+        "_buffer",
+        "_invalid",
+        "_max_packet",
+        "_mismatch",
+        "_observer",
+        "_seen_kexinit",
+        "_stage",
+        "done",
+    )
+
     def __init__(
         self, observer: CleartextObserver, *, max_packet: int, mismatch: bytes, invalid: bytes
     ) -> None:

@@ -33,6 +33,8 @@ NAME = b"zlib@openssh.com"
 class InflationBudget:
     """Bytes one connection may still inflate, and who is told when they run out."""
 
+    __slots__ = ("_on_exceeded", "left", "max_bytes")
+
     def __init__(self, max_bytes: int, on_exceeded: Callable[[str], None]) -> None:
         self.max_bytes = max_bytes
         self.left = max_bytes

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,8 @@ DISCONNECT_LINGER = 5.0
 class DrainedInner(InnerSide):
     """asyncssh's transport, saying when asyncssh's last bytes have been passed on."""
 
+    __slots__ = ("drained_latch",)
+
     def __init__(self, attacker: AttackerSide) -> None:
         super().__init__(attacker)
         self.drained_latch = Latch()
@@ -71,6 +74,27 @@ class DrainedInner(InnerSide):
 
 class AttackerConnection(Adapter):
     """One attacker's SSH connection, from accept to the last event."""
+
+    __slots__ = (
+        "_auth_failures",
+        "_channels",
+        "_drain",
+        "_forwards",
+        "_guest",
+        "_inner",
+        "_refused_a_channel",
+        "_side",
+        "_ssh",
+        "_storing",
+        "config",
+        "events",
+        "files",
+        "parser",
+        "persona",
+        "session",
+        "shared",
+        "write_buffer_high",
+    )
 
     def __init__(
         self,
@@ -125,7 +149,9 @@ class AttackerConnection(Adapter):
                 self.shared.options,
                 self.persona,
                 self.shared.dh_groups,
-                server_factory=lambda: AttackerServer(self, self.persona.auth_methods),
+                # asyncssh keeps the factory for the connection's life: a partial is
+                # about half the size of a closure.
+                server_factory=functools.partial(AttackerServer, self, self.persona.auth_methods),
             )
         except (asyncssh.Error, OSError) as e:
             self.close(f"ssh: {e}")

@@ -26,6 +26,7 @@ Debian's own sshd) before the pin moves.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,8 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         for name, value in self.persona.ext_info:
             self._extensions_to_send[name.encode()] = value.encode()
         super()._send_ext_info()
+        # Sent once, after the first key exchange; kept, they cost a held session 0.5 KB.
+        self._extensions_to_send = OrderedDict()
 
     async def send_userauth_success(self) -> None:
         """Then the host keys, as sshd's ``notify_hostkeys`` right after login."""

@@ -37,6 +37,8 @@ class PumpOwner(Protocol):
 class AttackerSide(asyncio.Protocol):
     """Protocol on the attacker's TCP connection."""
 
+    __slots__ = ("_accept", "_owner", "_refusal", "inner", "transport")
+
     def __init__(
         self, accept: Callable[[AttackerSide, asyncio.Transport], PumpOwner | None]
     ) -> None:
@@ -125,6 +127,10 @@ class AttackerSide(asyncio.Protocol):
         close_with_linger(transport)
 
 
+# The extra-info mapping of every InnerSide (never written: see get_extra_info).
+_NO_EXTRA: dict[str, Any] = {}
+
+
 class InnerSide(asyncio.Transport):
     """The transport asyncssh's connection runs on: the attacker's bytes are handed to it
     directly and what it writes goes straight to the attacker's transport (no socketpair:
@@ -135,8 +141,11 @@ class InnerSide(asyncio.Transport):
     (:mod:`sensor.ssh.compression`).
     """
 
+    __slots__ = ("_attacker", "_closing", "_context", "_ssh", "banner_relayed")
+
     def __init__(self, attacker: AttackerSide) -> None:
-        super().__init__()
+        # asyncio would make an empty dict per transport; get_extra_info never reads it.
+        super().__init__(_NO_EXTRA)
         self._attacker = attacker
         self._ssh: asyncio.Protocol | None = None
         self._context: contextvars.Context | None = None

@@ -34,6 +34,7 @@ import grpc
 from honeyfleet.errors import FailedPrecondition, Unavailable
 from honeyfleet.pki.errors import PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
+from honeyfleet.sessionwire import serialize
 from honeyfleet.tls import NO_RETRY_STATE, ChannelCache, Peer, TlsFiles, presented_certificate
 from honeyfleet.v1 import common_pb2, poolnode_pb2, poolnode_pb2_grpc
 from sensor.leases import GuestLease
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 TunnelCall = grpc.aio.StreamStreamCall[poolnode_pb2.TunnelRequest, poolnode_pb2.TunnelResponse]
 SessionsCall = grpc.aio.StreamStreamCall[
-    poolnode_pb2.SessionsRequest, poolnode_pb2.SessionsResponse
+    poolnode_pb2.SessionsRequest | bytes, poolnode_pb2.SessionsResponse
 ]
+SESSIONS_METHOD = "/honeyfleet.v1.TunnelService/Sessions"
 # Sessions one stream carries at most (the pool node's bound: poolnode.sessions).
 MAX_SESSIONS = 1000
 
@@ -193,7 +195,12 @@ class TunnelConnector:
             if mux is not None:
                 mux.retire()
             channel = self.channels.get(key[0], Peer(Role.POOLNODE, lease.pool_node))
-            call: SessionsCall = poolnode_pb2_grpc.TunnelServiceStub(channel).Sessions(None)
+            call: SessionsCall = channel.stream_stream(
+                SESSIONS_METHOD,
+                # Data frames come encoded already (honeyfleet.sessionwire).
+                request_serializer=serialize,
+                response_deserializer=poolnode_pb2.SessionsResponse.FromString,
+            )(None)
             mux = self._muxes[key] = SessionMux(call, *key, self._mux_gone)
             self._all_muxes.add(mux)
         return await mux.open(session, request, wait)
@@ -266,8 +273,9 @@ class MuxSession(Protocol):
     def has_frames(self) -> bool:
         """Whether frames wait for the stream."""
 
-    def next_frame(self) -> poolnode_pb2.SessionsRequest:
-        """The next frame for the stream (only asked for while :meth:`has_frames`)."""
+    def next_frame(self) -> poolnode_pb2.SessionsRequest | bytes:
+        """The next frame for the stream, a message or one encoded already (only asked
+        for while :meth:`has_frames`)."""
 
     def frame_received(self, frame: poolnode_pb2.SessionsResponse) -> None:
         """A frame of the node's for this session."""
@@ -385,6 +393,7 @@ class SessionMux:
     async def _write_loop(self) -> None:
         """Frames to the node: control frames first, then sessions' frames in turn."""
         call, control, ready = self._call, self._control, self._ready
+        frame: poolnode_pb2.SessionsRequest | bytes
         try:
             while True:
                 if control:

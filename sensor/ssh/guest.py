@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
+from honeyfleet.sessionwire import data_frame
 from honeyfleet.v1 import poolnode_pb2
 from sensor.session.guest import GuestLink
 from sensor.tunnel import SessionMux, TunnelFailed
@@ -196,12 +197,13 @@ class GuestChannel:
         """Whether frames wait for the stream."""
         return bool(self._outbox)
 
-    def next_frame(self) -> Request:
+    def next_frame(self) -> Request | bytes:
         """The next frame: a request, or the input queued from here on (up to MAX_DATA)
-        as one frame."""
+        as one data frame, encoded already."""
         outbox = self._outbox
         assert outbox
         first = outbox.popleft()
+        frame: Request | bytes
         if not isinstance(first, bytes):
             frame = first
         else:
@@ -213,9 +215,7 @@ class GuestChannel:
                 parts.append(nxt)
                 outbox.popleft()
                 size += len(nxt)
-            frame = Request(session_id=self.session_id)
-            # Set, not SessionData(...) passed in: upb would serialise and parse it again.
-            frame.data.data = parts[0] if len(parts) == 1 else b"".join(parts)
+            frame = data_frame(self.session_id, 0, parts)
         if not outbox:
             self._outbox = None
         return frame

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,17 +31,23 @@ async def _read(
     requests: AsyncIterator[registry_pb2.HeartbeatRequest],
     inbox: asyncio.Queue[_Arrival | None],
     heard: Callable[[float], None],
+    answered: Callable[[Iterable[registry_pb2.AllocationAnswer]], None],
 ) -> None:
     """Hand the node's heartbeats to the stream's handler as they arrive, then its end.
 
     Each message shows the node alive (``heard``) here, as it arrives: the handler may
     be held up sending to a slow node, and that must not let a heartbeating node die.
+    Allocation answers are handed on here too (``answered``), so a message with
+    nothing else (answers_only, one per allocation) never wakes the handler.
     """
     try:
         async for request in requests:
             received = time.monotonic()
             heard(received)
-            inbox.put_nowait(_Arrival(request, received))
+            if request.allocations:
+                answered(request.allocations)
+            if not request.answers_only:
+                inbox.put_nowait(_Arrival(request, received))
     finally:
         inbox.put_nowait(_Arrival(None, time.monotonic()))
 
@@ -82,7 +88,8 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         self, request_iterator: AsyncIterator[registry_pb2.HeartbeatRequest], context: Any
     ) -> AsyncIterator[registry_pb2.HeartbeatResponse]:
         """Answer each heartbeat with revocations, drain state, stale and ended leases
-        (an early one only when there is something to tell); between heartbeats, send
+        (an early one only when there is something besides ends to tell); between
+        heartbeats, send
         allocations (to nodes that take them here) as soon as they are asked, and leases
         that ended with them or shortly after they end.
 
@@ -92,7 +99,12 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
         name = current_caller().identity.name
         inbox: asyncio.Queue[_Arrival | None] = asyncio.Queue()
         reader = asyncio.create_task(
-            _read(request_iterator, inbox, functools.partial(self._registry.heard_from, name))
+            _read(
+                request_iterator,
+                inbox,
+                functools.partial(self._registry.heard_from, name),
+                functools.partial(self._nodes.answered, name),
+            )
         )
         node = self._registry.nodes.get(name)
         streams = node is not None and node.stream_allocations
@@ -116,15 +128,14 @@ class PoolNodeRegistryServicer(registry_pb2_grpc.PoolNodeRegistryServiceServicer
                     request = arrival.request
                     if request is None:
                         break
-                    self._nodes.answered(name, request.allocations)
-                    if request.answers_only:
-                        continue
                     node, applied = self._registry.heartbeat(name, request, arrival.received)
                     stale = self._leases.reconcile(node) if applied else []
-                    ended = self._leases.take_ended(name)
                     allocate = self._nodes.take_requests(name)
-                    if request.early and not (stale or ended or allocate or node.wants_table):
-                        continue  # a nudge: nothing to tell, and no reply is waited for
+                    if request.early and not (stale or allocate or node.wants_table):
+                        # A nudge: nothing urgent to tell, and no reply is waited for.
+                        # Ends wait for a message that goes anyway, or their linger.
+                        continue
+                    ended = self._leases.take_ended(name)
                     yield self._response(
                         name, stale=stale, ended=ended, allocate=allocate, between=request.early
                     )

@@ -101,6 +101,14 @@ def grant(stream: NodeStream, request: poolnode_pb2.AllocateGuestRequest, guest:
     stream.send(allocations=[answer], answers_only=True)
 
 
+async def granted(leases: LeaseManager, stream: NodeStream, src_ip: str, guest: str) -> LeaseRecord:
+    """A lease of sensor s1's, granted on ``guest`` by the node."""
+    pending = acquire(leases, src_ip)
+    grant(stream, (await stream.next()).allocate[0], guest)
+    lease, _ = await pending
+    return lease
+
+
 async def test_an_early_heartbeat_is_answered_only_when_there_is_something_to_tell(
     fleet: tuple[Registry, LeaseManager, NodeStream],
 ) -> None:
@@ -128,9 +136,7 @@ async def test_a_lease_end_rides_along_with_the_next_allocation_to_its_node(
 ) -> None:
     _, leases, stream = fleet
     monkeypatch.setattr(lease_module, "END_LINGER", 3600.0)
-    first = acquire(leases, "192.0.2.1")
-    grant(stream, (await stream.next()).allocate[0], "g1")
-    lease, _ = await first
+    lease = await granted(leases, stream, "192.0.2.1", "g1")
     await leases.release("sensor/s1", lease.id, "session closed")
     second = acquire(leases, "192.0.2.2")
     message = await stream.next()
@@ -144,3 +150,24 @@ async def test_a_lease_end_rides_along_with_the_next_allocation_to_its_node(
     message = await stream.next()
     assert [e.lease_id for e in message.ended_leases] == [lease.id]
     assert not message.allocate
+
+
+async def test_a_nudge_with_only_ends_to_tell_gets_no_reply_and_the_next_one_takes_them(
+    fleet: tuple[Registry, LeaseManager, NodeStream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, leases, stream = fleet
+    monkeypatch.setattr(lease_module, "END_LINGER", 3600.0)
+    lease = await granted(leases, stream, "192.0.2.1", "g1")
+    await leases.release("sensor/s1", lease.id, "session closed")
+    # A guest changed by itself (a nudge): an end alone is no reason for a message...
+    guests = [
+        common_pb2.Guest(id="g1", state=common_pb2.GUEST_STATE_LEASED),
+        common_pb2.Guest(id="g3", state=PRISTINE),
+    ]
+    stream.send(table_version=3, guests=guests, lease_ids=[lease.id], early=True)
+    await until(lambda: registry.nodes["n1"].view.table_version == 3)
+    # ...the reply to the next heartbeat, which goes anyway, carries it.
+    stream.send(table_version=3, table_unchanged=True)
+    reply = await stream.next()
+    assert not reply.between_heartbeats
+    assert [e.lease_id for e in reply.ended_leases] == [lease.id]

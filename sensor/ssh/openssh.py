@@ -87,6 +87,11 @@ class OpenSSHServerConnection(asyncssh.SSHServerConnection):
         chan._close_event = Latch()  # type: ignore[assignment]
         return chan
 
+    def forget_waiter(self) -> None:
+        """:func:`run_server` has heard of the login: asyncssh would keep the done
+        future for the connection's life (and only ever tests it for None)."""
+        self._waiter = None
+
     async def reload_config(self) -> None:
         """Nothing to re-evaluate: the sensor's options come from no sshd_config, so
         no Match block can apply. asyncssh would build a copy of them per login (about
@@ -215,4 +220,5 @@ async def run_server(
         conn.abort()
         await conn.wait_closed()
         raise
+    conn.forget_waiter()
     return conn

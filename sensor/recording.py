@@ -46,6 +46,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -154,7 +155,9 @@ class _File:
     __slots__ = ("_handle", "error", "path", "written")
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        # A string: a Path holds its parts and, once opened, its string too (0.3 KB a
+        # held session).
+        self.path = os.fspath(path)
         self.error: OSError | None = None
         self.written = 0
         self._handle: io.FileIO | None = None
@@ -164,10 +167,11 @@ class _File:
         if self.error is None:
             try:
                 if self._handle is None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                     # Unbuffered: lines come in batches already, and a buffer would be
-                    # 8 KB held by every recorded session however idle.
-                    self._handle = self.path.open("wb", buffering=0)
+                    # 8 KB held by every recorded session however idle. Opened by its
+                    # string: a file opened by a Path keeps that Path as its name.
+                    self._handle = io.FileIO(self.path, "w")
                 if lines:
                     data = b"".join(lines)
                     view = memoryview(data)
@@ -203,7 +207,6 @@ class Recorder:
         "_recordings",
         "_report",
         "_start",
-        "path",
         "size",
         "state",
         "truncated",
@@ -220,7 +223,6 @@ class Recorder:
         term: str,
         held: bool,
     ) -> None:
-        self.path = path
         self.state = RecordingState.HELD if held else RecordingState.WRITING
         self.size = 0
         self.truncated = False
@@ -244,6 +246,11 @@ class Recorder:
             "env": {"TERM": term, "SHELL": "/bin/sh"},
         }
         self._line(json.dumps(header))
+
+    @property
+    def path(self) -> Path:
+        """The recording's file."""
+        return Path(self._file.path)
 
     def output(self, data: bytes) -> None:
         """Record bytes shown to the attacker (NULs left out: they show nothing)."""

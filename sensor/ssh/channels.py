@@ -368,12 +368,12 @@ class RelaySession(asyncssh.SSHServerSession[bytes]):
             return
         self._from_client.append(recorder.input)
         if self._kind is Kind.SHELL:
+            # A bound method, not a closure: held by every shell (0.1 KB less).
+            self._from_client.append(LineEditor(self._typed).feed)
 
-            def typed(line: str) -> None:
-                host.events.emit("cowrie.command.input", "CMD: {input}", input=line)
-
-            editor = LineEditor(typed)
-            self._from_client.append(editor.feed)
+    def _typed(self, line: str) -> None:
+        """A line the attacker typed into a shell."""
+        self._host.events.emit("cowrie.command.input", "CMD: {input}", input=line)
 
 
 class GuestSession:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -50,12 +51,29 @@ async def bounded(step: Callable[..., Awaitable[object]], *args: Any, **kwargs: 
         await step(*args, **kwargs)
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Above the ports well-known servers (PostgreSQL, sshd, ...) listen on.
+FIRST_TEST_PORT = 10000
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing uses right now, below the ephemeral range.
+
+    A port the kernel hands out for binding to port 0 may, once let go, become the local
+    port of any outgoing connection, and then a server restarted on it (as the outage
+    tests do) cannot bind it. Ports below the ephemeral range are only ever taken on
+    purpose.
+    """
+    low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(FIRST_TEST_PORT, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port on 127.0.0.1 in {FIRST_TEST_PORT}..{low - 1}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ frames directly, as the sensor's relay does.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,17 +262,45 @@ async def test_pty_shell_with_window_change_and_interrupt(
     await s.send(b"stty size; tty\n")
     await s.seen(b"43 132")
     await s.seen(b"/dev/pts/")
-    # Interrupt only once the command runs: a ^C that the terminal sees while the line
-    # still waits for the shell flushes it instead (no time given would be long enough
-    # on a loaded machine). The sum tells the output from the echoed line.
-    await s.send(b"echo sleeping-$((6*7)); sleep 60\n")
-    await s.seen(b"sleeping-42")
+    # Interrupt only once `sleep` itself runs in the terminal's foreground: a ^C the
+    # terminal sees while the line waits for the shell flushes it instead, and one that
+    # comes while dash forks the command can reach the child before it resets its
+    # handlers, which exec then forgets (sleep runs on; seen about once in 15 runs).
+    await s.send(b"sleep 60\n")
+    await until(lambda: foreground_sleep(b"60"))
     await s.send(b"\x03")  # ^C through the guest's terminal
     await s.send(b"echo after-$?\n")
     await s.seen(b"after-130")
     await s.send(b"exit 7\n")
     await s.until_end()
     assert s.exit_status == 7
+
+
+def foreground_sleep(seconds: bytes) -> bool:
+    """Whether a ``sleep <seconds>`` of this test's shells runs in its terminal's foreground."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "cmdline").read_bytes() != b"sleep\0" + seconds + b"\0":
+                continue
+            # After the command's name: state ppid pgrp session tty_nr tpgid ...
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+        if fields[2] == fields[5] and _descends_from_us(int(fields[1])):
+            return True
+    return False
+
+
+def _descends_from_us(pid: int) -> bool:
+    """Whether ``pid`` is this process or one of its descendants."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            return False
+    return False
 
 
 async def test_a_signal_ends_a_command_with_its_exit_signal(

@@ -160,6 +160,10 @@ class SessionRelay:
         self._blocked = False
         self._close_asked = False  # the sensor asked to close while the channel opened
         self._ended = False  # the end is queued: nothing more is sent
+        # Set once the lease's end closed the channel, with the login's loss known then:
+        # a guest reset that follows its lease's end is not what ended the session.
+        self._cut = False
+        self._lost_when_cut: str | None = None
         self.bytes_in = 0
         self.bytes_out = 0
         self.error: HoneyfleetError | None = None
@@ -318,7 +322,7 @@ class SessionRelay:
                     error=poolnode_pb2.SessionError(code=code, message=str(self.error))
                 )
             )
-        why = (self.login.lost if self.login else None) or (self.host.lost if self.host else None)
+        why = self._lost_when_cut if self._cut else self._login_lost()
         lost = f"guest {self.login.guest} lost its SSH login: {why}" if why and self.login else ""
         return Response(closed=poolnode_pb2.SessionClosed(lost=lost))
 
@@ -381,8 +385,14 @@ class SessionRelay:
         self._post(Response(window_adjust=self._owed))
         self._owed = 0
 
+    def _login_lost(self) -> str | None:
+        """Why the guest's login (the lease's, or the one the channel runs on) was lost."""
+        return (self.login.lost if self.login else None) or (self.host.lost if self.host else None)
+
     def close(self) -> None:
         """Close the guest's channel (the lease ended); ``closed`` follows once it is."""
+        if not self._cut:
+            self._cut, self._lost_when_cut = True, self._login_lost()
         if self._chan is not None:
             self._chan.close()
         else:

@@ -423,6 +423,20 @@ async def test_losing_the_guest_ends_its_sessions_saying_why(
     assert s.exit_status is None
 
 
+async def test_a_lease_that_ends_as_its_guest_goes_ends_its_sessions_as_ended_not_lost(
+    guest_node: GuestNode, muxes: MuxFactory
+) -> None:
+    lease = (await guest_node.sensor.acquire("203.0.113.5")).lease
+    s = muxes().session()
+    await s.open(lease.id, shell=poolnode_pb2.SessionShell())
+    # The guest's login drops while the channel the lease's end closes is still closing,
+    # as when a guest is reset right after its lease: the session ended with its lease.
+    await guest_node.node.pool.release(lease.id, "test")
+    guest_node.sshd.disconnect()
+    await s.until_end()
+    assert s.lost == "" and s.exit_status is None
+
+
 async def test_input_past_the_window_ends_only_that_session(
     guest_node: GuestNode, muxes: MuxFactory
 ) -> None:

@@ -12,7 +12,7 @@ ACQUIRE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 class LeaseMetrics:
     """Acquire latency, node calls and shedding, in a registry the controller serves."""
 
-    def __init__(self, waiting: Callable[[], int]) -> None:
+    def __init__(self, waiting: Callable[[], int], heard_late: Callable[[], float]) -> None:
         self.registry = r = CollectorRegistry()
         self.acquire_seconds = Histogram(
             "honeyfleet_lease_acquire_seconds",
@@ -47,3 +47,10 @@ class LeaseMetrics:
             "honeyfleet_leases_waiting", "Lease requests waiting for a guest", registry=r
         )
         waiting_gauge.set_function(waiting)
+        late_gauge = Gauge(
+            "honeyfleet_pool_nodes_heard_late_seconds",
+            "How much later than one heartbeat interval the controller last heard its "
+            "typical pool node (forgiven to every node when judging liveness)",
+            registry=r,
+        )
+        late_gauge.set_function(heard_late)

@@ -94,7 +94,7 @@ class LeaseManager:
         # Per node: ends not yet handed to its heartbeat stream, and the stream's wake-up.
         self._untold: dict[str, dict[str, str]] = {}
         self._listeners: dict[str, Callable[[], None]] = {}
-        self.metrics = LeaseMetrics(lambda: len(registry.waiters))
+        self.metrics = LeaseMetrics(lambda: len(registry.waiters), lambda: registry.fleet_lateness)
 
     async def load(self) -> None:
         """Reload active leases after a restart.

@@ -9,6 +9,14 @@ the sessions it carries to the controller's outage.
 Whenever a node's free guests go up, the registry wakes that many waiting acquires
 (see controller.waiters); an index from attacker address to nodes keeps affinity
 look-ups independent of the fleet's size.
+
+Liveness is judged against the fleet, not the clock alone: when the controller hears
+most of its nodes late (its process starved of CPU, its link congested), every node's
+silence grows together, and the typical node's lateness is forgiven to all. A node is
+dead when it is silent for the allowance longer than its peers. A majority going silent
+at once therefore looks like the controller's own trouble, as Kubernetes' node
+controller treats a zone in full disruption; the forgiveness is capped, so such nodes
+still die, later.
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ from honeyfleet.v1 import common_pb2, registry_pb2
 
 log = logging.getLogger(__name__)
 
+# Fewer live nodes than this cannot outvote one another: each is judged by the clock.
+FLEET_QUORUM = 3
+# At most this many allowances of fleet-wide lateness are forgiven.
+MAX_FORGIVEN = 3.0
+
 
 class Registry:
     """Pool nodes and sensors known to the controller."""
@@ -34,11 +47,15 @@ class Registry:
         waiters: CapacityWaiters,
         *,
         dead_after: float,
+        heartbeat_interval: float,
         max_node_guests: int,
     ) -> None:
         self._store = store
         self.waiters = waiters
         self._dead_after = dead_after
+        self._interval = heartbeat_interval
+        # Seconds the typical live node was last heard later than its heartbeat interval.
+        self.fleet_lateness = 0.0
         self._max_node_guests = max_node_guests
         self.nodes: dict[str, PoolNodeRecord] = {}
         self.sensors: dict[str, SensorRecord] = {}
@@ -167,12 +184,19 @@ class Registry:
 
         ``stalled`` is time the controller itself could not listen (its loop ran late):
         it counts for every node, so a busy controller never kills a heartbeating node.
+        Time the whole fleet was heard late (``fleet_lateness``) is forgiven too.
         """
         now = time.monotonic()
-        dead = []
+        alive = []
         for node in self.nodes.values():
             node.last_seen_monotonic += stalled
-            if node.state is NodeState.ALIVE and now - node.last_seen_monotonic > self._dead_after:
+            if node.state is NodeState.ALIVE:
+                alive.append(node)
+        self.fleet_lateness = self._lateness([now - node.last_seen_monotonic for node in alive])
+        allowance = self._dead_after + self.fleet_lateness
+        dead = []
+        for node in alive:
+            if now - node.last_seen_monotonic > allowance:
                 node.state = NodeState.DEAD
                 node.view.clear()
                 # Should it heartbeat again on the same stream, its table must come along.
@@ -180,6 +204,13 @@ class Registry:
                 self._index(node)
                 dead.append(node)
         return dead
+
+    def _lateness(self, silences: list[float]) -> float:
+        """How much later than one heartbeat interval the median live node was heard."""
+        if len(silences) < FLEET_QUORUM:
+            return 0.0
+        typical = sorted(silences)[len(silences) // 2]
+        return min(max(typical - self._interval, 0.0), MAX_FORGIVEN * self._dead_after)
 
     async def set_draining(self, name: str, draining: bool) -> PoolNodeRecord:
         """Drain a node (no new leases) or resume it."""

@@ -114,6 +114,7 @@ class Controller:
             self.store,
             CapacityWaiters(config.max_waiting_acquires),
             dead_after=dead_after,
+            heartbeat_interval=config.heartbeat_interval,
             max_node_guests=config.max_node_guests,
         )
         self.loop_lag = LoopLag()

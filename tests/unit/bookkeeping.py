@@ -22,7 +22,13 @@ def bookkeeping(
     store: StateStore, nodes: Any, *, dead_after: float
 ) -> tuple[Registry, LeaseManager]:
     """A registry and its lease manager; acquires wait up to an hour, none is shed."""
-    registry = Registry(store, CapacityWaiters(16), dead_after=dead_after, max_node_guests=16)
+    registry = Registry(
+        store,
+        CapacityWaiters(16),
+        dead_after=dead_after,
+        heartbeat_interval=dead_after / 3,
+        max_node_guests=16,
+    )
     return registry, LeaseManager(
         registry,
         store,

@@ -54,7 +54,9 @@ def transactions(statements: list[str]) -> list[list[str]]:
 async def test_heartbeat_times_of_all_nodes_are_saved_in_one_transaction(
     store: StateStore, tmp_path: Path
 ) -> None:
-    registry = Registry(store, CapacityWaiters(10), dead_after=60.0, max_node_guests=8)
+    registry = Registry(
+        store, CapacityWaiters(10), dead_after=60.0, heartbeat_interval=20.0, max_node_guests=8
+    )
     for name in ("n1", "n2", "n3"):
         await registry.register_node(
             name,

@@ -38,7 +38,7 @@ from honeyfleet.errors import ResourceExhausted
 from honeyfleet.events import Event, make_event, new_session_id, to_json
 from honeyfleet.grpcserver import bind, new_server
 from honeyfleet.spool import Spool, Spooled
-from honeyfleet.tls import TlsFiles, secure_channel, server_credentials
+from honeyfleet.tls import SMALL_ANSWERS, TlsFiles, secure_channel, server_credentials
 from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import common_pb2, poolnode_pb2_grpc, registry_pb2
 from poolnode.controller_link import ControllerLink
@@ -470,6 +470,7 @@ class SimSensor:
             plan.controller,
             member.tls,
             interceptors=[cast(grpc.aio.ClientInterceptor, CallRecorder(recorder))],
+            extra_options=SMALL_ANSWERS,  # as the sensor's lease channel
         )
         self.leases = LeaseClient(self._channel, timeout=plan.lease_timeout, labels={})
         self.spool = MemorySpool(recorder)

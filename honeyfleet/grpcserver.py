@@ -13,6 +13,21 @@ from honeyfleet.authz import Authorizer
 from honeyfleet.errors import ConfigError
 from honeyfleet.tls import KEEPALIVE_OPTIONS, MAX_MESSAGE_BYTES
 
+# Each connection's receive window for what clients send: fixed at 4 MB instead of sized
+# by BDP probing. Probing makes the server send an HTTP/2 PING, and read its ACK, for
+# nearly every message it receives: on the controller, whose lease and heartbeat streams
+# carry one small message after another, that was about half of gRPC's own thread
+# wake-ups. gRPC announces 4 MB from the start anyway while memory is plentiful, so
+# uploads (events, artefacts, tunnels) run as before: 4 MB a round trip, 40 MB/s at
+# 100 ms. (Probing alone off would leave HTTP/2's 64 KB: 0.65 MB/s at 100 ms.) What is
+# given up: probing would grow the window past 4 MB on faster links, and shrink it
+# under memory pressure of a configured gRPC resource quota (we configure none).
+FIXED_WINDOW_BYTES = 4 * 1024 * 1024
+FLOW_CONTROL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", FIXED_WINDOW_BYTES),
+)
+
 
 def new_server(
     authorizer: Authorizer | None, *, max_concurrent_streams: int = 1000
@@ -26,6 +41,7 @@ def new_server(
         ("grpc.max_concurrent_streams", max_concurrent_streams),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         *KEEPALIVE_OPTIONS,
+        *FLOW_CONTROL_OPTIONS,
     ]
     interceptors = [authorizer] if authorizer is not None else []
     return grpc.aio.server(interceptors=interceptors, options=options)

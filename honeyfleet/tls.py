@@ -32,6 +32,16 @@ MAX_RECONNECT_BACKOFF_MS = 5000
 # transparent retries of streams that never reached the server (none of our calls has
 # a retry policy). Without it such a stream fails UNAVAILABLE, as any broken one does.
 NO_RETRY_STATE: tuple[tuple[str, int], ...] = (("grpc.enable_retries", 0),)
+# For a member's channel on which every answer is small (its lease stream, its heartbeat
+# stream): without BDP probing, a message the member receives no longer makes it send an
+# HTTP/2 PING that the controller must read and acknowledge, a good part of the
+# controller's gRPC thread wake-ups at fleet rates. The channel's receive window then
+# stays at HTTP/2's 64 KB, which only bounds what the *member receives* (answers of a
+# few hundred bytes). What it sends is bound by the controller's window, which this
+# does not touch, and channels that carry bulk (uploads, tunnels, operators' queries)
+# keep probing. Such a channel has a TCP connection of its own anyway: gRPC shares one
+# only between channels with the same arguments and credentials.
+SMALL_ANSWERS: tuple[tuple[str, int], ...] = (("grpc.http2.bdp_probe", 0),)
 KEEPALIVE_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),

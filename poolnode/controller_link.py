@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from honeyfleet.errors import HoneyfleetError
-from honeyfleet.tls import TlsFiles, secure_channel
+from honeyfleet.tls import SMALL_ANSWERS, TlsFiles, secure_channel
 from honeyfleet.v1 import poolnode_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,9 @@ class ControllerLink:
         while True:
             try:
                 # A channel per session: a reconnection uses the current (renewed) certificate.
-                async with secure_channel(self._controller, self._tls) as channel:
+                async with secure_channel(
+                    self._controller, self._tls, extra_options=SMALL_ANSWERS
+                ) as channel:
                     await self._session(registry_pb2_grpc.PoolNodeRegistryServiceStub(channel))
             except grpc.aio.AioRpcError as e:
                 if self.connected.is_set():

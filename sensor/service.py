@@ -16,7 +16,7 @@ from honeyfleet.outbox import Outbox, OutboxMetrics
 from honeyfleet.renewal import Renewer, controller_signer
 from honeyfleet.spool import Spool
 from honeyfleet.systemd import notify
-from honeyfleet.tls import ChannelCache
+from honeyfleet.tls import SMALL_ANSWERS, ChannelCache
 from honeyfleet.uploader import Uploader
 from honeyfleet.v1 import certificate_pb2, certificate_pb2_grpc
 from sensor.artefacts import ArtefactWriter, DiskBudget, LocalCopies, disk_usage
@@ -113,7 +113,8 @@ class Sensor:
         self._events = EventLog(
             self.spool, self.metrics, EventBudget(limits, self.metrics), sensor_uuid=sensor_uuid
         )
-        self._controller = ChannelCache(config.tls)
+        # Leases and revocation lists: small answers only (uploads have channels of their own).
+        self._controller = ChannelCache(config.tls, SMALL_ANSWERS)
         leases = self._leases = LeaseClient(
             self._controller.get(config.controller),
             timeout=config.lease_timeout,

@@ -18,7 +18,10 @@ the next. Controller CPU comes
 from /proc/<pid>/stat; CPU per lease and per event subtract the idle phase's rate.
 FleetService is asked which nodes are alive and which sensors were seen lately as the
 last phase's load ends. The latencies are measured in the workers, so a saturated
-simulator inflates them: its CPU and event-loop lag are printed alongside. The machine's
+simulator inflates them: its CPU and event-loop lag are printed alongside. At 4x the
+simulator needs more CPU than the controller; on a small machine the kernel's fair share
+then starves the one controller process among the simulator's many, which measures the
+machine, not the controller: ``--sim-nice 10`` makes the simulator yield. The machine's
 load average is printed too (other work on it takes CPU from the controller). Nothing is
 asserted.
 """
@@ -269,6 +272,7 @@ def plans(
             upload_batch=int(sensor_default("upload_batch")),
             upload_linger=float(sensor_default("upload_linger")),
             upload_max_linger=float(sensor_default("upload_max_linger")),
+            nice=args.sim_nice,
         )
         for n in range(count)
     ]
@@ -343,7 +347,8 @@ def report(
     print(
         f"\n## fleet_scale: {args.nodes} nodes, {args.sensors} sensors, "
         f"{args.lease_rate:g} leases/s, {args.event_rate:g} events/s "
-        f"({args.scale:g}x), {args.duration:g} s a phase, {workers} simulator processes\n"
+        f"({args.scale:g}x), {args.duration:g} s a phase, {workers} simulator processes"
+        f"{f' (nice +{args.sim_nice})' if args.sim_nice else ''}\n"
     )
     print(f"main: {git_revision()}  \nload average before: {loads[0]}, after: {loads[1]}\n")
     rows: list[tuple[str, list[str]]] = [
@@ -422,6 +427,13 @@ async def main() -> None:
     parser.add_argument("--idle", type=float, default=1.0, help="seconds a released guest idles")
     parser.add_argument("--boot", type=float, default=1.0, help="seconds a new guest boots")
     parser.add_argument("--workers", type=int, default=0, help="simulator processes (0: auto)")
+    parser.add_argument(
+        "--sim-nice",
+        type=int,
+        default=0,
+        help="niceness added to the simulator's processes (10: the controller gets the CPU "
+        "its own host would give it; the simulator's loop lag shows what that costs it)",
+    )
     args = parser.parse_args()
     for key, base in BASE.items():
         if getattr(args, key) is None:

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import random
 import re
 import time
@@ -95,6 +96,8 @@ class WorkerPlan:
     """Seconds the uploader lets a burst gather (the sensor's upload_linger)."""
     upload_max_linger: float
     """Most seconds the controller's hint may make it gather (the sensor's upload_max_linger)."""
+    nice: int = 0
+    """Added to the worker's niceness, so that on a shared machine it yields to the controller."""
 
 
 @dataclass(frozen=True)
@@ -644,6 +647,8 @@ async def _at_rate(rate: float, seconds: float, action: Callable[[], None]) -> N
 
 def worker_main(plan: WorkerPlan, conn: Connection) -> None:
     """Process entry point: play ``plan`` and obey the parent's commands on ``conn``."""
+    if plan.nice:
+        os.nice(plan.nice)
     recorder = Recorder()
     # Client warnings are counted, not printed: thousands of them would swamp the tables.
     logging.getLogger().setLevel(logging.WARNING)
@@ -656,7 +661,7 @@ def worker_main(plan: WorkerPlan, conn: Connection) -> None:
             while True:
                 try:
                     command, phase = await asyncio.to_thread(conn.recv)
-                except EOFError:  # the parent is gone
+                except (EOFError, OSError):  # the parent is gone
                     return
                 if command != "phase":
                     return

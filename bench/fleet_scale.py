@@ -99,6 +99,7 @@ def merge(parts: list[Stats]) -> Stats:
             total.latency.setdefault(what, []).extend(samples)
         total.codes.update(part.codes)
         total.counts.update(part.counts)
+        total.details = part.details | total.details
         total.cpu += part.cpu
     return total
 
@@ -408,6 +409,12 @@ def report(
     for key in keys:
         cells = [str(r.stats.codes.get(key) or r.stats.counts.get(key) or "") for r in results]
         print(f"| {key} | " + " | ".join(cells) + " |")
+    details = {k: v for r in results for k, v in r.stats.details.items()}
+    if details:
+        print(
+            "\nfirst failure of each kind:\n"
+            + "\n".join(f"    {k}: {v[:200]}" for k, v in sorted(details.items()))
+        )
     if metrics:
         print("\ncontroller metrics at the end:\n" + "\n".join(f"    {m}" for m in metrics))
 

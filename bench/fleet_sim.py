@@ -128,6 +128,8 @@ class Stats:
     """Outcomes of calls and logged client errors, "<call> <code>"."""
     counts: Counter[str] = field(default_factory=Counter)
     """Everything else counted (leases, events, refusals, stale ids...)."""
+    details: dict[str, str] = field(default_factory=dict)
+    """The details of the first failed call of each "<call> <code>": what the code meant."""
     cpu: float = 0.0
     """This worker's CPU seconds during the phase."""
 
@@ -161,9 +163,12 @@ class CallRecorder(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-a
             method = method.decode()
         name = method.rsplit("/", 1)[-1]
         stats = self._recorder.stats
-        stats.codes[f"{name} {code.name}"] += 1
+        key = f"{name} {code.name}"
+        stats.codes[key] += 1
         if code is grpc.StatusCode.OK:
             stats.record(name, time.monotonic() - started)
+        elif key not in stats.details:
+            stats.details[key] = await call.details() or ""
         return call
 
 

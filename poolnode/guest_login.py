@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import asyncssh
 
+from poolnode.batching import BatchingTunnel
+
 log = logging.getLogger(__name__)
 
 # Unanswered keepalives (one every keepalive_interval) before the login counts as lost.
@@ -127,6 +129,9 @@ async def log_in(
             host,
             port,
             client_factory=lambda: login,
+            # A plain TCP connection, but asyncssh's packets go out a turn's worth at
+            # a time (poolnode.batching).
+            tunnel=BatchingTunnel(),
             # Nothing of the node's own SSH set-up (config, agent, keys) may leak in.
             config=None,
             agent_path=None,

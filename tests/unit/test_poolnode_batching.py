@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from poolnode.batching import BatchingTransport, BatchingTunnel
+from poolnode.batching import FEED_BYTES, BatchingTransport, BatchingTunnel
 
 
 class Guest(asyncio.Protocol):
@@ -37,18 +37,23 @@ class Guest(asyncio.Protocol):
 
 
 class Ssh(asyncio.Protocol):
-    """asyncssh's connection, reduced: its transport, what it got, whether it was lost."""
+    """asyncssh's connection, reduced: its transport, what it was handed, whether it was
+    lost."""
 
     def __init__(self) -> None:
         self.transport: asyncio.BaseTransport | None = None
-        self.received = b""
+        self.pieces: list[bytes] = []
         self.lost = asyncio.Event()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.received += data
+        self.pieces.append(data)
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.pieces)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
@@ -106,3 +111,16 @@ async def test_the_guest_s_bytes_and_its_close_reach_asyncssh(link: Link) -> Non
         await link.ssh.lost.wait()
     assert link.ssh.received == b"SSH-2.0-OpenSSH_9.2\r\n"
     assert link.transport.is_closing()
+
+
+async def test_a_large_read_reaches_asyncssh_whole_in_pieces_of_at_most_feed_bytes(
+    link: Link,
+) -> None:
+    assert link.guest.transport is not None
+    payload = bytes(range(256)) * (5 * FEED_BYTES // 256) + b"tail"
+    link.guest.transport.write(payload)
+    async with asyncio.timeout(10):
+        while len(link.ssh.received) < len(payload):
+            await asyncio.sleep(0.01)
+    assert link.ssh.received == payload
+    assert max(map(len, link.ssh.pieces)) <= FEED_BYTES

@@ -27,6 +27,7 @@ from honeyfleet.v1 import ingest_pb2
 # Indexed id columns: 1-128 printable ASCII characters, no spaces (Cowrie's are hex
 # session ids and dotted event ids). Long keys would overflow index entries.
 TOKEN = re.compile(r"[\x21-\x7e]{1,128}")
+TOKENS = re.compile(r"[\x21-\x7e]{1,128} [\x21-\x7e]{1,128} [\x21-\x7e]{1,128}")
 # A cheap pre-check on the raw text (only escapes can make surrogates); a hit pays
 # for the exact check.
 SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F]")
@@ -48,24 +49,29 @@ def to_row(
     :mod:`controller.events.origin` places on their sessions.
     """
     event, moment, upgraded = decode(message)
-    ref = f"event {event['hf_event_id']}"
     if moment > (now or datetime.now(UTC)) + MAX_FUTURE:
         raise InvalidArgument(
-            f"{ref}: timestamp {event['timestamp']} is more than {MAX_FUTURE.days} day "
-            "ahead of the controller's clock (check the sensor's clock)"
+            f"event {event['hf_event_id']}: timestamp {event['timestamp']} is more than "
+            f"{MAX_FUTURE.days} day ahead of the controller's clock (check the sensor's clock)"
         )
-    for key in ("eventid", "session", "protocol"):
-        if not TOKEN.fullmatch(event[key]):
-            raise InvalidArgument(
-                f"{ref}: {key} must be 1-128 printable ASCII characters without spaces"
-            )
+    eventid, session, protocol = event["eventid"], event["session"], event["protocol"]
+    # One match over the three (a space cannot occur in a token) before one per field.
+    if not TOKENS.fullmatch(f"{eventid} {session} {protocol}"):
+        for key in ("eventid", "session", "protocol"):
+            if not TOKEN.fullmatch(event[key]):
+                raise InvalidArgument(
+                    f"event {event['hf_event_id']}: {key} must be 1-128 printable ASCII "
+                    "characters without spaces"
+                )
     try:
         address = _address(event["src_ip"])
     except ValueError as e:
-        raise InvalidArgument(f"{ref}: {e}") from None
+        raise InvalidArgument(f"event {event['hf_event_id']}: {e}") from None
     text = message.json
     if SURROGATE_HINT.search(text) and _has_surrogate(event):
-        raise InvalidArgument(f"{ref}: contains an unpaired UTF-16 surrogate escape")
+        raise InvalidArgument(
+            f"event {event['hf_event_id']}: contains an unpaired UTF-16 surrogate escape"
+        )
     if sensor is None:
         sensor = event["sensor"]
     rewritten = event["sensor"] != sensor
@@ -77,10 +83,10 @@ def to_row(
         hf_event_id=_canonical_uuid(event["hf_event_id"]),
         time=moment,
         sensor=sensor,
-        session=event["session"],
-        eventid=event["eventid"],
+        session=session,
+        eventid=eventid,
         src_ip=address,
-        protocol=event["protocol"],
+        protocol=protocol,
         json=text,
         event=event,
     )

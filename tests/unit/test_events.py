@@ -74,6 +74,22 @@ def test_malformed_events_are_refused(mutate) -> None:
         from_proto(wire)
 
 
+@pytest.mark.parametrize("around", [(" ", ""), ("", "\n"), ("\t", " \r\n")])
+def test_json_with_whitespace_around_it_is_accepted(around: tuple[str, str]) -> None:
+    event = login()
+    wire = to_proto(event)
+    wire.json = around[0] + wire.json + around[1]
+    assert from_proto(wire) == event
+
+
+@pytest.mark.parametrize("after", ["{}", "]", ' "x"', "x"])
+def test_json_followed_by_anything_but_whitespace_is_refused(after: str) -> None:
+    wire = to_proto(login())
+    wire.json += after
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        from_proto(wire)
+
+
 def test_a_long_bad_timestamp_is_refused_without_being_quoted() -> None:
     event = login()
     event["timestamp"] = "9" * 100_000

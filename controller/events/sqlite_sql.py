@@ -201,13 +201,16 @@ INSERT_EVENT = (
 )
 
 # Bare column names on the right of SET are the stored row's (SQLite's upsert rules).
+# start_us is not among them: SQLite rewrites the entries of every index holding a column
+# the SET assigns, changed or not, and three of the four session indexes hold start_us.
+# A session's events mostly arrive in order, so EARLIER_SESSION_START (run for each
+# session after this) seldom finds a start to move.
 UPSERT_SESSION = """
 INSERT INTO event_sessions (session, sensor, src_ip, protocol, start_us, last_us, end_us,
     pool_node, guest, lease, username, login_attempts, client_version, terminal_size,
     event_count)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (session) DO UPDATE SET
-    start_us = min(start_us, excluded.start_us),
     last_us = max(last_us, excluded.last_us),
     end_us = coalesce(excluded.end_us, end_us),
     pool_node = CASE WHEN excluded.pool_node <> '' THEN excluded.pool_node ELSE pool_node END,
@@ -219,6 +222,11 @@ ON CONFLICT (session) DO UPDATE SET
     terminal_size = coalesce(excluded.terminal_size, terminal_size),
     event_count = event_count + excluded.event_count
 """
+
+# An event older than its session's stored start moves it.
+EARLIER_SESSION_START = (
+    "UPDATE event_sessions SET start_us = :start WHERE session = :session AND start_us > :start"
+)
 
 INSERT_SENSOR = "INSERT INTO sensors (ip) VALUES (?) ON CONFLICT (ip) DO NOTHING"
 INSERT_CLIENT = "INSERT INTO clients (version) VALUES (?) ON CONFLICT (version) DO NOTHING"

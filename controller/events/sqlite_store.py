@@ -162,9 +162,11 @@ class SqliteEventStore(SqlQueries):
                 ],
             )
             new = first_new(rows, stored)
+            deltas = summarise_sessions(new)
+            db.executemany(sql.UPSERT_SESSION, [self.queries.session_params(d) for d in deltas])
             db.executemany(
-                sql.UPSERT_SESSION,
-                [self.queries.session_params(d) for d in summarise_sessions(new)],
+                sql.EARLIER_SESSION_START,
+                [{"start": to_micros(d.start), "session": d.session} for d in deltas],
             )
             db.executemany(sql.INSERT_SENSOR, [(s,) for s in {r.sensor for r in new}])
             db.executemany(sql.INSERT_CLIENT, [(v,) for v in client_versions(new)])

@@ -159,3 +159,24 @@ def test_an_event_of_a_sensor_from_before_hf_event_id_is_stored_with_one() -> No
     wire.json = to_json(event)
     with pytest.raises(InvalidArgument):
         to_row(wire, "edge1")
+
+
+async def test_a_session_starts_at_its_earliest_event_whatever_the_arrival_order(
+    store: SqliteEventStore,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    middle, early, late = commands(1, at=now), commands(1, at=now - timedelta(minutes=5)), []
+    session = middle[0]["session"]
+    for event in early:
+        event["session"] = session
+    late = commands(1, at=now + timedelta(minutes=5))
+    late[0]["session"] = session
+    for batch in (middle, early, late):  # an older event arrives after a newer one
+        await store.write_batch(rows(batch))
+    summary = await store.get_session(session)
+    assert summary is not None
+    assert summary.start_us == int((now - timedelta(minutes=5)).timestamp() * 1_000_000)
+    assert summary.last_us == int((now + timedelta(minutes=5)).timestamp() * 1_000_000)
+    assert summary.event_count == 3
+    listed = await store.list_sessions(SessionQuery(limit=10, start=now - timedelta(minutes=6)))
+    assert [s.session for s in listed] == [session]

@@ -32,6 +32,7 @@ from typing import Protocol
 import grpc
 
 from honeyfleet.errors import FailedPrecondition, Unavailable
+from honeyfleet.grpcserver import FLOW_CONTROL_OPTIONS
 from honeyfleet.pki.errors import PkiError
 from honeyfleet.pki.identity import Role, identity_from_certificate
 from honeyfleet.sessionwire import serialize
@@ -84,8 +85,13 @@ class TunnelConnector:
     """Opens tunnels through pool nodes, one mTLS channel per node."""
 
     def __init__(self, tls: TlsFiles) -> None:
-        # Long-lived streams: no per-call retry state (honeyfleet.tls).
-        self.channels = ChannelCache(tls, NO_RETRY_STATE)
+        # Long-lived streams: no per-call retry state (honeyfleet.tls). The node's
+        # output comes in frames of up to 256 KiB, and with BDP probing each one made
+        # the sensor send an HTTP/2 PING the node had to read and answer (as on the
+        # fleet's servers, honeyfleet.grpcserver): the window is fixed instead, at
+        # 4 MB, which is what a session's output credit (sensor.ssh.guest.WINDOW)
+        # allows in flight anyway.
+        self.channels = ChannelCache(tls, NO_RETRY_STATE + FLOW_CONTROL_OPTIONS)
         # The stream new sessions go on, per pool node; and every stream still open.
         self._muxes: dict[tuple[str, str], SessionMux] = {}
         self._all_muxes: set[SessionMux] = set()

@@ -539,7 +539,9 @@ class SimSensor:
         except LeaseFailed as e:
             # Its text names the code, as "AcquireLease: RESOURCE_EXHAUSTED: ..."
             code = next((w for w in str(e).replace(":", " ").split() if w in CODE_NAMES), None)
-            stats.codes[f"AcquireLease {code or 'failed'}"] += 1
+            key = f"AcquireLease {code or 'failed'}"
+            stats.codes[key] += 1
+            stats.details.setdefault(key, str(e))
             counts["sensor: leases failed"] += 1
             return
         stats.record("AcquireLease", time.monotonic() - started)

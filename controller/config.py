@@ -151,7 +151,7 @@ class ControllerConfig:
         5000, "most events written to the store in one transaction", check=positive
     )
     store_commit_window: float = setting(
-        0.02,
+        0.05,
         "seconds a batch may wait, from its arrival, for more batches to share its "
         "transaction (fewer commits per event under a fleet's trickle, at most this much "
         "added to an acknowledgement); 0: commit at once",

@@ -6,8 +6,10 @@ in one transaction (group commit), so many streams cost few transactions. Under 
 steady trickle (a thousand sensors, each sending an event or two at a time) the queue
 is rarely more than one batch deep when the writer looks, so it lets others join the
 oldest queued batch until ``commit_window`` after that batch arrived: a commit (and its
-fsync) then serves many sensors instead of one, for a few milliseconds more on each
-acknowledgement. The window counts from the oldest batch's arrival, not from when the
+fsync) then serves many sensors instead of one, for up to the window more on each
+acknowledgement (the default 50 ms puts about a hundred events in a commit at a fleet's
+2,000 a second; a commit's cost per event falls with its size, and so does the event
+loop's work per commit). The window counts from the oldest batch's arrival, not from when the
 writer got to it, so a batch that already waited behind the previous commit (a slow
 disk, a busy event loop) waits no longer than the window in all.
 

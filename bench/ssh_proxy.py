@@ -51,7 +51,8 @@ import sys
 import tempfile
 import time
 from asyncio.subprocess import DEVNULL, PIPE
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -109,6 +110,12 @@ class Figures:
     idle: dict[str, float] = field(default_factory=dict)
     per_shell: dict[str, float] = field(default_factory=dict)
     failures: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def fail(self, phase: str, reason: str) -> None:
+        """Count a failed session or transfer, and what its client said."""
+        self.failures += 1
+        self.reasons[f"{phase}: {reason}"] += 1
 
 
 class OpenSshClient:
@@ -117,6 +124,8 @@ class OpenSshClient:
     def __init__(self) -> None:
         self._sshpass = require("sshpass", "sshpass")
         self._ssh = require("ssh", "openssh-client")
+        self.error = ""
+        """Why the last session that returned None failed."""
 
     def argv(self, peer: Peer, command: str) -> list[str]:
         """The command line running ``command`` on ``peer``."""
@@ -140,7 +149,7 @@ class OpenSshClient:
             *self.argv(peer, command),
             stdin=stdin,
             stdout=stdout,
-            stderr=DEVNULL,
+            stderr=PIPE,
             env={**os.environ, "SSHPASS": peer.password},
         )
 
@@ -148,8 +157,8 @@ class OpenSshClient:
         """Seconds for ``ssh peer true``, or None if it failed."""
         start = time.perf_counter()
         proc = await self.start(peer, "true")
-        if await _wait(proc) != 0:
-            return None
+        if (code := await _wait(proc)) != 0:
+            return await self._failed(proc, f"exit {code}")
         return time.perf_counter() - start
 
     async def download(self, peer: Peer) -> float | None:
@@ -161,26 +170,32 @@ class OpenSshClient:
         while chunk := await proc.stdout.read(CHUNK):
             total += len(chunk)
         elapsed = time.perf_counter() - start
-        if await _wait(proc) != 0 or total != DOWNLOAD_BYTES or not elapsed:
-            return None
+        if (code := await _wait(proc)) != 0 or total != DOWNLOAD_BYTES or not elapsed:
+            return await self._failed(proc, f"exit {code}, {total} bytes")
         return (total - len(first)) / elapsed / 1e6
 
     async def upload(self, peer: Peer, payload: bytes) -> float | None:
         """MB/s of ``payload`` into ``cat`` from its ready line to exit, or None."""
         proc = await self.start(peer, "echo ready; exec cat >/dev/null", stdin=PIPE, stdout=PIPE)
         assert proc.stdin is not None and proc.stdout is not None
-        if await proc.stdout.readline() != b"ready\n":
-            await _wait(proc)
-            return None
+        if (line := await proc.stdout.readline()) != b"ready\n":
+            code = await _wait(proc)
+            return await self._failed(proc, f"exit {code}, first line {line[:40]!r}")
         start = time.perf_counter()
         view = memoryview(payload)
         for offset in range(0, len(payload), CHUNK):
             proc.stdin.write(view[offset : offset + CHUNK])
             await proc.stdin.drain()
         proc.stdin.close()
-        if await _wait(proc) != 0:
-            return None
+        if (code := await _wait(proc)) != 0:
+            return await self._failed(proc, f"exit {code}")
         return len(payload) / (time.perf_counter() - start) / 1e6
+
+    async def _failed(self, proc: asyncio.subprocess.Process, what: str) -> None:
+        """Note why a session failed (its exit and the end of ssh's stderr); None."""
+        assert proc.stderr is not None
+        said = (await proc.stderr.read()).decode(errors="replace").strip()
+        self.error = f"{what}: {said[-160:]}" if said else what
 
 
 async def _wait(proc: asyncio.subprocess.Process) -> int:
@@ -268,7 +283,7 @@ async def measure(
         for _ in range(3):
             for peer in peers:
                 if await client.setup(peer) is None:
-                    figures[peer.name].failures += 1
+                    figures[peer.name].fail("warm-up", client.error)
 
     await bounded("warm-up", warm_up())
     await asyncio.sleep(2)
@@ -291,11 +306,11 @@ async def measure(
                 before = cpu_of(peer)
                 rate = await client.download(peer)
                 add_cpu(fig.cpu_down, before, cpu_of(peer))
-                _record(fig, fig.downloads, rate)
+                _record(fig, fig.downloads, rate, "download", client)
                 before = cpu_of(peer)
                 rate = await client.upload(peer, payload)
                 add_cpu(fig.cpu_up, before, cpu_of(peer))
-                _record(fig, fig.uploads, rate)
+                _record(fig, fig.uploads, rate, "upload", client)
 
     await bounded("transfers", transfers())
     for fig in figures.values():
@@ -314,15 +329,17 @@ async def time_setups(
         for peer in peers:
             seconds = await client.setup(peer)
             if seconds is None:
-                figures[peer.name].failures += 1
+                figures[peer.name].fail("setup", client.error)
             else:
                 figures[peer.name].setups.append(seconds)
 
 
-def _record(fig: Figures, samples: list[float], rate: float | None) -> None:
+def _record(
+    fig: Figures, samples: list[float], rate: float | None, phase: str, client: OpenSshClient
+) -> None:
     """Keep a rate, or count a failure."""
     if rate is None:
-        fig.failures += 1
+        fig.fail(phase, client.error)
     else:
         samples.append(rate)
 
@@ -396,6 +413,7 @@ def report(args: argparse.Namespace, peers: Sequence[Peer], figures: dict[str, F
     table.row("  pool node per held shell (KB)", pool("per_shell", 1e3), "{:.1f}", False)
     failures = ", ".join(f"{p.name} {f.failures}" for p, f in pairs if f.failures)
     print(f"  failed sessions or transfers: {failures or 'none'}")
+    print_reasons((p.name, f) for p, f in pairs)
 
 
 def sensor_settings(port: int, shells: int) -> dict[str, object]:
@@ -500,6 +518,14 @@ def report_tcg(
     failures = ", ".join(f"{p.name} {figures[p.name].failures}" for p in peers
                          if figures[p.name].failures)  # fmt: skip
     print(f"  failed sessions: {failures or 'none'}")
+    print_reasons((p.name, figures[p.name]) for p in peers)
+
+
+def print_reasons(figures: Iterable[tuple[str, Figures]]) -> None:
+    """What the failed sessions' clients said, most common first, by peer."""
+    for name, fig in figures:
+        for reason, count in fig.reasons.most_common(5):
+            print(f"    {name}: {count} x {reason}")
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -516,6 +542,7 @@ async def run(args: argparse.Namespace) -> None:
         peers: list[Peer] = []
         figures: dict[str, Figures] = {}
         tcg: tuple[list[Peer], dict[str, Figures]] | None = None
+        failed = False
         try:
             if not args.only_tcg:
                 peers = await start_peers(args, workdir, procs)
@@ -525,11 +552,13 @@ async def run(args: argparse.Namespace) -> None:
             if not args.no_tcg:
                 tcg = await measure_tcg(args, client, workdir / "tcg")
         except BaseException:
-            if args.keep:
-                shutil.copytree(workdir, args.keep, dirs_exist_ok=True, symlinks=True)
+            failed = True
             raise
         finally:
             await procs.stop()
+            measured = [*figures.values(), *(tcg[1].values() if tcg else ())]
+            if args.keep and (failed or any(f.failures for f in measured)):
+                shutil.copytree(workdir, args.keep, dirs_exist_ok=True, symlinks=True)
     load_after = os.getloadavg()
     print(
         f"\nLoopback, {os.cpu_count()} CPUs, load average {load_before[0]:.2f} before, "
@@ -556,7 +585,11 @@ def main() -> None:
     tcg = parser.add_mutually_exclusive_group()
     tcg.add_argument("--no-tcg", action="store_true", help="leave the TCG guest's line out")
     tcg.add_argument("--only-tcg", action="store_true", help="measure only the TCG guest's line")
-    parser.add_argument("--keep", metavar="DIR", help="copy the work directory there on error")
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="copy the work directory (logs) there on error or a failed session",
+    )
     asyncio.run(run(parser.parse_args()))
 
 

@@ -153,8 +153,12 @@ class SessionRelay:
         self._outbox: deque[Outgoing] = deque()  # for the stream now
         self.scheduled = False  # in the stream's queue of sessions with frames to send
         self._credit = 0  # output bytes the sensor still takes
-        # Output past the credit, and the frames behind it.
+        # Output past the credit, and the frames behind it; everything until it opened.
         self._held: deque[Outgoing] = deque()
+        # A command that ends at once can have its exit, EOF and close read in the same
+        # packets as the channel's open confirmation, before ``opened``: the sensor
+        # must hear of the open first (a close before it reads as a refusal).
+        self._open = False
         self._input_credit = WINDOW  # input bytes the sensor may still send
         self._owed = 0  # input taken by the guest's channel, not yet granted back
         self._blocked = False
@@ -200,8 +204,11 @@ class SessionRelay:
             raise FailedPrecondition(f"the guest refused the session: {e}") from None
 
     def opened(self) -> None:
-        """The channel is open: tell the sensor (and close it if the sensor gave up)."""
+        """The channel is open: tell the sensor, then what the guest said meanwhile (and
+        close it if the sensor gave up)."""
+        self._open = True
         self._post(Response(opened=poolnode_pb2.SessionOpened(window=WINDOW)))
+        self._flush_held()
         if self._close_asked:
             self.close()
 
@@ -209,7 +216,7 @@ class SessionRelay:
 
     def send(self, frame: Response | None) -> None:
         """Queue a frame for the sensor (None: the end), behind any output held back."""
-        if self._held:
+        if self._held or not self._open:
             self._held.append(frame)
         else:
             self._post(frame)
@@ -224,7 +231,7 @@ class SessionRelay:
 
     def output(self, data: bytes, stream: Stream) -> None:
         """Guest output: send what the credit allows, hold the rest and stop reading."""
-        if self._held or len(data) > self._credit:
+        if self._held or not self._open or len(data) > self._credit:
             self._held.append(Output(stream, [data], len(data)))
             self._flush_held()
             return
@@ -253,7 +260,7 @@ class SessionRelay:
         """Send held frames in order, output within the credit; read the guest only once
         nothing is held."""
         held = self._held
-        while held:
+        while held and self._open:
             item = held[0]
             if isinstance(item, Output):
                 if not self._credit:
